@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the whole suite).
+# Both set up first; set-up is redone only when the project's dependencies change.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo run test bench-ingest clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(VENV)
+	touch $@
+
+demo: setup
+	$(BIN)/sprout demo
+
+run: setup
+	$(BIN)/sprout run
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench-ingest: setup
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,189 @@
+"""The MQTT side of intake: a persistent MQTT v5 session that hands examples over, un-acked.
+
+The network thread only parses and validates (:mod:`daemon.wire`) and puts a
+:class:`Delivery` on a bounded queue; :mod:`daemon.intake` commits and then
+calls :meth:`Feed.ack`. Un-acked messages stay in the broker's session
+(``clean_start=False``, a session expiry interval) and come back, flagged
+``dup``, after a crash or a reconnect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import ssl
+import threading
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from daemon.settings import MqttSettings
+from daemon.wire import Example, Limits, Rejection, parse
+
+log = logging.getLogger("sprout.feed")
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One received message, waiting for its commit."""
+
+    mid: int
+    qos: int
+    connection: int  # which connection it came on; an ack is only valid on that one
+    item: Example | Rejection
+
+
+class Feed:
+    def __init__(self, settings: MqttSettings, model: str, client_id: str, limits: Limits, backlog_max: int):
+        self.settings = settings
+        self.model = model
+        self.limits = limits
+        self.deliveries: queue.Queue[Delivery] = queue.Queue(maxsize=backlog_max)
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()  # set once the broker confirmed the subscription (SUBACK)
+        self.received = 0
+        self.connects = 0
+        self._accepting = True
+        self._stopping = False
+        # Bumped on every disconnect. Packet ids are per session and the broker may reuse an id
+        # once it is acked, so an ack from an older connection could hit a newer message:
+        # such acks are dropped and the broker's redelivery is acked instead.
+        self._connection = 0
+        self._ack_lock = threading.Lock()
+        self._client = self._make_client(client_id)
+
+    def _make_client(self, client_id: str) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        client.enable_logger(logging.getLogger("sprout.paho"))
+        if s.username:
+            client.username_pw_set(s.username, s.resolved_password())
+        if s.tls:
+            client.tls_set(
+                ca_certs=str(s.tls_ca_file) if s.tls_ca_file else None,
+                certfile=str(s.tls_cert_file) if s.tls_cert_file else None,
+                keyfile=str(s.tls_key_file) if s.tls_key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        client.reconnect_delay_set(min_delay=s.reconnect_min_s, max_delay=s.reconnect_max_s)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; paho retries with backoff until the broker answers."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        props.ReceiveMaximum = self.settings.receive_maximum
+        self._client.connect_async(
+            self.settings.host,
+            self.settings.port,
+            keepalive=self.settings.keepalive_s,
+            clean_start=False,  # keep the session: un-acked examples survive our restarts
+            properties=props,
+        )
+        self._client.loop_start()
+
+    def pause(self) -> None:
+        """Stop taking new messages; they stay un-acked in the broker's session for the next start."""
+        self._accepting = False
+
+    def stop(self) -> None:
+        """Disconnect cleanly; the session (and anything un-acked) stays on the broker for session_expiry_s."""
+        self._stopping = True
+        self._accepting = False
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.connected.clear()
+        self.subscribed.clear()
+
+    # -- used by intake ------------------------------------------------------------------------
+
+    def ack(self, delivery: Delivery) -> bool:
+        """PUBACK one committed message; False when it came on an older connection (it will be redelivered)."""
+        if delivery.qos == 0:
+            return True
+        with self._ack_lock:
+            if delivery.connection != self._connection or not self.connected.is_set():
+                return False
+            self._client.ack(delivery.mid, delivery.qos)
+            return True
+
+    def report_rejection(self, rejection: Rejection) -> None:
+        """Tell senders why, on <prefix>/<model>/rejected; never the image."""
+        self._client.publish(
+            self.settings.rejected_topic(self.model), json.dumps(rejection.notice()), qos=1, retain=False
+        )
+
+    # -- paho callbacks (network thread) -------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error(
+                "broker %s refused the connection: %s (check mqtt.username, mqtt.password and the broker's ACL)",
+                self.settings.broker,
+                reason_code,
+            )
+            return
+        self.connects += 1
+        if self.connects > 1 and not flags.session_present:
+            log.warning(
+                "broker %s kept no session for %s: examples published while the link was down may be lost; "
+                "check the broker's persistence and session expiry",
+                self.settings.broker,
+                client._client_id.decode(),
+            )
+        client.subscribe(self.settings.subscription(self.model), options=SubscribeOptions(qos=1))
+        self.connected.set()
+        log.info("connected to %s, subscribed to %s", self.settings.broker, self.settings.subscription(self.model))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [rc for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error(
+                "broker refused the subscription to %s: %s (check the broker's ACL for this user)",
+                self.settings.subscription(self.model),
+                failed[0],
+            )
+            return
+        self.subscribed.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._ack_lock:
+            self._connection += 1
+            self.connected.clear()
+            self.subscribed.clear()
+        if not self._stopping:
+            log.warning("lost the broker %s (%s); reconnecting", self.settings.broker, reason_code)
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        if not self._accepting:
+            return  # left un-acked: the broker redelivers it after our restart
+        props = getattr(message, "properties", None)
+        user_properties = getattr(props, "UserProperty", None)
+        content_type = getattr(props, "ContentType", None)
+        item = parse(message.payload, user_properties, content_type, self.limits)
+        delivery = Delivery(message.mid, message.qos, self._connection, item)
+        self.received += 1
+        # Backpressure: when intake falls behind, stop reading the socket; the broker holds the rest.
+        while True:
+            try:
+                self.deliveries.put(delivery, timeout=0.5)
+                return
+            except queue.Full:
+                if not self._accepting:
+                    return
+

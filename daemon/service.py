@@ -1,0 +1,155 @@
+"""The Daemon: one object that owns start-up, the main loop and an ordered, bounded shutdown.
+
+Signal handlers only set flags; the loop notices. Shutdown stops intake first
+(new messages stay un-acked on the broker), commits and acks what arrived,
+then disconnects, so a stop loses nothing and re-reads nothing needlessly.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from daemon.feed import Feed
+from daemon.intake import Intake
+from daemon.server import HttpServer
+from daemon.settings import Settings
+from daemon.store import Store
+from daemon.wire import Limits
+
+log = logging.getLogger("sprout.daemon")
+
+EX_OK = 0
+EX_FAILURE = 1
+EX_SOFTWARE = 70  # an internal part died; systemd's Restart=on-failure brings us back
+SHUTDOWN_BOUND_S = 20.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.should_exit = threading.Event()
+        self.force_exit = False
+        self.http_address: str | None = None
+        self.store: Store | None = None
+        self.feed: Feed | None = None
+        self.intake: Intake | None = None
+        self.http: HttpServer | None = None
+        self._old_handlers: dict[int, object] = {}
+        self._progress_at = 0.0
+        self._progress_stored = 0
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def run(self, on_tick: Callable[[Daemon], None] | None = None, install_signals: bool = True) -> int:
+        if install_signals:
+            self._install_signal_handlers()
+        try:
+            self.startup()
+            code = self.main_loop(on_tick)
+        finally:
+            self.shutdown()
+            if install_signals:
+                self._restore_signal_handlers()
+        return code
+
+    def startup(self) -> None:
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(s.state_dir / "examples.db")
+        limits = Limits(
+            max_image_bytes=s.store.max_image_bytes,
+            max_image_pixels=s.store.max_image_pixels,
+            max_label_chars=s.store.max_label_chars,
+            holdout_fraction=s.store.holdout_fraction,
+        )
+        self.feed = Feed(s.mqtt, s.model.name, s.client_id, limits, s.store.backlog_max)
+        self.intake = Intake(self.feed, self.store, s.store)
+        self.intake.start()
+        if s.server.enabled:
+            self.http = HttpServer(s.server.host, s.server.port, self.health)
+            self.http_address = self.http.start()
+            log.info("serving HTTP on http://%s", self.http_address)
+        self.feed.start()
+        log.info(
+            "model %s, state %s, broker %s, client id %s",
+            s.model.name,
+            s.state_dir,
+            s.mqtt.broker,
+            s.client_id,
+        )
+        self._progress_at = time.monotonic()
+
+    def main_loop(self, on_tick: Callable[[Daemon], None] | None) -> int:
+        while not self.should_exit.wait(0.1):
+            if self.intake is not None and not self.intake.is_alive():
+                log.error("intake thread died; exiting so the service manager restarts Sprout")
+                return EX_SOFTWARE
+            if self.http is not None and self.http.error is not None:
+                log.error("HTTP server stopped: %s", self.http.error)
+                return EX_SOFTWARE
+            self._progress()
+            if on_tick is not None:
+                on_tick(self)
+        return EX_OK
+
+    def shutdown(self) -> None:
+        started = time.monotonic()
+        if self.feed is not None:
+            self.feed.pause()
+        if self.intake is not None and self.intake.is_alive():
+            log.info("stopping: committing %d received examples", self.feed.deliveries.qsize() if self.feed else 0)
+            if not self.intake.stop(timeout_s=0.1 if self.force_exit else SHUTDOWN_BOUND_S):
+                log.warning("stopping: intake did not finish in time; un-acked examples come back on restart")
+        if self.feed is not None:
+            self.feed.stop()
+        if self.http is not None:
+            self.http.stop()
+        if self.store is not None:
+            self.store.close()
+        log.info("stopped in %.2fs", time.monotonic() - started)
+
+    # -- state for health, progress and callers --------------------------------------------------
+
+    def health(self) -> dict[str, bool]:
+        return {
+            "feed": bool(self.feed and self.feed.connected.is_set()),
+            "intake": bool(self.intake and self.intake.is_alive() and self.intake.failing_since is None),
+        }
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        elapsed = now - self._progress_at
+        if elapsed < self.settings.logging.progress_every_s or self.intake is None or self.feed is None:
+            return
+        stored = self.intake.stored
+        log.info(
+            "ingest: %d stored (%.1f/s), %d duplicates, %d rejected, backlog %d, broker %s",
+            stored,
+            (stored - self._progress_stored) / elapsed,
+            self.intake.duplicates,
+            self.intake.rejected_total,
+            self.feed.deliveries.qsize(),
+            "connected" if self.feed.connected.is_set() else "DISCONNECTED",
+        )
+        self._progress_at = now
+        self._progress_stored = stored
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old_handlers[sig] = signal.signal(sig, self._handle_exit)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+
+    def _handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit.is_set() and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit.set()

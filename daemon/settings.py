@@ -1,0 +1,303 @@
+"""Sprout's configuration: one TOML file, one validated settings object.
+
+Precedence, highest first: command-line flags, ``SPROUT_<SECTION>__<FIELD>``
+environment variables, the TOML file, the defaults below. Each module receives
+only its own section. Every field states its unit and its trade-off; the
+example file ``sprout.example.toml`` repeats them for operators.
+
+>>> s = Settings.load(None, overrides={"model": {"name": "maize"}})
+>>> s.model.name, s.mqtt.examples_topic(s.model.name)
+('maize', 'sprout/maize/examples')
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+EX_CONFIG = 78  # sysexits.h: systemd's RestartPreventExitStatus=78 stops a restart loop on a bad config.
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Section(BaseModel):
+    # A typo in a key must be an error naming the key, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class MqttSettings(Section):
+    broker: str = Field("mqtt://127.0.0.1:1883", description="Broker URL, mqtt://host:port or mqtts://host:port (TLS).")
+    client_id: str = Field(
+        "",
+        description="Stable MQTT client id; empty = 'sprout-<model>'. It names the broker-side session that "
+        "keeps un-acked examples while Sprout is down, so it must not change between restarts.",
+    )
+    topic_prefix: str = Field("sprout", description="Topics are <prefix>/<model>/examples, .../rejected, .../models/latest.")
+    share_group: str = Field(
+        "", description="Shared-subscription group; empty = plain subscription. Set it to run several Sprouts on one feed."
+    )
+    session_expiry_s: int = Field(
+        86_400, ge=0, description="Seconds the broker keeps the session (and queued examples) while Sprout is down."
+    )
+    keepalive_s: int = Field(30, ge=5, le=65_535, description="Seconds between pings; lower notices a dead link sooner.")
+    receive_maximum: int = Field(
+        1_000,
+        ge=1,
+        le=65_535,
+        description="Un-acked examples the broker may send at once. Higher lets more share one commit (faster); "
+        "lower means fewer redeliveries after a crash.",
+    )
+    reconnect_min_s: float = Field(1.0, gt=0, description="First reconnect delay in seconds; doubles up to reconnect_max_s.")
+    reconnect_max_s: float = Field(60.0, gt=0, description="Longest reconnect delay in seconds.")
+    username: str = Field("", description="Broker user; empty = anonymous.")
+    password: SecretStr | None = Field(None, description="Broker password; prefer password_file or the environment.")
+    password_file: Path | None = Field(None, description="File whose first line is the broker password.")
+    tls_ca_file: Path | None = Field(None, description="CA bundle to verify the broker with mqtts://; empty = system CAs.")
+    tls_cert_file: Path | None = Field(None, description="Client certificate (PEM) for brokers that require one.")
+    tls_key_file: Path | None = Field(None, description="Key of tls_cert_file (PEM).")
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("must look like mqtt://host:port or mqtts://host:port")
+        try:
+            parts.port
+        except ValueError as err:
+            raise ValueError(f"bad port: {err}") from None
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or any(c in value for c in "+#") or value.startswith("/") or value.endswith("/"):
+            raise ValueError("must be a non-empty topic path without wildcards or leading/trailing '/'")
+        return value
+
+    @field_validator("share_group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        if value and not _NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 64)")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> MqttSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.broker).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.broker)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.broker).scheme == "mqtts"
+
+    def resolved_password(self) -> str | None:
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            return self.password_file.read_text().splitlines()[0] if self.password_file.stat().st_size else ""
+        return None
+
+    def examples_topic(self, model: str) -> str:
+        return f"{self.topic_prefix}/{model}/examples"
+
+    def rejected_topic(self, model: str) -> str:
+        return f"{self.topic_prefix}/{model}/rejected"
+
+    def subscription(self, model: str) -> str:
+        topic = self.examples_topic(model)
+        return f"$share/{self.share_group}/{topic}" if self.share_group else topic
+
+
+class StoreSettings(Section):
+    holdout_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of examples without a 'split' kept out of training for the export gates."
+    )
+    max_image_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest accepted image in bytes; phone photos are 2-6 MB, crops far less."
+    )
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=64,
+        description="Largest accepted width*height; checked from the header before any decoding (decompression bombs).",
+    )
+    max_label_chars: int = Field(128, ge=1, le=4096, description="Longest accepted class name, in characters.")
+    commit_max_examples: int = Field(
+        512, ge=1, description="Most examples in one transaction; larger amortises the fsync, smaller acks sooner."
+    )
+    commit_linger_ms: float = Field(
+        2.0, ge=0.0, le=1000.0, description="Milliseconds to wait for more examples before a commit; adds that much latency."
+    )
+    backlog_max: int = Field(
+        20_000, ge=1, description="Examples received but not yet committed; past it the network thread waits (backpressure)."
+    )
+
+
+class ModelSettings(Section):
+    name: str = Field("plant-disease", description="Model name: part of every topic, path and manifest.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' or '-', starting with a letter or digit (at most 64)")
+        return value
+
+
+class ServerSettings(Section):
+    http: str = Field(
+        "127.0.0.1:8080", description="HOST:PORT for the HTTP API; 0.0.0.0 serves every interface, port 0 picks a free one."
+    )
+    enabled: bool = Field(True, description="Serve HTTP at all; off for a pure ingest node.")
+
+    @field_validator("http")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65_535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.http.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.http.rpartition(":")[2])
+
+
+class LoggingSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Least severe level written.")
+    format: Literal["text", "json"] = Field(
+        "text", description="'text' for terminals and journald (no timestamp of its own under systemd), 'json' lines for collectors."
+    )
+    progress_every_s: float = Field(10.0, gt=0, description="Seconds between progress lines; lower is chattier.")
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with :meth:`Settings.load`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SPROUT_", env_nested_delimiter="__", extra="forbid", validate_default=True, nested_model_default_partial_update=True
+    )
+
+    state_dir: Path = Field(Path("./var"), description="Examples, checkpoints and the model registry live here.")
+    mqtt: MqttSettings = MqttSettings()
+    store: StoreSettings = StoreSettings()
+    model: ModelSettings = ModelSettings()
+    server: ServerSettings = ServerSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives through init_settings (see load), below the environment.
+        return env_settings, init_settings
+
+    @classmethod
+    def load(cls, path: Path | str | None, overrides: dict[str, Any] | None = None) -> Settings:
+        """Read ``path`` (None = defaults only), apply the environment, then ``overrides`` (CLI flags).
+
+        Raises :class:`ConfigError` naming the file, or the field path, and what is wrong.
+        """
+        data: dict[str, Any] = {}
+        if path is not None:
+            data = read_toml(Path(path))
+        try:
+            settings = cls(**data)
+            if overrides:
+                merged = _deep_merge(settings.model_dump(), overrides)
+                # Re-validate with the flags on top; the environment was already applied above.
+                settings = cls.model_validate(merged)
+        except ValidationError as err:
+            raise ConfigError(describe(err, path)) from None
+        return settings
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"sprout-{self.model.name}"
+
+    def masked(self) -> dict[str, Any]:
+        """The resolved configuration as plain data, secrets shown as '**********'."""
+        return _mask(self.model_dump(mode="json"), self)
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the field and the problem."""
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (create it from sprout.example.toml)") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+
+
+def describe(err: ValidationError, path: Path | str | None) -> str:
+    where = f"{path}: " if path else ""
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling against sprout.example.toml)"
+        shown = "" if "password" in field else f" (got {e['input']!r})" if e["type"] != "missing" else ""
+        lines.append(f"{where}{field}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def env_overrides() -> list[str]:
+    return sorted(k for k in os.environ if k.startswith("SPROUT_"))
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _mask(data: dict[str, Any], model: BaseModel) -> dict[str, Any]:
+    for name, value in data.items():
+        attr = getattr(model, name, None)
+        if isinstance(attr, SecretStr):
+            data[name] = "**********"
+        elif isinstance(attr, BaseModel) and isinstance(value, dict):
+            _mask(value, attr)
+    return data

@@ -1,0 +1,236 @@
+"""The examples wire format: one MQTT message in, an :class:`Example` or a :class:`Rejection` out.
+
+Runs on the MQTT network thread, so it only does cheap checks: sizes, label
+rules, and the image header (format, dimensions, a truncated tail). Pixels are
+decoded later, off the network thread, by the learner.
+
+MQTT v5 senders put the label and ids in user properties and the image in the
+payload; MQTT 3.1.1 senders, which have no properties, send JSON:
+``{"label": ..., "image": "<base64>", "content_type": ..., "example_id": ...}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import io
+import json
+import time
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
+SPLITS = ("train", "holdout")
+MAX_ID_CHARS = 200
+
+
+class Reason(enum.Enum):
+    """Why a message was rejected; the value is the counter's name, the message tells the sender what to do."""
+
+    MISSING_LABEL = "missing_label"
+    BAD_LABEL = "bad_label"
+    BAD_EXAMPLE_ID = "bad_example_id"
+    BAD_SPLIT = "bad_split"
+    UNSUPPORTED_CONTENT_TYPE = "unsupported_content_type"
+    CONTENT_TYPE_MISMATCH = "content_type_mismatch"
+    TOO_LARGE = "too_large"
+    EMPTY_IMAGE = "empty_image"
+    NOT_AN_IMAGE = "not_an_image"
+    TRUNCATED_IMAGE = "truncated_image"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    BAD_JSON = "bad_json"
+    BAD_BASE64 = "bad_base64"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_image_bytes: int
+    max_image_pixels: int
+    max_label_chars: int
+    holdout_fraction: float
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    example_id: str
+    label: str
+    split: str
+    content_type: str
+    width: int
+    height: int
+    image: bytes
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: Reason
+    detail: str
+    example_id: str | None
+    received_at: float
+
+    def notice(self) -> dict[str, object]:
+        """The JSON body published on the rejected topic (never the image)."""
+        return {
+            "example_id": self.example_id,
+            "reason": self.reason.value,
+            "detail": self.detail,
+            "received_at": self.received_at,
+        }
+
+
+class _Reject(Exception):
+    def __init__(self, reason: Reason, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse(
+    payload: bytes,
+    user_properties: list[tuple[str, str]] | None,
+    content_type: str | None,
+    limits: Limits,
+    received_at: float | None = None,
+) -> Example | Rejection:
+    """Turn one received message into an Example, or a Rejection that says what to fix.
+
+    ``user_properties`` and ``content_type`` are the MQTT v5 properties (None under 3.1.1).
+    """
+    now = time.time() if received_at is None else received_at
+    props: dict[str, str] = {}
+    for key, value in user_properties or ():
+        props.setdefault(key, value)  # the first occurrence wins; MQTT allows repeats
+    example_id = props.get("example_id")
+    try:
+        if "label" in props:
+            fields = props
+            image = payload
+        elif payload[:1] == b"{":
+            fields, image = _json_fallback(payload, limits)
+            content_type = fields.get("content_type")
+            example_id = fields.get("example_id")
+        else:
+            raise _Reject(Reason.MISSING_LABEL, "label missing: set the MQTT v5 user property 'label' (or send the JSON form)")
+        return _example(image, fields, content_type, limits, now)
+    except _Reject as r:
+        shown_id = example_id if isinstance(example_id, str) and _printable(example_id, MAX_ID_CHARS) else None
+        return Rejection(r.reason, r.detail, shown_id, now)
+
+
+def _json_fallback(payload: bytes, limits: Limits) -> tuple[dict[str, str], bytes]:
+    # base64 inflates by 4/3; anything longer cannot hold an acceptable image.
+    if len(payload) > limits.max_image_bytes * 4 // 3 + 64 * 1024:
+        raise _Reject(Reason.TOO_LARGE, f"JSON message of {len(payload)} bytes exceeds the image limit of {limits.max_image_bytes}")
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _Reject(Reason.BAD_JSON, f"payload is neither an image with a 'label' property nor valid JSON: {err}") from None
+    if not isinstance(doc, dict):
+        raise _Reject(Reason.BAD_JSON, "JSON payload must be an object with 'label' and 'image'")
+    fields: dict[str, str] = {}
+    for key in ("label", "content_type", "example_id", "split"):
+        value = doc.get(key)
+        if value is not None and not isinstance(value, str):
+            raise _Reject(Reason.BAD_JSON, f"JSON field '{key}' must be a string")
+        if value is not None:
+            fields[key] = value
+    if "label" not in fields:
+        raise _Reject(Reason.MISSING_LABEL, "label missing: add a 'label' string to the JSON object")
+    encoded = doc.get("image")
+    if not isinstance(encoded, str):
+        raise _Reject(Reason.BAD_JSON, "JSON field 'image' must be a base64 string")
+    try:
+        image = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise _Reject(Reason.BAD_BASE64, f"JSON field 'image' is not valid base64: {err}") from None
+    return fields, image
+
+
+def _example(image: bytes, fields: dict[str, str], content_type: str | None, limits: Limits, now: float) -> Example:
+    label = fields["label"]
+    if not label.strip() or label != label.strip() or not _printable(label, limits.max_label_chars):
+        raise _Reject(
+            Reason.BAD_LABEL,
+            f"label must be 1-{limits.max_label_chars} printable characters without surrounding spaces",
+        )
+    example_id = fields.get("example_id")
+    if example_id is not None and (not example_id or not _printable(example_id, MAX_ID_CHARS)):
+        raise _Reject(Reason.BAD_EXAMPLE_ID, f"example_id must be 1-{MAX_ID_CHARS} printable characters, or left out")
+    split = fields.get("split")
+    if split is not None and split not in SPLITS:
+        raise _Reject(Reason.BAD_SPLIT, f"split must be 'train' or 'holdout', or left out (got {split[:40]!r})")
+    if content_type not in CONTENT_TYPES:
+        raise _Reject(
+            Reason.UNSUPPORTED_CONTENT_TYPE,
+            f"content type {str(content_type)[:60]!r} not accepted: use {', '.join(CONTENT_TYPES)}",
+        )
+    if not image:
+        raise _Reject(Reason.EMPTY_IMAGE, "payload is empty: put the encoded image in the payload")
+    if len(image) > limits.max_image_bytes:
+        raise _Reject(Reason.TOO_LARGE, f"image of {len(image)} bytes exceeds the limit of {limits.max_image_bytes}: resize it")
+    width, height = inspect_image(image, CONTENT_TYPES[content_type], limits.max_image_pixels)
+    if example_id is None:
+        # Same bytes and label -> same id, so a redelivered or resent duplicate is stored once.
+        example_id = hashlib.sha256(label.encode() + b"\0" + image).hexdigest()
+    if split is None:
+        split = holdout_split(example_id, limits.holdout_fraction)
+    return Example(example_id, label, split, content_type, width, height, image, now)
+
+
+def inspect_image(image: bytes, expected_format: str, max_pixels: int) -> tuple[int, int]:
+    """Read format and size from the header only, and check the tail for truncation.
+
+    Decoding is left to the learner; this costs tens of microseconds.
+    """
+    with warnings.catch_warnings():
+        # Pillow warns (or raises) on large images; our own pixel limit below decides.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(image)) as img:
+                actual_format = img.format
+                width, height = img.size
+        except Image.DecompressionBombError:
+            raise _Reject(Reason.TOO_MANY_PIXELS, f"image has too many pixels (limit {max_pixels}): resize it") from None
+        except Exception as err:  # Pillow raises many types on garbage; all mean "not an image".
+            raise _Reject(Reason.NOT_AN_IMAGE, f"payload is not a readable JPEG, PNG or WebP image: {err}") from None
+    if actual_format != expected_format:
+        raise _Reject(
+            Reason.CONTENT_TYPE_MISMATCH,
+            f"content type says {expected_format} but the data is {actual_format}: fix the Content Type property",
+        )
+    if width <= 0 or height <= 0:
+        raise _Reject(Reason.NOT_AN_IMAGE, f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise _Reject(
+            Reason.TOO_MANY_PIXELS, f"image of {width}x{height} pixels exceeds the limit of {max_pixels}: resize it"
+        )
+    if not _complete(image, actual_format):
+        raise _Reject(Reason.TRUNCATED_IMAGE, f"{actual_format} data ends early (truncated upload?): send the whole file")
+    return width, height
+
+
+def _complete(image: bytes, fmt: str) -> bool:
+    if fmt == "JPEG":
+        # End-of-image marker; some encoders pad a few bytes after it.
+        return b"\xff\xd9" in image[-64:]
+    if fmt == "PNG":
+        return image.rstrip(b"\0")[-8:] == b"IEND\xaeB`\x82"
+    if fmt == "WEBP":
+        declared = int.from_bytes(image[4:8], "little") + 8
+        return len(image) >= declared
+    return False
+
+
+def holdout_split(example_id: str, holdout_fraction: float) -> str:
+    """Deterministic: the same id always lands in the same split, on every machine."""
+    digest = hashlib.blake2b(example_id.encode(), digest_size=8).digest()
+    return "holdout" if int.from_bytes(digest, "big") / 2**64 < holdout_fraction else "train"
+
+
+def _printable(text: str, max_chars: int) -> bool:
+    return 0 < len(text) <= max_chars and text.isprintable()

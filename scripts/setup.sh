@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sets up everything Sprout needs on a Debian machine: system packages, then the virtualenv.
+# Idempotent: a second run installs nothing new. Usage: scripts/setup.sh [VENV_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${1:-.venv}
+
+# System packages from Debian: the broker the tests and the demo start, and the demo's dataset.
+need=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    echo "setup: installing Debian packages: ${need[*]}"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+# The project and its pinned dependencies (torch==2.13.0) in one virtualenv.
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+echo "setup: installing Sprout into $venv"
+"$venv/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+"$venv/bin/sprout" --version
