@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=6000, help="examples to feed (default 6000)")
     demo.add_argument("--rate", type=float, default=1000.0, help="examples per second (default 1000)")
     demo.add_argument("--state", type=Path, help="state directory (default: the config's, ./var)")
+    demo.add_argument("--broker", help="broker URL (default: the config's, else a private Mosquitto)")
     demo.add_argument("--keep-running", action="store_true", help="keep the daemon running after the feed ends")
     demo.set_defaults(func=cmd_demo)
     return p

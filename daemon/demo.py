@@ -49,6 +49,8 @@ def run_demo(args: Any) -> int:
     overrides: dict[str, Any] = {"logging": {"progress_every_s": 3600.0}}  # the demo prints its own progress
     if args.state:
         overrides["state_dir"] = args.state
+    if args.broker:
+        overrides["mqtt"] = {"broker": args.broker}
     settings = Settings.load(None, overrides)
     logs.configure(settings.logging.level, settings.logging.format)
     broker = None

@@ -117,7 +117,7 @@ class Daemon:
 
     def health(self) -> dict[str, bool]:
         return {
-            "feed": bool(self.feed and self.feed.connected.is_set()),
+            "feed": bool(self.feed and self.feed.subscribed.is_set()),
             "intake": bool(self.intake and self.intake.is_alive() and self.intake.failing_since is None),
         }
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -219,8 +220,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The TOML file arrives through init_settings (see load), below the environment.
-        return env_settings, init_settings
+        # Highest first: flags (init kwargs), the environment, the TOML file (see load).
+        return init_settings, env_settings, _FileSource(settings_cls)
 
     @classmethod
     def load(cls, path: Path | str | None, overrides: dict[str, Any] | None = None) -> Settings:
@@ -228,18 +229,13 @@ class Settings(BaseSettings):
 
         Raises :class:`ConfigError` naming the file, or the field path, and what is wrong.
         """
-        data: dict[str, Any] = {}
-        if path is not None:
-            data = read_toml(Path(path))
+        token = _file_data.set(read_toml(Path(path)) if path is not None else {})
         try:
-            settings = cls(**data)
-            if overrides:
-                merged = _deep_merge(settings.model_dump(), overrides)
-                # Re-validate with the flags on top; the environment was already applied above.
-                settings = cls.model_validate(merged)
+            return cls(**(overrides or {}))
         except ValidationError as err:
             raise ConfigError(describe(err, path)) from None
-        return settings
+        finally:
+            _file_data.reset(token)
 
     @property
     def client_id(self) -> str:
@@ -283,14 +279,17 @@ def env_overrides() -> list[str]:
     return sorted(k for k in os.environ if k.startswith("SPROUT_"))
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+_file_data: ContextVar[dict[str, Any]] = ContextVar("sprout_config_file", default={})
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The parsed TOML file of the current :meth:`Settings.load` call."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _file_data.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _file_data.get()
 
 
 def _mask(data: dict[str, Any], model: BaseModel) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The example store: SQLite in WAL mode, one row per example id, durable before anything is acked.
 
-``seq`` numbers examples in commit order; the learner reads forward from its
-high-water mark. A redelivered duplicate (same ``example_id``) is ignored, so
+``seq`` numbers examples in commit order (strictly increasing, with gaps
+where a duplicate was ignored); the learner reads forward from its high-water
+mark. A redelivered duplicate (same ``example_id``) is ignored, so
 an example is stored exactly once however often the broker sends it.
 """
 

@@ -1,0 +1,142 @@
+"""Helpers shared by the tests: small real images, a QoS 1 publisher, the daemon as a real process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from daemon.broker import free_port
+from daemon.feeder import Publisher
+from daemon.store import open_reader
+
+SPROUT = [sys.executable, "-m", "daemon.cli"]
+
+
+def jpeg(seed: int, size: int = 32, quality: int = 85) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png(seed: int, size: int = 16) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def publish_examples(url: str, model: str, ids: list[str], labels: list[str], rate: float = 0.0) -> Publisher:
+    """Publish one small JPEG per id at QoS 1 and wait until the broker acked them all."""
+    with Publisher(url, window=128) as pub:
+        started = time.monotonic()
+        for i, (example_id, label) in enumerate(zip(ids, labels, strict=True)):
+            if rate:
+                delay = started + i / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            pub.publish(f"sprout/{model}/examples", jpeg(zlib.crc32(example_id.encode())), label, "image/jpeg", example_id)
+        assert pub.wait_all_acked(30.0), pub.report
+    assert pub.report.acked == len(ids), pub.report.as_dict()
+    return pub
+
+
+def stored_ids(state: Path) -> list[str]:
+    db_path = state / "examples.db"
+    if not db_path.exists():
+        return []
+    db = open_reader(db_path)
+    try:
+        return [row[0] for row in db.execute("SELECT example_id FROM examples ORDER BY seq")]
+    finally:
+        db.close()
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class DaemonProcess:
+    """``sprout run`` as a child process, as systemd would run it."""
+
+    def __init__(self, broker_url: str, state: Path, model: str = "leaves", config: Path | None = None, env=None):
+        self.broker_url = broker_url
+        self.state = state
+        self.model = model
+        self.config = config
+        self.http_port = free_port()
+        self.env = {
+            **os.environ,
+            "SPROUT_MQTT__RECONNECT_MIN_S": "0.2",
+            "SPROUT_MQTT__RECONNECT_MAX_S": "1",
+            "SPROUT_LOGGING__PROGRESS_EVERY_S": "1",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[str] | None = None
+        self.log_path = state.parent / f"{state.name}-daemon.log"
+        self._log = None
+
+    def start(self, wait_ready: bool = True) -> DaemonProcess:
+        args = [*SPROUT, "run", "--broker", self.broker_url, "--state", str(self.state), "--model", self.model]
+        args += ["--http", f"127.0.0.1:{self.http_port}"]
+        if self.config:
+            args += ["--config", str(self.config)]
+        self._log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, text=True)
+        if wait_ready:
+            wait_for(self.ready, 30.0, f"the daemon to subscribe (log: {self.log_path})", 0.05)
+        return self
+
+    def ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+        return self.health()[0] == 200
+
+    def health(self) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+        except OSError:
+            return 0, {}
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout_s)
+        self._log.close()
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text()
