@@ -6,6 +6,8 @@ loopback port, with persistence on so that a restart keeps sessions.
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import signal
 import socket
@@ -33,6 +35,8 @@ log_type error
 log_type warning
 log_type notice
 """
+# Run as root, Mosquitto drops to the 'mosquitto' user, which cannot write our work folder.
+AS_INVOKING_USER = "user {user}\n"
 
 
 class BrokerError(Exception):
@@ -84,6 +88,7 @@ class Mosquitto:
                 max_queued_messages=max_queued_messages,
                 max_inflight_messages=max_inflight_messages,
             )
+            + (AS_INVOKING_USER.format(user=pwd.getpwuid(os.getuid()).pw_name) if os.getuid() == 0 else "")
             + extra_conf
         )
         self.proc: subprocess.Popen[bytes] | None = None

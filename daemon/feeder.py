@@ -120,10 +120,15 @@ class Publisher:
         user.extend(extra_properties)
         if user:
             props.UserProperty = user
+        self.publish_raw(topic, payload, props)
+        return True
+
+    def publish_raw(self, topic: str, payload: bytes, properties: Properties | None = None) -> None:
+        """Send any payload and properties at QoS 1, counted like :meth:`publish` (tests send malformed ones)."""
         self._window.acquire()
         # Not under self._lock: paho calls on_publish while holding its own lock, so taking ours
         # around client.publish would invert the lock order and deadlock.
-        info = self._client.publish(topic, payload, qos=1, properties=props)
+        info = self._client.publish(topic, payload, qos=1, properties=properties)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: paho resends on reconnect
             self._window.release()
             raise ConnectionError(f"publish failed: {mqtt.error_string(info.rc)}")
@@ -134,7 +139,6 @@ class Publisher:
                 self._pending.add(info.mid)
         if early is not None:  # the PUBACK beat us here
             self._count(early)
-        return True
 
     def wait_all_acked(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

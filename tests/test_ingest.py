@@ -1,0 +1,233 @@
+"""End to end through a real Mosquitto and the real daemon process: nothing acknowledged is ever lost."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from PIL import Image
+
+from helpers import SPROUT, jpeg, png, publish_examples, stored_ids, wait_for
+from daemon.feeder import Publisher
+
+
+def ids_and_labels(n: int, prefix: str = "ex", classes: tuple[str, ...] = ("rust", "blight", "healthy")):
+    ids = [f"{prefix}-{i:05d}" for i in range(n)]
+    return ids, [classes[i % len(classes)] for i in range(n)]
+
+
+def store_stats(state) -> dict:
+    out = subprocess.run([*SPROUT, "store", "stats", "--state", str(state)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_every_published_example_is_stored_once_with_its_label(broker, daemon_factory, tmp_path):
+    d = daemon_factory(broker.url).start()
+    ids, labels = ids_and_labels(300)
+    publish_examples(broker.url, "leaves", ids, labels)
+    # The same ids again (a phone resending after a timeout): stored once.
+    publish_examples(broker.url, "leaves", ids[:50], labels[:50])
+    wait_for(lambda: len(stored_ids(d.state)) == 300, 30, "300 stored examples")
+    assert sorted(stored_ids(d.state)) == ids
+    stats = store_stats(d.state)
+    assert stats["total"] == 300
+    assert stats["per_label"] == {"blight": 100, "healthy": 100, "rust": 100}
+    assert stats["per_split"]["train"] + stats["per_split"]["holdout"] == 300
+    assert 10 <= stats["per_split"]["holdout"] <= 60  # the 10% hash split
+    assert stats["rejected_total"] == 0
+    assert d.stop() == 0
+    assert "stopped in" in d.log()
+
+
+def test_sigkill_mid_stream_loses_nothing(broker, daemon_factory):
+    d = daemon_factory(broker.url).start()
+    n = 1500
+    ids, labels = ids_and_labels(n)
+    feeder = threading.Thread(target=publish_examples, args=(broker.url, "leaves", ids, labels, 400.0))
+    feeder.start()
+    rng = random.Random(7)
+    kills = 0
+    while feeder.is_alive() and kills < 4:
+        time.sleep(rng.uniform(0.4, 0.9))
+        d.kill()
+        kills += 1
+        d.start()
+    feeder.join(60)
+    assert kills >= 3, "the stream ended before the daemon was killed enough times; slow the feed"
+    wait_for(lambda: len(stored_ids(d.state)) == n, 60, f"{n} stored examples after {kills} kills")
+    stored = stored_ids(d.state)
+    assert len(stored) == len(set(stored)) == n
+    assert set(stored) == set(ids)
+    assert d.stop() == 0
+
+
+def test_broker_restart_while_the_daemon_is_down_loses_nothing(broker, daemon_factory):
+    d = daemon_factory(broker.url).start()
+    d.stop()  # the broker now holds Sprout's session
+    ids, labels = ids_and_labels(400)
+    publish_examples(broker.url, "leaves", ids, labels)
+    broker.stop(signal.SIGTERM)  # persistence on: the queued examples are saved to disk
+    broker.start()
+    d.start()
+    wait_for(lambda: len(stored_ids(d.state)) == 400, 30, "400 examples queued across a broker restart")
+    assert sorted(stored_ids(d.state)) == ids
+
+
+def test_broker_restart_while_the_daemon_runs(broker, daemon_factory):
+    d = daemon_factory(broker.url).start()
+    first, labels = ids_and_labels(200, "before")
+    publish_examples(broker.url, "leaves", first, labels)
+    broker.stop(signal.SIGTERM)
+    broker.start()
+    wait_for(lambda: d.health()[0] == 200, 30, "the daemon to resubscribe after the broker restart")
+    second, labels = ids_and_labels(200, "after")
+    publish_examples(broker.url, "leaves", second, labels)
+    wait_for(lambda: len(stored_ids(d.state)) == 400, 30, "400 examples across a live broker restart")
+    assert set(stored_ids(d.state)) == set(first + second)
+
+
+def bad_messages() -> list[tuple[str, bytes, mqtt.Properties | None, str]]:
+    """(name, payload, properties, expected reason) for each kind of malformed message."""
+
+    def props(label=None, content_type="image/jpeg", **extra):
+        p = mqtt.Properties(mqtt.PacketTypes.PUBLISH)
+        if content_type:
+            p.ContentType = content_type
+        user = ([("label", label)] if label is not None else []) + list(extra.items())
+        if user:
+            p.UserProperty = user
+        return p
+
+    good = jpeg(1)
+    return [
+        ("no label", good, props(), "missing_label"),
+        ("empty label", good, props(""), "bad_label"),
+        # Mosquitto itself drops senders whose strings hold control characters, so these reach us:
+        ("invisible label", good, props("\u200b"), "bad_label"),
+        ("overlong label", good, props("x" * 129), "bad_label"),
+        ("bad split", good, props("rust", split="validation"), "bad_split"),
+        ("gif", good, props("rust", "image/gif"), "unsupported_content_type"),
+        ("no content type", good, props("rust", None), "unsupported_content_type"),
+        ("png declared as jpeg", png(1), props("rust"), "content_type_mismatch"),
+        ("garbage", b"\x00\x01\x02" * 100, props("rust"), "not_an_image"),
+        ("truncated", good[: len(good) // 2], props("rust", example_id="cut-1"), "truncated_image"),
+        ("empty", b"", props("rust"), "empty_image"),
+        ("bad json", b"{oops", None, "bad_json"),
+        ("bad base64", json.dumps({"label": "rust", "image": "%%%", "content_type": "image/jpeg"}).encode(), None, "bad_base64"),
+    ]
+
+
+def test_malformed_messages_are_rejected_counted_and_reported(broker, daemon_factory, tmp_path):
+    d = daemon_factory(broker.url, env={"SPROUT_STORE__MAX_IMAGE_PIXELS": "1000000"}).start()
+    notices: list[dict] = []
+    listener = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    listener.on_message = lambda c, u, m: notices.append(json.loads(m.payload))
+    listener.connect("127.0.0.1", broker.port)
+    listener.subscribe("sprout/leaves/rejected", qos=1)
+    listener.loop_start()
+    time.sleep(0.3)
+
+    cases = bad_messages()
+    good_ids, good_labels = ids_and_labels(20, "good")
+    with Publisher(broker.url) as pub:
+        for i, (name, payload, props, _) in enumerate(cases):
+            pub.publish_raw("sprout/leaves/examples", payload, props)
+            pub.publish("sprout/leaves/examples", jpeg(100 + i), good_labels[i], "image/jpeg", good_ids[i])
+        # A JSON example from an MQTT 3.1.1 sender, and a pixel bomb (2000 x 2000 > 1 M pixel limit).
+        doc = {"label": "rust", "image": base64.b64encode(jpeg(5)).decode(), "content_type": "image/jpeg", "example_id": "json-1"}
+        pub.publish_raw("sprout/leaves/examples", json.dumps(doc).encode())
+        buf = io.BytesIO()
+        Image.new("L", (2000, 2000)).save(buf, format="PNG")
+        pub.publish("sprout/leaves/examples", buf.getvalue(), "rust", "image/png", "bomb-1")
+        assert pub.wait_all_acked(10)
+
+    expected: dict[str, int] = {"too_many_pixels": 1}
+    for _, _, _, reason in cases:
+        expected[reason] = expected.get(reason, 0) + 1
+    want_stored = set(good_ids[: len(cases)]) | {"json-1"}
+    wait_for(lambda: set(stored_ids(d.state)) == want_stored, 30, "the good examples among the bad")
+    wait_for(lambda: len(notices) == sum(expected.values()), 10, "a notice per rejection")
+    stats = store_stats(d.state)
+    assert stats["rejected"] == dict(sorted(expected.items()))
+    assert stats["total"] == len(want_stored)
+    assert sorted(n["reason"] for n in notices) == sorted(r for r, k in expected.items() for _ in range(k))
+    assert {"example_id": "cut-1", "reason": "truncated_image"}.items() <= next(
+        n for n in notices if n["example_id"] == "cut-1"
+    ).items()
+    assert all("image" not in n for n in notices)
+    assert d.health()[0] == 200  # still up and ingesting
+    listener.loop_stop()
+    assert d.stop() == 0
+
+
+def test_sigterm_commits_what_arrived_and_exits_0(broker, daemon_factory):
+    d = daemon_factory(broker.url).start()
+    ids, labels = ids_and_labels(500)
+    feeder = threading.Thread(target=publish_examples, args=(broker.url, "leaves", ids, labels, 1000.0))
+    feeder.start()
+    time.sleep(0.2)
+    assert d.stop(timeout_s=20) == 0
+    feeder.join(30)
+    # Whatever arrived before the stop is stored; the rest waits in the broker's session.
+    d.start()
+    wait_for(lambda: len(stored_ids(d.state)) == 500, 30, "all 500 after a graceful stop and restart")
+    assert d.stop() == 0
+
+
+def test_sprout_feed_publishes_fashion_mnist_and_folders(broker, daemon_factory, tmp_path):
+    d = daemon_factory(broker.url).start()
+    out = subprocess.run(
+        [*SPROUT, "feed", "--broker", broker.url, "--model", "leaves", "--dataset", "fashion-mnist", "--limit", "60",
+         "--order", "class-incremental", "--classes", "Bag,Sandal", "--size", "64"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["acked"] == 60
+    wait_for(lambda: len(stored_ids(d.state)) == 60, 30, "60 Fashion-MNIST examples")
+    stats = store_stats(d.state)
+    assert stats["per_label"] == {"Bag": 60}  # class-incremental: all of the first class first
+    tree = tmp_path / "leaves"
+    for label, maker in (("Tomato___Late_blight", jpeg), ("Tomato___healthy", png)):
+        (tree / label).mkdir(parents=True)
+        for i in range(5):
+            (tree / label / f"{i}.{'jpg' if maker is jpeg else 'png'}").write_bytes(maker(i + 50))
+    out = subprocess.run(
+        [*SPROUT, "feed", "--broker", broker.url, "--model", "leaves", "--dir", str(tree)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: len(stored_ids(d.state)) == 70, 30, "the folder's 10 images")
+    assert store_stats(d.state)["per_label"] == {"Bag": 60, "Tomato___Late_blight": 5, "Tomato___healthy": 5}
+    assert d.stop() == 0
+
+
+def test_sprout_feed_warns_when_nothing_subscribes(broker):
+    out = subprocess.run(
+        [*SPROUT, "feed", "--broker", broker.url, "--model", "nobody", "--dataset", "fashion-mnist", "--limit", "5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 1
+    assert json.loads(out.stdout.strip().splitlines()[-1])["no_subscribers"] == 5
+    assert "start 'sprout run' once first" in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_the_main_job(broker, tmp_path):
+    out = subprocess.run(
+        [*SPROUT, "demo", "--limit", "200", "--rate", "0", "--state", str(tmp_path / "demo"), "--broker", broker.url],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout)
+    assert summary["feed"]["acked"] == 200
+    assert summary["store"]["total"] == 200
+    assert len(summary["store"]["per_label"]) == 10
+    assert "demo: fed" in out.stderr
