@@ -146,6 +146,9 @@ def stats(db: sqlite3.Connection) -> dict[str, object]:
 
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=30.0, check_same_thread=False)
+    # Images are tens of kB: 64 KiB pages keep most of one in a page instead of a chain of
+    # 4 KiB overflow pages (measured: ~2x faster commits). Takes effect when the file is created.
+    db.execute("PRAGMA page_size = 65536")
     db.execute("PRAGMA journal_mode = WAL")
     # FULL: every commit fsyncs the WAL, so an acked example survives power loss, not only a crash.
     db.execute("PRAGMA synchronous = FULL")

@@ -1,8 +1,9 @@
 """The examples wire format: one MQTT message in, an :class:`Example` or a :class:`Rejection` out.
 
 Runs on the MQTT network thread, so it only does cheap checks: sizes, label
-rules, and the image header (format, dimensions, a truncated tail). Pixels are
-decoded later, off the network thread, by the learner.
+rules, and the image header (format, dimensions, a truncated tail; see
+:mod:`daemon.imagehead`). Pixels are decoded later, off the network thread, by
+the learner.
 
 MQTT v5 senders put the label and ids in user properties and the image in the
 payload; MQTT 3.1.1 senders, which have no properties, send JSON:
@@ -15,13 +16,11 @@ import base64
 import binascii
 import enum
 import hashlib
-import io
 import json
 import time
-import warnings
 from dataclasses import dataclass
 
-from PIL import Image
+from daemon.imagehead import HeaderError, read_header
 
 CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 SPLITS = ("train", "holdout")
@@ -185,22 +184,15 @@ def _example(image: bytes, fields: dict[str, str], content_type: str | None, lim
 def inspect_image(image: bytes, expected_format: str, max_pixels: int) -> tuple[int, int]:
     """Read format and size from the header only, and check the tail for truncation.
 
-    Decoding is left to the learner; this costs tens of microseconds.
+    Decoding is left to the learner; this costs a few microseconds.
     """
     # A cut-off upload is the commonest fault from phones on a weak link: name it as such.
     if _magic_format(image) == expected_format and not _complete(image, expected_format):
         raise _Reject(Reason.TRUNCATED_IMAGE, f"{expected_format} data ends early (truncated upload?): send the whole file")
-    with warnings.catch_warnings():
-        # Pillow warns (or raises) on large images; our own pixel limit below decides.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(image)) as img:
-                actual_format = img.format
-                width, height = img.size
-        except Image.DecompressionBombError:
-            raise _Reject(Reason.TOO_MANY_PIXELS, f"image has too many pixels (limit {max_pixels}): resize it") from None
-        except Exception as err:  # Pillow raises many types on garbage; all mean "not an image".
-            raise _Reject(Reason.NOT_AN_IMAGE, f"payload is not a readable JPEG, PNG or WebP image: {err}") from None
+    try:
+        actual_format, width, height = read_header(image)
+    except HeaderError as err:
+        raise _Reject(Reason.NOT_AN_IMAGE, f"payload is not a readable JPEG, PNG or WebP image: {err}") from None
     if actual_format != expected_format:
         raise _Reject(
             Reason.CONTENT_TYPE_MISMATCH,

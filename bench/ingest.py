@@ -1,0 +1,230 @@
+"""Ingest throughput: examples per second from MQTT publish to committed-and-acked.
+
+The real daemon (a ``sprout run`` process) against a private Mosquitto on
+this machine, fed 224x224 JPEGs of about 30 KB (Fashion-MNIST upscaled, with
+sensor-like noise so that they compress like photos). Two figures, each the
+median of repeats:
+
+- live: a publisher process sends as fast as the broker acks while the daemon
+  ingests; the clock runs from the first publish to the last example committed;
+- backlog: the examples wait in the broker's session while the daemon is down;
+  the clock runs from the daemon's start to the last example committed (the
+  catch-up rate after an outage).
+
+Usage: python bench/ingest.py [--examples 10000] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from daemon.broker import Mosquitto, free_port  # noqa: E402
+from daemon.datasets import fashion_mnist  # noqa: E402
+from daemon.feeder import Publisher  # noqa: E402
+from loadgen import LoadGenerator  # noqa: E402
+
+MODEL = "bench"
+TOPIC = f"sprout/{MODEL}/examples"
+LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+def make_jpegs(count: int, target_bytes: int = 30_000, seed: int = 0) -> list[tuple[str, bytes]]:
+    """(label, JPEG bytes) pairs of 224x224 RGB images near target_bytes."""
+    images, labels = fashion_mnist("train")
+    rng = np.random.default_rng(seed)
+    out = []
+    noise_sigma = 9.0
+    for i in range(count):
+        base = np.asarray(Image.fromarray(images[i]).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC), np.float32)
+        noisy = np.clip(base + rng.normal(0, noise_sigma, base.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(noisy).save(buf, format="JPEG", quality=85)
+        data = buf.getvalue()
+        # Steer the noise so the sizes centre on the target.
+        noise_sigma *= (target_bytes / len(data)) ** 0.5
+        noise_sigma = min(max(noise_sigma, 1.0), 60.0)
+        out.append((LABELS[labels[i]], data))
+    return out
+
+
+def publish_all(url: str, jpegs: list[tuple[str, bytes]], n: int, prefix: str, started_at, done_at, publisher: str) -> None:
+    if publisher == "raw":
+        host, port = url.removeprefix("mqtt://").split(":")
+        gen = LoadGenerator(host, int(port), window=1000)
+        messages = [(f"{prefix}-{i}", *jpegs[i % len(jpegs)]) for i in range(n)]
+        started_at.value = time.time()
+        gen.publish_all(TOPIC, messages)
+        done_at.value = time.time()
+        gen.close()
+        if gen.acked != n:
+            raise SystemExit(f"broker acked {gen.acked} of {n} ({gen.failed} failed)")
+        return
+    with Publisher(url, window=1000) as pub:
+        started_at.value = time.time()
+        for i in range(n):
+            label, data = jpegs[i % len(jpegs)]
+            pub.publish(TOPIC, data, label, "image/jpeg", f"{prefix}-{i}")
+        pub.wait_all_acked(120)
+        done_at.value = time.time()
+        if pub.report.acked != n:
+            raise SystemExit(f"broker acked {pub.report.acked} of {n}: {pub.report.as_dict()}")
+
+
+def count_stored(db: Path, prefix: str) -> int:
+    """Examples whose id starts with prefix + '-' (a range scan of the unique index)."""
+    if not db.exists():
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            sql = "SELECT COUNT(*) FROM examples WHERE example_id >= ? AND example_id < ?"
+            return con.execute(sql, (f"{prefix}-", f"{prefix}.")).fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.OperationalError:
+        return 0
+
+
+def wait_stored(db: Path, prefix: str, n: int, timeout_s: float = 300, poll_s: float = 0.01) -> float:
+    """Poll until n examples are committed; returns the time they were (each commit is acked at once)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if count_stored(db, prefix) >= n:
+            return time.time()
+        time.sleep(poll_s)
+    raise SystemExit(f"only {count_stored(db, prefix)} of {n} stored after {timeout_s}s")
+
+
+class Daemon:
+    def __init__(self, url: str, state: Path):
+        self.url, self.state, self.proc = url, state, None
+
+    def start(self) -> None:
+        env = {**os.environ, "SPROUT_LOGGING__LEVEL": "WARNING"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "run", "--broker", self.url, "--model", MODEL, "--state", str(self.state),
+             "--http", f"127.0.0.1:{free_port()}"],
+            env=env, cwd=ROOT,
+        )
+
+    def wait_subscribed(self, broker: Mosquitto, timeout_s: float = 30) -> None:
+        # Subscribed = the broker has a session that matches; a probe message that gets a
+        # success PUBACK (not "no matching subscribers") proves it.
+        deadline = time.monotonic() + timeout_s
+        with Publisher(broker.url) as pub:
+            while time.monotonic() < deadline:
+                before = pub.report.acked
+                pub.publish(TOPIC, PROBE, "probe", "image/jpeg", f"probe-{time.monotonic_ns()}")
+                pub.wait_all_acked(5)
+                if pub.report.acked > before:
+                    return
+                time.sleep(0.1)
+        raise SystemExit("daemon did not subscribe")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+PROBE = b""
+PROFILE = os.environ.get("SPROUT_BENCH_PROFILE")  # a path: py-spy samples the daemon during the live run
+
+
+def run_once(jpegs, n: int, mode: str, workdir: Path, publisher: str) -> dict[str, float]:
+    broker = Mosquitto(workdir / "broker").start()
+    state = workdir / "state"
+    daemon = Daemon(broker.url, state)
+    try:
+        daemon.start()
+        daemon.wait_subscribed(broker)
+        db = state / "examples.db"
+        ctx = mp.get_context("spawn")
+        started_at, done_at = ctx.Value("d", 0.0), ctx.Value("d", 0.0)
+        if mode == "backlog":
+            daemon.stop()
+            feeder = ctx.Process(target=publish_all, args=(broker.url, jpegs, n, mode, started_at, done_at, publisher))
+            feeder.start()
+            feeder.join()
+            daemon.start()
+            # From the first example committed: the catch-up rate, without the process's start-up.
+            t0 = wait_stored(db, mode, 1, poll_s=0.002)
+            t1 = wait_stored(db, mode, n)
+        else:
+            feeder = ctx.Process(target=publish_all, args=(broker.url, jpegs, n, mode, started_at, done_at, publisher))
+            feeder.start()
+            if PROFILE:
+                spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(daemon.proc.pid),
+                                        "-o", PROFILE, "-f", "raw", "-d", "5", "-r", "250"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            t1 = wait_stored(db, mode, n)
+            feeder.join()
+            if PROFILE:
+                spy.wait()
+            t0 = started_at.value
+        daemon.stop()
+        return {"seconds": t1 - t0, "per_second": n / (t1 - t0), "publish_per_second": n / (done_at.value - started_at.value)}
+    finally:
+        if daemon.proc and daemon.proc.poll() is None:
+            daemon.proc.kill()
+        broker.stop()
+
+
+def main() -> None:
+    global PROBE
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--examples", type=int, default=10_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--distinct", type=int, default=500, help="distinct images (ids are all distinct)")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--publisher", choices=["raw", "paho"], default="raw", help="load generator (see bench/loadgen.py)")
+    args = ap.parse_args()
+    jpegs = make_jpegs(args.distinct)
+    PROBE = jpegs[0][1]
+    sizes = [len(d) for _, d in jpegs]
+    print(f"images: 224x224 JPEG, median {statistics.median(sizes) / 1000:.1f} KB, {args.examples} per run")
+    results: dict[str, list[dict[str, float]]] = {"live": [], "backlog": []}
+    for r in range(args.repeats):
+        for mode in results:
+            workdir = Path(tempfile.mkdtemp(prefix=f"sprout-bench-{mode}-"))
+            try:
+                res = run_once(jpegs, args.examples, mode, workdir, args.publisher)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            results[mode].append(res)
+            print(f"  run {r + 1} {mode:8s}: {res['per_second']:8.0f} examples/s ({res['seconds']:.2f} s)", flush=True)
+    summary = {
+        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}",
+        "image_kb_median": round(statistics.median(sizes) / 1000, 1),
+        "examples_per_run": args.examples,
+        "repeats": args.repeats,
+        **{f"{mode}_per_second_median": round(statistics.median(x["per_second"] for x in runs)) for mode, runs in results.items()},
+        "runs": results,
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""A faster decoder for the MQTT v5 properties of received PUBLISH packets, for paho-mqtt 2.2.
+
+Profiling the intake (bench/ingest.py, docs/benchmarks.md) showed paho's
+``Properties.unpack`` taking ~250 us of a ~530 us per-message budget for a
+30 KB example: it rebuilds its lookup tables for every packet, looks names up
+by linear scans with ``str.replace``, and re-slices (copies) the rest of the
+packet, payload included, after every field. This subclass decodes the same
+bytes into the same attributes with shared tables and a zero-copy view.
+
+paho's ``decode_publish`` builds the properties through the module-level name
+``paho.mqtt._packet.Properties``; :func:`install` points that name at this
+class. It only does so on the paho release it was checked against (pinned in
+pyproject.toml); tests/test_mqttprops.py checks equivalence with paho's own
+decoder field by field.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import paho.mqtt
+from paho.mqtt import _packet
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import MalformedPacket, MQTTException, Properties
+
+log = logging.getLogger("sprout.feed")
+
+CHECKED_PAHO_VERSION = "2.2.0"
+_MULTIPLE = (11, 38)  # Subscription Identifier and User Property may repeat
+# paho's type indices: Byte, Two Byte Integer, Four Byte Integer, Variable Byte Integer,
+# Binary Data, UTF-8 Encoded String, UTF-8 String Pair.
+_BYTE, _INT16, _INT32, _VARINT, _BINARY, _UTF8, _PAIR = range(7)
+
+
+class FastProperties(Properties):
+    _template = Properties(PacketTypes.PUBLISH)
+    _names = _template.names
+    _types = _template.types
+    _kinds = _template.properties
+    _attr = {ident: name.replace(" ", "") for name, ident in _template.names.items()}
+
+    def __init__(self, packetType: int):
+        # The same attributes paho's methods read, shared instead of rebuilt per packet.
+        object.__setattr__(self, "packetType", packetType)
+        object.__setattr__(self, "types", self._types)
+        object.__setattr__(self, "names", self._names)
+        object.__setattr__(self, "properties", self._kinds)
+
+    def unpack(self, buffer: bytes | bytearray) -> tuple[FastProperties, int]:
+        view = memoryview(buffer)
+        propslen, pos = _varint(view, 0)
+        end = pos + propslen
+        if end > len(view):
+            raise MalformedPacket("properties longer than the packet")
+        while pos < end:
+            ident, pos = _varint(view, pos)
+            spec = self._kinds.get(ident)
+            if spec is None:
+                raise MalformedPacket(f"unknown MQTT v5 property identifier {ident}")
+            kind = spec[0]
+            if kind == _BYTE:
+                value, pos = view[pos], pos + 1
+            elif kind == _INT16:
+                value, pos = int.from_bytes(view[pos : pos + 2], "big"), pos + 2
+            elif kind == _INT32:
+                value, pos = int.from_bytes(view[pos : pos + 4], "big"), pos + 4
+            elif kind == _VARINT:
+                value, pos = _varint(view, pos)
+            elif kind == _BINARY:
+                length = int.from_bytes(view[pos : pos + 2], "big")
+                value, pos = bytes(view[pos + 2 : pos + 2 + length]), pos + 2 + length
+            elif kind == _UTF8:
+                value, pos = _utf8(view, pos, end)
+            else:  # _PAIR
+                key, pos = _utf8(view, pos, end)
+                val, pos = _utf8(view, pos, end)
+                value = (key, val)
+            if pos > end:
+                raise MalformedPacket("property runs past the properties length")
+            name = self._attr[ident]
+            if ident in _MULTIPLE:
+                object.__setattr__(self, name, [*self.__dict__.get(name, ()), value])
+            elif name in self.__dict__:
+                raise MQTTException(f"Property '{name}' must not exist more than once")
+            else:
+                object.__setattr__(self, name, value)
+        return self, end
+
+
+def _varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = 0
+    for shift in (0, 7, 14, 21):
+        if pos >= len(view):
+            raise MalformedPacket("variable byte integer runs past the packet")
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+    raise MalformedPacket("variable byte integer longer than 4 bytes")
+
+
+def _utf8(view: memoryview, pos: int, end: int) -> tuple[str, int]:
+    if pos + 2 > end:
+        raise MalformedPacket("Not enough data to read string length")
+    length = int.from_bytes(view[pos : pos + 2], "big")
+    start = pos + 2
+    if start + length > end:
+        raise MalformedPacket("Length delimited string too long")
+    try:
+        text = str(view[start : start + length], "utf-8")  # strict: rejects surrogates (MQTT-1.5.4-1)
+    except UnicodeDecodeError as err:
+        raise MalformedPacket(f"property string is not UTF-8: {err}") from None
+    if "\x00" in text:
+        raise MalformedPacket("[MQTT-1.5.4-2] Null found in UTF-8 data")
+    if "\ufeff" in text:
+        raise MalformedPacket("[MQTT-1.5.4-3] U+FEFF in UTF-8 data")
+    return text, start + length
+
+
+def install() -> bool:
+    """Use FastProperties for received PUBLISH packets; False (paho's own decoder stays) on other paho releases."""
+    if paho.mqtt.__version__ != CHECKED_PAHO_VERSION:
+        log.warning(
+            "paho-mqtt %s is not the checked %s: using its own (slower) property decoder",
+            paho.mqtt.__version__,
+            CHECKED_PAHO_VERSION,
+        )
+        return False
+    _packet.Properties = FastProperties
+    return True

@@ -1,0 +1,80 @@
+"""The fast property decoder must read exactly what paho's own decoder reads, and refuse what it refuses."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from paho.mqtt import _packet
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import MalformedPacket, MQTTException, Properties
+
+from daemon.mqttprops import FastProperties, install
+
+
+def random_publish_properties(rng: random.Random) -> Properties:
+    p = Properties(PacketTypes.PUBLISH)
+    text = lambda: "".join(rng.choice("abcXYZ é漢🌱-_/ ") for _ in range(rng.randint(0, 40)))  # noqa: E731
+    if rng.random() < 0.8:
+        p.ContentType = rng.choice(["image/jpeg", "image/png", text()])
+    if rng.random() < 0.5:
+        p.PayloadFormatIndicator = rng.randint(0, 1)
+    if rng.random() < 0.5:
+        p.MessageExpiryInterval = rng.randint(0, 2**32 - 1)
+    if rng.random() < 0.3:
+        p.ResponseTopic = text() or "r"
+    if rng.random() < 0.3:
+        p.CorrelationData = rng.randbytes(rng.randint(0, 50))
+    if rng.random() < 0.3:
+        p.TopicAlias = rng.randint(1, 65535)
+    if rng.random() < 0.3:
+        p.SubscriptionIdentifier = [rng.randint(1, 268435455) for _ in range(rng.randint(1, 3))]
+    if rng.random() < 0.9:
+        p.UserProperty = [(text(), text()) for _ in range(rng.randint(1, 6))]
+    return p
+
+
+def test_decodes_exactly_what_paho_decodes():
+    rng = random.Random(42)
+    for _ in range(2000):
+        packed = random_publish_properties(rng).pack() + rng.randbytes(rng.randint(0, 3000))  # payload follows
+        theirs, their_len = Properties(PacketTypes.PUBLISH).unpack(packed)
+        ours, our_len = FastProperties(PacketTypes.PUBLISH).unpack(packed)
+        assert our_len == their_len
+        assert ours.json() == theirs.json()
+        assert str(ours) == str(theirs)
+        assert ours.pack() == theirs.pack()
+
+
+@pytest.mark.parametrize(
+    "packed",
+    [
+        bytes([5, 3, 0, 9, ord("a")]),  # string longer than the properties
+        bytes([3, 3, 0]),  # string length cut short
+        bytes([4, 3, 0, 1, 0]),  # NUL in a string
+        bytes([5, 3, 0, 2, 0xFF, 0xFE]),  # not UTF-8
+        bytes([2, 0x7F, 0]),  # unknown identifier
+        bytes([0xFF, 0xFF, 0xFF, 0xFF, 0x7F]),  # variable byte integer too long
+        bytes([50, 3, 0, 1, ord("a")]),  # length past the packet
+    ],
+)
+def test_refuses_malformed_properties(packed):
+    with pytest.raises((MalformedPacket, MQTTException)):
+        FastProperties(PacketTypes.PUBLISH).unpack(packed)
+
+
+def test_repeated_single_property_is_refused_like_paho():
+    packed = bytes([4, 1, 0, 1, 1])  # PayloadFormatIndicator twice
+    with pytest.raises(MQTTException):
+        Properties(PacketTypes.PUBLISH).unpack(packed)
+    with pytest.raises(MQTTException):
+        FastProperties(PacketTypes.PUBLISH).unpack(packed)
+
+
+def test_install_targets_publish_decoding():
+    original = _packet.Properties
+    try:
+        assert install()
+        assert _packet.Properties is FastProperties
+    finally:
+        _packet.Properties = original
