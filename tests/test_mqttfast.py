@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from paho.mqtt import _packet
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MalformedPacket, MQTTException, Properties
 
-from daemon.mqttprops import FastProperties, install
+from daemon.mqttfast import FastProperties, install
 
 
 def random_publish_properties(rng: random.Random) -> Properties:
@@ -78,3 +79,35 @@ def test_install_targets_publish_decoding():
         assert _packet.Properties is FastProperties
     finally:
         _packet.Properties = original
+
+
+def test_burst_client_reads_every_waiting_packet_per_wake_up(broker):
+    from paho.mqtt import client as mqtt
+
+    from daemon.mqttfast import BurstClient
+    from helpers import publish_examples
+
+    def connect(cls):
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 600
+        c = cls(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="burst", protocol=mqtt.MQTTv5, manual_ack=True)
+        c.on_message = lambda client, userdata, m: (got.append(m.mid), client.ack(m.mid, m.qos))
+        c.connect("127.0.0.1", broker.port, clean_start=False, properties=props)
+        return c
+
+    got: list[int] = []
+    c = connect(BurstClient)
+    c.subscribe("sprout/leaves/examples", qos=1)
+    for _ in range(10):
+        c.loop(0.05)
+    c.disconnect()
+    publish_examples(broker.url, "leaves", [f"b-{i}" for i in range(300)], ["rust"] * 300)
+    c = connect(BurstClient)
+    wake_ups = 0
+    deadline = time.monotonic() + 20
+    while len(got) < 300 and time.monotonic() < deadline:
+        c.loop(1.0)
+        wake_ups += 1
+    c.disconnect()
+    assert len(got) == 300
+    assert wake_ups < 150  # paho's own loop_read needs one wake-up per packet
