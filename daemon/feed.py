@@ -69,7 +69,8 @@ class Feed:
         paho_log = logging.getLogger("sprout.paho")
         # paho's network thread may run one more loop after a clean disconnect() and log an
         # ERROR for it; on our own stop that line is noise for the operator.
-        paho_log.addFilter(lambda record: not (self._stopping and "not connected" in record.getMessage()))
+        self._quiet_stop = lambda record: not (self._stopping and "not connected" in record.getMessage())
+        paho_log.addFilter(self._quiet_stop)
         client.enable_logger(paho_log)
         if s.username:
             client.username_pw_set(s.username, s.resolved_password())
@@ -113,6 +114,7 @@ class Feed:
         self._accepting = False
         self._client.disconnect()
         self._client.loop_stop()
+        logging.getLogger("sprout.paho").removeFilter(self._quiet_stop)
         self.connected.clear()
         self.subscribed.clear()
 
