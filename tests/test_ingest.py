@@ -231,3 +231,53 @@ def test_demo_runs_the_main_job(broker, tmp_path):
     assert summary["store"]["total"] == 200
     assert len(summary["store"]["per_label"]) == 10
     assert "demo: fed" in out.stderr
+
+
+def test_shared_subscription_spreads_one_feed_over_two_daemons(broker, daemon_factory, tmp_path):
+    daemons = [
+        daemon_factory(
+            broker.url,
+            state=tmp_path / f"state-{i}",
+            env={"SPROUT_MQTT__SHARE_GROUP": "farm", "SPROUT_MQTT__CLIENT_ID": f"sprout-leaves-{i}"},
+        ).start()
+        for i in range(2)
+    ]
+    ids, labels = ids_and_labels(400)
+    publish_examples(broker.url, "leaves", ids, labels)
+    wait_for(lambda: sum(len(stored_ids(d.state)) for d in daemons) == 400, 30, "400 examples across the group")
+    parts = [set(stored_ids(d.state)) for d in daemons]
+    assert parts[0] | parts[1] == set(ids)
+    assert not parts[0] & parts[1]  # each example went to one member
+    assert all(parts)  # and both members got some
+    for d in daemons:
+        assert d.stop() == 0
+
+
+def test_broker_password_from_the_environment(tmp_path, daemon_factory):
+    from daemon.broker import Mosquitto
+
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "sprout", "s3cret-pw"], check=True, timeout=30)
+    subprocess.run(["mosquitto_passwd", "-b", str(passwords), "phone", "phone-pw"], check=True, timeout=30)
+    passwords.chmod(0o644)
+    broker = Mosquitto(tmp_path / "broker", extra_conf=f"allow_anonymous false\npassword_file {passwords}\n")
+    broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true\n", ""))
+    broker.start()
+    try:
+        wrong = daemon_factory(
+            broker.url, state=tmp_path / "wrong", env={"SPROUT_MQTT__USERNAME": "sprout", "SPROUT_MQTT__PASSWORD": "nope"}
+        ).start(wait_ready=False)
+        wait_for(lambda: "refused the connection" in wrong.log(), 20, "the refusal to be logged")
+        assert wrong.health()[0] == 503
+        assert "nope" not in wrong.log()
+        wrong.stop()
+        d = daemon_factory(
+            broker.url, state=tmp_path / "right", env={"SPROUT_MQTT__USERNAME": "sprout", "SPROUT_MQTT__PASSWORD": "s3cret-pw"}
+        ).start()
+        ids, labels = ids_and_labels(50)
+        publish_examples(broker.url.replace("mqtt://", "mqtt://phone:phone-pw@"), "leaves", ids, labels)
+        wait_for(lambda: len(stored_ids(d.state)) == 50, 30, "50 examples through an authenticated broker")
+        assert "s3cret-pw" not in d.log()
+        assert d.stop() == 0
+    finally:
+        broker.kill()
