@@ -38,6 +38,7 @@ class Daemon:
         self.store: Store | None = None
         self.feed: Feed | None = None
         self.intake: Intake | None = None
+        self.training = None  # daemon.training.Training when training.enabled
         self.http: HttpServer | None = None
         self._old_handlers: dict[int, object] = {}
         self._progress_at = 0.0
@@ -69,7 +70,23 @@ class Daemon:
         )
         self.feed = Feed(s.mqtt, s.model.name, s.client_id, limits, s.store.backlog_max)
         self.intake = Intake(self.feed, self.store, s.store)
+        if s.training.enabled:
+            from daemon.training import Training  # imports torch: only when this node learns
+
+            self.training = Training(s)
+            learner = self.training.learner
+            log.info(
+                "learner: %s at %d px, mode %s on %s, %d classes, resuming after example %d",
+                learner.spec.name,
+                s.model.input_size,
+                learner.mode,
+                learner.device,
+                len(learner.labels),
+                learner.high_water_mark,
+            )
         self.intake.start()
+        if self.training is not None:
+            self.training.start()
         if s.server.enabled:
             self.http = HttpServer(s.server.host, s.server.port, self.health)
             self.http_address = self.http.start()
@@ -89,6 +106,9 @@ class Daemon:
             if self.intake is not None and not self.intake.is_alive():
                 log.error("intake thread died; exiting so the service manager restarts Sprout")
                 return EX_SOFTWARE
+            if self.training is not None and not self.training.is_alive():
+                log.error("learner thread died (%s); exiting so the service manager restarts Sprout", self.training.error)
+                return EX_SOFTWARE
             if self.http is not None and self.http.error is not None:
                 log.error("HTTP server stopped: %s", self.http.error)
                 return EX_SOFTWARE
@@ -105,6 +125,10 @@ class Daemon:
             log.info("stopping: committing %d received examples", self.feed.deliveries.qsize() if self.feed else 0)
             if not self.intake.stop(timeout_s=0.1 if self.force_exit else SHUTDOWN_BOUND_S):
                 log.warning("stopping: intake did not finish in time; un-acked examples come back on restart")
+        if self.training is not None and self.training.is_alive():
+            log.info("stopping: finishing the learner's step and checkpointing")
+            if not self.training.stop(timeout_s=0.1 if self.force_exit else SHUTDOWN_BOUND_S):
+                log.warning("stopping: the learner did not finish in time; it resumes from its last checkpoint")
         if self.feed is not None:
             self.feed.stop()
         if self.http is not None:
@@ -116,10 +140,13 @@ class Daemon:
     # -- state for health, progress and callers --------------------------------------------------
 
     def health(self) -> dict[str, bool]:
-        return {
+        parts = {
             "feed": bool(self.feed and self.feed.subscribed.is_set()),
             "intake": bool(self.intake and self.intake.is_alive() and self.intake.failing_since is None),
         }
+        if self.settings.training.enabled:
+            parts["learner"] = bool(self.training and self.training.is_alive())
+        return parts
 
     def _progress(self) -> None:
         now = time.monotonic()
@@ -136,6 +163,19 @@ class Daemon:
             self.feed.deliveries.qsize(),
             "connected" if self.feed.connected.is_set() else "DISCONNECTED",
         )
+        if self.training is not None:
+            lr = self.training.learner
+            rolling = lr.prequential.rolling
+            log.info(
+                "learn: step %d, %d learned, loss %s, prequential %s, holdout %s, %d classes, backlog %d",
+                lr.step,
+                lr.trained,
+                f"{lr.last_loss:.3f}" if lr.last_loss is not None else "-",
+                f"{rolling:.3f}" if rolling is not None else "-",
+                f"{lr.holdout.accuracy:.3f}" if lr.holdout.accuracy is not None else "-",
+                len(lr.labels),
+                self.training.backlog,
+            )
         self._progress_at = now
         self._progress_stored = stored
 

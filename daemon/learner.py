@@ -1,0 +1,335 @@
+"""The online learner: a pretrained backbone and a growing head, fine-tuned on the stream in small batches.
+
+One step = the next batch of stored examples in commit order, each first
+predicted (prequential accuracy) and then learned, mixed with a class-balanced
+replay sample of older examples so that old classes are not forgotten.
+Device, mode and autocast are chosen once, here; the step is the same code in
+every mode:
+
+- ``head``: the backbone is frozen; each example's embedding is computed once
+  and cached (:mod:`daemon.embeddings`), so replay costs almost nothing.
+- ``last_blocks`` / ``full``: the last k stages / every weight fine-tunes too
+  (bf16 autocast on CUDA). BatchNorm statistics stay frozen: batches of 16-32
+  are too small to re-estimate them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from daemon.embeddings import EmbeddingCache
+from daemon.head import GrowingHead
+from daemon.imaging import Decoder
+from daemon.learning_metrics import Holdout, Prequential
+from daemon.settings import ModelSettings, TrainingSettings
+from daemon.store import StoredExample, StoreReader
+from models import zoo
+
+log = logging.getLogger("sprout.learner")
+
+
+def choose_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device = 'cuda' but torch sees no CUDA device: use 'auto' or 'cpu'")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def choose_mode(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "full" if device.type == "cuda" else "head"
+    return requested
+
+
+class Learner:
+    def __init__(self, model: ModelSettings, training: TrainingSettings, state_dir: Path, reader: StoreReader):
+        self.model_settings = model
+        self.settings = training
+        self.reader = reader
+        self.device = choose_device(training.device)
+        self.mode = choose_mode(training.mode, self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(training.cpu_threads)
+        torch.manual_seed(training.seed)
+        self.rng = random.Random(training.seed)
+        self.spec = zoo.get(model.backbone)
+        self.backbone = zoo.load_backbone(model.backbone, pretrained=self.spec.pretrained is not None)
+        if model.weights_file is not None:
+            zoo.load_weights(self.backbone, model.weights_file)
+        self.backbone.to(self.device).eval()  # eval: BatchNorm statistics stay frozen in every mode
+        self._trainable = self._select_trainable()
+        self.autocast = self.device.type == "cuda" and self.mode != "head"
+        self.decoder = Decoder(self.spec.preprocessing, model.input_size)
+        self.head = GrowingHead(self.spec.embedding_size).to(self.device)
+        self.labels: list[str] = []
+        self.optimizer = self._make_optimizer()
+        self.network_key = self._network_key()
+        self.cache = (
+            EmbeddingCache(state_dir / "embeddings.db", self.network_key, self.spec.embedding_size)
+            if self.mode == "head"
+            else None
+        )
+        self.replay_index: dict[str, list[int]] = {}
+        self.holdout_index: list[tuple[int, str]] = []
+        self.high_water_mark = 0
+        self.step = 0
+        self.trained = 0  # new train examples learned
+        self.replayed = 0
+        self.nonfinite_skipped = 0
+        self.undecodable = 0
+        self.last_loss: float | None = None
+        self.new_classes: list[str] = []  # since the caller last looked
+        self.prequential = Prequential()
+        self.holdout = Holdout()
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _select_trainable(self) -> list[nn.Parameter]:
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        if self.mode == "head":
+            return []
+        blocks = self.backbone.blocks()
+        chosen = blocks if self.mode == "full" else blocks[-self.settings.last_blocks :]
+        params = [p for block in chosen for p in block.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        groups: list[dict[str, Any]] = [{"params": list(self.head.parameters()), "lr": self.settings.learning_rate}]
+        if self._trainable:
+            # A pretrained backbone wants gentler steps than a fresh head.
+            groups.append({"params": self._trainable, "lr": self.settings.learning_rate / 10})
+        return torch.optim.AdamW(groups, weight_decay=self.settings.weight_decay)
+
+    def _network_key(self) -> str:
+        """What the cached embeddings depend on: backbone, its weights, input size."""
+        weights = self.model_settings.weights_file
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights else "shipped"
+        return f"{self.spec.name}:{digest}:{self.model_settings.input_size}"
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def learn(self, batch: Sequence[StoredExample]) -> None:
+        """Predict, then learn, the next examples in commit order (both splits; only 'train' is learned)."""
+        if not batch:
+            return
+        self.high_water_mark = max(self.high_water_mark, max(e.seq for e in batch))
+        for e in batch:
+            if e.split == "holdout":
+                self.holdout_index.append((e.seq, e.label))
+        train = [e for e in batch if e.split == "train"]
+        if not train:
+            return
+        known_before = len(self.labels)
+        for label in dict.fromkeys(e.label for e in train):
+            if label not in self.labels:
+                self._add_class(label)
+        replay = self._replay_sample(round(self.settings.replay_ratio * len(train)))
+        examples = train + replay
+        embeddings, ok = self._embeddings(examples, grad=bool(self._trainable))
+        n_new = sum(ok[: len(train)])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.head(embeddings).float()
+        targets = torch.tensor(
+            [self.labels.index(e.label) for e, good in zip(examples, ok, strict=True) if good], device=self.device
+        )
+        # Prequential: the prediction of the model as it was before this batch, over the classes it knew then.
+        if known_before:
+            before = logits[:n_new, :known_before].argmax(1).tolist()
+        else:
+            before = [None] * n_new
+        new_good = [e for e, good in zip(train, ok[: len(train)], strict=True) if good]
+        for e, p in zip(new_good, before, strict=True):
+            self.prequential.update(e.label, self.labels[p] if p is not None else None)
+        loss = nn.functional.cross_entropy(logits, targets)
+        if not torch.isfinite(loss):
+            self.nonfinite_skipped += 1
+            log.warning("non-finite loss at step %d: step skipped (%d so far)", self.step, self.nonfinite_skipped)
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.last_loss = float(loss.detach())
+        self.step += 1
+        self.trained += n_new
+        self.replayed += len(examples) - len(train)
+        for e in new_good:
+            self.replay_index.setdefault(e.label, []).append(e.seq)
+
+    def _add_class(self, label: str) -> None:
+        self.labels.append(label)
+        self.head.grow(1, self.optimizer)
+        self.new_classes.append(label)
+        log.info("new class %r (now %d classes)", label, len(self.labels))
+
+    def _replay_sample(self, count: int) -> list[StoredExample]:
+        """Class-balanced: a uniformly chosen known class, then a uniformly chosen stored example of it."""
+        classes = [c for c, seqs in self.replay_index.items() if seqs]
+        if count <= 0 or not classes:
+            return []
+        picks = []
+        for _ in range(count):
+            label = self.rng.choice(classes)
+            picks.append(StoredExample(self.rng.choice(self.replay_index[label]), label, "train", b""))
+        return self._with_images(picks)
+
+    def _with_images(self, examples: list[StoredExample]) -> list[StoredExample]:
+        """Read image bytes back from the store only where no cached embedding will do."""
+        cached = self.cache.get([e.seq for e in examples]).keys() if self.cache is not None else set()
+        need = [e.seq for e in examples if e.seq not in cached]
+        if not need:
+            return examples
+        images = {e.seq: e for e in self.reader.by_seq(need)}
+        return [images.get(e.seq, e) for e in examples]
+
+    def _embeddings(self, examples: Sequence[StoredExample], grad: bool) -> tuple[torch.Tensor, list[bool]]:
+        """Backbone outputs (cached in head mode) for the examples that decode; ok[i] says which did."""
+        vectors: dict[int, np.ndarray] = self.cache.get([e.seq for e in examples]) if self.cache is not None else {}
+        missing = [e for e in examples if e.seq not in vectors]
+        computed: dict[int, torch.Tensor] = {}
+        if missing:
+            pixels, decoded = [], []
+            for e in missing:
+                array = self.decoder(e.image)
+                if array is None:
+                    self.undecodable += 1
+                    log.warning("example %d (%s) does not decode: skipped", e.seq, e.label)
+                    continue
+                pixels.append(array)
+                decoded.append(e)
+            if decoded:
+                x = torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)
+                with torch.set_grad_enabled(grad), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    out = self.backbone(x).float()
+                if self.cache is not None:
+                    # Use exactly what the cache will return later, so a step gives the same result
+                    # whether an embedding was just computed or read back (after a resume, say).
+                    out = out.half().float()
+                computed = {e.seq: out[i] for i, e in enumerate(decoded)}
+                if self.cache is not None:
+                    self.cache.put({seq: v.detach().cpu().numpy() for seq, v in computed.items()})
+        rows, ok = [], []
+        for e in examples:
+            if e.seq in computed:
+                rows.append(computed[e.seq])
+                ok.append(True)
+            elif e.seq in vectors:
+                rows.append(torch.from_numpy(vectors[e.seq]).to(self.device))
+                ok.append(True)
+            else:
+                ok.append(False)
+        if not rows:
+            return torch.empty(0, self.spec.embedding_size, device=self.device), ok
+        return torch.stack(rows), ok
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, examples: Sequence[StoredExample]) -> list[str | None]:
+        """Top-1 label per example (None when it does not decode or no class is known yet)."""
+        embeddings, ok = self._embeddings(examples, grad=False)
+        if not self.labels:
+            return [None] * len(examples)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            top = self.head(embeddings).float().argmax(1).tolist()
+        it = iter(top)
+        return [self.labels[next(it)] if good else None for good in ok]
+
+    def evaluate_holdout(self) -> Holdout:
+        recent = self.holdout_index[-self.settings.holdout_max_examples :]
+        hits: dict[str, list[int]] = {}
+        for start in range(0, len(recent), 256):
+            chunk = recent[start : start + 256]
+            examples = self._with_images([StoredExample(seq, label, "holdout", b"") for seq, label in chunk])
+            for e, predicted in zip(examples, self.predict(examples), strict=True):
+                h = hits.setdefault(e.label, [0, 0])
+                h[0] += predicted == e.label
+                h[1] += 1
+        self.holdout.record({label: (c, n) for label, (c, n) in hits.items()}, self.step)
+        return self.holdout
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def config_digest(self) -> str:
+        """What a checkpoint must match to be resumed: the network and the mode."""
+        return hashlib.sha256(f"{self.network_key}|{self.mode}".encode()).hexdigest()[:16]
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: weights, optimizer, label map, position in the stream, metrics."""
+        return {
+            "config_digest": self.config_digest(),
+            "backbone": self.spec.name,
+            "input_size": self.model_settings.input_size,
+            "mode": self.mode,
+            "labels": list(self.labels),
+            "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
+            "backbone_state": (
+                {k: v.detach().cpu() for k, v in self.backbone.state_dict().items()} if self._trainable else None
+            ),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "high_water_mark": self.high_water_mark,
+            "trained": self.trained,
+            "replayed": self.replayed,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "undecodable": self.undecodable,
+            "prequential": self.prequential.state(),
+            "holdout": self.holdout.state(),
+            "rng": self.rng.getstate(),
+        }
+
+    def restore(self, payload: dict[str, Any]) -> bool:
+        """Resume from a checkpoint; False (and a fresh start) when it was made for another network or mode."""
+        if payload.get("config_digest") != self.config_digest():
+            log.warning(
+                "checkpoint was made for %s/%s px/%s; this config is %s/%s px/%s: learning afresh from the store",
+                payload.get("backbone"),
+                payload.get("input_size"),
+                payload.get("mode"),
+                self.spec.name,
+                self.model_settings.input_size,
+                self.mode,
+            )
+            return False
+        self.labels = list(payload["labels"])
+        self.head = GrowingHead(self.spec.embedding_size, len(self.labels)).to(self.device)
+        self.head.load_state_dict(payload["head"])
+        if payload["backbone_state"] is not None:
+            self.backbone.load_state_dict(payload["backbone_state"])
+        self.optimizer = self._make_optimizer()
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.step = payload["step"]
+        self.high_water_mark = payload["high_water_mark"]
+        self.trained = payload["trained"]
+        self.replayed = payload["replayed"]
+        self.nonfinite_skipped = payload["nonfinite_skipped"]
+        self.undecodable = payload["undecodable"]
+        self.prequential = Prequential.from_state(payload["prequential"])
+        self.holdout = Holdout.from_state(payload["holdout"])
+        self.rng.setstate(_as_tuple(payload["rng"]))
+        # The replay and holdout indexes are the store's, up to the resumed position.
+        known = set(self.labels)
+        self.replay_index = {}
+        for seq, label in self.reader.labels_up_to(self.high_water_mark, "train"):
+            if label in known:
+                self.replay_index.setdefault(label, []).append(seq)
+        self.holdout_index = self.reader.labels_up_to(self.high_water_mark, "holdout")
+        return True
+
+
+def _as_tuple(value: Any) -> Any:
+    """random.Random state comes back from torch.load with lists where it had tuples."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

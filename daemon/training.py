@@ -1,0 +1,87 @@
+"""The learner's thread inside the daemon: follow the store, learn, evaluate, checkpoint.
+
+It reads the store through its own connection and never holds up intake;
+when it falls behind, the gap (the store's high-water mark minus its own) is
+its backlog. It checkpoints every ``training.checkpoint_every_s`` and on stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from daemon import checkpoint
+from daemon.learner import Learner
+from daemon.settings import Settings
+from daemon.store import StoreReader
+
+log = logging.getLogger("sprout.learner")
+
+
+class Training(threading.Thread):
+    def __init__(self, settings: Settings):
+        super().__init__(name="sprout-learner", daemon=True)
+        self.settings = settings
+        self.checkpoints = settings.state_dir / "checkpoints"
+        self.reader = StoreReader(settings.state_dir / "examples.db")
+        self.learner = Learner(settings.model, settings.training, settings.state_dir, self.reader)
+        payload = checkpoint.load(self.checkpoints)
+        if payload is not None and self.learner.restore(payload):
+            log.info(
+                "resumed at step %d, example %d, %d classes",
+                self.learner.step,
+                self.learner.high_water_mark,
+                len(self.learner.labels),
+            )
+        self.store_high_water_mark = self.learner.high_water_mark
+        self.error: BaseException | None = None
+        self.last_progress = time.monotonic()  # last time a step finished or the learner found nothing to do
+        self._stop_requested = threading.Event()
+        self._saved_step = self.learner.step
+        self._saved_at = time.monotonic()
+
+    @property
+    def backlog(self) -> int:
+        """Stored examples not yet learned."""
+        return max(0, self.store_high_water_mark - self.learner.high_water_mark)
+
+    def stop(self, timeout_s: float) -> bool:
+        """Finish the current step, checkpoint, end; False if that took longer than timeout_s."""
+        self._stop_requested.set()
+        self.join(timeout_s)
+        return not self.is_alive()
+
+    def run(self) -> None:
+        t = self.settings.training
+        try:
+            while not self._stop_requested.is_set():
+                batch = self.reader.after(self.learner.high_water_mark, t.batch_size)
+                self.store_high_water_mark = max(self.store_high_water_mark, self.reader.high_water_mark())
+                if batch:
+                    self.learner.learn(batch)
+                    if self.learner.step % t.holdout_every_steps == 0 and self.learner.holdout_index:
+                        self.learner.evaluate_holdout()
+                else:
+                    self._stop_requested.wait(0.2)
+                self.last_progress = time.monotonic()
+                if time.monotonic() - self._saved_at >= t.checkpoint_every_s:
+                    self.save()
+            self.save()
+        except BaseException as err:  # the daemon notices the dead thread and exits for a restart
+            self.error = err
+            log.exception("learner stopped: %s", err)
+        finally:
+            self.reader.close()
+
+    def save(self) -> Path | None:
+        if self.learner.step == self._saved_step:
+            self._saved_at = time.monotonic()
+            return None
+        started = time.monotonic()
+        path = checkpoint.save(self.checkpoints, self.learner.state())
+        self._saved_step = self.learner.step
+        self._saved_at = time.monotonic()
+        log.info("checkpoint at step %d, example %d (%.2fs)", self.learner.step, self.learner.high_water_mark, self._saved_at - started)
+        return path

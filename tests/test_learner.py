@@ -1,0 +1,217 @@
+"""The learner on the tiny backbone: growth keeps the past, prequential is honest, replay beats naive, checkpoints resume."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from daemon import checkpoint
+from daemon.head import GrowingHead
+from daemon.learner import Learner
+from daemon.settings import ModelSettings, TrainingSettings
+from daemon.store import Store, StoreReader
+from daemon.wire import Example
+
+# Distinct colours per class: random conv features of the tiny backbone separate them.
+PALETTE = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 210), (40, 210, 210)]
+
+
+def colour_jpeg(class_index: int, seed: int, size: int = 32) -> bytes:
+    rng = np.random.default_rng(seed)
+    base = np.array(PALETTE[class_index], dtype=np.float32)
+    pixels = np.clip(base + rng.normal(0, 35, (size, size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def stream(classes: list[int], per_class: int, seed: int, order: str = "class-incremental") -> list[Example]:
+    items = [(c, i) for c in classes for i in range(per_class)]
+    rng = np.random.default_rng(seed)
+    if order == "iid":
+        items = [items[i] for i in rng.permutation(len(items))]
+    out = []
+    for c, i in items:
+        split = "holdout" if i % 5 == 0 else "train"
+        data = colour_jpeg(c, seed * 100_000 + c * 1000 + i)
+        out.append(Example(f"s{seed}-c{c}-{i}", f"class-{c}", split, "image/jpeg", 32, 32, data, 0.0))
+    return out
+
+
+def make_learner(tmp_path: Path, examples: list[Example], **training) -> tuple[Learner, StoreReader]:
+    store = Store(tmp_path / "examples.db")
+    store.commit(examples)
+    store.close()
+    reader = StoreReader(tmp_path / "examples.db")
+    settings = TrainingSettings(**{"mode": "head", "device": "cpu", "batch_size": 4, "learning_rate": 0.1, **training})
+    return Learner(ModelSettings(backbone="tiny", input_size=32), settings, tmp_path, reader), reader
+
+
+def learn_all(learner: Learner, reader: StoreReader, batch_size: int = 4) -> None:
+    while batch := reader.after(learner.high_water_mark, batch_size):
+        learner.learn(batch)
+
+
+def test_growing_keeps_old_outputs_and_optimizer_state():
+    torch.manual_seed(0)
+    head = GrowingHead(16, 3)
+    opt = torch.optim.AdamW(head.parameters(), lr=0.1)
+    x = torch.randn(10, 16)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(x), torch.randint(0, 3, (10,))).backward()
+        opt.step()
+    before = head(x).detach()
+    old_weight = head.weight.detach().clone()
+    moments = opt.state[head.weight]["exp_avg"].clone()
+    head.grow(2, opt)
+    after = head(x).detach()
+    assert after.shape == (10, 5)
+    assert torch.equal(head.weight.detach()[:3], old_weight)  # the same numbers, bit for bit
+    assert torch.allclose(after[:, :3], before, atol=1e-6)  # (a wider matmul may round differently)
+    assert torch.equal(opt.state[head.weight]["exp_avg"][:3], moments)
+    assert torch.count_nonzero(opt.state[head.weight]["exp_avg"][3:]) == 0
+    assert opt.param_groups[0]["params"][0] is head.weight
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(head(x), torch.randint(0, 5, (10,))).backward()
+    opt.step()  # the optimizer works on the grown tensors
+
+
+def test_prequential_matches_a_hand_written_predict_then_learn_loop(tmp_path: Path):
+    learner, reader = make_learner(tmp_path, stream([0, 1, 2], 30, seed=1, order="iid"))
+    hits = seen = 0
+    while batch := reader.after(learner.high_water_mark, 8):
+        train = [e for e in batch if e.split == "train"]
+        predictions = learner.predict(train)
+        hits += sum(p == e.label for p, e in zip(predictions, train, strict=True))
+        seen += len(train)
+        learner.learn(batch)
+    assert learner.prequential.seen == seen == 72
+    assert learner.prequential.correct == hits
+    assert learner.prequential.correct > 36  # and it did learn
+
+
+def holdout_accuracy(tmp_path: Path, replay_ratio: float) -> tuple[float, Learner]:
+    examples = stream([0, 1], 40, seed=2) + stream([2, 3], 40, seed=3) + stream([4, 5], 40, seed=4)
+    learner, reader = make_learner(tmp_path, examples, replay_ratio=replay_ratio)
+    learn_all(learner, reader)
+    return learner.evaluate_holdout().accuracy, learner
+
+
+def test_replay_beats_naive_fine_tuning_on_a_class_incremental_stream(tmp_path: Path):
+    naive, _ = holdout_accuracy(tmp_path / "naive", replay_ratio=0.0)
+    replay, learner = holdout_accuracy(tmp_path / "replay", replay_ratio=2.0)
+    assert len(learner.labels) == 6
+    assert replay >= 0.8, replay
+    assert replay - naive >= 0.25, (replay, naive)
+    assert learner.holdout.average_forgetting is not None
+
+
+def test_head_mode_computes_each_embedding_once(tmp_path: Path):
+    learner, reader = make_learner(tmp_path, stream([0, 1], 20, seed=5))
+    calls = []
+    original = learner.backbone.forward
+    learner.backbone.forward = lambda x: (calls.append(len(x)), original(x))[1]
+    learn_all(learner, reader)
+    learner.evaluate_holdout()
+    learner.evaluate_holdout()
+    assert sum(calls) == 40  # 32 train + 8 holdout, despite replay and two evaluations
+    assert len(learner.cache) == 40
+
+
+def test_non_finite_loss_skips_the_step(tmp_path: Path):
+    learner, reader = make_learner(tmp_path, stream([0, 1], 10, seed=6))
+    learner.learn(reader.after(0, 4))
+    weights = learner.head.weight.detach().clone()
+    learner.backbone.forward = lambda x: torch.full((len(x), 32), float("nan"))
+    learner.learn(reader.after(learner.high_water_mark, 4))
+    assert learner.nonfinite_skipped == 1
+    assert torch.equal(learner.head.weight.detach()[: len(weights)], weights)
+
+
+def test_checkpoint_round_trip_resumes_exactly(tmp_path: Path):
+    examples = stream([0, 1, 2], 20, seed=7, order="iid")
+    learner, reader = make_learner(tmp_path, examples)
+    batches = 0
+    while batches < 4 and (batch := reader.after(learner.high_water_mark, 8)):
+        learner.learn(batch)
+        batches += 1
+    checkpoint.save(tmp_path / "checkpoints", learner.state())
+    learn_all(learner, reader)
+    expected = learner.head.weight.detach().clone()
+
+    resumed, reader2 = make_learner(tmp_path / "again", [])
+    resumed.reader = StoreReader(tmp_path / "examples.db")
+    assert resumed.restore(checkpoint.load(tmp_path / "checkpoints"))
+    assert resumed.step == 4 and resumed.labels
+    learn_all(resumed, resumed.reader)
+    assert resumed.trained == learner.trained
+    assert resumed.high_water_mark == learner.high_water_mark
+    assert torch.allclose(resumed.head.weight.detach(), expected, atol=1e-5)
+
+
+WRITER = """
+import sys, torch
+from pathlib import Path
+from daemon import checkpoint
+folder = Path(sys.argv[1])
+i = 0
+while True:
+    i += 1
+    checkpoint.save(folder, {"step": i, "weights": torch.full((256, 1024), float(i))})
+"""
+
+
+def test_sigkill_during_checkpoint_writes_never_leaves_an_unloadable_one(tmp_path: Path):
+    folder = tmp_path / "checkpoints"
+    last = 0
+    rng = np.random.default_rng(11)
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(folder)], cwd=Path(__file__).resolve().parents[1])
+        deadline = time.monotonic() + 60
+        while not (folder / checkpoint.CHECKPOINT_NAME).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.05, 0.5))  # a different point of the write loop each time
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        payload = checkpoint.load(folder)
+        assert payload is not None
+        assert torch.all(payload["weights"] == payload["step"])  # complete, not torn
+        assert payload["step"] >= 1
+        last = payload["step"]
+        assert not list(folder.glob(".*.tmp"))  # load cleaned what the kill left
+    assert last >= 1
+
+
+def test_a_checkpoint_for_another_network_is_not_resumed(tmp_path: Path):
+    learner, reader = make_learner(tmp_path, stream([0, 1], 10, seed=8))
+    learn_all(learner, reader)
+    state = learner.state()
+    other = Learner(
+        ModelSettings(backbone="tiny", input_size=48),
+        TrainingSettings(mode="head", device="cpu"),
+        tmp_path / "other",
+        reader,
+    )
+    assert not other.restore(state)
+    assert other.step == 0
+
+
+@pytest.mark.parametrize("bad", [b"\xff\xd8\xff\xe0" + b"\x00" * 200, b"not an image at all"])
+def test_an_image_that_does_not_decode_is_skipped_and_counted(tmp_path: Path, bad: bytes):
+    good = stream([0], 6, seed=9)
+    broken = Example("broken", "class-0", "train", "image/jpeg", 32, 32, bad, 0.0)
+    learner, reader = make_learner(tmp_path, [*good, broken])
+    learn_all(learner, reader)
+    assert learner.undecodable == 1
+    assert learner.trained == sum(e.split == "train" for e in good)
