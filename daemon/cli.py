@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     feed.set_defaults(func=cmd_feed)
 
     demo = sub.add_parser("demo", help="the main job: the daemon on the default config fed with Fashion-MNIST, live")
-    demo.add_argument("--limit", type=int, default=6000, help="examples to feed (default 6000)")
-    demo.add_argument("--rate", type=float, default=1000.0, help="examples per second (default 1000)")
+    demo.add_argument("--limit", type=int, default=2000, help="examples to feed (default 2000)")
+    demo.add_argument("--rate", type=float, default=100.0, help="examples per second (default 100)")
     demo.add_argument("--state", type=Path, help="state directory (default: the config's, ./var)")
     demo.add_argument("--broker", help="broker URL (default: the config's, else a private Mosquitto)")
     demo.add_argument("--keep-running", action="store_true", help="keep the daemon running after the feed ends")

@@ -1,8 +1,9 @@
-"""``sprout demo``: the daemon on the default configuration, fed live with Fashion-MNIST.
+"""``sprout demo``: the daemon on the default configuration, fed live with Fashion-MNIST, learning as it goes.
 
 Uses the broker of the default config (127.0.0.1:1883) when one answers,
 otherwise starts a private Mosquitto under the state directory. Prints a
-progress line every second and a summary from the store at the end.
+progress line every second (fed, stored, learned, prequential and holdout
+accuracy) and, once the learner has caught up with the feed, a summary.
 """
 
 from __future__ import annotations
@@ -45,6 +46,27 @@ class DemoFeed(threading.Thread):
             self.done.set()
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _learner_summary(training: Any) -> dict[str, Any]:
+    lr = training.learner
+    holdout = lr.evaluate_holdout() if lr.holdout_index else lr.holdout
+    return {
+        "backbone": lr.spec.name,
+        "mode": lr.mode,
+        "steps": lr.step,
+        "learned": lr.trained,
+        "classes": list(lr.labels),
+        "prequential_accuracy": lr.prequential.overall,
+        "prequential_accuracy_recent": lr.prequential.rolling,
+        "holdout_accuracy": holdout.accuracy,
+        "holdout_per_class": holdout.per_class,
+        "average_forgetting": holdout.average_forgetting,
+    }
+
+
 def run_demo(args: Any) -> int:
     overrides: dict[str, Any] = {"logging": {"progress_every_s": 3600.0}}  # the demo prints its own progress
     if args.state:
@@ -68,23 +90,31 @@ def run_demo(args: Any) -> int:
         now = time.monotonic()
         if now - state["last"] < 1.0:
             return
-        intake = d.intake
+        intake, training = d.intake, d.training
         r = feeder.report
         rate = (intake.stored - state["stored"]) / (now - state["last"]) if state["last"] else 0.0
-        print(
-            f"demo: fed {r.acked}/{args.limit} | stored {intake.stored} new, {intake.duplicates} again | "
-            f"rejected {intake.rejected_total} | {rate:.0f} ex/s | backlog {d.feed.deliveries.qsize()}",
-            file=sys.stderr,
-            flush=True,
-        )
+        line = f"demo: fed {r.acked}/{args.limit} | stored {intake.stored} new ({rate:.0f}/s), {intake.duplicates} again"
+        if training is not None:
+            lr = training.learner
+            line += (
+                f" | learned {lr.trained} (backlog {training.backlog}) | prequential {_pct(lr.prequential.rolling)}"
+                f" | holdout {_pct(lr.holdout.accuracy)} | {len(lr.labels)} classes"
+            )
+        print(line, file=sys.stderr, flush=True)
         state["last"], state["stored"] = now, intake.stored
         handled = intake.stored + intake.duplicates + intake.rejected_total
-        if feeder.done.is_set() and handled >= r.acked and not state["finished"]:
+        caught_up = training is None or (training.backlog == 0 and training.learner.high_water_mark > 0)
+        if feeder.done.is_set() and handled >= r.acked and caught_up and not state["finished"]:
             state["finished"] = True
             if feeder.error is not None:
                 print(f"demo: the feed failed: {feeder.error}", file=sys.stderr)
-            summary = stats(open_reader(settings.state_dir / "examples.db"))
-            print(json.dumps({"feed": r.as_dict(), "store": summary}, indent=2, ensure_ascii=False))
+            summary: dict[str, Any] = {
+                "feed": r.as_dict(),
+                "store": stats(open_reader(settings.state_dir / "examples.db")),
+            }
+            if training is not None:
+                summary["learner"] = _learner_summary(training)
+            print(json.dumps(summary, indent=2, ensure_ascii=False))
             if not args.keep_running:
                 d.should_exit.set()
 

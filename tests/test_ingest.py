@@ -221,16 +221,22 @@ def test_sprout_feed_warns_when_nothing_subscribes(broker):
 
 @pytest.mark.slow
 def test_demo_runs_the_main_job(broker, tmp_path):
+    # The real default: EfficientNet-Lite0 with its ImageNet weights, head mode on the CPU.
     out = subprocess.run(
-        [*SPROUT, "demo", "--limit", "200", "--rate", "0", "--state", str(tmp_path / "demo"), "--broker", broker.url],
-        capture_output=True, text=True, timeout=180,
+        [*SPROUT, "demo", "--limit", "300", "--rate", "0", "--state", str(tmp_path / "demo"), "--broker", broker.url],
+        capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout)
-    assert summary["feed"]["acked"] == 200
-    assert summary["store"]["total"] == 200
+    assert summary["feed"]["acked"] == 300
+    assert summary["store"]["total"] == 300
     assert len(summary["store"]["per_label"]) == 10
-    assert "demo: fed" in out.stderr
+    learner = summary["learner"]
+    assert learner["backbone"] == "efficientnet_lite0" and learner["mode"] == "head"
+    assert learner["learned"] == summary["store"]["per_split"]["train"]
+    assert len(learner["classes"]) == 10
+    assert learner["holdout_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert "demo: fed" in out.stderr and "prequential" in out.stderr
 
 
 def test_shared_subscription_spreads_one_feed_over_two_daemons(broker, daemon_factory, tmp_path):
