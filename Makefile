@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo run test bench-ingest clean
+.PHONY: setup demo run test bench-ingest bench-learning clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ test: setup
 
 bench-ingest: setup
 	$(BIN)/python bench/ingest.py
+
+bench-learning: setup
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python bench/learning.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -1,8 +1,10 @@
 """Crash-safe checkpoints: write to a temporary name, fsync, rename, fsync the folder.
 
 A SIGKILL at any instant leaves either the previous checkpoint or the new
-one, both complete; a stray temporary file from a killed write is removed on
-the next start.
+one, both complete. A stray temporary file from a killed write is removed by
+the next learner to start (:func:`remove_stale_temporaries`), never by a
+reader: another process (``sprout export``, a test) may read while the
+daemon writes.
 """
 
 from __future__ import annotations
@@ -34,10 +36,16 @@ def save(folder: Path, payload: dict[str, Any]) -> Path:
     return final
 
 
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete what killed writes left; only the one writer may call this, before it writes."""
+    stale = list(folder.glob(f".{CHECKPOINT_NAME}.*.tmp")) if folder.exists() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def load(folder: Path) -> dict[str, Any] | None:
-    """The last checkpoint, or None when there is none yet."""
-    for stray in folder.glob(f".{CHECKPOINT_NAME}.*.tmp") if folder.exists() else ():
-        stray.unlink(missing_ok=True)  # a write that a crash interrupted; the real file is intact
+    """The last checkpoint, or None when there is none yet. Read-only: safe beside a running writer."""
     path = folder / CHECKPOINT_NAME
     if not path.exists():
         return None

@@ -153,7 +153,7 @@ class Learner:
         new_good = [e for e, good in zip(train, ok[: len(train)], strict=True) if good]
         for e, p in zip(new_good, before, strict=True):
             self.prequential.update(e.label, self.labels[p] if p is not None else None)
-        loss = nn.functional.cross_entropy(logits, targets)
+        loss = self._balanced_loss(logits, targets)
         if not torch.isfinite(loss):
             self.nonfinite_skipped += 1
             log.warning("non-finite loss at step %d: step skipped (%d so far)", self.step, self.nonfinite_skipped)
@@ -168,6 +168,21 @@ class Learner:
         self.replayed += len(examples) - len(train)
         for e in new_good:
             self.replay_index.setdefault(e.label, []).append(e.seq)
+
+    def _balanced_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy in which every class present in the step weighs the same.
+
+        A step holds a batch of new examples, often of one or two classes, and a replay
+        sample spread over all of them: unweighted, the new classes dominate the gradient
+        and the head drifts towards them (recency bias), which is most of what
+        class-incremental streams forget.
+        """
+        if not self.settings.balance_classes:
+            return nn.functional.cross_entropy(logits, targets)
+        counts = torch.bincount(targets, minlength=logits.shape[1]).float()
+        weights = 1.0 / counts[targets]
+        per_example = nn.functional.cross_entropy(logits, targets, reduction="none")
+        return (per_example * weights).sum() / weights.sum()
 
     def _add_class(self, label: str) -> None:
         self.labels.append(label)

@@ -187,15 +187,20 @@ class TrainingSettings(Section):
         "'full': the backbone fine-tunes too (better, needs a GPU for speed). 'auto' = head on CPU, full on CUDA.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' takes CUDA when present.")
-    batch_size: int = Field(16, ge=1, le=1024, description="New examples per step; smaller learns sooner, larger is faster.")
+    batch_size: int = Field(32, ge=1, le=1024, description="New examples per step; smaller learns sooner, larger is faster.")
     replay_ratio: float = Field(
-        1.0,
+        4.0,
         ge=0.0,
         le=16.0,
         description="Replayed stored examples per new example in a step (class-balanced); 0 = naive fine-tuning, "
         "which forgets old classes.",
     )
-    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the head (backbone: a tenth).")
+    balance_classes: bool = Field(
+        True,
+        description="Weigh every class in a step equally; against the drift towards the newest classes on "
+        "class-incremental streams. Off = plain cross-entropy.",
+    )
+    learning_rate: float = Field(3e-3, gt=0, le=1.0, description="AdamW learning rate of the head (backbone: a tenth).")
     weight_decay: float = Field(1e-4, ge=0, le=1.0, description="AdamW weight decay.")
     last_blocks: int = Field(2, ge=1, le=64, description="Backbone stages trained in 'last_blocks' mode, from the output end.")
     cpu_threads: int = Field(

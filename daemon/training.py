@@ -27,6 +27,8 @@ class Training(threading.Thread):
         self.checkpoints = settings.state_dir / "checkpoints"
         self.reader = StoreReader(settings.state_dir / "examples.db")
         self.learner = Learner(settings.model, settings.training, settings.state_dir, self.reader)
+        if removed := checkpoint.remove_stale_temporaries(self.checkpoints):
+            log.info("removed %d checkpoint temporaries left by an interrupted write", removed)
         payload = checkpoint.load(self.checkpoints)
         if payload is not None and self.learner.restore(payload):
             log.info(
