@@ -117,11 +117,11 @@ def wait_stored(db: Path, prefix: str, n: int, timeout_s: float = 300, poll_s: f
 
 
 class Daemon:
-    def __init__(self, url: str, state: Path):
-        self.url, self.state, self.proc = url, state, None
+    def __init__(self, url: str, state: Path, learner: bool):
+        self.url, self.state, self.proc, self.learner = url, state, None, learner
 
     def start(self) -> None:
-        env = {**os.environ, "SPROUT_LOGGING__LEVEL": "WARNING"}
+        env = {**os.environ, "SPROUT_LOGGING__LEVEL": "WARNING", "SPROUT_TRAINING__ENABLED": str(self.learner).lower()}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "run", "--broker", self.url, "--model", MODEL, "--state", str(self.state),
              "--http", f"127.0.0.1:{free_port()}"],
@@ -151,10 +151,10 @@ PROBE = b""
 PROFILE = os.environ.get("SPROUT_BENCH_PROFILE")  # a path: py-spy samples the daemon during the live run
 
 
-def run_once(jpegs, n: int, mode: str, workdir: Path, publisher: str) -> dict[str, float]:
+def run_once(jpegs, n: int, mode: str, workdir: Path, publisher: str, learner: bool) -> dict[str, float]:
     broker = Mosquitto(workdir / "broker").start()
     state = workdir / "state"
-    daemon = Daemon(broker.url, state)
+    daemon = Daemon(broker.url, state, learner)
     try:
         daemon.start()
         daemon.wait_subscribed(broker)
@@ -198,6 +198,8 @@ def main() -> None:
     ap.add_argument("--distinct", type=int, default=500, help="distinct images (ids are all distinct)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--publisher", choices=["raw", "paho"], default="raw", help="load generator (see bench/loadgen.py)")
+    ap.add_argument("--learner", choices=["on", "off"], default="on",
+                    help="on: the default daemon, learning beside intake; off: an ingest-only node")
     args = ap.parse_args()
     jpegs = make_jpegs(args.distinct)
     PROBE = jpegs[0][1]
@@ -208,7 +210,7 @@ def main() -> None:
         for mode in results:
             workdir = Path(tempfile.mkdtemp(prefix=f"sprout-bench-{mode}-"))
             try:
-                res = run_once(jpegs, args.examples, mode, workdir, args.publisher)
+                res = run_once(jpegs, args.examples, mode, workdir, args.publisher, args.learner == "on")
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
             results[mode].append(res)
@@ -217,6 +219,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}",
         "image_kb_median": round(statistics.median(sizes) / 1000, 1),
         "examples_per_run": args.examples,
+        "learner": args.learner,
         "repeats": args.repeats,
         **{f"{mode}_per_second_median": round(statistics.median(x["per_second"] for x in runs)) for mode, runs in results.items()},
         "runs": results,

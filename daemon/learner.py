@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from array import array
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,7 @@ class Learner:
         self.decoder = Decoder(self.spec.preprocessing, model.input_size)
         self.head = GrowingHead(self.spec.embedding_size).to(self.device)
         self.labels: list[str] = []
+        self._label_index: dict[str, int] = {}
         self.optimizer = self._make_optimizer()
         self.network_key = self._network_key()
         self.cache = (
@@ -79,8 +82,10 @@ class Learner:
             if self.mode == "head"
             else None
         )
-        self.replay_index: dict[str, list[int]] = {}
-        self.holdout_index: list[tuple[int, str]] = []
+        # Seqs of learned train examples per class, 8 bytes each: months of stream fit in memory.
+        self.replay_index: dict[str, array] = {}
+        # Only the most recent holdout examples are ever scored.
+        self.holdout_index: deque[tuple[int, str]] = deque(maxlen=training.holdout_max_examples)
         self.high_water_mark = 0
         self.step = 0
         self.trained = 0  # new train examples learned
@@ -88,7 +93,6 @@ class Learner:
         self.nonfinite_skipped = 0
         self.undecodable = 0
         self.last_loss: float | None = None
-        self.new_classes: list[str] = []  # since the caller last looked
         self.prequential = Prequential()
         self.holdout = Holdout()
 
@@ -140,10 +144,12 @@ class Learner:
         examples = train + replay
         embeddings, ok = self._embeddings(examples, grad=bool(self._trainable))
         n_new = sum(ok[: len(train)])
+        if not any(ok):
+            return  # nothing in this batch decoded (each one counted in self.undecodable)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.head(embeddings).float()
         targets = torch.tensor(
-            [self.labels.index(e.label) for e, good in zip(examples, ok, strict=True) if good], device=self.device
+            [self._label_index[e.label] for e, good in zip(examples, ok, strict=True) if good], device=self.device
         )
         # Prequential: the prediction of the model as it was before this batch, over the classes it knew then.
         if known_before:
@@ -167,7 +173,7 @@ class Learner:
         self.trained += n_new
         self.replayed += len(examples) - len(train)
         for e in new_good:
-            self.replay_index.setdefault(e.label, []).append(e.seq)
+            self.replay_index.setdefault(e.label, array("q")).append(e.seq)
 
     def _balanced_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy in which every class present in the step weighs the same.
@@ -185,9 +191,9 @@ class Learner:
         return (per_example * weights).sum() / weights.sum()
 
     def _add_class(self, label: str) -> None:
+        self._label_index[label] = len(self.labels)
         self.labels.append(label)
         self.head.grow(1, self.optimizer)
-        self.new_classes.append(label)
         log.info("new class %r (now %d classes)", label, len(self.labels))
 
     def _replay_sample(self, count: int) -> list[StoredExample]:
@@ -264,7 +270,7 @@ class Learner:
         return [self.labels[next(it)] if good else None for good in ok]
 
     def evaluate_holdout(self) -> Holdout:
-        recent = self.holdout_index[-self.settings.holdout_max_examples :]
+        recent = list(self.holdout_index)
         hits: dict[str, list[int]] = {}
         for start in range(0, len(recent), 256):
             chunk = recent[start : start + 256]
@@ -320,6 +326,7 @@ class Learner:
             )
             return False
         self.labels = list(payload["labels"])
+        self._label_index = {label: i for i, label in enumerate(self.labels)}
         self.head = GrowingHead(self.spec.embedding_size, len(self.labels)).to(self.device)
         self.head.load_state_dict(payload["head"])
         if payload["backbone_state"] is not None:
@@ -340,8 +347,9 @@ class Learner:
         self.replay_index = {}
         for seq, label in self.reader.labels_up_to(self.high_water_mark, "train"):
             if label in known:
-                self.replay_index.setdefault(label, []).append(seq)
-        self.holdout_index = self.reader.labels_up_to(self.high_water_mark, "holdout")
+                self.replay_index.setdefault(label, array("q")).append(seq)
+        self.holdout_index.clear()
+        self.holdout_index.extend(self.reader.labels_up_to(self.high_water_mark, "holdout"))
         return True
 
 

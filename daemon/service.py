@@ -73,7 +73,7 @@ class Daemon:
         if s.training.enabled:
             from daemon.training import Training  # imports torch: only when this node learns
 
-            self.training = Training(s)
+            self.training = Training(s, intake_backlog=self.feed.deliveries.qsize)
             learner = self.training.learner
             log.info(
                 "learner: %s at %d px, mode %s on %s, %d classes, resuming after example %d",
