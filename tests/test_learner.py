@@ -226,3 +226,29 @@ def test_reading_a_checkpoint_never_disturbs_a_write_in_progress(tmp_path: Path)
     assert checkpoint.load(folder)["step"] == 1
     assert in_progress.exists()  # a reader (export, a test) must leave the writer's file alone
     assert checkpoint.remove_stale_temporaries(folder) == 1
+
+
+def test_the_learner_pauses_while_intake_has_examples_waiting(tmp_path: Path):
+    from daemon.settings import Settings
+    from daemon.training import YIELD_AT_BACKLOG, Training
+
+    store = Store(tmp_path / "examples.db")
+    store.commit(stream([0, 1], 20, seed=12))
+    store.close()
+    settings = Settings.load(
+        None,
+        {"state_dir": str(tmp_path), "model": {"backbone": "tiny", "input_size": 32}, "training": {"batch_size": 4}},
+    )
+    waiting = [YIELD_AT_BACKLOG]
+    training = Training(settings, intake_backlog=lambda: waiting[0])
+    training.start()
+    try:
+        time.sleep(0.5)
+        assert training.learner.step == 0 and training.yields > 0  # intake is busy: no steps
+        waiting[0] = 0
+        deadline = time.monotonic() + 20
+        while training.learner.trained < 32 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert training.learner.trained == 32  # the burst is over: it catches up
+    finally:
+        assert training.stop(10)
