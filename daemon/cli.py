@@ -17,6 +17,7 @@ EX_DATAERR = 65
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
+EX_CANTCREAT = 73
 
 log = logging.getLogger("sprout")
 
@@ -85,6 +86,91 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _version(text: str) -> int | str:
+    if text == "latest":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a version is a positive integer (or 'latest' for show)")
+    return int(text)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from daemon.registry import NoRegistryError, Registry, RegistryError, UnknownVersionError, registry_root
+    from daemon.signing import SigningKeyError
+
+    settings = _settings(args)
+    what = f"sprout models {args.models_command}"
+    try:
+        # Opened read-only first: a typo in --state must not create an empty registry (or a key).
+        reader = Registry.open_readonly(registry_root(settings.state_dir), settings.model.name)
+        if args.models_command == "list":
+            return _models_list(reader, args.json)
+        if args.models_command == "show":
+            manifest = reader.latest() if args.version == "latest" else reader.manifest(args.version)
+            if manifest is None:
+                raise UnknownVersionError(f"model {reader.model!r} has no latest version yet")
+            print(json.dumps(manifest, indent=2, ensure_ascii=False))
+            return 0
+        if args.version == "latest":
+            print(f"{what}: give a version number", file=sys.stderr)
+            return EX_USAGE
+        registry = Registry.from_settings(settings, create_key=False)
+        if args.models_command == "rollback":
+            before = reader.latest()
+            registry.rollback(args.version)
+            was = f" (was {before['version']})" if before else ""
+            print(f"{registry.model}: latest is now version {args.version}{was}")
+        elif args.models_command == "pin":
+            changed = registry.pin(args.version)
+            print(f"{registry.model}: version {args.version} {'pinned' if changed else 'was already pinned'}")
+        else:
+            changed = registry.unpin(args.version)
+            print(f"{registry.model}: version {args.version} {'unpinned' if changed else 'was not pinned'}")
+        return 0
+    except NoRegistryError as err:
+        print(f"{what}: {err}", file=sys.stderr)
+        return EX_NOINPUT
+    except SigningKeyError as err:
+        print(f"{what}: {err}", file=sys.stderr)
+        return EX_CONFIG
+    except RegistryError as err:  # unknown version, damaged version
+        print(f"{what}: {err}", file=sys.stderr)
+        return EX_DATAERR
+
+
+def _models_list(reader: Any, as_json: bool) -> int:
+    latest = reader.latest()
+    current = latest.get("version") if latest else None
+    rows = [{**row, "latest": row["version"] == current} for row in reader.index()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'VERSION':>7}  {'CREATED_AT':<24}  {'QUANTIZATION':<12}  {'PINNED':<6}  LATEST")
+    for r in rows:
+        print(
+            f"{r['version']:>7}  {r['created_at'] or '?':<24}  {r['quantization'] or '?':<12}  "
+            f"{'yes' if r['pinned'] else '':<6}  {'*' if r['latest'] else ''}"
+        )
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from daemon.signing import Signer, SigningKeyError, generate
+
+    try:
+        private, public = generate(args.out)
+    except SigningKeyError as err:
+        print(f"sprout keygen: {err}", file=sys.stderr)
+        return EX_CANTCREAT
+    except OSError as err:
+        print(f"sprout keygen: cannot write to {args.out}: {err.strerror}", file=sys.stderr)
+        return EX_CANTCREAT
+    print(f"private key: {private}  (mode 0600; set signing.key_file to it)")
+    print(f"public key:  {public}  (give it to your devices)")
+    print(f"key id:      {Signer.load(private).key_id}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sprout", description="Sprout: learn from an MQTT feed, ship TensorFlow Lite models.")
     p.add_argument("--version", action="version", version=f"sprout {__version__}")
@@ -136,6 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--broker", help="broker URL (default: the config's, else a private Mosquitto)")
     demo.add_argument("--keep-running", action="store_true", help="keep the daemon running after the feed ends")
     demo.set_defaults(func=cmd_demo)
+
+    models = sub.add_parser("models", help="the model registry: list, show, rollback, pin, unpin versions")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    ls = models_sub.add_parser("list", help="versions on disk, newest first; * marks the latest")
+    config_flags(ls)
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for name, text in [
+        ("show", "print a version's manifest ('latest' for the latest)"),
+        ("rollback", "make version V the latest again (its manifest and signature unchanged)"),
+        ("pin", "keep version V through retention"),
+        ("unpin", "let retention delete version V again"),
+    ]:
+        sp = models_sub.add_parser(name, help=text)
+        sp.add_argument("version", metavar="V", type=_version)
+        config_flags(sp)
+    models.set_defaults(func=cmd_models)
+
+    keygen = sub.add_parser("keygen", help="write an Ed25519 key pair for signing manifests")
+    keygen.add_argument("--out", type=Path, required=True, help="folder for signing.key (0600) and signing.pub")
+    keygen.set_defaults(func=cmd_keygen)
     return p
 
 

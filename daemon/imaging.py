@@ -23,15 +23,22 @@ class Decoder:
 
     def __call__(self, data: bytes) -> np.ndarray | None:
         """(3, size, size) float32, or None when the bytes do not decode."""
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale when it is much larger
-                rgb = img.convert("RGB")
-        except Exception:  # Pillow raises many types for corrupt data; all mean "cannot use this image"
+        rgb = load_rgb(data, self.size)
+        if rgb is None:
             return None
-        rgb = resize_and_crop(rgb, self.size)
-        pixels = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        pixels = rgb.astype(np.float32).transpose(2, 0, 1) / 255.0
         return (pixels - self.mean) / self.std
+
+
+def load_rgb(data: bytes, size: int) -> np.ndarray | None:
+    """(size, size, 3) uint8 RGB, exactly what an app hands an exported model; None when it does not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when it is much larger
+            rgb = img.convert("RGB")
+    except Exception:  # Pillow raises many types for corrupt data; all mean "cannot use this image"
+        return None
+    return np.asarray(resize_and_crop(rgb, size), dtype=np.uint8)
 
 
 def resize_and_crop(img: Image.Image, size: int) -> Image.Image:

@@ -218,6 +218,16 @@ class TrainingSettings(Section):
     seed: int = Field(0, description="Seed for replay sampling and initialisation; the same seed and stream give the same model.")
 
 
+class RegistrySettings(Section):
+    keep_versions: int = Field(
+        10,
+        ge=1,
+        le=10_000,
+        description="Published versions kept on disk, beyond which the oldest are deleted (never the latest or a "
+        "pinned one). More allows rollbacks further back, at one model file of disk each.",
+    )
+
+
 class ServerSettings(Section):
     http: str = Field(
         "127.0.0.1:8080", description="HOST:PORT for the HTTP API; 0.0.0.0 serves every interface, port 0 picks a free one."
@@ -241,6 +251,18 @@ class ServerSettings(Section):
         return int(self.http.rpartition(":")[2])
 
 
+class SigningSettings(Section):
+    key_file: Path | None = Field(
+        None,
+        description="Ed25519 private key (PKCS8 PEM, mode 0600) that signs every manifest; unset = "
+        "<state_dir>/signing/signing.key, created on first use. A key outside state_dir survives wiping it; "
+        "a new key means every device needs the new public key.",
+    )
+
+    def resolved_key_file(self, state_dir: Path) -> Path:
+        return self.key_file if self.key_file is not None else Path(state_dir) / "signing" / "signing.key"
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Least severe level written.")
     format: Literal["text", "json"] = Field(
@@ -261,7 +283,9 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     model: ModelSettings = ModelSettings()
     training: TrainingSettings = TrainingSettings()
+    registry: RegistrySettings = RegistrySettings()
     server: ServerSettings = ServerSettings()
+    signing: SigningSettings = SigningSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod
