@@ -39,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from daemon.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
-from daemon.embeddings import EmbeddingCache  # noqa: E402
 from daemon.head import GrowingHead  # noqa: E402
 from daemon.learner import Learner  # noqa: E402
 from daemon.settings import ModelSettings, TrainingSettings  # noqa: E402

@@ -9,11 +9,13 @@ daemon writes.
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from daemon.atomic import TMP_PREFIX, write_atomic
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "learner.pt"
@@ -26,19 +28,15 @@ class CheckpointError(Exception):
 def save(folder: Path, payload: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / CHECKPOINT_NAME
-    tmp = folder / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save({"format_version": FORMAT_VERSION, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(folder)
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **payload}, buffer)
+    write_atomic(final, buffer.getvalue())
     return final
 
 
 def remove_stale_temporaries(folder: Path) -> int:
     """Delete what killed writes left; only the one writer may call this, before it writes."""
-    stale = list(folder.glob(f".{CHECKPOINT_NAME}.*.tmp")) if folder.exists() else []
+    stale = list(folder.glob(f"{TMP_PREFIX}{CHECKPOINT_NAME}-*")) if folder.exists() else []
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
@@ -59,10 +57,3 @@ def load(folder: Path) -> dict[str, Any] | None:
         )
     return payload
 
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.atomic import TMP_PREFIX, fsync_dir, write_atomic, write_new
 from daemon.signing import SignatureError, Signer, verify, verify_file
 
 if TYPE_CHECKING:
@@ -58,10 +59,12 @@ INPUT_DTYPES = ("uint8", "float32")
 # What publish() takes from the exporter; the registry sets the rest (schema, model, version,
 # created_at, files, signature) so that no caller can get them wrong.
 FIELDS = ("base", "labels", "input", "quantization", "metrics", "runtimes_verified")
-MANIFEST_KEYS = ("schema", "model", "version", "created_at", *FIELDS[:4], "files", *FIELDS[4:], "signature")
+MANIFEST_KEYS = (
+    "schema", "model", "version", "created_at", "base", "labels", "input", "quantization",
+    "files", "metrics", "runtimes_verified", "signature",
+)  # fmt: skip
 MODEL_FILE, LABELS_FILE, MANIFEST_FILE = "model.tflite", "labels.txt", "manifest.json"
 LATEST, VERSIONS, PINS, LOG, LOCK = "latest", "versions", "pins", "log.jsonl", ".lock"
-TMP_PREFIX = ".tmp-"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION_DIR = re.compile(r"^[1-9][0-9]*$")
@@ -308,15 +311,15 @@ class Registry:
             tmp.mkdir()
             try:
                 for name, data in ((MODEL_FILE, tflite), (LABELS_FILE, labels_txt), (MANIFEST_FILE, document)):
-                    _write_new(tmp / name, data)
-                _fsync_dir(tmp)
+                    write_new(tmp / name, data)
+                fsync_dir(tmp)
                 os.rename(tmp, self._dir(version))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
             # From here the version is complete on disk; switching latest is one rename.
-            _write_atomic(self.folder / LATEST, document)
+            write_atomic(self.folder / LATEST, document)
             self._write_versions()
             self._append_log(
                 {"event": "published", "version": version, "sha256": digest, "size": len(tflite), "quantization": body["quantization"]}
@@ -344,7 +347,7 @@ class Registry:
             except SignatureError as err:
                 raise RegistryError(f"version {version} cannot become latest: {err}; pick another version") from None
             before = self.latest()
-            _write_atomic(self.folder / LATEST, document)
+            write_atomic(self.folder / LATEST, document)
             self._append_log({"event": "rollback", "version": version, "from": before.get("version") if before else None})
         log.info("rolled %s back to version %d", self.model, version)
         return manifest
@@ -426,11 +429,11 @@ class Registry:
             os.close(fd)
 
     def _set_pins(self, pins: list[int]) -> None:
-        _write_atomic(self.folder / PINS, _dump(sorted(set(pins))))
+        write_atomic(self.folder / PINS, _dump(sorted(set(pins))))
         self._write_versions()
 
     def _write_versions(self) -> None:
-        _write_atomic(self.folder / VERSIONS, _dump(self.index()))
+        write_atomic(self.folder / VERSIONS, _dump(self.index()))
 
     def _apply_retention(self) -> None:
         versions = self.versions()
@@ -447,7 +450,7 @@ class Registry:
             self._append_log({"event": "deleted", "version": v, "reason": f"retention: keep_versions={self.keep_versions}"})
             shutil.rmtree(trash, ignore_errors=True)
         if doomed:
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
             self._write_versions()
 
     def _recover(self) -> None:
@@ -473,7 +476,7 @@ class Registry:
         except (FileNotFoundError, ValueError):
             on_disk = None
         if on_disk != current and (on_disk is not None or current):
-            _write_atomic(self.folder / VERSIONS, _dump(current))
+            write_atomic(self.folder / VERSIONS, _dump(current))
 
     def _latest_problem(self) -> str | None:
         path = self.folder / LATEST
@@ -494,7 +497,7 @@ class Registry:
                 verify_file(manifest, self.model_path(version).read_bytes())
             except (RegistryError, SignatureError):
                 continue
-            _write_atomic(self.folder / LATEST, (self._dir(version) / MANIFEST_FILE).read_bytes())
+            write_atomic(self.folder / LATEST, (self._dir(version) / MANIFEST_FILE).read_bytes())
             self._append_log({"event": "repaired", "version": version, "reason": problem})
             log.warning("registry %s: %s; latest is now version %d", self.folder, problem, version)
             return
@@ -525,31 +528,3 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        _write_new(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -33,6 +33,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from daemon.atomic import fsync_dir, temporary_name, write_atomic, write_new
+
 ALG = "ed25519"
 PRIVATE_NAME = "signing.key"
 PUBLIC_NAME = "signing.pub"
@@ -73,7 +75,10 @@ def generate(out_dir: Path) -> tuple[Path, Path]:
                 "Choose another --out folder, or move the old pair away first."
             )
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _create_pair(private_path, public_path)
+    try:
+        _create_pair(private_path, public_path)
+    except FileExistsError:
+        raise SigningKeyError(f"{private_path}: created by another process just now; refusing to overwrite it") from None
     return private_path, public_path
 
 
@@ -96,15 +101,22 @@ class Signer:
             raise SigningKeyError(f"{path}: no such signing key; create one with `sprout keygen --out DIR`") from None
         except OSError as err:
             raise SigningKeyError(f"{path}: cannot read the signing key: {err.strerror}") from None
+        # fstat on the open file, not stat on the name, so the checks are about the bytes we read.
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise SigningKeyError(f"{path}: not a file; point signing.key_file at the PEM key file")
         with os.fdopen(fd, "rb") as f:
-            # fstat on the open file, not stat on the name, so the check is about the bytes we read.
-            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            mode = stat.S_IMODE(st.st_mode)
             if mode & 0o077:
                 raise SigningKeyError(
                     f"{path}: signing key is accessible by group or others (mode {mode:04o}); "
                     f"anyone who reads it can sign models. Run: chmod 600 {path}"
                 )
-            data = f.read()
+            try:
+                data = f.read()
+            except OSError as err:
+                raise SigningKeyError(f"{path}: cannot read the signing key: {err.strerror}") from None
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except TypeError:
@@ -212,41 +224,14 @@ def _create_pair(private_path: Path, public_path: Path) -> None:
     """Create the private key without ever overwriting one; raises FileExistsError if one appeared."""
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    tmp = private_path.with_name(f".tmp-{private_path.name}-{os.getpid()}")
+    tmp = temporary_name(private_path)
     tmp.unlink(missing_ok=True)  # O_EXCL below: a leftover from a killed run must not keep its old mode
     # Created 0600 from the start: a chmod afterwards would leave a window where others can read it.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
+        write_new(tmp, pem, 0o600)
         # link, not rename: it fails when the name exists, so two creators cannot overwrite each other.
         os.link(tmp, private_path)
     finally:
         tmp.unlink(missing_ok=True)
-    _write_atomic(public_path, _public_pem(key.public_key()), 0o644)
-    _fsync_dir(private_path.parent)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(public_path, _public_pem(key.public_key()), 0o644)
+    fsync_dir(private_path.parent)

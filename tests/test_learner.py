@@ -190,7 +190,7 @@ def test_sigkill_during_checkpoint_writes_never_leaves_an_unloadable_one(tmp_pat
         assert payload["step"] >= 1
         last = payload["step"]
         checkpoint.remove_stale_temporaries(folder)  # what the next learner does first
-        assert not list(folder.glob(".*.tmp"))
+        assert not list(folder.glob(".tmp-*"))
     assert last >= 1
 
 
@@ -221,7 +221,7 @@ def test_an_image_that_does_not_decode_is_skipped_and_counted(tmp_path: Path, ba
 def test_reading_a_checkpoint_never_disturbs_a_write_in_progress(tmp_path: Path):
     folder = tmp_path / "checkpoints"
     checkpoint.save(folder, {"step": 1})
-    in_progress = folder / f".{checkpoint.CHECKPOINT_NAME}.12345.tmp"
+    in_progress = folder / f".tmp-{checkpoint.CHECKPOINT_NAME}-12345"
     in_progress.write_bytes(b"half a checkpoint")
     assert checkpoint.load(folder)["step"] == 1
     assert in_progress.exists()  # a reader (export, a test) must leave the writer's file alone

@@ -1,0 +1,110 @@
+"""Export figures for EfficientNet-Lite0: conversion time, size, holdout top-1 float vs .tflite, latency.
+
+A 10-class head is first trained on Fashion-MNIST by the daemon's Learner
+(head mode, the bench/learning.py data and seed, embeddings read from its
+cache when present), then the classifier is exported in each mode with
+daemon/exporter.py and verified on ai-edge-litert over the evaluation set
+(1,000 test images fed as an app would: 224x224 JPEGs decoded, resized and
+centre-cropped to the input size, uint8 RGB).
+
+Usage: python bench/export.py [--input-size 128] [--calibration 64] [--modes none,int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from learning import jpeg, order, pick  # noqa: E402
+
+from daemon.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
+from daemon.exporter import convert, float_probabilities, snapshot, verify_litert  # noqa: E402
+from daemon.imaging import load_rgb  # noqa: E402
+from daemon.learner import Learner  # noqa: E402
+from daemon.settings import ModelSettings, TrainingSettings  # noqa: E402
+from daemon.store import Store, StoreReader  # noqa: E402
+from daemon.wire import Example  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input-size", type=int, default=128)
+    ap.add_argument("--train-per-class", type=int, default=600)
+    ap.add_argument("--eval-per-class", type=int, default=100)
+    ap.add_argument("--calibration", type=int, default=64)
+    ap.add_argument("--modes", default="none,int8")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    train_images, train_labels = fashion_mnist("train")
+    test_images, test_labels = fashion_mnist("t10k")
+    train = order([(i, c) for i, c in pick(train_images, train_labels, args.train_per_class, 0)], "iid", 0)
+    test = pick(test_images, test_labels, args.eval_per_class, 0)
+    workdir = Path(tempfile.mkdtemp(prefix="sprout-export-"))
+    store = Store(workdir / "examples.db")
+    store.commit([Example(f"train/{i}", FASHION_MNIST_CLASSES[c], "train", "image/jpeg", 224, 224, jpeg(train_images[i]), 0.0)
+                  for i, c in train])
+    store.close()
+    reader = StoreReader(workdir / "examples.db")
+    model_settings = ModelSettings(backbone="efficientnet_lite0", input_size=args.input_size)
+    learner = Learner(model_settings, TrainingSettings(mode="head", device="cpu", cpu_threads=args.threads), workdir, reader)
+    cache = ROOT / "bench" / "out" / f"embeddings-efficientnet_lite0-{args.input_size}-{args.train_per_class}-{args.eval_per_class}-0.npz"
+    if cache.exists():  # computed by bench/learning.py: same images, same frozen backbone
+        with np.load(cache) as saved:
+            seq_of = dict(reader._db.execute("SELECT example_id, seq FROM examples"))
+            learner.cache.put({seq_of[i]: saved[i.replace("/", "_")] for i in seq_of})
+    started = time.perf_counter()
+    while batch := reader.after(learner.high_water_mark, 32):
+        learner.learn(batch)
+    print(f"head trained on {learner.trained} examples in {time.perf_counter() - started:.0f} s", flush=True)
+
+    images = np.stack([load_rgb(jpeg(test_images[i]), args.input_size) for i, _ in test])
+    labels = np.array([learner.labels.index(FASHION_MNIST_CLASSES[c]) for _, c in test])
+    # Class-balanced calibration from the stored training examples, as the daemon will draw it.
+    per_class = max(1, args.calibration // 10)
+    calibration = []
+    for label, seqs in learner.replay_index.items():
+        for e in reader.by_seq(list(seqs[:per_class])):
+            calibration.append(load_rgb(e.image, args.input_size))
+
+    model = snapshot(learner.backbone, learner.head, learner.spec.preprocessing)
+    reference = float_probabilities(model, images)
+    float_top1 = float((reference.argmax(1) == labels).mean())
+    print(f"float PyTorch top-1 on {len(images)} holdout images: {100 * float_top1:.1f}%", flush=True)
+    rows = []
+    for mode in args.modes.split(","):
+        t0 = time.perf_counter()
+        tflite = convert(model, mode, args.input_size, calibration)
+        convert_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        report = verify_litert(tflite, images, labels, reference)
+        verify_s = time.perf_counter() - t0
+        row = {"mode": mode, "convert_s": convert_s, "verify_s": verify_s, "size_bytes": len(tflite),
+               "top1": report.top1, "float_top1": float_top1, "agreement": report.agreement,
+               "latency_ms": report.latency_ms, "nonfinite": report.nonfinite, "runtime": f"{report.runtime} {report.version}"}
+        rows.append(row)
+        print(f"{mode:5s}: convert {convert_s:5.1f} s, verify {verify_s:4.1f} s, {len(tflite) / 1e6:5.2f} MB, "
+              f"top-1 {100 * report.top1:.1f}% (float {100 * float_top1:.1f}%), agreement {100 * report.agreement:.1f}%, "
+              f"{report.latency_ms:.2f} ms/image", flush=True)
+    meta = {"machine": f"{args.threads} threads, {platform.machine()}, torch {torch.__version__}", "input_size": args.input_size,
+            "calibration_images": len(calibration), "holdout_images": len(images)}
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
