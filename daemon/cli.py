@@ -80,6 +80,25 @@ def cmd_feed(args: argparse.Namespace) -> int:
     return run_feed(args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from daemon.publishing import NothingToExport, export_once
+
+    settings = _settings(args)
+    logs.configure(settings.logging.level, settings.logging.format)
+    try:
+        outcome = export_once(settings)
+    except NothingToExport as err:
+        print(f"sprout export: nothing to export: {err}", file=sys.stderr)
+        return EX_NOINPUT
+    print(json.dumps({
+        "published": outcome.published["version"] if outcome.published else None,
+        "rejected_because": outcome.reasons,
+        "metrics": outcome.metrics,
+        "seconds": round(outcome.seconds, 1),
+    }, indent=2))
+    return 0 if outcome.published else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import run_demo
 
@@ -214,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     feed.add_argument("--topic-prefix", default="sprout")
     feed.add_argument("--window", type=int, default=256, help="un-acked messages in flight at once")
     feed.set_defaults(func=cmd_feed)
+
+    export = sub.add_parser("export", help="export the learner's last checkpoint now; publish it if it passes the gates")
+    config_flags(export)
+    export.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("demo", help="the main job: the daemon on the default config fed with Fashion-MNIST, live")
     demo.add_argument("--limit", type=int, default=2000, help="examples to feed (default 2000)")

@@ -20,6 +20,7 @@ and whether any output is NaN.
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -66,6 +67,9 @@ def snapshot(backbone: nn.Module, head: nn.Module, preprocessing: Preprocessing)
 
 def convert(model: Deployable, mode: str, input_size: int, calibration: Sequence[np.ndarray] = ()) -> bytes:
     """The .tflite bytes of ``model`` in ``mode``; ``calibration``: uint8 (H, W, 3) images, required for int8."""
+    # litert-torch draws progress bars on stdout: noise in a daemon's journal, and it would
+    # corrupt `sprout export`'s JSON output. An explicit setting by the operator wins.
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
     import litert_torch  # heavy (~2 s): only where exports happen
 
     if mode not in MODES:

@@ -218,6 +218,23 @@ class TrainingSettings(Section):
     seed: int = Field(0, description="Seed for replay sampling and initialisation; the same seed and stream give the same model.")
 
 
+class ExportSettings(Section):
+    max_drop_pts: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="Most holdout top-1 points the .tflite may lose against the float model; lower ships only "
+        "faithful conversions, higher tolerates lossier quantisation.",
+    )
+    tolerance_pts: float = Field(
+        0.5,
+        ge=0.0,
+        le=100.0,
+        description="Most holdout top-1 points a new version may fall below the published one (holdout noise); "
+        "0 ships only improvements.",
+    )
+
+
 class RegistrySettings(Section):
     keep_versions: int = Field(
         10,
@@ -283,6 +300,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     model: ModelSettings = ModelSettings()
     training: TrainingSettings = TrainingSettings()
+    export: ExportSettings = ExportSettings()
     registry: RegistrySettings = RegistrySettings()
     server: ServerSettings = ServerSettings()
     signing: SigningSettings = SigningSettings()

@@ -1,0 +1,86 @@
+"""sprout export end to end on the tiny network: a learned checkpoint becomes a signed, verified version; bad ones are refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+from daemon import checkpoint
+from daemon.registry import Registry, registry_root
+from daemon.settings import Settings
+from daemon.signing import verify, verify_file
+from helpers import SPROUT
+from test_learner import learn_all, make_learner, stream
+
+
+def learned_state(tmp_path: Path) -> Path:
+    """A state directory as the daemon leaves it: a store and a checkpoint of a learner trained on colours."""
+    learner, reader = make_learner(tmp_path, stream([0, 1, 2], 40, seed=31, order="iid"))
+    learn_all(learner, reader)
+    checkpoint.save(tmp_path / "checkpoints", learner.state())
+    return tmp_path
+
+
+def export(state: Path, *extra: str) -> tuple[int, dict, str]:
+    out = subprocess.run([*SPROUT, "export", "--state", str(state), *extra], capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "SPROUT_MODEL__BACKBONE": "tiny", "SPROUT_MODEL__INPUT_SIZE": "32",
+                              "SPROUT_TRAINING__MODE": "head"})
+    return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {}, out.stderr
+
+
+def test_export_publishes_a_signed_verified_version(tmp_path: Path):
+    state = learned_state(tmp_path)
+    code, result, err = export(state)
+    assert code == 0, err
+    assert result["published"] == 1 and result["rejected_because"] == []
+    assert result["metrics"]["holdout_top1"]["ai-edge-litert"] == result["metrics"]["holdout_top1_float"]
+    registry = Registry.open_readonly(registry_root(state), "plant-disease")
+    manifest = registry.latest()
+    assert manifest["version"] == 1 and manifest["quantization"] == "none"
+    assert sorted(manifest["labels"]) == ["class-0", "class-1", "class-2"]
+    assert manifest["input"] == {"shape": [1, 32, 32, 3], "layout": "NHWC", "dtype": "float32", "range": [0, 255]}
+    verify(manifest, state / "signing" / "signing.pub")
+    verify_file(manifest, registry.model_path(1).read_bytes())
+    code, result, _ = export(state)
+    assert code == 0 and result["published"] == 2  # as good as the published one: within the tolerance
+
+
+def test_a_worse_candidate_is_rejected_with_reasons_and_not_published(tmp_path: Path):
+    state = learned_state(tmp_path)
+    assert export(state)[0] == 0
+    payload = checkpoint.load(state / "checkpoints")
+    weight = payload["head"]["weight"]
+    generator = torch.Generator().manual_seed(5)
+    payload["head"]["weight"] = weight.flatten()[torch.randperm(weight.numel(), generator=generator)].view_as(weight)
+    checkpoint.save(state / "checkpoints", payload)
+    code, result, _ = export(state)
+    assert code == 1
+    assert result["published"] is None
+    assert any("below the published version 1" in r for r in result["rejected_because"])
+    registry = Registry.open_readonly(registry_root(state), "plant-disease")
+    assert registry.versions() == [1]
+    rejected = [e for e in registry.events() if e.get("event") == "rejected"]
+    assert rejected and rejected[-1]["reasons"] == result["rejected_because"]
+
+
+def test_nothing_to_export_before_the_first_checkpoint(tmp_path: Path):
+    make_learner(tmp_path, stream([0], 5, seed=32))
+    code, _, err = export(tmp_path)
+    assert code == 66
+    assert "no checkpoint yet" in err
+
+
+def test_gate_refuses_nan_and_a_large_drop():
+    from daemon.exporter import RuntimeReport
+    from daemon.publishing import gate
+
+    settings = Settings.load(None)
+    report = RuntimeReport("ai-edge-litert", "2.3.0", 0.80, 0.9, 1.0, True, "float32", None, None)
+    reasons = gate(report, 0.90, None, settings)
+    assert any("NaN" in r for r in reasons)
+    assert any("10.0 points below the float model" in r for r in reasons)
+    fine = RuntimeReport("ai-edge-litert", "2.3.0", 0.895, 1.0, 1.0, False, "float32", None, None)
+    assert gate(fine, 0.90, None, settings) == []
