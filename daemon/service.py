@@ -17,7 +17,7 @@ from types import FrameType
 from daemon.feed import Feed
 from daemon.intake import Intake
 from daemon.server import HttpServer
-from daemon.settings import Settings
+from daemon.settings import ConfigError, Settings
 from daemon.store import Store
 from daemon.wire import Limits
 
@@ -71,9 +71,15 @@ class Daemon:
         self.feed = Feed(s.mqtt, s.model.name, s.client_id, limits, s.store.backlog_max)
         self.intake = Intake(self.feed, self.store, s.store)
         if s.training.enabled:
-            from daemon.training import Training  # imports torch: only when this node learns
+            from daemon.checkpoint import CheckpointError  # these import torch: only when this node learns
+            from daemon.training import Training
 
-            self.training = Training(s, intake_backlog=self.feed.deliveries.qsize)
+            try:
+                self.training = Training(s, intake_backlog=self.feed.deliveries.qsize)
+            except (ValueError, FileNotFoundError, CheckpointError) as err:
+                # A weights file that does not fit the backbone, an unreadable checkpoint: restarting
+                # cannot help, so this is a configuration error (exit 78), not a crash.
+                raise ConfigError(f"model / training: {err}") from None
             learner = self.training.learner
             log.info(
                 "learner: %s at %d px, mode %s on %s, %d classes, resuming after example %d",

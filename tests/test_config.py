@@ -106,3 +106,23 @@ def test_missing_config_file_exits_78(tmp_path: Path):
     out = subprocess.run([*SPROUT, "run", "--config", str(tmp_path / "nope.toml")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 78
     assert "no such config file" in out.stderr
+
+
+def test_weights_that_do_not_fit_the_backbone_exit_78(tmp_path: Path):
+    import torch
+
+    weights = tmp_path / "mine.pt"
+    torch.save({"backbone": "mobilenet_v2", "state_dict": {}}, weights)
+    out = subprocess.run(
+        [*SPROUT, "run", "--state", str(tmp_path / "state"), "--broker", "mqtt://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "SPROUT_MODEL__BACKBONE": "tiny", "SPROUT_MODEL__WEIGHTS_FILE": str(weights)},
+    )
+    assert out.returncode == 78, out.stderr[-1500:]
+    assert "model / training" in out.stderr
+
+
+def test_an_ingest_only_node_never_imports_torch():
+    code = "import sys, daemon.cli, daemon.service, daemon.feed, daemon.intake; print('torch' in sys.modules)"
+    out = subprocess.run([*SPROUT[:1], "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
