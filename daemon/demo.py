@@ -68,7 +68,11 @@ def _learner_summary(training: Any) -> dict[str, Any]:
 
 
 def run_demo(args: Any) -> int:
-    overrides: dict[str, Any] = {"logging": {"progress_every_s": 3600.0}}  # the demo prints its own progress
+    overrides: dict[str, Any] = {
+        "logging": {"progress_every_s": 3600.0},  # the demo prints its own progress
+        # Publish a model every 1,000 examples learned, and what is left 15 s after the feed ends.
+        "export": {"every_examples": 1000, "every_seconds": 15.0},
+    }
     if args.state:
         overrides["state_dir"] = args.state
     if args.broker:
@@ -100,10 +104,18 @@ def run_demo(args: Any) -> int:
                 f" | learned {lr.trained} (backlog {training.backlog}) | prequential {_pct(lr.prequential.rolling)}"
                 f" | holdout {_pct(lr.holdout.accuracy)} | {len(lr.labels)} classes"
             )
+        exporting = d.exporting
+        if exporting is not None:
+            published = exporting.latest_published
+            line += f" | model v{published['version']}" if published else " | model -"
+            line += " (exporting)" if exporting.busy else ""
         print(line, file=sys.stderr, flush=True)
         state["last"], state["stored"] = now, intake.stored
         handled = intake.stored + intake.duplicates + intake.rejected_total
         caught_up = training is None or (training.backlog == 0 and training.learner.high_water_mark > 0)
+        if caught_up and d.exporting is not None and training is not None:
+            # ... and the last model published covers everything learned.
+            caught_up = not d.exporting.busy and d.exporting.exported_learned >= training.learner.trained
         if feeder.done.is_set() and handled >= r.acked and caught_up and not state["finished"]:
             state["finished"] = True
             if feeder.error is not None:
@@ -114,6 +126,14 @@ def run_demo(args: Any) -> int:
             }
             if training is not None:
                 summary["learner"] = _learner_summary(training)
+            if d.exporting is not None and d.exporting.last is not None:
+                last = d.exporting.last
+                summary["export"] = {
+                    "published": d.exporting.published,
+                    "rejected": d.exporting.rejected,
+                    "latest_version": d.exporting.latest_published["version"] if d.exporting.latest_published else None,
+                    "last_export": {"published": bool(last.published), "rejected_because": last.reasons, "metrics": last.metrics},
+                }
             print(json.dumps(summary, indent=2, ensure_ascii=False))
             if not args.keep_running:
                 d.should_exit.set()

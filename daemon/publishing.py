@@ -19,14 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from daemon import checkpoint
 from daemon.exporter import RuntimeReport, convert, float_probabilities, snapshot, verify_litert
 from daemon.imaging import load_rgb
-from daemon.learner import Learner
+from daemon.head import GrowingHead
 from daemon.registry import Registry
 from daemon.settings import Settings
 from daemon.store import StoreReader
+from models import zoo
 
 log = logging.getLogger("sprout.export")
 
@@ -49,10 +52,10 @@ def export_once(settings: Settings) -> Outcome:
     started = time.perf_counter()
     reader = StoreReader(settings.state_dir / "examples.db")
     try:
-        learner = _restored_learner(settings, reader)
+        snap = _restored(settings, reader)
         size = settings.model.input_size
-        images, labels = _holdout(learner, reader, size)
-        model = snapshot(learner.backbone, learner.head, learner.spec.preprocessing)
+        images, labels = _holdout(snap, reader, size, settings.training.holdout_max_examples)
+        model = snapshot(snap.backbone, snap.head, snap.spec.preprocessing)
         reference = float_probabilities(model, images)
         float_top1 = float((reference.argmax(1) == labels).mean())
         tflite = convert(model, MODE, size)
@@ -66,13 +69,13 @@ def export_once(settings: Settings) -> Outcome:
         "agreement_with_float": {report.runtime: report.agreement},
         "latency_ms": {report.runtime: report.latency_ms},
         "holdout_examples": len(labels),
-        "examples_trained": learner.trained,
-        "high_water_mark": learner.high_water_mark,
+        "examples_trained": snap.trained,
+        "high_water_mark": snap.high_water_mark,
     }
     reasons = gate(report, float_top1, registry.latest(), settings)
     fields = {
-        "base": learner.spec.name,
-        "labels": list(learner.labels),
+        "base": snap.spec.name,
+        "labels": list(snap.labels),
         "input": {"shape": [1, size, size, 3], "layout": "NHWC", "dtype": "float32", "range": [0, 255]},
         "quantization": MODE,
         "metrics": metrics,
@@ -87,6 +90,18 @@ def export_once(settings: Settings) -> Outcome:
         log.info("published version %d (top-1 %.3f on %s)", outcome.published["version"], report.top1, report.runtime)
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+@dataclass
+class Snapshot:
+    """The network of a checkpoint, rebuilt without a Learner (no optimizer, no cache, no global torch state)."""
+
+    spec: zoo.BackboneSpec
+    backbone: nn.Module
+    head: GrowingHead
+    labels: list[str]
+    trained: int
+    high_water_mark: int
 
 
 def gate(report: RuntimeReport, float_top1: float, latest: dict[str, Any] | None, settings: Settings) -> list[str]:
@@ -111,23 +126,38 @@ def gate(report: RuntimeReport, float_top1: float, latest: dict[str, Any] | None
     return reasons
 
 
-def _restored_learner(settings: Settings, reader: StoreReader) -> Learner:
+def _restored(settings: Settings, reader: StoreReader) -> Snapshot:
     payload = checkpoint.load(settings.state_dir / "checkpoints")
     if payload is None:
         raise NothingToExport("no checkpoint yet: let the daemon learn first (it checkpoints every "
                               f"{settings.training.checkpoint_every_s:.0f} s)")
-    learner = Learner(settings.model, settings.training, settings.state_dir, reader)
-    if not learner.restore(payload):
-        raise NothingToExport("the checkpoint was made for another backbone, input size or mode than this config")
-    if not learner.labels:
+    if payload["backbone"] != settings.model.backbone or payload["input_size"] != settings.model.input_size:
+        raise NothingToExport(
+            f"the checkpoint is of {payload['backbone']} at {payload['input_size']} px; this config says "
+            f"{settings.model.backbone} at {settings.model.input_size} px"
+        )
+    if not payload["labels"]:
         raise NothingToExport("the model knows no class yet")
-    return learner
+    spec = zoo.get(payload["backbone"])
+    # The same seed as the learner's, for a backbone without shipped weights (whose random init the
+    # checkpoint does not store in head mode), inside fork_rng so the daemon's own RNG is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.training.seed)
+        backbone = zoo.load_backbone(spec.name, pretrained=spec.pretrained is not None)
+    if settings.model.weights_file is not None:
+        zoo.load_weights(backbone, settings.model.weights_file)
+    if payload["backbone_state"] is not None:
+        backbone.load_state_dict(payload["backbone_state"])
+    head = GrowingHead(spec.embedding_size, len(payload["labels"]))
+    head.load_state_dict(payload["head"])
+    return Snapshot(spec, backbone.eval(), head.eval(), list(payload["labels"]), payload["trained"],
+                    payload["high_water_mark"])
 
 
-def _holdout(learner: Learner, reader: StoreReader, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The recent holdout examples of known classes, as uint8 RGB at the model's input size."""
-    known = {label: i for i, label in enumerate(learner.labels)}
-    pairs = [(seq, label) for seq, label in learner.holdout_index if label in known]
+def _holdout(snap: Snapshot, reader: StoreReader, size: int, most: int) -> tuple[np.ndarray, np.ndarray]:
+    """The most recent holdout examples of known classes, as uint8 RGB at the model's input size."""
+    known = {label: i for i, label in enumerate(snap.labels)}
+    pairs = [(seq, label) for seq, label in reader.labels_up_to(snap.high_water_mark, "holdout") if label in known][-most:]
     images, labels = [], []
     for e in reader.by_seq([seq for seq, _ in pairs]):
         rgb = load_rgb(e.image, size)
@@ -137,4 +167,3 @@ def _holdout(learner: Learner, reader: StoreReader, size: int) -> tuple[np.ndarr
     if not images:
         raise NothingToExport("no holdout examples of the known classes yet: the gates need some to score the model")
     return np.stack(images), np.array(labels)
-

@@ -39,6 +39,7 @@ class Daemon:
         self.feed: Feed | None = None
         self.intake: Intake | None = None
         self.training = None  # daemon.training.Training when training.enabled
+        self.exporting = None  # daemon.exporting.Exporting when export.enabled too
         self.http: HttpServer | None = None
         self._old_handlers: dict[int, object] = {}
         self._progress_at = 0.0
@@ -93,6 +94,12 @@ class Daemon:
         self.intake.start()
         if self.training is not None:
             self.training.start()
+            if s.export.enabled:
+                from daemon.exporting import Exporting
+
+                training = self.training
+                self.exporting = Exporting(s, lambda: training.learner.trained, training.checkpoint_now)
+                self.exporting.start()
         if s.server.enabled:
             self.http = HttpServer(s.server.host, s.server.port, self.health)
             self.http_address = self.http.start()
@@ -115,6 +122,9 @@ class Daemon:
             if self.training is not None and not self.training.is_alive():
                 log.error("learner thread died (%s); exiting so the service manager restarts Sprout", self.training.error)
                 return EX_SOFTWARE
+            if self.exporting is not None and not self.exporting.is_alive():
+                log.error("export thread died (%s); exiting so the service manager restarts Sprout", self.exporting.error)
+                return EX_SOFTWARE
             if self.http is not None and self.http.error is not None:
                 log.error("HTTP server stopped: %s", self.http.error)
                 return EX_SOFTWARE
@@ -131,6 +141,8 @@ class Daemon:
             log.info("stopping: committing %d received examples", self.feed.deliveries.qsize() if self.feed else 0)
             if not self.intake.stop(timeout_s=0.1 if self.force_exit else SHUTDOWN_BOUND_S):
                 log.warning("stopping: intake did not finish in time; un-acked examples come back on restart")
+        if self.exporting is not None:
+            self.exporting.stop()  # not awaited: a publish is atomic, and the next start exports again
         if self.training is not None and self.training.is_alive():
             log.info("stopping: finishing the learner's step and checkpointing")
             if not self.training.stop(timeout_s=0.1 if self.force_exit else SHUTDOWN_BOUND_S):
@@ -152,6 +164,8 @@ class Daemon:
         }
         if self.settings.training.enabled:
             parts["learner"] = bool(self.training and self.training.is_alive())
+            if self.settings.export.enabled:
+                parts["exporter"] = bool(self.exporting and self.exporting.is_alive())
         return parts
 
     def _progress(self) -> None:

@@ -219,6 +219,13 @@ class TrainingSettings(Section):
 
 
 class ExportSettings(Section):
+    enabled: bool = Field(True, description="Export and publish models while learning; off = only `sprout export` does.")
+    every_examples: int = Field(
+        2000, ge=1, description="Newly learned examples that trigger an export; lower is fresher, each export costs CPU."
+    )
+    every_seconds: float = Field(
+        600.0, gt=0, description="Seconds after which anything newly learned is exported even below every_examples."
+    )
     max_drop_pts: float = Field(
         1.0,
         ge=0.0,

@@ -54,6 +54,8 @@ class Training(threading.Thread):
         self.error: BaseException | None = None
         self.last_progress = time.monotonic()  # last time a step finished or the learner found nothing to do
         self._stop_requested = threading.Event()
+        self._save_requested = threading.Event()
+        self._save_done = threading.Event()
         self._saved_step = self.learner.step
         self._saved_at = time.monotonic()
 
@@ -72,6 +74,10 @@ class Training(threading.Thread):
         t = self.settings.training
         try:
             while not self._stop_requested.is_set():
+                if self._save_requested.is_set():
+                    self._save_requested.clear()
+                    self.save()
+                    self._save_done.set()
                 if self.intake_backlog is not None and self.intake_backlog() >= YIELD_AT_BACKLOG:
                     self.yields += 1
                     self.last_progress = time.monotonic()
@@ -94,6 +100,14 @@ class Training(threading.Thread):
             log.exception("learner stopped: %s", err)
         finally:
             self.reader.close()
+
+    def checkpoint_now(self, timeout_s: float = 60.0) -> bool:
+        """Have the learner's own thread write a checkpoint between two steps (a consistent snapshot)."""
+        if not self.is_alive():
+            return False
+        self._save_done.clear()
+        self._save_requested.set()
+        return self._save_done.wait(timeout_s)
 
     def save(self) -> Path | None:
         if self.learner.step == self._saved_step:

@@ -22,11 +22,11 @@ LEARNING = {
 }
 
 
-def publish_colours(url: str, n: int, rate: float) -> None:
+def publish_colours(url: str, n: int, rate: float, first: int = 0) -> None:
     with Publisher(url) as pub:
         started = time.monotonic()
-        for i in range(n):
-            delay = started + i / rate - time.monotonic()
+        for i in range(first, first + n):
+            delay = started + (i - first) / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             c = i % 3
@@ -68,3 +68,30 @@ def test_learner_resumes_after_sigkill_from_its_checkpoint_with_nothing_skipped(
     assert final["holdout"]["accuracy"] is not None
     assert "resumed at step" in d.log()
     assert isinstance(final["head"]["weight"], torch.Tensor)
+
+
+def test_the_daemon_publishes_signed_verified_models_as_it_learns(broker, daemon_factory):
+    from daemon.registry import Registry, registry_root
+    from daemon.signing import verify, verify_file
+
+    env = {**LEARNING, "SPROUT_EXPORT__EVERY_EXAMPLES": "100", "SPROUT_EXPORT__EVERY_SECONDS": "3600"}
+    d = daemon_factory(broker.url, env=env).start()
+    assert d.health()[1].get("exporter") is True
+
+    def latest():
+        try:
+            return Registry.open_readonly(registry_root(d.state), "leaves").latest()
+        except Exception:
+            return None
+
+    publish_colours(broker.url, 150, 300.0)
+    wait_for(lambda: (m := latest()) and m["version"] >= 1, 120, "a first published version")
+    publish_colours(broker.url, 150, 300.0, first=150)  # more learning: a second export
+    manifest = wait_for(lambda: (m := latest()) and m["version"] >= 2 and m, 120, "a second published version")
+    assert d.stop() == 0
+    registry = Registry.open_readonly(registry_root(d.state), "leaves")
+    verify(manifest, d.state / "signing" / "signing.pub")
+    verify_file(manifest, registry.model_path(manifest["version"]).read_bytes())
+    assert manifest["metrics"]["examples_trained"] >= 100
+    assert sorted(manifest["labels"]) == ["colour-0", "colour-1", "colour-2"]
+    assert "published version" in d.log()

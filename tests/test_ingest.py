@@ -224,7 +224,7 @@ def test_demo_runs_the_main_job(broker, tmp_path):
     # The real default: EfficientNet-Lite0 with its ImageNet weights, head mode on the CPU.
     out = subprocess.run(
         [*SPROUT, "demo", "--limit", "300", "--rate", "0", "--state", str(tmp_path / "demo"), "--broker", broker.url],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout)
@@ -237,6 +237,7 @@ def test_demo_runs_the_main_job(broker, tmp_path):
     assert len(learner["classes"]) == 10
     assert learner["holdout_accuracy"] > 0.3  # 10 classes: chance is 0.1
     assert "demo: fed" in out.stderr and "prequential" in out.stderr
+    assert summary["export"]["latest_version"] >= 1  # it published a verified, signed model
 
 
 def test_shared_subscription_spreads_one_feed_over_two_daemons(broker, daemon_factory, tmp_path):
