@@ -52,7 +52,9 @@ def _pct(value: float | None) -> str:
 
 def _learner_summary(training: Any) -> dict[str, Any]:
     lr = training.learner
-    holdout = lr.evaluate_holdout() if lr.holdout_index else lr.holdout
+    if lr.holdout_index:  # a fresh evaluation, on the learner's thread: it owns the learner's connections
+        training.on_learner_thread(lr.evaluate_holdout)
+    holdout = lr.holdout
     return {
         "backbone": lr.spec.name,
         "mode": lr.mode,

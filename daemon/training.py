@@ -12,10 +12,12 @@ minus its own) is its backlog. It checkpoints every
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from daemon import checkpoint
 from daemon.learner import Learner
@@ -54,8 +56,8 @@ class Training(threading.Thread):
         self.error: BaseException | None = None
         self.last_progress = time.monotonic()  # last time a step finished or the learner found nothing to do
         self._stop_requested = threading.Event()
-        self._save_requested = threading.Event()
-        self._save_done = threading.Event()
+        # Work other threads need done on this one (the learner and its connections are not shared).
+        self._requests: queue.Queue[tuple[Callable[[], Any], threading.Event, list[Any]]] = queue.Queue()
         self._saved_step = self.learner.step
         self._saved_at = time.monotonic()
 
@@ -74,10 +76,10 @@ class Training(threading.Thread):
         t = self.settings.training
         try:
             while not self._stop_requested.is_set():
-                if self._save_requested.is_set():
-                    self._save_requested.clear()
-                    self.save()
-                    self._save_done.set()
+                while not self._requests.empty():
+                    fn, done, result = self._requests.get_nowait()
+                    result.append(fn())
+                    done.set()
                 if self.intake_backlog is not None and self.intake_backlog() >= YIELD_AT_BACKLOG:
                     self.yields += 1
                     self.last_progress = time.monotonic()
@@ -101,13 +103,19 @@ class Training(threading.Thread):
         finally:
             self.reader.close()
 
-    def checkpoint_now(self, timeout_s: float = 60.0) -> bool:
-        """Have the learner's own thread write a checkpoint between two steps (a consistent snapshot)."""
+    def on_learner_thread(self, fn: Callable[[], Any], timeout_s: float = 60.0) -> tuple[bool, Any]:
+        """Run ``fn`` on the learner's thread between two steps; (False, None) if it did not happen in time."""
         if not self.is_alive():
-            return False
-        self._save_done.clear()
-        self._save_requested.set()
-        return self._save_done.wait(timeout_s)
+            return False, None
+        done, result = threading.Event(), []
+        self._requests.put((fn, done, result))
+        if not done.wait(timeout_s):
+            return False, None
+        return True, result[0]
+
+    def checkpoint_now(self, timeout_s: float = 60.0) -> bool:
+        """A checkpoint written between two steps: a consistent snapshot for the exporter."""
+        return self.on_learner_thread(self.save, timeout_s)[0]
 
     def save(self) -> Path | None:
         if self.learner.step == self._saved_step:
