@@ -1,14 +1,13 @@
 """One export: snapshot the learner's last checkpoint, convert, verify, gate, and publish or record the rejection.
 
 ``sprout export`` runs this on demand, beside a running daemon or not: it
-reads the checkpoint and the store, never writes them. The candidate is
-published only when it runs on the target interpreter, no output is NaN, its
-holdout top-1 there is within ``export.max_drop_pts`` of the float model's,
-and not below the published model's minus ``export.tolerance_pts``.
-Otherwise the registry's log records it with its reasons.
-
-This slice exports float32 (``quantization: none``); int8 joins once its
-recipe passes these gates (docs/benchmarks.md, "Export").
+reads the checkpoint and the store, never writes them. A candidate is
+published only when on every runtime of ``export.runtimes`` it loads and
+runs, no output is NaN, its holdout top-1 is within ``export.max_drop_pts``
+of the float model's, and not below the published model's on that runtime
+minus ``export.tolerance_pts``. Otherwise the registry's log records it with
+its reasons, and the next mode of ``export.quantization`` is tried (int8,
+then fp16 by default: the smallest model that is as good as the float one).
 """
 
 from __future__ import annotations
@@ -23,17 +22,16 @@ import torch
 from torch import nn
 
 from daemon import checkpoint
-from daemon.exporter import RuntimeReport, convert, float_probabilities, snapshot, verify_litert
-from daemon.imaging import load_rgb
+from daemon.exporter import convert, float_probabilities, input_dtype, snapshot
 from daemon.head import GrowingHead
+from daemon.imaging import load_rgb
 from daemon.registry import Registry
 from daemon.settings import Settings
 from daemon.store import StoreReader
+from daemon.verification import RuntimeReport, verify
 from models import zoo
 
 log = logging.getLogger("sprout.export")
-
-MODE = "none"
 
 
 class NothingToExport(Exception):
@@ -49,47 +47,75 @@ class Outcome:
 
 
 def export_once(settings: Settings) -> Outcome:
+    """Try each mode of ``export.quantization`` in order; publish the first candidate that passes every gate."""
     started = time.perf_counter()
+    cfg = settings.export
     reader = StoreReader(settings.state_dir / "examples.db")
     try:
         snap = _restored(settings, reader)
         size = settings.model.input_size
-        images, labels = _holdout(snap, reader, size, settings.training.holdout_max_examples)
-        model = snapshot(snap.backbone, snap.head, snap.spec.preprocessing)
-        reference = float_probabilities(model, images)
-        float_top1 = float((reference.argmax(1) == labels).mean())
-        tflite = convert(model, MODE, size)
-        report = verify_litert(tflite, images, labels, reference)
+        images, labels = _holdout(snap, reader, size, cfg.verify_examples)
+        calibration = _calibration(snap, reader, size, cfg.calibration_examples, settings.training.seed) \
+            if "int8" in cfg.quantization else []
     finally:
         reader.close()
+    model = snapshot(snap.backbone, snap.head, snap.spec.preprocessing)
+    reference = float_probabilities(model, images)
+    float_top1 = float((reference.argmax(1) == labels).mean())
     registry = Registry.from_settings(settings)
+    latest = registry.latest()
+    outcome = Outcome(None)
+    for mode in cfg.quantization:
+        fields, tflite, reasons = _candidate(settings, snap, model, mode, images, labels, reference, float_top1,
+                                             calibration if mode == "int8" else [], latest)
+        outcome.metrics = fields["metrics"]
+        if reasons:
+            registry.record_rejection(fields, reasons)
+            outcome.reasons += [f"{mode}: {r}" for r in reasons]
+            log.warning("%s export rejected: %s", mode, "; ".join(reasons))
+            continue
+        outcome.published = registry.publish(tflite, fields)  # the very bytes that were verified
+        log.info("published version %d (%s, holdout top-1 %s; float %.1f%%)", outcome.published["version"], mode,
+                 ", ".join(f"{k} {100 * v:.1f}%" for k, v in fields["metrics"]["holdout_top1"].items()),
+                 100 * float_top1)
+        break
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _candidate(settings: Settings, snap: Snapshot, model: nn.Module, mode: str, images: np.ndarray,
+               labels: np.ndarray, reference: np.ndarray, float_top1: float, calibration: list[np.ndarray],
+               latest: dict[str, Any] | None) -> tuple[dict[str, Any], bytes, list[str]]:
+    """Convert in ``mode`` and verify on every runtime: the manifest fields, the bytes, and why not to ship."""
+    cfg = settings.export
+    size = settings.model.input_size
+    converted = time.perf_counter()
+    tflite = convert(model, mode, size, calibration)
+    convert_s = time.perf_counter() - converted
+    pythons = {"tflite-runtime": cfg.tflite_runtime_python} if cfg.tflite_runtime_python else None
+    reports = verify(tflite, images, labels, reference, cfg.runtimes, pythons, cfg.verify_timeout_s)
+    ran = [r for r in reports if r.error is None]
     metrics = {
         "holdout_top1_float": float_top1,
-        "holdout_top1": {report.runtime: report.top1},
-        "agreement_with_float": {report.runtime: report.agreement},
-        "latency_ms": {report.runtime: report.latency_ms},
+        "holdout_top1": {r.runtime: r.top1 for r in ran},
+        "agreement_with_float": {r.runtime: r.agreement for r in ran},
+        "latency_ms": {r.runtime: r.latency_ms for r in ran},
         "holdout_examples": len(labels),
+        "calibration_examples": len(calibration),
         "examples_trained": snap.trained,
         "high_water_mark": snap.high_water_mark,
+        "size_bytes": len(tflite),
+        "convert_s": round(convert_s, 2),
     }
-    reasons = gate(report, float_top1, registry.latest(), settings)
     fields = {
         "base": snap.spec.name,
         "labels": list(snap.labels),
-        "input": {"shape": [1, size, size, 3], "layout": "NHWC", "dtype": "float32", "range": [0, 255]},
-        "quantization": MODE,
+        "input": {"shape": [1, size, size, 3], "layout": "NHWC", "dtype": input_dtype(mode), "range": [0, 255]},
+        "quantization": mode,
         "metrics": metrics,
-        "runtimes_verified": [{"name": report.runtime, "version": report.version}],
+        "runtimes_verified": [{"name": r.runtime, "version": r.version} for r in ran],
     }
-    outcome = Outcome(None, reasons, metrics)
-    if reasons:
-        registry.record_rejection(fields, reasons)
-        log.warning("export rejected: %s", "; ".join(reasons))
-    else:
-        outcome.published = registry.publish(tflite, fields)  # the very bytes that were verified
-        log.info("published version %d (top-1 %.3f on %s)", outcome.published["version"], report.top1, report.runtime)
-    outcome.seconds = time.perf_counter() - started
-    return outcome
+    return fields, tflite, gate(reports, float_top1, latest, settings)
 
 
 @dataclass
@@ -104,24 +130,31 @@ class Snapshot:
     high_water_mark: int
 
 
-def gate(report: RuntimeReport, float_top1: float, latest: dict[str, Any] | None, settings: Settings) -> list[str]:
-    """Why the candidate must not ship; empty when it may."""
+def gate(reports: list[RuntimeReport], float_top1: float, latest: dict[str, Any] | None, settings: Settings) -> list[str]:
+    """Why the candidate must not ship, on every runtime; empty when it may."""
     reasons = []
-    if report.nonfinite:
-        reasons.append(f"{report.runtime} returned NaN or infinite outputs")
-    top1 = report.top1 or 0.0
-    drop = 100 * (float_top1 - top1)
-    if drop > settings.export.max_drop_pts:
-        reasons.append(
-            f"holdout top-1 on {report.runtime} is {100 * top1:.1f}%, {drop:.1f} points below the float model "
-            f"(limit {settings.export.max_drop_pts})"
-        )
-    if latest is not None:
-        previous = (latest.get("metrics", {}).get("holdout_top1") or {}).get(report.runtime)
+    previous_top1 = (latest or {}).get("metrics", {}).get("holdout_top1") or {}
+    if not reports:
+        reasons.append("no runtime verified the candidate (export.runtimes is empty)")
+    for report in reports:
+        name = f"{report.runtime} {report.version}" if report.version != "unknown" else report.runtime
+        if report.error is not None:
+            reasons.append(f"{name} could not load or run the model: {report.error}")
+            continue
+        if report.nonfinite:
+            reasons.append(f"{name} returned NaN or infinite outputs")
+        top1 = report.top1 or 0.0
+        drop = 100 * (float_top1 - top1)
+        if drop > settings.export.max_drop_pts:
+            reasons.append(
+                f"holdout top-1 on {name} is {100 * top1:.1f}%, {drop:.1f} points below the float model's "
+                f"{100 * float_top1:.1f}% (limit export.max_drop_pts = {settings.export.max_drop_pts})"
+            )
+        previous = previous_top1.get(report.runtime)
         if previous is not None and 100 * (previous - top1) > settings.export.tolerance_pts:
             reasons.append(
-                f"holdout top-1 {100 * top1:.1f}% is below the published version {latest['version']}'s "
-                f"{100 * previous:.1f}% by more than {settings.export.tolerance_pts} points"
+                f"holdout top-1 on {name} is {100 * top1:.1f}%, below the published version {latest['version']}'s "
+                f"{100 * previous:.1f}% by more than export.tolerance_pts = {settings.export.tolerance_pts} points"
             )
     return reasons
 
@@ -167,3 +200,24 @@ def _holdout(snap: Snapshot, reader: StoreReader, size: int, most: int) -> tuple
     if not images:
         raise NothingToExport("no holdout examples of the known classes yet: the gates need some to score the model")
     return np.stack(images), np.array(labels)
+
+
+def _calibration(snap: Snapshot, reader: StoreReader, size: int, most: int, seed: int) -> list[np.ndarray]:
+    """A class-balanced sample of stored training examples, as uint8 RGB: what int8 ranges are measured on.
+
+    Balanced, so a class with few examples still sets the ranges its features need; drawn across the whole
+    history with a fixed seed, so two exports of the same checkpoint calibrate alike.
+    """
+    by_label: dict[str, list[int]] = {}
+    for seq, label in reader.labels_up_to(snap.high_water_mark, "train"):
+        by_label.setdefault(label, []).append(seq)
+    rng = np.random.default_rng(seed)
+    per_label = max(1, most // max(1, len(by_label)))
+    seqs = []
+    for label in sorted(by_label):
+        pool = by_label[label]
+        seqs += [pool[i] for i in sorted(rng.choice(len(pool), size=min(per_label, len(pool)), replace=False))]
+    images = [rgb for e in reader.by_seq(seqs) if (rgb := load_rgb(e.image, size)) is not None]
+    if not images:
+        raise NothingToExport("no stored training examples to calibrate the int8 model on yet")
+    return images

@@ -71,6 +71,12 @@ class Daemon:
         )
         self.feed = Feed(s.mqtt, s.model.name, s.client_id, limits, s.store.backlog_max)
         self.intake = Intake(self.feed, self.store, s.store)
+        if s.training.enabled and s.export.enabled:
+            from daemon.verification import unavailable
+
+            if problems := unavailable(s.export.runtimes, s.export.tflite_runtime_python):
+                # Every export would be refused: say so now rather than after the first one.
+                raise ConfigError(f"export.runtimes: {'; '.join(problems)}")
         if s.training.enabled:
             from daemon.checkpoint import CheckpointError  # these import torch: only when this node learns
             from daemon.training import Training

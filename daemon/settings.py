@@ -12,6 +12,7 @@ example file ``sprout.example.toml`` repeats them for operators.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -21,7 +22,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 EX_CONFIG = 78  # sysexits.h: systemd's RestartPreventExitStatus=78 stops a restart loop on a bad config.
 
@@ -240,6 +241,54 @@ class ExportSettings(Section):
         description="Most holdout top-1 points a new version may fall below the published one (holdout noise); "
         "0 ships only improvements.",
     )
+    quantization: list[Literal["int8", "dynamic", "fp16", "none"]] = Field(
+        ["int8", "fp16"],
+        min_length=1,
+        description="Modes to try, in order; the first whose candidate passes every gate is published. int8: "
+        "full-integer, uint8 input, ~30% of float's size, fastest on ai-edge-litert, calibrated on stored "
+        "examples; dynamic: int8 weights, float activations, ai-edge-litert only; fp16: half-size float weights, "
+        "float accuracy; none: float32. Each failed mode costs one more conversion.",
+    )
+    runtimes: list[Literal["ai-edge-litert", "tflite-runtime"]] = Field(
+        ["ai-edge-litert", "tflite-runtime"],
+        min_length=1,
+        description="Interpreters every candidate must load and pass the gates on before it ships: the ones your "
+        "devices run. Each adds a verification run to every export.",
+    )
+    tflite_runtime_python: Path | None = Field(
+        None,
+        description="Python of the virtualenv holding tflite-runtime 2.14 (it needs numpy<2); empty = "
+        "<this venv>-tflite/bin/python, which scripts/setup.sh creates.",
+    )
+    calibration_examples: int = Field(
+        100,
+        ge=8,
+        le=10_000,
+        description="Stored training examples (class-balanced) an int8 export calibrates on; more gives steadier "
+        "activation ranges, each costs ~30 ms of export time at 128 px.",
+    )
+    verify_examples: int = Field(
+        400,
+        ge=10,
+        le=100_000,
+        description="Most recent holdout examples each runtime scores a candidate on; more makes the gates less "
+        "noisy, each costs up to ~30 ms on tflite-runtime (int8, 128 px).",
+    )
+    verify_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds a runtime may take to verify a candidate before it counts as failed."
+    )
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _one_mode(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # quantization = "int8" means just that mode
+
+    @field_validator("quantization", "runtimes")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("name each one once")
+        return value
 
 
 class RegistrySettings(Section):
@@ -336,6 +385,10 @@ class Settings(BaseSettings):
             return cls(**(overrides or {}))
         except ValidationError as err:
             raise ConfigError(describe(err, path)) from None
+        except SettingsError as err:
+            # A list or table field set from the environment must be JSON: say which variable and how.
+            raise ConfigError(f"{_not_json(cls) or err}: list and table fields take JSON in the environment, "
+                              f"e.g. SPROUT_EXPORT__RUNTIMES='[\"ai-edge-litert\"]'") from None
         finally:
             _file_data.reset(token)
 
@@ -346,6 +399,24 @@ class Settings(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """The resolved configuration as plain data, secrets shown as '**********'."""
         return _mask(self.model_dump(mode="json"), self)
+
+
+def _not_json(settings: type[BaseModel]) -> str:
+    """The SPROUT_<SECTION>__<FIELD> variables of list or table fields whose value is not JSON."""
+    bad = []
+    for name, value in os.environ.items():
+        section, _, key = name.removeprefix("SPROUT_").lower().partition("__")
+        if not name.startswith("SPROUT_") or section not in settings.model_fields:
+            continue
+        model = settings.model_fields[section].annotation
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None or getattr(field.annotation, "__origin__", None) not in (list, dict):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            bad.append(f"{name} (field {section}.{key}) is not JSON: {value!r}")
+    return "; ".join(bad)
 
 
 class ConfigError(Exception):

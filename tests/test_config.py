@@ -126,3 +126,23 @@ def test_an_ingest_only_node_never_imports_torch():
     code = "import sys, daemon.cli, daemon.service, daemon.feed, daemon.intake; print('torch' in sys.modules)"
     out = subprocess.run([*SPROUT[:1], "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_target_runtime_that_is_not_installed_exits_78(tmp_path: Path):
+    out = subprocess.run(
+        [*SPROUT, "run", "--state", str(tmp_path / "state"), "--broker", "mqtt://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "SPROUT_MODEL__BACKBONE": "tiny",
+             "SPROUT_EXPORT__TFLITE_RUNTIME_PYTHON": str(tmp_path / "no-venv" / "bin" / "python")},
+    )
+    assert out.returncode == 78, out.stderr[-1500:]
+    assert "export.runtimes: tflite-runtime needs" in out.stderr and "scripts/setup.sh" in out.stderr
+
+
+def test_a_list_from_the_environment_that_is_not_json_exits_78_naming_it():
+    env = {"SPROUT_EXPORT__RUNTIMES": "ai-edge-litert", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([*SPROUT, "check-config", str(REPO / "sprout.example.toml")], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 78, out.stderr
+    assert "SPROUT_EXPORT__RUNTIMES (field export.runtimes) is not JSON: 'ai-edge-litert'" in out.stderr
+    assert "take JSON" in out.stderr

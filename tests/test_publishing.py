@@ -24,24 +24,28 @@ def learned_state(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def export(state: Path, *extra: str) -> tuple[int, dict, str]:
-    out = subprocess.run([*SPROUT, "export", "--state", str(state), *extra], capture_output=True, text=True, timeout=300,
+def export(state: Path, **env: str) -> tuple[int, dict, str]:
+    out = subprocess.run([*SPROUT, "export", "--state", str(state)], capture_output=True, text=True, timeout=300,
                          env={"PATH": "/usr/bin:/bin", "SPROUT_MODEL__BACKBONE": "tiny", "SPROUT_MODEL__INPUT_SIZE": "32",
-                              "SPROUT_TRAINING__MODE": "head"})
+                              "SPROUT_TRAINING__MODE": "head", **env})
     return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {}, out.stderr
 
 
 def test_export_publishes_a_signed_verified_version(tmp_path: Path):
     state = learned_state(tmp_path)
-    code, result, err = export(state)
+    code, result, err = export(state, SPROUT_EXPORT__CALIBRATION_EXAMPLES="30")
     assert code == 0, err
     assert result["published"] == 1 and result["rejected_because"] == []
-    assert result["metrics"]["holdout_top1"]["ai-edge-litert"] == result["metrics"]["holdout_top1_float"]
+    metrics = result["metrics"]
+    assert set(metrics["holdout_top1"]) == {"ai-edge-litert", "tflite-runtime"}
+    assert all(top1 >= metrics["holdout_top1_float"] - 0.01 for top1 in metrics["holdout_top1"].values())
+    assert metrics["calibration_examples"] == 30  # 10 of each of the three classes: class-balanced
     registry = Registry.open_readonly(registry_root(state), "plant-disease")
     manifest = registry.latest()
-    assert manifest["version"] == 1 and manifest["quantization"] == "none"
+    assert manifest["version"] == 1 and manifest["quantization"] == "int8"  # the default mode
     assert sorted(manifest["labels"]) == ["class-0", "class-1", "class-2"]
-    assert manifest["input"] == {"shape": [1, 32, 32, 3], "layout": "NHWC", "dtype": "float32", "range": [0, 255]}
+    assert manifest["input"] == {"shape": [1, 32, 32, 3], "layout": "NHWC", "dtype": "uint8", "range": [0, 255]}
+    assert [r["name"] for r in manifest["runtimes_verified"]] == ["ai-edge-litert", "tflite-runtime"]
     verify(manifest, state / "signing" / "signing.pub")
     verify_file(manifest, registry.model_path(1).read_bytes())
     code, result, _ = export(state)
@@ -63,7 +67,8 @@ def test_a_worse_candidate_is_rejected_with_reasons_and_not_published(tmp_path: 
     registry = Registry.open_readonly(registry_root(state), "plant-disease")
     assert registry.versions() == [1]
     rejected = [e for e in registry.events() if e.get("event") == "rejected"]
-    assert rejected and rejected[-1]["reasons"] == result["rejected_because"]
+    assert [e["candidate"]["quantization"] for e in rejected] == ["int8", "fp16"]  # each mode, in order
+    assert [f"{e['candidate']['quantization']}: {r}" for e in rejected for r in e["reasons"]] == result["rejected_because"]
 
 
 def test_nothing_to_export_before_the_first_checkpoint(tmp_path: Path):
@@ -73,14 +78,29 @@ def test_nothing_to_export_before_the_first_checkpoint(tmp_path: Path):
     assert "no checkpoint yet" in err
 
 
-def test_gate_refuses_nan_and_a_large_drop():
-    from daemon.exporter import RuntimeReport
+def test_float_export_on_one_runtime_when_configured(tmp_path: Path):
+    state = learned_state(tmp_path)
+    code, result, err = export(state, SPROUT_EXPORT__QUANTIZATION='["none"]', SPROUT_EXPORT__RUNTIMES='["ai-edge-litert"]')
+    assert code == 0, err
+    assert result["metrics"]["holdout_top1"] == {"ai-edge-litert": result["metrics"]["holdout_top1_float"]}
+    manifest = Registry.open_readonly(registry_root(state), "plant-disease").latest()
+    assert manifest["quantization"] == "none" and manifest["input"]["dtype"] == "float32"
+    assert manifest["runtimes_verified"] == [{"name": "ai-edge-litert", "version": "2.3.0"}]
+
+
+def test_gate_refuses_nan_and_a_large_drop_and_a_regression_per_runtime():
     from daemon.publishing import gate
+    from daemon.verification import RuntimeReport
 
     settings = Settings.load(None)
-    report = RuntimeReport("ai-edge-litert", "2.3.0", 0.80, 0.9, 1.0, True, "float32", None, None)
-    reasons = gate(report, 0.90, None, settings)
+    report = RuntimeReport("ai-edge-litert", "2.3.0", 0.80, 0.9, 1.0, True, "float32")
+    reasons = gate([report], 0.90, None, settings)
     assert any("NaN" in r for r in reasons)
     assert any("10.0 points below the float model" in r for r in reasons)
-    fine = RuntimeReport("ai-edge-litert", "2.3.0", 0.895, 1.0, 1.0, False, "float32", None, None)
-    assert gate(fine, 0.90, None, settings) == []
+    fine = RuntimeReport("ai-edge-litert", "2.3.0", 0.895, 1.0, 1.0, False, "float32")
+    old = RuntimeReport("tflite-runtime", "2.14.0", 0.895, 1.0, 30.0, False, "float32")
+    assert gate([fine, old], 0.90, None, settings) == []
+    published = {"version": 4, "metrics": {"holdout_top1": {"ai-edge-litert": 0.89, "tflite-runtime": 0.91}}}
+    reasons = gate([fine, old], 0.90, published, settings)
+    assert reasons == ["holdout top-1 on tflite-runtime 2.14.0 is 89.5%, below the published version 4's 91.0% "
+                       "by more than export.tolerance_pts = 0.5 points"]

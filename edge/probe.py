@@ -1,0 +1,47 @@
+"""Run a model on one interpreter over given images and save what it returned: the exporter's subprocess.
+
+tflite-runtime 2.14 imports only with numpy<2 and so lives in its own
+virtualenv, where neither torch nor Sprout is installed. The exporter runs
+
+    <that venv>/bin/python -m edge.probe --runtime tflite-runtime MODEL IMAGES.npy OUT.npz
+
+with PYTHONPATH naming the folder above ``edge/``. This module needs only
+numpy and the interpreter. It exits 0 with OUT written, or 1 with one line on
+stderr saying why the model could not be loaded or run (which the exporter
+records as the reason to reject the candidate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edge.runtime import RUNTIMES, classify
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m edge.probe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runtime", choices=sorted(RUNTIMES), default="tflite-runtime")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("model", type=Path, help=".tflite file")
+    ap.add_argument("images", type=Path, help=".npy of uint8 (N, H, W, 3) RGB images")
+    ap.add_argument("out", type=Path, help=".npz to write: probabilities, latencies_ms, meta (JSON)")
+    args = ap.parse_args(argv)
+    try:
+        run = classify(args.model.read_bytes(), np.load(args.images), args.runtime, args.threads)
+    except Exception as e:  # noqa: BLE001 - any failure to load or run is the answer, reported in one line
+        print(f"{type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    meta = {"runtime": run.runtime, "version": run.version, "input_dtype": run.input_dtype,
+            "input_scale": run.input_scale, "input_zero_point": run.input_zero_point}
+    np.savez(args.out, probabilities=run.probabilities, latencies_ms=run.latencies_ms, meta=np.array(json.dumps(meta)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
