@@ -38,3 +38,6 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
     # paho logs every packet at DEBUG; keep it quiet unless asked for.
     logging.getLogger("sprout.paho").setLevel(max(logging.getLevelName(level), logging.INFO))
+    # torchao (pulled in by litert-torch's quantizer) warns on import about GPU kernels and Triton that a
+    # CPU export never uses: noise in every export's log, so only its errors pass.
+    logging.getLogger("torchao").setLevel(max(logging.getLevelName(level), logging.ERROR))

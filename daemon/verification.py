@@ -71,12 +71,14 @@ def verify(
     tflite: bytes,
     images: np.ndarray,
     labels: np.ndarray | None,
-    reference: np.ndarray,
+    reference: np.ndarray | None,
     runtimes: list[str] | tuple[str, ...],
     pythons: dict[str, Path] | None = None,
     timeout_s: float = 300.0,
 ) -> list[RuntimeReport]:
     """One report per runtime for the candidate ``tflite`` on uint8 ``images`` against ``reference`` probabilities.
+
+    Without a ``reference`` (scoring the published model, whose classes may differ) agreement is None.
 
     ``pythons`` maps a runtime to the interpreter that has it installed; by default :func:`python_for`.
     """
@@ -102,7 +104,8 @@ def verify(
         return [_report(runtime, job, labels, reference, timeout_s) for runtime, job in started.items()]
 
 
-def _report(runtime: str, job, labels: np.ndarray | None, reference: np.ndarray, timeout_s: float) -> RuntimeReport:
+def _report(runtime: str, job, labels: np.ndarray | None, reference: np.ndarray | None,
+            timeout_s: float) -> RuntimeReport:
     if isinstance(job, str):
         return _failed(runtime, job)
     out, proc = job
@@ -118,15 +121,16 @@ def _report(runtime: str, job, labels: np.ndarray | None, reference: np.ndarray,
         probabilities = saved["probabilities"]
         latencies = saved["latencies_ms"]
         meta = json.loads(str(saved["meta"]))
-    if probabilities.shape != reference.shape:
-        return _failed(runtime, f"returned outputs of shape {probabilities.shape}, expected {reference.shape}",
+    expected = reference.shape if reference is not None else (len(labels),) if labels is not None else None
+    if expected is not None and probabilities.shape[: len(expected)] != expected:
+        return _failed(runtime, f"returned outputs of shape {probabilities.shape}, expected {expected}",
                        meta.get("version", "unknown"))
     predicted = probabilities.argmax(1)
     return RuntimeReport(
         runtime=runtime,
         version=meta["version"],
         top1=float((predicted == labels).mean()) if labels is not None and len(labels) else None,
-        agreement=float((predicted == reference.argmax(1)).mean()) if len(reference) else None,
+        agreement=float((predicted == reference.argmax(1)).mean()) if reference is not None and len(reference) else None,
         latency_ms=float(np.median(latencies)) if len(latencies) else None,
         nonfinite=bool(not np.all(np.isfinite(probabilities))),
         input_dtype=meta["input_dtype"],

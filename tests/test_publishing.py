@@ -64,11 +64,36 @@ def test_a_worse_candidate_is_rejected_with_reasons_and_not_published(tmp_path: 
     assert code == 1
     assert result["published"] is None
     assert any("below the published version 1" in r for r in result["rejected_because"])
+    baseline = result["metrics"]["published_top1_same_holdout"]
+    assert baseline["version"] == 1 and baseline["ai-edge-litert"] >= 0.9  # v1 re-scored on today's holdout
     registry = Registry.open_readonly(registry_root(state), "plant-disease")
     assert registry.versions() == [1]
     rejected = [e for e in registry.events() if e.get("event") == "rejected"]
     assert [e["candidate"]["quantization"] for e in rejected] == ["int8", "fp16"]  # each mode, in order
     assert [f"{e['candidate']['quantization']}: {r}" for e in rejected for r in e["reasons"]] == result["rejected_because"]
+
+
+def test_the_published_version_is_rescored_on_the_candidates_holdout(tmp_path: Path):
+    """A model that learned a new class is compared with the published one on the same images, new class included."""
+    from daemon.store import Store
+
+    learner, reader = make_learner(tmp_path, stream([0, 1], 40, seed=34, order="iid"))
+    learn_all(learner, reader)
+    checkpoint.save(tmp_path / "checkpoints", learner.state())
+    code, first, err = export(tmp_path)
+    assert code == 0 and first["published"] == 1, err
+    store = Store(tmp_path / "examples.db")
+    store.commit(stream([2], 40, seed=35))
+    store.close()
+    learn_all(learner, reader)
+    checkpoint.save(tmp_path / "checkpoints", learner.state())
+    code, second, err = export(tmp_path)
+    assert code == 0 and second["published"] == 2, second.get("rejected_because", err)
+    baseline = second["metrics"]["published_top1_same_holdout"]
+    assert baseline["version"] == 1
+    # Version 1 knows two of the three classes: on today's holdout it misses every class-2 image.
+    assert set(baseline) == {"version", "ai-edge-litert", "tflite-runtime"}
+    assert baseline["ai-edge-litert"] < 0.7 < first["metrics"]["holdout_top1"]["ai-edge-litert"]
 
 
 def test_nothing_to_export_before_the_first_checkpoint(tmp_path: Path):
@@ -89,7 +114,7 @@ def test_float_export_on_one_runtime_when_configured(tmp_path: Path):
 
 
 def test_gate_refuses_nan_and_a_large_drop_and_a_regression_per_runtime():
-    from daemon.publishing import gate
+    from daemon.publishing import Baseline, gate
     from daemon.verification import RuntimeReport
 
     settings = Settings.load(None)
@@ -100,7 +125,7 @@ def test_gate_refuses_nan_and_a_large_drop_and_a_regression_per_runtime():
     fine = RuntimeReport("ai-edge-litert", "2.3.0", 0.895, 1.0, 1.0, False, "float32")
     old = RuntimeReport("tflite-runtime", "2.14.0", 0.895, 1.0, 30.0, False, "float32")
     assert gate([fine, old], 0.90, None, settings) == []
-    published = {"version": 4, "metrics": {"holdout_top1": {"ai-edge-litert": 0.89, "tflite-runtime": 0.91}}}
+    published = Baseline(4, {"ai-edge-litert": 0.89, "tflite-runtime": 0.91})
     reasons = gate([fine, old], 0.90, published, settings)
     assert reasons == ["holdout top-1 on tflite-runtime 2.14.0 is 89.5%, below the published version 4's 91.0% "
-                       "by more than export.tolerance_pts = 0.5 points"]
+                       "on the same images by more than export.tolerance_pts = 0.5 points"]
