@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo run test bench-ingest bench-learning clean
+.PHONY: setup demo run test bench-ingest bench-learning bench-export clean
 
 setup: $(VENV)/.installed
 
@@ -27,5 +27,8 @@ bench-learning: setup
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/learning.py
 
+bench-export: setup
+	$(BIN)/python bench/export.py --input-size 128 --json bench/out/export-128.json
+
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) $(VENV)-tflite var .pytest_cache
