@@ -136,6 +136,19 @@ class Feed:
             self.settings.rejected_topic(self.model), json.dumps(rejection.notice()), qos=1, retain=False
         )
 
+    def publish_retained(self, topic: str, payload: bytes, timeout_s: float = 10.0) -> bool:
+        """Publish ``payload`` retained at QoS 1 on this session; True once the broker's PUBACK arrived."""
+        if not self.connected.is_set():
+            return False
+        info = self._client.publish(topic, payload, qos=1, retain=True)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        try:
+            info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError):  # the link dropped while waiting: the caller tries again
+            return False
+        return info.is_published()
+
     # -- paho callbacks (network thread) -------------------------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:

@@ -1,4 +1,21 @@
-"""The daemon's HTTP side, on Starlette and uvicorn: for now the health check.
+"""The daemon's HTTP side, on Starlette and uvicorn: health, and the model download API devices sync from.
+
+Paths (DESIGN.md, docs/devices.md), served from the registry folder as it is
+on disk, so a static mirror of that folder serves the same bytes
+(docs/nginx-mirror.conf):
+
+- ``GET /v1/models/<model>/latest``: the latest manifest; ``Cache-Control:
+  no-cache`` and an ETag (sha256 of the document), so a device's conditional
+  GET costs a 304 until a new version is published.
+- ``GET /v1/models/<model>/versions``: the published versions, newest first.
+- ``GET /v1/models/<model>/versions/<v>/{manifest.json,model.tflite,labels.txt}``:
+  immutable once published. ``model.tflite``'s ETag is its sha256 (from the
+  manifest); ``If-None-Match`` gives 304 and ``Range`` 206, so a download cut
+  off in a field resumes where it stopped.
+
+Model names and versions are checked against what the registry can hold
+before any path is built, so no request reaches outside it. With a bearer
+token configured every /v1 request must carry it.
 
 uvicorn runs in its own thread with its own event loop; it installs no signal
 handlers off the main thread, so the Daemon keeps sole control of signals.
@@ -7,35 +24,143 @@ handlers off the main thread, so the Daemon keeps sole control of signals.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 log = logging.getLogger("sprout.server")
 
 Health = Callable[[], dict[str, bool]]
 
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as settings.model.name allows
+_VERSION = re.compile(r"^[1-9][0-9]{0,9}$")
+_FILES = {"manifest.json": "application/json", "model.tflite": "application/octet-stream",
+          "labels.txt": "text/plain; charset=utf-8"}
+IMMUTABLE = "public, max-age=31536000, immutable"  # a published version's files never change
 
-def build_app(health: Health) -> Starlette:
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _etag_matches(request: Request, etag: str) -> bool:
+    wanted = request.headers.get("if-none-match")
+    if wanted is None:
+        return False
+    return wanted.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in wanted.split(",")]
+
+
+def _document(request: Request, path: Path, cache: str) -> Response:
+    """A small JSON file of the registry, with an ETag of its bytes and 304 when the device has it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return _error(404, "nothing published yet" if path.name == "latest" else f"no {path.name} here")
+    etag = f'"{hashlib.sha256(data).hexdigest()}"'
+    headers = {"ETag": etag, "Cache-Control": cache}
+    if _etag_matches(request, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type="application/json", headers=headers)
+
+
+class DownloadApi:
+    """The /v1 routes over ``registry_root`` (one folder per model, as daemon/registry.py lays it out)."""
+
+    def __init__(self, registry_root: Path, token: str | None = None):
+        self.root = registry_root
+        self.token = token
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models/{model}/latest", self.latest),
+            Route("/v1/models/{model}/versions", self.versions),
+            Route("/v1/models/{model}/versions/{version}/{name}", self.version_file),
+        ]
+
+    def _refusal(self, request: Request) -> Response | None:
+        """Why this request gets nothing (bad token, bad name, unknown model); None when it may proceed."""
+        if self.token is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                return JSONResponse({"error": "a valid bearer token is required: Authorization: Bearer <token>"},
+                                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="sprout"'})
+        model = request.path_params["model"]
+        if not _MODEL.match(model):
+            return _error(400, "model names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if not (self.root / model).is_dir():
+            return _error(404, f"no model {model!r} is published here")
+        return None
+
+    async def latest(self, request: Request) -> Response:
+        refusal = self._refusal(request)
+        return refusal or _document(request, self.root / request.path_params["model"] / "latest", "no-cache")
+
+    async def versions(self, request: Request) -> Response:
+        refusal = self._refusal(request)
+        return refusal or _document(request, self.root / request.path_params["model"] / "versions", "no-cache")
+
+    async def version_file(self, request: Request) -> Response:
+        if refusal := self._refusal(request):
+            return refusal
+        version, name = request.path_params["version"], request.path_params["name"]
+        if not _VERSION.match(version):
+            return _error(400, "versions are positive integers")
+        if name not in _FILES:
+            return _error(404, f"a version holds {', '.join(_FILES)}")
+        folder = self.root / request.path_params["model"] / version
+        if not (folder / "manifest.json").is_file():
+            return _error(404, f"version {version} is not published (or was removed by retention)")
+        if name == "manifest.json":
+            return _document(request, folder / name, IMMUTABLE)
+        etag = f'"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}"' if name == "labels.txt" \
+            else self._model_etag(folder)
+        headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
+        if _etag_matches(request, etag):
+            return Response(status_code=304, headers=headers)
+        # Starlette's FileResponse answers Range with 206 (and If-Range against this ETag).
+        return FileResponse(folder / name, media_type=_FILES[name], headers=headers)
+
+    @staticmethod
+    def _model_etag(folder: Path) -> str:
+        # The manifest's sha256 of the file: the registry verified it at publish, and hashing
+        # megabytes on every conditional GET would be waste.
+        manifest = json.loads((folder / "manifest.json").read_bytes())
+        return f'"{manifest["files"]["model.tflite"]["sha256"]}"'
+
+
+def build_app(health: Health, api: DownloadApi | None = None) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         parts = health()
         return JSONResponse(parts, status_code=200 if all(parts.values()) else 503)
 
-    return Starlette(routes=[Route("/healthz", healthz)])
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return _error(404, f"no such path: {request.url.path} (the API is in docs/devices.md)")
+
+    return Starlette(routes=[Route("/healthz", healthz), *(api.routes() if api else [])],
+                     exception_handlers={404: not_found})
 
 
 class HttpServer:
-    def __init__(self, host: str, port: int, health: Health):
+    def __init__(self, host: str, port: int, health: Health, api: DownloadApi | None = None,
+                 tls_cert_file: Path | None = None, tls_key_file: Path | None = None):
         config = uvicorn.Config(
-            build_app(health), host=host, port=port, log_level="warning", lifespan="off", access_log=False
+            build_app(health, api), host=host, port=port, log_level="warning", lifespan="off", access_log=False,
+            ssl_certfile=str(tls_cert_file) if tls_cert_file else None,
+            ssl_keyfile=str(tls_key_file) if tls_key_file else None,
         )
+        self.scheme = "https" if tls_cert_file else "http"
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._serve, name="sprout-http", daemon=True)
         self.error: BaseException | None = None

@@ -16,7 +16,9 @@ from types import FrameType
 
 from daemon.feed import Feed
 from daemon.intake import Intake
-from daemon.server import HttpServer
+from daemon.notice import Notice
+from daemon.registry import registry_root
+from daemon.server import DownloadApi, HttpServer
 from daemon.settings import ConfigError, Settings
 from daemon.store import Store
 from daemon.wire import Limits
@@ -41,6 +43,7 @@ class Daemon:
         self.training = None  # daemon.training.Training when training.enabled
         self.exporting = None  # daemon.exporting.Exporting when export.enabled too
         self.http: HttpServer | None = None
+        self.notice: Notice | None = None
         self._old_handlers: dict[int, object] = {}
         self._progress_at = 0.0
         self._progress_stored = 0
@@ -107,10 +110,21 @@ class Daemon:
                 self.exporting = Exporting(s, lambda: training.learner.trained, training.checkpoint_now)
                 self.exporting.start()
         if s.server.enabled:
-            self.http = HttpServer(s.server.host, s.server.port, self.health)
+            try:
+                token = s.server.resolved_token()
+            except OSError as err:
+                raise ConfigError(f"server.token_file: cannot read {s.server.token_file}: {err.strerror}") from None
+            api = DownloadApi(registry_root(s.state_dir), token)
+            self.http = HttpServer(s.server.host, s.server.port, self.health, api,
+                                   s.server.tls_cert_file, s.server.tls_key_file)
             self.http_address = self.http.start()
-            log.info("serving HTTP on http://%s", self.http_address)
+            log.info("serving HTTP on %s://%s%s", self.http.scheme, self.http_address,
+                     " (downloads need the bearer token)" if token else "")
         self.feed.start()
+        # Announce whatever the registry's latest is, now and on every change, on the feed's session.
+        self.notice = Notice(registry_root(s.state_dir) / s.model.name / "latest", s.mqtt.notice_topic(s.model.name),
+                             self.feed.publish_retained)
+        self.notice.start()
         log.info(
             "model %s, state %s, broker %s, client id %s",
             s.model.name,
@@ -153,6 +167,8 @@ class Daemon:
             log.info("stopping: finishing the learner's step and checkpointing")
             if not self.training.stop(timeout_s=0.1 if self.force_exit else SHUTDOWN_BOUND_S):
                 log.warning("stopping: the learner did not finish in time; it resumes from its last checkpoint")
+        if self.notice is not None:
+            self.notice.stop()
         if self.feed is not None:
             self.feed.stop()
         if self.http is not None:

@@ -127,6 +127,9 @@ class MqttSettings(Section):
     def rejected_topic(self, model: str) -> str:
         return f"{self.topic_prefix}/{model}/rejected"
 
+    def notice_topic(self, model: str) -> str:
+        return f"{self.topic_prefix}/{model}/models/latest"
+
     def subscription(self, model: str) -> str:
         topic = self.examples_topic(model)
         return f"$share/{self.share_group}/{topic}" if self.share_group else topic
@@ -306,6 +309,30 @@ class ServerSettings(Section):
         "127.0.0.1:8080", description="HOST:PORT for the HTTP API; 0.0.0.0 serves every interface, port 0 picks a free one."
     )
     enabled: bool = Field(True, description="Serve HTTP at all; off for a pure ingest node.")
+    token: SecretStr | None = Field(
+        None, description="Bearer token every /v1 download must carry; unset = downloads are open. Prefer token_file."
+    )
+    token_file: Path | None = Field(None, description="File whose first line is the bearer token.")
+    tls_cert_file: Path | None = Field(
+        None, description="Certificate chain (PEM) to serve HTTPS with; unset = plain HTTP (put a TLS proxy in front)."
+    )
+    tls_key_file: Path | None = Field(None, description="Private key (PEM) of tls_cert_file.")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        return self
+
+    def resolved_token(self) -> str | None:
+        if self.token is not None:
+            return self.token.get_secret_value() or None
+        if self.token_file is not None:
+            lines = self.token_file.read_text().splitlines()
+            return lines[0].strip() or None if lines else None
+        return None
 
     @field_validator("http")
     @classmethod

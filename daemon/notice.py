@@ -1,0 +1,56 @@
+"""The model notice: the latest manifest, retained at QoS 1 on ``<prefix>/<model>/models/latest``.
+
+Devices subscribed to the topic hear of a new version at once; one that
+connects later gets the retained manifest straight away. The notice follows
+the registry's ``latest`` file rather than the exporter, so a version
+published by ``sprout export``, a rollback by ``sprout models rollback`` in
+another process, and whatever was latest while the broker was unreachable
+are all announced: it polls the file (a stat a second) and publishes each
+new document until the broker acknowledges it. A notice is only a hint to
+look: devices verify the manifest's signature before they trust it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("sprout.notice")
+
+Publish = Callable[[str, bytes], bool]  # (topic, payload) -> True once the broker acknowledged it
+
+
+class Notice(threading.Thread):
+    def __init__(self, latest_file: Path, topic: str, publish: Publish, poll_s: float = 1.0):
+        super().__init__(name="sprout-notice", daemon=True)
+        self.latest_file = latest_file
+        self.topic = topic
+        self._publish = publish
+        self.poll_s = poll_s
+        self.announced: bytes | None = None  # the document the broker last acknowledged
+        self.announcements = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        seen: tuple[int, int] | None = None
+        while not self._stop_event.is_set():
+            try:
+                st = self.latest_file.stat()
+            except FileNotFoundError:
+                st = None  # nothing published yet
+            stamp = (st.st_mtime_ns, st.st_size) if st else None
+            if stamp is not None and (stamp != seen or self.announced is None):
+                document = self.latest_file.read_bytes()  # replaced atomically by the registry: always whole
+                if document != self.announced and self._publish(self.topic, document):
+                    self.announced = document
+                    self.announcements += 1
+                    log.info("announced the latest model on %s", self.topic)
+                if document == self.announced:
+                    seen = stamp
+            self._stop_event.wait(self.poll_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop_event.set()
+        self.join(timeout_s)

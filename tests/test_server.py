@@ -1,0 +1,204 @@
+"""The download API over real HTTP (uvicorn on a free port) and the retained MQTT notice from a real daemon."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+
+from daemon.registry import Registry, registry_root
+from daemon.server import DownloadApi, HttpServer
+from daemon.signing import Signer
+from helpers import SPROUT, wait_for
+from test_registry import fields
+
+MODEL = "leaves"
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(registry_root(tmp_path / "state"), MODEL, Signer.load_or_create(tmp_path / "keys" / "signing.key"), 5)
+
+
+def serve(root: Path, token: str | None = None, **tls) -> tuple[HttpServer, str]:
+    server = HttpServer("127.0.0.1", 0, lambda: {"feed": True}, DownloadApi(root, token), **tls)
+    address = server.start()
+    return server, f"{server.scheme}://{address}"
+
+
+@pytest.fixture
+def api(registry: Registry):
+    server, base = serve(registry.root)
+    with httpx.Client(base_url=f"{base}/v1/models/{MODEL}", timeout=10) as client:
+        yield client
+    server.stop()
+
+
+def test_latest_and_versions_with_etags_and_304(api: httpx.Client, registry: Registry):
+    assert api.get("/latest").status_code == 404
+    registry.publish(os.urandom(4096), fields())
+    registry.publish(os.urandom(4096), fields())
+    r = api.get("/latest")
+    assert r.status_code == 200 and r.json()["version"] == 2
+    assert r.headers["cache-control"] == "no-cache"
+    assert r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"'
+    assert r.content == (registry.folder / "latest").read_bytes()  # the registry's bytes, signature and all
+    again = api.get("/latest", headers={"If-None-Match": r.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+    assert [v["version"] for v in api.get("/versions").json()] == [2, 1]
+    registry.rollback(1)
+    moved = api.get("/latest", headers={"If-None-Match": r.headers["etag"]})
+    assert moved.status_code == 200 and moved.json()["version"] == 1  # the old ETag no longer matches
+
+
+def test_model_file_etag_304_range_and_resume_after_a_cut(api: httpx.Client, registry: Registry):
+    data = os.urandom(300_000)
+    manifest = registry.publish(data, fields())
+    url = manifest["files"]["model.tflite"]["path"]
+    assert url == "versions/1/model.tflite"
+    r = api.get(f"/{url}")
+    assert r.status_code == 200 and r.content == data
+    assert r.headers["etag"] == f'"{hashlib.sha256(data).hexdigest()}"'
+    assert "immutable" in r.headers["cache-control"] and r.headers["accept-ranges"] == "bytes"
+    assert api.get(f"/{url}", headers={"If-None-Match": r.headers["etag"]}).status_code == 304
+    # A download cut off part-way, as on a weak link: keep what arrived, ask for the rest.
+    got = bytearray()
+    with api.stream("GET", f"/{url}") as partial:
+        for chunk in partial.iter_bytes(16_384):
+            got += chunk
+            if len(got) >= 100_000:
+                break
+    rest = api.get(f"/{url}", headers={"Range": f"bytes={len(got)}-", "If-Range": r.headers["etag"]})
+    assert rest.status_code == 206
+    assert rest.headers["content-range"] == f"bytes {len(got)}-{len(data) - 1}/{len(data)}"
+    assert bytes(got) + rest.content == data
+    assert api.get(f"/{url}", headers={"Range": "bytes=400000-"}).status_code == 416
+    m = api.get("/versions/1/manifest.json")
+    assert m.status_code == 200 and m.json() == manifest and "immutable" in m.headers["cache-control"]
+    assert api.get("/versions/1/labels.txt").text == "healthy\nrust\nblight\n"
+
+
+@pytest.mark.parametrize("path, status", [
+    ("/versions/01/model.tflite", 400),
+    ("/versions/x/model.tflite", 400),
+    ("/versions/7/model.tflite", 404),
+    ("/versions/1/signing.key", 404),
+    ("/versions/1/..%2F..%2Fkeys%2Fsigning.key", 404),
+])
+def test_paths_outside_what_the_registry_holds_are_refused(api: httpx.Client, registry: Registry, path, status):
+    registry.publish(os.urandom(1024), fields())
+    r = api.get(path)
+    assert r.status_code == status and "error" in r.json()
+
+
+def test_model_names_are_checked_before_any_path_is_built(api: httpx.Client, registry: Registry):
+    base = str(api.base_url).rstrip("/").rsplit("/", 1)[0]
+    assert api.get(f"{base}/..%2Fkeys/latest").status_code == 404  # decoded, it is no route at all
+    assert api.get(f"{base}/.hidden/latest").status_code == 400
+    assert api.get(f"{base}/..%2E/latest").status_code == 400
+    assert api.get(f"{base}/a%20b/latest").status_code == 400
+    assert api.get(f"{base}/maize/latest").json() == {"error": "no model 'maize' is published here"}
+
+
+def test_a_configured_token_guards_downloads_but_not_health(registry: Registry):
+    registry.publish(os.urandom(1024), fields())
+    server, base = serve(registry.root, token="s3cret-token")
+    try:
+        url = f"{base}/v1/models/{MODEL}/latest"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+        assert httpx.get(f"{base}/healthz").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_https_with_the_configured_certificate(registry: Registry, tmp_path: Path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    import ipaddress
+
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    registry.publish(os.urandom(1024), fields())
+    server, base = serve(registry.root, tls_cert_file=cert_file, tls_key_file=key_file)
+    try:
+        assert base.startswith("https://")
+        r = httpx.get(f"{base}/v1/models/{MODEL}/latest", verify=str(cert_file))
+        assert r.status_code == 200 and r.json()["version"] == 1
+    finally:
+        server.stop()
+
+
+class NoticeListener:
+    """A device's view of the notice topic: every retained or live manifest received, in order."""
+
+    def __init__(self, broker_url: str, topic: str):
+        self.versions: list[int] = []
+        self.retained: list[bool] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+        host, port = broker_url.removeprefix("mqtt://").split(":")
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self._lock:
+            self.versions.append(json.loads(message.payload)["version"])
+            self.retained.append(bool(message.retain))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_every_publish_and_rollback_is_announced_retained(broker, daemon_factory, tmp_path: Path):
+    state = tmp_path / "state"
+    daemon = daemon_factory(broker.url, state=state).start()
+    registry = Registry(registry_root(state), MODEL, Signer.load_or_create(state / "signing" / "signing.key"), 5)
+    topic = f"sprout/{MODEL}/models/latest"
+    device = NoticeListener(broker.url, topic)
+    try:
+        registry.publish(os.urandom(2048), fields())
+        wait_for(lambda: device.versions == [1], 10, "the notice of version 1")
+        registry.publish(os.urandom(2048), fields())
+        wait_for(lambda: device.versions == [1, 2], 10, "the notice of version 2")
+        # A rollback from the CLI, another process: announced all the same.
+        out = subprocess.run([*SPROUT, "models", "rollback", "1", "--state", str(state)], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "SPROUT_MODEL__NAME": MODEL})
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: device.versions == [1, 2, 1], 10, "the notice of the rollback")
+        with httpx.Client() as http:
+            latest = http.get(f"http://127.0.0.1:{daemon.http_port}/v1/models/{MODEL}/latest").json()
+        assert latest["version"] == 1
+    finally:
+        device.close()
+    late = NoticeListener(broker.url, topic)  # a device that connects later gets the latest at once
+    try:
+        wait_for(lambda: late.versions == [1] and late.retained == [True], 10, "the retained notice")
+    finally:
+        late.close()
+    assert daemon.stop() == 0
