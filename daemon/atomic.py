@@ -1,48 +1,8 @@
 """Files that a restart or another process reads: written whole under a temporary name, fsynced, renamed.
 
-A reader (or a process killed mid-write) sees either the old file or the new
-one, never half of either. Temporaries are named ``.tmp-<name>-<pid>`` beside
-the target, so their owner can find and remove the leftovers of a killed write.
+The implementation lives in edge/atomic.py (standard library only), shared with the device side.
 """
 
-from __future__ import annotations
+from edge.atomic import TMP_PREFIX, fsync_dir, fsync_file, temporary_name, write_atomic, write_new
 
-import os
-from pathlib import Path
-
-TMP_PREFIX = ".tmp-"
-
-
-def temporary_name(path: Path) -> Path:
-    return path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-
-
-def write_new(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Create ``path`` (it must not exist: O_EXCL) with ``mode`` from the start, and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` in one step, durably (the rename and the folder are fsynced too)."""
-    tmp = temporary_name(path)
-    tmp.unlink(missing_ok=True)  # a leftover of this pid's killed predecessor: O_EXCL below needs it gone
-    try:
-        write_new(tmp, data, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new entry in ``folder`` survive a power cut."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = ["TMP_PREFIX", "fsync_dir", "fsync_file", "temporary_name", "write_atomic", "write_new"]

@@ -1,10 +1,9 @@
-"""Ed25519 signatures over model manifests, with the ``cryptography`` package.
+"""Signing model manifests with Ed25519 (the ``cryptography`` package): keys, and the signer.
 
 The signature covers :func:`canonical`: the manifest without its ``signature``
-field, as sorted, compact, UTF-8 JSON. A device re-serialises the parsed
-manifest the same way and checks the signature with the publisher's public
-key, then checks the downloaded file against the manifest's sha256 and size
-(:func:`verify_file`), so one trusted key vouches for every byte it runs.
+field, as sorted, compact, UTF-8 JSON. Checking it (:func:`verify`,
+:func:`verify_file`) is the device's job and lives in ``edge/trust.py``; the
+daemon uses that same code, re-exported here.
 
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -15,50 +14,38 @@ key, then checks the downloaded file against the manifest's sha256 and size
 >>> verify(signed, public)
 Traceback (most recent call last):
 ...
-daemon.signing.SignatureError: signature does not match the manifest: it was changed after signing, or signed by another key
+edge.trust.SignatureError: signature does not match the manifest: it was changed after signing, or signed by another key
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import hashlib
-import json
 import os
 import stat
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from daemon.atomic import fsync_dir, temporary_name, write_atomic, write_new
 
-ALG = "ed25519"
+# Verification lives in edge/trust.py, the one implementation devices and the daemon share: what a
+# phone checks is byte for byte what was signed here. Re-exported so daemon code keeps one import.
+from edge.trust import ALG, SignatureError, canonical, key_id, load_public_key, verify_file
+from edge.trust import verify_manifest as verify
+
+__all__ = [
+    "ALG", "PRIVATE_NAME", "PUBLIC_NAME", "SignatureError", "Signer", "SigningKeyError",
+    "canonical", "generate", "key_id", "load_public_key", "verify", "verify_file",
+]  # fmt: skip
+
 PRIVATE_NAME = "signing.key"
 PUBLIC_NAME = "signing.pub"
 
 
 class SigningKeyError(Exception):
     """The signing key cannot be created or used; the message names the file and the fix."""
-
-
-class SignatureError(Exception):
-    """A manifest or model file failed verification; the message says which check failed."""
-
-
-def key_id(public_key: Ed25519PublicKey) -> str:
-    """First 16 hex digits of the sha256 of the raw 32-byte public key."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def canonical(manifest: dict[str, Any]) -> bytes:
-    """The bytes that are signed: the manifest minus ``signature``, sorted compact UTF-8 JSON."""
-    body = {k: v for k, v in manifest.items() if k != "signature"}
-    # allow_nan=False: NaN is not JSON, and a verifier in another language could not reproduce it.
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def generate(out_dir: Path) -> tuple[Path, Path]:
@@ -150,70 +137,6 @@ class Signer:
         signed = {k: v for k, v in manifest.items() if k != "signature"}
         signed["signature"] = {"alg": ALG, "key_id": self.key_id, "value": base64.b64encode(value).decode("ascii")}
         return signed
-
-
-def load_public_key(key: Ed25519PublicKey | bytes | str | Path) -> Ed25519PublicKey:
-    """A public key from a key object, PEM bytes or text, or the path of a PEM file."""
-    if isinstance(key, Ed25519PublicKey):
-        return key
-    if isinstance(key, str) and key.lstrip().startswith("-----BEGIN"):
-        key = key.encode("ascii")
-    if isinstance(key, (str, Path)):
-        try:
-            key = Path(key).read_bytes()
-        except OSError as err:
-            raise SignatureError(f"{key}: cannot read the public key: {err.strerror}") from None
-    try:
-        loaded = serialization.load_pem_public_key(key)
-    except ValueError as err:
-        raise SignatureError(f"not a PEM public key ({err}); pass the publisher's signing.pub") from None
-    if not isinstance(loaded, Ed25519PublicKey):
-        raise SignatureError(f"the public key is a {type(loaded).__name__}, not Ed25519")
-    return loaded
-
-
-def verify(manifest: dict[str, Any], public_key: Ed25519PublicKey | bytes | str | Path) -> None:
-    """Raise :class:`SignatureError` unless ``manifest`` carries a valid signature by ``public_key``."""
-    sig = manifest.get("signature")
-    if not isinstance(sig, dict) or "value" not in sig:
-        raise SignatureError("manifest has no signature: refuse it (it did not come from a Sprout registry)")
-    if sig.get("alg") != ALG:
-        raise SignatureError(f"unknown signature algorithm {sig.get('alg')!r}; this verifier knows {ALG!r}")
-    key = load_public_key(public_key)
-    expected = key_id(key)
-    if sig.get("key_id") != expected:
-        raise SignatureError(
-            f"manifest was signed by key {sig.get('key_id')!r}, but the public key given is {expected!r}: "
-            "get the publisher's current signing.pub"
-        )
-    try:
-        value = base64.b64decode(sig["value"], validate=True)
-    except (binascii.Error, TypeError, ValueError):
-        raise SignatureError("signature value is not valid base64: the manifest is damaged") from None
-    try:
-        body = canonical(manifest)
-    except ValueError as err:  # NaN or a non-JSON value: nothing Sprout signs looks like that
-        raise SignatureError(f"manifest is not canonical JSON ({err})") from None
-    try:
-        key.verify(value, body)
-    except InvalidSignature:
-        raise SignatureError(
-            "signature does not match the manifest: it was changed after signing, or signed by another key"
-        ) from None
-
-
-def verify_file(manifest: dict[str, Any], model_bytes: bytes) -> None:
-    """Raise :class:`SignatureError` unless ``model_bytes`` has the size and sha256 the manifest names."""
-    try:
-        entry = manifest["files"]["model.tflite"]
-        size, digest = int(entry["size"]), str(entry["sha256"])
-    except (KeyError, TypeError, ValueError):
-        raise SignatureError("manifest has no files.model.tflite with sha256 and size") from None
-    if len(model_bytes) != size:
-        raise SignatureError(f"model.tflite is {len(model_bytes)} bytes, the manifest says {size}: download it again")
-    actual = hashlib.sha256(model_bytes).hexdigest()
-    if actual != digest:
-        raise SignatureError(f"model.tflite has sha256 {actual}, the manifest says {digest}: download it again")
 
 
 def _public_pem(public_key: Ed25519PublicKey) -> bytes:

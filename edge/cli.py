@@ -1,23 +1,180 @@
-"""The ``sprout-edge`` command: the device side. Model sync and classification arrive with the distribution work."""
+"""The ``sprout-edge`` command: keep a device's model current, and classify images with it. Never imports torch.
+
+    sprout-edge sync --url http://10.0.0.5:8080 --model maize --dir /var/lib/sprout-edge/maize \\
+        --public-key signing.pub [--watch [--interval 60] [--mqtt mqtt://10.0.0.5:1883]]
+    sprout-edge classify --dir /var/lib/sprout-edge/maize leaf.jpg [--top 3] [--json]
+
+Exit codes: 0 ok, 1 failed (the reason is on stderr), 2 usage, 66 no model installed yet.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
+from pathlib import Path
 
 from edge import __version__
+from edge.runtime import RUNTIMES
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # argparse's own
+EXIT_NO_MODEL = 66  # EX_NOINPUT: nothing installed yet, so a script can tell "not yet" from "broken"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sprout-edge", description="Sprout on a phone or edge device (no torch needed).")
     p.add_argument("--version", action="version", version=f"sprout-edge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sync,classify}")
+
+    s = sub.add_parser("sync", help="install the latest verified model (once, or keep doing so with --watch)",
+                       description="Fetch the latest manifest, download, verify and atomically install the model.")
+    s.add_argument("--url", required=True, help="the model server, e.g. http://10.0.0.5:8080 (paths start at /v1)")
+    s.add_argument("--model", required=True, help="model name, as in the server's URLs and topics")
+    s.add_argument("--dir", required=True, type=Path, help="folder this device keeps the model in")
+    s.add_argument("--public-key", type=Path,
+                   help="the publisher's signing.pub; without it signatures are NOT checked")
+    s.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
+    s.add_argument("--watch", action="store_true", help="keep running: poll, follow MQTT notices, stop on SIGTERM")
+    s.add_argument("--interval", type=_positive_seconds, default=None,
+                   help="with --watch: seconds between polls when all is well (default 60; errors back off up to 300)")
+    s.add_argument("--mqtt", metavar="URL",
+                   help="with --watch: broker (mqtt://host:port or mqtts://) whose retained notice triggers a sync at once")
+    s.add_argument("--topic-prefix", default="sprout", help="with --mqtt: topic prefix of the notices (default sprout)")
+    s.add_argument("--runtime", choices=["auto", *RUNTIMES, "none"], default="auto",
+                   help="interpreter a new model must run on before it is installed (default: the first installed)")
+    s.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+
+    c = sub.add_parser("classify", help="top-k labels with scores for images, with the installed model",
+                       description="Classify images with the installed model.")
+    c.add_argument("--dir", required=True, type=Path, help="folder the model was synced into")
+    c.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG, PNG or WebP files")
+    c.add_argument("--top", type=_positive_int, default=5, metavar="K", help="labels per image (default 5)")
+    c.add_argument("--json", action="store_true", help="print one JSON document")
+    c.add_argument("--runtime", choices=list(RUNTIMES), default=None,
+                   help="interpreter to run on (default: ai-edge-litert if installed, else tflite-runtime)")
+    c.add_argument("--threads", type=_positive_int, default=2, help="interpreter threads (default 2)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    build_parser().print_help()
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "sync":
+        return run_sync(parser, args)
+    return run_classify(args)
+
+
+def run_sync(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from edge.fetch import ModelServer
+    from edge.sync import sync, watch
+    from edge.trust import SignatureError, load_public_key
+
+    if not args.watch and (args.mqtt or args.interval is not None):
+        parser.error("--mqtt and --interval apply to --watch")
+    try:
+        ModelServer(args.url, args.model)
+    except ValueError as err:
+        parser.error(str(err))
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        key = load_public_key(args.public_key) if args.public_key else None
+    except SignatureError as err:
+        return _fail(f"--public-key {args.public_key}: {err}")
+    if key is None:
+        logging.warning("no --public-key: signatures are not checked, so whoever answers at %s decides what runs here",
+                        args.url)
+    token = None
+    if args.token_file:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as err:
+            return _fail(f"--token-file {args.token_file}: {err.strerror}")
+        if not token:
+            return _fail(f"--token-file {args.token_file} is empty: put the server's bearer token in it")
+    runtime = None if args.runtime == "none" else args.runtime
+    common = dict(url=args.url, model=args.model, dir=args.dir, public_key=key, token=token, runtime=runtime)
+
+    if args.watch:
+        try:
+            watch(**common, mqtt_url=args.mqtt, topic_prefix=args.topic_prefix,
+                  interval_s=args.interval if args.interval is not None else 60.0)
+        except ValueError as err:  # a malformed --mqtt URL
+            parser.error(str(err))
+        return EXIT_OK
+    result = sync(**common)
+    if not result.ok:
+        return EXIT_FAILURE  # the reason was logged to stderr by the sync
+    if result.status == "installed":
+        was = f" (was {result.previous})" if result.previous is not None else ""
+        print(f"{args.model}: version {result.current} installed{was}, {result.downloaded} bytes downloaded")
+    else:
+        print(f"{args.model}: version {result.current} is current")
+    return EXIT_OK
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from edge.model import EdgeModel, ImageError, ModelError
+    from edge.modeldir import NoModelInstalled
+    from edge.runtime import RuntimeUnavailable
+
+    try:
+        model = EdgeModel.load(args.dir, runtime=args.runtime, threads=args.threads)
+    except NoModelInstalled as err:
+        print(f"sprout-edge: {err}", file=sys.stderr)
+        return EXIT_NO_MODEL
+    except (ModelError, RuntimeUnavailable) as err:
+        return _fail(str(err))
+    results, failed = [], False
+    for image in args.images:
+        try:
+            top = model.predict(image, args.top)
+        except ImageError as err:
+            print(f"sprout-edge: {err}", file=sys.stderr)
+            results.append({"image": str(image), "error": str(err)})
+            failed = True
+            continue
+        results.append({"image": str(image), "top": [{"label": label, "score": score} for label, score in top]})
+    if args.json:
+        document = {"model": model.manifest["model"], "version": model.version,
+                    "runtime": {"name": model.runtime, "version": model.session.version}, "results": results}
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        width = max(len(label) for label in model.labels)
+        for result in results:
+            if "top" in result:
+                print(result["image"])
+                for entry in result["top"]:
+                    print(f"  {entry['label']:<{width}}  {entry['score']:.4f}")
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _fail(reason: str) -> int:
+    print(f"sprout-edge: {reason}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
 
 
 if __name__ == "__main__":

@@ -59,6 +59,74 @@ def dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
     return (values.astype(np.float32) - zero_point) * scale
 
 
+def available(preferred: str | None = None) -> str:
+    """The runtime to use: ``preferred`` when given (an error says how to install it), else the first that imports.
+
+    ai-edge-litert first: it is the maintained successor and reads every model
+    tflite-runtime reads, and more (see the dynamic mode in docs/quantization.md).
+    """
+    if preferred is not None:
+        interpreter_class(preferred)
+        return preferred
+    reasons = []
+    for runtime in RUNTIMES:
+        try:
+            interpreter_class(runtime)
+        except RuntimeUnavailable as e:
+            reasons.append(str(e))
+            continue
+        return runtime
+    raise RuntimeUnavailable("no TFLite interpreter is installed: " + "; ".join(reasons))
+
+
+class Session:
+    """One model loaded on one interpreter, kept for many images (loading costs far more than one invoke).
+
+    Not thread-safe: an Interpreter holds its tensors; give each thread its own Session.
+    """
+
+    def __init__(self, tflite: bytes, runtime: str = "ai-edge-litert", threads: int = 2):
+        interpreter_cls, self.version = interpreter_class(runtime)
+        self.runtime = runtime
+        self._interpreter = interpreter_cls(model_content=tflite, num_threads=threads)
+        self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]
+        self._output = self._interpreter.get_output_details()[0]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._input["shape"])
+
+    @property
+    def input_dtype(self) -> str:
+        return np.dtype(self._input["dtype"]).name
+
+    @property
+    def input_quantization(self) -> tuple[float | None, int | None]:
+        """(scale, zero point) of a quantised input tensor; (None, None) for float32 or raw integers."""
+        scale, zero_point = self._input["quantization"]
+        return (float(scale), int(zero_point)) if scale != 0 else (None, None)
+
+    @property
+    def classes(self) -> int:
+        return int(self._output["shape"][-1])
+
+    def probabilities(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """((N, classes) float32 probabilities, (N,) invoke latencies in ms) for uint8 (N, H, W, 3) images."""
+        expected = self.input_shape[1:]
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images of shape {tuple(images.shape)} do not fit the model's input (N, {expected})")
+        probabilities, latencies = [], []
+        for image in images:
+            self._interpreter.set_tensor(self._input["index"], to_input(image[None], self._input))
+            started = time.perf_counter()
+            self._interpreter.invoke()
+            latencies.append((time.perf_counter() - started) * 1000)
+            probabilities.append(dequantize(self._interpreter.get_tensor(self._output["index"]), self._output)[0])
+        out = np.stack(probabilities).astype(np.float32) if probabilities else np.zeros((0, 0), np.float32)
+        return out, np.array(latencies, dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class Run:
     runtime: str
@@ -72,29 +140,15 @@ class Run:
 
 def classify(tflite: bytes, images: np.ndarray, runtime: str = "ai-edge-litert", threads: int = 2) -> Run:
     """Probabilities of a Sprout model for uint8 (N, H, W, 3) images, one invoke per image, with latencies."""
-    interpreter_cls, version = interpreter_class(runtime)
-    interpreter = interpreter_cls(model_content=tflite, num_threads=threads)
-    interpreter.allocate_tensors()
-    inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
-    expected = tuple(int(d) for d in inp["shape"][1:])
-    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-        raise ValueError(f"images of shape {tuple(images.shape)} do not fit the model's input (N, {expected})")
-    probabilities, latencies = [], []
-    for image in images:
-        interpreter.set_tensor(inp["index"], to_input(image[None], inp))
-        started = time.perf_counter()
-        interpreter.invoke()
-        latencies.append((time.perf_counter() - started) * 1000)
-        probabilities.append(dequantize(interpreter.get_tensor(out["index"]), out)[0])
-    scale, zero_point = inp["quantization"]
-    quantised = scale != 0
+    session = Session(tflite, runtime, threads)
+    probabilities, latencies = session.probabilities(images)
+    scale, zero_point = session.input_quantization
     return Run(
         runtime=runtime,
-        version=version,
-        probabilities=np.stack(probabilities).astype(np.float32) if probabilities else np.zeros((0, 0), np.float32),
-        latencies_ms=np.array(latencies, dtype=np.float64),
-        input_dtype=np.dtype(inp["dtype"]).name,
-        input_scale=float(scale) if quantised else None,
-        input_zero_point=int(zero_point) if quantised else None,
+        version=session.version,
+        probabilities=probabilities,
+        latencies_ms=latencies,
+        input_dtype=session.input_dtype,
+        input_scale=scale,
+        input_zero_point=zero_point,
     )

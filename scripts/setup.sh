@@ -31,4 +31,13 @@ echo "setup: installing Sprout into $venv"
 tflite_venv="${venv%/}-tflite"
 [ -x "$tflite_venv/bin/python" ] || python3 -m venv "$tflite_venv"
 "$tflite_venv/bin/pip" install -q --disable-pip-version-check 'tflite-runtime==2.14.0' 'numpy==1.26.4'
+# The device side (edge/pyproject.toml, distribution sprout-edge) into that same virtualenv: there
+# `sprout-edge` runs on tflite-runtime without torch, as on an older device, and the tests call it.
+# Editable, so it runs the working tree's edge/ and nothing of daemon/ (its finder maps only `edge`).
+"$tflite_venv/bin/pip" install -q --disable-pip-version-check -e './edge[tflite]'
+if "$tflite_venv/bin/python" -c 'import torch' >/dev/null 2>&1; then
+    echo "setup: torch is importable in $tflite_venv, which must stay a device-like environment" >&2
+    exit 1
+fi
 "$venv/bin/sprout" --version
+"$tflite_venv/bin/sprout-edge" --version

@@ -1,0 +1,113 @@
+"""Reading a model manifest as a device must: refuse anything this client cannot run correctly.
+
+The manifest is the contract between the registry and the device (schema in
+docs/manifest.schema.json): which file, its sha256 and size, the labels in
+output order, and the input the model takes. A device that guesses at a field
+it does not understand classifies wrongly without noticing, so every field the
+device relies on is checked here, and a schema it does not know is refused.
+
+>>> m = parse(b'{"schema": 1, "model": "maize", "version": 3, "labels": ["healthy", "rust"],'
+...           b' "input": {"shape": [1, 96, 96, 3], "layout": "NHWC", "dtype": "uint8", "range": [0, 255]},'
+...           b' "files": {"model.tflite": {"sha256": "' + b"ab" * 32 + b'", "size": 1000,'
+...           b' "path": "versions/3/model.tflite"}}}', "maize")
+>>> input_size(m), m["labels"][1]
+(96, 'rust')
+>>> parse(b'{"schema": 2}', "maize")
+Traceback (most recent call last):
+...
+edge.manifest.ManifestError: manifest schema 2 is unknown to sprout-edge (it reads schema 1): upgrade sprout-edge
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+SCHEMA = 1
+MODEL_FILE = "model.tflite"
+INPUT_DTYPES = ("uint8", "float32")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(Exception):
+    """A manifest this client must not act on; the message names the field and what is wrong with it."""
+
+
+def parse(document: bytes, model: str | None = None) -> dict[str, Any]:
+    """The manifest in ``document`` (JSON bytes), checked; ``model`` is the name the caller asked for."""
+    try:
+        manifest = json.loads(document)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ManifestError(f"manifest is not JSON ({err}): the server sent something else") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError("manifest is not a JSON object: the server sent something else")
+    check(manifest, model)
+    return manifest
+
+
+def check(manifest: dict[str, Any], model: str | None = None) -> None:
+    """Raise :class:`ManifestError` unless ``manifest`` has every field a device relies on, well-formed."""
+    schema = manifest.get("schema")
+    if schema != SCHEMA:
+        raise ManifestError(f"manifest schema {schema!r} is unknown to sprout-edge (it reads schema {SCHEMA}): upgrade sprout-edge")
+    if model is not None and manifest.get("model") != model:
+        raise ManifestError(
+            f"manifest is for model {manifest.get('model')!r}, but {model!r} was asked for: check the model name and the URL"
+        )
+    version = manifest.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ManifestError(f"manifest version must be a positive integer, not {version!r}")
+    labels = manifest.get("labels")
+    if (
+        not isinstance(labels, list)
+        or not labels
+        or not all(isinstance(x, str) and x and not set(x) & {"\n", "\r"} for x in labels)
+    ):
+        raise ManifestError("manifest labels must be a non-empty list of class names (index = output index)")
+    _check_input(manifest.get("input"))
+    files = manifest.get("files")
+    entry = files.get(MODEL_FILE) if isinstance(files, dict) else None
+    if not isinstance(entry, dict):
+        raise ManifestError("manifest has no files.model.tflite")
+    size, digest, path = entry.get("size"), entry.get("sha256"), entry.get("path")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ManifestError(f"manifest files.model.tflite.size must be a positive byte count, not {size!r}")
+    if not isinstance(digest, str) or not _SHA256.match(digest):
+        raise ManifestError("manifest files.model.tflite.sha256 must be 64 lowercase hex digits")
+    # The path is where the file is fetched from: it must be this version's, or a manifest of version N
+    # could make the device install the bytes of another version under N's name.
+    if path != f"versions/{version}/{MODEL_FILE}":
+        raise ManifestError(f"manifest files.model.tflite.path {path!r} is not version {version}'s model file")
+
+
+def _check_input(spec: Any) -> None:
+    if not isinstance(spec, dict):
+        raise ManifestError("manifest has no input description")
+    shape = spec.get("shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 4
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+        and shape[0] == 1
+        and shape[3] == 3
+    ):
+        raise ManifestError(f"manifest input.shape must be [1, H, W, 3], not {shape!r}")
+    if shape[1] != shape[2]:
+        # Sprout's preprocessing crops the centre square; a rectangular input would need another recipe.
+        raise ManifestError(f"manifest input is {shape[1]}x{shape[2]}; sprout-edge feeds square inputs only")
+    if spec.get("layout") != "NHWC":
+        raise ManifestError(f"manifest input.layout {spec.get('layout')!r}: sprout-edge feeds NHWC only")
+    if spec.get("dtype") not in INPUT_DTYPES:
+        raise ManifestError(f"manifest input.dtype {spec.get('dtype')!r} is not one of {list(INPUT_DTYPES)}")
+
+
+def input_size(manifest: dict[str, Any]) -> int:
+    """The side of the square image the model takes."""
+    return int(manifest["input"]["shape"][1])
+
+
+def file_entry(manifest: dict[str, Any]) -> tuple[str, int, str]:
+    """(path relative to /v1/models/<model>/, size, sha256) of the model file."""
+    entry = manifest["files"][MODEL_FILE]
+    return entry["path"], int(entry["size"]), entry["sha256"]

@@ -1,0 +1,358 @@
+"""Keeping a device's model current: fetch the latest manifest, download, verify, swap atomically.
+
+One :func:`sync` is, in order (docs/devices.md tells app developers the same):
+
+1. ``GET latest`` with the remembered ETag; 304 means nothing to do.
+2. Check the manifest: the publisher's Ed25519 signature (when a public key
+   is given), then that it is a schema this client reads, for the model asked
+   for, and that its file path is its own version's.
+3. Already installed (the same version, or the previous one after a rollback
+   by the publisher): point ``current`` at it, nothing to download.
+4. Download ``model.tflite`` into ``.partial-<v>``, resuming with ``Range``.
+5. Check its size and sha256 against the signed manifest, and that it loads
+   and runs on this device's interpreter with the tensors the manifest names.
+6. Install it whole under ``versions/<v>`` and swap ``current`` (edge/modeldir.py).
+
+Nothing unverified is ever installed; on any failure the installed model stays
+current and the result says why. :func:`watch` repeats this on a poll interval,
+at once when a retained MQTT notice announces another version, and backs off
+exponentially while the server fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge.fetch import FetchError, ModelServer, Stopped
+from edge.manifest import ManifestError, check, file_entry
+from edge.model import EdgeModel, ModelError
+from edge.modeldir import FolderBusy, ModelDir, NoModelInstalled
+from edge.runtime import RuntimeUnavailable
+from edge.trust import SignatureError, check_digest, file_sha256, load_public_key, verify_manifest
+
+log = logging.getLogger("sprout.edge.sync")
+
+# Event kinds, in the order one download produces them.
+STARTED, PROGRESS, COMPLETED, FAILED = "started", "progress", "completed", "failed"
+# Result statuses.
+INSTALLED, UNCHANGED, REFUSED, STOPPED = "installed", "unchanged", "failed", "stopped"
+PROGRESS_LOG_EVERY_S = 2.0
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # started | progress | completed | failed
+    model: str
+    version: int | None  # the version being installed; None when the manifest was not read
+    received: int = 0  # bytes of model.tflite on disk so far
+    total: int = 0  # its size, from the manifest
+    reason: str | None = None  # why it failed
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    status: str  # installed | unchanged | failed | stopped
+    current: int | None  # the version current when the sync ended
+    previous: int | None = None  # the version current before, when one was installed
+    reason: str | None = None  # why it failed or stopped
+    downloaded: int = 0  # bytes that came over the network
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (INSTALLED, UNCHANGED)
+
+
+class _Refused(Exception):
+    """A step of the sync failed; carries the version it was about."""
+
+    def __init__(self, reason: str, version: int | None):
+        super().__init__(reason)
+        self.version = version
+
+
+def sync(
+    url: str,
+    model: str,
+    dir: Path | str,
+    public_key: Any = None,
+    token: str | None = None,
+    on_event: Callable[[Event], None] | None = None,
+    *,
+    runtime: str | None = "auto",
+    should_stop: Callable[[], bool] | None = None,
+    timeout_s: float = 30.0,
+) -> SyncResult:
+    """Bring ``dir`` to the latest version of ``model`` served at ``url``.
+
+    A failed sync is a result with the reason, never an exception; only bad arguments raise (ValueError for
+    the URL, :class:`edge.trust.SignatureError` for an unreadable public key).
+
+    ``public_key``: the publisher's signing.pub (path, PEM or key); without it signatures are not checked.
+    ``runtime``: the interpreter a new model must load and run on before it is swapped in: a runtime name,
+    ``"auto"`` (the first installed; skipped when there is none, as on a device that only relays models),
+    or None to skip the check.
+    """
+    emit = _Emitter(model, on_event)
+    folder = ModelDir(dir)
+    server = ModelServer(url, model, token, timeout_s)
+    key = load_public_key(public_key) if public_key is not None else None
+    current = _current(folder, warn=True)
+    try:
+        with folder.lock():
+            # Read again under the lock: another sync may have swapped versions since the line above.
+            return _sync(server, folder, _current(folder), key, emit, runtime, should_stop)
+    except FolderBusy as err:
+        return emit.failed(str(err), None, current)
+    except _Refused as err:
+        return emit.failed(str(err), err.version, _current(folder))
+    except OSError as err:  # the folder itself: permissions, a full or read-only disk
+        return emit.failed(f"cannot use {folder.root}: {err}", None, _current(folder))
+    except Stopped as err:
+        log.info("model %s: %s", model, err)
+        return SyncResult(STOPPED, current, reason=str(err))
+
+
+def _current(folder: ModelDir, warn: bool = False) -> int | None:
+    try:
+        return folder.current()
+    except NoModelInstalled as err:  # an unreadable pointer: installing a version repairs it
+        if warn:
+            log.warning("%s", err)
+        return None
+
+
+def _sync(server: ModelServer, folder: ModelDir, current: int | None, key, emit: _Emitter, runtime, should_stop) -> SyncResult:
+    try:
+        latest = server.latest(folder.etag_for(current) if current is not None else None)
+    except FetchError as err:
+        raise _Refused(str(err), None) from None
+    if latest.not_modified:
+        log.debug("model %s: version %s is still the latest (304)", server.model, current)
+        return SyncResult(UNCHANGED, current)
+
+    manifest, version = _trusted_manifest(latest.document, server.model, key)
+    path, size, sha256 = file_entry(manifest)
+    if folder.holds(version, latest.document, size, sha256):
+        # The same version again, or one still kept (the publisher rolled back): no download.
+        previous = folder.activate(version) if version != current else None
+        folder.remember_etag(latest.etag, version)
+        if version == current:
+            return SyncResult(UNCHANGED, current)
+        emit.completed(version, previous, 0, size)
+        return SyncResult(INSTALLED, version, previous)
+
+    folder.tidy(downloading=version)
+    partial = folder.partial(version)
+    emit.started(version, size, partial.stat().st_size if partial.exists() else 0)
+    try:
+        transfer = server.download(path, partial, size, emit.progress(version), should_stop)
+        received, digest = file_sha256(partial)
+        try:
+            check_digest(manifest, received, digest)
+        except SignatureError:
+            partial.unlink(missing_ok=True)  # not a prefix of the right file either: do not resume from it
+            raise
+        _check_runs(manifest, partial, runtime)
+        previous = folder.install(version, partial, latest.document, manifest["labels"])
+        folder.remember_etag(latest.etag, version)
+    except (FetchError, SignatureError, ModelError) as err:
+        raise _Refused(f"version {version}: {err}", version) from None
+    except OSError as err:
+        raise _Refused(f"version {version}: cannot write {folder.root}: {err}", version) from None
+    emit.completed(version, previous, transfer.received, size)
+    return SyncResult(INSTALLED, version, previous, downloaded=transfer.received)
+
+
+def _trusted_manifest(document: bytes, model: str, key) -> tuple[dict[str, Any], int]:
+    """The manifest, checked: signature first (an untrusted document is not worth reading), then its fields."""
+    try:
+        manifest = json.loads(document)
+        if not isinstance(manifest, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _Refused(f"the latest manifest is not JSON ({err}): the server sent something else", None) from None
+    version = manifest.get("version") if isinstance(manifest.get("version"), int) else None
+    try:
+        if key is not None:
+            verify_manifest(manifest, key)
+        check(manifest, model)
+    except (SignatureError, ManifestError) as err:
+        raise _Refused(f"refused the latest manifest{f' (version {version})' if version else ''}: {err}", version) from None
+    return manifest, manifest["version"]
+
+
+def _check_runs(manifest: dict[str, Any], partial: Path, runtime: str | None) -> None:
+    """Load the new model on this device's interpreter and run one image: a model that cannot run here stays out."""
+    if runtime is None:
+        return
+    try:
+        loaded = EdgeModel.from_parts(manifest, partial.read_bytes(), None if runtime == "auto" else runtime, threads=1)
+    except RuntimeUnavailable as err:
+        if runtime != "auto":
+            raise ModelError(str(err)) from None
+        log.info("no interpreter installed here: version %s was not test-run before installing", manifest["version"])
+        return
+    loaded.check()
+    verified = {r.get("name") for r in manifest.get("runtimes_verified", []) if isinstance(r, dict)}
+    if loaded.runtime not in verified:
+        log.warning("version %s was verified by the publisher on %s, not on %s; it loaded and ran here",
+                    manifest["version"], ", ".join(sorted(verified)) or "nothing", loaded.runtime)
+
+
+class _Emitter:
+    """Events to the caller's callback, and the same as log lines."""
+
+    def __init__(self, model: str, on_event: Callable[[Event], None] | None):
+        self.model = model
+        self.on_event = on_event
+
+    def _send(self, event: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def started(self, version: int, total: int, resume_at: int) -> None:
+        if resume_at:
+            log.info("model %s: resuming version %d at byte %d of %d", self.model, version, resume_at, total)
+        else:
+            log.info("model %s: downloading version %d (%d bytes)", self.model, version, total)
+        self._send(Event(STARTED, self.model, version, resume_at, total))
+
+    def progress(self, version: int) -> Callable[[int, int], None]:
+        last_logged = time.monotonic()
+
+        def report(received: int, total: int) -> None:
+            nonlocal last_logged
+            if time.monotonic() - last_logged >= PROGRESS_LOG_EVERY_S:
+                last_logged = time.monotonic()
+                log.info("model %s: version %d: %d of %d bytes", self.model, version, received, total)
+            self._send(Event(PROGRESS, self.model, version, received, total))
+
+        return report
+
+    def completed(self, version: int, previous: int | None, downloaded: int, total: int) -> None:
+        was = f"was {previous}" if previous is not None else "the first"
+        log.info("model %s: version %d installed and current (%s); %d bytes downloaded", self.model, version, was, downloaded)
+        self._send(Event(COMPLETED, self.model, version, total, total))
+
+    def failed(self, reason: str, version: int | None, current: int | None) -> SyncResult:
+        stays = f"version {current} stays current" if current is not None else "no model is installed yet"
+        log.error("model %s: sync failed: %s; %s", self.model, reason, stays)
+        self._send(Event(FAILED, self.model, version, reason=reason))
+        return SyncResult(REFUSED, current, reason=reason)
+
+
+def watch(
+    url: str,
+    model: str,
+    dir: Path | str,
+    public_key: Any = None,
+    token: str | None = None,
+    on_event: Callable[[Event], None] | None = None,
+    *,
+    mqtt_url: str | None = None,
+    topic_prefix: str = "sprout",
+    interval_s: float = 60.0,
+    backoff_max_s: float = 300.0,
+    runtime: str | None = "auto",
+    stop: threading.Event | None = None,
+) -> None:
+    """Keep ``dir`` current until SIGTERM or SIGINT (or until ``stop`` is set); see the module docstring."""
+    Watcher(url, model, dir, public_key, token, on_event, mqtt_url=mqtt_url, topic_prefix=topic_prefix,
+            interval_s=interval_s, backoff_max_s=backoff_max_s, runtime=runtime, stop=stop).run()
+
+
+class Watcher:
+    """Owns the watch's lifecycle: startup (signals, MQTT), the loop of syncs, an orderly shutdown."""
+
+    HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    FIRST_BACKOFF_S = 1.0
+
+    def __init__(self, url, model, dir, public_key=None, token=None, on_event=None, *, mqtt_url=None,
+                 topic_prefix="sprout", interval_s=60.0, backoff_max_s=300.0, runtime="auto", stop=None):
+        if interval_s <= 0:
+            raise ValueError(f"interval must be positive seconds, not {interval_s}")
+        self.sync_args = dict(url=url, model=model, dir=dir, public_key=public_key, token=token, on_event=on_event,
+                              runtime=runtime)
+        self.model = model
+        self.folder = ModelDir(dir)
+        self.mqtt_url = mqtt_url
+        self.interval_s = interval_s
+        self.backoff_max_s = max(backoff_max_s, self.FIRST_BACKOFF_S)
+        self.should_exit = stop if stop is not None else threading.Event()
+        self.wake = threading.Event()  # set by a notice or a signal: end the wait early
+        self.announced: int | None = None
+        self.failures = 0
+        self._old_handlers: dict[int, Any] = {}
+        self.listener = None
+        if mqtt_url is not None:
+            from edge.notice import NoticeListener  # paho only when asked for; raises ValueError for a bad URL
+
+            self.listener = NoticeListener(mqtt_url, model, self._on_notice, topic_prefix)
+
+    def run(self) -> None:
+        self.startup()
+        try:
+            self.loop()
+        finally:
+            self.shutdown()
+
+    def startup(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.HANDLED_SIGNALS:
+                self._old_handlers[sig] = signal.signal(sig, self._handle_exit)
+        log.info("watching model %s at %s every %gs%s", self.model, self.sync_args["url"], self.interval_s,
+                 f" and notices from {self.mqtt_url}" if self.mqtt_url else "")
+        if self.listener is not None:
+            self.listener.start()
+
+    def loop(self) -> None:
+        next_sync = time.monotonic()
+        while not self.should_exit.is_set():
+            if time.monotonic() >= next_sync or self._take_announcement():
+                next_sync = time.monotonic() + self.on_tick()
+                continue
+            # Short slices: a stop Event set by another thread (not a signal) is noticed within one.
+            self.wake.wait(min(0.25, max(0.0, next_sync - time.monotonic())))
+            self.wake.clear()
+
+    def on_tick(self) -> float:
+        """One sync; returns the seconds until the next: the interval when fine, a growing backoff when failing."""
+        result = sync(**self.sync_args, should_stop=self.should_exit.is_set)
+        if result.status == STOPPED or result.ok:
+            self.failures = 0
+            return self.interval_s
+        self.failures += 1
+        delay = min(self.backoff_max_s, self.FIRST_BACKOFF_S * 2 ** (self.failures - 1))
+        delay *= random.uniform(0.8, 1.2)  # jitter: a fleet that failed together must not retry together
+        log.info("model %s: next try in %.1fs (failure %d in a row)", self.model, delay, self.failures)
+        return delay
+
+    def shutdown(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        log.info("stopped watching model %s; version %s is current", self.model, _current(self.folder))
+
+    def _take_announcement(self) -> bool:
+        """True when a notice named a version other than the current one since the last look."""
+        announced, self.announced = self.announced, None
+        return announced is not None and announced != _current(self.folder)
+
+    def _on_notice(self, version: int) -> None:  # paho's thread: hand over and wake the loop, nothing more
+        self.announced = version
+        self.wake.set()
+
+    def _handle_exit(self, sig, frame) -> None:
+        log.info("received %s: stopping", signal.Signals(sig).name)
+        self.should_exit.set()
+        self.wake.set()

@@ -1,0 +1,578 @@
+"""The device side on real parts: a registry of real tiny .tflite models, served over real HTTP by a mirror that
+keeps the daemon's contract (and can misbehave like a bad network), synced, verified, swapped, and run on both
+interpreters: ai-edge-litert in-process, tflite-runtime through `sprout-edge` in its own torch-free virtualenv."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import paho.mqtt.publish as mqtt_publish
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from daemon.registry import Registry
+from daemon.signing import Signer
+from edge.model import EdgeModel
+from edge.modeldir import ModelDir
+from edge.preprocess import load_rgb
+from edge.runtime import classify
+from edge.sync import sync
+from edge.trust import SignatureError, canonical, key_id, load_public_key, verify_file, verify_manifest
+from helpers import wait_for
+from test_learner import colour_jpeg, learn_all, make_learner, stream
+
+REPO = Path(__file__).resolve().parents[1]
+TFLITE_VENV = REPO / ".venv-tflite"
+MODEL = "leaves"
+SIZE = 32
+
+
+# -- A mirror of the registry folder that keeps the daemon's HTTP contract -------------------------------------
+
+
+class RegistryMirror:
+    """``/v1/models/<model>/...`` over a registry folder: ETag and 304, Range and 206, an optional bearer token.
+
+    Faults a phone meets on a bad network or a bad server: ``cut_after`` bytes of a model download, ``cuts``
+    times; ``ignore_range`` (answer 200 with the whole file); ``substitute`` (other bytes for a URL path).
+    """
+
+    def __init__(self, root: Path, token: str | None = None):
+        self.root = root
+        self.token = token
+        self.cut_after: int | None = None
+        self.cuts = 0
+        self.ignore_range = False
+        self.substitute: dict[str, bytes] = {}
+        self.requests: list[dict] = []
+        mirror = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+                mirror.answer(self)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # A short poll: shutdown() waits up to one poll interval, on every test's teardown.
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def start(self) -> RegistryMirror:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.server.server_close()
+
+    def model_requests(self) -> list[dict]:
+        return [r for r in self.requests if r["path"].endswith("/model.tflite")]
+
+    def answer(self, h: BaseHTTPRequestHandler) -> None:
+        record = {"path": h.path, "range": h.headers.get("Range"), "if_none_match": h.headers.get("If-None-Match"),
+                  "status": None, "sent": 0}
+        self.requests.append(record)
+        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
+            return self.error(h, record, 401, "a bearer token is required")
+        parts = h.path.split("/")
+        if len(parts) < 5 or parts[:3] != ["", "v1", "models"]:
+            return self.error(h, record, 404, f"no such path {h.path}")
+        folder = self.root / parts[3]
+        rest = parts[4:]
+        if rest == ["latest"]:
+            return self.document(h, record, folder / "latest", "application/json", "no-cache")
+        if rest == ["versions"]:
+            return self.document(h, record, folder / "versions", "application/json", "no-cache")
+        if len(rest) == 3 and rest[0] == "versions" and rest[1].isdigit() and rest[2] == "manifest.json":
+            return self.document(h, record, folder / rest[1] / "manifest.json", "application/json", "no-cache")
+        if len(rest) == 3 and rest[0] == "versions" and rest[1].isdigit() and rest[2] == "model.tflite":
+            return self.model_file(h, record, folder / rest[1] / "model.tflite")
+        return self.error(h, record, 404, f"no such path {h.path}")
+
+    def document(self, h, record, path: Path, content_type: str, cache: str) -> None:
+        data = self.substitute.get(h.path)
+        if data is None:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                return self.error(h, record, 404, f"nothing published at {h.path}")
+        etag = f'"{hashlib.sha256(data).hexdigest()}"'
+        if h.headers.get("If-None-Match") == etag:
+            return self.send(h, record, 304, b"", {"ETag": etag, "Cache-Control": cache})
+        self.send(h, record, 200, data, {"ETag": etag, "Cache-Control": cache, "Content-Type": content_type})
+
+    def model_file(self, h, record, path: Path) -> None:
+        data = self.substitute.get(h.path)
+        if data is None:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                return self.error(h, record, 404, f"no such version at {h.path}")
+        headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "Accept-Ranges": "bytes",
+                   "Cache-Control": "public, max-age=31536000, immutable", "Content-Type": "application/octet-stream"}
+        if h.headers.get("If-None-Match") == headers["ETag"]:
+            return self.send(h, record, 304, b"", headers)
+        wanted = h.headers.get("Range")
+        if wanted and not self.ignore_range:
+            assert wanted.startswith("bytes=") and wanted.endswith("-"), f"the contract has only bytes=N-, got {wanted}"
+            start = int(wanted[len("bytes="):-1])
+            if start >= len(data):
+                return self.send(h, record, 416, b"", {"Content-Range": f"bytes */{len(data)}"})
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            return self.send(h, record, 206, data[start:], headers)
+        self.send(h, record, 200, data, headers)
+
+    def error(self, h, record, status: int, message: str) -> None:
+        self.send(h, record, status, json.dumps({"error": message}).encode(), {"Content-Type": "application/json"})
+
+    def send(self, h, record, status: int, body: bytes, headers: dict[str, str]) -> None:
+        record["status"] = status
+        h.send_response(status)
+        for name, value in headers.items():
+            h.send_header(name, value)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if self.cuts > 0 and self.cut_after is not None and h.path.endswith("/model.tflite") and len(body) > self.cut_after:
+            self.cuts -= 1
+            body = body[: self.cut_after]
+            h.close_connection = True  # the promised Content-Length never arrives: a cut connection
+        h.wfile.write(body)
+        record["sent"] = len(body)
+
+
+# -- Real models, a real registry -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    first: bytes  # float32 weights (quantization "none")
+    second: bytes  # float16 weights: another real file
+    labels: list[str]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> TinyModels:
+    """The tiny network trained on three colours, exported twice by the daemon's own converter."""
+    from daemon.exporter import convert, snapshot
+
+    learner, reader = make_learner(tmp_path_factory.mktemp("edge-learner"), stream([0, 1, 2], 20, seed=21, order="iid"))
+    learn_all(learner, reader)
+    model = snapshot(learner.backbone, learner.head, learner.spec.preprocessing)
+    return TinyModels(convert(model, "none", SIZE), convert(model, "fp16", SIZE), list(learner.labels))
+
+
+def fields(tiny: TinyModels, quantization: str) -> dict:
+    return {
+        "base": "tiny",
+        "labels": tiny.labels,
+        "input": {"shape": [1, SIZE, SIZE, 3], "layout": "NHWC", "dtype": "float32", "range": [0, 255]},
+        "quantization": quantization,
+        "metrics": {},
+        "runtimes_verified": [{"name": "ai-edge-litert", "version": "2.3.0"}, {"name": "tflite-runtime", "version": "2.14.0"}],
+    }
+
+
+def publish(registry: Registry, tiny: TinyModels, which: str = "first") -> dict:
+    return registry.publish(getattr(tiny, which), fields(tiny, "none" if which == "first" else "fp16"))
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Signer:
+    return Signer.load_or_create(tmp_path / "keys" / "signing.key")
+
+
+@pytest.fixture
+def public_key(keys: Signer) -> Path:
+    return keys.path.with_suffix(".pub")
+
+
+@pytest.fixture
+def registry(tmp_path: Path, keys: Signer) -> Registry:
+    return Registry(tmp_path / "registry", MODEL, keys, keep_versions=10)
+
+
+@pytest.fixture
+def mirror(registry: Registry):
+    m = RegistryMirror(registry.root).start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Path:
+    return tmp_path / "device"
+
+
+def image_files(folder: Path) -> list[Path]:
+    """One new photo per class (seeds the model never trained on), as files an app would have."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c in range(3):
+        path = folder / f"class-{c}.jpg"
+        path.write_bytes(colour_jpeg(c, 900 + c, size=48))  # larger than the input: resized and cropped
+        paths.append(path)
+    return paths
+
+
+# -- Sync ---------------------------------------------------------------------------------------------------
+
+
+def test_sync_installs_a_verified_version_and_a_second_sync_is_a_304(registry, mirror, tiny, public_key, device):
+    manifest = publish(registry, tiny)
+    events = []
+    result = sync(mirror.url, MODEL, device, public_key, on_event=events.append)
+    assert (result.status, result.current, result.previous, result.downloaded) == ("installed", 1, None, len(tiny.first))
+    installed = device / "versions" / "1"
+    assert (installed / "model.tflite").read_bytes() == tiny.first
+    assert (installed / "manifest.json").read_bytes() == (registry.folder / "latest").read_bytes()
+    assert (installed / "labels.txt").read_text().splitlines() == tiny.labels
+    assert (device / "current").read_text() == "1\n"
+    assert sorted(os.listdir(device)) == [".lock", "current", "etag", "versions"]  # no partial or temporary left
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "completed" and set(kinds[1:-1]) == {"progress"}
+    received = [e.received for e in events if e.kind == "progress"]
+    assert received == sorted(received) and received[-1] == len(tiny.first) == events[0].total
+    assert EdgeModel.load(device).manifest == manifest
+
+    before = len(mirror.requests)
+    again = sync(mirror.url, MODEL, device, public_key)
+    assert (again.status, again.current, again.downloaded) == ("unchanged", 1, 0)
+    (latest,) = mirror.requests[before:]  # one conditional GET, answered 304, and no download
+    assert latest["path"].endswith("/latest") and latest["status"] == 304 and latest["if_none_match"]
+
+
+def test_a_newer_version_replaces_it_keeps_the_previous_and_a_rollback_needs_no_download(
+    registry, mirror, tiny, public_key, device
+):
+    publish(registry, tiny)
+    assert sync(mirror.url, MODEL, device, public_key).current == 1
+    publish(registry, tiny, "second")
+    result = sync(mirror.url, MODEL, device, public_key)
+    assert (result.status, result.current, result.previous, result.downloaded) == ("installed", 2, 1, len(tiny.second))
+    assert ModelDir(device).installed() == [1, 2]
+    assert EdgeModel.load(device).manifest["quantization"] == "fp16"
+
+    publish(registry, tiny)
+    assert sync(mirror.url, MODEL, device, public_key).current == 3
+    assert ModelDir(device).installed() == [2, 3]  # current and previous only
+
+    registry.rollback(2)  # the publisher takes version 3 back
+    downloads = len(mirror.model_requests())
+    result = sync(mirror.url, MODEL, device, public_key)
+    assert (result.status, result.current, result.previous, result.downloaded) == ("installed", 2, 3, 0)
+    assert len(mirror.model_requests()) == downloads
+    assert EdgeModel.load(device).version == 2
+
+
+def tamper_with_the_file(registry, mirror, tmp_path, tiny):
+    publish(registry, tiny, "second")
+    path = registry.model_path(2)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return "sha256"
+
+
+def sign_with_another_key(registry, mirror, tmp_path, tiny):
+    forger = Signer.load_or_create(tmp_path / "forger" / "signing.key")
+    Registry(registry.root, MODEL, forger).publish(tiny.second, fields(tiny, "fp16"))
+    return "signed by key"
+
+
+def cut_every_download(registry, mirror, tmp_path, tiny):
+    publish(registry, tiny, "second")
+    mirror.cut_after, mirror.cuts = 4000, 1000
+    return "cut short at 12000 of"
+
+
+def serve_a_file_that_is_not_the_manifests(registry, mirror, tmp_path, tiny):
+    publish(registry, tiny, "second")
+    mirror.substitute[f"/v1/models/{MODEL}/versions/2/model.tflite"] = tiny.first
+    return f"is {len(tiny.first)} bytes on the server, the manifest says {len(tiny.second)}"
+
+
+def serve_another_models_manifest(registry, mirror, tmp_path, tiny):
+    other = Registry(registry.root, "maize", registry.signer).publish(tiny.second, fields(tiny, "fp16"))
+    mirror.substitute[f"/v1/models/{MODEL}/latest"] = json.dumps(other).encode()
+    return "is for model 'maize', but 'leaves' was asked for"
+
+
+@pytest.mark.parametrize("fault", [tamper_with_the_file, sign_with_another_key, cut_every_download,
+                                   serve_a_file_that_is_not_the_manifests, serve_another_models_manifest])
+def test_a_bad_update_is_refused_and_the_device_keeps_its_model(registry, mirror, tiny, public_key, device, tmp_path, fault):
+    publish(registry, tiny)
+    assert sync(mirror.url, MODEL, device, public_key).current == 1
+    why = fault(registry, mirror, tmp_path, tiny)
+    events = []
+    result = sync(mirror.url, MODEL, device, public_key, on_event=events.append)
+    assert (result.status, result.current) == ("failed", 1), result
+    assert why in result.reason
+    assert events[-1].kind == "failed" and why in events[-1].reason
+    assert ModelDir(device).installed() == [1] and (device / "current").read_text() == "1\n"
+    model = EdgeModel.load(device)
+    assert model.version == 1 and len(model.predict(colour_jpeg(0, 5))) == 3
+    partials = sorted(p.name for p in device.iterdir() if p.name.startswith(".partial-"))
+    if fault is cut_every_download:
+        assert partials == [".partial-2"]  # kept: the next sync resumes it
+        mirror.cuts = 0
+        healed = sync(mirror.url, MODEL, device, public_key)
+        assert (healed.status, healed.current, healed.downloaded) == ("installed", 2, len(tiny.second) - 12000)
+        assert mirror.model_requests()[-1]["range"] == "bytes=12000-"
+    else:
+        assert partials == []  # a file that failed its check is not kept to resume from
+
+
+def test_a_cut_connection_resumes_with_range_and_downloads_only_the_rest(registry, mirror, tiny, public_key, device):
+    publish(registry, tiny)
+    mirror.cut_after, mirror.cuts = 10_000, 1
+    result = sync(mirror.url, MODEL, device, public_key)
+    assert (result.status, result.downloaded) == ("installed", len(tiny.first))
+    requests = [(r["status"], r["range"], r["sent"]) for r in mirror.model_requests()]
+    assert requests == [(200, None, 10_000), (206, "bytes=10000-", len(tiny.first) - 10_000)]
+    assert (device / "versions" / "1" / "model.tflite").read_bytes() == tiny.first
+
+
+def test_a_server_that_ignores_range_is_downloaded_from_the_start_again(registry, mirror, tiny, public_key, device):
+    publish(registry, tiny)
+    mirror.cut_after, mirror.cuts, mirror.ignore_range = 10_000, 1, True
+    result = sync(mirror.url, MODEL, device, public_key)
+    assert (result.status, result.downloaded) == ("installed", 10_000 + len(tiny.first))
+    assert [r["status"] for r in mirror.model_requests()] == [200, 200]
+    assert (device / "versions" / "1" / "model.tflite").read_bytes() == tiny.first
+
+
+def test_a_bearer_token_is_sent_when_given(registry, tiny, public_key, device):
+    publish(registry, tiny)
+    mirror = RegistryMirror(registry.root, token="s3cret").start()
+    try:
+        missing = sync(mirror.url, MODEL, device, public_key)
+        assert missing.status == "failed" and "wants a bearer token" in missing.reason and "--token-file" in missing.reason
+        wrong = sync(mirror.url, MODEL, device, public_key, token="guess")
+        assert wrong.status == "failed" and "refused the token" in wrong.reason
+        assert sync(mirror.url, MODEL, device, public_key, token="s3cret").status == "installed"
+    finally:
+        mirror.stop()
+
+
+def test_nothing_published_and_no_server_are_failures_with_a_reason(registry, mirror, public_key, device):
+    empty = sync(mirror.url, MODEL, device, public_key)
+    assert empty.status == "failed" and empty.current is None and "404" in empty.reason and "nothing published" in empty.reason
+    mirror.stop()
+    gone = sync(mirror.url, MODEL, device, public_key, timeout_s=2)
+    assert gone.status == "failed" and f"cannot reach {mirror.url}" in gone.reason
+
+
+def test_leftovers_of_an_interrupted_install_are_removed(registry, mirror, tiny, public_key, device):
+    publish(registry, tiny)
+    (device / "versions" / ".tmp-1-4242").mkdir(parents=True)  # a kill mid-install
+    (device / ".partial-7").write_bytes(b"a download of a version no longer wanted")
+    assert sync(mirror.url, MODEL, device, public_key).status == "installed"
+    assert sorted(os.listdir(device / "versions")) == ["1"]
+    assert not (device / ".partial-7").exists()
+
+
+def test_a_second_sync_on_the_same_folder_at_once_is_refused(registry, mirror, tiny, public_key, device):
+    publish(registry, tiny)
+    with ModelDir(device).lock():  # as a sync in another process holds it
+        busy = sync(mirror.url, MODEL, device, public_key)
+    assert busy.status == "failed" and "another sprout-edge sync" in busy.reason
+    assert sync(mirror.url, MODEL, device, public_key).status == "installed"
+
+
+# -- Classify -----------------------------------------------------------------------------------------------
+
+
+def test_classify_in_process_on_ai_edge_litert(registry, mirror, tiny, public_key, device, tmp_path):
+    publish(registry, tiny)
+    sync(mirror.url, MODEL, device, public_key)
+    model = EdgeModel.load(device, runtime="ai-edge-litert", public_key=public_key)
+    assert model.runtime == "ai-edge-litert" and model.input_size == SIZE
+    for c, path in enumerate(image_files(tmp_path / "photos")):
+        top = model.predict(path, top=3)
+        assert top[0][0] == f"class-{c}", top
+        assert [label for label, _ in top] != [] and sorted(label for label, _ in top) == sorted(tiny.labels)
+        assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+        assert sum(s for _, s in top) == pytest.approx(1.0, abs=1e-4)
+        # The same numbers as the exporter's verification path, on the same preprocessing.
+        reference = classify(tiny.first, load_rgb(path.read_bytes(), SIZE)[None], "ai-edge-litert").probabilities[0]
+        assert np.allclose(model.probabilities(path.read_bytes()), reference, atol=1e-6)
+    assert len(model.predict(path, top=1)) == 1
+
+
+def sprout_edge_tflite() -> Path:
+    path = TFLITE_VENV / "bin" / "sprout-edge"
+    assert path.exists(), f"{path} is missing: run scripts/setup.sh (it installs ./edge[tflite] there)"
+    return path
+
+
+def test_classify_cli_runs_on_tflite_runtime_without_torch(registry, mirror, tiny, public_key, device, tmp_path):
+    no_torch = subprocess.run([TFLITE_VENV / "bin" / "python", "-c", "import torch"], capture_output=True, text=True)
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+    cli = sprout_edge_tflite()
+    empty = subprocess.run([cli, "classify", "--dir", device, *image_files(tmp_path / "photos")],
+                           capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 66 and "no model installed" in empty.stderr
+
+    publish(registry, tiny)
+    synced = subprocess.run([cli, "sync", "--url", mirror.url, "--model", MODEL, "--dir", device,
+                             "--public-key", public_key, "--runtime", "tflite-runtime"],
+                            capture_output=True, text=True, timeout=60)
+    assert synced.returncode == 0, synced.stderr  # the whole device side, without torch
+    photos = image_files(tmp_path / "photos")
+    out = subprocess.run([cli, "classify", "--dir", device, *photos, "--top", "3", "--json", "--runtime", "tflite-runtime"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert (doc["model"], doc["version"], doc["runtime"]) == (MODEL, 1, {"name": "tflite-runtime", "version": "2.14.0"})
+    in_process = EdgeModel.load(device, runtime="ai-edge-litert")
+    for c, (photo, result) in enumerate(zip(photos, doc["results"])):
+        assert result["image"] == str(photo) and result["top"][0]["label"] == f"class-{c}"
+        expected = in_process.predict(photo, top=3)
+        assert [e["label"] for e in result["top"]] == [label for label, _ in expected]
+        assert np.allclose([e["score"] for e in result["top"]], [s for _, s in expected], atol=1e-5)
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    text = subprocess.run([cli, "classify", "--dir", device, photos[0], tmp_path / "notes.txt", "--top", "2"],
+                          capture_output=True, text=True, timeout=60)
+    assert text.returncode == 1 and "notes.txt: not an image" in text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0] == str(photos[0]) and lines[1].split()[0] == "class-0" and len(lines) == 3
+
+
+# -- The sync command, once and watching ----------------------------------------------------------------------
+
+
+def sprout_edge(*args) -> list[str]:
+    return [sys.executable, "-m", "edge.cli", *map(str, args)]
+
+
+def test_sync_cli_exit_codes(registry, mirror, tiny, public_key, device, tmp_path):
+    publish(registry, tiny)
+    ok = subprocess.run(sprout_edge("sync", "--url", mirror.url, "--model", MODEL, "--dir", device,
+                                    "--public-key", public_key), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == f"{MODEL}: version 1 installed, {len(tiny.first)} bytes downloaded"
+    forger = Signer.load_or_create(tmp_path / "forger" / "signing.key")
+    refused = subprocess.run(sprout_edge("sync", "--url", mirror.url, "--model", MODEL, "--dir", tmp_path / "other",
+                                         "--public-key", forger.path.with_suffix(".pub")),
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert refused.returncode == 1 and "signed by key" in refused.stderr and "no model is installed yet" in refused.stderr
+    usage = subprocess.run(sprout_edge("sync", "--url", mirror.url, "--model", MODEL, "--dir", device, "--mqtt", "mqtt://x"),
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert usage.returncode == 2 and "--watch" in usage.stderr
+
+
+class Watching:
+    """``sprout-edge sync --watch`` as a child process, its log in a file."""
+
+    def __init__(self, log: Path, *args):
+        self.log = log
+        self.out = open(log, "w")
+        self.proc = subprocess.Popen(sprout_edge("sync", "--watch", *args), stdout=self.out, stderr=subprocess.STDOUT,
+                                     cwd=REPO, text=True)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(15)
+        finally:
+            self.out.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.out.close()
+
+
+def test_watch_polls_and_picks_up_a_newer_version_then_stops_on_sigterm(registry, mirror, tiny, public_key, device, tmp_path):
+    publish(registry, tiny)
+    watcher = Watching(tmp_path / "watch.log", "--url", mirror.url, "--model", MODEL, "--dir", device,
+                       "--public-key", public_key, "--interval", "0.3")
+    try:
+        wait_for(lambda: ModelDir(device).current() == 1, 30, f"version 1 (log: {watcher.log.read_text()})")
+        publish(registry, tiny, "second")
+        wait_for(lambda: ModelDir(device).current() == 2, 30, f"version 2 (log: {watcher.log.read_text()})")
+        assert watcher.stop() == 0
+    finally:
+        watcher.kill()
+    log = watcher.log.read_text()
+    assert "received SIGTERM" in log and "stopped watching model leaves; version 2 is current" in log
+
+
+def test_watch_follows_a_retained_mqtt_notice(registry, mirror, tiny, public_key, device, tmp_path, broker):
+    publish(registry, tiny)
+    # An hour between polls: only the notice can bring version 2 within the test.
+    watcher = Watching(tmp_path / "watch.log", "--url", mirror.url, "--model", MODEL, "--dir", device,
+                       "--public-key", public_key, "--interval", "3600", "--mqtt", broker.url)
+    try:
+        wait_for(lambda: ModelDir(device).current() == 1 and "listening for model notices" in watcher.log.read_text(),
+                 30, f"version 1 and the subscription (log: {watcher.log.read_text()})")
+        manifest = publish(registry, tiny, "second")
+        mqtt_publish.single(f"sprout/{MODEL}/models/latest", json.dumps(manifest), qos=1, retain=True,
+                            hostname="127.0.0.1", port=broker.port, protocol=mqtt.MQTTv5)
+        wait_for(lambda: ModelDir(device).current() == 2, 15, f"version 2 (log: {watcher.log.read_text()})")
+        assert watcher.stop() == 0
+    finally:
+        watcher.kill()
+
+
+# -- One implementation, no torch -----------------------------------------------------------------------------
+
+
+def test_edge_shares_trust_and_preprocessing_with_the_daemon_and_imports_neither_torch_nor_daemon():
+    import daemon.imaging
+    import daemon.signing
+    import edge.preprocess
+    import edge.trust
+
+    assert daemon.signing.SignatureError is edge.trust.SignatureError
+    assert daemon.signing.verify is edge.trust.verify_manifest and daemon.signing.canonical is edge.trust.canonical
+    assert daemon.imaging.load_rgb is edge.preprocess.load_rgb
+    for path in sorted((REPO / "edge").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        roots = {name.split(".")[0] for name in imported}
+        assert not roots & {"torch", "daemon", "models", "litert_torch"}, f"{path.name} imports {roots}"
+
+
+def test_the_test_vector_in_docs_devices_md_is_right():
+    """App developers test their verifiers against it: it must verify, and fail once changed."""
+    text = (REPO / "docs" / "devices.md").read_text(encoding="utf-8")
+    blocks = dict(re.findall(r"<!-- test-vector: (\S+) -->\n```[a-z]*\n(.*?)```", text, re.S))
+    assert sorted(blocks) == ["canonical", "manifest", "public-key"]
+    manifest = json.loads(blocks["manifest"])
+    key = load_public_key(blocks["public-key"])
+    assert canonical(manifest) == blocks["canonical"].rstrip("\n").encode("utf-8")
+    verify_manifest(manifest, key)
+    verify_file(manifest, b"not a real model, a test vector")
+    test_key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # Ed25519 signing is deterministic
+    assert key_id(test_key.public_key()) == key_id(key) == manifest["signature"]["key_id"]
+    assert base64.b64encode(test_key.sign(canonical(manifest))).decode() == manifest["signature"]["value"]
+    assert hashlib.sha256(canonical(manifest)).hexdigest() in text
+    manifest["metrics"]["holdout_top1_float"] = 0.9126
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_manifest(manifest, key)
