@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
 import threading
 import time
 
@@ -70,9 +72,12 @@ def test_learner_resumes_after_sigkill_from_its_checkpoint_with_nothing_skipped(
     assert isinstance(final["head"]["weight"], torch.Tensor)
 
 
-def test_the_daemon_publishes_signed_verified_models_as_it_learns(broker, daemon_factory):
+def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(broker, daemon_factory, tmp_path):
+    """Examples over MQTT -> learner -> export -> signed registry -> HTTP and notice -> sprout-edge -> a label."""
     from daemon.registry import Registry, registry_root
     from daemon.signing import verify, verify_file
+    from edge.modeldir import ModelDir
+    from test_edge import TFLITE_VENV, Watching
 
     env = {**LEARNING, "SPROUT_EXPORT__EVERY_EXAMPLES": "100", "SPROUT_EXPORT__EVERY_SECONDS": "3600"}
     d = daemon_factory(broker.url, env=env).start()
@@ -86,8 +91,21 @@ def test_the_daemon_publishes_signed_verified_models_as_it_learns(broker, daemon
 
     publish_colours(broker.url, 150, 300.0)
     wait_for(lambda: (m := latest()) and m["version"] >= 1, 120, "a first published version")
-    publish_colours(broker.url, 150, 300.0, first=150)  # more learning: a second export
-    manifest = wait_for(lambda: (m := latest()) and m["version"] >= 2 and m, 120, "a second published version")
+    device = tmp_path / "device"
+    # The device polls only hourly: version 2 can reach it within the test only through the daemon's notice.
+    watcher = Watching(tmp_path / "watch.log", "--url", f"http://127.0.0.1:{d.http_port}", "--model", "leaves",
+                       "--dir", device, "--public-key", d.state / "signing" / "signing.pub", "--interval", "3600",
+                       "--mqtt", broker.url)
+    try:
+        first = latest()["version"]
+        wait_for(lambda: ModelDir(device).current() == first, 30, f"the device's first model ({watcher.log})")
+        publish_colours(broker.url, 150, 300.0, first=150)  # more learning: a second export
+        manifest = wait_for(lambda: (m := latest()) and m["version"] > first and m, 120, "a second published version")
+        wait_for(lambda: ModelDir(device).current() == manifest["version"], 30,
+                 f"the notice to bring the device version {manifest['version']} (log: {watcher.log.read_text()})")
+        assert watcher.stop() == 0
+    finally:
+        watcher.kill()
     assert d.stop() == 0
     registry = Registry.open_readonly(registry_root(d.state), "leaves")
     verify(manifest, d.state / "signing" / "signing.pub")
@@ -95,3 +113,14 @@ def test_the_daemon_publishes_signed_verified_models_as_it_learns(broker, daemon
     assert manifest["metrics"]["examples_trained"] >= 100
     assert sorted(manifest["labels"]) == ["colour-0", "colour-1", "colour-2"]
     assert "published version" in d.log()
+    # The device classifies new photos with what it holds, on tflite-runtime, without torch.
+    photos = []
+    for c in range(3):
+        photos.append(tmp_path / f"colour-{c}.jpg")
+        photos[-1].write_bytes(colour_jpeg(c, 10_000 + c))
+    out = subprocess.run([str(TFLITE_VENV / "bin" / "sprout-edge"), "classify", "--dir", str(device), "--top", "1",
+                          "--json", *map(str, photos)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["version"] == manifest["version"] and answer["runtime"]["name"] == "tflite-runtime"
+    assert [r["top"][0]["label"] for r in answer["results"]] == ["colour-0", "colour-1", "colour-2"], answer
