@@ -3,7 +3,9 @@
 Uses the broker of the default config (127.0.0.1:1883) when one answers,
 otherwise starts a private Mosquitto under the state directory. Prints a
 progress line every second (fed, stored, learned, prequential and holdout
-accuracy) and, once the learner has caught up with the feed, a summary.
+accuracy) and, once the learner has caught up with the feed, a summary that
+ends with a device: the latest model synced over the daemon's HTTP API and
+verified as sprout-edge does, then run on test photos the daemon never saw.
 """
 
 from __future__ import annotations
@@ -66,6 +68,35 @@ def _learner_summary(training: Any) -> dict[str, Any]:
         "holdout_accuracy": holdout.accuracy,
         "holdout_per_class": holdout.per_class,
         "average_forgetting": holdout.average_forgetting,
+    }
+
+
+def _device(settings: Settings, address: str, photos: int = 200) -> dict[str, Any]:
+    """A device's view at the end: sync the latest model over HTTP as sprout-edge does, then classify photos.
+
+    The photos are Fashion-MNIST's test set, which the daemon never saw, encoded as an app sends them.
+    """
+    from edge.model import EdgeModel
+    from edge.sync import sync
+
+    folder = settings.state_dir / "device"
+    public_key = settings.signing.resolved_key_file(settings.state_dir).with_suffix(".pub")
+    url = f"http://{address}"
+    result = sync(url, settings.model.name, folder, public_key)
+    if not result.ok:
+        return {"synced": False, "reason": result.reason}
+    model = EdgeModel.load(folder, public_key=public_key)
+    samples = arrange(fashion_mnist_samples("t10k"), "iid", None, seed=1, limit=photos)
+    right = sum(model.predict(payload, 1)[0][0] == sample.label for sample, payload, _ in iter_encoded(samples, 224, "jpeg"))
+    return {
+        "synced_from": url,
+        "folder": str(folder),
+        "version": model.version,
+        "quantization": model.manifest["quantization"],
+        "runtime": f"{model.runtime} {model.session.version}",
+        "test_photos": len(samples),
+        "top1_on_device": right / len(samples),
+        "try": f"sprout-edge classify --dir {folder} PHOTO.jpg",
     }
 
 
@@ -136,6 +167,8 @@ def run_demo(args: Any) -> int:
                     "latest_version": d.exporting.latest_published["version"] if d.exporting.latest_published else None,
                     "last_export": {"published": bool(last.published), "rejected_because": last.reasons, "metrics": last.metrics},
                 }
+            if d.http_address is not None and d.exporting is not None and d.exporting.latest_published:
+                summary["device"] = _device(settings, d.http_address)
             print(json.dumps(summary, indent=2, ensure_ascii=False))
             if not args.keep_running:
                 d.should_exit.set()
