@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml edge/pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml edge/pyproject.toml scripts/setup.sh scripts/debian.sh
 	bash scripts/setup.sh $(VENV)
 	touch $@
 
@@ -18,6 +18,7 @@ run: setup
 	$(BIN)/sprout run
 
 test: setup
+	bash scripts/test-tools.sh
 	$(BIN)/python -m pytest
 
 bench-ingest: setup

@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=100.0, help="examples per second (default 100)")
     demo.add_argument("--state", type=Path, help="state directory (default: the config's, ./var)")
     demo.add_argument("--broker", help="broker URL (default: the config's, else a private Mosquitto)")
+    demo.add_argument("--order", default="class-incremental", choices=["iid", "class-incremental"],
+                      help="feed order (default class-incremental: the classes arrive one after another)")
+    demo.add_argument("--max-seconds", type=float, default=600.0,
+                      help="end with the summary after this long even if the learner has not caught up (default 600)")
     demo.add_argument("--keep-running", action="store_true", help="keep the daemon running after the feed ends")
     demo.set_defaults(func=cmd_demo)
 

@@ -1,11 +1,15 @@
 """``sprout demo``: the daemon on the default configuration, fed live with Fashion-MNIST, learning as it goes.
 
 Uses the broker of the default config (127.0.0.1:1883) when one answers,
-otherwise starts a private Mosquitto under the state directory. Prints a
-progress line every second (fed, stored, learned, prequential and holdout
-accuracy) and, once the learner has caught up with the feed, a summary that
-ends with a device: the latest model synced over the daemon's HTTP API and
-verified as sprout-edge does, then run on test photos the daemon never saw.
+otherwise starts a private Mosquitto under the state directory. Feeds
+Fashion-MNIST class-incrementally (one class after another) while a device,
+sprout-edge's watch, follows the published models over the daemon's HTTP API
+and MQTT notice. Prints the status page's address, a progress line every
+second (fed, stored, learned, prequential and holdout accuracy), a line per
+published version (size, accuracy) and per installed one on the device, and,
+once the learner and the last export have caught up with the feed (or after
+``--max-seconds``), a summary that ends with the device's top-1 on test
+photos the daemon never saw. Ctrl-C stops it cleanly at any point.
 """
 
 from __future__ import annotations
@@ -23,22 +27,26 @@ from daemon.datasets import DatasetError, arrange, fashion_mnist_samples, iter_e
 from daemon.feeder import FeedReport, Publisher, feed
 from daemon.service import Daemon
 from daemon.settings import Settings
+from daemon.signing import Signer
 from daemon.store import open_reader, stats
 
 log = logging.getLogger("sprout.demo")
 
 
 class DemoFeed(threading.Thread):
-    def __init__(self, broker: str, topic: str, limit: int, rate: float):
+    def __init__(self, broker: str, topic: str, limit: int, rate: float, order: str):
         super().__init__(name="sprout-demo-feed", daemon=True)
-        self.broker, self.topic, self.limit, self.rate = broker, topic, limit, rate
+        self.broker, self.topic, self.limit, self.rate, self.order = broker, topic, limit, rate, order
         self.report = FeedReport()
         self.error: Exception | None = None
         self.done = threading.Event()
 
     def run(self) -> None:
         try:
+            # A class-balanced draw of `limit` examples first, then put in order: class-incremental
+            # sends all of one class, then the next (the learner grows its head as they come).
             samples = arrange(fashion_mnist_samples("train"), "iid", None, seed=0, limit=self.limit)
+            samples = arrange(samples, self.order, None, seed=0, limit=None)
             with Publisher(self.broker) as publisher:
                 self.report = publisher.report
                 feed(publisher, self.topic, iter_encoded(samples, 224, "jpeg"), len(samples), self.rate, progress=False)
@@ -71,18 +79,47 @@ def _learner_summary(training: Any) -> dict[str, Any]:
     }
 
 
-def _device(settings: Settings, address: str, photos: int = 200) -> dict[str, Any]:
-    """A device's view at the end: sync the latest model over HTTP as sprout-edge does, then classify photos.
+class DemoDevice(threading.Thread):
+    """A phone in the field: ``sprout-edge sync --watch`` against the daemon, told of new models by the notice."""
+
+    def __init__(self, settings: Settings, address: str):
+        super().__init__(name="sprout-demo-device", daemon=True)
+        self.settings = settings
+        self.url = f"http://{address}"
+        self.folder = settings.state_dir / "device"
+        self.public_key = settings.signing.resolved_key_file(settings.state_dir).with_suffix(".pub")
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        from edge.sync import COMPLETED, FAILED, watch
+
+        def on_event(event: Any) -> None:
+            if event.kind == COMPLETED:
+                print(f"device: installed version {event.version} ({event.total / 1e6:.2f} MB), verified",
+                      file=sys.stderr, flush=True)
+            elif event.kind == FAILED:
+                print(f"device: refused version {event.version}: {event.reason}", file=sys.stderr, flush=True)
+
+        s = self.settings
+        watch(self.url, s.model.name, self.folder, self.public_key, on_event=on_event, mqtt_url=s.mqtt.broker,
+              topic_prefix=s.mqtt.topic_prefix, interval_s=30.0, stop=self.stop_event)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(15.0)
+
+
+def _device(device: DemoDevice, photos: int = 200) -> dict[str, Any]:
+    """The device's view at the end: its model (one last sync first), then its top-1 on unseen photos.
 
     The photos are Fashion-MNIST's test set, which the daemon never saw, encoded as an app sends them.
     """
     from edge.model import EdgeModel
     from edge.sync import sync
 
-    folder = settings.state_dir / "device"
-    public_key = settings.signing.resolved_key_file(settings.state_dir).with_suffix(".pub")
-    url = f"http://{address}"
-    result = sync(url, settings.model.name, folder, public_key)
+    device.stop()
+    folder, public_key, url = device.folder, device.public_key, device.url
+    result = sync(url, device.settings.model.name, folder, public_key)
     if not result.ok:
         return {"synced": False, "reason": result.reason}
     model = EdgeModel.load(folder, public_key=public_key)
@@ -98,6 +135,24 @@ def _device(settings: Settings, address: str, photos: int = 200) -> dict[str, An
         "top1_on_device": right / len(samples),
         "try": f"sprout-edge classify --dir {folder} PHOTO.jpg",
     }
+
+
+def _report_exports(d: Daemon, state: dict[str, Any]) -> None:
+    """One line per version published, with its size and accuracy, and one per refused export."""
+    exporting = d.exporting
+    if exporting is None:
+        return
+    published = exporting.latest_published
+    if published is not None and published["version"] != state["announced"]:
+        state["announced"] = published["version"]
+        m = published["metrics"]
+        on = ", ".join(f"{runtime} {_pct(top1)}" for runtime, top1 in m["holdout_top1"].items())
+        print(f"demo: published version {published['version']}: {published['quantization']}, "
+              f"{published['files']['model.tflite']['size'] / 1e6:.2f} MB, {len(published['labels'])} classes, "
+              f"holdout top-1 {on} (float {_pct(m['holdout_top1_float'])})", file=sys.stderr, flush=True)
+    if exporting.rejected != state["rejected"] and exporting.last is not None:
+        state["rejected"] = exporting.rejected
+        print(f"demo: export refused: {'; '.join(exporting.last.reasons)}", file=sys.stderr, flush=True)
 
 
 def run_demo(args: Any) -> int:
@@ -118,12 +173,21 @@ def run_demo(args: Any) -> int:
         log.info("no broker at %s; started a private Mosquitto at %s", settings.mqtt.broker, broker.url)
         settings = Settings.load(None, {**overrides, "mqtt": {"broker": broker.url}})
     daemon = Daemon(settings)
-    feeder = DemoFeed(settings.mqtt.broker, settings.mqtt.examples_topic(settings.model.name), args.limit, args.rate)
-    state = {"last": 0.0, "stored": 0, "finished": False}
+    feeder = DemoFeed(settings.mqtt.broker, settings.mqtt.examples_topic(settings.model.name), args.limit, args.rate,
+                      args.order)
+    # The key pair now, not at the first publish: the device needs the public key from the start.
+    Signer.load_or_create(settings.signing.resolved_key_file(settings.state_dir))
+    state: dict[str, Any] = {"last": 0.0, "stored": 0, "finished": False, "started": time.monotonic(),
+                             "device": None, "announced": None, "rejected": 0}
 
     def on_tick(d: Daemon) -> None:
         if not feeder.is_alive() and not feeder.done.is_set() and d.feed is not None and d.feed.subscribed.is_set():
+            if d.http_address is not None:
+                print(f"demo: status page at http://{d.http_address}/ (metrics at /metrics)", file=sys.stderr, flush=True)
+                state["device"] = DemoDevice(settings, d.http_address)
+                state["device"].start()
             feeder.start()
+        _report_exports(d, state)
         now = time.monotonic()
         if now - state["last"] < 1.0:
             return
@@ -149,7 +213,10 @@ def run_demo(args: Any) -> int:
         if caught_up and d.exporting is not None and training is not None:
             # ... and the last model published covers everything learned.
             caught_up = not d.exporting.busy and d.exporting.exported_learned >= training.learner.trained
-        if feeder.done.is_set() and handled >= r.acked and caught_up and not state["finished"]:
+        timed_out = now - state["started"] > args.max_seconds
+        if timed_out and not state["finished"]:
+            print(f"demo: {args.max_seconds:.0f} s are up: summary of where it stands", file=sys.stderr, flush=True)
+        if (timed_out or (feeder.done.is_set() and handled >= r.acked and caught_up)) and not state["finished"]:
             state["finished"] = True
             if feeder.error is not None:
                 print(f"demo: the feed failed: {feeder.error}", file=sys.stderr)
@@ -167,8 +234,8 @@ def run_demo(args: Any) -> int:
                     "latest_version": d.exporting.latest_published["version"] if d.exporting.latest_published else None,
                     "last_export": {"published": bool(last.published), "rejected_because": last.reasons, "metrics": last.metrics},
                 }
-            if d.http_address is not None and d.exporting is not None and d.exporting.latest_published:
-                summary["device"] = _device(settings, d.http_address)
+            if state["device"] is not None:
+                summary["device"] = _device(state["device"])
             print(json.dumps(summary, indent=2, ensure_ascii=False))
             if not args.keep_running:
                 d.should_exit.set()

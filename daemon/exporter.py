@@ -127,7 +127,7 @@ def _convert_int8(litert_torch, nhwc: nn.Module, sample: tuple[torch.Tensor], ca
     prepared = prepare_pt2e(torch.export.export(nhwc, sample).module(), quantizer)
     with torch.no_grad():
         for image in calibration:
-            prepared(torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8))[None])
+            prepared(torch.from_numpy(np.array(image, dtype=np.uint8))[None])  # a writable copy, as torch wants
     quantized = convert_pt2e(prepared, fold_quantize=False)
     return litert_torch.convert(quantized, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))
 

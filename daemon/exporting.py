@@ -29,6 +29,9 @@ class Exporting(threading.Thread):
         self.request_checkpoint = request_checkpoint
         self.published = 0
         self.rejected = 0
+        self.rejected_by_reason: dict[str, int] = {}  # Reason.kind -> reasons given for refused candidates
+        self.seconds_total = 0.0  # time spent exporting, for the mean export duration
+        self.exports = 0
         self.last: Outcome | None = None
         self.latest_published: dict | None = None  # the manifest this process last published
         self.busy = False  # an export is converting or verifying right now
@@ -82,6 +85,11 @@ class Exporting(threading.Thread):
                 self.latest_published = outcome.published
             else:
                 self.rejected += 1
+            for reason in outcome.reasons:
+                kind = getattr(reason, "kind", "other")
+                self.rejected_by_reason[kind] = self.rejected_by_reason.get(kind, 0) + 1
+            self.exports += 1
+            self.seconds_total += outcome.seconds
             self.last = outcome
         self._exported_at = time.monotonic()
         self._exported_learned = max(self._exported_learned, learned)

@@ -34,6 +34,20 @@ from models import zoo
 log = logging.getLogger("sprout.export")
 
 
+class Reason(str):
+    """Why a candidate was refused: the sentence for people, and a ``kind`` for metrics and alerts.
+
+    Kinds: runtime_failed, nonfinite, accuracy_drop, regression, unverified.
+    """
+
+    kind: str
+
+    def __new__(cls, text: str, kind: str) -> Reason:
+        reason = super().__new__(cls, text)
+        reason.kind = kind
+        return reason
+
+
 class NothingToExport(Exception):
     """No checkpoint or no holdout examples yet; the message says what to wait for."""
 
@@ -71,7 +85,7 @@ def export_once(settings: Settings) -> Outcome:
         outcome.metrics = fields["metrics"]
         if reasons:
             registry.record_rejection(fields, reasons)
-            outcome.reasons += [f"{mode}: {r}" for r in reasons]
+            outcome.reasons += [Reason(f"{mode}: {r}", r.kind) for r in reasons]
             log.warning("%s export rejected: %s", mode, "; ".join(reasons))
             continue
         outcome.published = registry.publish(tflite, fields)  # the very bytes that were verified
@@ -174,28 +188,30 @@ def gate(reports: list[RuntimeReport], float_top1: float, baseline: Baseline | N
     """Why the candidate must not ship, on every runtime; empty when it may."""
     reasons = []
     if not reports:
-        reasons.append("no runtime verified the candidate (export.runtimes is empty)")
+        reasons.append(Reason("no runtime verified the candidate (export.runtimes is empty)", "unverified"))
     for report in reports:
         name = f"{report.runtime} {report.version}" if report.version != "unknown" else report.runtime
         if report.error is not None:
-            reasons.append(f"{name} could not load or run the model: {report.error}")
+            reasons.append(Reason(f"{name} could not load or run the model: {report.error}", "runtime_failed"))
             continue
         if report.nonfinite:
-            reasons.append(f"{name} returned NaN or infinite outputs")
+            reasons.append(Reason(f"{name} returned NaN or infinite outputs", "nonfinite"))
         top1 = report.top1 or 0.0
         drop = 100 * (float_top1 - top1)
         if drop > settings.export.max_drop_pts:
-            reasons.append(
+            reasons.append(Reason(
                 f"holdout top-1 on {name} is {100 * top1:.1f}%, {drop:.1f} points below the float model's "
-                f"{100 * float_top1:.1f}% (limit export.max_drop_pts = {settings.export.max_drop_pts})"
-            )
+                f"{100 * float_top1:.1f}% (limit export.max_drop_pts = {settings.export.max_drop_pts})",
+                "accuracy_drop",
+            ))
         previous = baseline.top1.get(report.runtime) if baseline is not None else None
         if previous is not None and 100 * (previous - top1) > settings.export.tolerance_pts:
-            reasons.append(
+            reasons.append(Reason(
                 f"holdout top-1 on {name} is {100 * top1:.1f}%, below the published version {baseline.version}'s "
                 f"{100 * previous:.1f}% on the same images by more than export.tolerance_pts = "
-                f"{settings.export.tolerance_pts} points"
-            )
+                f"{settings.export.tolerance_pts} points",
+                "regression",
+            ))
     return reasons
 
 

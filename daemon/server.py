@@ -1,4 +1,4 @@
-"""The daemon's HTTP side, on Starlette and uvicorn: health, and the model download API devices sync from.
+"""The daemon's HTTP side, on Starlette and uvicorn: health, metrics, the status page, and the download API.
 
 Paths (DESIGN.md, docs/devices.md), served from the registry folder as it is
 on disk, so a static mirror of that folder serves the same bytes
@@ -37,7 +37,7 @@ from pathlib import Path
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 log = logging.getLogger("sprout.server")
@@ -140,23 +140,33 @@ class DownloadApi:
         return f'"{manifest["files"]["model.tflite"]["sha256"]}"'
 
 
-def build_app(health: Health, api: DownloadApi | None = None) -> Starlette:
+def build_app(health: Health, api: DownloadApi | None = None, metrics: Callable[[], bytes] | None = None,
+              status: Callable[[], str] | None = None) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         parts = health()
         return JSONResponse(parts, status_code=200 if all(parts.values()) else 503)
 
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(status(), headers={"Cache-Control": "no-cache"})
+
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
         return _error(404, f"no such path: {request.url.path} (the API is in docs/devices.md)")
 
-    return Starlette(routes=[Route("/healthz", healthz), *(api.routes() if api else [])],
-                     exception_handlers={404: not_found})
+    routes = [Route("/healthz", healthz), *(api.routes() if api else [])]
+    routes += [Route("/metrics", prometheus)] if metrics else []
+    routes += [Route("/", page)] if status else []
+    return Starlette(routes=routes, exception_handlers={404: not_found})
 
 
 class HttpServer:
     def __init__(self, host: str, port: int, health: Health, api: DownloadApi | None = None,
-                 tls_cert_file: Path | None = None, tls_key_file: Path | None = None):
+                 tls_cert_file: Path | None = None, tls_key_file: Path | None = None,
+                 metrics: Callable[[], bytes] | None = None, status: Callable[[], str] | None = None):
         config = uvicorn.Config(
-            build_app(health, api), host=host, port=port, log_level="warning", lifespan="off", access_log=False,
+            build_app(health, api, metrics, status), host=host, port=port, log_level="warning", lifespan="off", access_log=False,
             ssl_certfile=str(tls_cert_file) if tls_cert_file else None,
             ssl_keyfile=str(tls_key_file) if tls_key_file else None,
         )

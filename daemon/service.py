@@ -3,10 +3,19 @@
 Signal handlers only set flags; the loop notices. Shutdown stops intake first
 (new messages stay un-acked on the broker), commits and acks what arrived,
 then disconnects, so a stop loses nothing and re-reads nothing needlessly.
+A second SIGINT cuts the waiting short. SIGHUP reloads the configuration
+(:mod:`daemon.reload`).
+
+Under systemd (``Type=notify``) the loop also reports: READY=1 once the
+model is loaded and the feed subscribed, a one-line STATUS every few
+seconds, WATCHDOG=1 only while every part makes progress
+(:mod:`daemon.liveness`), RELOADING=1 ... READY=1 around a reload, and
+STOPPING=1 when shutdown begins.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -14,9 +23,14 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from daemon import logs
 from daemon.feed import Feed
 from daemon.intake import Intake
+from daemon.liveness import Liveness, export_stall_after_s
 from daemon.notice import Notice
+from daemon.notify import Notifier
+from daemon.reload import Plan as ReloadPlan
+from daemon.reload import plan as plan_reload
 from daemon.registry import registry_root
 from daemon.server import DownloadApi, HttpServer
 from daemon.settings import ConfigError, Settings
@@ -28,14 +42,23 @@ log = logging.getLogger("sprout.daemon")
 EX_OK = 0
 EX_FAILURE = 1
 EX_SOFTWARE = 70  # an internal part died; systemd's Restart=on-failure brings us back
+# The whole shutdown, intake's last commit first, then the learner's step and checkpoint; systemd's
+# TimeoutStopSec (30 s in systemd/sprout.service) must exceed it, or SIGKILL ends a clean stop.
 SHUTDOWN_BOUND_S = 20.0
+STATUS_EVERY_S = 2.0  # how often `systemctl status` gets a fresh line (one datagram; nothing to save)
 
 
 class Daemon:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, notifier: Notifier | None = None):
         self.settings = settings
         self.should_exit = threading.Event()
         self.force_exit = False
+        self.reload_requested = threading.Event()
+        self.notifier = notifier if notifier is not None else Notifier.from_environment()
+        self.ready = False  # READY=1 sent: the model is loaded and the feed subscribed
+        # Without a watchdog, no part is ever judged stalled (there is nobody to tell).
+        self.liveness = Liveness(self.notifier.watchdog_s or float("inf"), _export_bound(settings))
+        self.withholding: dict[str, str] = {}  # part -> why the watchdog is not pinged, while it is not
         self.http_address: str | None = None
         self.store: Store | None = None
         self.feed: Feed | None = None
@@ -44,9 +67,12 @@ class Daemon:
         self.exporting = None  # daemon.exporting.Exporting when export.enabled too
         self.http: HttpServer | None = None
         self.notice: Notice | None = None
+        self.history = None  # daemon.metrics.History, the status page's curves, when HTTP is served
         self._old_handlers: dict[int, object] = {}
         self._progress_at = 0.0
         self._progress_stored = 0
+        self._status_due = 0.0
+        self._ping_due = 0.0
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -58,6 +84,7 @@ class Daemon:
             code = self.main_loop(on_tick)
         finally:
             self.shutdown()
+            self.notifier.close()
             if install_signals:
                 self._restore_signal_handlers()
         return code
@@ -66,13 +93,7 @@ class Daemon:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(s.state_dir / "examples.db")
-        limits = Limits(
-            max_image_bytes=s.store.max_image_bytes,
-            max_image_pixels=s.store.max_image_pixels,
-            max_label_chars=s.store.max_label_chars,
-            holdout_fraction=s.store.holdout_fraction,
-        )
-        self.feed = Feed(s.mqtt, s.model.name, s.client_id, limits, s.store.backlog_max)
+        self.feed = Feed(s.mqtt, s.model.name, s.client_id, _limits(s), s.store.backlog_max)
         self.intake = Intake(self.feed, self.store, s.store)
         if s.training.enabled and s.export.enabled:
             from daemon.verification import unavailable
@@ -115,8 +136,15 @@ class Daemon:
             except OSError as err:
                 raise ConfigError(f"server.token_file: cannot read {s.server.token_file}: {err.strerror}") from None
             api = DownloadApi(registry_root(s.state_dir), token)
+            from daemon import metrics, status_page  # the page and /metrics read this object's parts
+
+            self.history = metrics.History(self)
+            self.history.start()
+            scrape = metrics.registry_for(self)
             self.http = HttpServer(s.server.host, s.server.port, self.health, api,
-                                   s.server.tls_cert_file, s.server.tls_key_file)
+                                   s.server.tls_cert_file, s.server.tls_key_file,
+                                   metrics=lambda: metrics.exposition(scrape),
+                                   status=lambda: status_page.render(self, self.history))
             self.http_address = self.http.start()
             log.info("serving HTTP on %s://%s%s", self.http.scheme, self.http_address,
                      " (downloads need the bearer token)" if token else "")
@@ -135,6 +163,7 @@ class Daemon:
         self._progress_at = time.monotonic()
 
     def main_loop(self, on_tick: Callable[[Daemon], None] | None) -> int:
+        self.notifier.status(f"connecting to {self.settings.mqtt.broker}")
         while not self.should_exit.wait(0.1):
             if self.intake is not None and not self.intake.is_alive():
                 log.error("intake thread died; exiting so the service manager restarts Sprout")
@@ -148,34 +177,117 @@ class Daemon:
             if self.http is not None and self.http.error is not None:
                 log.error("HTTP server stopped: %s", self.http.error)
                 return EX_SOFTWARE
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
             self._progress()
+            self._report(time.monotonic())
             if on_tick is not None:
                 on_tick(self)
         return EX_OK
 
     def shutdown(self) -> None:
         started = time.monotonic()
+        deadline = started + SHUTDOWN_BOUND_S
+        waiting = self.feed.deliveries.qsize() if self.feed else 0
+        self.notifier.stopping(f"stopping: committing {waiting} received examples, then checkpointing")
         if self.feed is not None:
             self.feed.pause()
         if self.intake is not None and self.intake.is_alive():
-            log.info("stopping: committing %d received examples", self.feed.deliveries.qsize() if self.feed else 0)
-            if not self.intake.stop(timeout_s=0.1 if self.force_exit else SHUTDOWN_BOUND_S):
+            log.info("stopping: committing %d received examples", waiting)
+            self.intake.stop(timeout_s=0)
+            if not self._await(self.intake, deadline):
                 log.warning("stopping: intake did not finish in time; un-acked examples come back on restart")
         if self.exporting is not None:
             self.exporting.stop()  # not awaited: a publish is atomic, and the next start exports again
         if self.training is not None and self.training.is_alive():
-            log.info("stopping: finishing the learner's step and checkpointing")
-            if not self.training.stop(timeout_s=0.1 if self.force_exit else SHUTDOWN_BOUND_S):
+            log.info("stopping: waiting for the learner to finish its step and checkpoint")
+            self.training.stop(timeout_s=0)
+            if not self._await(self.training, deadline):
                 log.warning("stopping: the learner did not finish in time; it resumes from its last checkpoint")
         if self.notice is not None:
             self.notice.stop()
+        if self.history is not None:
+            self.history.stop()
         if self.feed is not None:
             self.feed.stop()
         if self.http is not None:
             self.http.stop()
         if self.store is not None:
             self.store.close()
-        log.info("stopped in %.2fs", time.monotonic() - started)
+        log.info("stopped in %.2fs%s", time.monotonic() - started, " (forced)" if self.force_exit else "")
+
+    def _await(self, part: threading.Thread, deadline: float) -> bool:
+        """Wait for a stopping part until the deadline, or not at all once a second SIGINT forces the exit."""
+        while part.is_alive():
+            left = deadline - time.monotonic()
+            if left <= 0 or self.force_exit:
+                return False
+            part.join(min(0.1, left))  # short joins: the signal handler runs between them
+        return True
+
+    # -- reload (SIGHUP) ---------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the configuration and apply what can change while running; False if it was refused."""
+        if self.ready:
+            self.notifier.reloading()
+        try:
+            return self._reload()
+        finally:
+            if self.ready:  # before READY=1 the first READY=1 ends the reload as well
+                self.notifier.ready(self.status_line())
+
+    def _reload(self) -> bool:
+        try:
+            wanted = self.settings.reread()
+            change = plan_reload(self.settings, wanted)
+            self._check_runtimes(change)
+        except ConfigError as err:
+            for line in str(err).splitlines():  # one record per field: journald splits lines anyway
+                log.error("reload refused, still running on the previous configuration: %s", line)
+            return False
+        self._apply(change.settings)
+        for c in change.applied:
+            log.info("reload: %s", c)
+        for c in change.needs_restart:
+            log.warning("reload: %s needs a restart to take effect; still running with the old value", c.field)
+        if not change.applied and not change.needs_restart:
+            log.info("reload: %s has no changes", self.settings.config_file or "the configuration")
+        return True
+
+    def _check_runtimes(self, change: ReloadPlan) -> None:
+        export = change.settings.export
+        if self.exporting is None or not any(c.field in ("export.runtimes", "export.tflite_runtime_python")
+                                             for c in change.applied):
+            return
+        from daemon.verification import unavailable
+
+        if problems := unavailable(export.runtimes, export.tflite_runtime_python):
+            raise ConfigError(f"export.runtimes: {'; '.join(problems)}")
+
+    def _apply(self, applied: Settings) -> None:
+        """Hand each running part its new section; only fields in daemon.reload.RELOADABLE differ."""
+        before, self.settings = self.settings, applied
+        if applied.logging != before.logging:
+            logs.configure(applied.logging.level, applied.logging.format)
+        if self.feed is not None and applied.store != before.store:
+            self.feed.limits = _limits(applied)
+            if self.intake is not None:
+                self.intake.settings = applied.store
+        if self.exporting is not None:
+            self.exporting.settings = applied
+        self.liveness.export_stall_after_s = _export_bound(applied)
+        if self.training is not None and applied.training != before.training:
+            learner = self.training.learner
+
+            def hand_over() -> None:
+                learner.settings = applied.training
+                log.info("reload: the learner uses the new training settings from this step on")
+
+            # On the learner's own thread, between two steps. Not awaited (timeout 0): the request stays
+            # queued and runs after the current step, however long that takes.
+            self.training.on_learner_thread(hand_over, timeout_s=0)
 
     # -- state for health, progress and callers --------------------------------------------------
 
@@ -221,11 +333,73 @@ class Daemon:
         self._progress_at = now
         self._progress_stored = stored
 
+    def _report(self, now: float) -> None:
+        """Tell systemd: READY=1 once, then STATUS every few seconds and WATCHDOG=1 while all makes progress."""
+        self.liveness.observe(now, self.intake, self._uncommitted(), self.exporting)
+        if not self.ready:
+            if self.feed is None or not self.feed.subscribed.is_set():
+                return
+            self.ready = True
+            status = self.status_line()
+            self.notifier.ready(status)
+            log.info("ready: %s", status)
+            self._status_due = now + STATUS_EVERY_S
+            self._ping_due = now
+        if now >= self._status_due:
+            status = self.status_line()
+            self.notifier.status(status)
+            log.debug("status: %s", status)
+            self._status_due = now + STATUS_EVERY_S
+        watchdog_s = self.notifier.watchdog_s
+        if watchdog_s and now >= self._ping_due:
+            self._ping_due = now + watchdog_s / 2  # sd_watchdog_enabled(3): ping at half the interval
+            stalls = self.liveness.stalls(now, self.intake, self.training, self.exporting)
+            if stalls.keys() - self.withholding.keys():  # once per newly stalled part, not every ping
+                log.warning("watchdog: not pinging: %s; systemd restarts Sprout once %.0fs pass without a ping",
+                            "; ".join(stalls.values()), watchdog_s)
+            elif self.withholding and not stalls:
+                log.info("watchdog: every part makes progress again; pinging")
+            self.withholding = stalls
+            if stalls:
+                self.notifier.status(self.status_line())
+            else:
+                self.notifier.watchdog()
+
+    def _uncommitted(self) -> int:
+        """Examples received and not yet committed: in the feed's queue or in intake's batch in hand."""
+        if self.feed is None or self.intake is None:
+            return 0
+        done = self.intake.stored + self.intake.duplicates + self.intake.rejected_total
+        return max(0, self.feed.received - done)
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: what is stored, learned and published, and what is wrong."""
+        parts = [f"{self.intake.stored if self.intake else 0} stored since start"]
+        if self.training is not None:
+            lr = self.training.learner
+            holdout = f"{lr.holdout.accuracy:.3f}" if lr.holdout.accuracy is not None else "-"
+            parts.append(f"{lr.trained} learned (backlog {self.training.backlog}), holdout {holdout}")
+        version = self._latest_version()
+        parts.append(f"model v{version}" if version is not None else "no model published")
+        if self.feed is not None and not self.feed.connected.is_set():
+            parts.append(f"broker {self.settings.mqtt.broker} DISCONNECTED")
+        if self.withholding:
+            parts.append("STALLED: " + "; ".join(self.withholding.values()))
+        return ", ".join(parts)
+
+    def _latest_version(self) -> int | None:
+        latest = registry_root(self.settings.state_dir) / self.settings.model.name / "latest"
+        try:
+            return json.loads(latest.read_bytes())["version"]
+        except (OSError, ValueError, KeyError, TypeError):  # nothing published yet, or not readable: not ours to fix
+            return None
+
     # -- signals -----------------------------------------------------------------------------
 
     def _install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old_handlers[sig] = signal.signal(sig, self._handle_exit)
+        self._old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._handle_reload)
 
     def _restore_signal_handlers(self) -> None:
         for sig, handler in self._old_handlers.items():
@@ -235,3 +409,19 @@ class Daemon:
         if self.should_exit.is_set() and sig == signal.SIGINT:
             self.force_exit = True
         self.should_exit.set()
+
+    def _handle_reload(self, sig: int, frame: FrameType | None) -> None:
+        self.reload_requested.set()
+
+
+def _limits(s: Settings) -> Limits:
+    return Limits(
+        max_image_bytes=s.store.max_image_bytes,
+        max_image_pixels=s.store.max_image_pixels,
+        max_label_chars=s.store.max_label_chars,
+        holdout_fraction=s.store.holdout_fraction,
+    )
+
+
+def _export_bound(s: Settings) -> float:
+    return export_stall_after_s(len(s.export.quantization), s.export.verify_timeout_s)

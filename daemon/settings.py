@@ -12,6 +12,7 @@ example file ``sprout.example.toml`` repeats them for operators.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 EX_CONFIG = 78  # sysexits.h: systemd's RestartPreventExitStatus=78 stops a restart loop on a bad config.
@@ -389,6 +390,9 @@ class Settings(BaseSettings):
     signing: SigningSettings = SigningSettings()
     logging: LoggingSettings = LoggingSettings()
 
+    # Where this object came from (file, CLI overrides), so that a reload (SIGHUP) reads the same.
+    _source: tuple[Path | None, dict[str, Any]] = PrivateAttr(default=(None, {}))
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -409,7 +413,9 @@ class Settings(BaseSettings):
         """
         token = _file_data.set(read_toml(Path(path)) if path is not None else {})
         try:
-            return cls(**(overrides or {}))
+            settings = cls(**(overrides or {}))
+            settings._source = (Path(path) if path is not None else None, copy.deepcopy(overrides or {}))
+            return settings
         except ValidationError as err:
             raise ConfigError(describe(err, path)) from None
         except SettingsError as err:
@@ -418,6 +424,24 @@ class Settings(BaseSettings):
                               f"e.g. SPROUT_EXPORT__RUNTIMES='[\"ai-edge-litert\"]'") from None
         finally:
             _file_data.reset(token)
+
+    def reread(self) -> Settings:
+        """A fresh object from the same file, environment and overrides (the file may have changed).
+
+        Raises :class:`ConfigError` like :meth:`load`.
+        """
+        path, overrides = self._source
+        return type(self).load(path, overrides)
+
+    @property
+    def config_file(self) -> Path | None:
+        return self._source[0]
+
+    def __eq__(self, other: object) -> bool:
+        # Equal settings are equal values, wherever they were read from (pydantic also compares _source).
+        if not isinstance(other, Settings):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in type(self).model_fields)
 
     @property
     def client_id(self) -> str:

@@ -10,13 +10,8 @@ need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
-if [ ${#need[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo=sudo
-    echo "setup: installing Debian packages: ${need[*]}"
-    $sudo apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
-fi
+. scripts/debian.sh
+install_debian_packages setup ${need[@]+"${need[@]}"}
 
 # The project and its pinned dependencies (torch==2.13.0) in one virtualenv.
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

@@ -6,6 +6,7 @@ import datetime
 import hashlib
 import json
 import os
+import ssl
 import subprocess
 import threading
 from pathlib import Path
@@ -145,7 +146,7 @@ def test_https_with_the_configured_certificate(registry: Registry, tmp_path: Pat
     server, base = serve(registry.root, tls_cert_file=cert_file, tls_key_file=key_file)
     try:
         assert base.startswith("https://")
-        r = httpx.get(f"{base}/v1/models/{MODEL}/latest", verify=str(cert_file))
+        r = httpx.get(f"{base}/v1/models/{MODEL}/latest", verify=ssl.create_default_context(cafile=str(cert_file)))
         assert r.status_code == 200 and r.json()["version"] == 1
     finally:
         server.stop()

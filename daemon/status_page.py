@@ -1,0 +1,161 @@
+"""The status page at ``/``: what the model is, how well it learns, and what the exporter did, at a glance.
+
+One self-contained HTML document, rendered on request from the daemon's
+parts: no JavaScript, no files, no CDN (the box may have no internet); the
+charts are inline SVG drawn from :class:`daemon.metrics.History`, and the page
+refreshes itself every 10 seconds.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from typing import Any
+
+from daemon.metrics import History, Point, latest_manifest
+from daemon.registry import LOG, registry_root
+
+CHART_W, CHART_H, PAD = 640, 220, 40
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def render(daemon: Any, history: History | None) -> str:
+    s = daemon.settings
+    e = html.escape
+    parts = [f"<h1>Sprout: {e(s.model.name)}</h1>"]
+    parts.append(_model(latest_manifest(s)))
+    parts.append(_learning(daemon))
+    points = list(history.points) if history is not None else []
+    parts.append('<h2>Learning curves</h2>')
+    parts.append(_chart("accuracy", points, [("prequential", "#2b7bb9"), ("holdout", "#d9822b")], 0.0, 1.0, "%"))
+    losses = [p.loss for p in points if p.loss is not None]
+    parts.append(_chart("loss", points, [("loss", "#8e44ad")], 0.0, max(losses) * 1.1 if losses else 1.0, ""))
+    parts.append(_exports(s))
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta http-equiv="refresh" content="10">'
+        f"<title>Sprout: {e(s.model.name)}</title><style>{_STYLE}</style></head><body>"
+        + "".join(parts)
+        + f'<p class="muted">Rendered {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}; '
+        'metrics for Prometheus at <a href="/metrics">/metrics</a>.</p></body></html>'
+    )
+
+
+def _model(manifest: dict | None) -> str:
+    if manifest is None:
+        return '<section id="model"><h2>Model</h2><p>No version published yet.</p></section>'
+    m = manifest.get("metrics", {})
+    size = manifest.get("files", {}).get("model.tflite", {}).get("size", 0)
+    runtimes = ", ".join(f"{html.escape(k)} {_pct(v)}" for k, v in (m.get("holdout_top1") or {}).items())
+    return (
+        '<section id="model"><h2>Model</h2><table>'
+        f'<tr><th>version</th><td id="model-version">{manifest["version"]}</td></tr>'
+        f'<tr><th>published</th><td>{html.escape(str(manifest.get("created_at")))}</td></tr>'
+        f'<tr><th>quantization</th><td>{html.escape(str(manifest.get("quantization")))} ({size / 1e6:.2f} MB)</td></tr>'
+        f'<tr><th>holdout top-1</th><td>{runtimes} (float {_pct(m.get("holdout_top1_float"))})</td></tr>'
+        f'<tr><th>classes</th><td>{len(manifest.get("labels", []))}</td></tr>'
+        "</table></section>"
+    )
+
+
+def _learning(daemon: Any) -> str:
+    intake, training = daemon.intake, daemon.training
+    rows = []
+    if intake is not None:
+        rows.append(("examples stored", f"{intake.stored}"))
+        rows.append(("rejected", f"{intake.rejected_total}"))
+    if training is None:
+        return '<section id="learning"><h2>Learning</h2><table>' + "".join(
+            f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table><p>Training is off on this node.</p></section>"
+    lr = training.learner
+    rows += [
+        ("examples learned", f'<span id="learned">{lr.trained}</span>'),
+        ("backlog", f"{training.backlog}"),
+        ("prequential accuracy", f'<span id="prequential">{_pct(lr.prequential.rolling)}</span>'),
+        ("holdout accuracy", f'<span id="holdout">{_pct(lr.holdout.accuracy)}</span>'),
+        ("last loss", "-" if lr.last_loss is None else f"{lr.last_loss:.3f}"),
+        ("backbone", f"{html.escape(lr.spec.name)} ({html.escape(lr.mode)} on {lr.device})"),
+    ]
+    table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    per_class = "".join(
+        f'<tr class="class"><td>{html.escape(label)}</td><td>{_pct(acc)}</td>'
+        f'<td><div class="bar" style="width:{200 * acc:.0f}px"></div></td></tr>'
+        for label, acc in lr.holdout.per_class.items()
+    ) or '<tr><td colspan="3">no holdout evaluation yet</td></tr>'
+    return (
+        f'<section id="learning"><h2>Learning</h2><table>{table}</table>'
+        f'<h3>Holdout accuracy per class</h3><table id="per-class">{per_class}</table></section>'
+    )
+
+
+def _chart(name: str, points: list[Point], series: list[tuple[str, str]], lo: float, hi: float, unit: str) -> str:
+    """An SVG line chart of ``series`` (attributes of Point) against examples learned."""
+    if len(points) < 2:
+        return f'<p id="chart-{name}" class="muted">The {name} chart appears once learning has progressed.</p>'
+    x0, x1 = points[0].learned, max(points[-1].learned, points[0].learned + 1)
+    hi = hi if hi > lo else lo + 1.0
+
+    def xy(p: Point, v: float) -> str:
+        x = PAD + (p.learned - x0) / (x1 - x0) * (CHART_W - 2 * PAD)
+        y = CHART_H - PAD - (v - lo) / (hi - lo) * (CHART_H - 2 * PAD)
+        return f"{x:.1f},{y:.1f}"
+
+    lines, legend = [], []
+    for i, (attr, colour) in enumerate(series):
+        coords = [xy(p, getattr(p, attr)) for p in points if getattr(p, attr) is not None]
+        if len(coords) >= 2:
+            lines.append(f'<polyline class="series" data-series="{attr}" fill="none" stroke="{colour}" '
+                         f'stroke-width="2" points="{" ".join(coords)}"/>')
+        legend.append(f'<text x="{PAD + 130 * i}" y="16" fill="{colour}">{attr}</text>')
+    fmt = (lambda v: f"{100 * v:.0f}%") if unit == "%" else (lambda v: f"{v:.2f}")
+    axes = (
+        f'<line x1="{PAD}" y1="{CHART_H - PAD}" x2="{CHART_W - PAD}" y2="{CHART_H - PAD}" stroke="#999"/>'
+        f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{CHART_H - PAD}" stroke="#999"/>'
+        f'<text x="2" y="{PAD + 4}">{fmt(hi)}</text><text x="2" y="{CHART_H - PAD}">{fmt(lo)}</text>'
+        f'<text x="{PAD}" y="{CHART_H - 12}">{x0}</text>'
+        f'<text x="{CHART_W - PAD - 60}" y="{CHART_H - 12}">{x1} learned</text>'
+    )
+    return (f'<svg id="chart-{name}" width="{CHART_W}" height="{CHART_H}" viewBox="0 0 {CHART_W} {CHART_H}" '
+            f'role="img" aria-label="{name} against examples learned">{axes}{"".join(lines)}{"".join(legend)}</svg>')
+
+
+def _exports(settings: Any, most: int = 10) -> str:
+    try:
+        lines = (registry_root(settings.state_dir) / settings.model.name / LOG).read_bytes().splitlines()[-most:]
+    except FileNotFoundError:
+        lines = []
+    rows = []
+    for line in reversed(lines):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        kind = event.get("event", "?")
+        if kind == "published":
+            what = f'version {event.get("version")} ({html.escape(str(event.get("quantization")))}, ' \
+                   f'{event.get("size", 0) / 1e6:.2f} MB)'
+        elif kind == "rejected":
+            candidate = event.get("candidate", {})
+            what = f'{html.escape(str(candidate.get("quantization")))}: ' + "; ".join(
+                html.escape(r) for r in event.get("reasons", []))
+        elif kind == "rollback":
+            what = f'back to version {event.get("version")} from {event.get("from")}'
+        else:
+            what = html.escape(json.dumps({k: v for k, v in event.items() if k not in ("event", "time")}))
+        rows.append(f'<tr class="event {html.escape(kind)}"><td>{html.escape(str(event.get("time", "")))}</td>'
+                    f"<td>{html.escape(kind)}</td><td>{what}</td></tr>")
+    body = "".join(rows) or '<tr><td colspan="3">no exports yet</td></tr>'
+    return f'<section id="exports"><h2>Recent exports</h2><table>{body}</table></section>'
+
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; max-width: 900px; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.5em; } h3 { font-size: 1em; }
+table { border-collapse: collapse; } th, td { text-align: left; padding: 2px 12px 2px 0; vertical-align: top; }
+.bar { height: 10px; background: #5a9e5a; } .muted { color: #888; }
+tr.rejected td { color: #a33; } svg text { font-size: 11px; fill: #555; }
+"""

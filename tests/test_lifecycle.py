@@ -1,0 +1,347 @@
+"""The daemon under a service manager: sd_notify over a real datagram socket, real signals, a real config reload.
+
+The tests play systemd's part: they bind the AF_UNIX datagram socket that
+``$NOTIFY_SOCKET`` names, set ``$WATCHDOG_USEC``, start ``sprout run`` as a
+child process against a Mosquitto of their own, and read what it reports.
+Stalls are real too: another connection holding a SQLite write lock blocks a
+part of the daemon exactly as a backup tool or a stray ``sqlite3`` shell
+holding a transaction open would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sqlite3
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from daemon.feeder import Publisher
+from daemon.notify import Notifier, watchdog_usec
+from daemon.service import SHUTDOWN_BOUND_S
+from helpers import jpeg, publish_examples, stored_ids, wait_for
+
+LEARNING = {
+    "SPROUT_TRAINING__ENABLED": "true",
+    "SPROUT_TRAINING__BATCH_SIZE": "8",
+    "SPROUT_EXPORT__ENABLED": "false",  # exports are the exporter's tests; here they would only cost CPU
+}
+
+
+class SystemdSocket:
+    """The service manager's end of sd_notify: a bound datagram socket and every message it received, timed."""
+
+    def __init__(self, address: str):
+        self.address = address  # as NOTIFY_SOCKET names it: a path, or @name for the abstract namespace
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append((time.monotonic(), fields))
+
+    def env(self, watchdog_s: float | None = None) -> dict[str, str]:
+        out = {"NOTIFY_SOCKET": self.address}
+        if watchdog_s is not None:
+            out["WATCHDOG_USEC"] = str(int(watchdog_s * 1e6))
+        return out
+
+    def times(self, key: str, since: float = 0.0, until: float = float("inf")) -> list[float]:
+        return [t for t, m in list(self.messages) if key in m and since <= t <= until]
+
+    def statuses(self, since: float = 0.0) -> list[str]:
+        return [m["STATUS"] for t, m in list(self.messages) if "STATUS" in m and t >= since]
+
+    def wait(self, key: str, value: str | None = None, since: float = 0.0, timeout_s: float = 30.0) -> float:
+        """When the first message with ``key`` (= ``value``) at or after ``since`` arrived."""
+
+        def arrived():
+            return next((t for t, m in list(self.messages) if t >= since and key in m and value in (None, m[key])), None)
+
+        return wait_for(arrived, timeout_s, f"{key}={value or '*'} on the notify socket")
+
+    def close(self) -> None:
+        self._closed.set()
+        self.sock.close()
+        self._reader.join(2)
+
+
+@pytest.fixture
+def systemd():
+    # A path socket in a short folder: AF_UNIX paths end at 108 bytes, and pytest's tmp_path can be longer.
+    folder = Path(tempfile.mkdtemp(prefix="sprout-notify-", dir="/tmp"))
+    s = SystemdSocket(str(folder / "notify"))
+    yield s
+    s.close()
+    (folder / "notify").unlink(missing_ok=True)
+    folder.rmdir()
+
+
+@contextmanager
+def write_lock(db_path: Path):
+    """Hold SQLite's write lock on ``db_path`` from another connection: readers go on (WAL), writers wait."""
+    db = sqlite3.connect(db_path, isolation_level=None, timeout=10)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        db.rollback()
+        db.close()
+
+
+def publish(url: str, prefix: str, n: int) -> None:
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    publish_examples(url, "leaves", ids, [("rust", "blight", "healthy")[i % 3] for i in range(n)])
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+# -- the protocol itself -------------------------------------------------------------------------
+
+
+def test_notifier_speaks_to_path_and_abstract_sockets_and_never_raises(tmp_path):
+    abstract = SystemdSocket(f"@sprout-test-{uuid.uuid4().hex}")
+    try:
+        env = {**abstract.env(watchdog_s=4), "WATCHDOG_PID": str(os.getpid()), "KEEP": "1"}
+        n = Notifier.from_environment(env)
+        assert env == {"KEEP": "1"}  # taken out: children (the verification subprocesses) must not inherit them
+        assert n.watchdog_s == 4.0
+        assert n.ready("up") and n.watchdog() and n.reloading() and n.stopping("bye\nnow")
+        abstract.wait("STOPPING", "1", timeout_s=5)
+        received = [m for _, m in abstract.messages]
+        assert received[0] == {"READY": "1", "STATUS": "up"}
+        assert received[1] == {"WATCHDOG": "1"}
+        assert received[2]["RELOADING"] == "1" and received[2]["MONOTONIC_USEC"].isdigit()
+        assert received[3] == {"STOPPING": "1", "STATUS": "bye now"}  # a newline cannot forge another assignment
+    finally:
+        abstract.close()
+    # The socket has gone away (systemd restarted, a test ended): a warning, never an exception.
+    assert n.watchdog() is False
+    assert Notifier.from_environment({}).send(READY=1) is False  # no NOTIFY_SOCKET: nothing to do
+    # sd_watchdog_enabled(3): a WATCHDOG_PID that is not ours means the watchdog is someone else's.
+    assert watchdog_usec({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid() + 1)}) is None
+    assert watchdog_usec({"WATCHDOG_USEC": "0"}) is None and watchdog_usec({"WATCHDOG_USEC": "-5"}) is None
+
+
+# -- start-up, reporting, stop --------------------------------------------------------------------
+
+
+def test_ready_after_subscribing_then_status_and_watchdog_and_stopping_on_sigterm(broker, daemon_factory, systemd):
+    d = daemon_factory(broker.url, env={**LEARNING, **systemd.env(watchdog_s=2.0)}).start(wait_ready=False)
+    systemd.wait("READY", "1", timeout_s=60)
+    # Subscribed when READY=1 came: the broker already routes to Sprout's session. Before the subscription
+    # exists the broker answers "no matching subscribers" and publish_examples fails.
+    publish(broker.url, "first", 1)
+    assert d.health()[0] == 200
+    ready = next(m for _, m in systemd.messages if m.get("READY") == "1")
+    assert "stored since start" in ready["STATUS"] and "learned" in ready["STATUS"]
+    publish(broker.url, "more", 20)
+    wait_for(lambda: any(s.startswith("21 stored") and "backlog 0" in s for s in systemd.statuses()), 20,
+             "a STATUS line counting 21 stored, all learned")
+    steady = time.monotonic()  # the learner's first steps (torch warming up) are behind us
+    time.sleep(4)
+    pings = systemd.times("WATCHDOG", since=steady)
+    # Every WatchdogSec/2 = 1 s (on the main loop's 0.1 s tick); systemd would kill the service after a gap of 2 s.
+    assert len(pings) >= 3, pings
+    assert max(gaps([steady, *pings, time.monotonic()])) < 2.0, gaps(pings)
+    sent = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.proc.wait(SHUTDOWN_BOUND_S) == 0
+    stopping = systemd.wait("STOPPING", "1", since=sent, timeout_s=1)
+    assert not systemd.times("WATCHDOG", since=stopping + 0.01)  # no pings once shutdown began
+    assert "stopped in" in d.log()
+
+
+def test_sigterm_while_examples_flow_and_the_learner_learns_exits_0_within_the_bound(broker, daemon_factory, systemd):
+    d = daemon_factory(broker.url, env={**LEARNING, **systemd.env()}).start(wait_ready=False)
+    systemd.wait("READY", "1", timeout_s=60)
+    n = 1500
+    ids = [f"flow-{i:05d}" for i in range(n)]
+    labels = [("rust", "blight", "healthy")[i % 3] for i in range(n)]
+    feeder = threading.Thread(target=publish_examples, args=(broker.url, "leaves", ids, labels, 500.0))
+    feeder.start()
+    wait_for(lambda: len(stored_ids(d.state)) > 200, 20, "examples flowing in")
+    sent = time.monotonic()
+    d.signal(signal.SIGTERM)
+    code = d.proc.wait(SHUTDOWN_BOUND_S + 5)
+    took = time.monotonic() - sent
+    assert feeder.is_alive(), "the stream ended before the stop; make it longer"
+    assert code == 0, d.log()[-2000:]
+    assert took < SHUTDOWN_BOUND_S, took
+    systemd.wait("STOPPING", "1", since=sent, timeout_s=1)
+    log = d.log()
+    assert "stopping: committing" in log and "did not finish in time" not in log
+    # The learner checkpointed on the way out, and nothing the broker accepted is lost.
+    assert (d.state / "checkpoints" / "learner.pt").exists()
+    feeder.join(30)
+    d.start(wait_ready=False)
+    wait_for(lambda: len(stored_ids(d.state)) == n, 60, f"all {n} after the stop and a restart")
+    assert d.stop() == 0
+
+
+# -- the watchdog only while every part makes progress --------------------------------------------
+
+
+def test_a_stalled_learner_stops_the_watchdog_while_intake_goes_on(broker, daemon_factory, systemd):
+    # The learner's embedding cache is its own SQLite file (head mode). A connection that holds its write
+    # lock makes the learner's next step wait in SQLite's busy handler: alive, but making no progress.
+    # The cache waits 5 s (Python's sqlite3 default) before the step fails, so the lock is held for 4.
+    d = daemon_factory(broker.url, env={**LEARNING, **systemd.env(watchdog_s=1.0)}).start(wait_ready=False)
+    systemd.wait("READY", "1", timeout_s=60)
+    publish(broker.url, "warm", 30)
+    wait_for(lambda: any(s.startswith("30 stored") and "backlog 0" in s for s in systemd.statuses()), 20,
+             "the learner to catch up")
+    steady = time.monotonic()
+    time.sleep(1.5)
+    assert max(gaps(systemd.times("WATCHDOG", since=steady))) < 1.0  # healthy: a ping every 0.5 s
+
+    with write_lock(d.state / "embeddings.db"):
+        locked = time.monotonic()
+        publish(broker.url, "stuck", 20)  # new work: the learner embeds it and waits to cache it
+        wait_for(lambda: len(stored_ids(d.state)) == 50, 3, "intake to store during the stall")  # intake unaffected
+        time.sleep(max(0.0, locked + 4.0 - time.monotonic()))
+        assert d.proc.poll() is None and d.health()[0] == 200  # alive and healthy by /healthz's standard
+        released = time.monotonic()
+    resumed = systemd.wait("WATCHDOG", "1", since=released, timeout_s=5)
+
+    pings = systemd.times("WATCHDOG", since=locked - 1.0)
+    silent = max(gaps(pings))
+    assert silent > 1.0, f"systemd (WatchdogSec=1s) would have restarted Sprout; largest gap {silent:.2f}s"
+    # The main loop ran throughout: it kept reporting, and said what was stalled.
+    during = systemd.times("STATUS", since=locked, until=released)
+    assert max(gaps([locked, *during, released])) < 2.5
+    assert any("STALLED" in s and "learner" in s for s in systemd.statuses(since=locked))
+    assert resumed - released < 5
+    log = d.log()
+    assert log.count("watchdog: not pinging: the learner has made no progress") == 1  # said once, not every ping
+    assert "every part makes progress again" in log
+    assert d.stop() == 0
+
+
+def test_a_stalled_intake_stops_the_watchdog(broker, daemon_factory, systemd):
+    # Intake's commits wait on SQLite's busy handler (30 s) while another connection holds the store's
+    # write lock: examples arrive and nothing is committed or acked.
+    d = daemon_factory(broker.url, env=systemd.env(watchdog_s=1.0)).start(wait_ready=False)
+    systemd.wait("READY", "1", timeout_s=30)
+    publish(broker.url, "before", 10)
+    steady = time.monotonic()
+    time.sleep(1.5)
+    assert max(gaps(systemd.times("WATCHDOG", since=steady))) < 1.0
+    with write_lock(d.state / "examples.db"):
+        locked = time.monotonic()
+        with Publisher(broker.url) as pub:
+            for i in range(10):
+                pub.publish("sprout/leaves/examples", jpeg(zlib.crc32(b"x%d" % i)), "rust", "image/jpeg", f"held-{i}")
+            assert pub.wait_all_acked(10)
+        time.sleep(max(0.0, locked + 3.5 - time.monotonic()))
+        assert len(stored_ids(d.state)) == 10 and d.proc.poll() is None
+        released = time.monotonic()
+    systemd.wait("WATCHDOG", "1", since=released, timeout_s=5)
+    assert max(gaps(systemd.times("WATCHDOG", since=locked - 1.0))) > 1.0
+    assert any("STALLED" in s and "intake has committed nothing" in s for s in systemd.statuses(since=locked))
+    wait_for(lambda: len(stored_ids(d.state)) == 20, 10, "the held examples, committed once the lock went")
+    assert d.stop() == 0
+
+
+def test_a_second_sigint_cuts_the_wait_for_a_stuck_learner_short(broker, daemon_factory):
+    d = daemon_factory(broker.url, env=LEARNING).start()
+    publish(broker.url, "warm", 10)
+    wait_for(lambda: (d.state / "embeddings.db").exists(), 20, "the learner's cache")
+    with write_lock(d.state / "embeddings.db"):
+        locked = time.monotonic()
+        publish(broker.url, "stuck", 10)
+        time.sleep(0.8)
+        d.signal(signal.SIGINT)
+        wait_for(lambda: "waiting for the learner" in d.log(), 5, "shutdown to wait for the learner")
+        time.sleep(0.5)
+        assert d.proc.poll() is None  # a first SIGINT waits for the step to end (here: up to 5 s)
+        forced = time.monotonic()
+        d.signal(signal.SIGINT)
+        code = d.proc.wait(10)
+        took = time.monotonic() - forced
+        assert time.monotonic() - locked < 5.0, "the learner's busy wait ended before the test could force"
+    assert code == 0
+    assert took < 1.5, took
+    log = d.log()
+    assert "the learner did not finish in time" in log and "(forced)" in log
+
+
+# -- reload (SIGHUP) ------------------------------------------------------------------------------
+
+
+def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(broker, daemon_factory, systemd, tmp_path):
+    config = tmp_path / "sprout.toml"
+    base = '[mqtt]\nkeepalive_s = 30\n[registry]\nkeep_versions = 10\n'
+    config.write_text(base + '[logging]\nlevel = "INFO"\n')
+    d = daemon_factory(broker.url, config=config, env={**LEARNING, **systemd.env()}).start(wait_ready=False)
+    systemd.wait("READY", "1", timeout_s=60)
+    assert " DEBUG " not in d.log()
+
+    # Valid: three reloadable changes and one that needs a restart.
+    config.write_text('[mqtt]\nkeepalive_s = 10\n[registry]\nkeep_versions = 3\n[training]\nreplay_ratio = 1.5\n'
+                      '[logging]\nlevel = "DEBUG"\n')
+    sent = time.monotonic()
+    d.signal(signal.SIGHUP)
+    reloading = systemd.wait("RELOADING", "1", since=sent, timeout_s=5)
+    systemd.wait("READY", "1", since=reloading, timeout_s=5)
+    wait_for(lambda: " DEBUG sprout.daemon: status:" in d.log(), 10, "DEBUG lines after the reload")
+    log = d.log()
+    assert "reload: logging.level 'INFO' -> 'DEBUG'" in log
+    assert "reload: registry.keep_versions 10 -> 3" in log
+    assert "reload: mqtt.keepalive_s needs a restart to take effect" in log
+    assert "reload: training.replay_ratio 4.0 -> 1.5" in log
+    wait_for(lambda: "the learner uses the new training settings" in d.log(), 10, "the learner to take them")
+
+    # Invalid: refused whole, naming the field; the daemon runs on with the configuration it had.
+    config.write_text(base + '[training]\nreplay_ratio = 1.5\n[logging]\nlevel = "INFO"\n[export]\nmax_drop_pts = -1\n')
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in d.log(), 10, "the refusal")
+    refusal = next(line for line in d.log().splitlines() if "reload refused" in line)
+    assert "export.max_drop_pts" in refusal and "greater than or equal to 0" in refusal
+    mark = len(d.log())
+    time.sleep(2.5)  # a STATUS line (every 2 s) is logged at DEBUG only if DEBUG is still the level
+    assert " DEBUG sprout.daemon: status:" in d.log()[mark:]
+    assert d.proc.poll() is None and d.health()[0] == 200
+    publish(broker.url, "after", 5)
+    wait_for(lambda: len(stored_ids(d.state)) == 5, 10, "intake working after the refused reload")
+
+    # A TOML error is refused the same way.
+    config.write_text("[logging\n")
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: "not valid TOML" in d.log(), 10, "the TOML error")
+    assert d.proc.poll() is None
+    assert d.stop() == 0
+
+
+def test_the_deploy_guide_lists_exactly_what_a_reload_applies():
+    from daemon.reload import RELOADABLE
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
+    section = doc.split("## 6. Reload", 1)[1].split("\n## ", 1)[0]
+    listed = {}
+    for row in re.findall(r"^\| `(\w+)` \| (.*) \|$", section, re.M):
+        listed[row[0]] = frozenset(re.findall(r"`(\w+)`", row[1]))
+    assert listed == RELOADABLE
