@@ -93,10 +93,16 @@ class DemoDevice(threading.Thread):
     def run(self) -> None:
         from edge.sync import COMPLETED, FAILED, watch
 
+        said = {"waiting": False}
+
         def on_event(event: Any) -> None:
             if event.kind == COMPLETED:
                 print(f"device: installed version {event.version} ({event.total / 1e6:.2f} MB), verified",
                       file=sys.stderr, flush=True)
+            elif event.kind == FAILED and event.version is None:
+                if not said["waiting"]:  # before the first publish every poll fails alike: say it once
+                    said["waiting"] = True
+                    print("device: no model published yet; waiting for the notice", file=sys.stderr, flush=True)
             elif event.kind == FAILED:
                 print(f"device: refused version {event.version}: {event.reason}", file=sys.stderr, flush=True)
 
