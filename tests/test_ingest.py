@@ -238,6 +238,12 @@ def test_demo_runs_the_main_job(broker, tmp_path):
     assert learner["holdout_accuracy"] > 0.3  # 10 classes: chance is 0.1
     assert "demo: fed" in out.stderr and "prequential" in out.stderr
     assert summary["export"]["latest_version"] >= 1  # it published a verified, signed model
+    # ... and the device holds it, verified, and classifies photos the daemon never saw.
+    device = summary["device"]
+    assert device["version"] == summary["export"]["latest_version"]
+    assert device["test_photos"] == 200 and device["top1_on_device"] > 0.3
+    assert "demo: status page at http://" in out.stderr and "demo: published version 1" in out.stderr
+    assert "device: installed version" in out.stderr
 
 
 def test_shared_subscription_spreads_one_feed_over_two_daemons(broker, daemon_factory, tmp_path):
