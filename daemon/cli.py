@@ -45,8 +45,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logs.configure(settings.logging.level, settings.logging.format)
+    daemon = Daemon(settings)
     try:
-        return Daemon(settings).run()
+        return daemon.leave(daemon.run())
     except StoreError as err:
         log.error("%s", err)
         return EX_CONFIG if "state directory" in str(err) else EX_SOFTWARE

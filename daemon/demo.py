@@ -249,8 +249,12 @@ def run_demo(args: Any) -> int:
     try:
         code = daemon.run(on_tick=on_tick)
     finally:
+        # The device first (Ctrl-C, or the summary already did): a thread still inside an interpreter
+        # or paho's loop when Python exits aborts the process.
+        if state["device"] is not None:
+            state["device"].stop()
         if broker is not None:
             broker.stop()
     if feeder.error is not None:
-        return 66 if isinstance(feeder.error, DatasetError) else 69
-    return code
+        code = 66 if isinstance(feeder.error, DatasetError) else 69
+    return daemon.leave(code)

@@ -74,6 +74,8 @@ class Exporting(threading.Thread):
     def _export(self) -> Outcome | None:
         self.request_checkpoint()
         learned = self._checkpoint_learned()
+        log.info("exporting: %d examples learned, %d since the last export (modes %s)", learned,
+                 learned - self._exported_learned, ", ".join(self.settings.export.quantization))
         try:
             outcome = export_once(self.settings)
         except NothingToExport as err:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -185,6 +187,24 @@ class Daemon:
             if on_tick is not None:
                 on_tick(self)
         return EX_OK
+
+    def leave(self, code: int) -> int:
+        """``code``, or exit with it at once when an export is still converting.
+
+        A conversion (litert-torch's C++ converter) cannot be interrupted, and a C++ thread still running
+        when Python finalises aborts the process (SIGABRT, a core dump, a "failed" stop for systemd).
+        Everything durable is done by now (commits, acks, checkpoint; a publish is atomic), so the
+        process ends without finalising; the dropped export is redone after the next start.
+        """
+        if self.exporting is not None:
+            self.exporting.join(1.0)  # an idle exporter ends at once on its stop request
+        if self.exporting is not None and self.exporting.is_alive():
+            log.info("exiting while an export converts: it is dropped and redone after the next start")
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
     def shutdown(self) -> None:
         started = time.monotonic()

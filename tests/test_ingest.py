@@ -246,6 +246,27 @@ def test_demo_runs_the_main_job(broker, tmp_path):
     assert "device: installed version" in out.stderr
 
 
+@pytest.mark.slow
+def test_ctrl_c_during_an_export_of_the_real_model_stops_the_demo_cleanly(broker, tmp_path):
+    """litert-torch's converter runs C++ threads that abort the process if Python finalises around them."""
+    log = tmp_path / "demo.log"
+    with open(log, "w") as out:
+        demo = subprocess.Popen([*SPROUT, "demo", "--limit", "1100", "--rate", "0", "--state", str(tmp_path / "demo"),
+                                 "--broker", broker.url], stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for(lambda: "sprout.export: exporting: " in log.read_text() or demo.poll() is not None, 300,
+                     "the first export to start")
+            time.sleep(3.0)  # into the conversion proper
+            demo.send_signal(signal.SIGINT)
+            code = demo.wait(60)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert "terminate called" not in text and "stopped in" in text
+
+
 def test_shared_subscription_spreads_one_feed_over_two_daemons(broker, daemon_factory, tmp_path):
     daemons = [
         daemon_factory(
