@@ -103,7 +103,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import run_demo
 
-    return run_demo(args)
+    try:
+        return run_demo(args)
+    except OSError as err:  # e.g. the HTTP port is taken by another Sprout
+        log.error("cannot start: %s (server.http / SPROUT_SERVER__HTTP picks another address)", err)
+        return EX_UNAVAILABLE
 
 
 def _version(text: str) -> int | str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import random
 import signal
 import subprocess
@@ -219,12 +220,17 @@ def test_sprout_feed_warns_when_nothing_subscribes(broker):
     assert "start 'sprout run' once first" in out.stderr
 
 
+# The demo serves HTTP on the default 127.0.0.1:8080; a free port here, so a Sprout running beside the
+# tests (or another test) cannot make it fail.
+ANY_PORT = {"SPROUT_SERVER__HTTP": "127.0.0.1:0"}
+
+
 @pytest.mark.slow
 def test_demo_runs_the_main_job(broker, tmp_path):
     # The real default: EfficientNet-Lite0 with its ImageNet weights, head mode on the CPU.
     out = subprocess.run(
         [*SPROUT, "demo", "--limit", "300", "--rate", "0", "--state", str(tmp_path / "demo"), "--broker", broker.url],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env={**os.environ, **ANY_PORT},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout)
@@ -252,7 +258,8 @@ def test_ctrl_c_during_an_export_of_the_real_model_stops_the_demo_cleanly(broker
     log = tmp_path / "demo.log"
     with open(log, "w") as out:
         demo = subprocess.Popen([*SPROUT, "demo", "--limit", "1100", "--rate", "0", "--state", str(tmp_path / "demo"),
-                                 "--broker", broker.url], stdout=out, stderr=subprocess.STDOUT, text=True)
+                                 "--broker", broker.url], stdout=out, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **ANY_PORT})
         try:
             wait_for(lambda: "sprout.export: exporting: " in log.read_text() or demo.poll() is not None, 300,
                      "the first export to start")

@@ -171,13 +171,21 @@ def proc_mount_options() -> str:
 
 # Run inside fresh mount and PID namespaces: $1 (a folder of the test's) becomes the only writable
 # place besides a private /tmp, at /srv, every other mount read-only (ProtectSystem=strict, PrivateTmp=,
-# StateDirectory=), and /proc is mounted as ProtectProc= and ProcSubset= make it.
+# StateDirectory=), and /proc is mounted as ProtectProc= and ProcSubset= make it. $2 is this checkout
+# (the unit's /opt/sprout): when it lives under /tmp, as a CI clone may, it is carried over the private
+# /tmp, read-only like the rest.
 SANDBOX = """
 set -e
-writable=$1; shift
+writable=$1; repo=$2; shift 2
 mount --make-rprivate /
 mount --bind "$writable" /srv
+case "$repo" in /tmp/*) mount --bind "$repo" /mnt; carried=1 ;; esac
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+if [ -n "${{carried:-}}" ]; then
+    mkdir -p "$repo"
+    mount --bind /mnt "$repo"
+    mount -o remount,bind,ro "$repo"
+fi
 findmnt -rn -o TARGET | grep -Ev '^/(proc|sys|dev|srv|tmp)(/|$)' | while read -r m; do
     mount -o remount,bind,ro "$m" 2>/dev/null || true
 done
@@ -189,7 +197,7 @@ exec "$@"
 def sandbox_prefix(writable: Path) -> list[str]:
     """A command prefix that runs the rest in the unit's file-system view; [] where this machine does not allow it."""
     prefix = ["unshare", "--mount", "--pid", "--fork", "sh", "-c", SANDBOX.format(proc=proc_mount_options()), "sandbox",
-              str(writable)]
+              str(writable), str(UNIT.parents[1])]
     probe = [*prefix, "sh", "-c", "touch /srv/.probe /tmp/.probe && ! touch /etc/.probe 2>/dev/null"]
     if shutil.which("unshare") is None or subprocess.run(probe, capture_output=True).returncode != 0:
         return []
