@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo run test bench-ingest bench-learning bench-export clean
+.PHONY: setup demo run test fuzz bench-ingest bench-learning bench-export clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ run: setup
 test: setup
 	bash scripts/test-tools.sh
 	$(BIN)/python -m pytest
+
+# The full fuzzing run: 10,000 inputs per parser test (CI runs 300); prints what was rejected and why.
+fuzz: setup
+	SPROUT_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q -s tests/test_fuzz.py
 
 bench-ingest: setup
 	$(BIN)/python bench/ingest.py

@@ -65,7 +65,13 @@ class FastProperties(Properties):
             spec = self._kinds.get(ident)
             if spec is None:
                 raise MalformedPacket(f"unknown MQTT v5 property identifier {ident}")
+            if self.packetType not in spec[1]:  # found by tests/test_fuzz.py: e.g. Maximum Packet Size on a PUBLISH
+                raise MQTTException(f"Property {self._attr[ident]} does not apply to packet type "
+                                    f"{PacketTypes.Names[self.packetType]}")
             kind = spec[0]
+            size = _FIXED.get(kind, 0)
+            if pos + size > end:  # found by tests/test_fuzz.py: a value cut off by the properties' end
+                raise MalformedPacket(f"property {ident} runs past the properties length")
             if kind == _BYTE:
                 value, pos = view[pos], pos + 1
             elif kind == _INT16:
@@ -85,6 +91,8 @@ class FastProperties(Properties):
                 value = (key, val)
             if pos > end:
                 raise MalformedPacket("property runs past the properties length")
+            if ident == _PAYLOAD_FORMAT_INDICATOR and value not in (0, 1):  # as paho checks (found by fuzzing)
+                raise MQTTException("PayloadFormatIndicator property value must be 0 or 1")
             name = self._attr[ident]
             if ident in _MULTIPLE:
                 object.__setattr__(self, name, [*self.__dict__.get(name, ()), value])
@@ -93,6 +101,10 @@ class FastProperties(Properties):
             else:
                 object.__setattr__(self, name, value)
         return self, end
+
+
+_FIXED = {_BYTE: 1, _INT16: 2, _INT32: 4}
+_PAYLOAD_FORMAT_INDICATOR = 0x01  # bytes a fixed-size value takes (the others carry their length)
 
 
 def _varint(view: memoryview, pos: int) -> tuple[int, int]:

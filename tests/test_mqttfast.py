@@ -57,6 +57,11 @@ def test_decodes_exactly_what_paho_decodes():
         bytes([2, 0x7F, 0]),  # unknown identifier
         bytes([0xFF, 0xFF, 0xFF, 0xFF, 0x7F]),  # variable byte integer too long
         bytes([50, 3, 0, 1, ord("a")]),  # length past the packet
+        # Found by tests/test_fuzz.py: fixed-size values cut off by the properties' end (an IndexError once).
+        bytes([1, 1]),  # a byte property with no byte
+        bytes([1, 2]),  # a four-byte integer with none
+        bytes([2, 35, 0]),  # a two-byte integer with one
+        bytes([2, 1, 2]),  # a payload format indicator other than 0 or 1
     ],
 )
 def test_refuses_malformed_properties(packed):
@@ -69,6 +74,14 @@ def test_repeated_single_property_is_refused_like_paho():
     with pytest.raises(MQTTException):
         Properties(PacketTypes.PUBLISH).unpack(packed)
     with pytest.raises(MQTTException):
+        FastProperties(PacketTypes.PUBLISH).unpack(packed)
+
+
+def test_a_property_that_does_not_apply_to_publish_is_refused_like_paho():
+    packed = bytes([5, 0x27, 0, 0, 0, 0])  # Maximum Packet Size: a CONNECT property (found by tests/test_fuzz.py)
+    with pytest.raises(MQTTException, match="does not apply to packet type Publish"):
+        Properties(PacketTypes.PUBLISH).unpack(packed)
+    with pytest.raises(MQTTException, match="does not apply to packet type Publish"):
         FastProperties(PacketTypes.PUBLISH).unpack(packed)
 
 
