@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.atomic import TMP_PREFIX, fsync_dir, write_atomic, write_new
+from edge.manifest import INPUT_DTYPES, is_image_shape
 from daemon.signing import SignatureError, Signer, verify, verify_file
 
 if TYPE_CHECKING:
@@ -55,7 +56,6 @@ log = logging.getLogger("sprout.registry")
 
 SCHEMA = 1
 QUANTIZATIONS = ("int8", "dynamic", "fp16", "none")
-INPUT_DTYPES = ("uint8", "float32")
 # What publish() takes from the exporter; the registry sets the rest (schema, model, version,
 # created_at, files, signature) so that no caller can get them wrong.
 FIELDS = ("base", "labels", "input", "quantization", "metrics", "runtimes_verified")
@@ -147,13 +147,7 @@ def _input_problems(spec: Any) -> list[str]:
         return [f"input must be an object with exactly {sorted(wanted)}"]
     problems = []
     shape = spec["shape"]
-    if not (
-        isinstance(shape, list)
-        and len(shape) == 4
-        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
-        and shape[0] == 1
-        and shape[3] == 3
-    ):
+    if not is_image_shape(shape):
         problems.append(f"input.shape must be [1, H, W, 3], not {shape!r}")
     if spec["layout"] != "NHWC":
         problems.append("input.layout must be 'NHWC'")

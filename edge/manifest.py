@@ -81,17 +81,22 @@ def check(manifest: dict[str, Any], model: str | None = None) -> None:
         raise ManifestError(f"manifest files.model.tflite.path {path!r} is not version {version}'s model file")
 
 
-def _check_input(spec: Any) -> None:
-    if not isinstance(spec, dict):
-        raise ManifestError("manifest has no input description")
-    shape = spec.get("shape")
-    if not (
+def is_image_shape(shape: Any) -> bool:
+    """Whether ``shape`` is [1, H, W, 3] with positive integers: one RGB image, NHWC (the registry checks it too)."""
+    return (
         isinstance(shape, list)
         and len(shape) == 4
         and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
         and shape[0] == 1
         and shape[3] == 3
-    ):
+    )
+
+
+def _check_input(spec: Any) -> None:
+    if not isinstance(spec, dict):
+        raise ManifestError("manifest has no input description")
+    shape = spec.get("shape")
+    if not is_image_shape(shape):
         raise ManifestError(f"manifest input.shape must be [1, H, W, 3], not {shape!r}")
     if shape[1] != shape[2]:
         # Sprout's preprocessing crops the centre square; a rectangular input would need another recipe.
