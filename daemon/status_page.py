@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from daemon.metrics import History, Point, latest_manifest
@@ -124,10 +126,7 @@ def _chart(name: str, points: list[Point], series: list[tuple[str, str]], lo: fl
 
 
 def _exports(settings: Any, most: int = 10) -> str:
-    try:
-        lines = (registry_root(settings.state_dir) / settings.model.name / LOG).read_bytes().splitlines()[-most:]
-    except FileNotFoundError:
-        lines = []
+    lines = _tail(registry_root(settings.state_dir) / settings.model.name / LOG, most)
     rows = []
     for line in reversed(lines):
         try:
@@ -150,6 +149,21 @@ def _exports(settings: Any, most: int = 10) -> str:
                     f"<td>{html.escape(kind)}</td><td>{what}</td></tr>")
     body = "".join(rows) or '<tr><td colspan="3">no exports yet</td></tr>'
     return f'<section id="exports"><h2>Recent exports</h2><table>{body}</table></section>'
+
+
+def _tail(path: Path, most: int, window: int = 256 * 1024) -> list[bytes]:
+    """The last ``most`` lines of a log that grows for months: only its end is read."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - window))
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    lines = data.splitlines()
+    if size > window:
+        lines = lines[1:]  # the first may be cut
+    return lines[-most:]
 
 
 _STYLE = """
