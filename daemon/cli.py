@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     feed.add_argument("--seed", type=int, default=0, help="shuffle seed")
     feed.add_argument("--topic-prefix", default="sprout")
     feed.add_argument("--window", type=int, default=256, help="un-acked messages in flight at once")
+    feed.add_argument("--ca-file", type=Path, help="CA bundle to verify an mqtts:// broker with (default: system CAs)")
     feed.set_defaults(func=cmd_feed)
 
     export = sub.add_parser("export", help="export the learner's last checkpoint now; publish it if it passes the gates")

@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import socket
 import ssl
+import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -55,6 +58,8 @@ class Feed:
         # such acks are dropped and the broker's redelivery is acked instead.
         self._connection = 0
         self._ack_lock = threading.Lock()
+        self._connect_failure: str | None = None  # the last reason a connection attempt failed, logged once
+        self._connect_failure_logged_at = 0.0
         mqttfast.install()  # paho's property decoder was the intake's hot spot
         self._client = self._make_client(client_id)
 
@@ -67,9 +72,12 @@ class Feed:
             manual_ack=True,
         )
         paho_log = logging.getLogger("sprout.paho")
-        # paho's network thread may run one more loop after a clean disconnect() and log an
-        # ERROR for it; on our own stop that line is noise for the operator.
-        self._quiet_stop = lambda record: not (self._stopping and "not connected" in record.getMessage())
+        # paho's network thread may run one more loop after a clean disconnect(), and loops once per
+        # retry after a failed connect, logging an ERROR "not connected" each time: on our own stop
+        # that is noise, and after a failed connect _on_connect_fail has already said why.
+        self._quiet_stop = lambda record: not (
+            (self._stopping or self._connect_failure is not None) and "not connected" in record.getMessage()
+        )
         paho_log.addFilter(self._quiet_stop)
         client.enable_logger(paho_log)
         if s.username:
@@ -83,6 +91,7 @@ class Feed:
             )
         client.reconnect_delay_set(min_delay=s.reconnect_min_s, max_delay=s.reconnect_max_s)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
@@ -160,6 +169,9 @@ class Feed:
             )
             return
         self.connects += 1
+        if self._connect_failure is not None:
+            log.info("connected to %s after: %s", self.settings.broker, self._connect_failure)
+            self._connect_failure = None
         if self.connects > 1 and not flags.session_present:
             log.warning(
                 "broker %s kept no session for %s: examples published while the link was down may be lost; "
@@ -170,6 +182,18 @@ class Feed:
         client.subscribe(self.settings.subscription(self.model), options=SubscribeOptions(qos=1))
         self.connected.set()
         log.info("connected to %s, subscribed to %s", self.settings.broker, self.settings.subscription(self.model))
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this from inside its ``except OSError`` and only logs the failure at DEBUG:
+        # the exception being handled says why (refused, unreachable, a certificate that does not verify).
+        err = sys.exc_info()[1]
+        reason = explain_connect_failure(err, self.settings)
+        now = time.monotonic()
+        # Once per distinct reason, and again every 10 minutes while it lasts: paho retries with backoff.
+        if reason != self._connect_failure or now - self._connect_failure_logged_at >= 600:
+            log.error("cannot connect to %s: %s; retrying", self.settings.broker, reason)
+            self._connect_failure_logged_at = now
+        self._connect_failure = reason
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         failed = [rc for rc in reason_codes if rc.is_failure]
@@ -208,3 +232,32 @@ class Feed:
                 if not self._accepting:
                     return
 
+
+
+def explain_connect_failure(err: BaseException | None, settings: MqttSettings) -> str:
+    """Why a connection attempt failed, in words that say what to check. Never contains a secret."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        ca = f"mqtt.tls_ca_file ({settings.tls_ca_file})" if settings.tls_ca_file else "the system CAs (set mqtt.tls_ca_file)"
+        return (
+            f"the broker's TLS certificate does not verify against {ca}: {err.verify_message or err.reason}; "
+            "Sprout never falls back to plaintext"
+        )
+    if isinstance(err, ssl.SSLError):
+        return (
+            f"TLS handshake failed ({err.reason or err}): is port {settings.port} a TLS listener? "
+            "Sprout never falls back to plaintext"
+        )
+    if isinstance(err, ConnectionResetError | ssl.SSLEOFError) and settings.tls:
+        return (
+            f"the broker closed the link during the TLS handshake: is port {settings.port} a TLS listener? "
+            "Sprout never falls back to plaintext"
+        )
+    if isinstance(err, ConnectionRefusedError):
+        return f"nothing listens on {settings.host}:{settings.port} (is the broker running?)"
+    if isinstance(err, TimeoutError):
+        return f"{settings.host}:{settings.port} did not answer in time"
+    if isinstance(err, socket.gaierror):
+        return f"cannot resolve {settings.host}: {err.strerror}"
+    if isinstance(err, OSError):
+        return f"{err.strerror or err}"
+    return "unknown error"

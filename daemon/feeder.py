@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -50,10 +51,25 @@ class FeedReport:
         }
 
 
+def without_password(url: str) -> str:
+    """``url`` fit for a message: a password in it is shown as '***'."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
 class Publisher:
     """A QoS 1 publisher with a bounded window of un-acknowledged messages."""
 
-    def __init__(self, broker: str, window: int = 256, client_id: str | None = None, max_bytes: int = 8 * 1024 * 1024):
+    def __init__(
+        self,
+        broker: str,
+        window: int = 256,
+        client_id: str | None = None,
+        max_bytes: int = 8 * 1024 * 1024,
+        ca_file: Path | None = None,
+    ):
         parts = urlsplit(broker)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(f"broker must look like mqtt://host:port, not {broker!r}")
@@ -72,7 +88,10 @@ class Publisher:
         )
         self._client.max_inflight_messages_set(window)
         if parts.scheme == "mqtts":
-            self._client.tls_set()
+            # Verified against ca_file, else the system CAs; there is no unverified mode.
+            self._client.tls_set(ca_certs=str(ca_file) if ca_file else None)
+        elif ca_file is not None:
+            raise ValueError(f"a CA file was given but {broker!r} is plaintext: use mqtts://")
         if parts.username:
             self._client.username_pw_set(parts.username, parts.password)
         self._client.on_connect = self._on_connect
@@ -232,11 +251,14 @@ def run_feed(args) -> int:
         return 66  # EX_NOINPUT
     topic = f"{args.topic_prefix}/{args.model}/examples"
     try:
-        with Publisher(args.broker, window=args.window) as publisher:
+        with Publisher(args.broker, window=args.window, ca_file=args.ca_file) as publisher:
             report = feed(publisher, topic, iter_encoded(samples, args.size, args.format), len(samples), args.rate)
     except (ConnectionError, OSError) as err:
-        print(f"sprout feed: cannot reach {args.broker}: {err}", file=sys.stderr)
+        print(f"sprout feed: cannot reach {without_password(args.broker)}: {err}", file=sys.stderr)
         return 69  # EX_UNAVAILABLE
+    except ValueError as err:  # a bad broker URL or a CA file for a plaintext broker
+        print(f"sprout feed: {err}", file=sys.stderr)
+        return 64  # EX_USAGE
     print(json.dumps(report.as_dict()))
     if report.no_subscribers:
         print(

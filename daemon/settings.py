@@ -72,6 +72,9 @@ class MqttSettings(Section):
         parts = urlsplit(value)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError("must look like mqtt://host:port or mqtts://host:port")
+        if parts.username is not None or parts.password is not None:
+            # The broker URL is logged and shown by check-config; credentials have their own fields.
+            raise ValueError("put the user in mqtt.username and the password in mqtt.password_file, not in the URL")
         try:
             parts.port
         except ValueError as err:
@@ -100,6 +103,18 @@ class MqttSettings(Section):
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
         if self.password is not None and self.password_file is not None:
             raise ValueError("set password or password_file, not both")
+        tls_files = {
+            name: getattr(self, name) for name in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, name)
+        }
+        if tls_files and not self.tls:
+            # Refuse rather than run plaintext: whoever set a CA meant the link to be encrypted and verified.
+            raise ValueError(
+                f"{', '.join(tls_files)} set but broker is {self.broker} (plaintext): use mqtts://host:port, "
+                "Sprout never falls back to plaintext"
+            )
+        for name, path in {**tls_files, "password_file": self.password_file}.items():
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path} is not a readable file")
         return self
 
     @property
@@ -494,7 +509,9 @@ def describe(err: ValidationError, path: Path | str | None) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling against sprout.example.toml)"
-        shown = "" if "password" in field else f" (got {e['input']!r})" if e["type"] != "missing" else ""
+        # Never echo what may be a secret: a password field, or a URL with credentials in it.
+        secret = "password" in field or "token" in field or (isinstance(e["input"], str) and "@" in e["input"])
+        shown = "" if secret or e["type"] == "missing" else f" (got {e['input']!r})"
         lines.append(f"{where}{field}: {msg}{shown}")
     return "\n".join(lines)
 
