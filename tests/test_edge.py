@@ -319,8 +319,32 @@ def serve_another_models_manifest(registry, mirror, tmp_path, tiny):
     return "is for model 'maize', but 'leaves' was asked for"
 
 
+def serve_a_manifest_changed_after_signing(registry, mirror, tmp_path, tiny):
+    manifest = publish(registry, tiny, "second")
+    manifest["accuracy"] = {**manifest.get("accuracy", {}), "top1": 0.999}  # a mirror dresses the model up
+    mirror.substitute[f"/v1/models/{MODEL}/latest"] = json.dumps(manifest).encode()
+    return "changed after signing"
+
+
+def serve_a_damaged_signature(registry, mirror, tmp_path, tiny):
+    manifest = publish(registry, tiny, "second")
+    value = manifest["signature"]["value"]
+    manifest["signature"]["value"] = ("B" if value[0] != "B" else "C") + value[1:]
+    mirror.substitute[f"/v1/models/{MODEL}/latest"] = json.dumps(manifest).encode()
+    return "signature does not match the manifest"
+
+
+def serve_an_unsigned_manifest(registry, mirror, tmp_path, tiny):
+    manifest = publish(registry, tiny, "second")
+    del manifest["signature"]
+    mirror.substitute[f"/v1/models/{MODEL}/latest"] = json.dumps(manifest).encode()
+    return "manifest has no signature"
+
+
 @pytest.mark.parametrize("fault", [tamper_with_the_file, sign_with_another_key, cut_every_download,
-                                   serve_a_file_that_is_not_the_manifests, serve_another_models_manifest])
+                                   serve_a_file_that_is_not_the_manifests, serve_another_models_manifest,
+                                   serve_a_manifest_changed_after_signing, serve_a_damaged_signature,
+                                   serve_an_unsigned_manifest])
 def test_a_bad_update_is_refused_and_the_device_keeps_its_model(registry, mirror, tiny, public_key, device, tmp_path, fault):
     publish(registry, tiny)
     assert sync(mirror.url, MODEL, device, public_key).current == 1

@@ -90,6 +90,12 @@ def test_model_file_etag_304_range_and_resume_after_a_cut(api: httpx.Client, reg
 @pytest.mark.parametrize("path, status", [
     ("/versions/01/model.tflite", 400),
     ("/versions/x/model.tflite", 400),
+    ("/versions/-1/model.tflite", 400),
+    ("/versions/1.0/model.tflite", 400),
+    ("/versions/1%00/model.tflite", 400),
+    ("/versions/99999999999999999999999/model.tflite", 400),
+    ("/versions/%2e%2e/model.tflite", 400),
+    ("/versions/1/%2e%2e%2f%2e%2e%2fkeys%2fsigning.key", 404),
     ("/versions/7/model.tflite", 404),
     ("/versions/1/signing.key", 404),
     ("/versions/1/..%2F..%2Fkeys%2Fsigning.key", 404),
