@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo run test fuzz bench-ingest bench-learning bench-export clean
+.PHONY: setup demo run test fuzz chaos bench-ingest bench-learning bench-retrain bench-export clean
 
 setup: $(VENV)/.installed
 
@@ -25,12 +25,22 @@ test: setup
 fuzz: setup
 	SPROUT_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q -s tests/test_fuzz.py
 
+# The full chaos run: 24 seeded daemon SIGKILLs and broker restarts under a steady feed (CI runs 3 kills and
+# one restart); prints the table that docs/reliability.md keeps.
+chaos: setup
+	SPROUT_CHAOS_KILLS=24 SPROUT_CHAOS_SEED=1127 $(BIN)/python -m pytest -q -s tests/chaos
+
 bench-ingest: setup
 	$(BIN)/python bench/ingest.py
 
 bench-learning: setup
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/learning.py
+
+# Online learning against retraining from scratch every 1,000 examples; docs/retrain.md keeps its table.
+bench-retrain: setup
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python bench/retrain.py
 
 bench-export: setup
 	$(BIN)/python bench/export.py --input-size 128 --json bench/out/export-128.json

@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 from daemon import checkpoint
 from daemon.publishing import NothingToExport, Outcome, export_once
+from daemon.registry import Registry, RegistryError
 from daemon.settings import Settings
+from daemon.store import is_disk_full
 
 log = logging.getLogger("sprout.export")
 
@@ -38,7 +40,10 @@ class Exporting(threading.Thread):
         self.error: BaseException | None = None
         self._stop_requested = threading.Event()
         self._exported_at = time.monotonic()
-        self._exported_learned = self._checkpoint_learned()
+        # From the registry, not the checkpoint: an export cut short by a kill or a stop left no trace
+        # there, so the next start redoes it instead of waiting for more examples to arrive.
+        self._exported_learned = self._registry_learned()
+        self._retry_at = 0.0  # after an export failed on a full disk: not before then
 
     def stop(self) -> None:
         self._stop_requested.set()
@@ -46,7 +51,7 @@ class Exporting(threading.Thread):
     def due(self) -> bool:
         e = self.settings.export
         new = self.learned() - self._exported_learned
-        if new <= 0:
+        if new <= 0 or time.monotonic() < self._retry_at:
             return False
         return new >= e.every_examples or time.monotonic() - self._exported_at >= e.every_seconds
 
@@ -81,6 +86,15 @@ class Exporting(threading.Thread):
         except NothingToExport as err:
             log.info("export skipped: %s", err)
             outcome = None
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            # Publishing writes a temporary folder and renames it, so nothing half-written is left
+            # and latest still names a complete version. Tried again when the next export is due.
+            log.error("export failed, disk full: %s; the registry keeps its latest version, retrying when the "
+                      "next export is due (free space under %s)", err, self.settings.state_dir)
+            self._retry_at = time.monotonic() + self.settings.export.every_seconds
+            return None
         else:
             if outcome.published:
                 self.published += 1
@@ -96,6 +110,23 @@ class Exporting(threading.Thread):
         self._exported_at = time.monotonic()
         self._exported_learned = max(self._exported_learned, learned)
         return outcome
+
+    def _registry_learned(self) -> int:
+        """Examples learned as of the last export that finished: published, or refused by the gates."""
+        # Opened for writing, as the registry's writer: that removes what a killed publish left behind
+        # (a .tmp-* version folder) and repairs latest now, not at the next publish.
+        registry = Registry.from_settings(self.settings)
+        learned = [0]
+        for version in registry.versions():
+            try:
+                learned.append(registry.manifest(version)["metrics"]["examples_trained"])
+            except (RegistryError, KeyError, TypeError):
+                continue
+        for event in registry.events():
+            if event.get("event") == "rejected":
+                trained = event.get("candidate", {}).get("metrics", {}).get("examples_trained")
+                learned.append(trained if isinstance(trained, int) else 0)
+        return max(learned)
 
     def _checkpoint_learned(self) -> int:
         try:

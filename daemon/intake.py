@@ -3,21 +3,34 @@
 The order is the whole guarantee: commit (fsync) first, ack after. A crash
 between the two only causes a redelivery, which the store's unique example id
 absorbs.
+
+A full disk pauses intake instead: while the state directory has less than
+``store.min_free_mb`` free beyond the commit's own size (or SQLite says
+"database or disk is full"), nothing is committed or acked, so the broker
+keeps the examples; the free space is checked again every few seconds and
+intake resumes by itself. After each commit the store is pruned to
+``store.max_mb`` (:meth:`daemon.store.Store.prune`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 
 from daemon.feed import Delivery, Feed
 from daemon.settings import StoreSettings
-from daemon.store import Store
+from daemon.store import Store, is_disk_full
 from daemon.wire import Example, Rejection
 
 log = logging.getLogger("sprout.intake")
+
+MB = 1024 * 1024
+# Longest wait between two looks at a full disk: a look is one statvfs, and resuming promptly
+# drains the broker's queue sooner. Other store errors back off to 30 s.
+DISK_RETRY_MAX_S = 5.0
 
 
 class Intake(threading.Thread):
@@ -32,6 +45,7 @@ class Intake(threading.Thread):
         self.commits = 0
         self.last_commit = time.monotonic()
         self.failing_since: float | None = None  # set while the store refuses writes (disk full, ...)
+        self.disk_full_since: float | None = None  # set while paused for a full disk: waiting, not hung
         self._stop_requested = threading.Event()
 
     @property
@@ -78,21 +92,43 @@ class Intake(threading.Thread):
         rejections = [d.item for d in batch if isinstance(d.item, Rejection)]
         delay = 0.5
         while True:
-            try:
-                result = self.store.commit(examples, rejections)
-                break
-            except Exception as err:  # disk full, I/O error, locked database: nothing acked, keep the batch, retry
-                if self.failing_since is None:
-                    self.failing_since = time.monotonic()
+            full = self._disk_full(examples)
+            if full is None:
+                try:
+                    result = self.store.commit(examples, rejections)
+                    break
+                except Exception as err:  # disk full, I/O error, locked database: nothing acked, keep the batch, retry
+                    if is_disk_full(err):
+                        full = f"SQLite: {err}"
+                    else:
+                        log.error("cannot commit %d examples to %s: %s; nothing acked, retrying in %.1fs",
+                                  len(batch), self.store.path, err, delay)
+            now = time.monotonic()
+            if self.failing_since is None:
+                self.failing_since = now
+            if full is not None and self.disk_full_since is None:
+                self.disk_full_since = now
                 log.error(
-                    "cannot commit %d examples to %s: %s; nothing acked, retrying in %.1fs (free disk space?)",
-                    len(batch),
-                    self.store.path,
-                    err,
-                    delay,
+                    "intake paused, disk full: %s; nothing is committed or acked (the broker keeps the examples). "
+                    "Free space under %s, or lower store.max_mb so retention prunes the store (systemctl reload "
+                    "applies it); intake resumes by itself",
+                    full, self.store.path.parent,
                 )
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+            if full is not None:
+                try:  # a lowered store.max_mb (reload) frees pages for this commit
+                    self._prune()
+                except Exception as err:
+                    log.debug("pruning on a full disk failed: %s", err)
+            if self._stop_requested.wait(delay):
+                # Stopping: do not wait for the disk. Un-acked, these come back from the broker.
+                log.warning("stopping: %d received examples not committed (%s); the broker redelivers them",
+                            len(batch), full or "the store refuses writes")
+                return
+            delay = min(delay * 2, 30.0 if full is None else DISK_RETRY_MAX_S)
+        if self.disk_full_since is not None:
+            log.info("intake resumed: %s has %.0f MB free again after a pause of %.0fs",
+                     self.store.path.parent, self._free_bytes() / MB, time.monotonic() - self.disk_full_since)
+            self.disk_full_since = None
         self.failing_since = None
         for delivery in batch:
             self.feed.ack(delivery)
@@ -104,3 +140,30 @@ class Intake(threading.Thread):
         self.duplicates += result.duplicates
         self.commits += 1
         self.last_commit = time.monotonic()
+        try:
+            self._prune()
+        except Exception as err:  # retention is retried after the next commit; intake goes on
+            log.warning("retention: pruning %s failed: %s; retried after the next commit", self.store.path, err)
+
+    def _prune(self) -> None:
+        max_mb = self.settings.max_mb
+        if pruned := self.store.prune(max_mb * MB):
+            log.info("retention: pruned the %d oldest examples: the store had grown past store.max_mb = %d MB",
+                     pruned, max_mb)
+
+    def _free_bytes(self) -> int:
+        st = os.statvfs(self.store.path.parent)
+        return st.f_bavail * st.f_frsize
+
+    def _disk_full(self, examples: list[Example]) -> str | None:
+        """Why this commit must wait for disk space, or None when there is room for it and the floor."""
+        floor_mb = self.settings.min_free_mb
+        need = sum(len(e.image) for e in examples)
+        try:
+            free = self._free_bytes()
+        except OSError:
+            return None  # cannot tell: let the commit itself find out
+        if free - need >= floor_mb * MB:
+            return None
+        return (f"{self.store.path.parent} has {free / MB:.1f} MB free, below store.min_free_mb = {floor_mb} MB "
+                f"plus this commit's {need / MB:.1f} MB")

@@ -15,6 +15,7 @@ every mode:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import random
@@ -91,6 +92,11 @@ class Learner:
         self.trained = 0  # new train examples learned
         self.replayed = 0
         self.nonfinite_skipped = 0
+        self.nonfinite_streak = 0  # consecutive steps skipped for a non-finite loss
+        self.divergence_restores = 0
+        # Why the model must go back to a good state, set by a step; the owner of the checkpoints
+        # (daemon.training) answers with recover(). None while all is well.
+        self.diverged: str | None = None
         self.undecodable = 0
         self.last_loss: float | None = None
         self.prequential = Prequential()
@@ -162,18 +168,88 @@ class Learner:
         loss = self._balanced_loss(logits, targets)
         if not torch.isfinite(loss):
             self.nonfinite_skipped += 1
+            self.nonfinite_streak += 1
             log.warning("non-finite loss at step %d: step skipped (%d so far)", self.step, self.nonfinite_skipped)
             self.optimizer.zero_grad(set_to_none=True)
+            # A skip leaves the weights as they were, so one bad batch costs nothing; a run of them means
+            # the model itself has drifted into a region that overflows.
+            if self.nonfinite_streak >= self.settings.divergence_restore_after_steps:
+                self.diverged = f"{self.nonfinite_streak} consecutive steps with a non-finite loss"
         else:
+            self.nonfinite_streak = 0
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.last_loss = float(loss.detach())
+        if self.diverged is None and not self.finite():
+            # A finite loss does not prove a finite update (an overflowing gradient, a poisoned moment):
+            # such weights would make every later step and every export non-finite.
+            self.diverged = "non-finite weights or optimizer state"
         self.step += 1
         self.trained += n_new
         self.replayed += len(examples) - len(train)
         for e in new_good:
             self.replay_index.setdefault(e.label, array("q")).append(e.seq)
+
+    def finite(self) -> bool:
+        """True when every learned weight and every optimizer moment is finite (frozen weights cannot change)."""
+        tensors = [p.detach() for p in self.head.parameters()] + [p.detach() for p in self._trainable]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values()
+                    if torch.is_tensor(v) and v.is_floating_point()]
+        # One flag per tensor and a single read back: one device sync per step, not one per tensor.
+        # (AdamW keeps its step count on the CPU even when the weights are on the GPU.)
+        flags = [t.isfinite().all().to(self.device) for t in tensors]
+        return bool(torch.stack(flags).all()) if flags else True
+
+    def recover(self, payload: dict[str, Any] | None) -> None:
+        """Go back to a good model after a divergence: the checkpoint's weights, or the starting ones.
+
+        Only the network and its optimizer go back. The position in the stream (high-water mark), the
+        counters, the metrics and the replay index stay where they are: the examples learned since the
+        checkpoint stay stored and replayable, but are not learned again as new ones. Moving the
+        high-water mark back would feed the very batches that diverged through the same steps again,
+        which can diverge again and restore again, forever; moving on, the worst case is the learning of
+        one checkpoint interval given up, and replay brings those examples back a few at a time.
+        """
+        reason, self.diverged = self.diverged, None
+        self.nonfinite_streak = 0
+        self.divergence_restores += 1
+        labels = list(self.labels)
+        usable = (
+            payload is not None
+            and payload.get("config_digest") == self.config_digest()
+            and labels[: len(payload["labels"])] == list(payload["labels"])
+        )
+        if usable:
+            self.head = GrowingHead(self.spec.embedding_size, len(payload["labels"])).to(self.device)
+            self.head.load_state_dict(payload["head"])
+            if payload["backbone_state"] is not None:
+                self.backbone.load_state_dict(payload["backbone_state"])
+            self.optimizer = self._make_optimizer()
+            self.optimizer.load_state_dict(payload["optimizer"])
+            source = f"the checkpoint of step {payload['step']}"
+        else:
+            # No checkpoint yet (or one this learner cannot take): the only known-good state is the
+            # one learning started from, the pretrained backbone and a fresh head. Frozen in head mode,
+            # the backbone never changed (and its cached embeddings stay valid); a trained one is
+            # reloaded under the learner's seed, as __init__ built it.
+            if self._trainable:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.settings.seed)
+                    start = zoo.load_backbone(self.spec.name, pretrained=self.spec.pretrained is not None)
+                if self.model_settings.weights_file is not None:
+                    zoo.load_weights(start, self.model_settings.weights_file)
+                self.backbone.load_state_dict(start.state_dict())  # in place: the trainable list stays valid
+            self.head = GrowingHead(self.spec.embedding_size, 0).to(self.device)
+            self.optimizer = self._make_optimizer()
+            source = "the starting weights (no usable checkpoint)"
+        # Classes first seen after the checkpoint keep their place in the label map, with fresh outputs.
+        self.head.grow(len(labels) - self.head.num_classes, self.optimizer)
+        log.warning(
+            "divergence at step %d (%s): back to %s, keeping the stream position at example %d "
+            "(%d non-finite steps skipped, %d restores so far)",
+            self.step, reason, source, self.high_water_mark, self.nonfinite_skipped, self.divergence_restores,
+        )
 
     def _balanced_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy in which every class present in the step weighs the same.
@@ -205,16 +281,26 @@ class Learner:
         for _ in range(count):
             label = self.rng.choice(classes)
             picks.append(StoredExample(self.rng.choice(self.replay_index[label]), label, "train", b""))
-        return self._with_images(picks)
+        found = self._with_images(picks)
+        if len(found) < len(picks):
+            # Retention deletes train examples oldest first (daemon/store.py), so every train example
+            # up to the newest one missing is gone too: forget them all at once, in every class.
+            gone = max({e.seq for e in picks} - {e.seq for e in found})
+            for seqs in self.replay_index.values():
+                del seqs[: bisect.bisect_right(seqs, gone)]
+        return found
 
     def _with_images(self, examples: list[StoredExample]) -> list[StoredExample]:
-        """Read image bytes back from the store only where no cached embedding will do."""
+        """Read image bytes back from the store only where no cached embedding will do.
+
+        Examples neither cached nor in the store any more (deleted by retention) are left out.
+        """
         cached = self.cache.get([e.seq for e in examples]).keys() if self.cache is not None else set()
         need = [e.seq for e in examples if e.seq not in cached]
         if not need:
             return examples
         images = {e.seq: e for e in self.reader.by_seq(need)}
-        return [images.get(e.seq, e) for e in examples]
+        return [images.get(e.seq, e) for e in examples if e.seq in cached or e.seq in images]
 
     def _embeddings(self, examples: Sequence[StoredExample], grad: bool) -> tuple[torch.Tensor, list[bool]]:
         """Backbone outputs (cached in head mode) for the examples that decode; ok[i] says which did."""
@@ -241,7 +327,10 @@ class Learner:
                     out = out.half().float()
                 computed = {e.seq: out[i] for i, e in enumerate(decoded)}
                 if self.cache is not None:
-                    self.cache.put({seq: v.detach().cpu().numpy() for seq, v in computed.items()})
+                    # A non-finite embedding is not cached: every later replay of the example would read it
+                    # back and make its step non-finite too, long after the cause is gone.
+                    finite = out.isfinite().all(1).tolist()
+                    self.cache.put({e.seq: out[i].detach().cpu().numpy() for i, e in enumerate(decoded) if finite[i]})
         rows, ok = [], []
         for e in examples:
             if e.seq in computed:
@@ -306,6 +395,7 @@ class Learner:
             "trained": self.trained,
             "replayed": self.replayed,
             "nonfinite_skipped": self.nonfinite_skipped,
+            "divergence_restores": self.divergence_restores,
             "undecodable": self.undecodable,
             "prequential": self.prequential.state(),
             "holdout": self.holdout.state(),
@@ -338,6 +428,7 @@ class Learner:
         self.trained = payload["trained"]
         self.replayed = payload["replayed"]
         self.nonfinite_skipped = payload["nonfinite_skipped"]
+        self.divergence_restores = payload.get("divergence_restores", 0)  # absent from older checkpoints
         self.undecodable = payload["undecodable"]
         self.prequential = Prequential.from_state(payload["prequential"])
         self.holdout = Holdout.from_state(payload["holdout"])

@@ -9,7 +9,8 @@ have shown one of these:
 - intake: nothing waits for a commit, or a commit finished since examples
   started waiting; and the store has not refused writes for that long.
   A broker that is down is not a stall: intake has nothing to do, and the
-  feed reconnects on its own.
+  feed reconnects on its own. Nor is a full disk (``disk_full_since``):
+  intake waits for space on purpose, and a restart would not make any.
 - learner: its loop turned, that is it finished a step, paused for intake
   (a burst), or looked at the store and found nothing new
   (``Training.last_progress``). A learner inside one step, holdout evaluation
@@ -34,6 +35,7 @@ CONVERSION_BOUND_S = 600.0
 class _Intake(Protocol):
     commits: int
     failing_since: float | None
+    disk_full_since: float | None
 
     def is_alive(self) -> bool: ...
 
@@ -70,7 +72,7 @@ class Liveness:
         ``waiting``: examples received and not yet committed (in the feed's queue or intake's hands).
         """
         if intake is not None:
-            if waiting == 0 or intake.commits != self._commits_seen:
+            if waiting == 0 or intake.commits != self._commits_seen or intake.disk_full_since is not None:
                 self._commits_seen = intake.commits
                 self._waiting_since = now if waiting else None
             elif self._waiting_since is None:
@@ -90,6 +92,8 @@ class Liveness:
         if intake is not None:
             if not intake.is_alive():
                 out["intake"] = "intake thread is dead"
+            elif intake.disk_full_since is not None:
+                pass  # paused for disk space, logged as an error and shown on /healthz and /metrics
             elif intake.failing_since is not None and now - intake.failing_since > bound:
                 out["intake"] = f"the store has refused intake's writes for {now - intake.failing_since:.0f}s"
             elif self._waiting_since is not None and now - self._waiting_since > bound:

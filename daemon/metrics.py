@@ -43,6 +43,14 @@ class DaemonCollector(Collector):
             for reason, n in sorted(intake.rejected.items()):
                 rejected.add_metric([reason], n)
             yield rejected
+            yield GaugeMetricFamily("sprout_store_disk_full",
+                                    "1 while intake waits for disk space (store.min_free_mb); nothing is acked.",
+                                    value=float(intake.disk_full_since is not None))
+        if d.store is not None:
+            yield CounterMetricFamily("sprout_examples_pruned", "Examples deleted by retention (store.max_mb).",
+                                      value=d.store.pruned)
+            yield GaugeMetricFamily("sprout_store_bytes", "Bytes of the example store's pages in use.",
+                                    value=d.store.used)
         if feed is not None:
             yield GaugeMetricFamily("sprout_intake_backlog", "Received examples waiting for their commit.",
                                     value=feed.deliveries.qsize())
@@ -53,6 +61,11 @@ class DaemonCollector(Collector):
             yield CounterMetricFamily("sprout_training_steps", "Optimizer steps taken.", value=lr.step)
             yield CounterMetricFamily("sprout_examples_learned", "Examples the learner has trained on.",
                                       value=lr.trained)
+            yield CounterMetricFamily("sprout_training_steps_nonfinite", "Steps skipped for a non-finite loss.",
+                                      value=lr.nonfinite_skipped)
+            yield CounterMetricFamily("sprout_divergence_restores",
+                                      "Returns to the last checkpoint (or the starting weights) after a divergence.",
+                                      value=lr.divergence_restores)
             yield GaugeMetricFamily("sprout_learner_backlog", "Stored examples not learned yet.",
                                     value=training.backlog)
             yield GaugeMetricFamily("sprout_classes", "Classes the model knows.", value=len(lr.labels))

@@ -11,7 +11,8 @@ Layout of ``<state_dir>/registry/<model>/``::
 A SIGKILL at any instant leaves ``latest`` naming a complete, signed version:
 a version folder is built under ``.tmp-<version>-<pid>`` and renamed whole,
 every other file is written under a ``.tmp-*`` name, fsynced and renamed, and
-the constructor removes what a killed writer left. Writers take an flock on
+the constructor removes what a killed writer left and finishes a publish
+killed after its version folder was in place. Writers take an flock on
 ``.lock`` for each change, so the daemon and ``sprout models rollback`` may
 change one registry at the same time; readers (:meth:`Registry.open_readonly`)
 take no lock and write nothing, since every name they read is swapped in by rename.
@@ -463,6 +464,7 @@ class Registry:
         problem = self._latest_problem()
         if problem is not None:
             self._repair_latest(problem)
+        self._finish_interrupted_publish()
 
         current = self.index()
         try:
@@ -471,6 +473,33 @@ class Registry:
             on_disk = None
         if on_disk != current and (on_disk is not None or current):
             write_atomic(self.folder / VERSIONS, _dump(current))
+
+    def _finish_interrupted_publish(self) -> None:
+        """Complete a publish killed after its version folder was renamed into place (that rename commits it).
+
+        Without this, a kill between the rename and the log left a verified version on disk that was
+        never made latest (or was served as latest) and that the log did not know of.
+        """
+        events = self.events()
+        logged = {e.get("version") for e in events if e.get("event") == "published"}
+        newest_known = max((e["version"] for e in events if isinstance(e.get("version"), int)), default=0)
+        for version in self.versions():
+            if version in logged:
+                continue
+            try:
+                manifest = self.manifest(version)
+                tflite = self.model_path(version).read_bytes()
+                verify_file(manifest, tflite)
+            except (RegistryError, SignatureError):
+                continue  # not one of ours to finish: left as it is, never made latest
+            latest = self._latest_or_none()
+            # Newer than anything the log knows, rollbacks included: it was meant to be latest.
+            if version > newest_known and (latest is None or latest.get("version") != version):
+                write_atomic(self.folder / LATEST, (self._dir(version) / MANIFEST_FILE).read_bytes())
+            self._append_log({"event": "published", "version": version, "sha256": hashlib.sha256(tflite).hexdigest(),
+                              "size": len(tflite), "quantization": manifest.get("quantization"),
+                              "recovered": "the publishing process stopped after the version was complete"})
+            log.warning("registry %s: finished the interrupted publish of version %d", self.folder, version)
 
     def _latest_problem(self) -> str | None:
         path = self.folder / LATEST

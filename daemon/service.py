@@ -315,6 +315,8 @@ class Daemon:
         parts = {
             "feed": bool(self.feed and self.feed.subscribed.is_set()),
             "intake": bool(self.intake and self.intake.is_alive() and self.intake.failing_since is None),
+            # False while intake waits for disk space (store.min_free_mb): says why intake is false.
+            "disk": not (self.intake and self.intake.disk_full_since is not None),
         }
         if self.settings.training.enabled:
             parts["learner"] = bool(self.training and self.training.is_alive())
@@ -403,6 +405,8 @@ class Daemon:
         parts.append(f"model v{version}" if version is not None else "no model published")
         if self.feed is not None and not self.feed.connected.is_set():
             parts.append(f"broker {self.settings.mqtt.broker} DISCONNECTED")
+        if self.intake is not None and self.intake.disk_full_since is not None:
+            parts.append(f"DISK FULL: intake paused for {time.monotonic() - self.intake.disk_full_since:.0f}s")
         if self.withholding:
             parts.append("STALLED: " + "; ".join(self.withholding.values()))
         return ", ".join(parts)

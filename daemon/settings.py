@@ -173,6 +173,19 @@ class StoreSettings(Section):
     backlog_max: int = Field(
         20_000, ge=1, description="Examples received but not yet committed; past it the network thread waits (backpressure)."
     )
+    min_free_mb: int = Field(
+        256,
+        ge=0,
+        description="Free space (MB) the state directory keeps: below it plus a commit's size, intake stops committing "
+        "and acking (the broker holds the examples) until space returns. Higher leaves more room for checkpoints "
+        "and exports, lower uses more of the disk.",
+    )
+    max_mb: int = Field(
+        10_240,
+        ge=1,
+        description="Largest example store in MB; past it the oldest 'train' examples are deleted (holdout last). "
+        "Larger remembers more for replay, costs disk.",
+    )
 
 
 class ModelSettings(Section):
@@ -234,6 +247,14 @@ class TrainingSettings(Section):
     )
     checkpoint_every_s: float = Field(
         30.0, gt=0, description="Seconds between checkpoints; a crash re-trains at most this much."
+    )
+    divergence_restore_after_steps: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="Consecutive steps with a non-finite loss (each one skipped) after which the learner goes back "
+        "to the last checkpoint; lower recovers sooner from a diverged model, higher rides out more bad batches "
+        "before discarding what was learned since the checkpoint. Non-finite weights restore at once.",
     )
     seed: int = Field(0, description="Seed for replay sampling and initialisation; the same seed and stream give the same model.")
 

@@ -4,10 +4,20 @@
 where a duplicate was ignored); the learner reads forward from its high-water
 mark. A redelivered duplicate (same ``example_id``) is ignored, so
 an example is stored exactly once however often the broker sends it.
+
+Retention (:meth:`Store.prune`): past ``store.max_mb`` of used pages, the
+oldest ``train`` examples are deleted, down to ``PRUNE_TO`` of the limit so
+that pruning runs in chunks rather than after every commit; holdout examples
+go first only where they exceed ``HOLDOUT_SHARE`` of it, otherwise only when
+no train example is left. Freed pages are reused by later
+commits, so the file stops growing near the limit (no VACUUM: it would
+rewrite the whole file and needs as much free space again). A pruned id is
+forgotten: should its sender publish it again, it is stored as a new example.
 """
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -17,6 +27,10 @@ from pathlib import Path
 from daemon.wire import Example, Rejection
 
 SCHEMA_VERSION = 1
+# Pruning goes down to this share of store.max_mb: one prune frees room for many commits.
+PRUNE_TO = 0.9
+# Most of the pruned store that holdout examples may keep; beyond it their oldest go first.
+HOLDOUT_SHARE = 0.25
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (
@@ -80,6 +94,8 @@ class Store:
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: store schema {version}, this Sprout reads {SCHEMA_VERSION}: upgrade Sprout")
         self._lock = threading.Lock()
+        self.pruned = 0  # examples deleted by retention since this process opened the store
+        self.used = self.used_bytes()  # as of the last commit's prune: what the metrics show
 
     def commit(self, examples: Iterable[Example], rejections: Iterable[Rejection] = ()) -> CommitResult:
         """Write examples and rejection counts in one transaction; returns once it is on disk (fsynced)."""
@@ -107,6 +123,60 @@ class Store:
 
     def stats(self) -> dict[str, object]:
         return stats(self._db)
+
+    def used_bytes(self) -> int:
+        """Bytes of pages holding data (the file's size less its free pages, which commits reuse)."""
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return (pages - free) * self._db.execute("PRAGMA page_size").fetchone()[0]
+
+    def prune(self, max_bytes: int) -> int:
+        """Past ``max_bytes``, delete the oldest examples down to ``PRUNE_TO`` of it; returns how many.
+
+        Holdout first only beyond ``HOLDOUT_SHARE`` of the target, then train, oldest first; holdout
+        again only when no train example is left. Each round deletes the oldest rows whose images add
+        up to the excess, then measures the pages again: deleting rows frees whole pages only as
+        SQLite merges the emptied ones.
+        """
+        deleted = 0
+        with self._lock:
+            used = self.used = self.used_bytes()
+            if used <= max_bytes:
+                return 0
+            target = int(max_bytes * PRUNE_TO)
+            # Without its own bound the holdout, never pruned while train examples remain, would fill
+            # the store in the end; the gates and the learner only use its most recent examples anyway.
+            holdout_bytes = self._db.execute(
+                "SELECT COALESCE(SUM(length(image)), 0) FROM examples WHERE split = 'holdout'"
+            ).fetchone()[0]
+            if holdout_bytes > HOLDOUT_SHARE * target:
+                deleted += self._delete_oldest("holdout", holdout_bytes - int(HOLDOUT_SHARE * target))
+                used = self.used_bytes()
+            while used > target:
+                has_train = self._db.execute("SELECT 1 FROM examples WHERE split = 'train' LIMIT 1").fetchone()
+                n = self._delete_oldest("train" if has_train else "holdout", used - target)
+                if n == 0:
+                    break  # nothing left to delete: the tables' own pages exceed the limit
+                deleted += n
+                used = self.used_bytes()
+            self.pruned += deleted
+            self.used = used
+        return deleted
+
+    def _delete_oldest(self, split: str, nbytes: int) -> int:
+        """Delete the oldest examples of a split whose images add up to ``nbytes`` (at least one)."""
+        last, n = None, 0
+        # length() of a BLOB reads the record header only, not the image.
+        for seq, size in self._db.execute(
+            "SELECT seq, length(image) FROM examples WHERE split = ? ORDER BY seq LIMIT 10000", (split,)
+        ):
+            last, n, nbytes = seq, n + 1, nbytes - size
+            if nbytes <= 0:
+                break
+        if last is not None:
+            with self._db:
+                self._db.execute("DELETE FROM examples WHERE split = ? AND seq <= ?", (split, last))
+        return n
 
     def high_water_mark(self) -> int:
         return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM examples").fetchone()[0]
@@ -200,3 +270,10 @@ class StoreReader:
 
     def close(self) -> None:
         self._db.close()
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """SQLite's "database or disk is full", or a file write that hit ENOSPC / a quota."""
+    if isinstance(err, sqlite3.Error):
+        return (getattr(err, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL  # primary code of an extended one
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)

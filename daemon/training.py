@@ -11,6 +11,7 @@ minus its own) is its backlog. It checkpoints every
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -20,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon import checkpoint
+from daemon.exporter import TRACING
 from daemon.learner import Learner
 from daemon.settings import Settings
-from daemon.store import StoreReader
+from daemon.store import StoredExample, StoreReader
 
 log = logging.getLogger("sprout.learner")
 
@@ -31,6 +33,8 @@ log = logging.getLogger("sprout.learner")
 # ~2,600/s; pausing at 64 ~2,800/s. Low enough to catch a burst early, high enough that a trickle
 # of examples does not stop learning.
 YIELD_AT_BACKLOG = 64
+# Seconds the final checkpoint on stop waits for an export's conversion to finish (SIGTERM's bound is 20 s).
+FINAL_SAVE_WAIT_S = 5.0
 
 
 class Training(threading.Thread):
@@ -78,7 +82,8 @@ class Training(threading.Thread):
             while not self._stop_requested.is_set():
                 while not self._requests.empty():
                     fn, done, result = self._requests.get_nowait()
-                    result.append(fn())
+                    with self._beside_exports():
+                        result.append(fn())
                     done.set()
                 if self.intake_backlog is not None and self.intake_backlog() >= YIELD_AT_BACKLOG:
                     self.yields += 1
@@ -88,20 +93,28 @@ class Training(threading.Thread):
                 batch = self.reader.after(self.learner.high_water_mark, t.batch_size)
                 self.store_high_water_mark = max(self.store_high_water_mark, self.reader.high_water_mark())
                 if batch:
-                    self.learner.learn(batch)
-                    if self.learner.step % t.holdout_every_steps == 0 and self.learner.holdout_index:
-                        self.learner.evaluate_holdout()
+                    with self._beside_exports():
+                        self.learn(batch)
                 else:
                     self._stop_requested.wait(0.2)
                 self.last_progress = time.monotonic()
                 if time.monotonic() - self._saved_at >= t.checkpoint_every_s:
-                    self.save()
-            self.save()
+                    with self._beside_exports():
+                        self.save()
+            self._final_save()
         except BaseException as err:  # the daemon notices the dead thread and exits for a restart
             self.error = err
             log.exception("learner stopped: %s", err)
         finally:
             self.reader.close()
+
+    def learn(self, batch: list[StoredExample]) -> None:
+        """One step; after a divergence, back to the last checkpoint before anything can save or score it."""
+        self.learner.learn(batch)
+        if self.learner.diverged is not None:
+            self.learner.recover(checkpoint.load(self.checkpoints))
+        if self.learner.step % self.settings.training.holdout_every_steps == 0 and self.learner.holdout_index:
+            self.learner.evaluate_holdout()
 
     def on_learner_thread(self, fn: Callable[[], Any], timeout_s: float = 60.0) -> tuple[bool, Any]:
         """Run ``fn`` on the learner's thread between two steps; (False, None) if it did not happen in time."""
@@ -113,6 +126,28 @@ class Training(threading.Thread):
             return False, None
         return True, result[0]
 
+    @contextlib.contextmanager
+    def _beside_exports(self):
+        """Torch to this thread alone while no export traces a model (see daemon/exporter.py TRACING)."""
+        while not TRACING.acquire(timeout=0.5):
+            self.last_progress = time.monotonic()  # waiting for a conversion is no stall: the exporter has its bound
+        try:
+            yield
+        finally:
+            TRACING.release()
+
+    def _final_save(self) -> None:
+        # A conversion in flight is not waited for on stop (the daemon exits beside it), so neither is
+        # its lock for long: past FINAL_SAVE_WAIT_S the learner resumes from its last checkpoint.
+        if not TRACING.acquire(timeout=FINAL_SAVE_WAIT_S):
+            log.warning("stopping during an export's conversion: no final checkpoint; the learner resumes from "
+                        "the one at step %d", self._saved_step)
+            return
+        try:
+            self.save()
+        finally:
+            TRACING.release()
+
     def checkpoint_now(self, timeout_s: float = 60.0) -> bool:
         """A checkpoint written between two steps: a consistent snapshot for the exporter."""
         return self.on_learner_thread(self.save, timeout_s)[0]
@@ -121,8 +156,23 @@ class Training(threading.Thread):
         if self.learner.step == self._saved_step:
             self._saved_at = time.monotonic()
             return None
+        if not self.learner.finite():
+            # The exporter exports from the checkpoint, and a restore goes back to it: a non-finite
+            # state written there would poison both. The last good checkpoint stays.
+            self._saved_at = time.monotonic()
+            log.warning("checkpoint at step %d not written: the weights or optimizer state are not finite; "
+                        "the last one written (step %d or earlier) stays", self.learner.step, self._saved_step)
+            return None
         started = time.monotonic()
-        path = checkpoint.save(self.checkpoints, self.learner.state())
+        try:
+            path = checkpoint.save(self.checkpoints, self.learner.state())
+        except OSError as err:
+            # A full disk, say: the write is atomic, so the last checkpoint stays whole. Learning goes
+            # on and the save is tried again after checkpoint_every_s; a restart resumes from the old one.
+            self._saved_at = time.monotonic()
+            log.error("checkpoint at step %d not written to %s: %s; the last one stays, retrying in %.0fs",
+                      self.learner.step, self.checkpoints, err, self.settings.training.checkpoint_every_s)
+            return None
         self._saved_step = self.learner.step
         self._saved_at = time.monotonic()
         log.info("checkpoint at step %d, example %d (%.2fs)", self.learner.step, self.learner.high_water_mark, self._saved_at - started)

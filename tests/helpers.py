@@ -79,7 +79,9 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
 class DaemonProcess:
     """``sprout run`` as a child process, as systemd would run it."""
 
-    def __init__(self, broker_url: str, state: Path, model: str = "leaves", config: Path | None = None, env=None):
+    def __init__(self, broker_url: str, state: Path, model: str = "leaves", config: Path | None = None, env=None,
+                 prefix: list[str] | None = None):
+        self.prefix = prefix or []  # a wrapper command, e.g. nsenter into a mount namespace
         self.broker_url = broker_url
         self.state = state
         self.model = model
@@ -101,7 +103,7 @@ class DaemonProcess:
         self._log = None
 
     def start(self, wait_ready: bool = True) -> DaemonProcess:
-        args = [*SPROUT, "run", "--broker", self.broker_url, "--state", str(self.state), "--model", self.model]
+        args = [*self.prefix, *SPROUT, "run", "--broker", self.broker_url, "--state", str(self.state), "--model", self.model]
         args += ["--http", f"127.0.0.1:{self.http_port}"]
         if self.config:
             args += ["--config", str(self.config)]

@@ -303,7 +303,7 @@ def test_a_second_sigint_cuts_the_wait_for_a_stuck_learner_short(broker, daemon_
         took = time.monotonic() - forced
         assert time.monotonic() - locked < 5.0, "the learner's busy wait ended before the test could force"
     assert code == 0
-    assert took < 1.5, took
+    assert took < 3.0, took  # far below the 5 s a first SIGINT waits (loose: a shared 2-core machine)
     log = d.log()
     assert "the learner did not finish in time" in log and "(forced)" in log
 

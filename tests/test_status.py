@@ -60,6 +60,7 @@ def test_metrics_report_what_the_daemon_did(learning_daemon):
     assert m[("sprout_model_version", ())] >= manifest["version"]
     assert m[("sprout_exports_published_total", ())] >= 1
     assert m[("sprout_training_steps_total", ())] > 0 and m[("sprout_classes", ())] == 3
+    assert m[("sprout_training_steps_nonfinite_total", ())] == 0 and m[("sprout_divergence_restores_total", ())] == 0
     assert 0.0 <= m[("sprout_prequential_accuracy", ())] <= 1.0
     assert m[("sprout_broker_connected", ())] == 1.0
     assert m[("sprout_export_seconds_total", ())] > 0

@@ -62,3 +62,68 @@ def test_a_file_that_is_not_a_store_is_refused_with_a_clear_error(tmp_path: Path
         Store(path)
     with pytest.raises(StoreError, match="no example store"):
         open_reader(tmp_path / "missing.db")
+
+
+def photo(i: int, split: str = "train", size: int = 5000) -> Example:
+    return Example(f"p-{i}", ("rust", "blight")[i % 2], split, "image/jpeg", 8, 8, bytes([i % 251]) * size, float(i))
+
+
+def test_retention_prunes_the_oldest_train_examples_and_the_file_stops_growing(tmp_path: Path):
+    cap = 2 * 2**20
+    store = Store(tmp_path / "examples.db")
+    sizes, n = [], 0
+    for _ in range(40):  # 40 commits of 100 five-kB examples: ~20 MB offered to a 2 MB store
+        batch = [photo(n + k, "holdout" if (n + k) % 10 == 0 else "train") for k in range(100)]
+        n += 100
+        store.commit(batch)
+        store.prune(cap)
+        store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the pages into the file, to measure it
+        sizes.append((tmp_path / "examples.db").stat().st_size)
+    assert store.used <= cap and store.pruned > 3000
+    assert max(sizes[20:]) <= max(sizes[:20]) <= cap + 100 * 2 * 5000  # bounded by the cap plus one commit
+    ids = {row[0]: row[1] for row in store._db.execute("SELECT example_id, split FROM examples")}
+    train = sorted(int(i[2:]) for i, split in ids.items() if split == "train")
+    assert train == [i for i in range(train[0], n) if i % 10] and train[0] > 0  # a window of the newest: oldest went first
+    assert f"p-{n - 1}" in ids and store.stats()["total"] + store.pruned == n
+
+
+def test_retention_keeps_holdout_while_train_remains_within_its_share(tmp_path: Path):
+    cap = 2 * 2**20
+    store = Store(tmp_path / "examples.db")
+    store.commit([photo(i, "holdout") for i in range(40)])  # 200 kB of holdout: under a quarter of the store
+    for start in range(40, 1040, 100):
+        store.commit([photo(i) for i in range(start, start + 100)])
+        store.prune(cap)
+    assert store.pruned > 0
+    assert store.stats()["per_split"]["holdout"] == 40  # only train was pruned
+    # Holdout alone past its share: its oldest go too, down to a quarter of the pruned store.
+    store.commit([photo(i, "holdout") for i in range(2000, 2400)])
+    store.prune(cap)
+    holdout = [r[0] for r in store._db.execute("SELECT example_id FROM examples WHERE split = 'holdout' ORDER BY seq")]
+    assert 0 < len(holdout) * 5000 <= 0.25 * 0.9 * cap and holdout[-1] == "p-2399" and "p-0" not in holdout
+    assert store.stats()["per_split"]["train"] > 0
+
+
+def test_a_store_under_its_limit_is_not_touched(tmp_path: Path):
+    store = Store(tmp_path / "examples.db")
+    store.commit([photo(i) for i in range(50)])
+    assert store.prune(2**30) == 0 and store.stats()["total"] == 50 and store.pruned == 0
+
+
+def test_the_learner_replays_around_pruned_examples(tmp_path: Path):
+    """Replay samples seqs it learned; after retention deleted the oldest, it skips and forgets them."""
+    from test_learner import learn_all, make_learner, stream
+
+    learner, reader = make_learner(tmp_path, stream([0, 1], 20, seed=3), mode="full")  # no embedding cache
+    learn_all(learner, reader)
+    train = [seq for seq, _ in reader.labels_up_to(learner.high_water_mark, "train")]
+    cutoff = train[len(train) // 2]
+    store = Store(tmp_path / "examples.db")
+    with store._db:  # what Store.prune does to train examples: the oldest go
+        store._db.execute("DELETE FROM examples WHERE split = 'train' AND seq <= ?", (cutoff,))
+    replay = learner._replay_sample(40)
+    assert replay and all(e.image and e.seq > cutoff for e in replay)
+    assert all(seq > cutoff for seqs in learner.replay_index.values() for seq in seqs)
+    store.commit([Example("new-1", "class-0", "train", "image/jpeg", 32, 32, reader.by_seq([train[-1]])[0].image, 1.0)])
+    learn_all(learner, reader)
+    assert learner.undecodable == 0  # a pruned example is not mistaken for a broken one
