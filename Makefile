@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo run test fuzz chaos bench-ingest bench-learning bench-retrain bench-export clean
+.PHONY: setup demo run test fuzz chaos bench bench-quick bench-ingest bench-learning bench-retrain bench-export clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,15 @@ fuzz: setup
 # one restart); prints the table that docs/reliability.md keeps.
 chaos: setup
 	SPROUT_CHAOS_KILLS=24 SPROUT_CHAOS_SEED=1127 $(BIN)/python -m pytest -q -s tests/chaos
+
+# The whole benchmark suite (about an hour on 2 cores); rewrites the results block of docs/benchmarks.md.
+bench: setup
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python -m bench
+
+# Every benchmark on the tiny network in about 3 minutes, so that none rots (CI runs it); writes bench/out only.
+bench-quick: setup
+	$(BIN)/python -m bench --quick
 
 bench-ingest: setup
 	$(BIN)/python bench/ingest.py

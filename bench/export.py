@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--modes", default="int8,dynamic,fp16,none")
     ap.add_argument("--runtimes", default="ai-edge-litert,tflite-runtime")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backbone", default="efficientnet_lite0", help="tiny: an untrained small net, for smoke runs")
+    ap.add_argument("--save-models", type=Path, help="folder to keep each mode's .tflite and the evaluation images in "
+                    "(bench/latency.py times them)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,9 +69,9 @@ def main() -> None:
                   for i, c in train])
     store.close()
     reader = StoreReader(workdir / "examples.db")
-    model_settings = ModelSettings(backbone="efficientnet_lite0", input_size=args.input_size)
+    model_settings = ModelSettings(backbone=args.backbone, input_size=args.input_size)
     learner = Learner(model_settings, TrainingSettings(mode="head", device="cpu", cpu_threads=args.threads), workdir, reader)
-    cache = ROOT / "bench" / "out" / f"embeddings-efficientnet_lite0-{args.input_size}-{args.train_per_class}-{args.eval_per_class}-0.npz"
+    cache = ROOT / "bench" / "out" / f"embeddings-{args.backbone}-{args.input_size}-{args.train_per_class}-{args.eval_per_class}-0.npz"
     if cache.exists():  # computed by bench/learning.py: same images, same frozen backbone
         with np.load(cache) as saved:
             seq_of = dict(reader._db.execute("SELECT example_id, seq FROM examples"))
@@ -85,6 +88,9 @@ def main() -> None:
     float_top1 = float((reference.argmax(1) == labels).mean())
     print(f"float PyTorch top-1 on {len(images)} holdout images: {100 * float_top1:.1f}%", flush=True)
     runtimes = args.runtimes.split(",")
+    if args.save_models:
+        args.save_models.mkdir(parents=True, exist_ok=True)
+        np.save(args.save_models / "images.npy", images)
     rows = []
     for mode in args.modes.split(","):
         t0 = time.perf_counter()
@@ -98,6 +104,8 @@ def main() -> None:
         sample_s = time.perf_counter() - t0
         tflite = convert(model, mode, args.input_size, calibration)
         convert_s = time.perf_counter() - t0 - sample_s
+        if args.save_models:
+            (args.save_models / f"{mode}.tflite").write_bytes(tflite)
         t0 = time.perf_counter()
         n = args.verify
         gated = verify(tflite, images[:n], labels[:n], reference[:n], runtimes)
@@ -121,6 +129,7 @@ def main() -> None:
                 print(f"    {r.runtime} {r.version}: top-1 {100 * r.top1:.1f}%, agreement {100 * r.agreement:.1f}%, "
                       f"{r.latency_ms:.2f} ms/image (1 thread)", flush=True)
     meta = {"machine": f"{args.threads} threads, {platform.machine()}, torch {torch.__version__}", "input_size": args.input_size,
+            "backbone": args.backbone,
             "calibration_images": args.calibration, "holdout_images": len(images), "verify_images": args.verify}
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

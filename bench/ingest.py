@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from daemon.broker import Mosquitto, free_port  # noqa: E402
 from daemon.datasets import fashion_mnist  # noqa: E402
 from daemon.feeder import Publisher  # noqa: E402
+from benchlib import wait_subscribed  # noqa: E402
 from loadgen import LoadGenerator  # noqa: E402
 
 MODEL = "bench"
@@ -129,18 +130,7 @@ class Daemon:
         )
 
     def wait_subscribed(self, broker: Mosquitto, timeout_s: float = 30) -> None:
-        # Subscribed = the broker has a session that matches; a probe message that gets a
-        # success PUBACK (not "no matching subscribers") proves it.
-        deadline = time.monotonic() + timeout_s
-        with Publisher(broker.url) as pub:
-            while time.monotonic() < deadline:
-                before = pub.report.acked
-                pub.publish(TOPIC, PROBE, "probe", "image/jpeg", f"probe-{time.monotonic_ns()}")
-                pub.wait_all_acked(5)
-                if pub.report.acked > before:
-                    return
-                time.sleep(0.1)
-        raise SystemExit("daemon did not subscribe")
+        wait_subscribed(broker.url, TOPIC, PROBE, timeout_s)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -29,6 +29,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,10 @@ class Embedder:
 
 
 def run_stream(kind: str, replay_ratio: float, stream: list[tuple[str, int]], evaluation: list[tuple[str, int]],
-               images: dict[str, bytes], embedder: Embedder, model: ModelSettings, eval_every: int, seed: int) -> dict:
+               images: dict[str, bytes], embedder: Embedder, model: ModelSettings, eval_every: int, seed: int,
+               clock: list[float] | None = None) -> dict:
+    """The daemon's Learner over the stream; ``clock``, when given, receives the seconds spent reading batches
+    and learning (evaluations left out) up to each point of the returned curve."""
     workdir = Path(tempfile.mkdtemp(prefix=f"sprout-learn-{kind}-"))
     store = Store(workdir / "examples.db")
     # The evaluation set first, as holdout: every evaluation scores all ten classes.
@@ -110,17 +114,27 @@ def run_stream(kind: str, replay_ratio: float, stream: list[tuple[str, int]], ev
     boundary = len(stream) // TASKS
     started = time.perf_counter()
     next_eval, next_boundary = eval_every, boundary
-    # Batches stop at each fifth of the stream, so task-end evaluations see exactly the tasks so far.
-    while batch := reader.after(learner.high_water_mark, min(training.batch_size, max(1, next_boundary - learner.trained))):
+    learning_s = 0.0
+    while True:
+        tick = time.perf_counter()
+        # Batches stop at each fifth of the stream, so task-end evaluations see exactly the tasks so far.
+        batch = reader.after(learner.high_water_mark, min(training.batch_size, max(1, next_boundary - learner.trained)))
+        if not batch:
+            break
         learner.learn(batch)
+        learning_s += time.perf_counter() - tick
         if learner.trained >= next_eval:
             curve.append((learner.trained, learner.evaluate_holdout().accuracy))
+            if clock is not None:
+                clock.append(learning_s)
             next_eval += eval_every
         if learner.trained >= next_boundary and learner.trained < len(stream):
             boundaries.append(dict(learner.evaluate_holdout().per_class))
             next_boundary += boundary
     final = learner.evaluate_holdout()
     curve.append((learner.trained, final.accuracy))
+    if clock is not None:
+        clock.append(learning_s)
     return {
         "accuracy": final.accuracy,
         "forgetting": forgetting(boundaries, final.per_class),
@@ -148,17 +162,12 @@ def forgetting(earlier: list[dict[str, float]], final: dict[str, float]) -> floa
     return sum(drops) / len(drops) if drops else None
 
 
-def run_joint(stream: list[tuple[str, int]], evaluation: list[tuple[str, int]], embedder: Embedder, epochs: int, seed: int,
-              lr: float, weight_decay: float) -> dict:
+def train_head(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, lr: float, weight_decay: float,
+               after_epoch: Callable[[int, GrowingHead], None] | None = None) -> GrowingHead:
+    """A fresh ten-class head trained offline on (x, y): shuffled, batches of 32, AdamW, plain cross-entropy."""
     torch.manual_seed(seed)
-    x = torch.from_numpy(np.stack([embedder.vectors[i] for i, _ in stream]))
-    y = torch.tensor([c for _, c in stream])
-    xe = torch.from_numpy(np.stack([embedder.vectors[i] for i, _ in evaluation]))
-    ye = torch.tensor([c for _, c in evaluation])
     head = GrowingHead(x.shape[1], 10)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    started = time.perf_counter()
-    curve = []
     for epoch in range(epochs):
         perm = torch.randperm(len(x))
         for start in range(0, len(x), 32):
@@ -166,13 +175,64 @@ def run_joint(stream: list[tuple[str, int]], evaluation: list[tuple[str, int]], 
             opt.zero_grad()
             torch.nn.functional.cross_entropy(head(x[idx]), y[idx]).backward()
             opt.step()
+        if after_epoch is not None:
+            after_epoch(epoch, head)
+    return head
+
+
+def run_joint(stream: list[tuple[str, int]], evaluation: list[tuple[str, int]], embedder: Embedder, epochs: int, seed: int,
+              lr: float, weight_decay: float) -> dict:
+    x = torch.from_numpy(np.stack([embedder.vectors[i] for i, _ in stream]))
+    y = torch.tensor([c for _, c in stream])
+    xe = torch.from_numpy(np.stack([embedder.vectors[i] for i, _ in evaluation]))
+    ye = torch.tensor([c for _, c in evaluation])
+    started = time.perf_counter()
+    curve = []
+
+    def score(epoch: int, head: GrowingHead) -> None:
         with torch.no_grad():
-            predicted = head(xe).argmax(1)
-            curve.append(((epoch + 1) * len(x), float((predicted == ye).float().mean())))
+            curve.append(((epoch + 1) * len(x), float((head(xe).argmax(1) == ye).float().mean())))
+
+    head = train_head(x, y, epochs, seed, lr, weight_decay, score)
+    with torch.no_grad():
+        predicted = head(xe).argmax(1)
     per_class = {FASHION_MNIST_CLASSES[c]: float((predicted[ye == c] == c).float().mean()) for c in range(10)}
     return {"accuracy": curve[-1][1], "per_class": per_class, "forgetting": None, "forgetting_dense": None,
             "examples_processed": epochs * len(x),
             "seconds": time.perf_counter() - started, "curve": curve}
+
+
+def load_data(train_per_class: int, eval_per_class: int, seed: int) -> tuple[dict[str, bytes], list[tuple[str, int]], list[tuple[str, int]]]:
+    """(JPEG of every image by id, the training examples, the evaluation set) drawn from Fashion-MNIST."""
+    train_images, train_labels = fashion_mnist("train")
+    test_images, test_labels = fashion_mnist("t10k")
+    train = pick(train_images, train_labels, train_per_class, seed)
+    test = pick(test_images, test_labels, eval_per_class, seed)
+    images = {f"train/{i}": jpeg(train_images[i]) for i, _ in train}
+    images.update({f"t10k/{i}": jpeg(test_images[i]) for i, _ in test})
+    return images, [(f"train/{i}", c) for i, c in train], [(f"t10k/{i}", c) for i, c in test]
+
+
+def embed(images: dict[str, bytes], model: ModelSettings, threads: int, train_per_class: int, eval_per_class: int,
+          seed: int) -> tuple[Embedder, float]:
+    """Every image's embedding, from bench/out's cache when there; the seconds they took (nan when cached)."""
+    t0 = time.perf_counter()
+    embedder = Embedder(model, threads)
+    ids = list(images)
+    cache = ROOT / "bench" / "out" / f"embeddings-{model.backbone}-{model.input_size}-{train_per_class}-{eval_per_class}-{seed}.npz"
+    if cache.exists():  # the backbone is frozen: the same images give the same embeddings
+        with np.load(cache) as saved:
+            embedder.vectors = {i: saved[i.replace("/", "_")] for i in ids}
+        embed_s = float("nan")
+        print(f"embeddings read from {cache.relative_to(ROOT)}", flush=True)
+    else:
+        embedder.add(ids, [images[i] for i in ids])
+        embed_s = time.perf_counter() - t0
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, **{i.replace("/", "_"): v for i, v in embedder.vectors.items()})
+        print(f"embedded {len(ids)} images with {model.backbone} at {model.input_size} px in {embed_s:.0f} s "
+              f"({len(ids) / embed_s:.0f}/s, {threads} threads)", flush=True)
+    return embedder, embed_s
 
 
 def main() -> None:
@@ -188,31 +248,8 @@ def main() -> None:
     args = ap.parse_args()
 
     model = ModelSettings(backbone=args.backbone, input_size=args.input_size)
-    train_images, train_labels = fashion_mnist("train")
-    test_images, test_labels = fashion_mnist("t10k")
-    train = pick(train_images, train_labels, args.train_per_class, args.seed)
-    test = pick(test_images, test_labels, args.eval_per_class, args.seed)
-    images = {f"train/{i}": jpeg(train_images[i]) for i, _ in train}
-    images.update({f"t10k/{i}": jpeg(test_images[i]) for i, _ in test})
-    stream_items = [(f"train/{i}", c) for i, c in train]
-    evaluation = [(f"t10k/{i}", c) for i, c in test]
-
-    t0 = time.perf_counter()
-    embedder = Embedder(model, args.threads)
-    ids = list(images)
-    cache = ROOT / "bench" / "out" / f"embeddings-{args.backbone}-{args.input_size}-{args.train_per_class}-{args.eval_per_class}-{args.seed}.npz"
-    if cache.exists():  # the backbone is frozen: the same images give the same embeddings
-        with np.load(cache) as saved:
-            embedder.vectors = {i: saved[i.replace("/", "_")] for i in ids}
-        embed_s = float("nan")
-        print(f"embeddings read from {cache.relative_to(ROOT)}", flush=True)
-    else:
-        embedder.add(ids, [images[i] for i in ids])
-        embed_s = time.perf_counter() - t0
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, **{i.replace("/", "_"): v for i, v in embedder.vectors.items()})
-        print(f"embedded {len(ids)} images with {args.backbone} at {args.input_size} px in {embed_s:.0f} s "
-              f"({len(ids) / embed_s:.0f}/s, {args.threads} threads)", flush=True)
+    images, stream_items, evaluation = load_data(args.train_per_class, args.eval_per_class, args.seed)
+    embedder, embed_s = embed(images, model, args.threads, args.train_per_class, args.eval_per_class, args.seed)
 
     defaults = TrainingSettings()
     results: dict[str, dict] = {}

@@ -89,6 +89,7 @@ class LoadGenerator:
 
     def publish_all(self, topic: str, messages: Sequence[tuple[str, str, bytes]], content_type: str = "image/jpeg") -> None:
         """Send (example_id, label, payload) triples at QoS 1, then wait for every PUBACK."""
+        answered_before = self.acked + self.failed  # the counters run on across calls
         topic_part = _utf8(topic)
         ct = b"\x03" + _utf8(content_type)
         label_cache: dict[str, bytes] = {}
@@ -103,7 +104,7 @@ class LoadGenerator:
             variable = topic_part + struct.pack("!H", packet_id) + _varint(len(props)) + props
             self.sock.sendall(b"".join((b"\x32", _varint(len(variable) + len(payload)), variable, payload)))
         deadline = time.monotonic() + 120
-        while self.acked + self.failed < len(messages) and time.monotonic() < deadline:
+        while self.acked + self.failed - answered_before < len(messages) and time.monotonic() < deadline:
             time.sleep(0.005)
 
     def close(self) -> None:

@@ -1,0 +1,10 @@
+"""``python -m bench``: the whole benchmark suite (see bench/suite.py)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from suite import main  # noqa: E402
+
+sys.exit(main())
