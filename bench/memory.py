@@ -78,6 +78,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "SPROUT_MODEL__INPUT_SIZE": str(args.input_size),
         "SPROUT_EXPORT__EVERY_EXAMPLES": str(args.every_examples),
         "SPROUT_EXPORT__EVERY_SECONDS": "86400",  # exports by count only: the same number in every run
+        **dict(pair.split("=", 1) for pair in args.env),
     }
     daemon = DaemonProcess(broker.url, MODEL, workdir / "state", env, args.log)
     samples: list[dict[str, float]] = []
@@ -173,6 +174,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=0.1, help="share of the examples counted as warm-up")
     ap.add_argument("--sample-s", type=float, default=2.0)
     ap.add_argument("--timeout-s", type=float, default=5400.0)
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment for the daemon (e.g. MALLOC_ARENA_MAX=2); repeatable")
     ap.add_argument("--log", type=Path, help="write the daemon's log here")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)

@@ -144,8 +144,12 @@ def _retrain(d: dict) -> tuple[str, list]:
 
 TINY = ["--backbone", "tiny", "--input-size", "32"]
 BENCHMARKS = [
-    Benchmark("ingest", "Ingest: publish to committed-and-acked (30 KB JPEGs)", "ingest.py",
+    Benchmark("ingest", "Ingest: publish to committed-and-acked (30 KB JPEGs), the learner learning beside it", "ingest.py",
               ["--examples", "10000", "--repeats", "3"],
+              ["--examples", "1000", "--repeats", "1", "--distinct", "50", "--learner", "on"], _ingest),
+    # The same path on an ingest-only node (training.enabled = false): what intake alone sustains.
+    Benchmark("ingest-only", "Ingest on an ingest-only node (no learner beside it)", "ingest.py",
+              ["--examples", "10000", "--repeats", "3", "--learner", "off"],
               ["--examples", "1000", "--repeats", "1", "--distinct", "50", "--learner", "off"], _ingest),
     Benchmark("learner", "Learner: new examples learned per second", "learner_speed.py",
               ["--modes", "head,last_blocks,full", "--sizes", "96,128", "--batches", "2", "--repeats", "3"],
@@ -226,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         if bench.name in chosen:
             results[bench.name] = run(bench, args.quick)
             kept.write_text(json.dumps(results))
-    command = "python -m bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+    command = "python -m bench" + (" --quick" if args.quick else "")
+    if args.only:  # the other figures are the last full run's, kept in bench/out/suite.json
+        command += f"`, then `python -m bench{' --quick' if args.quick else ''} --only {args.only}"
     block = render(results, args.quick, command)
     if args.quick:
         target = OUT / "benchmarks-quick.md"
