@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchlib import machine  # noqa: E402
 from learning import ROOT, Embedder, embed, load_data, order, run_stream, train_head  # noqa: E402
 
 from daemon.settings import ModelSettings, TrainingSettings  # noqa: E402
@@ -186,14 +187,6 @@ def plot(results: dict[str, dict], path: Path, stream_len: int, every: int, epoc
     fig.savefig(path, dpi=110)
 
 
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")  # Linux only; elsewhere the platform's own answer
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
@@ -253,7 +246,7 @@ def main() -> None:
         plot(results, args.plot, len(stream_items), args.every, args.epochs)
     meta = {
         "machine": f"{args.threads} torch threads for the backbone, {defaults.cpu_threads} for head training, "
-                   f"{cpu_model()}, Python {platform.python_version()}, torch {torch.__version__}",
+                   f"{machine()['cpu']}, Python {platform.python_version()}, torch {torch.__version__}",
         "backbone": args.backbone, "input_size": args.input_size, "train_examples": len(stream_items),
         "eval_examples": len(evaluation), "every": args.every, "epochs": args.epochs,
         "forward_seconds_per_image": forward_s, "timing_images": len(timed), "embedding_seconds": embed_s,
