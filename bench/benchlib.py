@@ -53,6 +53,10 @@ class DaemonProcess:
                     return int(line.split()[1]) / 1024
         return 0.0
 
+    def tree_rss_mb(self) -> float:
+        """Resident memory of the daemon and every process under it (export process, verifiers), in MiB."""
+        return sum(_vm_rss_mb(pid) for pid in [self.proc.pid, *_descendants(self.proc.pid)])
+
     def stop(self, timeout_s: float = 120.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -101,3 +105,30 @@ def machine() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         versions["mosquitto"] = "not found"
     return {"cores": str(os.cpu_count()), "cpu": cpu, **versions}
+
+
+def _vm_rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # it ended meanwhile
+        pass
+    return 0.0
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (children of children included)."""
+    parent_of = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent_of[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parent_of.items() if parent in frontier]
+        found += frontier
+    return found

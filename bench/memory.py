@@ -5,8 +5,9 @@ Mosquitto, fed N labelled Fashion-MNIST JPEGs by the lean QoS 1 load
 generator (bench/loadgen.py) in chunks, as fast as the broker acknowledges:
 the store takes them at intake's pace and the learner works through them
 behind it, exporting a version every ``--every-examples`` learned. RSS
-(``VmRSS`` of the daemon's process; verification runs in subprocesses of
-its own) is sampled every ``--sample-s`` seconds together with the
+(``VmRSS`` of the daemon's process; each export runs in a child process,
+daemon/export_child.py, whose RSS is sampled beside it with the verifiers'
+as the whole service's) is sampled every ``--sample-s`` seconds together with the
 daemon's /metrics, until the learner has learned every example.
 
 Growth is measured after warm-up (the first ``--warmup`` share of the
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             samples.append({
                 "t": round(time.monotonic() - started, 1),
                 "rss_mb": round(daemon.rss_mb(), 1),
+                "tree_rss_mb": round(daemon.tree_rss_mb(), 1),
                 "learned": m.get("sprout_examples_learned", 0.0),
                 "stored": m.get("sprout_examples_stored", 0.0),
                 "published": m.get("sprout_exports_published", 0.0),
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def analyse(samples: list[dict[str, float]], n: int, warmup: float) -> dict:
-    # Warm-up lasts past the first export: the converter (litert-torch, JAX) loads once, ~300 MB.
+    # Warm-up lasts past the first export, which fills the caches an export leaves in the daemon.
     learned = samples[-1]["learned"]
     first = next((i for i, s in enumerate(samples) if s["learned"] > warmup * learned and s["exports"] >= 1), None)
     if first is None:
@@ -138,6 +140,7 @@ def analyse(samples: list[dict[str, float]], n: int, warmup: float) -> dict:
         "rss_mb_after_warmup_peak": warm_peak,
         "rss_mb_max": float(max(s["rss_mb"] for s in samples)),
         "rss_mb_end": end,
+        "tree_rss_mb_max": float(max(s.get("tree_rss_mb", s["rss_mb"]) for s in samples)),
         "growth_after_warmup_pct": round(100 * (end - warm_peak) / warm_peak, 1),
         "slope_mb_per_100k": round(slope * 100_000, 1),
         "samples": samples,
@@ -153,6 +156,9 @@ def plot(result: dict, path: Path) -> None:
     s = result["samples"]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.plot([p["learned"] for p in s], [p["rss_mb"] for p in s], label="daemon RSS")
+    if any("tree_rss_mb" in p for p in s):
+        ax.plot([p["learned"] for p in s], [p.get("tree_rss_mb", p["rss_mb"]) for p in s], alpha=0.5,
+                label="with its export process", linewidth=0.8)
     ax.axhline(result["rss_mb_after_warmup_peak"], color="grey", linestyle=":", label="peak during warm-up")
     ax.set_xlabel("examples learned")
     ax.set_ylabel("RSS (MiB)")

@@ -94,6 +94,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(json.dumps({
         "published": outcome.published["version"] if outcome.published else None,
         "rejected_because": outcome.reasons,
+        "skipped_modes": outcome.skipped,
         "metrics": outcome.metrics,
         "seconds": round(outcome.seconds, 1),
     }, indent=2))

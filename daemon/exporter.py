@@ -26,7 +26,6 @@ import copy
 import dataclasses
 import os
 import tempfile
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,21 +83,13 @@ class _Uint8Pixels(nn.Module):
         return self.model(pixels.to(torch.float32))
 
 
-# torch.export changes process-wide state while it traces: torch.compiler.is_exporting() turns true in
-# every thread, and each @torch._disable_dynamo function (Optimizer.zero_grad, Optimizer.state_dict, ...)
-# then edits the global torch.fx.traceback.current_meta. A learner step on another thread during a
-# conversion raced with the trace and died with KeyError: 'custom'. A conversion holds this lock; the
-# daemon's learner holds it for each step and checkpoint (daemon/training.py).
-TRACING = threading.Lock()
-
-
 def convert(model: Deployable, mode: str, input_size: int, calibration: Sequence[np.ndarray] = ()) -> bytes:
-    """The .tflite bytes of ``model`` in ``mode``; ``calibration``: uint8 (H, W, 3) images, required for int8."""
-    with TRACING:
-        return _convert(model, mode, input_size, calibration)
+    """The .tflite bytes of ``model`` in ``mode``; ``calibration``: uint8 (H, W, 3) images, required for int8.
 
-
-def _convert(model: Deployable, mode: str, input_size: int, calibration: Sequence[np.ndarray]) -> bytes:
+    torch.export changes process-wide state while it traces (``torch.compiler.is_exporting()`` turns true
+    in every thread): a learner stepping beside it in the same process died with KeyError: 'custom'. The
+    daemon therefore converts in a process of its own (daemon/export_child.py).
+    """
     # litert-torch draws progress bars on stdout: noise in a daemon's journal, and it would
     # corrupt `sprout export`'s JSON output. An explicit setting by the operator wins.
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")

@@ -2,9 +2,11 @@
 
 It works from the learner's last checkpoint (a consistent snapshot that the
 learner writes atomically), so it never holds up training or intake; it asks
-the learner for a fresh checkpoint first. A conversion takes tens of seconds
-of CPU; on stop, the daemon does not wait for one in flight: publishing is
-atomic, and the next start simply exports again.
+the learner for a fresh checkpoint first. Each export runs in a child process
+that exits after it (daemon/export_child.py: the converter's memory goes with
+it, and its trace shares no state with the learner). A conversion takes tens
+of seconds of CPU; on stop, the daemon kills the child instead of waiting:
+publishing is atomic, and the next start simply exports again.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import time
 from collections.abc import Callable
 
 from daemon import checkpoint
-from daemon.publishing import NothingToExport, Outcome, export_once
+from daemon.export_child import ExportChild, ExportFailed, ExportStopped, remove_orphaned_temporaries
+from daemon.published_scores import remove_temporaries
+from daemon.publishing import Outcome, Reason
 from daemon.registry import Registry, RegistryError
 from daemon.settings import Settings
-from daemon.store import is_disk_full
 
 log = logging.getLogger("sprout.export")
 
@@ -34,6 +37,7 @@ class Exporting(threading.Thread):
         self.rejected_by_reason: dict[str, int] = {}  # Reason.kind -> reasons given for refused candidates
         self.seconds_total = 0.0  # time spent exporting, for the mean export duration
         self.exports = 0
+        self.failed = 0  # exports whose process ended without an outcome (raised, crashed, killed)
         self.last: Outcome | None = None
         self.latest_published: dict | None = None  # the manifest this process last published
         self.busy = False  # an export is converting or verifying right now
@@ -43,10 +47,17 @@ class Exporting(threading.Thread):
         # From the registry, not the checkpoint: an export cut short by a kill or a stop left no trace
         # there, so the next start redoes it instead of waiting for more examples to arrive.
         self._exported_learned = self._registry_learned()
-        self._retry_at = 0.0  # after an export failed on a full disk: not before then
+        self._retry_at = 0.0  # after an export failed (full disk, crash): not before then
+        self.child = ExportChild()
+        removed = remove_orphaned_temporaries() + remove_temporaries(settings.state_dir)
+        if removed:
+            log.info("removed %d temporaries left by exports that were killed", removed)
 
     def stop(self) -> None:
         self._stop_requested.set()
+        pid = self.child.pid
+        if self.child.stop():
+            log.info("stopping: export process %d killed; the export is dropped and redone after the next start", pid)
 
     def due(self) -> bool:
         e = self.settings.export
@@ -82,20 +93,31 @@ class Exporting(threading.Thread):
         log.info("exporting: %d examples learned, %d since the last export (modes %s)", learned,
                  learned - self._exported_learned, ", ".join(self.settings.export.quantization))
         try:
-            outcome = export_once(self.settings)
-        except NothingToExport as err:
-            log.info("export skipped: %s", err)
+            doc = self.child.run(self.settings)
+        except ExportStopped:
+            return None
+        except ExportFailed as err:
+            # A converter crash or a bug in one export is no reason to restart the learner: it is logged
+            # and counted (sprout_exports_failed), and the export is tried again when the next one is due.
+            self.failed += 1
+            log.error("export failed: %s; retrying in %.0fs", err, self.settings.export.every_seconds)
+            self._retry_at = time.monotonic() + self.settings.export.every_seconds
+            return None
+        if "nothing" in doc:
+            log.info("export skipped: %s", doc["nothing"])
             outcome = None
-        except OSError as err:
-            if not is_disk_full(err):
-                raise
+        elif "disk_full" in doc:
             # Publishing writes a temporary folder and renames it, so nothing half-written is left
             # and latest still names a complete version. Tried again when the next export is due.
+            err = OSError(doc["disk_full"]["errno"], doc["disk_full"]["strerror"], doc["disk_full"]["filename"])
             log.error("export failed, disk full: %s; the registry keeps its latest version, retrying when the "
                       "next export is due (free space under %s)", err, self.settings.state_dir)
             self._retry_at = time.monotonic() + self.settings.export.every_seconds
             return None
         else:
+            got = doc["outcome"]
+            outcome = Outcome(got["published"], [Reason(r["text"], r["kind"]) for r in got["reasons"]],
+                              got["metrics"], got["seconds"], got["skipped"])
             if outcome.published:
                 self.published += 1
                 self.latest_published = outcome.published

@@ -98,6 +98,8 @@ class DaemonCollector(Collector):
             yield CounterMetricFamily("sprout_export_seconds", "Time spent exporting (convert, verify, publish).",
                                       value=exporting.seconds_total)
             yield CounterMetricFamily("sprout_exports", "Exports run.", value=exporting.exports)
+            yield CounterMetricFamily("sprout_exports_failed", "Exports whose process ended without an outcome "
+                                      "(raised, crashed or was killed; its log says why).", value=exporting.failed)
             if exporting.last is not None:
                 yield GaugeMetricFamily("sprout_export_last_seconds", "Duration of the last export.",
                                         value=exporting.last.seconds)

@@ -25,6 +25,8 @@ from daemon import checkpoint
 from daemon.exporter import convert, float_probabilities, input_dtype, snapshot
 from daemon.head import GrowingHead
 from daemon.imaging import load_rgb
+from daemon.lossy_modes import LossyModes
+from daemon.published_scores import PublishedScores
 from daemon.registry import Registry
 from daemon.settings import Settings
 from daemon.store import StoreReader
@@ -58,49 +60,68 @@ class Outcome:
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    skipped: list[str] = field(default_factory=list)  # modes resting after an accuracy refusal (daemon/lossy_modes.py)
 
 
 def export_once(settings: Settings) -> Outcome:
     """Try each mode of ``export.quantization`` in order; publish the first candidate that passes every gate."""
     started = time.perf_counter()
     cfg = settings.export
+    lossy = LossyModes(settings.state_dir)
+    modes = [m for m in cfg.quantization if m == cfg.quantization[-1] or not lossy.resting(m)]
     reader = StoreReader(settings.state_dir / "examples.db")
     try:
         snap = _restored(settings, reader)
         size = settings.model.input_size
-        images, labels = _holdout(snap, reader, size, cfg.verify_examples)
+        seqs, images, labels = _holdout(snap, reader, size, cfg.verify_examples)
         calibration = _calibration(snap, reader, size, cfg.calibration_examples, settings.training.seed) \
-            if "int8" in cfg.quantization else []
+            if "int8" in modes else []
     finally:
         reader.close()
     model = snapshot(snap.backbone, snap.head, snap.spec.preprocessing)
     reference = float_probabilities(model, images)
     float_top1 = float((reference.argmax(1) == labels).mean())
     registry = Registry.from_settings(settings)
-    baseline = _baseline(registry, settings, images, [snap.labels[i] for i in labels])
+    baseline = _baseline(registry, settings, seqs, images, [snap.labels[i] for i in labels])
     outcome = Outcome(None)
     for mode in cfg.quantization:
-        fields, tflite, reasons = _candidate(settings, snap, model, mode, images, labels, reference, float_top1,
-                                             calibration if mode == "int8" else [], baseline)
+        if mode not in modes:
+            log.info("%s skipped: refused for its accuracy drop at an earlier export, tried again in %d more "
+                     "(export.skip_lossy_mode_for)", mode, lossy.resting(mode) - 1)
+            lossy.skipped(mode)
+            outcome.skipped.append(mode)
+            continue
+        fields, tflite, reports, reasons = _candidate(settings, snap, model, mode, images, labels, reference,
+                                                      float_top1, calibration if mode == "int8" else [], baseline)
         outcome.metrics = fields["metrics"]
         if reasons:
             registry.record_rejection(fields, reasons)
             outcome.reasons += [Reason(f"{mode}: {r}", r.kind) for r in reasons]
             log.warning("%s export rejected: %s", mode, "; ".join(reasons))
+            if any(getattr(r, "kind", "") == "accuracy_drop" for r in reasons) and mode != cfg.quantization[-1]:
+                lossy.refused_for_accuracy(mode, cfg.skip_lossy_mode_for)
+            else:
+                lossy.tried(mode)
             continue
+        lossy.tried(mode)
         outcome.published = registry.publish(tflite, fields)  # the very bytes that were verified
+        _remember(settings, outcome.published["version"], reports, seqs, snap.labels)
         log.info("published version %d (%s, holdout top-1 %s; float %.1f%%)", outcome.published["version"], mode,
                  ", ".join(f"{k} {100 * v:.1f}%" for k, v in fields["metrics"]["holdout_top1"].items()),
                  100 * float_top1)
         break
+    try:
+        lossy.save()
+    except OSError as err:  # the outcome stands; a mode that should rest is tried at the next export
+        log.warning("could not record which modes rest: %s", err)
     outcome.seconds = time.perf_counter() - started
     return outcome
 
 
 def _candidate(settings: Settings, snap: Snapshot, model: nn.Module, mode: str, images: np.ndarray,
                labels: np.ndarray, reference: np.ndarray, float_top1: float, calibration: list[np.ndarray],
-               baseline: Baseline | None) -> tuple[dict[str, Any], bytes, list[str]]:
-    """Convert in ``mode`` and verify on every runtime: the manifest fields, the bytes, and why not to ship."""
+               baseline: Baseline | None) -> tuple[dict[str, Any], bytes, list[RuntimeReport], list[str]]:
+    """Convert in ``mode`` and verify on every runtime: the manifest fields, the bytes, the reports, why not to ship."""
     cfg = settings.export
     size = settings.model.input_size
     converted = time.perf_counter()
@@ -122,6 +143,7 @@ def _candidate(settings: Settings, snap: Snapshot, model: nn.Module, mode: str, 
     }
     if baseline is not None:
         metrics["published_top1_same_holdout"] = {"version": baseline.version, **baseline.top1}
+        metrics["published_rescored_examples"] = baseline.rescored
     fields = {
         "base": snap.spec.name,
         "labels": list(snap.labels),
@@ -130,7 +152,7 @@ def _candidate(settings: Settings, snap: Snapshot, model: nn.Module, mode: str, 
         "metrics": metrics,
         "runtimes_verified": [{"name": r.runtime, "version": r.version} for r in ran],
     }
-    return fields, tflite, gate(reports, float_top1, baseline, settings)
+    return fields, tflite, reports, gate(reports, float_top1, baseline, settings)
 
 
 @dataclass(frozen=True)
@@ -139,14 +161,17 @@ class Baseline:
 
     version: int
     top1: dict[str, float]  # runtime -> holdout top-1
+    rescored: int = 0  # holdout examples the published version had not been run on before this export
 
 
-def _baseline(registry: Registry, settings: Settings, images: np.ndarray, names: list[str]) -> Baseline | None:
-    """Run the latest published version on the candidate's holdout images, on every runtime.
+def _baseline(registry: Registry, settings: Settings, seqs: list[int], images: np.ndarray,
+              names: list[str]) -> Baseline | None:
+    """The latest published version's top-1 on the candidate's holdout images, on every runtime.
 
     Its top-1 at publish time was measured on the holdout of that day; the holdout grows and shifts (new
     classes, new examples), so only a score on the same images says whether the candidate is worse.
-    A class the published model does not know counts as a miss for it.
+    A class the published model does not know counts as a miss for it. Its predictions are kept per
+    example (daemon/published_scores.py): only holdout examples it has not seen yet are run.
     """
     latest = registry.latest()
     if latest is None:
@@ -156,15 +181,47 @@ def _baseline(registry: Registry, settings: Settings, images: np.ndarray, names:
         log.info("published version %d takes %s input, this config %d px: no comparison with it",
                  latest["version"], latest["input"]["shape"], size)
         return None
-    index = {name: i for i, name in enumerate(latest["labels"])}
-    labels = np.array([index.get(name, -1) for name in names])
-    reports = verify(registry.model_path(latest["version"]).read_bytes(), images, labels, None,
-                     settings.export.runtimes, _pythons(settings), settings.export.verify_timeout_s)
+    runtimes = list(settings.export.runtimes)
+    scores = PublishedScores(settings.state_dir, latest["version"])
+    at = {seq: i for i, seq in enumerate(seqs)}
+    rescored: set[int] = set()
+    failed: set[str] = set()
+    # A second pass only when an interpreter reports another version than the one that made the kept
+    # predictions (an upgrade): those are dropped and every example is run on it again.
+    for _ in range(2):
+        missing = sorted({s for r in runtimes if r not in failed for s in scores.missing(r, seqs)})
+        if not missing:
+            break
+        reports = verify(registry.model_path(latest["version"]).read_bytes(), images[[at[s] for s in missing]],
+                         None, None, [r for r in runtimes if r not in failed], _pythons(settings),
+                         settings.export.verify_timeout_s)
+        rescored.update(missing)
+        for r in reports:
+            if r.error is not None or r.predicted is None:
+                failed.add(r.runtime)
+                log.warning("published version %d could not be scored on %s (%s): no comparison there",
+                            latest["version"], r.runtime, r.error)
+                continue
+            scores.add(r.runtime, r.version, missing, [latest["labels"][i] for i in r.predicted])
+    try:
+        scores.save()
+    except OSError as err:  # a cache: the comparison stands, the next export scores these examples again
+        log.warning("could not keep version %d's holdout predictions: %s", latest["version"], err)
+    top1 = {r: t for r in runtimes if (t := scores.top1(r, seqs, names)) is not None}
+    return Baseline(latest["version"], top1, len(rescored))
+
+
+def _remember(settings: Settings, version: int, reports: list[RuntimeReport], seqs: list[int],
+              labels: list[str]) -> None:
+    """The new version's predictions on the holdout it was just verified on: the next export's baseline."""
+    scores = PublishedScores(settings.state_dir, version)
     for r in reports:
-        if r.error is not None:
-            log.warning("published version %d could not be scored on %s (%s): no comparison there",
-                        latest["version"], r.runtime, r.error)
-    return Baseline(latest["version"], {r.runtime: r.top1 for r in reports if r.error is None and r.top1 is not None})
+        if r.error is None and r.predicted is not None:
+            scores.add(r.runtime, r.version, seqs, [labels[i] for i in r.predicted])
+    try:
+        scores.save()
+    except OSError as err:  # published all the same; the next export scores this version itself
+        log.warning("could not keep version %d's holdout predictions: %s", version, err)
 
 
 def _pythons(settings: Settings) -> dict | None:
@@ -243,19 +300,20 @@ def _restored(settings: Settings, reader: StoreReader) -> Snapshot:
                     payload["high_water_mark"])
 
 
-def _holdout(snap: Snapshot, reader: StoreReader, size: int, most: int) -> tuple[np.ndarray, np.ndarray]:
-    """The most recent holdout examples of known classes, as uint8 RGB at the model's input size."""
+def _holdout(snap: Snapshot, reader: StoreReader, size: int, most: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The most recent holdout examples of known classes: their seqs, uint8 RGB at the model's input size, labels."""
     known = {label: i for i, label in enumerate(snap.labels)}
     pairs = [(seq, label) for seq, label in reader.labels_up_to(snap.high_water_mark, "holdout") if label in known][-most:]
-    images, labels = [], []
+    seqs, images, labels = [], [], []
     for e in reader.by_seq([seq for seq, _ in pairs]):
         rgb = load_rgb(e.image, size)
         if rgb is not None:
+            seqs.append(e.seq)
             images.append(rgb)
             labels.append(known[e.label])
     if not images:
         raise NothingToExport("no holdout examples of the known classes yet: the gates need some to score the model")
-    return np.stack(images), np.array(labels)
+    return seqs, np.stack(images), np.array(labels)
 
 
 def _calibration(snap: Snapshot, reader: StoreReader, size: int, most: int, seed: int) -> list[np.ndarray]:

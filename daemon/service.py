@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -189,21 +187,12 @@ class Daemon:
         return EX_OK
 
     def leave(self, code: int) -> int:
-        """``code``, or exit with it at once when an export is still converting.
-
-        A conversion (litert-torch's C++ converter) cannot be interrupted, and a C++ thread still running
-        when Python finalises aborts the process (SIGABRT, a core dump, a "failed" stop for systemd).
-        Everything durable is done by now (commits, acks, checkpoint; a publish is atomic), so the
-        process ends without finalising; the dropped export is redone after the next start.
-        """
+        """``code``, once the export thread has ended (its stop request killed any export process)."""
         if self.exporting is not None:
-            self.exporting.join(1.0)  # an idle exporter ends at once on its stop request
+            self.exporting.join(2.0)
         if self.exporting is not None and self.exporting.is_alive():
-            log.info("exiting while an export converts: it is dropped and redone after the next start")
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            # Waiting on the learner for a checkpoint, say; it holds nothing durable: a daemon thread ends with us.
+            log.info("exiting while the export thread waits; the export is redone after the next start")
         return code
 
     def shutdown(self) -> None:
@@ -219,7 +208,7 @@ class Daemon:
             if not self._await(self.intake, deadline):
                 log.warning("stopping: intake did not finish in time; un-acked examples come back on restart")
         if self.exporting is not None:
-            self.exporting.stop()  # not awaited: a publish is atomic, and the next start exports again
+            self.exporting.stop()  # kills an export in flight: a publish is atomic, the next start exports again
         if self.training is not None and self.training.is_alive():
             log.info("stopping: waiting for the learner to finish its step and checkpoint")
             self.training.stop(timeout_s=0)

@@ -19,7 +19,7 @@ import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
@@ -220,6 +220,12 @@ class TrainingSettings(Section):
         "'full': the backbone fine-tunes too (better, needs a GPU for speed). 'auto' = head on CPU, full on CUDA.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' takes CUDA when present.")
+    decode_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
+        "auto",
+        description="Processes decoding images for the learner; 0 decodes in the learner's thread. 'auto' = 0 on "
+        "a CPU (the backbone, not decoding, is the limit) and every core but two (at most 16) on CUDA, where one "
+        "core's decoding (~600 images/s) would cap the GPU. Each worker is a process of ~60 MB.",
+    )
     batch_size: int = Field(32, ge=1, le=1024, description="New examples per step; smaller learns sooner, larger is faster.")
     replay_ratio: float = Field(
         4.0,
@@ -288,6 +294,15 @@ class ExportSettings(Section):
         "full-integer, uint8 input, ~30% of float's size, fastest on ai-edge-litert, calibrated on stored "
         "examples; dynamic: int8 weights, float activations, ai-edge-litert only; fp16: half-size float weights, "
         "float accuracy; none: float32. Each failed mode costs one more conversion.",
+    )
+    skip_lossy_mode_for: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="Exports to skip a mode for after its candidate lost more than max_drop_pts against float "
+        "(quantisation loss persists from one export to the next); never the last mode. 0 tries every mode at "
+        "every export; each skip saves that mode's conversion and verification (half of an export when int8 "
+        "is refused), at the cost of shipping the next mode a little longer once the lossy one would pass.",
     )
     runtimes: list[Literal["ai-edge-litert", "tflite-runtime"]] = Field(
         ["ai-edge-litert", "tflite-runtime"],

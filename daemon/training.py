@@ -11,7 +11,6 @@ minus its own) is its backlog. It checkpoints every
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from daemon import checkpoint
-from daemon.exporter import TRACING
 from daemon.learner import Learner
 from daemon.settings import Settings
 from daemon.store import StoredExample, StoreReader
@@ -33,8 +31,6 @@ log = logging.getLogger("sprout.learner")
 # ~2,600/s; pausing at 64 ~2,800/s. Low enough to catch a burst early, high enough that a trickle
 # of examples does not stop learning.
 YIELD_AT_BACKLOG = 64
-# Seconds the final checkpoint on stop waits for an export's conversion to finish (SIGTERM's bound is 20 s).
-FINAL_SAVE_WAIT_S = 5.0
 
 
 class Training(threading.Thread):
@@ -82,8 +78,7 @@ class Training(threading.Thread):
             while not self._stop_requested.is_set():
                 while not self._requests.empty():
                     fn, done, result = self._requests.get_nowait()
-                    with self._beside_exports():
-                        result.append(fn())
+                    result.append(fn())
                     done.set()
                 if self.intake_backlog is not None and self.intake_backlog() >= YIELD_AT_BACKLOG:
                     self.yields += 1
@@ -93,19 +88,18 @@ class Training(threading.Thread):
                 batch = self.reader.after(self.learner.high_water_mark, t.batch_size)
                 self.store_high_water_mark = max(self.store_high_water_mark, self.reader.high_water_mark())
                 if batch:
-                    with self._beside_exports():
-                        self.learn(batch)
+                    self.learn(batch)
                 else:
                     self._stop_requested.wait(0.2)
                 self.last_progress = time.monotonic()
                 if time.monotonic() - self._saved_at >= t.checkpoint_every_s:
-                    with self._beside_exports():
-                        self.save()
-            self._final_save()
+                    self.save()
+            self.save()
         except BaseException as err:  # the daemon notices the dead thread and exits for a restart
             self.error = err
             log.exception("learner stopped: %s", err)
         finally:
+            self.learner.close()
             self.reader.close()
 
     def learn(self, batch: list[StoredExample]) -> None:
@@ -125,28 +119,6 @@ class Training(threading.Thread):
         if not done.wait(timeout_s):
             return False, None
         return True, result[0]
-
-    @contextlib.contextmanager
-    def _beside_exports(self):
-        """Torch to this thread alone while no export traces a model (see daemon/exporter.py TRACING)."""
-        while not TRACING.acquire(timeout=0.5):
-            self.last_progress = time.monotonic()  # waiting for a conversion is no stall: the exporter has its bound
-        try:
-            yield
-        finally:
-            TRACING.release()
-
-    def _final_save(self) -> None:
-        # A conversion in flight is not waited for on stop (the daemon exits beside it), so neither is
-        # its lock for long: past FINAL_SAVE_WAIT_S the learner resumes from its last checkpoint.
-        if not TRACING.acquire(timeout=FINAL_SAVE_WAIT_S):
-            log.warning("stopping during an export's conversion: no final checkpoint; the learner resumes from "
-                        "the one at step %d", self._saved_step)
-            return
-        try:
-            self.save()
-        finally:
-            TRACING.release()
 
     def checkpoint_now(self, timeout_s: float = 60.0) -> bool:
         """A checkpoint written between two steps: a consistent snapshot for the exporter."""

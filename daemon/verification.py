@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +39,10 @@ class RuntimeReport:
     nonfinite: bool  # any NaN or infinity in any output
     input_dtype: str | None
     error: str | None = None  # why the runtime could not load or run the model
+    predicted: tuple[int, ...] | None = field(default=None, repr=False)  # top-1 index per image
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "predicted"}
 
 
 def default_tflite_runtime_python() -> Path:
@@ -134,6 +135,7 @@ def _report(runtime: str, job, labels: np.ndarray | None, reference: np.ndarray 
         latency_ms=float(np.median(latencies)) if len(latencies) else None,
         nonfinite=bool(not np.all(np.isfinite(probabilities))),
         input_dtype=meta["input_dtype"],
+        predicted=tuple(int(i) for i in predicted),
     )
 
 

@@ -202,23 +202,68 @@ def test_sigterm_while_examples_flow_and_the_learner_learns_exits_0_within_the_b
     assert d.stop() == 0
 
 
-def test_sigterm_during_an_export_exits_0_at_once_without_an_abort(broker, daemon_factory, systemd):
-    """A conversion cannot be interrupted; the daemon must still stop cleanly (no SIGABRT from its C++ thread)."""
+def export_processes(parent: int) -> list[int]:
+    """Pids of the export processes (daemon/export_child.py) whose parent is ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"daemon.export_child" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_during_an_export_kills_its_process_and_exits_0_at_once(broker, daemon_factory, systemd, tmp_path):
+    """A conversion cannot be interrupted from Python: it runs in a child, which the stop kills, leaving nothing."""
     env = {**LEARNING, **systemd.env(), "SPROUT_EXPORT__ENABLED": "true", "SPROUT_EXPORT__EVERY_EXAMPLES": "50",
-           "SPROUT_EXPORT__EVERY_SECONDS": "3600"}
+           "SPROUT_EXPORT__EVERY_SECONDS": "3600", "TMPDIR": str(tmp_path)}
     d = daemon_factory(broker.url, env=env).start(wait_ready=False)
     systemd.wait("READY", "1", timeout_s=60)
     ids = [f"export-{i:03d}" for i in range(120)]
     publish_examples(broker.url, "leaves", ids, [("rust", "blight", "healthy")[i % 3] for i in range(120)])
-    wait_for(lambda: "exporting: " in d.log(), 60, "an export to start")
+    # The child starts Python, imports torch and litert-torch, converts and verifies: seconds, never instant.
+    children = wait_for(lambda: export_processes(d.proc.pid), 60, "an export process to start", interval_s=0.01)
     sent = time.monotonic()
     d.signal(signal.SIGTERM)
     code = d.proc.wait(SHUTDOWN_BOUND_S + 5)
     log = d.log()
-    assert code == 0, log[-2000:]  # 134 would be the C++ runtime's abort
+    assert code == 0, log[-2000:]
     assert time.monotonic() - sent < SHUTDOWN_BOUND_S
-    assert "exiting while an export converts" in log and "terminate called" not in log
+    assert f"export process {children[0]} killed" in log, log[-3000:]
+    assert "published version" not in log and "Traceback" not in log
+    assert not Path(f"/proc/{children[0]}").exists()  # reaped, not left running beside a next daemon
+    assert not list(tmp_path.glob("sprout-export-*"))  # its temporaries went with it
     assert sorted(stored_ids(d.state)) == ids  # everything the broker accepted was committed
+    # The dropped export is redone after the next start.
+    d.start(wait_ready=False)
+    wait_for(lambda: "published version 1 " in d.log(), 120, "the export redone after a restart")
+    assert d.stop() == 0
+
+
+def test_an_export_process_dies_with_a_killed_daemon(broker, daemon_factory, systemd):
+    """SIGKILL leaves no export process behind to publish beside the daemon that systemd starts next."""
+    env = {**LEARNING, **systemd.env(), "SPROUT_EXPORT__ENABLED": "true", "SPROUT_EXPORT__EVERY_EXAMPLES": "50",
+           "SPROUT_EXPORT__EVERY_SECONDS": "3600"}
+    d = daemon_factory(broker.url, env=env).start(wait_ready=False)
+    systemd.wait("READY", "1", timeout_s=60)
+    publish_examples(broker.url, "leaves", [f"orphan-{i:03d}" for i in range(60)],
+                     [("rust", "blight")[i % 2] for i in range(60)])
+    children = wait_for(lambda: export_processes(d.proc.pid), 60, "an export process to start", interval_s=0.01)
+    d.signal(signal.SIGKILL)
+    d.proc.wait(10)
+    wait_for(lambda: not Path(f"/proc/{children[0]}").exists() or _zombie(children[0]), 10,
+             "the export process to die with the daemon")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 # -- the watchdog only while every part makes progress --------------------------------------------

@@ -54,6 +54,17 @@ def test_export_publishes_a_signed_verified_version(tmp_path: Path):
     verify_file(manifest, registry.model_path(1).read_bytes())
     code, result, _ = export(state)
     assert code == 0 and result["published"] == 2  # as good as the published one: within the tolerance
+    # Version 1 was run on this holdout when it was verified: the comparison reused its predictions.
+    assert result["metrics"]["published_top1_same_holdout"]["version"] == 1
+    assert result["metrics"]["published_rescored_examples"] == 0
+    kept = state / "export-cache"
+    assert [p.name for p in kept.glob("published-v*.json")] == ["published-v2.json"]  # only the latest's
+    # Predictions that cannot be read are made anew, and the comparison comes out the same.
+    (kept / "published-v2.json").write_text('{"model_version": 2, "runtimes": {"ai-edge-litert": [')
+    code, again, _ = export(state)
+    assert code == 0 and again["published"] == 3
+    assert again["metrics"]["published_rescored_examples"] == again["metrics"]["holdout_examples"]
+    assert again["metrics"]["published_top1_same_holdout"] == {**result["metrics"]["holdout_top1"], "version": 2}
 
 
 def test_a_worse_candidate_is_rejected_with_reasons_and_not_published(tmp_path: Path):
@@ -95,6 +106,9 @@ def test_the_published_version_is_rescored_on_the_candidates_holdout(tmp_path: P
     assert code == 0 and second["published"] == 2, second.get("rejected_because", err)
     baseline = second["metrics"]["published_top1_same_holdout"]
     assert baseline["version"] == 1
+    # Only the new holdout images (class 2) were run on version 1; the rest it had answered at its publish.
+    new = second["metrics"]["holdout_examples"] - first["metrics"]["holdout_examples"]
+    assert new > 0 and second["metrics"]["published_rescored_examples"] == new
     # Version 1 knows two of the three classes: on today's holdout it misses every class-2 image.
     assert set(baseline) == {"version", "ai-edge-litert", "tflite-runtime"}
     assert baseline["ai-edge-litert"] < 0.7 < first["metrics"]["holdout_top1"]["ai-edge-litert"]
@@ -169,3 +183,42 @@ def test_a_burst_of_flipped_labels_does_not_get_a_worse_model_published(tmp_path
     assert "regression" in kinds and kinds <= {"regression", "accuracy_drop"}, second.reasons
     registry = Registry.open_readonly(registry_root(tmp_path), "plant-disease")
     assert registry.versions() == [1] and registry.latest()["version"] == 1
+
+
+def test_a_mode_refused_for_its_accuracy_drop_rests_for_some_exports(tmp_path: Path):
+    from daemon.lossy_modes import LossyModes
+
+    state = learned_state(tmp_path)
+    settings = Settings.load(None, {"state_dir": str(state), "model": {"backbone": "tiny", "input_size": 32},
+                                    "training": {"mode": "head"}, "export": {"skip_lossy_mode_for": 2}})
+    # What an export leaves after int8 lost too much against float (the tiny model's int8 does not).
+    rest = LossyModes(state)
+    rest.refused_for_accuracy("int8", settings.export.skip_lossy_mode_for)
+    rest.save()
+    first = export_once(settings)
+    assert first.skipped == ["int8"] and first.published["quantization"] == "fp16"
+    assert LossyModes(state).resting("int8") == 1
+    second = export_once(settings)
+    assert second.skipped == ["int8"] and second.published["quantization"] == "fp16"
+    assert LossyModes(state).resting("int8") == 0
+    third = export_once(settings)  # rested: tried again, and it passes
+    assert third.skipped == [] and third.published["quantization"] == "int8"
+    events = Registry.open_readonly(registry_root(state), "plant-disease").events()
+    assert [e["quantization"] for e in events if e.get("event") == "published"] == ["fp16", "fp16", "int8"]
+
+
+def test_lossy_mode_bookkeeping(tmp_path: Path):
+    from daemon.lossy_modes import LossyModes
+
+    root = tmp_path
+    rest = LossyModes(root)
+    rest.refused_for_accuracy("int8", 3)
+    rest.refused_for_accuracy("dynamic", 0)  # 0: never rests
+    rest.save()
+    again = LossyModes(root)
+    assert (again.resting("int8"), again.resting("dynamic")) == (3, 0)
+    again.skipped("int8")
+    again.tried("int8")  # tried and passed, or refused for another reason: no more rest
+    assert again.resting("int8") == 0
+    (root / "export-cache" / "lossy-modes.json").write_text("{not json")
+    assert LossyModes(root).resting("int8") == 0  # unreadable: every mode is tried

@@ -51,8 +51,10 @@ def learning_daemon(broker, daemon_factory):
 
 def test_metrics_report_what_the_daemon_did(learning_daemon):
     d, manifest = learning_daemon
-    m = wait_for(lambda: (m := metrics(d.http_port)) and m.get(("sprout_learner_backlog", ())) == 0 and m,
-                 60, "the learner to catch up")
+    # The version is in the registry as soon as the export process published it; the daemon counts it when
+    # that process has reported back.
+    m = wait_for(lambda: (m := metrics(d.http_port)) and m.get(("sprout_learner_backlog", ())) == 0
+                 and m.get(("sprout_exports_published_total", ())) and m, 60, "the learner to catch up")
     assert m[("sprout_examples_stored_total", ())] == 120
     # The holdout share (store.holdout_fraction) is scored, not trained on.
     assert 90 <= m[("sprout_examples_learned_total", ())] < 120, m

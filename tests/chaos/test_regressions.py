@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.exporter import convert, snapshot
+from daemon.exporting import Exporting
 from daemon.feeder import Publisher
 from daemon.registry import Registry, registry_root
-from daemon.settings import ModelSettings, Settings, TrainingSettings
+from daemon.settings import ExportSettings, ModelSettings, Settings, TrainingSettings
 from daemon.signing import Signer
 from daemon.store import Store
 from daemon.training import Training
@@ -69,27 +69,32 @@ def test_an_export_killed_mid_publish_is_redone_at_the_next_start_without_new_ex
     assert d.stop() == 0
 
 
-def test_the_learner_goes_on_learning_beside_a_conversion(tmp_path):
+def test_the_learner_goes_on_learning_beside_an_export(tmp_path):
     # Found by the chaos harness: while torch.export traces, torch.compiler.is_exporting() is true in every
     # thread, and the learner's Optimizer.zero_grad then edited torch.fx's global trace metadata beside the
-    # trace: the learner thread died with KeyError: 'custom' and the daemon exited 70.
+    # trace: the learner thread died with KeyError: 'custom' and the daemon exited 70. Exports now run in
+    # a process of their own (daemon/export_child.py): the learner neither races with the trace nor waits.
     store = Store(tmp_path / "examples.db")
     store.commit(stream([0, 1, 2], 2000, seed=5, order="iid"))
     store.close()
     settings = Settings(state_dir=tmp_path, model=ModelSettings(name=MODEL, backbone="tiny", input_size=32),
-                        training=TrainingSettings(mode="head", device="cpu", batch_size=2, checkpoint_every_s=0.2))
+                        training=TrainingSettings(mode="head", device="cpu", batch_size=2, checkpoint_every_s=0.2),
+                        export=ExportSettings(quantization=["none"], runtimes=["ai-edge-litert"]))
     training = Training(settings)
     training.start()
     try:
         wait_for(lambda: len(training.learner.labels) == 3, 30, "the learner to see every class")
-        model = snapshot(training.learner.backbone, training.learner.head, training.learner.spec.preprocessing)
-        for _ in range(4):
-            assert training.backlog > 0, "the learner ran out of examples: the conversion had nothing to race"
-            convert(model, "none", 32)
-            assert training.error is None, training.error
+        exporting = Exporting(settings, lambda: training.learner.trained, training.checkpoint_now)
+        assert training.backlog > 1000, "the learner ran out of examples before the export: nothing to race"
+        before = training.learner.step
+        outcome = exporting.export()
+        steps = training.learner.step - before
+        assert outcome is not None and outcome.published is not None, outcome
+        assert training.error is None, training.error
     finally:
         training.stop(30)
     assert training.error is None, training.error
+    assert steps > 10, f"learner steps during the export: {steps}"  # it learned on, not waiting
 
 
 @pytest.mark.parametrize("step", ["latest", "versions"])
