@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo run test fuzz chaos bench bench-quick bench-ingest bench-learning bench-retrain bench-export clean
+.PHONY: setup demo run test fuzz chaos bench bench-quick bench-ingest bench-learning bench-retrain bench-export bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,11 @@ bench-retrain: setup
 
 bench-export: setup
 	$(BIN)/python bench/export.py --input-size 128 --json bench/out/export-128.json
+
+# On a CUDA host (about 5 minutes): full fine-tuning step variants (eager, bf16, CUDA graph, torch.compile),
+# decoding by worker count, and the daemon end to end in full mode; not part of the suite.
+bench-gpu: setup
+	$(BIN)/python bench/gpu.py --json bench/out/gpu.json
 
 clean:
 	rm -rf $(VENV) $(VENV)-tflite var .pytest_cache

@@ -92,6 +92,7 @@ class Exporting(threading.Thread):
         learned = self._checkpoint_learned()
         log.info("exporting: %d examples learned, %d since the last export (modes %s)", learned,
                  learned - self._exported_learned, ", ".join(self.settings.export.quantization))
+        began = time.monotonic()
         try:
             doc = self.child.run(self.settings)
         except ExportStopped:
@@ -116,8 +117,11 @@ class Exporting(threading.Thread):
             return None
         else:
             got = doc["outcome"]
+            # The process's own start (Python, torch, litert-torch imports) is part of what an export costs.
             outcome = Outcome(got["published"], [Reason(r["text"], r["kind"]) for r in got["reasons"]],
-                              got["metrics"], got["seconds"], got["skipped"])
+                              got["metrics"], time.monotonic() - began, got["skipped"])
+            log.info("export process: %.1fs in all, %.1fs before the export began (start and imports)",
+                     outcome.seconds, outcome.seconds - got["seconds"])
             if outcome.published:
                 self.published += 1
                 self.latest_published = outcome.published

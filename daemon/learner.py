@@ -34,6 +34,7 @@ from daemon.head import GrowingHead
 from daemon.decoding import DecodePool, auto_workers
 from daemon.learning_metrics import Holdout, Prequential
 from daemon.settings import ModelSettings, TrainingSettings
+from daemon.static_step import StaticStep
 from daemon.store import StoredExample, StoreReader
 from models import zoo
 
@@ -72,6 +73,13 @@ class Learner:
         self.backbone.to(self.device).eval()  # eval: BatchNorm statistics stay frozen in every mode
         self._trainable = self._select_trainable()
         self.autocast = self.device.type == "cuda" and self.mode != "head"
+        # On CUDA a training backbone runs as one captured graph per step (daemon/static_step.py), in
+        # channels-last layout (cuDNN's fastest convolutions for bf16). Head mode's step is one small matmul.
+        self._graphed = self.device.type == "cuda" and bool(self._trainable) and training.cuda_graphs
+        if self.device.type == "cuda":
+            self.backbone.to(memory_format=torch.channels_last)
+        self._static: StaticStep | None = None
+        self._captures = 0
         workers = training.decode_workers
         self.decode_pool = DecodePool(model.input_size,
                                       auto_workers(self.device.type) if workers == "auto" else workers)
@@ -126,7 +134,26 @@ class Learner:
         if self._trainable:
             # A pretrained backbone wants gentler steps than a fresh head.
             groups.append({"params": self._trainable, "lr": self.settings.learning_rate / 10})
+        if self._graphed:
+            # Step count and moments on the device, updated without a host sync: what a graph can replay.
+            return torch.optim.AdamW(groups, weight_decay=self.settings.weight_decay, foreach=True, capturable=True)
         return torch.optim.AdamW(groups, weight_decay=self.settings.weight_decay)
+
+    def _load_optimizer(self, state: dict[str, Any]) -> None:
+        """A fresh optimizer with a checkpoint's state, under this learner's own implementation flags.
+
+        A checkpoint written on a GPU (capturable, foreach) may resume on a CPU, and the other way round.
+        """
+        self.optimizer = self._make_optimizer()
+        flags = {k: self.optimizer.param_groups[0][k] for k in ("capturable", "foreach")}
+        self.optimizer.load_state_dict(state)
+        for group in self.optimizer.param_groups:
+            group.update(flags)
+            for param in group["params"]:
+                state_of = self.optimizer.state.get(param, {})
+                if torch.is_tensor(state_of.get("step")):  # capturable keeps it on the device, otherwise the host
+                    state_of["step"] = state_of["step"].to("cpu" if not flags["capturable"] else param.device,
+                                                           torch.float32)
 
     def _network_key(self) -> str:
         """What the cached embeddings depend on: backbone, its weights, input size."""
@@ -153,15 +180,23 @@ class Learner:
                 self._add_class(label)
         replay = self._replay_sample(round(self.settings.replay_ratio * len(train)))
         examples = train + replay
-        embeddings, ok = self._embeddings(examples, grad=bool(self._trainable))
+        static = self._static_step()
+        if static is not None:
+            x, ok = self._decoded(examples)
+            if not any(ok):
+                return
+            targets = self._targets(examples, ok)
+            logits, loss_value, finite = static.run(x, targets, self._example_weights(targets, len(self.labels)))
+        else:
+            embeddings, ok = self._embeddings(examples, grad=bool(self._trainable))
+            if not any(ok):
+                return  # nothing in this batch decoded (each one counted in self.undecodable)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.head(embeddings).float()
+            targets = self._targets(examples, ok)
+            loss = self._balanced_loss(logits, targets)
+            finite = bool(torch.isfinite(loss))
         n_new = sum(ok[: len(train)])
-        if not any(ok):
-            return  # nothing in this batch decoded (each one counted in self.undecodable)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = self.head(embeddings).float()
-        targets = torch.tensor(
-            [self._label_index[e.label] for e, good in zip(examples, ok, strict=True) if good], device=self.device
-        )
         # Prequential: the prediction of the model as it was before this batch, over the classes it knew then.
         if known_before:
             before = logits[:n_new, :known_before].argmax(1).tolist()
@@ -170,16 +205,20 @@ class Learner:
         new_good = [e for e, good in zip(train, ok[: len(train)], strict=True) if good]
         for e, p in zip(new_good, before, strict=True):
             self.prequential.update(e.label, self.labels[p] if p is not None else None)
-        loss = self._balanced_loss(logits, targets)
-        if not torch.isfinite(loss):
+        if not finite:
             self.nonfinite_skipped += 1
             self.nonfinite_streak += 1
             log.warning("non-finite loss at step %d: step skipped (%d so far)", self.step, self.nonfinite_skipped)
-            self.optimizer.zero_grad(set_to_none=True)
-            # A skip leaves the weights as they were, so one bad batch costs nothing; a run of them means
-            # the model itself has drifted into a region that overflows.
+            if static is None:
+                self.optimizer.zero_grad(set_to_none=True)
+            # A skip leaves the weights as they were (the graphed step's zeroed gradients: but for weight
+            # decay), so one bad batch costs nothing; a run of them means the model itself has drifted
+            # into a region that overflows.
             if self.nonfinite_streak >= self.settings.divergence_restore_after_steps:
                 self.diverged = f"{self.nonfinite_streak} consecutive steps with a non-finite loss"
+        elif static is not None:
+            self.nonfinite_streak = 0
+            self.last_loss = loss_value
         else:
             self.nonfinite_streak = 0
             self.optimizer.zero_grad(set_to_none=True)
@@ -230,8 +269,7 @@ class Learner:
             self.head.load_state_dict(payload["head"])
             if payload["backbone_state"] is not None:
                 self.backbone.load_state_dict(payload["backbone_state"])
-            self.optimizer = self._make_optimizer()
-            self.optimizer.load_state_dict(payload["optimizer"])
+            self._load_optimizer(payload["optimizer"])
             source = f"the checkpoint of step {payload['step']}"
         else:
             # No checkpoint yet (or one this learner cannot take): the only known-good state is the
@@ -266,10 +304,36 @@ class Learner:
         """
         if not self.settings.balance_classes:
             return nn.functional.cross_entropy(logits, targets)
-        counts = torch.bincount(targets, minlength=logits.shape[1]).float()
-        weights = 1.0 / counts[targets]
+        weights = self._example_weights(targets, logits.shape[1])
         per_example = nn.functional.cross_entropy(logits, targets, reduction="none")
         return (per_example * weights).sum() / weights.sum()
+
+    def _example_weights(self, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Each example's weight in the loss: 1 / (examples of its class in the step), or 1 without balancing."""
+        if not self.settings.balance_classes:
+            return torch.ones(len(targets), device=targets.device)
+        counts = torch.bincount(targets, minlength=num_classes).float()
+        return 1.0 / counts[targets]
+
+    def _targets(self, examples: Sequence[StoredExample], ok: list[bool]) -> torch.Tensor:
+        return torch.tensor([self._label_index[e.label] for e, good in zip(examples, ok, strict=True) if good],
+                            device=self.device)
+
+    def _static_step(self) -> StaticStep | None:
+        """The CUDA-graphed step (daemon/static_step.py) for a backbone that trains on CUDA; None elsewhere.
+
+        Made again when the head grew or the optimizer was replaced (a restore): the next step captures anew.
+        """
+        if not self._graphed:
+            return None
+        if self._static is None or not self._static.matches(self.head, self.optimizer):
+            rows = self.settings.batch_size + round(self.settings.replay_ratio * self.settings.batch_size)
+            self._static = StaticStep(self.backbone, self.head, self.optimizer, rows, self.model_settings.input_size,
+                                      self.device, self.autocast, graph=True)
+            self._captures += 1
+            log.info("training step captured as a CUDA graph: %d rows, %d classes (capture %d)", rows,
+                     self.head.num_classes, self._captures)
+        return self._static
 
     def _add_class(self, label: str) -> None:
         self._label_index[label] = len(self.labels)
@@ -313,16 +377,8 @@ class Learner:
         missing = [e for e in examples if e.seq not in vectors]
         computed: dict[int, torch.Tensor] = {}
         if missing:
-            pixels, decoded = [], []
-            for e, rgb in zip(missing, self.decode_pool.rgb([e.image for e in missing]), strict=True):
-                if rgb is None:
-                    self.undecodable += 1
-                    log.warning("example %d (%s) does not decode: skipped", e.seq, e.label)
-                    continue
-                pixels.append(rgb)
-                decoded.append(e)
+            x, decoded = self._decode(missing)
             if decoded:
-                x = self._network_input(np.stack(pixels))
                 with torch.set_grad_enabled(grad), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     out = self.backbone(x).float()
                 if self.cache is not None:
@@ -348,6 +404,24 @@ class Learner:
         if not rows:
             return torch.empty(0, self.spec.embedding_size, device=self.device), ok
         return torch.stack(rows), ok
+
+    def _decode(self, examples: Sequence[StoredExample]) -> tuple[torch.Tensor | None, list[StoredExample]]:
+        """The network's input for the examples that decode (counting those that do not), and which those are."""
+        pixels, decoded = [], []
+        for e, rgb in zip(examples, self.decode_pool.rgb([e.image for e in examples]), strict=True):
+            if rgb is None:
+                self.undecodable += 1
+                log.warning("example %d (%s) does not decode: skipped", e.seq, e.label)
+                continue
+            pixels.append(rgb)
+            decoded.append(e)
+        return (self._network_input(np.stack(pixels)) if decoded else None), decoded
+
+    def _decoded(self, examples: Sequence[StoredExample]) -> tuple[torch.Tensor | None, list[bool]]:
+        """Pixels for the graphed step (no embedding cache: the backbone trains); ok[i] says which decoded."""
+        x, decoded = self._decode(examples)
+        seqs = {e.seq for e in decoded}
+        return x, [e.seq in seqs for e in examples]
 
     def _network_input(self, rgb: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, 3) RGB -> normalised float32 (N, 3, H, W) on the device.
@@ -445,8 +519,7 @@ class Learner:
         self.head.load_state_dict(payload["head"])
         if payload["backbone_state"] is not None:
             self.backbone.load_state_dict(payload["backbone_state"])
-        self.optimizer = self._make_optimizer()
-        self.optimizer.load_state_dict(payload["optimizer"])
+        self._load_optimizer(payload["optimizer"])
         self.step = payload["step"]
         self.high_water_mark = payload["high_water_mark"]
         self.trained = payload["trained"]

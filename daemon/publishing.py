@@ -69,6 +69,7 @@ def export_once(settings: Settings) -> Outcome:
     cfg = settings.export
     lossy = LossyModes(settings.state_dir)
     modes = [m for m in cfg.quantization if m == cfg.quantization[-1] or not lossy.resting(m)]
+    clock = _Stages()
     reader = StoreReader(settings.state_dir / "examples.db")
     try:
         snap = _restored(settings, reader)
@@ -78,11 +79,14 @@ def export_once(settings: Settings) -> Outcome:
             if "int8" in modes else []
     finally:
         reader.close()
+    clock.lap("data")
     model = snapshot(snap.backbone, snap.head, snap.spec.preprocessing)
     reference = float_probabilities(model, images)
     float_top1 = float((reference.argmax(1) == labels).mean())
+    clock.lap("float")
     registry = Registry.from_settings(settings)
     baseline = _baseline(registry, settings, seqs, images, [snap.labels[i] for i in labels])
+    clock.lap("published")
     outcome = Outcome(None)
     for mode in cfg.quantization:
         if mode not in modes:
@@ -94,6 +98,7 @@ def export_once(settings: Settings) -> Outcome:
         fields, tflite, reports, reasons = _candidate(settings, snap, model, mode, images, labels, reference,
                                                       float_top1, calibration if mode == "int8" else [], baseline)
         outcome.metrics = fields["metrics"]
+        clock.lap(mode)
         if reasons:
             registry.record_rejection(fields, reasons)
             outcome.reasons += [Reason(f"{mode}: {r}", r.kind) for r in reasons]
@@ -115,7 +120,28 @@ def export_once(settings: Settings) -> Outcome:
     except OSError as err:  # the outcome stands; a mode that should rest is tried at the next export
         log.warning("could not record which modes rest: %s", err)
     outcome.seconds = time.perf_counter() - started
+    if outcome.metrics:
+        outcome.metrics["stages_s"] = clock.laps
+    log.info("export took %.1fs: %s", outcome.seconds, clock)
     return outcome
+
+
+class _Stages:
+    """Seconds per stage of an export, for its log line and metrics: where an export's time goes."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._at = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self._at, 2)
+        self._at = now
+
+    def __str__(self) -> str:
+        names = {"data": "holdout and calibration images", "float": "float reference",
+                 "published": "published version's predictions"}
+        return ", ".join(f"{names.get(k, f'{k} convert and verify')} {v:.1f}s" for k, v in self.laps.items())
 
 
 def _candidate(settings: Settings, snap: Snapshot, model: nn.Module, mode: str, images: np.ndarray,

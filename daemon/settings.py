@@ -220,6 +220,12 @@ class TrainingSettings(Section):
         "'full': the backbone fine-tunes too (better, needs a GPU for speed). 'auto' = head on CPU, full on CUDA.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' takes CUDA when present.")
+    cuda_graphs: bool = Field(
+        True,
+        description="On CUDA, when the backbone trains (last_blocks, full), capture each step as a CUDA graph: "
+        "several times the images/s of eager steps at small batches; each new class costs one re-capture "
+        "(a few warm-up steps). Off = eager steps, for debugging.",
+    )
     decode_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
         "auto",
         description="Processes decoding images for the learner; 0 decodes in the learner's thread. 'auto' = 0 on "

@@ -1,0 +1,148 @@
+"""The fixed-shape training step (daemon/static_step.py): padded, weighted, guarded, and the same step as the eager one.
+
+Its CUDA graph needs a GPU (the tests at the end are skipped without one);
+everything it replays is the eager function tested here on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from daemon import checkpoint
+from daemon.head import GrowingHead
+from daemon.learner import Learner
+from daemon.settings import ModelSettings, TrainingSettings
+from daemon.static_step import StaticStep
+from models import zoo
+from test_learner import learn_all, make_learner, stream
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def network(classes: int = 3) -> tuple[torch.nn.Module, GrowingHead, torch.optim.Optimizer]:
+    torch.manual_seed(61)
+    backbone = zoo.load_backbone("tiny", pretrained=False).eval()
+    head = GrowingHead(zoo.get("tiny").embedding_size, classes)
+    optimizer = torch.optim.AdamW([{"params": list(head.parameters()), "lr": 0.05},
+                                   {"params": list(backbone.parameters()), "lr": 0.005}], weight_decay=0.01)
+    return backbone, head, optimizer
+
+
+def batch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(62)
+    x = torch.randn(n, 3, 32, 32, generator=generator)
+    targets = torch.tensor([i % 3 for i in range(n)])
+    counts = torch.bincount(targets, minlength=3).float()
+    return x, targets, 1.0 / counts[targets]
+
+
+def eager_step(eager: tuple, optimizer: torch.optim.Optimizer, x: torch.Tensor, targets: torch.Tensor,
+               weights: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The learner's eager step on the same rows: its logits before the update and its loss."""
+    logits = eager[1](eager[0](x))
+    per_example = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    loss = (per_example * weights).sum() / weights.sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits.detach(), float(loss.detach())
+
+
+def test_a_padded_step_is_the_eager_step_on_its_rows():
+    backbone, head, optimizer = network()
+    eager = copy.deepcopy((backbone, head))
+    eager_optimizer = torch.optim.AdamW([{"params": list(eager[1].parameters()), "lr": 0.05},
+                                         {"params": list(eager[0].parameters()), "lr": 0.005}], weight_decay=0.01)
+    step = StaticStep(backbone, head, optimizer, rows=12, input_size=32, device=torch.device("cpu"),
+                      autocast=False, graph=False)
+    for n in (7, 12, 5):  # padded, full, padded again: the buffers are reused
+        x, targets, weights = batch(n)
+        logits, loss, finite = step.run(x, targets, weights)
+        want_logits, want_loss = eager_step(eager, eager_optimizer, x, targets, weights)
+        assert finite and logits.shape == (n, 3)
+        assert torch.allclose(logits, want_logits, atol=1e-5)
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+    for got, want in zip([*backbone.parameters(), *head.parameters()],
+                         [*eager[0].parameters(), *eager[1].parameters()], strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_non_finite_loss_moves_the_weights_by_weight_decay_alone():
+    backbone, head, optimizer = network()
+    step = StaticStep(backbone, head, optimizer, rows=8, input_size=32, device=torch.device("cpu"),
+                      autocast=False, graph=False)
+    before = [p.detach().clone() for p in head.parameters()]
+    x, targets, weights = batch(6)
+    x[2] = float("inf")
+    _, loss, finite = step.run(x, targets, weights)
+    assert not finite and loss != loss  # NaN
+    for p, old in zip(head.parameters(), before, strict=True):
+        assert torch.isfinite(p).all()
+        assert torch.allclose(p, old * (1 - 0.05 * 0.01))  # AdamW's decoupled decay; zero moments move nothing
+
+
+def test_a_step_knows_when_it_must_be_made_again():
+    backbone, head, optimizer = network()
+    step = StaticStep(backbone, head, optimizer, rows=4, input_size=32, device=torch.device("cpu"),
+                      autocast=False, graph=False)
+    assert step.matches(head, optimizer)
+    head.grow(1, optimizer)
+    assert not step.matches(head, optimizer)  # a new class: new tensors, a new capture
+    assert not StaticStep(backbone, head, optimizer, 4, 32, torch.device("cpu"), False, False).matches(
+        head, torch.optim.AdamW(head.parameters()))
+    with pytest.raises(ValueError, match="5 examples in a step sized for 4"):
+        step.run(*batch(5))
+
+
+def test_a_checkpoint_of_a_graphed_learner_resumes_on_the_cpu(tmp_path):
+    """A GPU learner's optimizer is capturable and foreach; a CPU learner resumes it under its own flags."""
+    learner, reader = make_learner(tmp_path, stream([0, 1], 8, seed=63, order="iid"), mode="full")
+    learn_all(learner, reader)
+    payload = learner.state()
+    for group in payload["optimizer"]["param_groups"]:
+        group.update(capturable=True, foreach=True)  # as written on CUDA
+    checkpoint.save(tmp_path / "checkpoints", payload)
+    again = Learner(ModelSettings(backbone="tiny", input_size=32),
+                    TrainingSettings(mode="full", device="cpu", batch_size=4, learning_rate=0.1), tmp_path, reader)
+    assert again.restore(checkpoint.load(tmp_path / "checkpoints"))
+    assert all(not g["capturable"] for g in again.optimizer.param_groups)
+    store_more = stream([0, 1], 4, seed=64)
+    from daemon.store import Store
+
+    store = Store(tmp_path / "examples.db")
+    store.commit(store_more)
+    store.close()
+    learn_all(again, reader)  # steps run: no "capturable" complaint from AdamW on the CPU
+    assert again.step > learner.step and again.finite()
+
+
+@CUDA
+def test_the_captured_step_replays_the_eager_step_on_cuda():
+    cuda = torch.device("cuda")
+    backbone, head, optimizer = network()
+    backbone, head = backbone.to(cuda), head.to(cuda)
+    optimizer = torch.optim.AdamW([{"params": list(head.parameters()), "lr": 0.05},
+                                   {"params": list(backbone.parameters()), "lr": 0.005}], weight_decay=0.01,
+                                  foreach=True, capturable=True)
+    eager = copy.deepcopy((backbone, head))
+    eager_optimizer = torch.optim.AdamW([{"params": list(eager[1].parameters()), "lr": 0.05},
+                                         {"params": list(eager[0].parameters()), "lr": 0.005}], weight_decay=0.01)
+    step = StaticStep(backbone, head, optimizer, rows=12, input_size=32, device=cuda, autocast=False, graph=True)
+    assert step.captures == 1
+    for n in (7, 12):
+        x, targets, weights = (t.to(cuda) for t in batch(n))
+        logits, loss, finite = step.run(x, targets, weights)
+        want, want_loss = eager_step(eager, eager_optimizer, x, targets, weights)
+        assert finite and loss == pytest.approx(want_loss, rel=1e-3)
+        assert torch.allclose(logits, want, atol=1e-3)  # the warm-up before capture left no trace
+
+
+@CUDA
+def test_a_cuda_learner_captures_once_per_head_size(tmp_path):
+    learner, reader = make_learner(tmp_path, stream([0, 1, 2], 12, seed=65), mode="full", device="cuda")
+    learn_all(learner, reader)
+    assert learner._captures == 3  # class-incremental: one capture per head size
+    assert learner.finite() and learner.trained > 0
