@@ -83,6 +83,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     }
     daemon = DaemonProcess(broker.url, MODEL, workdir / "state", env, args.log)
     samples: list[dict[str, float]] = []
+    after_export: int | None = None  # samples taken since the end condition first held
     started = time.monotonic()
     try:
         wait_subscribed(broker.url, TOPIC, small_jpegs(1, args.image_side)[0][1])
@@ -104,10 +105,15 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
                 "published": m.get("sprout_exports_published", 0.0),
                 "exports": m.get("sprout_exports", 0.0),
             })
-            # Done when every example is stored and the learner has nothing left: the holdout share
-            # (store.holdout_fraction) is scored, never learned, so "learned" stops short of N.
-            if samples[-1]["stored"] >= args.examples and m.get("sprout_learner_backlog", 1.0) == 0:
-                break
+            # Done when every example is stored, the learner has nothing left (the holdout share,
+            # store.holdout_fraction, is scored, never learned, so "learned" stops short of N), an
+            # export has finished (it runs in its own process while the learner goes on, so a short
+            # run can learn everything before the first one ends), and a few samples follow it.
+            if samples[-1]["stored"] >= args.examples and m.get("sprout_learner_backlog", 1.0) == 0 \
+                    and samples[-1]["exports"] >= 1:
+                after_export = after_export + 1 if after_export is not None else 0
+                if after_export >= 3:
+                    break
             time.sleep(args.sample_s)
         else:
             raise SystemExit(f"stored {samples[-1]['stored']:.0f} and learned {samples[-1]['learned']:.0f} of "
