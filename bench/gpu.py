@@ -525,16 +525,21 @@ def e2e_section(args: argparse.Namespace, jpegs: list[tuple[str, bytes]], workdi
             baseline = counter.settled(warm_train, args.e2e_timeout_s)
             burst = _burst(gen, counter, jpegs, args, baseline)
             idle = [_one_at_idle(gen, counter, jpegs, i, args) for i in range(3)]
+            decoders = counter.scrape()
         finally:
             gen.close()
     finally:
         daemon.stop()
         broker.stop()
     print(f"  end to end: {burst['learned_per_second_steady']:,.1f} examples learned/s (steady), last publish to "
-          f"learned {burst['last_publish_to_learned_s']} s, one at idle {statistics.median(idle):.2f} s", flush=True)
+          f"learned {burst['last_publish_to_learned_s']} s, one at idle {statistics.median(idle):.2f} s; "
+          f"{decoders.get('sprout_images_decoded_ahead', 0):,.0f} images decoded beside an earlier step, "
+          f"{decoders.get('sprout_decoder_fallbacks', 0):.0f} decoder fallbacks", flush=True)
     return {"device": args.device, "backbone": args.e2e_backbone, "mode": "full", "input_size": args.input_size,
             "jpeg_kb_median": _kb_median(jpegs),
-            "env": e2e_env(args), **burst, "idle_publish_to_learned_s": round(statistics.median(idle), 3), "idle_runs_s": idle}
+            "env": e2e_env(args), **burst, "idle_publish_to_learned_s": round(statistics.median(idle), 3), "idle_runs_s": idle,
+            "images_decoded_ahead": decoders.get("sprout_images_decoded_ahead"),
+            "decoder_fallbacks": decoders.get("sprout_decoder_fallbacks")}
 
 
 def _burst(gen: LoadGenerator, counter: LearnedCounter, jpegs, args: argparse.Namespace, baseline: float) -> dict:

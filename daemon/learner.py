@@ -20,6 +20,7 @@ import hashlib
 import logging
 import random
 from array import array
+from dataclasses import dataclass
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from torch import nn
 
 from daemon.embeddings import EmbeddingCache
 from daemon.head import GrowingHead
-from daemon.decoding import DecodePool, auto_workers
+from daemon.decoding import DecodePool, Decoding, auto_workers
 from daemon.learning_metrics import Holdout, Prequential
 from daemon.settings import ModelSettings, TrainingSettings
 from daemon.static_step import StaticStep
@@ -53,6 +54,17 @@ def choose_mode(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "full" if device.type == "cuda" else "head"
     return requested
+
+
+@dataclass
+class _ReadAhead:
+    """The next step, prepared while this one runs: its new train examples, its replay sample, their pixels."""
+
+    after: int  # the high-water mark the upcoming examples follow
+    train_seqs: tuple[int, ...]
+    replay: list[StoredExample]
+    seqs: list[int]  # the examples being decoded, in the order of decoding.result()
+    decoding: Decoding
 
 
 class Learner:
@@ -83,6 +95,9 @@ class Learner:
         workers = training.decode_workers
         self.decode_pool = DecodePool(model.input_size,
                                       auto_workers(self.device.type) if workers == "auto" else workers)
+        self._ahead: _ReadAhead | None = None
+        self._pixels: dict[int, np.ndarray | None] = {}  # this step's decoded images, by seq
+        self.read_ahead_decoded = 0  # images whose decoding ran beside an earlier step
         # Normalisation on the device, after a uint8 copy: a quarter of the bytes through PCIe.
         self._mean = torch.tensor(self.spec.preprocessing.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.preprocessing.std, device=self.device).view(1, 3, 1, 1)
@@ -163,10 +178,29 @@ class Learner:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def learn(self, batch: Sequence[StoredExample]) -> None:
-        """Predict, then learn, the next examples in commit order (both splits; only 'train' is learned)."""
+    @property
+    def reads_ahead(self) -> bool:
+        """Whether ``learn`` makes use of the upcoming batch: only decoder processes can work beside the step."""
+        return self.decode_pool.in_processes
+
+    def learn(self, batch: Sequence[StoredExample], upcoming: Sequence[StoredExample] = ()) -> None:
+        """Predict, then learn, the next examples in commit order (both splits; only 'train' is learned).
+
+        ``upcoming``: the examples that follow ``batch`` in the store, when known. With decoder processes,
+        the next step's replay sample is drawn and its images decoded while this step runs (a replay sample
+        drawn one step early does not hold this step's new examples, which the one after it can).
+        """
+        ahead, self._ahead = self._ahead, None
+        try:
+            self._learn(batch, upcoming, ahead)
+        finally:
+            self._pixels = {}
+
+    def _learn(self, batch: Sequence[StoredExample], upcoming: Sequence[StoredExample],
+               ahead: _ReadAhead | None) -> None:
         if not batch:
             return
+        before_batch = self.high_water_mark
         self.high_water_mark = max(self.high_water_mark, max(e.seq for e in batch))
         for e in batch:
             if e.split == "holdout":
@@ -178,8 +212,15 @@ class Learner:
         for label in dict.fromkeys(e.label for e in train):
             if label not in self.labels:
                 self._add_class(label)
-        replay = self._replay_sample(round(self.settings.replay_ratio * len(train)))
+        wanted = round(self.settings.replay_ratio * len(train))
+        if ahead is not None and (ahead.after != before_batch
+                                  or tuple(e.seq for e in train[: len(ahead.train_seqs)]) != ahead.train_seqs):
+            ahead = None  # read for another batch (a restore moved the high-water mark): decoded for nothing
+        replay = ahead.replay[:wanted] if ahead is not None else []
+        replay += self._replay_sample(wanted - len(replay))
         examples = train + replay
+        self._decode_step(examples, ahead)
+        self._read_ahead(upcoming)
         static = self._static_step()
         if static is not None:
             x, ok = self._decoded(examples)
@@ -341,6 +382,31 @@ class Learner:
         self.head.grow(1, self.optimizer)
         log.info("new class %r (now %d classes)", label, len(self.labels))
 
+    def _decode_step(self, examples: Sequence[StoredExample], ahead: _ReadAhead | None) -> None:
+        """With decoder processes, every image this step needs decoded before it starts: what was read ahead,
+        then the rest at once (in parallel, not a few at a time inside the step). In the thread, images are
+        decoded as the step needs them, as they always were."""
+        if not self.reads_ahead:
+            return
+        if ahead is not None:
+            self._pixels = dict(zip(ahead.seqs, ahead.decoding.result(), strict=True))
+            self.read_ahead_decoded += len(ahead.seqs)
+        cached = self.cache.get([e.seq for e in examples]).keys() if self.cache is not None else set()
+        rest = list({e.seq: e for e in examples
+                     if e.image and e.seq not in self._pixels and e.seq not in cached}.values())
+        if rest:
+            self._pixels.update(zip((e.seq for e in rest), self.decode_pool.rgb([e.image for e in rest]), strict=True))
+
+    def _read_ahead(self, upcoming: Sequence[StoredExample]) -> None:
+        """Start decoding the next step's images (its new train examples and its replay sample) in the pool."""
+        train = [e for e in upcoming if e.split == "train"]
+        if not train or not self.reads_ahead:
+            return
+        replay = self._replay_sample(round(self.settings.replay_ratio * len(train)))
+        todo = list({e.seq: e for e in train + replay if e.image}.values())
+        self._ahead = _ReadAhead(self.high_water_mark, tuple(e.seq for e in train), replay, [e.seq for e in todo],
+                                 self.decode_pool.submit([e.image for e in todo]))
+
     def _replay_sample(self, count: int) -> list[StoredExample]:
         """Class-balanced: a uniformly chosen known class, then a uniformly chosen stored example of it."""
         classes = [c for c, seqs in self.replay_index.items() if seqs]
@@ -408,7 +474,10 @@ class Learner:
     def _decode(self, examples: Sequence[StoredExample]) -> tuple[torch.Tensor | None, list[StoredExample]]:
         """The network's input for the examples that decode (counting those that do not), and which those are."""
         pixels, decoded = [], []
-        for e, rgb in zip(examples, self.decode_pool.rgb([e.image for e in examples]), strict=True):
+        rest = [e for e in examples if e.seq not in self._pixels]
+        fresh = iter(self.decode_pool.rgb([e.image for e in rest]))
+        for e in examples:
+            rgb = self._pixels[e.seq] if e.seq in self._pixels else next(fresh)
             if rgb is None:
                 self.undecodable += 1
                 log.warning("example %d (%s) does not decode: skipped", e.seq, e.label)
@@ -502,6 +571,7 @@ class Learner:
 
     def restore(self, payload: dict[str, Any]) -> bool:
         """Resume from a checkpoint; False (and a fresh start) when it was made for another network or mode."""
+        self._ahead = None  # drawn from the replay index this replaces
         if payload.get("config_digest") != self.config_digest():
             log.warning(
                 "checkpoint was made for %s/%s px/%s; this config is %s/%s px/%s: learning afresh from the store",

@@ -66,6 +66,12 @@ class DaemonCollector(Collector):
             yield CounterMetricFamily("sprout_divergence_restores",
                                       "Returns to the last checkpoint (or the starting weights) after a divergence.",
                                       value=lr.divergence_restores)
+            yield CounterMetricFamily("sprout_images_decoded_ahead",
+                                      "Images decoded by decoder processes while an earlier step ran.",
+                                      value=lr.read_ahead_decoded)
+            yield CounterMetricFamily("sprout_decoder_fallbacks",
+                                      "Batches decoded in the learner's thread because a decoder process died.",
+                                      value=lr.decode_pool.fallbacks)
             yield GaugeMetricFamily("sprout_learner_backlog", "Stored examples not learned yet.",
                                     value=training.backlog)
             yield GaugeMetricFamily("sprout_classes", "Classes the model knows.", value=len(lr.labels))

@@ -58,6 +58,8 @@ class Training(threading.Thread):
         self._stop_requested = threading.Event()
         # Work other threads need done on this one (the learner and its connections are not shared).
         self._requests: queue.Queue[tuple[Callable[[], Any], threading.Event, list[Any]]] = queue.Queue()
+        # Examples read from the store during the last step (reads_ahead), and the high-water mark they follow.
+        self._upcoming: tuple[int, list[StoredExample]] = (-1, [])
         self._saved_step = self.learner.step
         self._saved_at = time.monotonic()
 
@@ -85,10 +87,12 @@ class Training(threading.Thread):
                     self.last_progress = time.monotonic()
                     self._stop_requested.wait(0.05)
                     continue
-                batch = self.reader.after(self.learner.high_water_mark, t.batch_size)
+                batch = self._next_batch(t.batch_size)
                 self.store_high_water_mark = max(self.store_high_water_mark, self.reader.high_water_mark())
                 if batch:
-                    self.learn(batch)
+                    upcoming = self.reader.after(batch[-1].seq, t.batch_size) if self.learner.reads_ahead else []
+                    self.learn(batch, upcoming)
+                    self._upcoming = (batch[-1].seq, upcoming)
                 else:
                     self._stop_requested.wait(0.2)
                 self.last_progress = time.monotonic()
@@ -102,9 +106,18 @@ class Training(threading.Thread):
             self.learner.close()
             self.reader.close()
 
-    def learn(self, batch: list[StoredExample]) -> None:
+    def _next_batch(self, size: int) -> list[StoredExample]:
+        """The examples after the learner's high-water mark: those read ahead during the last step (their
+        images decoded already), topped up from the store when fewer than ``size`` were there then."""
+        after, ahead = self._upcoming
+        self._upcoming = (-1, [])
+        if after != self.learner.high_water_mark or not ahead:
+            return self.reader.after(self.learner.high_water_mark, size)
+        return ahead + self.reader.after(ahead[-1].seq, size - len(ahead)) if len(ahead) < size else ahead
+
+    def learn(self, batch: list[StoredExample], upcoming: list[StoredExample] | None = None) -> None:
         """One step; after a divergence, back to the last checkpoint before anything can save or score it."""
-        self.learner.learn(batch)
+        self.learner.learn(batch, upcoming or ())
         if self.learner.diverged is not None:
             self.learner.recover(checkpoint.load(self.checkpoints))
         if self.learner.step % self.settings.training.holdout_every_steps == 0 and self.learner.holdout_index:

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_benchmark_quick_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--quick", "--json", str(out)],
+    # One decoder process in the daemon (a CPU's "auto" is none): the end-to-end run reads ahead as on a GPU.
+    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--quick", "--json", str(out),
+                    "--e2e-env", "SPROUT_TRAINING__DECODE_WORKERS=1"],
                    check=True, cwd=ROOT, timeout=300, capture_output=True)
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["machine"]["cores"]
@@ -42,3 +44,5 @@ def test_gpu_benchmark_quick_on_cpu(tmp_path: Path) -> None:
     assert e2e["examples"] == 300 and 0 < e2e["train_examples"] <= 300
     assert e2e["learned_per_second_steady"] > 0 and e2e["learned_per_second_overall"] > 0
     assert e2e["last_publish_to_learned_s"] > 0 and e2e["idle_publish_to_learned_s"] > 0
+    # The daemon decoded the next step's images beside each step (full mode, replay: every step has some).
+    assert e2e["images_decoded_ahead"] > e2e["train_examples"] / 2 and e2e["decoder_fallbacks"] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 import torch
@@ -78,3 +79,106 @@ def test_the_learner_input_is_the_normalised_image_and_decoder_processes_change_
     finally:
         in_processes.close()
     assert ok_a == ok_b == [True] * 8 and torch.equal(a, b)
+
+
+def test_images_submitted_before_a_worker_died_are_decoded_in_the_thread_and_restart_the_pool_once():
+    """A read-ahead is in flight when a worker dies: it and the next step's images both find the pool broken."""
+    big = [colour_jpeg(i % 3, 2000 + i, size=224) for i in range(200)]
+    pool = DecodePool(224, workers=2)
+    try:
+        pool.rgb(images(16))  # the workers are up
+        first, second = pool.submit(big), pool.submit(big)
+        for pid in list(pool._pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        assert all(g is not None for g in first.result()) and len(first.result()) == 200
+        assert all(g is not None for g in second.result())
+        assert (pool.fallbacks, pool.restarts) == (2, 1) and pool.in_processes  # the second one restarted nothing
+        assert all(g is not None for g in pool.rgb(images(16)))
+    finally:
+        pool.close()
+
+
+def drive(learner: Learner, reader, batch_size: int, read_ahead: bool) -> int:
+    """The learner's loop as daemon.training runs it; returns how many images the read-aheads should hold
+    (without replay: the next batch's train examples, after every step that learned something)."""
+    expected = 0
+    batch = reader.after(learner.high_water_mark, batch_size)
+    while batch:
+        upcoming = reader.after(batch[-1].seq, batch_size)
+        learner.learn(batch, upcoming if read_ahead else ())
+        if read_ahead and any(e.split == "train" for e in batch):
+            expected += sum(e.split == "train" for e in upcoming)
+        batch = upcoming
+    return expected
+
+
+def weights(learner: Learner) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in [*learner.head.parameters(), *learner.backbone.parameters()]]
+
+
+def test_reading_ahead_decodes_the_next_step_beside_this_one_and_learns_exactly_the_same(tmp_path):
+    """Full fine-tuning, no replay: with the next step's images decoded in the pool during this step, every
+    weight ends bit for bit where decoding in the thread, step by step, takes it."""
+    examples = stream([0, 1, 2], 8, seed=61)
+    ahead, reader = make_learner(tmp_path / "a", examples, mode="full", replay_ratio=0.0, decode_workers=2)
+    try:
+        assert ahead.reads_ahead
+        expected = drive(ahead, reader, 4, read_ahead=True)
+    finally:
+        ahead.close()
+    in_thread, reader = make_learner(tmp_path / "t", examples, mode="full", replay_ratio=0.0)
+    assert not in_thread.reads_ahead
+    drive(in_thread, reader, 4, read_ahead=False)
+    assert ahead.trained == in_thread.trained == sum(e.split == "train" for e in examples)
+    assert expected > 0 and ahead.read_ahead_decoded == expected and in_thread.read_ahead_decoded == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights(ahead), weights(in_thread), strict=True))
+    assert ahead.prequential.state() == in_thread.prequential.state()
+
+
+def test_reading_ahead_with_replay_learns_every_example_once_and_decodes_replay_beside_the_step(tmp_path):
+    examples = stream([0, 1], 12, seed=62)
+    learner, reader = make_learner(tmp_path, examples, mode="full", replay_ratio=2.0, decode_workers=2)
+    try:
+        drive(learner, reader, 4, read_ahead=True)
+    finally:
+        learner.close()
+    train = sum(e.split == "train" for e in examples)
+    assert learner.trained == train and learner.high_water_mark == len(examples)
+    assert learner.replayed > 0 and learner.undecodable == 0
+    # Every new example but the first step's came decoded, and replayed ones with them.
+    assert learner.read_ahead_decoded > train - 4
+
+
+def test_the_learners_thread_tops_up_a_short_read_ahead_and_learns_every_example_once(tmp_path):
+    from daemon.settings import Settings
+    from daemon.store import Store
+    from daemon.training import Training
+
+    examples = stream([0, 1], 10, seed=63)
+    store = Store(tmp_path / "examples.db")
+    store.commit(examples)
+    store.close()
+    settings = Settings.load(None, {
+        "state_dir": str(tmp_path), "model": {"backbone": "tiny", "input_size": 32},
+        "training": {"device": "cpu", "batch_size": 4, "decode_workers": 2},
+    })
+    training = Training(settings)
+    try:
+        assert training.learner.reads_ahead
+        batch = training._next_batch(4)
+        assert [e.seq for e in batch] == [1, 2, 3, 4]
+        short = training.reader.after(4, 4)[:2]  # only two more were stored when this step read ahead
+        training.learn(batch, short)
+        training._upcoming = (4, short)
+        assert [e.seq for e in training._next_batch(4)] == [5, 6, 7, 8]  # the two read, then two more
+        training._upcoming = (3, training.reader.after(3, 4))  # read for another position: not used
+        assert [e.seq for e in training._next_batch(4)] == [5, 6, 7, 8]
+        training.start()
+        deadline = time.monotonic() + 30
+        while training.learner.high_water_mark < len(examples) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        assert training.stop(10)
+    assert training.error is None
+    assert training.learner.trained == sum(e.split == "train" for e in examples)
+    assert training.learner.read_ahead_decoded > 0

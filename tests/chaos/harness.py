@@ -103,7 +103,7 @@ class Chaos:
         self.rng = random.Random(plan.seed)
         self.tally = Tally()
         self.state = root / "state"
-        # Temporaries outside the state folder (the converter's, the verifier's) go here, to be counted.
+        # Temporaries outside the state folder (the export processes') go here, to be counted.
         self.tmpdir = root / "tmp"
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.broker = Mosquitto(root / "broker", autosave_interval=AUTOSAVE_INTERVAL_S,
@@ -274,7 +274,7 @@ def table(plan: Plan, tally: Tally, examples: audit.Examples, models: audit.Mode
         ("candidates refused by the accuracy gates", models.refused - models.refused_by_runtime),
         ("verification failures", len(models.failing) + models.refused_by_runtime),
         ("temporaries left in the state folder", len(temporaries)),
-        ("temporaries left in TMPDIR (converter, verifier)", len(outside)),
+        ("temporaries left in TMPDIR (export processes)", f"{len(outside)} ({', '.join(outside)})" if outside else 0),
         ("duration", f"{tally.seconds:.0f} s"),
     ]
     width = max(len(name) for name, _ in rows)
