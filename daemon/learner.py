@@ -19,10 +19,11 @@ import bisect
 import hashlib
 import logging
 import random
+import time
 from array import array
-from dataclasses import dataclass
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,14 @@ class Learner:
         self._graphed = self.device.type == "cuda" and bool(self._trainable) and training.cuda_graphs
         if self.device.type == "cuda":
             self.backbone.to(memory_format=torch.channels_last)
+        # The backbone's shapes never change (the step's rows and the input size are fixed; a new class
+        # grows the head only), so it compiles once per process and every later capture reuses it.
+        self._compiled = torch.compile(self.backbone, dynamic=False) if self._graphed and training.compile_backbone else None
+        if training.compile_backbone and not self._graphed:
+            log.warning("training.compile_backbone applies to the CUDA-graphed step only (CUDA, a backbone that "
+                        "trains, cuda_graphs): ignored here")
         self._static: StaticStep | None = None
+        self.compiling_since: float | None = None  # monotonic time the first compiled capture began
         self._captures = 0
         workers = training.decode_workers
         self.decode_pool = DecodePool(model.input_size,
@@ -369,11 +377,20 @@ class Learner:
             return None
         if self._static is None or not self._static.matches(self.head, self.optimizer):
             rows = self.settings.batch_size + round(self.settings.replay_ratio * self.settings.batch_size)
-            self._static = StaticStep(self.backbone, self.head, self.optimizer, rows, self.model_settings.input_size,
-                                      self.device, self.autocast, graph=True)
+            started = time.monotonic()
+            if self._compiled is not None and not self._captures:
+                self.compiling_since = started  # its warm-up compiles the backbone, for minutes perhaps
+                log.info("compiling the backbone (training.compile_backbone): the first step waits for it")
+            try:
+                self._static = StaticStep(self.backbone, self.head, self.optimizer, rows,
+                                          self.model_settings.input_size, self.device, self.autocast, graph=True,
+                                          forward=self._compiled)
+            finally:
+                self.compiling_since = None
             self._captures += 1
-            log.info("training step captured as a CUDA graph: %d rows, %d classes (capture %d)", rows,
-                     self.head.num_classes, self._captures)
+            log.info("training step captured as a CUDA graph%s: %d rows, %d classes (capture %d, %.1fs)",
+                     " with the compiled backbone" if self._compiled is not None else "", rows,
+                     self.head.num_classes, self._captures, time.monotonic() - started)
         return self._static
 
     def _add_class(self, label: str) -> None:

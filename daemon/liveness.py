@@ -16,6 +16,10 @@ have shown one of these:
   (``Training.last_progress``). A learner inside one step, holdout evaluation
   or checkpoint for longer than the bound is stalled, so WatchdogSec must
   exceed the longest of those on the host (see systemd/sprout.service).
+  One step may legitimately take minutes: the first one with
+  ``training.compile_backbone``, which waits for torch.compile. While the
+  learner says it is compiling (``Training.compiling_since``) it has its own
+  bound, ``COMPILE_BOUND_S``.
 - exporter: it is not in one export for longer than its own bound,
   ``export_stall_after_s``: an export legitimately takes minutes, far longer
   than the watchdog interval, so it has a bound derived from its settings.
@@ -30,6 +34,9 @@ from typing import Protocol
 # Longest one conversion (litert-torch, one quantisation mode) may take before it counts as hung. On 2
 # CPU cores it takes tens of seconds at 128 px (docs/quantization.md); ten minutes means it is not coming back.
 CONVERSION_BOUND_S = 600.0
+# Longest the backbone's compilation (training.compile_backbone, the first graphed step) may take. Inductor
+# compiles EfficientNet-Lite0's forward and backward in a minute or two on a GPU host; 15 means it hangs.
+COMPILE_BOUND_S = 900.0
 
 
 class _Intake(Protocol):
@@ -43,6 +50,7 @@ class _Intake(Protocol):
 class _Training(Protocol):
     last_progress: float
     backlog: int
+    compiling_since: float | None
 
     def is_alive(self) -> bool: ...
 
@@ -101,6 +109,9 @@ class Liveness:
         if training is not None:
             if not training.is_alive():
                 out["learner"] = "learner thread is dead"
+            elif training.compiling_since is not None:
+                if now - training.compiling_since > COMPILE_BOUND_S:
+                    out["learner"] = f"the backbone's compilation has run for {now - training.compiling_since:.0f}s"
             elif now - training.last_progress > bound:
                 out["learner"] = (
                     f"the learner has made no progress for {now - training.last_progress:.0f}s "

@@ -226,6 +226,13 @@ class TrainingSettings(Section):
         "several times the images/s of eager steps at small batches; each new class costs one re-capture "
         "(a few warm-up steps). Off = eager steps, for debugging.",
     )
+    compile_backbone: bool = Field(
+        False,
+        description="On CUDA, with cuda_graphs, run the backbone through torch.compile (Inductor's default mode: "
+        "fused element-wise kernels, no autotuning) inside the captured step. The first step waits for the "
+        "compilation (once per process; a new class does not compile again). Off until bench/gpu.py has measured "
+        "it on a GPU (docs/gpu.md).",
+    )
     decode_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
         "auto",
         description="Processes decoding images for the learner; 0 decodes in the learner's thread. 'auto' = 0 on "

@@ -26,6 +26,8 @@ CPU a step is compute-bound and its eager path stays as it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -34,8 +36,12 @@ WARMUP_STEPS = 3  # on a side stream before capture, as PyTorch's CUDA graph not
 
 class StaticStep:
     def __init__(self, backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer, rows: int,
-                 input_size: int, device: torch.device, autocast: bool, graph: bool):
+                 input_size: int, device: torch.device, autocast: bool, graph: bool,
+                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """``forward``: what runs the backbone, when not the module itself (``torch.compile(backbone)``); it
+        is first called during the warm-up steps, so a compilation is over before the capture."""
         self.backbone, self.head, self.optimizer = backbone, head, optimizer
+        self.forward = forward if forward is not None else backbone
         self.rows = rows
         self.device = device
         self.autocast = autocast
@@ -81,7 +87,7 @@ class StaticStep:
         # No autocast weight cache: cached casts made during capture would be freed after it (PyTorch's
         # CUDA graph notes ask for cache_enabled=False).
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
-            logits = self.head(self.backbone(self.x)).float()
+            logits = self.head(self.forward(self.x)).float()
         per_example = nn.functional.cross_entropy(logits, self.targets, reduction="none")
         loss = (per_example * self.weights).sum() / self.weights.sum().clamp_min(1e-12)
         loss.backward()

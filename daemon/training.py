@@ -64,6 +64,11 @@ class Training(threading.Thread):
         self._saved_at = time.monotonic()
 
     @property
+    def compiling_since(self) -> float | None:
+        """When the step now waiting for torch.compile began (the watchdog allows it longer), else None."""
+        return self.learner.compiling_since
+
+    @property
     def backlog(self) -> int:
         """Stored examples not yet learned."""
         return max(0, self.store_high_water_mark - self.learner.high_water_mark)

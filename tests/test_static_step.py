@@ -146,3 +146,52 @@ def test_a_cuda_learner_captures_once_per_head_size(tmp_path):
     learn_all(learner, reader)
     assert learner._captures == 3  # class-incremental: one capture per head size
     assert learner.finite() and learner.trained > 0
+
+
+def test_a_compiled_backbone_takes_the_same_step_and_a_new_class_does_not_compile_it_again():
+    """training.compile_backbone: the backbone under torch.compile (Inductor; C++ kernels on a CPU, Triton on
+    a GPU) inside the fixed-shape step gives the eager step, and a grown head reuses the compiled backbone."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    backbone, head, optimizer = network()
+    eager = copy.deepcopy((backbone, head))
+    eager_optimizer = torch.optim.AdamW([{"params": list(eager[1].parameters()), "lr": 0.05},
+                                         {"params": list(eager[0].parameters()), "lr": 0.005}], weight_decay=0.01)
+    compiled = torch.compile(backbone, dynamic=False)
+    step = StaticStep(backbone, head, optimizer, rows=12, input_size=32, device=torch.device("cpu"),
+                      autocast=False, graph=False, forward=compiled)
+    for n in (7, 12, 5):
+        x, targets, weights = batch(n)
+        logits, loss, finite = step.run(x, targets, weights)
+        want_logits, want_loss = eager_step(eager, eager_optimizer, x, targets, weights)
+        assert finite and torch.allclose(logits, want_logits, atol=1e-4)
+        assert loss == pytest.approx(want_loss, rel=1e-4)
+    for got, want in zip(backbone.parameters(), eager[0].parameters(), strict=True):
+        assert torch.allclose(got, want, atol=1e-4)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # it did compile
+
+    head.grow(1, optimizer)
+    grown = StaticStep(backbone, head, optimizer, rows=12, input_size=32, device=torch.device("cpu"),
+                       autocast=False, graph=False, forward=compiled)
+    x, _, _ = batch(6)
+    targets = torch.tensor([0, 1, 2, 3, 3, 0])
+    _, _, finite = grown.run(x, targets, torch.ones(6))
+    assert finite and counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiling_the_backbone_is_for_the_graphed_step_only(tmp_path, caplog):
+    learner, _ = make_learner(tmp_path, stream([0, 1], 3, seed=66), mode="full", compile_backbone=True)
+    assert learner._compiled is None
+    assert "compile_backbone applies to the CUDA-graphed step only" in caplog.text
+
+
+@CUDA
+def test_a_cuda_learner_with_a_compiled_backbone_learns_with_one_compilation(tmp_path):
+    learner, reader = make_learner(tmp_path, stream([0, 1, 2], 12, seed=67), mode="full", device="cuda",
+                                   compile_backbone=True)
+    assert learner._compiled is not None
+    learn_all(learner, reader)
+    assert learner._captures == 3 and learner.finite() and learner.trained > 0
