@@ -32,16 +32,18 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import shared_memory
 
 import numpy as np
 
 from daemon.imaging import load_rgb
+from daemon.parent_death import die_with_parent
 
 log = logging.getLogger("sprout.learner")
 
 MAX_RESTARTS = 3
-# Images per task sent to a worker: large enough that pickling and scheduling (~100 us a task)
-# stay small beside decoding (~1.6 ms an image), small enough to spread a batch of 64 over 8 workers.
+# Images per task sent to a worker: large enough that scheduling (~100 us a task) stays small beside
+# decoding (~0.7 ms an image at 224 px), small enough to spread a batch of 64 over 8 workers.
 CHUNK = 8
 
 
@@ -60,20 +62,81 @@ def _decode_chunk(size: int, images: Sequence[bytes]) -> list[np.ndarray | None]
     return [load_rgb(data, size) for data in images]
 
 
+# -- in a worker process -----------------------------------------------------------------------
+
+_slab: shared_memory.SharedMemory | None = None
+_pixels: np.ndarray | None = None
+
+
+def _start_worker(parent: int, slab: tuple[str, int, int] | None) -> None:
+    """Worker initializer: die with the learner's process, and map the pool's shared pixels.
+
+    Spawned workers share the learner's resource tracker, which already knows the segment: only the
+    learner's process unlinks it (at close), or the tracker once that process and its workers are gone.
+    """
+    global _slab, _pixels
+    die_with_parent(parent, 1)
+    if slab is not None:
+        name, slots, size = slab
+        _slab = shared_memory.SharedMemory(name=name)
+        _pixels = np.ndarray((slots, size, size, 3), np.uint8, _slab.buf)
+
+
+def _decode_into(size: int, images: Sequence[bytes], slots: Sequence[int]) -> list[bool]:
+    """Decode into the shared slots; only one flag per image goes back through the pipe."""
+    ok = []
+    for data, slot in zip(images, slots, strict=True):
+        rgb = load_rgb(data, size)
+        if rgb is not None:
+            _pixels[slot] = rgb
+        ok.append(rgb is not None)
+    return ok
+
+
+# -- in the learner's process ------------------------------------------------------------------
+
+
+class _Slab:
+    """Shared memory holding ``slots`` decoded images, handed out slot by slot."""
+
+    def __init__(self, slots: int, size: int):
+        self.slots, self.size = slots, size
+        self.shm = shared_memory.SharedMemory(create=True, size=slots * size * size * 3)
+        self.pixels = np.ndarray((slots, size, size, 3), np.uint8, self.shm.buf)
+        self.free = list(range(slots - 1, -1, -1))
+
+    def take(self, n: int) -> list[int] | None:
+        if n > len(self.free):
+            return None
+        return [self.free.pop() for _ in range(n)]
+
+    def give(self, slots: Sequence[int]) -> None:
+        self.free.extend(slots)
+
+    def close(self) -> None:
+        del self.pixels  # no view may outlive the mapping
+        self.shm.close()
+        self.shm.unlink()
+
+
 class Decoding:
     """Images on their way through the pool; ``result()`` waits for them (or, without a pool, decodes them)."""
 
     def __init__(self, pool: DecodePool, images: Sequence[bytes], futures: list[Future] | None,
-                 executor: ProcessPoolExecutor | None):
+                 executor: ProcessPoolExecutor | None, slots: list[int] | None = None):
         self._pool = pool
         self._images = images
         self._futures = futures
         self._executor = executor
+        self._slots = slots
         self._result: list[np.ndarray | None] | None = None
 
     def result(self) -> list[np.ndarray | None]:
         if self._result is None:
-            self._result = self._pool._collect(self._images, self._futures, self._executor)
+            self._result, reusable = self._pool._collect(self._images, self._futures, self._executor, self._slots)
+            if self._slots is not None and reusable:
+                self._pool._slab.give(self._slots)  # copied out: free again
+            self._slots = None
         return self._result
 
 
@@ -82,19 +145,38 @@ class DecodePool:
 
     ``submit(images)`` starts decoding and returns at once, so that the workers decode the next step's
     images while the learner's thread runs this one (``Learner`` reads ahead this way).
+
+    Workers write pixels into shared memory (``shared_slots`` images' worth, 150 KB each at 224 px), so
+    only a flag per image crosses the pipe: pickling 150 KB arrays back halved what one worker decodes
+    (bench/gpu.py, docs/benchmarks.md). A request larger than the free slots (a holdout evaluation beside
+    a read-ahead), or a host without shared memory, sends the arrays through the pipe instead.
     """
 
-    def __init__(self, input_size: int, workers: int):
+    def __init__(self, input_size: int, workers: int, shared_slots: int = 0):
         self.size = input_size
         self.workers = workers
         self.restarts = 0
         self.fallbacks = 0  # batches decoded in the learner's thread after the pool broke
+        self.piped = 0  # images sent back through the pipe: no free slots, or no shared memory
         self._pool: ProcessPoolExecutor | None = None
+        self._slab: _Slab | None = None
+        if workers > 0 and shared_slots > 0:
+            try:
+                self._slab = _Slab(shared_slots, input_size)
+            except OSError as err:
+                log.warning("no shared memory for decoded images (%s): they come back through pipes, "
+                            "slower; is /dev/shm mounted and large enough for %d MB?", err,
+                            shared_slots * input_size * input_size * 3 // 2**20)
         if workers > 0:
             self._start()
 
     def _start(self) -> None:
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        slab = self._slab
+        self._pool = ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(os.getpid(), (slab.shm.name, slab.slots, slab.size) if slab is not None else None),
+        )
 
     @property
     def in_processes(self) -> bool:
@@ -107,23 +189,39 @@ class DecodePool:
         if self._pool is None or len(images) <= 1:
             return Decoding(self, images, None, None)
         executor = self._pool
+        slots = self._slab.take(len(images)) if self._slab is not None else None
+        if slots is None:
+            self.piped += len(images)
         try:
-            futures = [executor.submit(_decode_chunk, self.size, images[i : i + CHUNK])
-                       for i in range(0, len(images), CHUNK)]
+            if slots is not None:
+                futures = [executor.submit(_decode_into, self.size, images[i : i + CHUNK], slots[i : i + CHUNK])
+                           for i in range(0, len(images), CHUNK)]
+            else:
+                futures = [executor.submit(_decode_chunk, self.size, images[i : i + CHUNK])
+                           for i in range(0, len(images), CHUNK)]
         except BrokenProcessPool as err:
+            if slots is not None:
+                self._slab.give(slots)
             self._broken(executor, err)
             return Decoding(self, images, None, None)
-        return Decoding(self, images, futures, executor)
+        return Decoding(self, images, futures, executor, slots)
 
     def _collect(self, images: Sequence[bytes], futures: list[Future] | None,
-                 executor: ProcessPoolExecutor | None) -> list[np.ndarray | None]:
+                 executor: ProcessPoolExecutor | None,
+                 slots: list[int] | None) -> tuple[list[np.ndarray | None], bool]:
+        """The images, and whether their slots may be handed out again."""
         if futures is None:
-            return _decode_chunk(self.size, images)
+            return _decode_chunk(self.size, images), True
         try:
-            return [rgb for f in futures for rgb in f.result()]
+            done = [item for f in futures for item in f.result()]
         except BrokenProcessPool as err:
             self._broken(executor, err)
-            return _decode_chunk(self.size, images)
+            # A worker of the broken pool may not have stopped writing yet: its slots are retired.
+            return _decode_chunk(self.size, images), False
+        if slots is None:
+            return done, True
+        block = self._slab.pixels[slots]  # one copy out of the slots (fancy indexing copies)
+        return [block[i] if ok else None for i, ok in enumerate(done)], True
 
     def _broken(self, executor: ProcessPoolExecutor | None, err: BaseException) -> None:
         """A worker died: the caller decodes in its thread; the pool starts afresh unless that happened already.
@@ -150,3 +248,6 @@ class DecodePool:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._slab is not None:
+            self._slab.close()
+            self._slab = None

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import daemon
+from daemon.parent_death import die_with_parent
 from daemon.settings import Settings
 
 log = logging.getLogger("sprout.export")
@@ -120,20 +121,8 @@ class ExportChild:
             raise ExportFailed(f"the export process wrote no readable outcome: {err}") from err
 
 
-def _die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this process when the daemon dies: an orphan must not publish beside a new daemon."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the daemon's stop() and systemd's cgroup kill remain
-        return
-    if os.getppid() != parent:  # it died before the request took effect
-        os._exit(EX_SOFTWARE)
-
-
 def main(argv: list[str]) -> int:
-    _die_with_parent(int(argv[0]))
+    die_with_parent(int(argv[0]), EX_SOFTWARE)  # an orphan must not publish beside a new daemon
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # litert-torch and ai-edge-quantizer print to stdout; only the outcome goes there
     settings: Settings = pickle.load(sys.stdin.buffer)

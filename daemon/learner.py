@@ -101,8 +101,10 @@ class Learner:
         self.compiling_since: float | None = None  # monotonic time the first compiled capture began
         self._captures = 0
         workers = training.decode_workers
-        self.decode_pool = DecodePool(model.input_size,
-                                      auto_workers(self.device.type) if workers == "auto" else workers)
+        self._rows = training.batch_size + round(training.replay_ratio * training.batch_size)  # a full step
+        # Shared pixels for two steps: the one read ahead and whatever this step decodes besides.
+        self.decode_pool = DecodePool(model.input_size, auto_workers(self.device.type) if workers == "auto" else workers,
+                                      shared_slots=2 * self._rows)
         self._ahead: _ReadAhead | None = None
         self._pixels: dict[int, np.ndarray | None] = {}  # this step's decoded images, by seq
         self.read_ahead_decoded = 0  # images whose decoding ran beside an earlier step
@@ -223,7 +225,8 @@ class Learner:
         wanted = round(self.settings.replay_ratio * len(train))
         if ahead is not None and (ahead.after != before_batch
                                   or tuple(e.seq for e in train[: len(ahead.train_seqs)]) != ahead.train_seqs):
-            ahead = None  # read for another batch (a restore moved the high-water mark): decoded for nothing
+            ahead.decoding.result()  # read for another batch: decoded for nothing, but its slots come back
+            ahead = None
         replay = ahead.replay[:wanted] if ahead is not None else []
         replay += self._replay_sample(wanted - len(replay))
         examples = train + replay
@@ -376,7 +379,7 @@ class Learner:
         if not self._graphed:
             return None
         if self._static is None or not self._static.matches(self.head, self.optimizer):
-            rows = self.settings.batch_size + round(self.settings.replay_ratio * self.settings.batch_size)
+            rows = self._rows
             started = time.monotonic()
             if self._compiled is not None and not self._captures:
                 self.compiling_since = started  # its warm-up compiles the backbone, for minutes perhaps
@@ -588,7 +591,9 @@ class Learner:
 
     def restore(self, payload: dict[str, Any]) -> bool:
         """Resume from a checkpoint; False (and a fresh start) when it was made for another network or mode."""
-        self._ahead = None  # drawn from the replay index this replaces
+        if self._ahead is not None:  # drawn from the replay index this replaces
+            self._ahead.decoding.result()
+            self._ahead = None
         if payload.get("config_digest") != self.config_digest():
             log.warning(
                 "checkpoint was made for %s/%s px/%s; this config is %s/%s px/%s: learning afresh from the store",

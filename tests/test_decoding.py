@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from daemon.decoding import DecodePool, auto_workers
@@ -21,13 +23,15 @@ def images(n: int) -> list[bytes]:
     return [colour_jpeg(i % 3, 1000 + i) for i in range(n)]
 
 
-def test_the_pool_decodes_what_the_thread_decodes_in_order_and_flags_bad_images():
+@pytest.mark.parametrize("shared_slots", [0, 64], ids=["pipes", "shared memory"])
+def test_the_pool_decodes_what_the_thread_decodes_in_order_and_flags_bad_images(shared_slots):
     data = images(21)
     data[5] = b"\xff\xd8\xff\xe0 not a jpeg"
-    pool = DecodePool(32, workers=2)
+    pool = DecodePool(32, workers=2, shared_slots=shared_slots)
     try:
         assert pool.in_processes
         got = pool.rgb(data)
+        assert pool.piped == (21 if not shared_slots else 0)
     finally:
         pool.close()
     want = [load_rgb(d, 32) for d in data]
@@ -182,3 +186,66 @@ def test_the_learners_thread_tops_up_a_short_read_ahead_and_learns_every_example
     assert training.error is None
     assert training.learner.trained == sum(e.split == "train" for e in examples)
     assert training.learner.read_ahead_decoded > 0
+
+
+def test_shared_slots_come_back_after_each_result_and_a_request_too_large_goes_through_the_pipes():
+    pool = DecodePool(32, workers=2, shared_slots=24)
+    segment = Path("/dev/shm") / pool._slab.shm.name
+    try:
+        assert segment.exists()
+        ahead = pool.submit(images(16))  # a read-ahead holds 16 slots...
+        assert len(pool._slab.free) == 8
+        beside = pool.rgb(images(12))  # ...so 12 more go through the pipes
+        assert pool.piped == 12 and all(g is not None for g in beside)
+        first = ahead.result()
+        assert len(pool._slab.free) == 24 and ahead.result() is first  # freed once, kept
+        again = pool.rgb(images(16))
+        assert pool.piped == 12  # the slots were free again
+        # Copies, not views of the slots: a later decode into the same slots changes nothing here.
+        pool.rgb(images(16)[::-1])
+        assert all(np.array_equal(a, b) for a, b in zip(again, first, strict=True))
+    finally:
+        pool.close()
+    assert not segment.exists()  # unlinked at close
+
+
+def test_a_dead_worker_retires_the_slots_its_pool_was_writing():
+    pool = DecodePool(224, workers=2, shared_slots=256)
+    try:
+        pool.rgb(images(16))
+        decoding = pool.submit([colour_jpeg(i % 3, 3000 + i, size=224) for i in range(200)])
+        for pid in list(pool._pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        assert all(g is not None for g in decoding.result())
+        assert pool.restarts == 1 and len(pool._slab.free) == 56  # the 200 slots stay out of use
+        assert all(g is not None for g in pool.rgb(images(16)))  # the new workers map the same memory
+    finally:
+        pool.close()
+
+
+def test_decoder_processes_and_their_shared_memory_go_with_a_killed_learner(tmp_path):
+    """SIGKILL leaves no orphaned decoder and no segment in /dev/shm (outside systemd's cgroup kill too)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal\n"
+        "from daemon.decoding import DecodePool\n"
+        "from test_decoding import images\n"
+        "pool = DecodePool(32, workers=2, shared_slots=16)\n"
+        "pool.rgb(images(16))\n"
+        "print(pool._slab.shm.name, *pool._pool._processes, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    tests = Path(__file__).resolve().parent
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=tests.parent, env={**os.environ, "PYTHONPATH": f"{tests.parent}:{tests}"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    name, *workers = proc.stdout.split()
+    assert len(workers) == 2
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+            (Path("/dev/shm") / name).exists() or any(Path(f"/proc/{pid}").exists() for pid in workers)):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a decoder outlived its learner"
+    assert not (Path("/dev/shm") / name).exists(), "the shared pixels outlived the learner"
