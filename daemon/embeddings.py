@@ -6,11 +6,16 @@ network again (the difference between ~100 and ~100,000 examples/s on a CPU).
 Kept as float16 in its own SQLite file; it is only a cache (a lost write is
 recomputed), and it is emptied when the backbone, its weights or the input
 size change.
+
+It follows the store's retention (``forget_pruned``): the vector of an
+example retention deleted is deleted too, or the cache would grow by a few kB
+per example for ever, past any ``store.max_mb``.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +50,32 @@ class EmbeddingCache:
         rows = [(seq, np.asarray(v, dtype=np.float16).tobytes()) for seq, v in vectors.items()]
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO embeddings (seq, vector) VALUES (?, ?)", rows)
+
+    def forget_pruned(self, frontiers: dict[str, int], stored_between: Callable[[int, int], list[int]]) -> int:
+        """Delete the vectors of examples the store no longer holds; returns how many.
+
+        ``frontiers``: per split, the oldest seq still stored (``StoreReader.retention_frontiers``);
+        ``stored_between(low, high)``: the stored seqs in [low, high). Below the lower frontier every
+        example is gone: one range delete. Between the two, an example is gone when it is not stored;
+        each seq of that stretch is looked at once (the cache remembers how far it has looked), so a
+        call costs about what retention deleted since the last one.
+        """
+        low, high = min(frontiers.values()), max(frontiers.values())
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'checked_through'").fetchone()
+        start = max(low, int(row[0]) if row else 0)
+        with self._db:
+            removed = self._db.execute("DELETE FROM embeddings WHERE seq < ?", (low,)).rowcount
+            if start < high:
+                kept = stored_between(start, high)
+                self._db.execute("CREATE TEMP TABLE IF NOT EXISTS kept (seq INTEGER PRIMARY KEY)")
+                self._db.executemany("INSERT INTO kept (seq) VALUES (?)", ((s,) for s in kept))
+                removed += self._db.execute(
+                    "DELETE FROM embeddings WHERE seq >= ? AND seq < ? AND seq NOT IN (SELECT seq FROM kept)",
+                    (start, high)).rowcount
+                self._db.execute("DELETE FROM kept")
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('checked_through', ?)",
+                             (str(max(start, high)),))
+        return removed
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]

@@ -528,6 +528,12 @@ class Learner:
             x = x.contiguous()
         return (x / 255.0 - self._mean) / self._std
 
+    def forget_pruned(self) -> int:
+        """Drop the cached embeddings of examples retention deleted from the store; returns how many."""
+        if self.cache is None:
+            return 0
+        return self.cache.forget_pruned(self.reader.retention_frontiers(), self.reader.seqs_between)
+
     def close(self) -> None:
         """Stop the decoder processes, if any (the learner's thread ends)."""
         self.decode_pool.close()

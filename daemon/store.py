@@ -268,6 +268,24 @@ class StoreReader:
     def high_water_mark(self) -> int:
         return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM examples").fetchone()[0]
 
+    def retention_frontiers(self) -> dict[str, int]:
+        """Per split, the oldest seq still stored: retention deletes each split oldest first, so every
+        example of that split below it is gone and every one from it on is stored. A split with nothing
+        stored gives the next seq (all of it is gone). Read from the (label, split) index, label by label."""
+        labels = [row[0] for row in self._db.execute("SELECT DISTINCT label FROM examples")]
+        beyond = self.high_water_mark() + 1
+        out = {}
+        for split in ("train", "holdout"):
+            firsts = [self._db.execute("SELECT MIN(seq) FROM examples WHERE label = ? AND split = ?",
+                                       (label, split)).fetchone()[0] for label in labels]
+            out[split] = min((s for s in firsts if s is not None), default=beyond)
+        return out
+
+    def seqs_between(self, low: int, high: int) -> list[int]:
+        """Stored seqs in [low, high), both splits."""
+        return [row[0] for row in self._db.execute(
+            "SELECT seq FROM examples WHERE seq >= ? AND seq < ? ORDER BY seq", (low, high))]
+
     def close(self) -> None:
         self._db.close()
 

@@ -103,6 +103,8 @@ class Training(threading.Thread):
                 self.last_progress = time.monotonic()
                 if time.monotonic() - self._saved_at >= t.checkpoint_every_s:
                     self.save()
+                    if forgotten := self.learner.forget_pruned():
+                        log.info("embedding cache: dropped %d vectors of examples retention deleted", forgotten)
             self.save()
         except BaseException as err:  # the daemon notices the dead thread and exits for a restart
             self.error = err
