@@ -277,7 +277,8 @@ class Learner:
             loss.backward()
             self.optimizer.step()
             self.last_loss = float(loss.detach())
-        if self.diverged is None and not self.finite():
+        # The graphed step checked its weights and moments itself, on the device (daemon/static_step.py).
+        if self.diverged is None and not (static.state_finite if static is not None else self.finite()):
             # A finite loss does not prove a finite update (an overflowing gradient, a poisoned moment):
             # such weights would make every later step and every export non-finite.
             self.diverged = "non-finite weights or optimizer state"

@@ -195,3 +195,38 @@ def test_a_cuda_learner_with_a_compiled_backbone_learns_with_one_compilation(tmp
     assert learner._compiled is not None
     learn_all(learner, reader)
     assert learner._captures == 3 and learner.finite() and learner.trained > 0
+
+
+def test_the_step_checks_its_weights_and_moments_itself_and_changes_none():
+    """The divergence guard's state check inside the step (one fused kernel on CUDA): a poisoned moment
+    shows at the next step's read back, and the check leaves every value as it was."""
+    backbone, head, optimizer = network()
+    step = StaticStep(backbone, head, optimizer, rows=8, input_size=32, device=torch.device("cpu"),
+                      autocast=False, graph=False)
+    _, _, finite = step.run(*batch(6))
+    assert finite and step.state_finite
+    weights = [p.detach().clone() for p in [*backbone.parameters(), *head.parameters()]]
+    moments = [v.clone() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    step._check_state()
+    assert step.state_bad.item() == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights, [*backbone.parameters(), *head.parameters()], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(
+        moments, [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)], strict=True))
+
+    # A moment of a backbone weight turns NaN: the loss of the next step is still finite, the state is not.
+    param = next(p for p in backbone.parameters() if p in optimizer.state)
+    optimizer.state[param]["exp_avg_sq"].view(-1)[0] = float("nan")
+    _, loss, finite = step.run(*batch(6))
+    assert finite and loss == loss and not step.state_finite
+
+
+@CUDA
+def test_a_graphed_learner_sees_a_poisoned_moment_from_inside_its_step(tmp_path):
+    learner, reader = make_learner(tmp_path, stream([0, 1], 12, seed=68), mode="full", device="cuda")
+    batch_ = reader.after(0, 4)
+    learner.learn(batch_)
+    assert learner.diverged is None and learner._static is not None
+    param = next(p for p in learner._trainable if p in learner.optimizer.state)
+    learner.optimizer.state[param]["exp_avg_sq"].view(-1)[0] = float("nan")
+    learner.learn(reader.after(learner.high_water_mark, 4))
+    assert learner.diverged == "non-finite weights or optimizer state"
