@@ -76,6 +76,11 @@ class StaticStep:
         """One step on ``n <= rows`` examples: (their logits before the update, the loss, whether it was finite).
 
         After it, ``state_finite`` says whether every trained weight and optimizer moment is finite."""
+        return self.finish(self.launch(x, targets, weights))
+
+    def launch(self, x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> int:
+        """Start the step and return at once on CUDA (the host prepares the next one meanwhile); ``finish``
+        waits for it. Returns the number of examples, for ``finish``."""
         n = x.shape[0]
         if n > self.rows:
             raise ValueError(f"{n} examples in a step sized for {self.rows}")
@@ -90,6 +95,10 @@ class StaticStep:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self._step()
+        return n
+
+    def finish(self, n: int) -> tuple[torch.Tensor, float, bool]:
+        """Wait for the launched step: (the logits of its ``n`` examples, the loss, whether it was finite)."""
         # One read back per step: the loss, its finiteness and the state's (the caller logs and counts).
         loss, finite, bad = torch.stack([self.loss, self.finite.float(), self.state_bad[0]]).tolist()
         self.state_finite = bad == 0
