@@ -389,8 +389,8 @@ class Learner:
                 log.info("compiling the backbone (training.compile_backbone): the first step waits for it")
             try:
                 self._static = StaticStep(self.backbone, self.head, self.optimizer, rows,
-                                          self.model_settings.input_size, self.device, self.autocast, graph=True,
-                                          forward=self._compiled)
+                                          self.model_settings.input_size, self.device, self.autocast,
+                                          graph=self.device.type == "cuda", forward=self._compiled)
             finally:
                 self.compiling_since = None
             self._captures += 1

@@ -230,3 +230,29 @@ def test_a_graphed_learner_sees_a_poisoned_moment_from_inside_its_step(tmp_path)
     learner.optimizer.state[param]["exp_avg_sq"].view(-1)[0] = float("nan")
     learner.learn(reader.after(learner.high_water_mark, 4))
     assert learner.diverged == "non-finite weights or optimizer state"
+
+
+def test_the_learners_graphed_path_learns_what_its_eager_path_learns(tmp_path):
+    """The learner's side of the fixed-shape step (targets, class weights, padding, the prequential from the
+    step's logits, launch and finish with the read-ahead between, one step per head size), run on the CPU
+    without a graph: it ends where the eager path ends, weight for weight within float rounding."""
+    from test_decoding import drive
+
+    examples = stream([0, 1, 2], 8, seed=69)
+    results = []
+    for name, graphed in (("eager", False), ("graphed", True)):
+        learner, reader = make_learner(tmp_path / name, examples, mode="full", replay_ratio=1.0, decode_workers=2)
+        learner._graphed = graphed  # what CUDA sets; StaticStep then runs without a graph here
+        try:
+            drive(learner, reader, 4, read_ahead=True)
+        finally:
+            learner.close()
+        results.append(learner)
+    eager, graphed = results
+    assert eager._static is None and graphed._static is not None and graphed._captures == 3
+    assert graphed.trained == eager.trained > 0 and graphed.replayed == eager.replayed > 0
+    assert graphed.prequential.state() == eager.prequential.state()
+    assert graphed.diverged is None and graphed.last_loss == pytest.approx(eager.last_loss, rel=1e-4)
+    for a, b in zip([*graphed.head.parameters(), *graphed.backbone.parameters()],
+                    [*eager.head.parameters(), *eager.backbone.parameters()], strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
