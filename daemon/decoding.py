@@ -101,7 +101,13 @@ class _Slab:
 
     def __init__(self, slots: int, size: int):
         self.slots, self.size = slots, size
-        self.shm = shared_memory.SharedMemory(create=True, size=slots * size * size * 3)
+        nbytes = slots * size * size * 3
+        # tmpfs allocates pages as they are written: a segment larger than /dev/shm's free space is
+        # created, and a worker writing into it later dies of SIGBUS. Refuse it here instead.
+        shm = os.statvfs("/dev/shm")
+        if shm.f_bavail * shm.f_frsize < nbytes:
+            raise OSError(f"/dev/shm has {shm.f_bavail * shm.f_frsize // 2**20} MB free")
+        self.shm = shared_memory.SharedMemory(create=True, size=nbytes)
         self.pixels = np.ndarray((slots, size, size, 3), np.uint8, self.shm.buf)
         self.free = list(range(slots - 1, -1, -1))
 

@@ -249,3 +249,18 @@ def test_decoder_processes_and_their_shared_memory_go_with_a_killed_learner(tmp_
         time.sleep(0.1)
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a decoder outlived its learner"
     assert not (Path("/dev/shm") / name).exists(), "the shared pixels outlived the learner"
+
+
+def test_shared_memory_larger_than_dev_shm_is_not_used(caplog):
+    import shutil as _shutil
+
+    free = _shutil.disk_usage("/dev/shm").free
+    too_many = free // (224 * 224 * 3) + 1
+    pool = DecodePool(224, workers=1, shared_slots=too_many)
+    try:
+        assert pool._slab is None and pool.in_processes
+        assert "no shared memory for decoded images" in caplog.text and "/dev/shm has" in caplog.text
+        assert all(g is not None for g in pool.rgb(images(4)))
+        assert pool.piped == 4
+    finally:
+        pool.close()
