@@ -154,8 +154,8 @@ class DecodePool:
 
     Workers write pixels into shared memory (``shared_slots`` images' worth, 150 KB each at 224 px), so
     only a flag per image crosses the pipe: pickling 150 KB arrays back halved what one worker decodes
-    (bench/gpu.py, docs/benchmarks.md). A request larger than the free slots (a holdout evaluation beside
-    a read-ahead), or a host without shared memory, sends the arrays through the pipe instead.
+    (bench/gpu.py, docs/benchmarks.md). A submit larger than the free slots, or a host without shared
+    memory, sends the arrays through the pipe instead.
     """
 
     def __init__(self, input_size: int, workers: int, shared_slots: int = 0):
@@ -189,7 +189,15 @@ class DecodePool:
         return self._pool is not None
 
     def rgb(self, images: Sequence[bytes]) -> list[np.ndarray | None]:
-        return self.submit(images).result()
+        """Decode and wait. More images than free slots (a holdout evaluation beside a read-ahead) go in
+        pieces that fit them, so that their pixels stay off the pipes too."""
+        free = len(self._slab.free) if self._slab is not None else 0
+        if self._pool is None or len(images) <= free or free < CHUNK:
+            return self.submit(images).result()
+        out: list[np.ndarray | None] = []
+        for i in range(0, len(images), free):
+            out += self.submit(images[i : i + free]).result()
+        return out
 
     def submit(self, images: Sequence[bytes]) -> Decoding:
         if self._pool is None or len(images) <= 1:

@@ -195,8 +195,10 @@ def test_shared_slots_come_back_after_each_result_and_a_request_too_large_goes_t
         assert segment.exists()
         ahead = pool.submit(images(16))  # a read-ahead holds 16 slots...
         assert len(pool._slab.free) == 8
-        beside = pool.rgb(images(12))  # ...so 12 more go through the pipes
+        beside = pool.submit(images(12)).result()  # ...so 12 more at once go through the pipes
         assert pool.piped == 12 and all(g is not None for g in beside)
+        pieces = pool.rgb(images(12))  # waiting for them, in pieces of the 8 free slots
+        assert pool.piped == 12 and all(np.array_equal(a, b) for a, b in zip(pieces, beside, strict=True))
         first = ahead.result()
         assert len(pool._slab.free) == 24 and ahead.result() is first  # freed once, kept
         again = pool.rgb(images(16))
