@@ -205,6 +205,8 @@ class Learner:
             self._learn(batch, upcoming, ahead)
         finally:
             self._pixels = {}
+            if ahead is not None:
+                ahead.decoding.result()  # once only: a read-ahead this step did not use gives its slots back
 
     def _learn(self, batch: Sequence[StoredExample], upcoming: Sequence[StoredExample],
                ahead: _ReadAhead | None) -> None:
@@ -225,8 +227,7 @@ class Learner:
         wanted = round(self.settings.replay_ratio * len(train))
         if ahead is not None and (ahead.after != before_batch
                                   or tuple(e.seq for e in train[: len(ahead.train_seqs)]) != ahead.train_seqs):
-            ahead.decoding.result()  # read for another batch: decoded for nothing, but its slots come back
-            ahead = None
+            ahead = None  # read for another batch (a restore moved the high-water mark): decoded for nothing
         replay = ahead.replay[:wanted] if ahead is not None else []
         replay += self._replay_sample(wanted - len(replay))
         examples = train + replay

@@ -266,3 +266,17 @@ def test_shared_memory_larger_than_dev_shm_is_not_used(caplog):
         assert pool.piped == 4
     finally:
         pool.close()
+
+
+def test_a_read_ahead_that_no_step_uses_gives_its_shared_slots_back(tmp_path):
+    examples = stream([0, 1], 10, seed=64)
+    learner, reader = make_learner(tmp_path, examples, mode="full", replay_ratio=0.0, decode_workers=1)
+    try:
+        slots = len(learner.decode_pool._slab.free)
+        batch = reader.after(0, 4)
+        learner.learn(batch, reader.after(batch[-1].seq, 4))
+        assert learner._ahead is not None and len(learner.decode_pool._slab.free) < slots
+        learner.learn([])  # not the batch it was read for
+        assert learner._ahead is None and len(learner.decode_pool._slab.free) == slots
+    finally:
+        learner.close()
