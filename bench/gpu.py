@@ -35,8 +35,11 @@ Three sections, each printed as a markdown table (and all in --json):
    shared memory. The pool is warmed up (workers spawned) before the clock starts.
 
 3. End to end. The real daemon (``sprout run``, its own process) against a
-   private Mosquitto, training.mode=full on --device at --input-size, exports
-   off, every other setting the daemon's default (--e2e-env changes one), fed --e2e-examples of those JPEGs by the lean QoS 1 load generator
+   private Mosquitto, training.mode=full on --device at --input-size (and each
+   further mode of --e2e-modes in turn: last_blocks and head are reported
+   beside full, not instead of it), exports off, every other setting the
+   daemon's default (--e2e-env changes one), fed --e2e-examples of those JPEGs
+   by the lean QoS 1 load generator
    (bench/loadgen.py) as fast as the broker acknowledges, after a warm-up of
    two batches. From the daemon's /metrics (sprout_examples_learned, polled
    every 0.1 s): the examples learned per second over the steady window (from
@@ -58,6 +61,7 @@ Usage: python bench/gpu.py --json bench/out/gpu.json           # on a CUDA host,
        python bench/gpu.py --device cpu --quick [--json out.json]  # smoke run, under a minute on 2 cores
        [--batches 8,32,64] [--input-size 224] [--steps 30] [--repeats 3] [--compiled auto|on|off]
        [--compile-budget-s 90] [--decode-workers auto|0,4,14] [--e2e-examples 10000] [--e2e-env NAME=VALUE]
+       [--e2e-modes full,last_blocks,head]
        [--sections training,decode,e2e]
 """
 
@@ -504,23 +508,23 @@ def steady_rate(samples: list[tuple[float, float]], total: float) -> float:
     return (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
 
 
-def e2e_env(args: argparse.Namespace) -> dict[str, str]:
+def e2e_env(args: argparse.Namespace, mode: str = "full") -> dict[str, str]:
     return {
         "SPROUT_LOGGING__LEVEL": "WARNING",
         "SPROUT_MODEL__BACKBONE": args.e2e_backbone,
         "SPROUT_TRAINING__DEVICE": args.device,
         "SPROUT_TRAINING__CPU_THREADS": str(args.cpu_threads),
-        "SPROUT_TRAINING__MODE": "full",
+        "SPROUT_TRAINING__MODE": mode,
         "SPROUT_MODEL__INPUT_SIZE": str(args.input_size),
         "SPROUT_EXPORT__ENABLED": "false",  # exports would take turns with the learner: the learner alone
         **dict(pair.split("=", 1) for pair in args.e2e_env),
     }
 
 
-def e2e_section(args: argparse.Namespace, jpegs: list[tuple[str, bytes]], workdir: Path) -> dict:
+def e2e_section(args: argparse.Namespace, jpegs: list[tuple[str, bytes]], workdir: Path, mode: str = "full") -> dict:
     broker = Mosquitto(workdir / "broker").start()
     log = workdir / "daemon.log"
-    daemon = DaemonProcess(broker.url, MODEL, workdir / "state", e2e_env(args), log)
+    daemon = DaemonProcess(broker.url, MODEL, workdir / "state", e2e_env(args, mode), log)
     counter = LearnedCounter(daemon, log)
     try:
         wait_subscribed(broker.url, TOPIC, jpegs[0][1])
@@ -539,13 +543,13 @@ def e2e_section(args: argparse.Namespace, jpegs: list[tuple[str, bytes]], workdi
     finally:
         daemon.stop()
         broker.stop()
-    print(f"  end to end: {burst['learned_per_second_steady']:,.1f} examples learned/s (steady), last publish to "
+    print(f"  end to end, {mode}: {burst['learned_per_second_steady']:,.1f} examples learned/s (steady), last publish to "
           f"learned {burst['last_publish_to_learned_s']} s, one at idle {statistics.median(idle):.2f} s; "
           f"{decoders.get('sprout_images_decoded_ahead', 0):,.0f} images decoded beside an earlier step, "
           f"{decoders.get('sprout_decoder_fallbacks', 0):.0f} decoder fallbacks", flush=True)
-    return {"device": args.device, "backbone": args.e2e_backbone, "mode": "full", "input_size": args.input_size,
+    return {"device": args.device, "backbone": args.e2e_backbone, "mode": mode, "input_size": args.input_size,
             "jpeg_kb_median": _kb_median(jpegs),
-            "env": e2e_env(args), **burst, "idle_publish_to_learned_s": round(statistics.median(idle), 3), "idle_runs_s": idle,
+            "env": e2e_env(args, mode), **burst, "idle_publish_to_learned_s": round(statistics.median(idle), 3), "idle_runs_s": idle,
             "images_decoded_ahead": decoders.get("sprout_images_decoded_ahead"),
             "decoder_fallbacks": decoders.get("sprout_decoder_fallbacks")}
 
@@ -613,8 +617,8 @@ def render(report: dict) -> str:
             name = "0 (the learner's thread)" if workers == "0" else workers
             parts.append(f"| {name} | {_rate(d['images_per_second'])} |")
         parts.append("")
-    if e2e := report.get("end_to_end"):
-        parts += [f"### End to end: sprout run, {e2e['backbone']}, training.mode=full on {e2e['device']}, "
+    for e2e in (report.get("end_to_end_by_mode") or {}).values():
+        parts += [f"### End to end: sprout run, {e2e['backbone']}, training.mode={e2e['mode']} on {e2e['device']}, "
                   f"{e2e['input_size']} px, "
                   f"{e2e['examples']:,} examples ({e2e['train_examples']:,} train) published in {e2e['publish_s']} s",
                   "", "| figure | value |", "|---|---:|",
@@ -671,6 +675,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--e2e-env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra environment for the daemon (e.g. SPROUT_TRAINING__BATCH_SIZE=64); repeatable")
     ap.add_argument("--e2e-timeout-s", type=float, default=300.0)
+    ap.add_argument("--e2e-modes", default="full",
+                    help="comma-separated training.mode values, each run end to end in turn (full, last_blocks, head)")
     ap.add_argument("--cpu-threads", type=int, default=TrainingSettings().cpu_threads,
                     help="torch threads with --device cpu, here and in the daemon (default: the daemon's)")
     ap.add_argument("--distinct", type=int, help=f"distinct JPEGs made and cycled (default {FULL['distinct']})")
@@ -710,7 +716,11 @@ def main() -> None:
     if "e2e" in sections:
         workdir = Path(tempfile.mkdtemp(prefix="sprout-bench-gpu-"))
         try:
-            report["end_to_end"] = e2e_section(args, jpegs, workdir)
+            by_mode = report["end_to_end_by_mode"] = {}
+            for mode in args.e2e_modes.split(","):
+                (workdir / mode).mkdir()
+                by_mode[mode] = e2e_section(args, jpegs, workdir / mode, mode)
+            report["end_to_end"] = next(iter(by_mode.values()))  # the first mode's: full, by default
         finally:
             if args.keep_workdir:
                 print(f"  daemon state and log kept in {workdir}")

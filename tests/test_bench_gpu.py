@@ -17,7 +17,7 @@ def test_gpu_benchmark_quick_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     # One decoder process in the daemon (a CPU's "auto" is none): the end-to-end run reads ahead as on a GPU.
     subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--quick", "--json", str(out),
-                    "--e2e-env", "SPROUT_TRAINING__DECODE_WORKERS=1"],
+                    "--e2e-env", "SPROUT_TRAINING__DECODE_WORKERS=1", "--e2e-modes", "full,head"],
                    check=True, cwd=ROOT, timeout=300, capture_output=True)
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["machine"]["cores"]
@@ -46,3 +46,8 @@ def test_gpu_benchmark_quick_on_cpu(tmp_path: Path) -> None:
     assert e2e["last_publish_to_learned_s"] > 0 and e2e["idle_publish_to_learned_s"] > 0
     # The daemon decoded the next step's images beside each step (full mode, replay: every step has some).
     assert e2e["images_decoded_ahead"] > e2e["train_examples"] / 2 and e2e["decoder_fallbacks"] == 0
+    # Head mode beside full, each in its own daemon: the report's first stays the full one.
+    by_mode = report["end_to_end_by_mode"]
+    assert list(by_mode) == ["full", "head"] and by_mode["full"] == e2e
+    assert by_mode["head"]["mode"] == "head" and by_mode["head"]["env"]["SPROUT_TRAINING__MODE"] == "head"
+    assert by_mode["head"]["learned_per_second_steady"] > 0 and by_mode["head"]["examples"] == 300
