@@ -63,13 +63,32 @@ class Watch:
         self.close()
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (its export process, its decoder processes)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in task.read_text().split()]
+        except OSError:  # the thread ended meanwhile
+            pass
+    return found
+
+
 def kill_when_created(pid: int, folders: list[Path], wanted: Callable[[str], bool], timeout_s: float) -> str | None:
-    """SIGKILL ``pid`` as soon as a name that ``wanted`` accepts appears in ``folders``; that name, or None on timeout."""
+    """SIGKILL ``pid`` as soon as a name that ``wanted`` accepts appears in ``folders``; that name, or None on timeout.
+
+    Its children first: a publish is written by the daemon's export process, which would otherwise
+    finish it in the moment between the daemon's death and its own (the parent-death signal)."""
     deadline = time.monotonic() + timeout_s
     with Watch(folders) as watch:
         while (left := deadline - time.monotonic()) > 0:
             for name in watch.names(left):
                 if wanted(name):
+                    for child in children(pid):
+                        try:
+                            os.kill(child, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
                     os.kill(pid, signal.SIGKILL)
                     return name
     return None
