@@ -23,12 +23,12 @@ test: setup
 
 # The full fuzzing run: 10,000 inputs per parser test (CI runs 300); prints what was rejected and why.
 fuzz: setup
-	SPROUT_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q -s tests/test_fuzz.py
+	SPROUT_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q -s -o timeout=3600 tests/test_fuzz.py
 
 # The full chaos run: 24 seeded daemon SIGKILLs and broker restarts under a steady feed (CI runs 3 kills and
 # one restart); prints the table that docs/reliability.md keeps.
 chaos: setup
-	SPROUT_CHAOS_KILLS=24 SPROUT_CHAOS_SEED=1127 $(BIN)/python -m pytest -q -s tests/chaos
+	SPROUT_CHAOS_KILLS=24 SPROUT_CHAOS_SEED=1127 $(BIN)/python -m pytest -q -s -o timeout=3600 tests/chaos
 
 # The whole benchmark suite (about an hour on 2 cores); rewrites the results block of docs/benchmarks.md.
 bench: setup

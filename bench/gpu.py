@@ -30,9 +30,8 @@ Three sections, each printed as a markdown table (and all in --json):
    --input-size by ``daemon.decoding.DecodePool`` in batches of
    --decode-batch: in the learner's thread (workers 0), and in N worker
    processes for each N of --decode-workers ("auto": what the daemon takes on
-   a CUDA host), each pool twice: its pixels back through shared memory, as
-   the learner's pool does, and through the pipes ("N (pipes)"), as without
-   shared memory. The pool is warmed up (workers spawned) before the clock starts.
+   a CUDA host), pixels back through shared memory as the learner's pool
+   returns them. The pool is warmed up (workers spawned) before the clock starts.
 
 3. End to end. The real daemon (``sprout run``, its own process) against a
    private Mosquitto, training.mode=full on --device at --input-size (and each
@@ -399,10 +398,9 @@ def _progress(variant: str, batch: int, cell: dict) -> None:
 # -- decoding ----------------------------------------------------------------------------------
 
 
-def decode_rate(images: list[bytes], size: int, workers: int, batch: int, shared: bool = True) -> float:
-    """Images/s through a pool as the learner makes it (pixels back through shared memory), or with
-    ``shared=False`` through the pipes (what a pool without shared memory does)."""
-    pool = DecodePool(size, workers, shared_slots=2 * batch if shared else 0)
+def decode_rate(images: list[bytes], size: int, workers: int, batch: int) -> float:
+    """Images/s through a pool as the learner makes it: pixels back through shared memory."""
+    pool = DecodePool(size, workers, slots=2 * batch)
     try:
         # Warm-up: a chunk per worker, so that every worker process is spawned and has imported Pillow.
         pool.rgb(images[: max(batch, workers * CHUNK)])
@@ -424,10 +422,6 @@ def decode_section(args: argparse.Namespace, jpegs: list[tuple[str, bytes]]) -> 
     for workers in dict.fromkeys([0, *counts]):
         rates[str(workers)] = {"images_per_second": decode_rate(images, args.input_size, workers, args.decode_batch)}
         print(f"  decode, {workers:2d} workers: {_rate(rates[str(workers)]['images_per_second'])} images/s", flush=True)
-        if workers:
-            piped = decode_rate(images, args.input_size, workers, args.decode_batch, shared=False)
-            rates[f"{workers} (pipes)"] = {"images_per_second": piped}
-            print(f"  decode, {workers:2d} workers, pixels through pipes: {_rate(piped)} images/s", flush=True)
     return {"images": len(images), "batch": args.decode_batch, "input_size": args.input_size,
             "jpeg_kb_median": _kb_median(jpegs), "workers": rates}
 

@@ -22,6 +22,18 @@ runs this step, and collects them when that next step comes
 (``Learner.learn(batch, upcoming)``). A step of 64 new and 256 replayed
 224 px images is ~0.5 s of one core's decoding, and well under 0.1 s of a
 GPU's step.
+
+Pixels never cross a pipe, only one flag per image does: workers write into
+shared memory. That is twice as fast (docs/benchmarks.md), and it is what
+makes a killed worker safe. CPython's ProcessPoolExecutor (3.11) reads results
+from a pipe whose write end the learner's process also holds; a worker killed
+half-way through writing a 1.2 MB result leaves the executor's manager thread
+waiting in ``recv()`` for bytes that never come, and every future of the pool
+waits with it. That was seen in CI as a hung test, and in 31 of 40 trials of a
+stand-alone reproduction (workers SIGKILLed while returning 8-image arrays).
+A result of a few flags is smaller than PIPE_BUF, which POSIX writes
+atomically: all of it arrives or none. Without room in shared memory, or with
+the slots all taken, images are decoded in the learner's thread instead.
 """
 
 from __future__ import annotations
@@ -58,7 +70,7 @@ def auto_workers(device_type: str, cores: int | None = None) -> int:
     return max(1, min(16, cores - 2))
 
 
-def _decode_chunk(size: int, images: Sequence[bytes]) -> list[np.ndarray | None]:
+def _decode_here(size: int, images: Sequence[bytes]) -> list[np.ndarray | None]:
     return [load_rgb(data, size) for data in images]
 
 
@@ -68,7 +80,7 @@ _slab: shared_memory.SharedMemory | None = None
 _pixels: np.ndarray | None = None
 
 
-def _start_worker(parent: int, slab: tuple[str, int, int] | None) -> None:
+def _start_worker(parent: int, slab: tuple[str, int, int]) -> None:
     """Worker initializer: die with the learner's process, and map the pool's shared pixels.
 
     Spawned workers share the learner's resource tracker, which already knows the segment: only the
@@ -76,14 +88,15 @@ def _start_worker(parent: int, slab: tuple[str, int, int] | None) -> None:
     """
     global _slab, _pixels
     die_with_parent(parent, 1)
-    if slab is not None:
-        name, slots, size = slab
-        _slab = shared_memory.SharedMemory(name=name)
-        _pixels = np.ndarray((slots, size, size, 3), np.uint8, _slab.buf)
+    name, slots, size = slab
+    _slab = shared_memory.SharedMemory(name=name)
+    _pixels = np.ndarray((slots, size, size, 3), np.uint8, _slab.buf)
 
 
 def _decode_into(size: int, images: Sequence[bytes], slots: Sequence[int]) -> list[bool]:
-    """Decode into the shared slots; only one flag per image goes back through the pipe."""
+    """Decode into the shared slots; only one flag per image goes back through the pipe (see the module's
+    docstring: a result this small is written atomically, so a worker killed while writing it loses all
+    of it, never half)."""
     ok = []
     for data, slot in zip(images, slots, strict=True):
         rgb = load_rgb(data, size)
@@ -126,7 +139,7 @@ class _Slab:
 
 
 class Decoding:
-    """Images on their way through the pool; ``result()`` waits for them (or, without a pool, decodes them)."""
+    """Images on their way through the pool; ``result()`` waits for them (or, without futures, decodes them)."""
 
     def __init__(self, pool: DecodePool, images: Sequence[bytes], futures: list[Future] | None,
                  executor: ProcessPoolExecutor | None, slots: list[int] | None = None):
@@ -139,9 +152,9 @@ class Decoding:
 
     def result(self) -> list[np.ndarray | None]:
         if self._result is None:
-            self._result, reusable = self._pool._collect(self._images, self._futures, self._executor, self._slots)
-            if self._slots is not None and reusable:
-                self._pool._slab.give(self._slots)  # copied out: free again
+            self._result = self._pool._collect(self._images, self._futures, self._executor, self._slots)
+            if self._slots is not None:
+                self._pool._slab.give(self._slots)  # copied out, or their pool's workers are gone: free again
             self._slots = None
         return self._result
 
@@ -152,36 +165,38 @@ class DecodePool:
     ``submit(images)`` starts decoding and returns at once, so that the workers decode the next step's
     images while the learner's thread runs this one (``Learner`` reads ahead this way).
 
-    Workers write pixels into shared memory (``shared_slots`` images' worth, 150 KB each at 224 px), so
-    only a flag per image crosses the pipe: pickling 150 KB arrays back halved what one worker decodes
-    (bench/gpu.py, docs/benchmarks.md). A submit larger than the free slots, or a host without shared
-    memory, sends the arrays through the pipe instead.
+    Workers write pixels into ``slots`` images' worth of shared memory (150 KB each at 224 px); only a
+    flag per image crosses the pipe. A submit larger than the free slots is decoded in the learner's
+    thread when its result is asked for (counted in ``short``); a host without room in /dev/shm decodes
+    everything there.
     """
 
-    def __init__(self, input_size: int, workers: int, shared_slots: int = 0):
+    def __init__(self, input_size: int, workers: int, slots: int):
         self.size = input_size
         self.workers = workers
         self.restarts = 0
         self.fallbacks = 0  # batches decoded in the learner's thread after the pool broke
-        self.piped = 0  # images sent back through the pipe: no free slots, or no shared memory
+        self.short = 0  # images decoded in the learner's thread because every slot was taken
         self._pool: ProcessPoolExecutor | None = None
         self._slab: _Slab | None = None
-        if workers > 0 and shared_slots > 0:
-            try:
-                self._slab = _Slab(shared_slots, input_size)
-            except OSError as err:
-                log.warning("no shared memory for decoded images (%s): they come back through pipes, "
-                            "slower; is /dev/shm mounted and large enough for %d MB?", err,
-                            shared_slots * input_size * input_size * 3 // 2**20)
-        if workers > 0:
-            self._start()
+        if workers <= 0:
+            return
+        if slots < CHUNK:
+            raise ValueError(f"a pool of decoder processes needs at least {CHUNK} shared slots, got {slots}")
+        try:
+            self._slab = _Slab(slots, input_size)
+        except OSError as err:
+            log.warning("no shared memory for decoded images (%s): decoding stays in the learner's thread, "
+                        "slower on a GPU; is /dev/shm mounted with %d MB free?", err,
+                        slots * input_size * input_size * 3 // 2**20)
+            return
+        self._start()
 
     def _start(self) -> None:
         slab = self._slab
         self._pool = ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker,
-            initargs=(os.getpid(), (slab.shm.name, slab.slots, slab.size) if slab is not None else None),
+            initializer=_start_worker, initargs=(os.getpid(), (slab.shm.name, slab.slots, slab.size)),
         )
 
     @property
@@ -190,9 +205,11 @@ class DecodePool:
 
     def rgb(self, images: Sequence[bytes]) -> list[np.ndarray | None]:
         """Decode and wait. More images than free slots (a holdout evaluation beside a read-ahead) go in
-        pieces that fit them, so that their pixels stay off the pipes too."""
-        free = len(self._slab.free) if self._slab is not None else 0
-        if self._pool is None or len(images) <= free or free < CHUNK:
+        pieces that fit them."""
+        if self._pool is None or len(images) <= 1:
+            return self.submit(images).result()
+        free = len(self._slab.free)
+        if len(images) <= free or free < CHUNK:
             return self.submit(images).result()
         out: list[np.ndarray | None] = []
         for i in range(0, len(images), free):
@@ -202,51 +219,46 @@ class DecodePool:
     def submit(self, images: Sequence[bytes]) -> Decoding:
         if self._pool is None or len(images) <= 1:
             return Decoding(self, images, None, None)
-        executor = self._pool
-        slots = self._slab.take(len(images)) if self._slab is not None else None
+        slots = self._slab.take(len(images))
         if slots is None:
-            self.piped += len(images)
+            self.short += len(images)
+            return Decoding(self, images, None, None)
+        executor = self._pool
         try:
-            if slots is not None:
-                futures = [executor.submit(_decode_into, self.size, images[i : i + CHUNK], slots[i : i + CHUNK])
-                           for i in range(0, len(images), CHUNK)]
-            else:
-                futures = [executor.submit(_decode_chunk, self.size, images[i : i + CHUNK])
-                           for i in range(0, len(images), CHUNK)]
+            futures = [executor.submit(_decode_into, self.size, images[i : i + CHUNK], slots[i : i + CHUNK])
+                       for i in range(0, len(images), CHUNK)]
         except BrokenProcessPool as err:
-            if slots is not None:
-                self._slab.give(slots)
+            self._slab.give(slots)
             self._broken(executor, err)
             return Decoding(self, images, None, None)
         return Decoding(self, images, futures, executor, slots)
 
     def _collect(self, images: Sequence[bytes], futures: list[Future] | None,
                  executor: ProcessPoolExecutor | None,
-                 slots: list[int] | None) -> tuple[list[np.ndarray | None], bool]:
-        """The images, and whether their slots may be handed out again."""
+                 slots: list[int] | None) -> list[np.ndarray | None]:
         if futures is None:
-            return _decode_chunk(self.size, images), True
+            return _decode_here(self.size, images)
         try:
             done = [item for f in futures for item in f.result()]
         except BrokenProcessPool as err:
             self._broken(executor, err)
-            # A worker of the broken pool may not have stopped writing yet: its slots are retired.
-            return _decode_chunk(self.size, images), False
-        if slots is None:
-            return done, True
+            return _decode_here(self.size, images)
         block = self._slab.pixels[slots]  # one copy out of the slots (fancy indexing copies)
-        return [block[i] if ok else None for i, ok in enumerate(done)], True
+        return [block[i] if ok else None for i, ok in enumerate(done)]
 
     def _broken(self, executor: ProcessPoolExecutor | None, err: BaseException) -> None:
         """A worker died: the caller decodes in its thread; the pool starts afresh unless that happened already.
 
         Images submitted before the break (a read-ahead) find their pool broken too: they are decoded in
         the thread and counted, but restart nothing more.
+
+        The broken pool's workers are waited for (the executor terminates and joins them; milliseconds),
+        so that none still writes into the slots the next pool hands out.
         """
         self.fallbacks += 1
         if executor is not self._pool:
             return
-        executor.shutdown(wait=False, cancel_futures=True)
+        executor.shutdown(wait=True, cancel_futures=True)
         self._pool = None
         if self.restarts < MAX_RESTARTS:
             self.restarts += 1

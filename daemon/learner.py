@@ -104,7 +104,7 @@ class Learner:
         self._rows = training.batch_size + round(training.replay_ratio * training.batch_size)  # a full step
         # Shared pixels for two steps: the one read ahead and whatever this step decodes besides.
         self.decode_pool = DecodePool(model.input_size, auto_workers(self.device.type) if workers == "auto" else workers,
-                                      shared_slots=2 * self._rows)
+                                      slots=2 * self._rows)
         self._ahead: _ReadAhead | None = None
         self._pixels: dict[int, np.ndarray | None] = {}  # this step's decoded images, by seq
         self.read_ahead_decoded = 0  # images whose decoding ran beside an earlier step
