@@ -540,12 +540,14 @@ def e2e_section(args: argparse.Namespace, jpegs: list[tuple[str, bytes]], workdi
     print(f"  end to end, {mode}: {burst['learned_per_second_steady']:,.1f} examples learned/s (steady), last publish to "
           f"learned {burst['last_publish_to_learned_s']} s, one at idle {statistics.median(idle):.2f} s; "
           f"{decoders.get('sprout_images_decoded_ahead', 0):,.0f} images decoded beside an earlier step, "
-          f"{decoders.get('sprout_decoder_fallbacks', 0):.0f} decoder fallbacks", flush=True)
+          f"{decoders.get('sprout_decoder_fallbacks', 0):.0f} decoder fallbacks, "
+          f"{decoders.get('sprout_images_decoded_short_of_slots', 0):.0f} images decoded short of slots", flush=True)
     return {"device": args.device, "backbone": args.e2e_backbone, "mode": mode, "input_size": args.input_size,
             "jpeg_kb_median": _kb_median(jpegs),
             "env": e2e_env(args, mode), **burst, "idle_publish_to_learned_s": round(statistics.median(idle), 3), "idle_runs_s": idle,
             "images_decoded_ahead": decoders.get("sprout_images_decoded_ahead"),
-            "decoder_fallbacks": decoders.get("sprout_decoder_fallbacks")}
+            "decoder_fallbacks": decoders.get("sprout_decoder_fallbacks"),
+            "images_decoded_short_of_slots": decoders.get("sprout_images_decoded_short_of_slots")}
 
 
 def _burst(gen: LoadGenerator, counter: LearnedCounter, jpegs, args: argparse.Namespace, baseline: float) -> dict:

@@ -72,6 +72,10 @@ class DaemonCollector(Collector):
             yield CounterMetricFamily("sprout_decoder_fallbacks",
                                       "Batches decoded in the learner's thread because a decoder process died.",
                                       value=lr.decode_pool.fallbacks)
+            yield CounterMetricFamily("sprout_images_decoded_short_of_slots",
+                                      "Images decoded in the learner's thread because the decoder processes' "
+                                      "shared memory was all taken.",
+                                      value=lr.decode_pool.short)
             yield GaugeMetricFamily("sprout_learner_backlog", "Stored examples not learned yet.",
                                     value=training.backlog)
             yield GaugeMetricFamily("sprout_classes", "Classes the model knows.", value=len(lr.labels))

@@ -46,6 +46,8 @@ def test_gpu_benchmark_quick_on_cpu(tmp_path: Path) -> None:
     assert e2e["last_publish_to_learned_s"] > 0 and e2e["idle_publish_to_learned_s"] > 0
     # The daemon decoded the next step's images beside each step (full mode, replay: every step has some).
     assert e2e["images_decoded_ahead"] > e2e["train_examples"] / 2 and e2e["decoder_fallbacks"] == 0
+    # Two steps' worth of shared slots: a read-ahead always finds room.
+    assert e2e["images_decoded_short_of_slots"] == 0
     # Head mode beside full, each in its own daemon: the report's first stays the full one.
     by_mode = report["end_to_end_by_mode"]
     assert list(by_mode) == ["full", "head"] and by_mode["full"] == e2e
