@@ -47,7 +47,7 @@ def test_learner_resumes_after_sigkill_from_its_checkpoint_with_nothing_skipped(
     d = daemon_factory(broker.url, env=LEARNING).start()
     assert d.health()[1].get("learner") is True
     n = 360
-    feeder = threading.Thread(target=publish_colours, args=(broker.url, n, 120.0))
+    feeder = threading.Thread(target=publish_colours, args=(broker.url, n, 120.0), daemon=True)
     feeder.start()
     mid = wait_for(lambda: (c := last_checkpoint(d)) and c["high_water_mark"] > 30 and c, 30, "a first checkpoint")
     d.kill()

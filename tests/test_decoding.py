@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -11,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from daemon import checkpoint
 from daemon.decoding import DecodePool, auto_workers
 from daemon.imaging import load_rgb
 from daemon.learner import Learner
 from daemon.settings import ModelSettings, TrainingSettings
 from daemon.store import StoredExample
+from helpers import wait_for
 from test_learner import colour_jpeg, make_learner, stream
 
 
@@ -105,8 +109,6 @@ def test_workers_killed_at_any_moment_never_hang_the_learner():
     """Regression: with 8 decoded 224 px images (1.2 MB) per result through the executor's pipe, a worker
     killed half-way through writing one left ProcessPoolExecutor's manager thread in recv() for ever
     (CPython 3.11; a hung CI run, and 31 of 40 trials of this shape). Only flags cross the pipe now."""
-    import threading
-
     big = [colour_jpeg(i % 3, 4000 + i, size=256) for i in range(96)]
     rng = np.random.default_rng(7)
     pool = DecodePool(224, workers=2, slots=192)
@@ -325,3 +327,50 @@ def test_a_read_ahead_that_no_step_uses_gives_its_shared_slots_back(tmp_path):
         assert learner._ahead is None and len(learner.decode_pool._slab.free) == slots
     finally:
         learner.close()
+
+
+def decoder_processes(daemon_pid: int) -> list[int]:
+    """The daemon's spawned decoder workers (not its resource tracker or export process)."""
+    from chaos.watch import children
+
+    found = []
+    for pid in children(daemon_pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_decoder_processes_killed_in_a_learning_daemon_cost_no_example(broker, daemon_factory):
+    """The real daemon, full fine-tuning with two decoder processes, its workers SIGKILLed twice under a
+    steady feed (as the kernel's OOM killer would): it keeps learning, every train example exactly once."""
+    from test_daemon_learning import LEARNING, last_checkpoint, publish_colours
+    from test_status import metrics
+
+    env = {**LEARNING, "SPROUT_TRAINING__MODE": "full", "SPROUT_TRAINING__DECODE_WORKERS": "2"}
+    d = daemon_factory(broker.url, env=env).start()
+    n = 480
+    feeder = threading.Thread(target=publish_colours, args=(broker.url, n, 80.0), daemon=True)
+    feeder.start()
+    for kill in range(1, 3):
+        # Listed after the previous restart was logged: the broken pool's workers were joined before it.
+        workers = wait_for(lambda: decoder_processes(d.proc.pid), 30, "the daemon's decoder processes")
+        time.sleep(0.5)  # mid-stream: the pool holds a read-ahead most of the time
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda k=kill: f"(restart {k} of 3)" in d.log(), 30, f"the pool's restart after kill {kill}")
+    assert feeder.is_alive(), "the stream ended before the second kill; slow the feed"
+    feeder.join(60)
+    wait_for(lambda: (c := last_checkpoint(d)) and c["high_water_mark"] >= n and c, 60, "the learner to catch up")
+    counts = metrics(d.http_port)
+    assert d.stop() == 0
+    final = checkpoint.load(d.state / "checkpoints")
+    db = sqlite3.connect(d.state / "examples.db")
+    train = db.execute("SELECT COUNT(*) FROM examples WHERE split = 'train'").fetchone()[0]
+    assert final["trained"] == train and final["prequential"]["seen"] == train
+    assert counts[("sprout_decoder_fallbacks_total", ())] >= 2  # each kill cost at least one batch in the thread
+    assert counts[("sprout_images_decoded_ahead_total", ())] > 0
+    assert d.log().count("a decoder process died") == 2 and "decoding stays in the learner's thread" not in d.log()

@@ -52,7 +52,7 @@ def test_sigkill_mid_stream_loses_nothing(broker, daemon_factory):
     d = daemon_factory(broker.url).start()
     n = 1500
     ids, labels = ids_and_labels(n)
-    feeder = threading.Thread(target=publish_examples, args=(broker.url, "leaves", ids, labels, 400.0))
+    feeder = threading.Thread(target=publish_examples, args=(broker.url, "leaves", ids, labels, 400.0), daemon=True)
     feeder.start()
     rng = random.Random(7)
     kills = 0
@@ -172,7 +172,7 @@ def test_malformed_messages_are_rejected_counted_and_reported(broker, daemon_fac
 def test_sigterm_commits_what_arrived_and_exits_0(broker, daemon_factory):
     d = daemon_factory(broker.url).start()
     ids, labels = ids_and_labels(500)
-    feeder = threading.Thread(target=publish_examples, args=(broker.url, "leaves", ids, labels, 1000.0))
+    feeder = threading.Thread(target=publish_examples, args=(broker.url, "leaves", ids, labels, 1000.0), daemon=True)
     feeder.start()
     time.sleep(0.2)
     assert d.stop(timeout_s=20) == 0

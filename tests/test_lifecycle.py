@@ -181,7 +181,7 @@ def test_sigterm_while_examples_flow_and_the_learner_learns_exits_0_within_the_b
     n = 1500
     ids = [f"flow-{i:05d}" for i in range(n)]
     labels = [("rust", "blight", "healthy")[i % 3] for i in range(n)]
-    feeder = threading.Thread(target=publish_examples, args=(broker.url, "leaves", ids, labels, 500.0))
+    feeder = threading.Thread(target=publish_examples, args=(broker.url, "leaves", ids, labels, 500.0), daemon=True)
     feeder.start()
     wait_for(lambda: len(stored_ids(d.state)) > 200, 20, "examples flowing in")
     sent = time.monotonic()
