@@ -14,7 +14,7 @@ The export settings decide most of it: a version is exported once
 passed, and then conversion and verification on every runtime take their
 time. The command line passes them through, so the trade-off can be measured.
 
-Usage: python bench/freshness.py [--seconds 240] [--rate 20] [--every-examples 500] [--every-seconds 30] [--quantization fp16] [--json out.json]
+Usage: python bench/freshness.py [--seconds 240] [--rate 20] [--every-examples 500] [--every-seconds 30] [--quantization fp16] [--no-prewarm] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(seconds: float, rate: float, every_examples: int, every_seconds: float, workdir: Path,
-        backbone: str, input_size: int, log: Path | None, settle_s: float, quantization: str | None = None) -> dict:
+        backbone: str, input_size: int, log: Path | None, settle_s: float, quantization: str | None = None,
+        prewarm: bool = True) -> dict:
     jpegs = make_jpegs(500)
     broker = Mosquitto(workdir / "broker").start()
     state = workdir / "state"
@@ -61,6 +62,7 @@ def run(seconds: float, rate: float, every_examples: int, every_seconds: float, 
         "SPROUT_EXPORT__EVERY_EXAMPLES": str(every_examples),
         "SPROUT_EXPORT__EVERY_SECONDS": str(every_seconds),
         "SPROUT_REGISTRY__KEEP_VERSIONS": "1000",  # every version stays readable for the tally
+        "SPROUT_EXPORT__PREWARM_PROCESS": "true" if prewarm else "false",
     }
     if quantization:
         env["SPROUT_EXPORT__QUANTIZATION"] = json.dumps(quantization.split(","))
@@ -163,17 +165,20 @@ def main() -> None:
     ap.add_argument("--settle-s", type=float, default=180.0,
                     help="after the feed, how long to wait for a version that covers the last example")
     ap.add_argument("--quantization", help="export.quantization for the run, comma-separated (default: the daemon's)")
+    ap.add_argument("--no-prewarm", action="store_true",
+                    help="export.prewarm_process = false: each export starts its process when due")
     ap.add_argument("--log", type=Path, help="write the daemon's log here")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="sprout-bench-freshness-"))
     result = run(args.seconds, args.rate, args.every_examples, args.every_seconds, workdir, args.backbone,
-                 args.input_size, args.log, args.settle_s, args.quantization)
+                 args.input_size, args.log, args.settle_s, args.quantization, not args.no_prewarm)
     summary = {
         "machine": machine(),
         "backbone": args.backbone,
         "input_size": args.input_size,
         "quantization": args.quantization or "the daemon's default",
+        "prewarm_process": not args.no_prewarm,
         "rate_per_s": args.rate,
         "seconds": args.seconds,
         "every_examples": args.every_examples,

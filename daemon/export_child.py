@@ -13,12 +13,17 @@ Why a process and not a thread of the daemon:
 - A conversion cannot be interrupted from Python; a child can be killed, so
   the daemon stops at once during an export and leaves no C++ thread behind.
 
-Protocol: the daemon writes its pickled ``Settings`` to the child's stdin
-and closes it; the child runs ``export_once`` and writes one JSON document,
-the outcome, to its stdout, which is its own (everything the child's
-libraries print goes to stderr, the daemon's journal, as its log lines do).
-The child's temporaries live in a folder the daemon removes when the child
-has ended, however it ended.
+Protocol: the child imports what an export needs (Python, torch,
+litert-torch: ~5 s of CPU on a 2-core host), then waits for the daemon's
+pickled ``Settings`` on its stdin; it runs ``export_once`` and writes one
+JSON document, the outcome, to its stdout, which is its own (everything the
+child's libraries print goes to stderr, the daemon's journal, as its log
+lines do). The child's temporaries live in a folder the daemon removes when
+the child has ended, however it ended.
+
+With ``export.prewarm_process`` the next export's child is started as soon
+as an export ends, and waits, imports done, until it is due: the export
+begins converting at once. The first export after a start pays the imports.
 """
 
 from __future__ import annotations
@@ -66,50 +71,98 @@ class ExportStopped(Exception):
     """The daemon stopped the child (``ExportChild.stop``): the export is dropped, nothing was half-published."""
 
 
+class _Process:
+    """One export child and its temporaries' folder."""
+
+    def __init__(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
+        env = {**os.environ, "TMPDIR": self.tmp,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "daemon.export_child", str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=self.tmp,
+            )
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def discard(self) -> None:
+        """Kill it if it runs, reap it, remove its temporaries."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 class ExportChild:
-    """The daemon's handle on export children: runs one at a time, stops the running one on request."""
+    """The daemon's handle on export children: runs one at a time, keeps the next one warm if asked, and
+    stops both on request."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen | None = None
+        self._running: _Process | None = None
+        self._spare: _Process | None = None  # started after an export, imports done, waiting for the next
         self._stopped = False
 
     @property
     def pid(self) -> int | None:
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
+        """The running export's process (not the spare's)."""
+        running = self._running
+        return running.proc.pid if running is not None and running.alive else None
+
+    @property
+    def spare_pid(self) -> int | None:
+        spare = self._spare
+        return spare.proc.pid if spare is not None and spare.alive else None
 
     def stop(self) -> bool:
-        """Kill the running child, and any started later; True if one was running."""
+        """Kill the running child and the spare, and any started later; True if an export was running."""
         with self._lock:
             self._stopped = True
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
+            running, spare, self._spare = self._running, self._spare, None
+            if spare is not None:
+                spare.discard()
+            if running is None or not running.alive:
                 return False
             # SIGKILL: the converter does not return to Python for tens of seconds, so a handler would
             # not run sooner. Publishing is a rename under the registry's lock; a kill leaves at most a
             # .tmp-* folder, which the registry's next writer removes.
-            proc.kill()
+            running.proc.kill()
             return True
 
     def run(self, settings: Settings) -> dict[str, Any]:
-        """``export_once(settings)`` in a child: its outcome as a JSON document (see ``main``)."""
-        tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
-        env = {**os.environ, "TMPDIR": tmp,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+        """``export_once(settings)`` in a child (the spare if one waits): its outcome as a JSON document
+        (see ``main``). Afterwards, with ``export.prewarm_process``, the next export's child is started."""
+        with self._lock:
+            if self._stopped:
+                raise ExportStopped("the daemon is stopping")
+            child, self._spare = self._spare, None
+            if child is not None and not child.alive:  # killed or crashed while it waited
+                log.warning("the waiting export process ended (exit code %s); starting another",
+                            child.proc.returncode)
+                child.discard()
+                child = None
+            self._running = child if child is not None else _Process()
         try:
-            with self._lock:
-                if self._stopped:
-                    raise ExportStopped("the daemon is stopping")
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "daemon.export_child", str(os.getpid())],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=tmp,
-                )
-            out, _ = self._proc.communicate(pickle.dumps(settings))
-            code = self._proc.returncode
+            out, _ = self._running.proc.communicate(pickle.dumps(settings))
+            code = self._running.proc.returncode
         finally:
-            self._proc = None
-            shutil.rmtree(tmp, ignore_errors=True)
+            with self._lock:
+                done, self._running = self._running, None
+                done.discard()
+                if settings.export.prewarm_process and not self._stopped:
+                    try:
+                        self._spare = _Process()
+                    except OSError as err:  # no room for its folder, no process: the next export starts one
+                        log.warning("could not start the next export's process ahead of time: %s", err)
         if self._stopped:
             raise ExportStopped("the daemon is stopping")
         if code != 0:
@@ -125,12 +178,19 @@ def main(argv: list[str]) -> int:
     die_with_parent(int(argv[0]), EX_SOFTWARE)  # an orphan must not publish beside a new daemon
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # litert-torch and ai-edge-quantizer print to stdout; only the outcome goes there
-    settings: Settings = pickle.load(sys.stdin.buffer)
+
+    # Everything an export imports, before waiting: a spare child is ready when its export is due.
+    import litert_torch  # noqa: F401 - imported for its cost, used by daemon.exporter
+    from litert_torch.quantize import pt2e_quantizer, quant_config  # noqa: F401 - int8's converter
 
     from daemon import logs
     from daemon.publishing import NothingToExport, export_once
     from daemon.store import is_disk_full
 
+    try:
+        settings: Settings = pickle.load(sys.stdin.buffer)
+    except EOFError:  # the daemon discarded this spare without using it
+        return 0
     logs.configure(settings.logging.level, settings.logging.format)
     try:
         outcome = export_once(settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -34,7 +35,10 @@ def learned(state: Path) -> int:
 def test_an_export_in_a_child_publishes_and_reports_back(tmp_path: Path):
     trained = learned(tmp_path)
     exporting = Exporting(settings_for(tmp_path), lambda: trained, lambda: None)
-    outcome = exporting.export()
+    try:
+        outcome = exporting.export()
+    finally:
+        exporting.stop()
     assert outcome is not None and outcome.published["version"] == 1, outcome
     assert outcome.published["quantization"] == "none" and outcome.metrics["examples_trained"] == trained
     assert (exporting.published, exporting.exports, exporting.failed) == (1, 1, 0)
@@ -47,6 +51,7 @@ def test_an_export_that_raises_is_logged_counted_and_retried_later_without_killi
     exporting = Exporting(settings_for(tmp_path), lambda: trained, lambda: None)
     with caplog.at_level(logging.ERROR, "sprout.export"):
         assert exporting.export() is None
+    exporting.stop()
     assert exporting.failed == 1 and exporting.exports == 0
     assert "export failed: the export process ended without an outcome (exit code 70" in caplog.text
     assert not exporting.due()  # not again at once: after export.every_seconds
@@ -90,3 +95,72 @@ def test_temporaries_of_a_daemon_that_is_gone_are_removed_and_a_living_ones_kept
         (folder / "model.tflite").write_bytes(b"x")
     assert remove_orphaned_temporaries() == 1
     assert not gone.exists() and mine.exists() and parent.exists()
+
+
+def _maps(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return ""
+
+
+def _waiting_on_stdin(pid: int) -> bool:
+    """Asleep with torch loaded: its imports are done and it reads the settings that never came yet."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state == "S" and "libtorch_cpu" in _maps(pid)
+
+
+def test_the_next_exports_process_waits_with_its_imports_done_and_the_next_export_uses_it(tmp_path: Path,
+                                                                                        monkeypatch):
+    learned(tmp_path)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    settings = settings_for(tmp_path)
+    child = ExportChild()
+    try:
+        assert child.spare_pid is None  # the first export after a start pays the imports
+        assert "outcome" in child.run(settings)
+        spare = child.spare_pid
+        assert spare is not None and child.pid is None
+        wait_for(lambda: _waiting_on_stdin(spare), 60, "the spare to finish its imports and wait")
+        assert len(list(tmp.iterdir())) == 1  # the spare's folder only: the export's went with it
+        second = child.run(settings)  # a second version, published by the spare
+        assert second["outcome"]["published"]["version"] == 2, second
+        assert not Path(f"/proc/{spare}").exists()  # used, ended and reaped
+        assert child.spare_pid not in (None, spare)
+    finally:
+        child.stop()
+    assert child.spare_pid is None and list(tmp.iterdir()) == []  # the stop discards the spare and its folder
+
+
+def test_without_prewarming_no_process_waits_between_exports(tmp_path: Path):
+    learned(tmp_path)
+    settings = settings_for(tmp_path)
+    settings.export.prewarm_process = False
+    child = ExportChild()
+    try:
+        assert "outcome" in child.run(settings)
+        assert child.spare_pid is None
+    finally:
+        child.stop()
+
+
+def test_a_spare_killed_while_it_waits_is_replaced_by_a_fresh_process(tmp_path: Path, caplog):
+    learned(tmp_path)
+    settings = settings_for(tmp_path)
+    child = ExportChild()
+    try:
+        child.run(settings)
+        spare = child.spare_pid
+        os.kill(spare, signal.SIGKILL)
+        wait_for(lambda: child.spare_pid is None, 10, "the spare to be seen dead")
+        with caplog.at_level(logging.WARNING, "sprout.export"):
+            assert "outcome" in child.run(settings)
+        assert "the waiting export process ended (exit code -9); starting another" in caplog.text
+    finally:
+        child.stop()

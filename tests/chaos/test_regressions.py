@@ -93,6 +93,8 @@ def test_the_learner_goes_on_learning_beside_an_export(tmp_path):
         assert training.error is None, training.error
     finally:
         training.stop(30)
+        if "exporting" in locals():
+            exporting.stop()  # its spare process
     assert training.error is None, training.error
     assert steps > 10, f"learner steps during the export: {steps}"  # it learned on, not waiting
 
