@@ -33,7 +33,7 @@ RELOADABLE: dict[str, frozenset[str]] = {
     "export": frozenset({
         "every_examples", "every_seconds", "max_drop_pts", "tolerance_pts", "quantization", "runtimes",
         "tflite_runtime_python", "calibration_examples", "verify_examples", "verify_timeout_s",
-        "skip_lossy_mode_for",
+        "skip_lossy_mode_for", "prewarm_process",
     }),
     # Read by the registry at every publish.
     "registry": frozenset({"keep_versions"}),
