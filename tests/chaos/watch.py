@@ -78,17 +78,27 @@ def kill_when_created(pid: int, folders: list[Path], wanted: Callable[[str], boo
     """SIGKILL ``pid`` as soon as a name that ``wanted`` accepts appears in ``folders``; that name, or None on timeout.
 
     Its children first: a publish is written by the daemon's export process, which would otherwise
-    finish it in the moment between the daemon's death and its own (the parent-death signal)."""
+    finish it in the moment between the daemon's death and its own (the parent-death signal). The
+    children are listed before each wait, not after the event: reading /proc/<pid>/task/*/children for
+    every thread of the daemon takes milliseconds, and a small model's publish reached its rename in
+    that time (a regression test failed so once in CI)."""
     deadline = time.monotonic() + timeout_s
     with Watch(folders) as watch:
         while (left := deadline - time.monotonic()) > 0:
-            for name in watch.names(left):
+            known = children(pid)  # the export process exists for seconds before it publishes
+            for name in watch.names(min(left, 0.05)):
                 if wanted(name):
-                    for child in children(pid):
-                        try:
-                            os.kill(child, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
+                    for child in known:
+                        _kill(child)
+                    for child in children(pid):  # any started since the last listing
+                        _kill(child)
                     os.kill(pid, signal.SIGKILL)
                     return name
     return None
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
