@@ -33,7 +33,7 @@ from torch import nn
 
 from daemon.embeddings import EmbeddingCache
 from daemon.head import GrowingHead
-from daemon.decoding import DecodePool, Decoding, auto_workers
+from daemon.decoding import CHUNK, DecodePool, Decoding, auto_workers
 from daemon.learning_metrics import Holdout, Prequential
 from daemon.settings import ModelSettings, TrainingSettings
 from daemon.static_step import StaticStep
@@ -102,9 +102,10 @@ class Learner:
         self._captures = 0
         workers = training.decode_workers
         self._rows = training.batch_size + round(training.replay_ratio * training.batch_size)  # a full step
-        # Shared pixels for two steps: the one read ahead and whatever this step decodes besides.
+        # Shared pixels for two steps: the one read ahead and whatever this step decodes besides; at least
+        # one worker's chunk, which a pool needs (a step of one or two images).
         self.decode_pool = DecodePool(model.input_size, auto_workers(self.device.type) if workers == "auto" else workers,
-                                      slots=2 * self._rows)
+                                      slots=max(2 * self._rows, CHUNK))
         self._ahead: _ReadAhead | None = None
         self._pixels: dict[int, np.ndarray | None] = {}  # this step's decoded images, by seq
         self.read_ahead_decoded = 0  # images whose decoding ran beside an earlier step

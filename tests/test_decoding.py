@@ -315,6 +315,20 @@ def test_a_pool_with_fewer_slots_than_a_chunk_is_refused():
         DecodePool(32, workers=1, slots=4)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_learner_with_steps_smaller_than_a_chunk_still_gets_its_decoder_processes(tmp_path, batch_size):
+    """Two steps of one or three images are fewer slots than a chunk: the learner asks for a chunk's worth."""
+    examples = stream([0, 1], 6, seed=65)
+    learner, reader = make_learner(tmp_path, examples, mode="full", replay_ratio=0.0, decode_workers=1,
+                                   batch_size=batch_size)
+    try:
+        assert learner.decode_pool.in_processes and len(learner.decode_pool._slab.free) == 8
+        drive(learner, reader, batch_size, read_ahead=True)
+        assert learner.trained == sum(e.split == "train" for e in examples)
+    finally:
+        learner.close()
+
+
 def test_a_read_ahead_that_no_step_uses_gives_its_shared_slots_back(tmp_path):
     examples = stream([0, 1], 10, seed=64)
     learner, reader = make_learner(tmp_path, examples, mode="full", replay_ratio=0.0, decode_workers=1)
