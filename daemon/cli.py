@@ -57,7 +57,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from daemon import preflight
+
     settings = Settings.load(args.file)
+    preflight.check(settings)  # what `sprout run` checks before it starts
     print(json.dumps(settings.masked(), indent=2, default=str))
     return 0
 

@@ -5,10 +5,19 @@ The network thread only parses and validates (:mod:`daemon.wire`) and puts a
 calls :meth:`Feed.ack`. Un-acked messages stay in the broker's session
 (``clean_start=False``, a session expiry interval) and come back, flagged
 ``dup``, after a crash or a reconnect.
+
+Nothing raises out of a callback: paho re-raises it and its network thread
+ends, after which nothing is received while the socket still looks connected.
+A message the parser cannot read becomes a rejection (acked, so it never
+comes back); any other failure in a callback is logged with its traceback and
+marks the feed failed (:meth:`Feed.problem`), which /healthz, the watchdog,
+the metrics and the main loop read, so that the daemon exits 70 and its
+service manager restarts it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -17,6 +26,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -29,6 +39,22 @@ from daemon.settings import MqttSettings
 from daemon.wire import Example, Limits, Rejection, parse
 
 log = logging.getLogger("sprout.feed")
+
+
+def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
+    """A paho callback that never raises: a failure is logged, counted and marks the feed failed."""
+
+    @functools.wraps(callback)
+    def run(self: Feed, *args: object) -> None:
+        try:
+            callback(self, *args)
+        except Exception as err:
+            self.callback_errors += 1
+            if self.failure is None:
+                self.failure = f"{callback.__name__.strip('_')} failed: {type(err).__name__}: {err}"
+            log.exception("MQTT callback %s failed; the feed is marked failed", callback.__name__.strip("_"))
+
+    return run
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +77,13 @@ class Feed:
         self.subscribed = threading.Event()  # set once the broker confirmed the subscription (SUBACK)
         self.received = 0
         self.connects = 0
+        self.callback_errors = 0
+        self.failure: str | None = None  # set by the first callback that failed; the feed does not recover
+        self._network: threading.Thread | None = None  # paho's network thread, once started
+        # When paho's network loop last turned (it turns at least once a second while connected), and
+        # whether the thread is waiting for room in the deliveries queue (backpressure: intake's to judge).
+        self.last_loop = time.monotonic()
+        self.waiting_for_intake = False
         self._accepting = True
         self._stopping = False
         # Bumped on every disconnect. Packet ids are per session and the broker may reuse an id
@@ -95,6 +128,7 @@ class Feed:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_network_loop = self._on_loop
         return client
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -112,6 +146,19 @@ class Feed:
             properties=props,
         )
         self._client.loop_start()
+        self._network = self._client._thread  # paho clears its own reference when the thread ends
+
+    def problem(self) -> str | None:
+        """Why the feed cannot receive, when it cannot and will not recover by itself; None otherwise."""
+        if self.failure is not None:
+            return self.failure
+        if self._network is not None and not self._stopping and not self._network.is_alive():
+            return "the MQTT network thread has ended"
+        return None
+
+    def receiving(self) -> bool:
+        """Connected, subscribed and able to receive: what /healthz and sprout_broker_connected report."""
+        return self.subscribed.is_set() and self.problem() is None
 
     def pause(self) -> None:
         """Stop taking new messages; they stay un-acked in the broker's session for the next start."""
@@ -160,6 +207,7 @@ class Feed:
 
     # -- paho callbacks (network thread) -------------------------------------------------------
 
+    @_guarded
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.error(
@@ -183,6 +231,7 @@ class Feed:
         self.connected.set()
         log.info("connected to %s, subscribed to %s", self.settings.broker, self.settings.subscription(self.model))
 
+    @_guarded
     def _on_connect_fail(self, client, userdata) -> None:
         # paho calls this from inside its ``except OSError`` and only logs the failure at DEBUG:
         # the exception being handled says why (refused, unreachable, a certificate that does not verify).
@@ -195,6 +244,7 @@ class Feed:
             self._connect_failure_logged_at = now
         self._connect_failure = reason
 
+    @_guarded
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         failed = [rc for rc in reason_codes if rc.is_failure]
         if failed:
@@ -206,6 +256,7 @@ class Feed:
             return
         self.subscribed.set()
 
+    @_guarded
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._ack_lock:
             self._connection += 1
@@ -214,24 +265,32 @@ class Feed:
         if not self._stopping:
             log.warning("lost the broker %s (%s); reconnecting", self.settings.broker, reason_code)
 
+    @_guarded
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         if not self._accepting:
             return  # left un-acked: the broker redelivers it after our restart
         props = getattr(message, "properties", None)
         user_properties = getattr(props, "UserProperty", None)
         content_type = getattr(props, "ContentType", None)
-        item = parse(message.payload, user_properties, content_type, self.limits)
+        item = parse(message.payload, user_properties, content_type, self.limits)  # never raises
         delivery = Delivery(message.mid, message.qos, self._connection, item)
         self.received += 1
         # Backpressure: when intake falls behind, stop reading the socket; the broker holds the rest.
-        while True:
-            try:
-                self.deliveries.put(delivery, timeout=0.5)
-                return
-            except queue.Full:
-                if not self._accepting:
+        self.waiting_for_intake = True
+        try:
+            while True:
+                try:
+                    self.deliveries.put(delivery, timeout=0.5)
                     return
+                except queue.Full:
+                    if not self._accepting:
+                        return
+        finally:
+            self.waiting_for_intake = False
+            self.last_loop = time.monotonic()
 
+    def _on_loop(self) -> None:
+        self.last_loop = time.monotonic()
 
 
 def explain_connect_failure(err: BaseException | None, settings: MqttSettings) -> str:

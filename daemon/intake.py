@@ -47,6 +47,7 @@ class Intake(threading.Thread):
         self.failing_since: float | None = None  # set while the store refuses writes (disk full, ...)
         self.disk_full_since: float | None = None  # set while paused for a full disk: waiting, not hung
         self._stop_requested = threading.Event()
+        self.error: str | None = None  # why the thread ended, when it ended by an exception
 
     @property
     def rejected_total(self) -> int:
@@ -59,12 +60,16 @@ class Intake(threading.Thread):
         return not self.is_alive()
 
     def run(self) -> None:
-        while True:
-            batch = self._collect()
-            if batch:
-                self._commit(batch)
-            elif self._stop_requested.is_set():
-                return
+        try:
+            while True:
+                batch = self._collect()
+                if batch:
+                    self._commit(batch)
+                elif self._stop_requested.is_set():
+                    return
+        except Exception as err:  # nothing acked is lost: what was not committed comes back from the broker
+            self.error = f"{type(err).__name__}: {err}"
+            log.exception("intake failed")
 
     def _collect(self) -> list[Delivery]:
         q = self.feed.deliveries

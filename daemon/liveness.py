@@ -23,12 +23,16 @@ have shown one of these:
 - exporter: it is not in one export for longer than its own bound,
   ``export_stall_after_s``: an export legitimately takes minutes, far longer
   than the watchdog interval, so it has a bound derived from its settings.
+- feed: no callback failed and paho's network thread lives; while connected,
+  its loop turned (once a second when idle), unless it waits for room in the
+  deliveries queue, which is intake's stall to judge.
 
 Observed every main-loop tick (``observe``), judged at ping time (``stalls``).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 # Longest one conversion (litert-torch, one quantisation mode) may take before it counts as hung. On 2
@@ -45,6 +49,14 @@ class _Intake(Protocol):
     disk_full_since: float | None
 
     def is_alive(self) -> bool: ...
+
+
+class _Feed(Protocol):
+    connected: threading.Event
+    last_loop: float
+    waiting_for_intake: bool
+
+    def problem(self) -> str | None: ...
 
 
 class _Training(Protocol):
@@ -92,11 +104,17 @@ class Liveness:
                 self._busy_since = now
 
     def stalls(
-        self, now: float, intake: _Intake | None, training: _Training | None, exporting: _Exporting | None
+        self, now: float, intake: _Intake | None, training: _Training | None, exporting: _Exporting | None,
+        feed: _Feed | None = None,
     ) -> dict[str, str]:
         """What is not making progress: part -> what is wrong; empty when everything is."""
         bound = self.stall_after_s
         out: dict[str, str] = {}
+        if feed is not None:
+            if (problem := feed.problem()) is not None:
+                out["feed"] = problem
+            elif feed.connected.is_set() and not feed.waiting_for_intake and now - feed.last_loop > bound:
+                out["feed"] = f"the MQTT network loop has not turned for {now - feed.last_loop:.0f}s while connected"
         if intake is not None:
             if not intake.is_alive():
                 out["intake"] = "intake thread is dead"

@@ -9,6 +9,7 @@ every few seconds for the status page's chart.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -22,6 +23,7 @@ from prometheus_client.registry import Collector
 from daemon.registry import registry_root
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+log = logging.getLogger("sprout.metrics")
 
 
 class DaemonCollector(Collector):
@@ -33,6 +35,12 @@ class DaemonCollector(Collector):
     def collect(self):
         d = self.daemon
         intake, feed, training, exporting = d.intake, d.feed, d.training, d.exporting
+        healthy = GaugeMetricFamily("sprout_part_healthy", "1 while the part works, 0 when it failed or stalled "
+                                    "(what /healthz and the watchdog report).", labels=["part"])
+        stalled = d.withholding
+        for part, ok in sorted(d.health().items()):
+            healthy.add_metric([part], float(ok and part not in stalled))
+        yield healthy
         if intake is not None:
             yield CounterMetricFamily("sprout_examples_stored", "Examples committed to the store (and acked).",
                                       value=intake.stored)
@@ -54,8 +62,12 @@ class DaemonCollector(Collector):
         if feed is not None:
             yield GaugeMetricFamily("sprout_intake_backlog", "Received examples waiting for their commit.",
                                     value=feed.deliveries.qsize())
-            yield GaugeMetricFamily("sprout_broker_connected", "1 while the MQTT session is up.",
-                                    value=float(feed.connected.is_set()))
+            yield GaugeMetricFamily("sprout_broker_connected",
+                                    "1 while the MQTT session is up, subscribed and receiving.",
+                                    value=float(feed.receiving()))
+            yield CounterMetricFamily("sprout_mqtt_callback_errors",
+                                      "MQTT callbacks that failed (each marks the feed failed).",
+                                      value=feed.callback_errors)
         if training is not None:
             lr = training.learner
             yield CounterMetricFamily("sprout_training_steps", "Optimizer steps taken.", value=lr.step)
@@ -183,9 +195,13 @@ class History(threading.Thread):
             self.points.append(point)  # only what changed: an idle daemon does not fill the chart
 
     def run(self) -> None:
-        self.sample()
-        while not self._stop_event.wait(self.every_s):
-            self.sample()
+        while True:
+            try:
+                self.sample()
+            except Exception:  # a gap in the chart, never a dead thread: the next sample tries again
+                log.exception("sampling the learning curves failed")
+            if self._stop_event.wait(self.every_s):
+                return
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -23,6 +23,7 @@ wake-up: 150 -> 85-110 us of client CPU per message in a drain test.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import paho.mqtt
 import paho.mqtt.client as mqtt
@@ -139,7 +140,19 @@ def _utf8(view: memoryview, pos: int, end: int) -> tuple[str, int]:
 
 
 class BurstClient(mqtt.Client):
-    """A paho Client that reads all packets waiting on the socket per wake-up (see the module doc)."""
+    """A paho Client that reads all packets waiting on the socket per wake-up (see the module doc).
+
+    ``on_network_loop``, when set, is called every time the network loop turns (at least once a
+    second while connected), so that a loop that stopped turning can be told from an idle one.
+    """
+
+    on_network_loop: Callable[[], None] | None = None
+
+    def loop_misc(self) -> mqtt.MQTTErrorCode:
+        rc = super().loop_misc()
+        if self.on_network_loop is not None:
+            self.on_network_loop()
+        return rc
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
         if paho.mqtt.__version__ != CHECKED_PAHO_VERSION:

@@ -31,25 +31,41 @@ class Notice(threading.Thread):
         self.poll_s = poll_s
         self.announced: bytes | None = None  # the document the broker last acknowledged
         self.announcements = 0
+        self.error: str | None = None  # why the thread ended, when it ended by an exception
         self._stop_event = threading.Event()
+        self._seen: tuple[int, int] | None = None
 
     def run(self) -> None:
-        seen: tuple[int, int] | None = None
-        while not self._stop_event.is_set():
-            try:
-                st = self.latest_file.stat()
-            except FileNotFoundError:
-                st = None  # nothing published yet
-            stamp = (st.st_mtime_ns, st.st_size) if st else None
-            if stamp is not None and (stamp != seen or self.announced is None):
-                document = self.latest_file.read_bytes()  # replaced atomically by the registry: always whole
-                if document != self.announced and self._publish(self.topic, document):
-                    self.announced = document
-                    self.announcements += 1
-                    log.info("announced the latest model on %s", self.topic)
-                if document == self.announced:
-                    seen = stamp
-            self._stop_event.wait(self.poll_s)
+        failing: str | None = None
+        try:
+            while not self._stop_event.is_set():
+                try:
+                    self._look()
+                    failing = None
+                except OSError as err:  # an unreadable latest file (permissions, I/O): said once, tried again
+                    if str(err) != failing:
+                        log.error("cannot read %s to announce it: %s; trying again every %.0fs",
+                                  self.latest_file, err, self.poll_s)
+                    failing = str(err)
+                self._stop_event.wait(self.poll_s)
+        except Exception as err:
+            self.error = f"{type(err).__name__}: {err}"
+            log.exception("the model notice failed")
+
+    def _look(self) -> None:
+        try:
+            st = self.latest_file.stat()
+        except FileNotFoundError:
+            return  # nothing published yet
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._seen or self.announced is None:
+            document = self.latest_file.read_bytes()  # replaced atomically by the registry: always whole
+            if document != self.announced and self._publish(self.topic, document):
+                self.announced = document
+                self.announcements += 1
+                log.info("announced the latest model on %s", self.topic)
+            if document == self.announced:
+                self._seen = stamp
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop_event.set()

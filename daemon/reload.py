@@ -41,8 +41,8 @@ RELOADABLE: dict[str, frozenset[str]] = {
     "training": frozenset({"replay_ratio", "balance_classes"}),
     # Read by the feed for every message and by intake for every commit.
     "store": frozenset({
-        "max_image_bytes", "max_image_pixels", "max_label_chars", "commit_max_examples", "commit_linger_ms",
-        "min_free_mb", "max_mb",
+        "max_image_bytes", "max_image_pixels", "max_full_decode_pixels", "max_label_chars", "commit_max_examples",
+        "commit_linger_ms", "min_free_mb", "max_mb",
     }),
 }
 

@@ -34,11 +34,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("sprout.server")
 
@@ -158,15 +160,64 @@ def build_app(health: Health, api: DownloadApi | None = None, metrics: Callable[
     routes = [Route("/healthz", healthz), *(api.routes() if api else [])]
     routes += [Route("/metrics", prometheus)] if metrics else []
     routes += [Route("/", page)] if status else []
-    return Starlette(routes=routes, exception_handlers={404: not_found})
+    app = Starlette(routes=routes, exception_handlers={404: not_found})
+    # Starlette would answer "/healthz/" with a redirect whose Location is built from the client's Host
+    # header (an open redirect), and before the /v1 token check; a path is served as written or not at all.
+    app.router.redirect_slashes = False
+    return app
+
+
+class RequestTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request (head and body) has not all arrived
+    within ``request_timeout_s``: uvicorn times only the idle wait between requests (keep-alive), so a
+    client that never finishes its request (slow loris) would hold a connection for ever. Built on h11
+    explicitly, so installing httptools (uvicorn's "auto" choice) cannot drop the timer.
+
+    The timer runs from the connection's opening, or a later request's first byte, until the whole
+    request is parsed; never while the response is sent (a slow download) nor between requests.
+    """
+
+    request_timeout_s = 10.0
+    _request_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._request_timer = self.loop.call_later(self.request_timeout_s, self._request_timed_out)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        # h11 stays IDLE until a request's head is complete: bytes in its buffer are a head under way.
+        receiving = self.conn.their_state is h11.SEND_BODY or (
+            self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0]))
+        if receiving and self._request_timer is None:
+            self._request_timer = self.loop.call_later(self.request_timeout_s, self._request_timed_out)
+        elif not receiving:
+            self._cancel_request_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_request_timer()
+        super().connection_lost(exc)
+
+    def _cancel_request_timer(self) -> None:
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
+
+    def _request_timed_out(self) -> None:
+        self._request_timer = None
+        self.transport.close()
 
 
 class HttpServer:
     def __init__(self, host: str, port: int, health: Health, api: DownloadApi | None = None,
                  tls_cert_file: Path | None = None, tls_key_file: Path | None = None,
-                 metrics: Callable[[], bytes] | None = None, status: Callable[[], str] | None = None):
+                 metrics: Callable[[], bytes] | None = None, status: Callable[[], str] | None = None,
+                 request_timeout_s: float = 10.0):
+        # A class of this server's own: uvicorn builds the protocol itself, from the class alone.
+        protocol = type("RequestTimeoutProtocol", (RequestTimeoutProtocol,), {"request_timeout_s": request_timeout_s})
         config = uvicorn.Config(
             build_app(health, api, metrics, status), host=host, port=port, log_level="warning", lifespan="off", access_log=False,
+            http=protocol,
             ssl_certfile=str(tls_cert_file) if tls_cert_file else None,
             ssl_keyfile=str(tls_key_file) if tls_key_file else None,
         )

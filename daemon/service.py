@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from daemon import logs
+from daemon import logs, preflight
 from daemon.feed import Feed
 from daemon.intake import Intake
 from daemon.liveness import Liveness, export_stall_after_s
@@ -91,16 +91,11 @@ class Daemon:
 
     def startup(self) -> None:
         s = self.settings
+        preflight.check(s)  # what `sprout check-config` checks too: files, the signing key, the runtimes
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(s.state_dir / "examples.db")
         self.feed = Feed(s.mqtt, s.model.name, s.client_id, _limits(s), s.store.backlog_max)
         self.intake = Intake(self.feed, self.store, s.store)
-        if s.training.enabled and s.export.enabled:
-            from daemon.verification import unavailable
-
-            if problems := unavailable(s.export.runtimes, s.export.tflite_runtime_python):
-                # Every export would be refused: say so now rather than after the first one.
-                raise ConfigError(f"export.runtimes: {'; '.join(problems)}")
         if s.training.enabled:
             from daemon.checkpoint import CheckpointError  # these import torch: only when this node learns
             from daemon.training import Training
@@ -144,7 +139,8 @@ class Daemon:
             self.http = HttpServer(s.server.host, s.server.port, self.health, api,
                                    s.server.tls_cert_file, s.server.tls_key_file,
                                    metrics=lambda: metrics.exposition(scrape),
-                                   status=lambda: status_page.render(self, self.history))
+                                   status=lambda: status_page.render(self, self.history),
+                                   request_timeout_s=s.server.request_timeout_s)
             self.http_address = self.http.start()
             log.info("serving HTTP on %s://%s%s", self.http.scheme, self.http_address,
                      " (downloads need the bearer token)" if token else "")
@@ -165,8 +161,14 @@ class Daemon:
     def main_loop(self, on_tick: Callable[[Daemon], None] | None) -> int:
         self.notifier.status(f"connecting to {self.settings.mqtt.broker}")
         while not self.should_exit.wait(0.1):
+            if self.feed is not None and (problem := self.feed.problem()) is not None:
+                log.error("feed failed (%s); exiting so the service manager restarts Sprout", problem)
+                return EX_SOFTWARE
             if self.intake is not None and not self.intake.is_alive():
-                log.error("intake thread died; exiting so the service manager restarts Sprout")
+                log.error("intake thread died (%s); exiting so the service manager restarts Sprout", self.intake.error)
+                return EX_SOFTWARE
+            if self.notice is not None and not self.notice.is_alive():
+                log.error("notice thread died (%s); exiting so the service manager restarts Sprout", self.notice.error)
                 return EX_SOFTWARE
             if self.training is not None and not self.training.is_alive():
                 log.error("learner thread died (%s); exiting so the service manager restarts Sprout", self.training.error)
@@ -302,10 +304,12 @@ class Daemon:
 
     def health(self) -> dict[str, bool]:
         parts = {
-            "feed": bool(self.feed and self.feed.subscribed.is_set()),
+            # Subscribed and still receiving: a failed callback or a dead network thread is not a feed.
+            "feed": bool(self.feed and self.feed.receiving()),
             "intake": bool(self.intake and self.intake.is_alive() and self.intake.failing_since is None),
             # False while intake waits for disk space (store.min_free_mb): says why intake is false.
             "disk": not (self.intake and self.intake.disk_full_since is not None),
+            "notice": bool(self.notice is None or self.notice.is_alive()),
         }
         if self.settings.training.enabled:
             parts["learner"] = bool(self.training and self.training.is_alive())
@@ -326,7 +330,7 @@ class Daemon:
             self.intake.duplicates,
             self.intake.rejected_total,
             self.feed.deliveries.qsize(),
-            "connected" if self.feed.connected.is_set() else "DISCONNECTED",
+            self._broker_state(),
         )
         if self.training is not None:
             lr = self.training.learner
@@ -343,6 +347,12 @@ class Daemon:
             )
         self._progress_at = now
         self._progress_stored = stored
+
+    def _broker_state(self) -> str:
+        assert self.feed is not None
+        if (problem := self.feed.problem()) is not None:
+            return f"FAILED ({problem})"
+        return "connected" if self.feed.connected.is_set() else "DISCONNECTED"
 
     def _report(self, now: float) -> None:
         """Tell systemd: READY=1 once, then STATUS every few seconds and WATCHDOG=1 while all makes progress."""
@@ -364,7 +374,7 @@ class Daemon:
         watchdog_s = self.notifier.watchdog_s
         if watchdog_s and now >= self._ping_due:
             self._ping_due = now + watchdog_s / 2  # sd_watchdog_enabled(3): ping at half the interval
-            stalls = self.liveness.stalls(now, self.intake, self.training, self.exporting)
+            stalls = self.liveness.stalls(now, self.intake, self.training, self.exporting, self.feed)
             if stalls.keys() - self.withholding.keys():  # once per newly stalled part, not every ping
                 log.warning("watchdog: not pinging: %s; systemd restarts Sprout once %.0fs pass without a ping",
                             "; ".join(stalls.values()), watchdog_s)
@@ -392,8 +402,8 @@ class Daemon:
             parts.append(f"{lr.trained} learned (backlog {self.training.backlog}), holdout {holdout}")
         version = self._latest_version()
         parts.append(f"model v{version}" if version is not None else "no model published")
-        if self.feed is not None and not self.feed.connected.is_set():
-            parts.append(f"broker {self.settings.mqtt.broker} DISCONNECTED")
+        if self.feed is not None and (state := self._broker_state()) != "connected":
+            parts.append(f"broker {self.settings.mqtt.broker} {state}")
         if self.intake is not None and self.intake.disk_full_since is not None:
             parts.append(f"DISK FULL: intake paused for {time.monotonic() - self.intake.disk_full_since:.0f}s")
         if self.withholding:
@@ -431,6 +441,7 @@ def _limits(s: Settings) -> Limits:
     return Limits(
         max_image_bytes=s.store.max_image_bytes,
         max_image_pixels=s.store.max_image_pixels,
+        max_full_decode_pixels=s.store.max_full_decode_pixels,
         max_label_chars=s.store.max_label_chars,
         holdout_fraction=s.store.holdout_fraction,
     )

@@ -161,7 +161,14 @@ class StoreSettings(Section):
     max_image_pixels: int = Field(
         50_000_000,
         ge=64,
-        description="Largest accepted width*height; checked from the header before any decoding (decompression bombs).",
+        description="Largest accepted width*height; checked from the header before any decoding (decompression bombs). "
+        "JPEGs decode at a reduced scale, so this bounds their file size, not the daemon's memory.",
+    )
+    max_full_decode_pixels: int = Field(
+        16_777_216,
+        ge=64,
+        description="Largest accepted width*height for PNG and WebP, which decode at full size (3 bytes a pixel "
+        "while decoding: 16 MP = 48 MB); higher admits larger lossless photos, at that much memory per image.",
     )
     max_label_chars: int = Field(128, ge=1, le=4096, description="Longest accepted class name, in characters.")
     commit_max_examples: int = Field(
@@ -388,6 +395,12 @@ class ServerSettings(Section):
         None, description="Certificate chain (PEM) to serve HTTPS with; unset = plain HTTP (put a TLS proxy in front)."
     )
     tls_key_file: Path | None = Field(None, description="Private key (PEM) of tls_cert_file.")
+    request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client may take to send a request's head and body before the connection is closed; "
+        "lower frees slow-loris connections sooner, higher tolerates slower links.",
+    )
 
     @model_validator(mode="after")
     def _pairs(self) -> ServerSettings:

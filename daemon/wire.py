@@ -16,15 +16,31 @@ import base64
 import binascii
 import enum
 import hashlib
+import io
 import json
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 
+from PIL import Image
+
 from daemon.imagehead import HeaderError, read_header
+
+log = logging.getLogger("sprout.wire")
 
 CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 SPLITS = ("train", "holdout")
 MAX_ID_CHARS = 200
+# The JSON form is one flat object; these bound what a parser can be made to do with anything else.
+# Python's json recurses once per nesting level (RecursionError past ~1,000) and refuses integers of
+# more than 4,300 digits (ValueError): a count of brackets bounds the depth before parsing, and
+# integers are read through a hook that refuses long ones.
+MAX_JSON_BRACKETS = 256
+MAX_JSON_INT_DIGITS = 32
+# A JPEG is checked by decoding it at 1/8 scale (Pillow's draft mode): every byte of its entropy-coded
+# data is read, so a cut or corrupt body shows, at a small fraction of a full decode's time and memory.
+CHECK_DECODE_SIZE = (1, 1)
 
 
 class Reason(enum.Enum):
@@ -43,6 +59,8 @@ class Reason(enum.Enum):
     TOO_MANY_PIXELS = "too_many_pixels"
     BAD_JSON = "bad_json"
     BAD_BASE64 = "bad_base64"
+    CORRUPT_IMAGE = "corrupt_image"
+    UNREADABLE = "unreadable"  # the parser itself failed on this message: a defect, logged with its traceback
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +69,7 @@ class Limits:
     max_image_pixels: int
     max_label_chars: int
     holdout_fraction: float
+    max_full_decode_pixels: int  # PNG and WebP decode at full size: their own, lower limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,34 +120,62 @@ def parse(
     ``user_properties`` and ``content_type`` are the MQTT v5 properties (None under 3.1.1).
     """
     now = time.time() if received_at is None else received_at
-    props: dict[str, str] = {}
-    for key, value in user_properties or ():
-        props.setdefault(key, value)  # the first occurrence wins; MQTT allows repeats
-    example_id = props.get("example_id")
+    example_id: object = None
     try:
+        props: dict[str, str] = {}
+        for key, value in user_properties or ():
+            props.setdefault(key, value)  # the first occurrence wins; MQTT allows repeats
+        example_id = props.get("example_id")
         if "label" in props:
             fields = props
             image = payload
         elif payload[:16].lstrip()[:1] in (b"{", b"["):
-            fields, image = _json_fallback(payload, limits)
+            doc = _json_document(payload, limits)
+            example_id = doc.get("example_id") if isinstance(doc, dict) else None
+            fields, image = _json_fields(doc)
             content_type = fields.get("content_type")
-            example_id = fields.get("example_id")
         else:
             raise _Reject(Reason.MISSING_LABEL, "label missing: set the MQTT v5 user property 'label' (or send the JSON form)")
         return _example(image, fields, content_type, limits, now)
     except _Reject as r:
-        shown_id = example_id if isinstance(example_id, str) and _printable(example_id, MAX_ID_CHARS) else None
-        return Rejection(r.reason, r.detail, shown_id, now)
+        return Rejection(r.reason, r.detail, _shown_id(example_id), now)
+    except Exception as err:
+        # No input may raise out of here (it would end the MQTT network thread): a parser defect
+        # rejects the one message, with its traceback in the log so that it gets fixed.
+        log.exception("parsing a message failed (%d bytes); rejected", len(payload))
+        return Rejection(Reason.UNREADABLE, f"the message could not be read ({type(err).__name__}); "
+                         "check it against the wire format in the README", _shown_id(example_id), now)
 
 
-def _json_fallback(payload: bytes, limits: Limits) -> tuple[dict[str, str], bytes]:
+def _shown_id(example_id: object) -> str | None:
+    return example_id if isinstance(example_id, str) and _printable(example_id, MAX_ID_CHARS) else None
+
+
+def _json_document(payload: bytes, limits: Limits) -> object:
     # base64 inflates by 4/3; anything longer cannot hold an acceptable image.
     if len(payload) > limits.max_image_bytes * 4 // 3 + 64 * 1024:
         raise _Reject(Reason.TOO_LARGE, f"JSON message of {len(payload)} bytes exceeds the image limit of {limits.max_image_bytes}")
+    brackets = payload.count(b"[") + payload.count(b"{")
+    if brackets > MAX_JSON_BRACKETS:
+        raise _Reject(Reason.BAD_JSON, f"JSON message holds {brackets} brackets, more than {MAX_JSON_BRACKETS}: "
+                      "send one flat object with 'label' and 'image'")
     try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _Reject(Reason.BAD_JSON, f"payload is neither an image with a 'label' property nor valid JSON: {err}") from None
+        text = payload.decode("utf-8")  # RFC 8259: JSON between systems is UTF-8
+        return json.loads(text, parse_int=_bounded_int)
+    except UnicodeDecodeError as err:
+        raise _Reject(Reason.BAD_JSON, f"JSON payload is not UTF-8: {err}") from None
+    except (ValueError, RecursionError) as err:  # json.JSONDecodeError is a ValueError
+        raise _Reject(Reason.BAD_JSON, f"payload is neither an image with a 'label' property nor valid JSON: "
+                      f"{str(err)[:200]}") from None
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise _Reject(Reason.BAD_JSON, f"JSON number of {len(digits)} digits: numbers have at most {MAX_JSON_INT_DIGITS}")
+    return int(digits)
+
+
+def _json_fields(doc: object) -> tuple[dict[str, str], bytes]:
     if not isinstance(doc, dict):
         raise _Reject(Reason.BAD_JSON, "JSON payload must be an object with 'label' and 'image'")
     fields: dict[str, str] = {}
@@ -172,7 +219,8 @@ def _example(image: bytes, fields: dict[str, str], content_type: str | None, lim
         raise _Reject(Reason.EMPTY_IMAGE, "payload is empty: put the encoded image in the payload")
     if len(image) > limits.max_image_bytes:
         raise _Reject(Reason.TOO_LARGE, f"image of {len(image)} bytes exceeds the limit of {limits.max_image_bytes}: resize it")
-    width, height = inspect_image(image, CONTENT_TYPES[content_type], limits.max_image_pixels)
+    width, height = inspect_image(image, CONTENT_TYPES[content_type], limits.max_image_pixels,
+                                  limits.max_full_decode_pixels)
     if example_id is None:
         # Same bytes and label -> same id, so a redelivered or resent duplicate is stored once.
         example_id = hashlib.sha256(label.encode() + b"\0" + image).hexdigest()
@@ -181,10 +229,11 @@ def _example(image: bytes, fields: dict[str, str], content_type: str | None, lim
     return Example(example_id, label, split, content_type, width, height, image, now)
 
 
-def inspect_image(image: bytes, expected_format: str, max_pixels: int) -> tuple[int, int]:
-    """Read format and size from the header only, and check the tail for truncation.
+def inspect_image(image: bytes, expected_format: str, max_pixels: int, max_full_decode_pixels: int) -> tuple[int, int]:
+    """Read format and size from the header, check the tail for truncation, then check that the body decodes.
 
-    Decoding is left to the learner; this costs a few microseconds.
+    Nothing is decoded before the header's size passed its limits: a JPEG at 1/8 scale (a few MB at
+    most), PNG and WebP, which have no reduced decoding, only up to ``max_full_decode_pixels``.
     """
     # A cut-off upload is the commonest fault from phones on a weak link: name it as such.
     if _magic_format(image) == expected_format and not _complete(image, expected_format):
@@ -204,7 +253,28 @@ def inspect_image(image: bytes, expected_format: str, max_pixels: int) -> tuple[
         raise _Reject(
             Reason.TOO_MANY_PIXELS, f"image of {width}x{height} pixels exceeds the limit of {max_pixels}: resize it"
         )
+    if actual_format != "JPEG" and width * height > max_full_decode_pixels:
+        raise _Reject(
+            Reason.TOO_MANY_PIXELS,
+            f"{actual_format} image of {width}x{height} pixels exceeds the limit of {max_full_decode_pixels} for "
+            "formats decoded at full size: resize it, or send it as JPEG",
+        )
+    _check_decodes(image, actual_format, (width, height))
     return width, height
+
+
+def _check_decodes(image: bytes, fmt: str, size: tuple[int, int]) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning: our own limits were applied above
+            with Image.open(io.BytesIO(image), formats=[fmt]) as img:
+                if img.size != size:
+                    raise ValueError(f"Pillow reads {img.size[0]}x{img.size[1]}, the header says {size[0]}x{size[1]}")
+                img.draft("RGB", CHECK_DECODE_SIZE)  # JPEG only; PNG and WebP decode whole
+                img.load()
+    except Exception as err:  # Pillow raises many types for corrupt data; all mean "cannot use this image"
+        raise _Reject(Reason.CORRUPT_IMAGE, f"{fmt} image does not decode ({str(err)[:160] or type(err).__name__}): "
+                      "send the original file") from None
 
 
 def _magic_format(image: bytes) -> str | None:

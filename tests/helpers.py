@@ -12,9 +12,12 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
 from PIL import Image
 
 from daemon.broker import free_port
@@ -52,6 +55,23 @@ def publish_examples(url: str, model: str, ids: list[str], labels: list[str], ra
         assert pub.wait_all_acked(30.0), pub.report
     assert pub.report.acked == len(ids), pub.report.as_dict()
     return pub
+
+
+@contextmanager
+def rejection_notices(broker_port: int, model: str = "leaves") -> Iterator[list[dict]]:
+    """The JSON notices the daemon publishes on ``sprout/<model>/rejected``, collected while the block runs."""
+    notices: list[dict] = []
+    listener = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    listener.on_message = lambda c, u, m: notices.append(json.loads(m.payload))
+    listener.connect("127.0.0.1", broker_port)
+    listener.subscribe(f"sprout/{model}/rejected", qos=1)
+    listener.loop_start()
+    time.sleep(0.3)  # the SUBACK: a notice published before it would be missed
+    try:
+        yield notices
+    finally:
+        listener.loop_stop()
+        listener.disconnect()
 
 
 def stored_ids(state: Path) -> list[str]:

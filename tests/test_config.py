@@ -146,3 +146,31 @@ def test_a_list_from_the_environment_that_is_not_json_exits_78_naming_it():
     assert out.returncode == 78, out.stderr
     assert "SPROUT_EXPORT__RUNTIMES (field export.runtimes) is not JSON: 'ai-edge-litert'" in out.stderr
     assert "take JSON" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ({"SPROUT_SERVER__TOKEN_FILE": "{tmp}/no-token"}, "server.token_file: cannot read"),
+        ({"SPROUT_SERVER__TLS_CERT_FILE": "{tmp}/no-cert.pem", "SPROUT_SERVER__TLS_KEY_FILE": "{tmp}/no-key.pem"},
+         "server.tls_cert_file: cannot read"),
+        ({"SPROUT_MODEL__WEIGHTS_FILE": "{tmp}/no-weights.pt"}, "model.weights_file: cannot read"),
+        ({"SPROUT_SIGNING__KEY_FILE": "{tmp}/open.key"}, "signing.key_file:"),
+        ({"SPROUT_EXPORT__TFLITE_RUNTIME_PYTHON": "{tmp}/no-venv/bin/python"}, "export.runtimes: tflite-runtime needs"),
+    ],
+)
+def test_check_config_refuses_what_run_refuses(tmp_path: Path, setting: dict[str, str], needle: str):
+    from daemon.signing import generate
+
+    generate(tmp_path)
+    (tmp_path / "signing.key").rename(tmp_path / "open.key")
+    (tmp_path / "open.key").chmod(0o644)  # a signing key others can read
+    env = {"PATH": "/usr/bin:/bin", "SPROUT_MODEL__BACKBONE": "tiny",
+           **{k: v.format(tmp=tmp_path) for k, v in setting.items()}}
+    checked = subprocess.run([*SPROUT, "check-config", str(REPO / "sprout.example.toml")], capture_output=True,
+                             text=True, timeout=60, env=env)
+    ran = subprocess.run([*SPROUT, "run", "--state", str(tmp_path / "state"), "--broker", "mqtt://127.0.0.1:9"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert (checked.returncode, ran.returncode) == (78, 78), (checked.stderr[-800:], ran.stderr[-800:])
+    assert needle in checked.stderr and needle in ran.stderr
+    assert not (tmp_path / "state").exists()  # refused before touching anything

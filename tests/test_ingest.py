@@ -11,12 +11,13 @@ import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 
 import paho.mqtt.client as mqtt
 import pytest
 from PIL import Image
 
-from helpers import SPROUT, jpeg, png, publish_examples, stored_ids, wait_for
+from helpers import SPROUT, jpeg, png, publish_examples, rejection_notices, stored_ids, wait_for
 from daemon.feeder import Publisher
 
 
@@ -128,45 +129,86 @@ def bad_messages() -> list[tuple[str, bytes, mqtt.Properties | None, str]]:
 
 def test_malformed_messages_are_rejected_counted_and_reported(broker, daemon_factory, tmp_path):
     d = daemon_factory(broker.url, env={"SPROUT_STORE__MAX_IMAGE_PIXELS": "1000000"}).start()
-    notices: list[dict] = []
-    listener = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    listener.on_message = lambda c, u, m: notices.append(json.loads(m.payload))
-    listener.connect("127.0.0.1", broker.port)
-    listener.subscribe("sprout/leaves/rejected", qos=1)
-    listener.loop_start()
-    time.sleep(0.3)
+    with rejection_notices(broker.port) as notices:
+        cases = bad_messages()
+        good_ids, good_labels = ids_and_labels(20, "good")
+        with Publisher(broker.url) as pub:
+            for i, (name, payload, props, _) in enumerate(cases):
+                pub.publish_raw("sprout/leaves/examples", payload, props)
+                pub.publish("sprout/leaves/examples", jpeg(100 + i), good_labels[i], "image/jpeg", good_ids[i])
+            # A JSON example from an MQTT 3.1.1 sender, and a pixel bomb (2000 x 2000 > 1 M pixel limit).
+            doc = {"label": "rust", "image": base64.b64encode(jpeg(5)).decode(), "content_type": "image/jpeg", "example_id": "json-1"}
+            pub.publish_raw("sprout/leaves/examples", json.dumps(doc).encode())
+            buf = io.BytesIO()
+            Image.new("L", (2000, 2000)).save(buf, format="PNG")
+            pub.publish("sprout/leaves/examples", buf.getvalue(), "rust", "image/png", "bomb-1")
+            assert pub.wait_all_acked(10)
 
-    cases = bad_messages()
-    good_ids, good_labels = ids_and_labels(20, "good")
-    with Publisher(broker.url) as pub:
-        for i, (name, payload, props, _) in enumerate(cases):
-            pub.publish_raw("sprout/leaves/examples", payload, props)
-            pub.publish("sprout/leaves/examples", jpeg(100 + i), good_labels[i], "image/jpeg", good_ids[i])
-        # A JSON example from an MQTT 3.1.1 sender, and a pixel bomb (2000 x 2000 > 1 M pixel limit).
-        doc = {"label": "rust", "image": base64.b64encode(jpeg(5)).decode(), "content_type": "image/jpeg", "example_id": "json-1"}
-        pub.publish_raw("sprout/leaves/examples", json.dumps(doc).encode())
-        buf = io.BytesIO()
-        Image.new("L", (2000, 2000)).save(buf, format="PNG")
-        pub.publish("sprout/leaves/examples", buf.getvalue(), "rust", "image/png", "bomb-1")
-        assert pub.wait_all_acked(10)
+        expected: dict[str, int] = {"too_many_pixels": 1}
+        for _, _, _, reason in cases:
+            expected[reason] = expected.get(reason, 0) + 1
+        want_stored = set(good_ids[: len(cases)]) | {"json-1"}
+        wait_for(lambda: set(stored_ids(d.state)) == want_stored, 30, "the good examples among the bad")
+        wait_for(lambda: len(notices) == sum(expected.values()), 10, "a notice per rejection")
+        stats = store_stats(d.state)
+        assert stats["rejected"] == dict(sorted(expected.items()))
+        assert stats["total"] == len(want_stored)
+        assert sorted(n["reason"] for n in notices) == sorted(r for r, k in expected.items() for _ in range(k))
+        assert {"example_id": "cut-1", "reason": "truncated_image"}.items() <= next(
+            n for n in notices if n["example_id"] == "cut-1"
+        ).items()
+        assert all("image" not in n for n in notices)
+        assert d.health()[0] == 200  # still up and ingesting
+        assert d.stop() == 0
 
-    expected: dict[str, int] = {"too_many_pixels": 1}
-    for _, _, _, reason in cases:
-        expected[reason] = expected.get(reason, 0) + 1
-    want_stored = set(good_ids[: len(cases)]) | {"json-1"}
-    wait_for(lambda: set(stored_ids(d.state)) == want_stored, 30, "the good examples among the bad")
-    wait_for(lambda: len(notices) == sum(expected.values()), 10, "a notice per rejection")
-    stats = store_stats(d.state)
-    assert stats["rejected"] == dict(sorted(expected.items()))
-    assert stats["total"] == len(want_stored)
-    assert sorted(n["reason"] for n in notices) == sorted(r for r, k in expected.items() for _ in range(k))
-    assert {"example_id": "cut-1", "reason": "truncated_image"}.items() <= next(
-        n for n in notices if n["example_id"] == "cut-1"
-    ).items()
-    assert all("image" not in n for n in notices)
-    assert d.health()[0] == 200  # still up and ingesting
-    listener.loop_stop()
-    assert d.stop() == 0
+
+def poison_messages() -> list[tuple[str, bytes, mqtt.Properties | None, str]]:
+    """What an outside tester sent that once ended the MQTT network thread, and the smaller findings beside it."""
+
+    def props(label="rust", content_type="image/jpeg", **extra):
+        p = mqtt.Properties(mqtt.PacketTypes.PUBLISH)
+        p.ContentType = content_type
+        p.UserProperty = [("label", label), *extra.items()]
+        return p
+
+    huge_number = b'{"label": "rust", "image": "", "n": ' + b"7" * 4_400 + b"}"  # past Python's int-to-string limit
+    cut = jpeg(3, 64)[:200] + b"\xff\xd9"  # a valid header and an end marker around nothing
+    buf = io.BytesIO()
+    Image.new("RGB", (7000, 7000)).save(buf, format="PNG")  # ~143 KB; 147 MB if decoded whole
+    return [
+        ("deep nesting", b"[" * 100_000, None, "bad_json"),
+        ("huge integer", huge_number, None, "bad_json"),
+        ("broken base64 keeps its id", json.dumps({"label": "rust", "image": "%%%", "content_type": "image/jpeg",
+                                                   "example_id": "b64-1"}).encode(), None, "bad_base64"),
+        ("body that does not decode", cut, props(label="ghost-class", example_id="cut-200"), "corrupt_image"),
+        ("all-zero 7000x7000 png", buf.getvalue(), props(content_type="image/png"), "too_many_pixels"),
+    ]
+
+
+def test_poison_messages_are_rejected_and_the_examples_behind_them_stored(broker, daemon_factory):
+    d = daemon_factory(broker.url).start()
+    with rejection_notices(broker.port) as notices:
+        cases = poison_messages()
+        with Publisher(broker.url) as pub:
+            for i, (_, payload, props, _) in enumerate(cases):
+                pub.publish_raw("sprout/leaves/examples", payload, props)
+                pub.publish("sprout/leaves/examples", jpeg(200 + i), "rust", "image/jpeg", f"after-{i}")
+            assert pub.wait_all_acked(10)
+        wait_for(lambda: len(stored_ids(d.state)) == len(cases), 30, "every good example behind a poison one")
+        wait_for(lambda: len(notices) == len(cases), 10, "a notice per rejection")
+        assert sorted(n["reason"] for n in notices) == sorted(reason for *_, reason in cases)
+        assert next(n for n in notices if n["reason"] == "bad_base64")["example_id"] == "b64-1"
+        assert next(n for n in notices if n["reason"] == "corrupt_image")["example_id"] == "cut-200"
+        assert d.health() == (200, {"feed": True, "intake": True, "disk": True, "notice": True})
+        assert "ghost-class" not in store_stats(d.state)["per_label"]
+        # Acked with their rejection: a restart receives none of them again, and a new example goes through.
+        assert d.stop() == 0
+        d.start()
+        publish_examples(broker.url, "leaves", ["after-restart"], ["rust"])
+        wait_for(lambda: "after-restart" in stored_ids(d.state), 10, "an example after the restart")
+        time.sleep(0.5)
+        assert store_stats(d.state)["rejected"] == dict(sorted(Counter(reason for *_, reason in cases).items()))
+        assert d.stop() == 0
 
 
 def test_sigterm_commits_what_arrived_and_exits_0(broker, daemon_factory):

@@ -6,9 +6,12 @@ import datetime
 import hashlib
 import json
 import os
+import re
+import socket
 import ssl
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -29,8 +32,8 @@ def registry(tmp_path: Path) -> Registry:
     return Registry(registry_root(tmp_path / "state"), MODEL, Signer.load_or_create(tmp_path / "keys" / "signing.key"), 5)
 
 
-def serve(root: Path, token: str | None = None, **tls) -> tuple[HttpServer, str]:
-    server = HttpServer("127.0.0.1", 0, lambda: {"feed": True}, DownloadApi(root, token), **tls)
+def serve(root: Path, token: str | None = None, **options) -> tuple[HttpServer, str]:
+    server = HttpServer("127.0.0.1", 0, lambda: {"feed": True}, DownloadApi(root, token), **options)
     address = server.start()
     return server, f"{server.scheme}://{address}"
 
@@ -125,6 +128,79 @@ def test_a_configured_token_guards_downloads_but_not_health(registry: Registry):
         assert httpx.get(url, headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
         assert httpx.get(f"{base}/healthz").status_code == 200
     finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("path", [f"/v1/models/{MODEL}/latest/", "/healthz/"])
+def test_a_trailing_slash_gets_the_json_404_not_a_redirect_built_from_the_host_header(registry: Registry, path):
+    registry.publish(os.urandom(1024), fields())
+    server, base = serve(registry.root, token="s3cret-token")
+    try:
+        r = httpx.get(f"{base}{path}", headers={"Host": "evil.example"}, follow_redirects=False)
+        assert r.status_code == 404 and "location" not in r.headers
+        assert r.json() == {"error": f"no such path: {path} (the API is in docs/devices.md)"}
+    finally:
+        server.stop()
+
+
+def closed_by_server(sock: socket.socket, deadline: float) -> bool:
+    """True once the server closes ``sock`` (whatever it answered first), False if it is still open at ``deadline``."""
+    try:
+        while True:
+            sock.settimeout(max(deadline - time.monotonic(), 0.05))  # past the deadline, what has already happened
+            if not sock.recv(65_536):
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def status_of(sock: socket.socket) -> int:
+    """Read one whole response (its body by Content-Length) from ``sock``; returns its status."""
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += (more := sock.recv(65_536))
+        assert more, "the server closed the connection"
+    head, _, body = got.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head)[1])
+    while len(body) < length:
+        body += (more := sock.recv(65_536))
+        assert more, "the server closed the connection"
+    return int(head.split()[1])
+
+
+def test_a_request_not_sent_in_time_is_cut_off_but_keep_alive_and_downloads_are_not(registry: Registry):
+    data = os.urandom(32 << 20)  # more than the socket buffers hold, so the server is still sending when we pause
+    registry.publish(data, fields())
+    server, base = serve(registry.root, request_timeout_s=0.5)
+    address = base.removeprefix("http://").rsplit(":", 1)
+    slow = [b"", b"GET /hea", b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+            b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"0" * 10]
+    sockets = [socket.create_connection((address[0], int(address[1])), timeout=5) for _ in slow]
+    try:
+        for sock, part in zip(sockets, slow):
+            sock.sendall(part)
+        # Well within uvicorn's 5 s keep-alive, which would otherwise be the first to close the answered POST.
+        deadline = time.monotonic() + 2.5
+        assert [closed_by_server(sock, deadline) for sock in sockets] == [True] * len(slow)
+        with socket.create_connection((address[0], int(address[1])), timeout=5) as kept:
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status_of(kept) == 200
+            time.sleep(1.0)  # idle longer than request_timeout_s, shorter than keep-alive: the connection stays
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status_of(kept) == 200
+        # A download the device reads slowly is a response being sent, not a request: never cut off.
+        got = bytearray()
+        with httpx.stream("GET", f"{base}/v1/models/{MODEL}/versions/1/model.tflite", timeout=10) as r:
+            for chunk in r.iter_bytes(1 << 20):
+                if not got:
+                    time.sleep(1.0)
+                got += chunk
+        assert bytes(got) == data
+    finally:
+        for sock in sockets:
+            sock.close()
         server.stop()
 
 

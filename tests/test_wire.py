@@ -13,7 +13,8 @@ from PIL import Image
 from helpers import jpeg, png
 from daemon.wire import Example, Limits, Reason, Rejection, holdout_split, parse
 
-LIMITS = Limits(max_image_bytes=200_000, max_image_pixels=1_000_000, max_label_chars=32, holdout_fraction=0.2)
+LIMITS = Limits(max_image_bytes=200_000, max_image_pixels=1_000_000, max_full_decode_pixels=1_000_000, max_label_chars=32,
+                holdout_fraction=0.2)
 
 
 def webp(size: int = 20) -> bytes:
@@ -129,7 +130,8 @@ def test_bomb_past_the_default_limit_is_rejected_without_decoding():
     # 15000 x 15000 = 225 M pixels in ~30 kB: over the default 50 M pixel limit.
     buf = io.BytesIO()
     Image.new("1", (15000, 15000)).save(buf, format="PNG")
-    limits = Limits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, max_label_chars=32, holdout_fraction=0.1)
+    limits = Limits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, max_full_decode_pixels=50_000_000,
+                    max_label_chars=32, holdout_fraction=0.1)
     started = time.perf_counter()
     assert rejected(parse(buf.getvalue(), props(), "image/png", limits)) == Reason.TOO_MANY_PIXELS
     assert time.perf_counter() - started < 0.5  # decoding 225 M pixels would take seconds
@@ -175,3 +177,69 @@ def test_rejection_notice_carries_no_image_and_only_a_printable_id():
     }
     r = parse(b"junk", props(example_id="bad\x00id"), "image/jpeg", LIMITS)
     assert r.notice()["example_id"] is None
+
+
+# Found by an outside tester against a running daemon: these raised out of parse() and ended paho's network thread.
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 100_000,  # RecursionError in Python's json
+        b"{" * 100_000,
+        b'{"label": "rust", "n": ' + b"9" * 5_000 + b"}",  # ValueError: past Python's int-to-string limit
+        b'{"label": "rust", "n": -' + b"1" * 40 + b"}",
+        b'{"label": "rust", "image": "AAAA", "x": [[[[[[[[[[' * 30 + b"}",
+        b"[\xff\xfe]",  # not UTF-8
+    ],
+)
+def test_deep_nesting_and_huge_numbers_are_rejected_not_raised(payload):
+    assert rejected(parse(payload, None, None, LIMITS)) == Reason.BAD_JSON
+
+
+def test_a_sane_number_or_nesting_in_the_json_form_is_still_accepted():
+    image = base64.b64encode(jpeg(7, 24)).decode()
+    msg = json.dumps({"label": "rust", "image": image, "content_type": "image/jpeg", "meta": {"gps": [48.1, 11.5]},
+                      "taken": 1733100000123}).encode()
+    assert isinstance(parse(msg, None, None, LIMITS), Example)
+
+
+def test_a_json_rejection_keeps_the_example_id_it_could_read():
+    msg = json_message(label="Rust", image="!!not base64!!", content_type="image/jpeg", example_id="phone-7/12")
+    r = parse(msg, None, None, LIMITS)
+    assert rejected(r) == Reason.BAD_BASE64 and r.example_id == "phone-7/12"
+    r = parse(json_message(label=3, image="", example_id="phone-7/13"), None, None, LIMITS)
+    assert rejected(r) == Reason.BAD_JSON and r.example_id == "phone-7/13"
+
+
+def test_a_parser_defect_rejects_the_message_instead_of_raising(monkeypatch):
+    import daemon.wire
+
+    def broken(*args):
+        raise KeyError("a defect")
+
+    monkeypatch.setattr(daemon.wire, "_example", broken)
+    r = parse(jpeg(1), props(example_id="e-9"), "image/jpeg", LIMITS)
+    assert rejected(r) == Reason.UNREADABLE and r.example_id == "e-9" and "KeyError" in r.detail
+
+
+def test_a_body_that_does_not_decode_is_rejected_at_intake():
+    j = jpeg(8, 64)
+    cut = j[:200] + b"\xff\xd9"  # a valid header and end marker around nothing: passes the header checks
+    assert rejected(parse(cut, props(), "image/jpeg", LIMITS)) == Reason.CORRUPT_IMAGE
+    p = png(9, 64)
+    idat = p.index(b"IDAT")
+    garbled = p[: idat + 4] + bytes(b ^ 0x5A for b in p[idat + 4 : idat + 60]) + p[idat + 60 :]
+    assert rejected(parse(garbled, props(), "image/png", LIMITS)) == Reason.CORRUPT_IMAGE
+    assert isinstance(parse(j, props(), "image/jpeg", LIMITS), Example)
+
+
+def test_png_and_webp_past_the_full_decode_limit_are_rejected_jpeg_is_decoded_at_a_reduced_scale():
+    limits = Limits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, max_full_decode_pixels=16_777_216,
+                    max_label_chars=32, holdout_fraction=0.1)
+    # 7000 x 7000 all-zero PNG, ~143 KB: decoding it whole would cost 147 MB.
+    buf = io.BytesIO()
+    Image.new("RGB", (7000, 7000)).save(buf, format="PNG")
+    r = parse(buf.getvalue(), props(), "image/png", limits)
+    assert rejected(r) == Reason.TOO_MANY_PIXELS and "JPEG" in r.detail
+    buf = io.BytesIO()
+    Image.new("RGB", (7000, 7000), (30, 120, 40)).save(buf, format="JPEG", quality=50)
+    assert isinstance(parse(buf.getvalue(), props(), "image/jpeg", limits), Example)
