@@ -243,6 +243,7 @@ def run_demo(args: Any) -> int:
             if state["device"] is not None:
                 summary["device"] = _device(state["device"])
             print(json.dumps(summary, indent=2, ensure_ascii=False))
+            state["failure"] = _failure(d, summary, timed_out, args.max_seconds)
             if not args.keep_running:
                 d.should_exit.set()
 
@@ -257,4 +258,24 @@ def run_demo(args: Any) -> int:
             broker.stop()
     if feeder.error is not None:
         code = 66 if isinstance(feeder.error, DatasetError) else 69
+    elif code == 0 and state.get("failure"):
+        # The loop did not reach its end: say why in one line, and let a script (or CI) see it.
+        print(f"demo: FAILED: {state['failure']}", file=sys.stderr, flush=True)
+        code = 1
     return daemon.leave(code)
+
+
+def _failure(d: Daemon, summary: dict[str, Any], timed_out: bool, max_seconds: float) -> str | None:
+    """Why the demo's loop did not complete (no verified model on the device at the end), or None when it did."""
+    late = f" within --max-seconds {max_seconds:.0f}" if timed_out else ""
+    if d.exporting is None:
+        return "no model can be published: training.enabled and export.enabled must both be true"
+    if d.exporting.latest_published is None:
+        why = "; ".join(d.exporting.last.reasons) if d.exporting.last is not None and d.exporting.last.reasons else ""
+        return f"no model was published{late}" + (f" (last export refused: {why})" if why else " (see the log above)")
+    device = summary.get("device")
+    if device is None:
+        return "no device followed the models: server.enabled must be true"
+    if not device.get("version"):
+        return f"the device holds no verified model: {device.get('reason', 'unknown')}"
+    return None

@@ -476,6 +476,21 @@ class Settings(BaseSettings):
     # Where this object came from (file, CLI overrides), so that a reload (SIGHUP) reads the same.
     _source: tuple[Path | None, dict[str, Any]] = PrivateAttr(default=(None, {}))
 
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> Settings:
+        # Every path is made absolute once, against the working directory the settings were loaded in:
+        # the export process runs in a folder of its own, and a relative ./var there is another folder.
+        self.state_dir = _absolute(self.state_dir)
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            if not isinstance(section, Section):
+                continue
+            paths = {field: _absolute(value) for field in type(section).model_fields
+                     if isinstance(value := getattr(section, field), Path)}
+            if paths:  # a copy: a section may be the class's shared default
+                setattr(self, name, section.model_copy(update=paths))
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -497,7 +512,7 @@ class Settings(BaseSettings):
         token = _file_data.set(read_toml(Path(path)) if path is not None else {})
         try:
             settings = cls(**(overrides or {}))
-            settings._source = (Path(path) if path is not None else None, copy.deepcopy(overrides or {}))
+            settings._source = (_absolute(Path(path)) if path is not None else None, copy.deepcopy(overrides or {}))
             return settings
         except ValidationError as err:
             raise ConfigError(describe(err, path)) from None
@@ -533,6 +548,11 @@ class Settings(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """The resolved configuration as plain data, secrets shown as '**********'."""
         return _mask(self.model_dump(mode="json"), self)
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` from the current working directory, ``~`` expanded; not resolved, so symlinks stay as named."""
+    return Path(os.path.abspath(path.expanduser()))
 
 
 def _not_json(settings: type[BaseModel]) -> str:

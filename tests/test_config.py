@@ -24,7 +24,7 @@ def test_defaults_serve_without_a_file():
     s = Settings.load(None)
     assert s.mqtt.broker == "mqtt://127.0.0.1:1883"
     assert s.model.name == "plant-disease"
-    assert s.state_dir == Path("var")
+    assert s.state_dir == Path.cwd() / "var"  # made absolute once, so no child process sees another folder
     assert s.client_id == "sprout-plant-disease"
 
 

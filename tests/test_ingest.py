@@ -270,11 +270,14 @@ ANY_PORT = {"SPROUT_SERVER__HTTP": "127.0.0.1:0"}
 @pytest.mark.slow
 def test_demo_runs_the_main_job(broker, tmp_path):
     # The real default: EfficientNet-Lite0 with its ImageNet weights, head mode on the CPU.
+    # As a user runs it: from a folder of their own, the state in the default ./var (a relative path that
+    # the export process, which runs in a temporary folder, once resolved to another folder).
     out = subprocess.run(
-        [*SPROUT, "demo", "--limit", "300", "--rate", "0", "--state", str(tmp_path / "demo"), "--broker", broker.url],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **ANY_PORT},
+        [*SPROUT, "demo", "--limit", "300", "--rate", "0", "--broker", broker.url],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **ANY_PORT}, cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "var" / "device").is_dir() and (tmp_path / "var" / "registry" / "plant-disease" / "latest").is_file()
     summary = json.loads(out.stdout)
     assert summary["feed"]["acked"] == 300
     assert summary["store"]["total"] == 300
@@ -292,6 +295,16 @@ def test_demo_runs_the_main_job(broker, tmp_path):
     assert device["test_photos"] == 200 and device["top1_on_device"] > 0.3
     assert "demo: status page at http://" in out.stderr and "demo: published version 1" in out.stderr
     assert "device: installed version" in out.stderr
+
+
+def test_a_demo_that_publishes_no_model_fails_in_one_line(broker, tmp_path):
+    env = {**os.environ, **ANY_PORT, "SPROUT_MODEL__BACKBONE": "tiny", "SPROUT_MODEL__INPUT_SIZE": "32",
+           "SPROUT_EXPORT__ENABLED": "false"}
+    out = subprocess.run([*SPROUT, "demo", "--limit", "40", "--rate", "0", "--broker", broker.url, "--max-seconds", "120"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "demo: FAILED: no model can be published: training.enabled and export.enabled must both be true")
 
 
 @pytest.mark.slow
