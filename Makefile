@@ -21,9 +21,11 @@ test: setup
 	bash scripts/test-tools.sh
 	$(BIN)/python -m pytest
 
-# The full fuzzing run: 10,000 inputs per parser test (CI runs 300); prints what was rejected and why.
+# The full fuzzing run: 10,000 inputs per parser test and 20,000 messages through a running daemon (CI runs 300
+# of each); prints what was accepted and rejected, and why.
 fuzz: setup
-	SPROUT_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q -s -o timeout=3600 tests/test_fuzz.py
+	SPROUT_FUZZ_EXAMPLES=10000 SPROUT_FUZZ_MESSAGES=20000 $(BIN)/python -m pytest -q -s -o timeout=3600 \
+		tests/test_fuzz.py tests/test_fuzz_daemon.py
 
 # The full chaos run: 24 seeded daemon SIGKILLs and broker restarts under a steady feed (CI runs 3 kills and
 # one restart); prints the table that docs/reliability.md keeps.

@@ -134,8 +134,9 @@ def _utf8(view: memoryview, pos: int, end: int) -> tuple[str, int]:
         raise MalformedPacket(f"property string is not UTF-8: {err}") from None
     if "\x00" in text:
         raise MalformedPacket("[MQTT-1.5.4-2] Null found in UTF-8 data")
-    if "\ufeff" in text:
-        raise MalformedPacket("[MQTT-1.5.4-3] U+FEFF in UTF-8 data")
+    # U+FEFF is a valid character that a receiver "MUST NOT skip over or strip off" (MQTT-1.5.4-3); paho
+    # refuses it, drops the connection, and the broker redelivers the message for ever. It is the wire
+    # format's to reject (a label is printable text), with the message acked.
     return text, start + length
 
 

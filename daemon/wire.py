@@ -21,6 +21,7 @@ import json
 import logging
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 
 from PIL import Image
@@ -272,9 +273,41 @@ def _check_decodes(image: bytes, fmt: str, size: tuple[int, int]) -> None:
                     raise ValueError(f"Pillow reads {img.size[0]}x{img.size[1]}, the header says {size[0]}x{size[1]}")
                 img.draft("RGB", CHECK_DECODE_SIZE)  # JPEG only; PNG and WebP decode whole
                 img.load()
+        if fmt == "PNG" and (missing := _png_bytes_missing(image, *size)):
+            # Pillow takes the rows a zlib stream that ends early holds for the whole image.
+            raise ValueError(f"its pixel data ends {missing} bytes short of {size[0]}x{size[1]}")
     except Exception as err:  # Pillow raises many types for corrupt data; all mean "cannot use this image"
         raise _Reject(Reason.CORRUPT_IMAGE, f"{fmt} image does not decode ({str(err)[:160] or type(err).__name__}): "
                       "send the original file") from None
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_bytes_missing(image: bytes, width: int, height: int) -> int:
+    """How many bytes of filtered rows the IDAT stream lacks for the header's size; 0 when it has them all.
+
+    Inflated in 1 MB pieces and only counted, so the check costs no more memory than its window.
+    """
+    depth, colour, interlace = image[24], image[25], image[28]
+    bits = depth * _PNG_CHANNELS.get(colour, 4)
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    need = 0
+    for x0, y0, dx, dy in passes:
+        w, h = -(-(width - x0) // dx) if width > x0 else 0, -(-(height - y0) // dy) if height > y0 else 0
+        if w and h:
+            need += h * (1 + (w * bits + 7) // 8)
+    inflate, got, pos = zlib.decompressobj(), 0, 8
+    while pos + 8 <= len(image) and got < need:
+        length, kind = int.from_bytes(image[pos : pos + 4], "big"), image[pos + 4 : pos + 8]
+        if kind == b"IDAT":
+            data = image[pos + 8 : pos + 8 + length]
+            while data and got < need:
+                got += len(inflate.decompress(data, 1 << 20))
+                data = inflate.unconsumed_tail
+        pos += 12 + length
+    return max(0, need - got)
 
 
 def _magic_format(image: bytes) -> str | None:
