@@ -32,7 +32,7 @@ from daemon.feeder import Publisher
 from daemon.store import open_reader
 from daemon.wire import Example, Reason, Rejection, parse
 from helpers import SPROUT, DaemonProcess, jpeg, stored_ids, wait_for
-from test_fuzz import (DAEMON_LIMITS, GENERATORS, IMAGE_FAULTS, Message, Seeded, check, jpeg_scans, mismatch,
+from test_fuzz import (DAEMON_LIMITS, GENERATORS, IMAGE_FAULTS, Message, Seeded, check, mismatch,
                        mqtt_properties, oversized_message, verdict_matches)
 
 MESSAGES = int(os.environ.get("SPROUT_FUZZ_MESSAGES", "300"))
