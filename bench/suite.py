@@ -128,6 +128,17 @@ def _memory(d: dict) -> tuple[str, list]:
     return "\n".join(rows), [goal]
 
 
+def _phone_photos(rows_in: list) -> tuple[str, list]:
+    rows = ["| photo | size | step | median ms | peak memory growth |", "|---|---:|---|---:|---:|"]
+    for r in rows_in:
+        rows.append(f"| {r['case']} ({r['content_type']}) | {r['bytes'] / 1e6:.2f} MB | {r['step']} | {r['ms_median']:,.1f} | "
+                    f"{r['peak_growth_mb_median']:.1f} MB |")
+    jpeg = next(r for r in rows_in if r["case"] == "jpeg-18mp" and r["step"] == "load_rgb 224")
+    goal = ("18 MP phone JPEG decoded for learning (draft mode), peak memory growth", "<= 32 MB",
+            f"{jpeg['peak_growth_mb_median']:.1f} MB", jpeg["peak_growth_mb_median"] <= 32)
+    return "\n".join(rows), [goal]
+
+
 def _retrain(d: dict) -> tuple[str, list]:
     from retrain import table
 
@@ -172,6 +183,8 @@ BENCHMARKS = [
               ["--examples", "200000", "--input-size", "64", "--every-examples", "20000", "--plot",
                str(ROOT / "docs" / "memory.png")],
               [*TINY, "--examples", "8000", "--every-examples", "2000", "--sample-s", "1"], _memory),
+    Benchmark("phone-photos", "Phone photos: intake's check and the learner's decode, time and peak memory",
+              "phone_photos.py", ["--repeats", "5"], ["--repeats", "1"], _phone_photos),
     Benchmark("retrain", "Online learning against periodic retraining (Fashion-MNIST)", "retrain.py",
               [], ["--quick", "--no-plot"], _retrain),
 ]

@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon import __version__, logs
 from daemon.settings import EX_CONFIG, ConfigError, Settings
+
+if TYPE_CHECKING:  # imported where used: `sprout --help` should not wait for torch
+    from daemon.labels import LabelChange
+    from daemon.store import LabelCount, StoreReader
 
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -20,6 +25,31 @@ EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 
 log = logging.getLogger("sprout")
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+RUN_DESCRIPTION = """\
+Run the daemon in the foreground: subscribe to <prefix>/<model>/examples, store every valid example
+before acknowledging it, fine-tune the model on them, export and publish signed .tflite versions, and
+serve them over HTTP (status page, /healthz, /metrics, /v1/models/...). It runs until stopped."""
+
+RUN_EPILOG = """\
+settings, later wins:
+  built-in defaults < --config FILE (TOML) < SPROUT_* variables (SPROUT_EXPORT__EVERY_SECONDS=300)
+  < these flags. `sprout check-config FILE` prints the result.
+
+signals:
+  SIGTERM, SIGINT  stop: intake first (un-acked messages stay on the broker), then a last checkpoint;
+                   a second SIGINT cuts the waiting short
+  SIGHUP           reload the config file (the settings docs/deploy.md lists change without a restart)
+
+exit status:
+  0   stopped by a signal; every acknowledged example is stored
+  69  cannot start: the HTTP address is taken
+  70  a part failed (feed, intake, learner, exporter, notice, HTTP server): the log says which and
+      why; the systemd unit restarts the daemon
+  78  bad configuration (the field is named), an unusable state folder, or one that belongs to
+      another model"""
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -32,11 +62,19 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["state_dir"] = args.state
     if getattr(args, "http", None):
         out.setdefault("server", {})["http"] = args.http
+    if getattr(args, "log_level", None):
+        out.setdefault("logging", {})["level"] = args.log_level
     return out
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.load(getattr(args, "config", None), _overrides(args))
+    """The settings, from defaults, the --config file, SPROUT_* variables and the flags (later wins); a
+    state folder that belongs to another model is refused, naming both (daemon/state_owner.py)."""
+    from daemon import state_owner
+
+    settings = Settings.load(getattr(args, "config", None), _overrides(args))
+    state_owner.check(settings.state_dir, settings.model.name)
+    return settings
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -76,6 +114,142 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
         print(f"sprout store stats: {err}", file=sys.stderr)
         return EX_NOINPUT
     return 0
+
+
+def cmd_store_import(args: argparse.Namespace) -> int:
+    from daemon.datasets import DatasetError
+    from daemon.importer import ImportStopped, run_import
+    from daemon.store import StoreError
+
+    settings = _settings(args)
+    try:
+        report = run_import(args.dir, settings, sys.stderr)
+    except DatasetError as err:
+        print(f"sprout store import: {err}", file=sys.stderr)
+        return EX_NOINPUT
+    except StoreError as err:
+        print(f"sprout store import: {err}", file=sys.stderr)
+        return EX_CANTCREAT
+    except ImportStopped as err:
+        print(json.dumps(err.report.as_dict()))
+        print(f"sprout store import: stopped: {err}", file=sys.stderr)
+        return EX_CANTCREAT
+    print(json.dumps(report.as_dict()))
+    return EX_DATAERR if report.skipped else 0
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from daemon.labels import Action, LabelError, LabelMap
+    from daemon.store import Store, StoreError, StoreReader
+
+    settings = _settings(args)
+    what = f"sprout labels {args.labels_command}"
+    path = settings.state_dir / "examples.db"
+    try:
+        reader = StoreReader(path)  # refuses a missing store: a typo in --state must not create one
+        try:
+            reader.labels = LabelMap.replay(reader.label_changes())
+            outputs = _learner_outputs(settings, reader)
+            if args.labels_command == "list":
+                return _labels_list(reader, outputs, args.json)
+            counts = reader.label_counts().get(args.label)
+        finally:
+            reader.close()
+        store = Store(path)
+        try:
+            change = store.change_label(Action(args.labels_command), args.label, getattr(args, "into", None),
+                                        settings.store.max_label_chars, outputs or ())
+        finally:
+            store.close()
+    except StoreError as err:
+        print(f"{what}: {err}", file=sys.stderr)
+        return EX_NOINPUT
+    except LabelError as err:
+        print(f"{what}: {err}", file=sys.stderr)
+        return EX_DATAERR
+    _record_label_change(settings, change)
+    print(_label_change_done(change, counts, outputs))
+    return 0
+
+
+def _learner_outputs(settings: Settings, reader: StoreReader) -> list[str] | None:
+    """The learner's outputs as its next step has them (its checkpoint, then the later label changes);
+    None before its first checkpoint."""
+    from daemon import checkpoint
+    from daemon.labels import outputs_after
+
+    try:
+        payload = checkpoint.load(settings.state_dir / "checkpoints")
+    except checkpoint.CheckpointError as err:
+        log.warning("%s: the learner's outputs are unknown", err)
+        return None
+    if payload is None:
+        return None
+    outputs = list(payload["labels"])
+    for change in reader.label_changes(payload.get("label_change", 0)):
+        outputs, _ = outputs_after(outputs, change)
+    return outputs
+
+
+def _labels_list(reader: StoreReader, outputs: list[str] | None, as_json: bool) -> int:
+    index = {label: i for i, label in enumerate(outputs or [])}
+    counts = reader.label_counts()
+    labels = sorted(counts.keys() | index.keys(), key=lambda label: (index.get(label, len(index)), label))
+    aliases: dict[str, list[str]] = {}
+    for old, now in reader.labels.aliases.items():
+        aliases.setdefault(now, []).append(old)
+    rows = [{"label": label, "train": counts[label].train if label in counts else 0,
+             "holdout": counts[label].holdout if label in counts else 0, "output": index.get(label),
+             "retired": label in reader.labels.retired, "also_sent_as": sorted(aliases.get(label, []))}
+            for label in labels]
+    if as_json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    width = max([len(r["label"]) for r in rows] + [5])
+    print(f"{'LABEL':<{width}}  {'TRAIN':>7}  {'HOLDOUT':>7}  {'OUTPUT':>6}  STATUS")
+    for r in rows:
+        status = "retired: stored, not learned" if r["retired"] else ""
+        if r["also_sent_as"]:
+            status += ("; " if status else "") + "also sent as " + ", ".join(map(repr, r["also_sent_as"]))
+        output = "-" if r["output"] is None else r["output"]
+        print(f"{r['label']:<{width}}  {r['train']:>7}  {r['holdout']:>7}  {output:>6}  {status}")
+    if outputs is None:
+        print("(no checkpoint yet: the learner's outputs are not known)")
+    return 0
+
+
+def _record_label_change(settings: Settings, change: LabelChange) -> None:
+    """Into the registry's history now, when there is a registry; the next export records it otherwise."""
+    from daemon.registry import Registry, RegistryError, registry_root
+
+    if not (registry_root(settings.state_dir) / settings.model.name).is_dir():
+        return
+    try:
+        # No signer: a log line is not signed, and no key is read or made for it.
+        Registry(registry_root(settings.state_dir), settings.model.name).record_label_changes([change])
+    except (RegistryError, OSError) as err:
+        log.warning("the registry's history gets the change at the next export: %s", err)
+
+
+def _label_change_done(change: LabelChange, counts: LabelCount | None, outputs: list[str] | None) -> str:
+    from daemon.labels import Action
+    from daemon.registry import utc_time
+
+    examples = f"{counts.train} train and {counts.holdout} holdout examples" if counts else "no stored examples"
+    if change.action is Action.DELETE:
+        effect = (f"{examples} stay stored, neither learned nor scored, nor is any that arrives labelled "
+                  f"{change.label!r}")
+    else:
+        effect = f"{examples} now count as {change.into!r}, and so does any that arrives labelled {change.label!r}"
+    if outputs is None or change.label not in outputs:
+        output = "the learner has no output for it"
+    elif change.action is not Action.DELETE and change.into not in outputs:
+        output = f"the learner's output {outputs.index(change.label)} keeps its weights under the new name"
+    else:
+        output = f"the learner's output {outputs.index(change.label)} is removed"
+    return (f"{change} (change {change.id}, {utc_time(change.at)}): {effect}; {output}.\n"
+            "A running daemon applies it before its next step, a stopped one when it next starts; the next "
+            "exported version's labels.txt follows it.")
 
 
 def cmd_feed(args: argparse.Namespace) -> int:
@@ -204,14 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"sprout {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def config_flags(sp: argparse.ArgumentParser) -> None:
+    def config_flags(sp: argparse.ArgumentParser, long_running: bool = False) -> None:
+        # Every command that reads a model's state takes the same three, and reads the same settings as `run`.
         sp.add_argument("--config", type=Path, help="TOML config file (see sprout.example.toml); default: built-in defaults")
-        sp.add_argument("--state", type=Path, help="state directory (overrides state_dir)")
+        sp.add_argument("--state", type=Path, help="state directory (overrides state_dir; default ./var)")
+        sp.add_argument("--model", help="model name (overrides model.name; default plant-disease); a state folder "
+                        "that holds another model is refused")
+        if long_running:
+            sp.add_argument("--log-level", choices=LOG_LEVELS, help="overrides logging.level (default INFO)")
 
-    run = sub.add_parser("run", help="run the daemon in the foreground")
-    config_flags(run)
+    run = sub.add_parser("run", help="run the daemon in the foreground (what the systemd unit starts)",
+                         description=RUN_DESCRIPTION, epilog=RUN_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    config_flags(run, long_running=True)
     run.add_argument("--broker", help="broker URL, mqtt://host:port (overrides mqtt.broker)")
-    run.add_argument("--model", help="model name (overrides model.name)")
     run.add_argument("--http", help="HOST:PORT for the HTTP API (overrides server.http)")
     run.set_defaults(func=cmd_run)
 
@@ -224,6 +404,48 @@ def build_parser() -> argparse.ArgumentParser:
     st = store_sub.add_parser("stats", help="JSON: examples total, per label, per split, rejected by reason")
     config_flags(st)
     st.set_defaults(func=cmd_store_stats)
+    imp = store_sub.add_parser(
+        "import",
+        help="store a folder of labelled images (one sub-folder per label), no broker needed",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Store the images under DIR/<label>/, or under DIR/train/<label>/ and DIR/holdout/<label>/\n"
+        "(val/ and test/ count as holdout), checked as MQTT examples are. Without split folders,\n"
+        "store.holdout_fraction decides, as for MQTT. An image's id is its content: importing again, or\n"
+        "the same photo under two names, stores it once, also against `sprout feed --dir`. Safe while\n"
+        "`sprout run` uses the same state: its learner picks the new examples up.",
+        epilog="prints one JSON line: stored, duplicates, skipped (each listed on stderr), skipped_by_reason,\n"
+        "ignored (files not named like images; hidden ones are passed over), pruned (by store.max_mb), seconds\n\n"
+        "exit status:\n"
+        "  0   every image stored or already there\n"
+        "  65  some files skipped (listed on stderr); the rest are stored, so fix those and import again\n"
+        "  66  DIR missing, or no label folders with images in it\n"
+        "  73  the store took no more (disk full, store.min_free_mb); what was stored stays\n"
+        "  78  bad configuration, or a state folder of another model (--model)",
+    )
+    config_flags(imp)
+    imp.add_argument("dir", type=Path, metavar="DIR", help="folder with one sub-folder of images per label")
+    imp.set_defaults(func=cmd_store_import)
+
+    labels = sub.add_parser("labels", help="the classes: list, rename, merge or delete one, daemon running or not")
+    labels_sub = labels.add_subparsers(dest="labels_command", required=True, metavar="SUBCOMMAND")
+    lls = labels_sub.add_parser("list", help="each label: stored examples, the learner's output, retired or not")
+    config_flags(lls)
+    lls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for name, text, first, second in [
+        ("rename", "give label OLD the name NEW; its output keeps its weights", "OLD", "NEW"),
+        ("merge", "fold label FROM into INTO: its examples, and any sent later, become INTO's; its output goes",
+         "FROM", "INTO"),
+        ("delete", "retire LABEL: its examples, and any sent later, stay stored but are not learned; its output goes",
+         "LABEL", None),
+    ]:
+        sp = labels_sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}. A running daemon "
+                                   "applies it before its next step, a stopped one when it next starts; the registry's "
+                                   "log records it, and the next exported version's labels.txt follows it.")
+        sp.add_argument("label", metavar=first, help="a label as `sprout labels list` shows it")
+        if second:
+            sp.add_argument("into", metavar=second, help="the new name" if name == "rename" else "an existing label")
+        config_flags(sp)
+    labels.set_defaults(func=cmd_labels)
 
     feed = sub.add_parser("feed", help="publish real labelled images to a broker")
     feed.add_argument("--broker", required=True, help="mqtt://host:port")
@@ -239,13 +461,17 @@ def build_parser() -> argparse.ArgumentParser:
     feed.add_argument("--size", type=int, default=224, help="side in pixels of encoded dataset images (default 224)")
     feed.add_argument("--format", default="jpeg", choices=["jpeg", "png"], help="encoding of dataset images")
     feed.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    feed.add_argument("--split", choices=["train", "holdout"],
+                      help="split of every example sent (default: a --dir's train/ or holdout/ folder, else the "
+                      "daemon's store.holdout_fraction)")
     feed.add_argument("--topic-prefix", default="sprout")
+    feed.add_argument("--log-level", choices=LOG_LEVELS, default="INFO", help="log level (default INFO)")
     feed.add_argument("--window", type=int, default=256, help="un-acked messages in flight at once")
     feed.add_argument("--ca-file", type=Path, help="CA bundle to verify an mqtts:// broker with (default: system CAs)")
     feed.set_defaults(func=cmd_feed)
 
     export = sub.add_parser("export", help="export the learner's last checkpoint now; publish it if it passes the gates")
-    config_flags(export)
+    config_flags(export, long_running=True)
     export.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("demo", help="the main job: the daemon on the default config fed with Fashion-MNIST, live")
@@ -258,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-seconds", type=float, default=600.0,
                       help="end with the summary after this long even if the learner has not caught up (default 600)")
     demo.add_argument("--keep-running", action="store_true", help="keep the daemon running after the feed ends")
+    demo.add_argument("--log-level", choices=LOG_LEVELS, help="level of STATE/demo.log (default INFO)")
+    demo.add_argument("--json", action="store_true",
+                      help="print the whole summary as JSON instead of a few lines (it is always written to "
+                           "STATE/demo-summary.json)")
     demo.set_defaults(func=cmd_demo)
 
     models = sub.add_parser("models", help="the model registry: list, show, rollback, pin, unpin versions")
@@ -285,12 +515,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a reader that went away is caught, not at exit
+        return code
     except ConfigError as err:
         print(f"sprout: bad configuration:\n{err}", file=sys.stderr)
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`sprout check-config F | head`): it has what it wanted. Python would
+        # print a traceback while flushing stdout at exit; point stdout at nothing instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

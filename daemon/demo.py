@@ -4,24 +4,29 @@ Uses the broker of the default config (127.0.0.1:1883) when one answers,
 otherwise starts a private Mosquitto under the state directory. Feeds
 Fashion-MNIST class-incrementally (one class after another) while a device,
 sprout-edge's watch, follows the published models over the daemon's HTTP API
-and MQTT notice. Prints the status page's address, a progress line every
-second (fed, stored, learned, prequential and holdout accuracy), a line per
-published version (size, accuracy) and per installed one on the device, and,
-once the learner and the last export have caught up with the feed (or after
-``--max-seconds``), a summary that ends with the device's top-1 on test
-photos the daemon never saw. Ctrl-C stops it cleanly at any point.
+and MQTT notice. Prints the status page's address, a progress line (fed,
+stored, learned, prequential and holdout accuracy; redrawn every second on a
+terminal, every 10 s into a pipe), a line per published version (size,
+accuracy) and per installed one on the device, and, once the learner and the
+last export have caught up with the feed (or after ``--max-seconds``), a
+summary that ends with the device's top-1 on test photos the daemon never
+saw. The daemon's log goes to STATE/demo.log; only its warnings and errors
+reach the terminal. Ctrl-C stops it cleanly at any point.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from daemon import logs
+from daemon.atomic import write_atomic
 from daemon.broker import Mosquitto, reachable
 from daemon.datasets import DatasetError, arrange, fashion_mnist_samples, iter_encoded
 from daemon.feeder import FeedReport, Publisher, feed
@@ -56,6 +61,35 @@ class DemoFeed(threading.Thread):
             self.done.set()
 
 
+class Terminal:
+    """The demo's lines on stderr: a progress line (redrawn in place on a terminal, every
+    ``PIPE_EVERY_S`` into a pipe or file) and event lines that stay."""
+
+    PIPE_EVERY_S = 10.0
+
+    def __init__(self) -> None:
+        self.live = sys.stderr.isatty()
+        self._drawn = False
+        self._last_plain = 0.0
+
+    def progress(self, line: str) -> None:
+        if self.live:
+            width = shutil.get_terminal_size().columns
+            sys.stderr.write("\r\x1b[K" + line[: width - 1])
+            self._drawn = True
+        elif time.monotonic() - self._last_plain >= self.PIPE_EVERY_S:
+            self._last_plain = time.monotonic()
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def say(self, line: str) -> None:
+        if self._drawn:
+            sys.stderr.write("\r\x1b[K")  # the event takes the progress line's place; the next tick redraws it
+            self._drawn = False
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
@@ -82,9 +116,10 @@ def _learner_summary(training: Any) -> dict[str, Any]:
 class DemoDevice(threading.Thread):
     """A phone in the field: ``sprout-edge sync --watch`` against the daemon, told of new models by the notice."""
 
-    def __init__(self, settings: Settings, address: str):
+    def __init__(self, settings: Settings, address: str, terminal: Terminal):
         super().__init__(name="sprout-demo-device", daemon=True)
         self.settings = settings
+        self.terminal = terminal
         self.url = f"http://{address}"
         self.folder = settings.state_dir / "device"
         self.public_key = settings.signing.resolved_key_file(settings.state_dir).with_suffix(".pub")
@@ -97,14 +132,13 @@ class DemoDevice(threading.Thread):
 
         def on_event(event: Any) -> None:
             if event.kind == COMPLETED:
-                print(f"device: installed version {event.version} ({event.total / 1e6:.2f} MB), verified",
-                      file=sys.stderr, flush=True)
+                self.terminal.say(f"device: installed version {event.version} ({event.total / 1e6:.2f} MB), verified")
             elif event.kind == FAILED and event.version is None:
                 if not said["waiting"]:  # before the first publish every poll fails alike: say it once
                     said["waiting"] = True
-                    print("device: no model published yet; waiting for the notice", file=sys.stderr, flush=True)
+                    self.terminal.say("device: no model published yet; waiting for the notice")
             elif event.kind == FAILED:
-                print(f"device: refused version {event.version}: {event.reason}", file=sys.stderr, flush=True)
+                self.terminal.say(f"device: refused version {event.version}: {event.reason}")
 
         s = self.settings
         watch(self.url, s.model.name, self.folder, self.public_key, on_event=on_event, mqtt_url=s.mqtt.broker,
@@ -143,7 +177,7 @@ def _device(device: DemoDevice, photos: int = 200) -> dict[str, Any]:
     }
 
 
-def _report_exports(d: Daemon, state: dict[str, Any]) -> None:
+def _report_exports(d: Daemon, state: dict[str, Any], terminal: Terminal) -> None:
     """One line per version published, with its size and accuracy, and one per refused export."""
     exporting = d.exporting
     if exporting is None:
@@ -153,12 +187,12 @@ def _report_exports(d: Daemon, state: dict[str, Any]) -> None:
         state["announced"] = published["version"]
         m = published["metrics"]
         on = ", ".join(f"{runtime} {_pct(top1)}" for runtime, top1 in m["holdout_top1"].items())
-        print(f"demo: published version {published['version']}: {published['quantization']}, "
-              f"{published['files']['model.tflite']['size'] / 1e6:.2f} MB, {len(published['labels'])} classes, "
-              f"holdout top-1 {on} (float {_pct(m['holdout_top1_float'])})", file=sys.stderr, flush=True)
+        terminal.say(f"demo: published version {published['version']}: {published['quantization']}, "
+                     f"{published['files']['model.tflite']['size'] / 1e6:.2f} MB, {len(published['labels'])} classes, "
+                     f"holdout top-1 {on} (float {_pct(m['holdout_top1_float'])})")
     if exporting.rejected != state["rejected"] and exporting.last is not None:
         state["rejected"] = exporting.rejected
-        print(f"demo: export refused: {'; '.join(exporting.last.reasons)}", file=sys.stderr, flush=True)
+        terminal.say(f"demo: export refused: {'; '.join(exporting.last.reasons)}")
 
 
 def run_demo(args: Any) -> int:
@@ -171,12 +205,18 @@ def run_demo(args: Any) -> int:
         overrides["state_dir"] = args.state
     if args.broker:
         overrides["mqtt"] = {"broker": args.broker}
+    if args.log_level:
+        overrides["logging"]["level"] = args.log_level
     settings = Settings.load(None, overrides)
-    logs.configure(settings.logging.level, settings.logging.format)
+    log_file = settings.state_dir / "demo.log"
+    logs.native_stderr_to(log_file)
+    logs.configure_to_file(log_file, settings.logging.level)
+    terminal = Terminal()
+    terminal.say(f"demo: the daemon's log is {_shown(log_file)}; only its warnings and errors show here")
     broker = None
     if not reachable(settings.mqtt.host, settings.mqtt.port):
         broker = Mosquitto(settings.state_dir / "broker").start()
-        log.info("no broker at %s; started a private Mosquitto at %s", settings.mqtt.broker, broker.url)
+        terminal.say(f"demo: no broker at {settings.mqtt.broker}; started a private Mosquitto at {broker.url}")
         settings = Settings.load(None, {**overrides, "mqtt": {"broker": broker.url}})
     daemon = Daemon(settings)
     feeder = DemoFeed(settings.mqtt.broker, settings.mqtt.examples_topic(settings.model.name), args.limit, args.rate,
@@ -189,11 +229,11 @@ def run_demo(args: Any) -> int:
     def on_tick(d: Daemon) -> None:
         if not feeder.is_alive() and not feeder.done.is_set() and d.feed is not None and d.feed.subscribed.is_set():
             if d.http_address is not None:
-                print(f"demo: status page at http://{d.http_address}/ (metrics at /metrics)", file=sys.stderr, flush=True)
-                state["device"] = DemoDevice(settings, d.http_address)
+                terminal.say(f"demo: status page at http://{d.http_address}/ (metrics at /metrics)")
+                state["device"] = DemoDevice(settings, d.http_address, terminal)
                 state["device"].start()
             feeder.start()
-        _report_exports(d, state)
+        _report_exports(d, state, terminal)
         now = time.monotonic()
         if now - state["last"] < 1.0:
             return
@@ -212,7 +252,7 @@ def run_demo(args: Any) -> int:
             published = exporting.latest_published
             line += f" | model v{published['version']}" if published else " | model -"
             line += " (exporting)" if exporting.busy else ""
-        print(line, file=sys.stderr, flush=True)
+        terminal.progress(line)
         state["last"], state["stored"] = now, intake.stored
         handled = intake.stored + intake.duplicates + intake.rejected_total
         caught_up = training is None or (training.backlog == 0 and training.learner.high_water_mark > 0)
@@ -221,11 +261,12 @@ def run_demo(args: Any) -> int:
             caught_up = not d.exporting.busy and d.exporting.exported_learned >= training.learner.trained
         timed_out = now - state["started"] > args.max_seconds
         if timed_out and not state["finished"]:
-            print(f"demo: {args.max_seconds:.0f} s are up: summary of where it stands", file=sys.stderr, flush=True)
+            terminal.say(f"demo: {args.max_seconds:.0f} s are up: summary of where it stands")
         if (timed_out or (feeder.done.is_set() and handled >= r.acked and caught_up)) and not state["finished"]:
             state["finished"] = True
+            terminal.say(line)  # where it ended, kept on the screen
             if feeder.error is not None:
-                print(f"demo: the feed failed: {feeder.error}", file=sys.stderr)
+                terminal.say(f"demo: the feed failed: {feeder.error}")
             summary: dict[str, Any] = {
                 "feed": r.as_dict(),
                 "store": stats(open_reader(settings.state_dir / "examples.db")),
@@ -242,7 +283,13 @@ def run_demo(args: Any) -> int:
                 }
             if state["device"] is not None:
                 summary["device"] = _device(state["device"])
-            print(json.dumps(summary, indent=2, ensure_ascii=False))
+            summary["seconds"] = round(now - state["started"], 1)
+            summary_file = settings.state_dir / "demo-summary.json"
+            write_atomic(summary_file, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode())
+            if args.json:
+                print(json.dumps(summary, indent=2, ensure_ascii=False), flush=True)
+            else:
+                print("\n".join(_readable(summary, summary_file, log_file)), flush=True)
             state["failure"] = _failure(d, summary, timed_out, args.max_seconds)
             if not args.keep_running:
                 d.should_exit.set()
@@ -260,7 +307,7 @@ def run_demo(args: Any) -> int:
         code = 66 if isinstance(feeder.error, DatasetError) else 69
     elif code == 0 and state.get("failure"):
         # The loop did not reach its end: say why in one line, and let a script (or CI) see it.
-        print(f"demo: FAILED: {state['failure']}", file=sys.stderr, flush=True)
+        terminal.say(f"demo: FAILED: {state['failure']}")
         code = 1
     return daemon.leave(code)
 
@@ -279,3 +326,40 @@ def _failure(d: Daemon, summary: dict[str, Any], timed_out: bool, max_seconds: f
     if not device.get("version"):
         return f"the device holds no verified model: {device.get('reason', 'unknown')}"
     return None
+
+
+def _shown(path: Path) -> str:
+    """A path as the person typed their way to it: relative to where they stand when it is below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _readable(summary: dict[str, Any], summary_file: Path, log_file: Path) -> list[str]:
+    """The summary in a few lines a person reads; the whole of it is in ``summary_file``."""
+    feed, store = summary["feed"], summary["store"]
+    splits = store["per_split"]
+    lines = [
+        f"Sprout demo, {summary['seconds']:.0f} s:",
+        f"  fed      {feed['acked']} Fashion-MNIST photos; stored {store['total']} ({splits.get('train', 0)} to learn, "
+        f"{splits.get('holdout', 0)} held out), rejected {store['rejected_total']}",
+    ]
+    learner = summary.get("learner")
+    if learner:
+        lines.append(f"  learned  {learner['learned']} examples in {learner['steps']} steps ({learner['backbone']}, "
+                     f"{learner['mode']} mode): {len(learner['classes'])} classes, holdout top-1 "
+                     f"{_pct(learner['holdout_accuracy'])}, prequential {_pct(learner['prequential_accuracy'])}")
+    export = summary.get("export")
+    if export:
+        lines.append(f"  models   {export['published']} published, {export['rejected']} refused by the gates; "
+                     f"latest version {export['latest_version'] or '-'}")
+    device = summary.get("device")
+    if device and device.get("version"):
+        lines.append(f"  device   version {device['version']} ({device['quantization']}) on {device['runtime']}: "
+                     f"top-1 {_pct(device['top1_on_device'])} on {device['test_photos']} photos it never saw")
+        lines.append(f"  try      sprout-edge classify --dir {_shown(Path(device['folder']))} PHOTO.jpg")
+    elif device:
+        lines.append(f"  device   no verified model: {device.get('reason', 'unknown')}")
+    lines.append(f"  details  {_shown(summary_file)} (all figures), {_shown(log_file)} (the daemon's log)")
+    return lines

@@ -16,10 +16,15 @@ Why a process and not a thread of the daemon:
 Protocol: the child imports what an export needs (Python, torch,
 litert-torch: ~5 s of CPU on a 2-core host), then waits for the daemon's
 pickled ``Settings`` on its stdin; it runs ``export_once`` and writes one
-JSON document, the outcome, to its stdout, which is its own (everything the
-child's libraries print goes to stderr, the daemon's journal, as its log
-lines do). The child's temporaries live in a folder the daemon removes when
-the child has ended, however it ended.
+JSON document, the outcome, to its stdout, which is its own. Its stderr is
+a pipe that the daemon reads (``ChildLog``): the child's log records come as
+JSON lines and are logged again by the daemon, Sprout's at their level,
+other libraries' below ERROR at DEBUG; anything else printed there (the
+converter's C++ diagnostics, deprecation notices) is logged at DEBUG and
+its last lines are quoted when the child fails. A healthy export is quiet
+on the operator's terminal; a failed one says why. The child's temporaries
+live in a folder the daemon removes when the child has ended, however it
+ended.
 
 With ``export.prewarm_process`` the next export's child is started as soon
 as an export ends, and waits, imports done, until it is due: the export
@@ -38,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +77,57 @@ class ExportStopped(Exception):
     """The daemon stopped the child (``ExportChild.stop``): the export is dropped, nothing was half-published."""
 
 
+class ChildLog(threading.Thread):
+    """Reads a child's stderr to its end: log records logged again here, other lines at DEBUG."""
+
+    KEEP_LINES = 30  # the last lines that are not log records, quoted when the child fails
+
+    def __init__(self, stream: Any, pid: int):
+        super().__init__(name=f"sprout-export-log-{pid}", daemon=True)
+        self.stream, self.pid = stream, pid
+        self.tail: deque[str] = deque(maxlen=self.KEEP_LINES)
+
+    def run(self) -> None:
+        try:
+            for raw in self.stream:
+                self.line(raw.decode("utf-8", "replace").rstrip())
+        except (OSError, ValueError):  # the pipe closed under us (the child was discarded): nothing more to read
+            pass
+
+    def line(self, text: str) -> None:
+        if not text.strip():
+            return
+        record = _log_record(text)
+        if record is None:
+            self.tail.append(text)
+            log.debug("export process %d: %s", self.pid, text)
+            return
+        level = logging.getLevelName(record.get("level", "INFO"))
+        level = level if isinstance(level, int) else logging.INFO
+        name = str(record.get("logger", "sprout.export"))
+        if not name.startswith("sprout") and level < logging.ERROR:
+            level = logging.DEBUG  # a library's notice: for whoever debugs an export, not the operator
+        message = str(record.get("msg", ""))
+        if record.get("exc"):
+            message += "\n" + str(record["exc"])
+        logging.getLogger(name).log(level, "%s", message)
+
+    def quote(self) -> str:
+        return "; ".join(self.tail)[-2000:]
+
+
+def _log_record(text: str) -> dict[str, Any] | None:
+    if not text.startswith("{"):
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and "level" in doc and "msg" in doc else None
+
+
 class _Process:
-    """One export child and its temporaries' folder."""
+    """One export child, the reader of its stderr, and its temporaries' folder."""
 
     def __init__(self) -> None:
         self.tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
@@ -81,11 +136,13 @@ class _Process:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon.export_child", str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=self.tmp,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=self.tmp,
             )
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
+        self.log = ChildLog(self.proc.stderr, self.proc.pid)
+        self.log.start()
 
     @property
     def alive(self) -> bool:
@@ -96,7 +153,8 @@ class _Process:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout):
+        self.log.join(5.0)  # the child's last lines (a traceback) are logged before it is judged
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -167,7 +225,9 @@ class ExportChild:
             raise ExportStopped("the daemon is stopping")
         if code != 0:
             how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            raise ExportFailed(f"the export process ended without an outcome ({how}; its log lines are above)")
+            printed = done.log.quote()
+            raise ExportFailed(f"the export process ended without an outcome ({how}; its log lines are above)"
+                               + (f"; it printed: {printed}" if printed else ""))
         try:
             return json.loads(out)
         except ValueError as err:
@@ -191,7 +251,8 @@ def main(argv: list[str]) -> int:
         settings: Settings = pickle.load(sys.stdin.buffer)
     except EOFError:  # the daemon discarded this spare without using it
         return 0
-    logs.configure(settings.logging.level, settings.logging.format)
+    # JSON lines whatever the daemon's format: the daemon reads them and logs them again (ChildLog).
+    logs.configure(settings.logging.level, "json")
     try:
         outcome = export_once(settings)
     except NothingToExport as err:

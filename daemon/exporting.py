@@ -1,5 +1,7 @@
 """The daemon's export thread: publish a new model every ``export.every_examples`` learned or ``every_seconds``.
 
+Until the model's first version is published, it tries every ``export.first_model_examples`` instead.
+
 It works from the learner's last checkpoint (a consistent snapshot that the
 learner writes atomically), so it never holds up training or intake; it asks
 the learner for a fresh checkpoint first. Each export runs in a child process
@@ -20,7 +22,7 @@ from daemon import checkpoint
 from daemon.export_child import ExportChild, ExportFailed, ExportStopped, remove_orphaned_temporaries
 from daemon.published_scores import remove_temporaries
 from daemon.publishing import Outcome, Reason
-from daemon.registry import Registry, RegistryError
+from daemon.registry import Registry, RegistryError, registry_root
 from daemon.settings import Settings
 
 log = logging.getLogger("sprout.export")
@@ -47,6 +49,7 @@ class Exporting(threading.Thread):
         # From the registry, not the checkpoint: an export cut short by a kill or a stop left no trace
         # there, so the next start redoes it instead of waiting for more examples to arrive.
         self._exported_learned = self._registry_learned()
+        self._has_published = Registry.open_readonly(registry_root(settings.state_dir), settings.model.name).latest() is not None
         self._retry_at = 0.0  # after an export failed (full disk, crash): not before then
         self.child = ExportChild()
         removed = remove_orphaned_temporaries() + remove_temporaries(settings.state_dir)
@@ -64,7 +67,10 @@ class Exporting(threading.Thread):
         new = self.learned() - self._exported_learned
         if new <= 0 or time.monotonic() < self._retry_at:
             return False
-        return new >= e.every_examples or time.monotonic() - self._exported_at >= e.every_seconds
+        # Before the first publish, a model of a few hundred examples beats no model: try at the shorter
+        # cadence and let the gates refuse a candidate they cannot judge yet (no holdout, too few classes).
+        every = e.every_examples if self._has_published else min(e.every_examples, e.first_model_examples)
+        return new >= every or time.monotonic() - self._exported_at >= e.every_seconds
 
     def run(self) -> None:
         try:
@@ -124,6 +130,7 @@ class Exporting(threading.Thread):
                      outcome.seconds, outcome.seconds - got["seconds"])
             if outcome.published:
                 self.published += 1
+                self._has_published = True
                 self.latest_published = outcome.published
             else:
                 self.rejected += 1

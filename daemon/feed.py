@@ -65,14 +65,48 @@ class Delivery:
     qos: int
     connection: int  # which connection it came on; an ack is only valid on that one
     item: Example | Rejection
+    size: int = 0  # payload bytes held for it in the feed's ByteBudget until intake gives them back
+
+
+class ByteBudget:
+    """Bytes of received payloads held in memory until they are committed.
+
+    The broker sends up to mqtt.receive_maximum un-acked messages at once: 1,000 phone photos of 10 MB
+    would be 10 GB in the daemon's memory. Past ``limit`` the network thread waits (the broker holds the
+    rest, as when intake falls behind); one message larger than the limit passes when nothing else is held.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.peak = 0  # the most ever held: what the budget bounded
+        self._cond = threading.Condition()
+
+    def take(self, size: int, keep_waiting: Callable[[], bool]) -> bool:
+        """Hold ``size`` bytes, waiting for room; False when ``keep_waiting`` turned false first."""
+        with self._cond:
+            while self.used > 0 and self.used + size > self.limit:
+                if not keep_waiting():
+                    return False
+                self._cond.wait(0.5)
+            self.used += size
+            self.peak = max(self.peak, self.used)
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._cond:
+            self.used -= size
+            self._cond.notify_all()
 
 
 class Feed:
-    def __init__(self, settings: MqttSettings, model: str, client_id: str, limits: Limits, backlog_max: int):
+    def __init__(self, settings: MqttSettings, model: str, client_id: str, limits: Limits, backlog_max: int,
+                 backlog_max_bytes: int = 512 * 1024 * 1024):
         self.settings = settings
         self.model = model
         self.limits = limits
         self.deliveries: queue.Queue[Delivery] = queue.Queue(maxsize=backlog_max)
+        self.budget = ByteBudget(backlog_max_bytes)
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # set once the broker confirmed the subscription (SUBACK)
         self.received = 0
@@ -273,17 +307,22 @@ class Feed:
         user_properties = getattr(props, "UserProperty", None)
         content_type = getattr(props, "ContentType", None)
         item = parse(message.payload, user_properties, content_type, self.limits)  # never raises
-        delivery = Delivery(message.mid, message.qos, self._connection, item)
+        size = len(message.payload) if isinstance(item, Example) else 0  # a rejection keeps no image
+        delivery = Delivery(message.mid, message.qos, self._connection, item, size)
         self.received += 1
-        # Backpressure: when intake falls behind, stop reading the socket; the broker holds the rest.
+        # Backpressure: when intake falls behind, in examples or in bytes, stop reading the socket; the
+        # broker holds the rest.
         self.waiting_for_intake = True
         try:
+            if not self.budget.take(size, lambda: self._accepting):
+                return
             while True:
                 try:
                     self.deliveries.put(delivery, timeout=0.5)
                     return
                 except queue.Full:
                     if not self._accepting:
+                        self.budget.give_back(size)
                         return
         finally:
             self.waiting_for_intake = False

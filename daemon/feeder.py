@@ -25,6 +25,7 @@ from paho.mqtt.properties import Properties
 from tqdm import tqdm
 
 from daemon.datasets import DatasetError, Sample, arrange, fashion_mnist_samples, folder_samples, iter_encoded
+from daemon.settings import StoreSettings
 
 log = logging.getLogger("sprout.feeder")
 
@@ -67,7 +68,7 @@ class Publisher:
         broker: str,
         window: int = 256,
         client_id: str | None = None,
-        max_bytes: int = 8 * 1024 * 1024,
+        max_bytes: int = StoreSettings.model_fields["max_image_bytes"].default,  # the daemon's default limit
         ca_file: Path | None = None,
     ):
         parts = urlsplit(broker)
@@ -216,8 +217,12 @@ def feed(
     total: int,
     rate: float = 0.0,
     progress: bool | None = None,
+    split: str | None = None,
 ) -> FeedReport:
-    """Publish encoded samples at ``rate`` per second (0 = as fast as acks allow), then wait for every PUBACK."""
+    """Publish encoded samples at ``rate`` per second (0 = as fast as acks allow), then wait for every PUBACK.
+
+    ``split`` goes on every message; without it each sample's own (a folder's train/ or holdout/), if any.
+    """
     started = time.monotonic()
     # disable=None: a bar on a terminal, nothing when piped.
     bar = tqdm(total=total, unit="ex", desc="acked", disable=None if progress is None else not progress)
@@ -227,7 +232,7 @@ def feed(
             delay = started + i / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        if not publisher.publish(topic, payload, sample.label, content_type, sample.example_id):
+        if not publisher.publish(topic, payload, sample.label, content_type, sample.example_id, split or sample.split):
             log.warning("skipped %s: %d bytes is over the %d-byte limit", sample.example_id, len(payload), publisher.max_bytes)
         done = publisher.report.acked + publisher.report.no_subscribers
         if done > shown:
@@ -241,7 +246,7 @@ def feed(
 
 def run_feed(args) -> int:
     """The ``sprout feed`` command."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     try:
         samples = fashion_mnist_samples(args.part) if args.dataset else folder_samples(args.dir)
@@ -252,7 +257,8 @@ def run_feed(args) -> int:
     topic = f"{args.topic_prefix}/{args.model}/examples"
     try:
         with Publisher(args.broker, window=args.window, ca_file=args.ca_file) as publisher:
-            report = feed(publisher, topic, iter_encoded(samples, args.size, args.format), len(samples), args.rate)
+            report = feed(publisher, topic, iter_encoded(samples, args.size, args.format), len(samples), args.rate,
+                          split=args.split)
     except (ConnectionError, OSError) as err:
         print(f"sprout feed: cannot reach {without_password(args.broker)}: {err}", file=sys.stderr)
         return 69  # EX_UNAVAILABLE

@@ -128,6 +128,7 @@ class Intake(threading.Thread):
                 # Stopping: do not wait for the disk. Un-acked, these come back from the broker.
                 log.warning("stopping: %d received examples not committed (%s); the broker redelivers them",
                             len(batch), full or "the store refuses writes")
+                self.feed.budget.give_back(sum(d.size for d in batch))
                 return
             delay = min(delay * 2, 30.0 if full is None else DISK_RETRY_MAX_S)
         if self.disk_full_since is not None:
@@ -137,6 +138,7 @@ class Intake(threading.Thread):
         self.failing_since = None
         for delivery in batch:
             self.feed.ack(delivery)
+        self.feed.budget.give_back(sum(d.size for d in batch))  # on disk now: the network thread may read more
         for rejection in rejections:
             self.rejected[rejection.reason.value] = self.rejected.get(rejection.reason.value, 0) + 1
             log.info("rejected %s: %s", rejection.example_id or "(no id)", rejection.detail)

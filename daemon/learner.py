@@ -11,6 +11,11 @@ every mode:
 - ``last_blocks`` / ``full``: the last k stages / every weight fine-tunes too
   (bf16 autocast on CUDA). BatchNorm statistics stay frozen: batches of 16-32
   are too small to re-estimate them.
+
+Label changes (``sprout labels``: daemon/labels.py) are applied between two
+steps (:meth:`Learner.apply_label_changes`): everything kept per class (the
+outputs, the replay and holdout indexes, the per-class metrics) follows the
+change, and the store reader resolves labels with exactly the changes applied.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ from torch import nn
 
 from daemon.embeddings import EmbeddingCache
 from daemon.head import GrowingHead
+from daemon.labels import LabelChange, LabelMap, outputs_after
 from daemon.decoding import CHUNK, DecodePool, Decoding, auto_workers
 from daemon.learning_metrics import Holdout, Prequential
 from daemon.settings import ModelSettings, TrainingSettings
@@ -215,6 +222,7 @@ class Learner:
             return
         before_batch = self.high_water_mark
         self.high_water_mark = max(self.high_water_mark, max(e.seq for e in batch))
+        batch = self._live(batch)
         for e in batch:
             if e.split == "holdout":
                 self.holdout_index.append((e.seq, e.label))
@@ -407,6 +415,51 @@ class Learner:
         self.head.grow(1, self.optimizer)
         log.info("new class %r (now %d classes)", label, len(self.labels))
 
+    def _live(self, examples: Sequence[StoredExample]) -> list[StoredExample]:
+        """The examples of classes that are not retired: a retired class's examples stay stored, never learned."""
+        retired = self.reader.labels.retired
+        return [e for e in examples if e.label not in retired]
+
+    # -- label changes (sprout labels) ---------------------------------------------------------
+
+    @property
+    def label_change(self) -> int:
+        """Id of the last label change applied (0: none)."""
+        return self.reader.labels.last
+
+    def apply_label_changes(self) -> list[LabelChange]:
+        """Apply the label changes recorded in the store since the last one applied; returns them."""
+        changes = self.reader.label_changes(self.label_change)
+        for change in changes:
+            self._apply_label_change(change)
+        return changes
+
+    def _apply_label_change(self, change: LabelChange) -> None:
+        if self._ahead is not None:  # its replay sample carries the old labels
+            self._ahead.decoding.result()
+            self._ahead = None
+        outputs, removed = outputs_after(self.labels, change)
+        if removed is not None:
+            self.head.remove(removed, self.optimizer)
+        self.labels = outputs
+        self._label_index = {label: i for i, label in enumerate(outputs)}
+        labels = self.reader.labels
+        labels.apply(change)
+        # Everything kept per class, under each class's name after the change: a merged class's examples
+        # join the one it merged into, a retired class's go.
+        replay: dict[str, list[array]] = {}
+        for label, seqs in self.replay_index.items():
+            if (name := labels.resolve(label)) is not None:
+                replay.setdefault(name, []).append(seqs)
+        # Sorted, as the replay index's arrays always are (retention trims them by bisection).
+        self.replay_index = {name: parts[0] if len(parts) == 1 else array("q", sorted(chain(*parts)))
+                             for name, parts in replay.items()}
+        self.holdout_index = deque(((seq, name) for seq, label in self.holdout_index
+                                    if (name := labels.resolve(label)) is not None), maxlen=self.holdout_index.maxlen)
+        self.prequential.relabel(labels.resolve)
+        self.holdout.relabel(labels.resolve)
+        log.info("label change %d: %s; %d outputs now", change.id, change, len(self.labels))
+
     def _decode_step(self, examples: Sequence[StoredExample], ahead: _ReadAhead | None) -> None:
         """With decoder processes, every image this step needs decoded before it starts: what was read ahead,
         then the rest at once (in parallel, not a few at a time inside the step). In the thread, images are
@@ -424,7 +477,7 @@ class Learner:
 
     def _read_ahead(self, upcoming: Sequence[StoredExample]) -> None:
         """Start decoding the next step's images (its new train examples and its replay sample) in the pool."""
-        train = [e for e in upcoming if e.split == "train"]
+        train = [e for e in self._live(upcoming) if e.split == "train"]
         if not train or not self.reads_ahead:
             return
         replay = self._replay_sample(round(self.settings.replay_ratio * len(train)))
@@ -608,6 +661,7 @@ class Learner:
             "prequential": self.prequential.state(),
             "holdout": self.holdout.state(),
             "rng": self.rng.getstate(),
+            "label_change": self.label_change,
         }
 
     def restore(self, payload: dict[str, Any]) -> bool:
@@ -643,6 +697,9 @@ class Learner:
         self.prequential = Prequential.from_state(payload["prequential"])
         self.holdout = Holdout.from_state(payload["holdout"])
         self.rng.setstate(_as_tuple(payload["rng"]))
+        # The labels as of the checkpoint (0 before label changes existed); later changes are applied next.
+        applied = payload.get("label_change", 0)
+        self.reader.labels = LabelMap.replay(c for c in self.reader.label_changes() if c.id <= applied)
         # The replay and holdout indexes are the store's, up to the resumed position.
         known = set(self.labels)
         self.replay_index = {}

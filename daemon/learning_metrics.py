@@ -8,6 +8,7 @@ Forgetting of a class: its best holdout accuracy so far minus its current one.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -42,6 +43,17 @@ class Prequential:
 
     def per_class(self) -> dict[str, float]:
         return {c: self.per_class_correct[c] / n for c, n in sorted(self.per_class_seen.items())}
+
+    def relabel(self, name: Callable[[str], str | None]) -> None:
+        """Per-class counts under the classes' names after a label change: a merged class's add to the
+        one it joined, a retired one's (``name`` gives None) leave the per-class figures, not the totals."""
+        seen: dict[str, int] = {}
+        correct: dict[str, int] = {}
+        for label, n in self.per_class_seen.items():
+            if (to := name(label)) is not None:
+                seen[to] = seen.get(to, 0) + n
+                correct[to] = correct.get(to, 0) + self.per_class_correct.get(label, 0)
+        self.per_class_seen, self.per_class_correct = seen, correct
 
     def state(self) -> dict:
         return {
@@ -80,6 +92,17 @@ class Holdout:
             self.best[label] = max(self.best.get(label, 0.0), acc)
         self.evaluated_examples = total
         self.at_step = step
+
+    def relabel(self, name: Callable[[str], str | None]) -> None:
+        """Per-class accuracies under the classes' names after a label change. Accuracies do not add up: a
+        merged class's are dropped for those of the class it joined (until the next evaluation scores the
+        two together), a renamed one's move, a retired one's (``name`` gives None) go."""
+
+        def renamed(scores: dict[str, float]) -> dict[str, float]:
+            return {to: value for label, value in scores.items()
+                    if (to := name(label)) is not None and (to == label or to not in scores)}
+
+        self.per_class, self.best = renamed(self.per_class), renamed(self.best)
 
     def forgetting(self) -> dict[str, float]:
         return {label: self.best[label] - acc for label, acc in self.per_class.items()}

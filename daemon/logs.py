@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 
 class JsonLines(logging.Formatter):
@@ -22,6 +23,12 @@ class JsonLines(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False)
 
 
+def _stamped() -> logging.Formatter:
+    formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    return formatter
+
+
 def configure(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -30,11 +37,47 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
         # journald stamps every line itself.
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     else:
-        formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
-        formatter.converter = time.gmtime
-        handler.setFormatter(formatter)
+        handler.setFormatter(_stamped())
+    _install([handler], level)
+
+
+def configure_to_file(path: Path, level: str = "INFO") -> None:
+    """Every record at ``level`` to ``path``; only warnings and errors to the terminal.
+
+    For commands that draw their own progress on the terminal (``sprout demo``): the daemon's
+    log lines would scroll it away, yet a real problem must still show where the person looks.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(_stamped())
+    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal.setLevel(logging.WARNING)
+    to_terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    _install([to_file, to_terminal], level)
+
+
+def native_stderr_to(path: Path) -> None:
+    """Send what native code writes to file descriptor 2 to ``path``; Python's ``sys.stderr`` stays on the terminal.
+
+    The interpreters and converters print from C++ straight to descriptor 2 (LiteRT's "Created
+    TensorFlow Lite XNNPACK delegate", absl's notices), past Python's logging. For a command that owns
+    the terminal (``sprout demo``) they belong in its log file; Python's own tracebacks and the log's
+    warnings still reach the person through ``sys.stderr``. Processes started later inherit the file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+
+
+def _install(handlers: list[logging.Handler], level: str) -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for old in root.handlers:
+        old.close()
+    root.handlers[:] = handlers
     root.setLevel(level)
     # paho logs every packet at DEBUG; keep it quiet unless asked for.
     logging.getLogger("sprout.paho").setLevel(max(logging.getLevelName(level), logging.INFO))

@@ -62,6 +62,11 @@ class DaemonCollector(Collector):
         if feed is not None:
             yield GaugeMetricFamily("sprout_intake_backlog", "Received examples waiting for their commit.",
                                     value=feed.deliveries.qsize())
+            yield GaugeMetricFamily("sprout_intake_held_bytes",
+                                    "Bytes of received images in memory until committed (store.backlog_max_mb).",
+                                    value=feed.budget.used)
+            yield GaugeMetricFamily("sprout_intake_held_bytes_peak", "The most bytes of images ever held at once.",
+                                    value=feed.budget.peak)
             yield GaugeMetricFamily("sprout_broker_connected",
                                     "1 while the MQTT session is up, subscribed and receiving.",
                                     value=float(feed.receiving()))

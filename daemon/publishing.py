@@ -8,6 +8,11 @@ of the float model's, and not below the published model's on that runtime
 minus ``export.tolerance_pts``. Otherwise the registry's log records it with
 its reasons, and the next mode of ``export.quantization`` is tried (int8,
 then fp16 by default: the smallest model that is as good as the float one).
+
+Label changes (``sprout labels``) the checkpoint predates are applied to the
+snapshot, and the holdout is read under the same labels, so the published
+labels.txt is the store's today; the registry's log records each change
+before the version that carries it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from daemon import checkpoint
 from daemon.exporter import convert, float_probabilities, input_dtype, snapshot
 from daemon.head import GrowingHead
 from daemon.imaging import load_rgb
+from daemon.labels import LabelMap, outputs_after
 from daemon.lossy_modes import LossyModes
 from daemon.published_scores import PublishedScores
 from daemon.registry import Registry
@@ -72,6 +78,8 @@ def export_once(settings: Settings) -> Outcome:
     clock = _Stages()
     reader = StoreReader(settings.state_dir / "examples.db")
     try:
+        changes = reader.label_changes()
+        reader.labels = LabelMap.replay(changes)
         snap = _restored(settings, reader)
         size = settings.model.input_size
         seqs, images, labels = _holdout(snap, reader, size, cfg.verify_examples)
@@ -85,6 +93,7 @@ def export_once(settings: Settings) -> Outcome:
     float_top1 = float((reference.argmax(1) == labels).mean())
     clock.lap("float")
     registry = Registry.from_settings(settings)
+    registry.record_label_changes(changes)  # `sprout labels` records them too; one it could not is logged here
     baseline = _baseline(registry, settings, seqs, images, [snap.labels[i] for i in labels])
     clock.lap("published")
     outcome = Outcome(None)
@@ -102,7 +111,10 @@ def export_once(settings: Settings) -> Outcome:
         if reasons:
             registry.record_rejection(fields, reasons)
             outcome.reasons += [Reason(f"{mode}: {r}", r.kind) for r in reasons]
-            log.warning("%s export rejected: %s", mode, "; ".join(reasons))
+            # The gates at work, not a fault while another mode is left to try; refusing the last is news.
+            last = mode == cfg.quantization[-1]
+            log.log(logging.WARNING if last else logging.INFO, "%s export rejected: %s%s", mode, "; ".join(reasons),
+                    "" if last else "; trying the next mode")
             if any(getattr(r, "kind", "") == "accuracy_drop" for r in reasons) and mode != cfg.quantization[-1]:
                 lossy.refused_for_accuracy(mode, cfg.skip_lossy_mode_for)
             else:
@@ -299,6 +311,7 @@ def gate(reports: list[RuntimeReport], float_top1: float, baseline: Baseline | N
 
 
 def _restored(settings: Settings, reader: StoreReader) -> Snapshot:
+    """The checkpoint's network, with the label changes it predates up to ``reader.labels`` applied."""
     payload = checkpoint.load(settings.state_dir / "checkpoints")
     if payload is None:
         raise NothingToExport("no checkpoint yet: let the daemon learn first (it checkpoints every "
@@ -308,8 +321,6 @@ def _restored(settings: Settings, reader: StoreReader) -> Snapshot:
             f"the checkpoint is of {payload['backbone']} at {payload['input_size']} px; this config says "
             f"{settings.model.backbone} at {settings.model.input_size} px"
         )
-    if not payload["labels"]:
-        raise NothingToExport("the model knows no class yet")
     spec = zoo.get(payload["backbone"])
     # The same seed as the learner's, for a backbone without shipped weights (whose random init the
     # checkpoint does not store in head mode), inside fork_rng so the daemon's own RNG is untouched.
@@ -322,8 +333,16 @@ def _restored(settings: Settings, reader: StoreReader) -> Snapshot:
         backbone.load_state_dict(payload["backbone_state"])
     head = GrowingHead(spec.embedding_size, len(payload["labels"]))
     head.load_state_dict(payload["head"])
-    return Snapshot(spec, backbone.eval(), head.eval(), list(payload["labels"]), payload["trained"],
-                    payload["high_water_mark"])
+    labels = list(payload["labels"])
+    # As the learner applies them at its next step (a stopped daemon's: at its next start).
+    for change in reader.label_changes(payload.get("label_change", 0)):
+        if change.id <= reader.labels.last:
+            labels, removed = outputs_after(labels, change)
+            if removed is not None:
+                head.remove(removed)
+    if not labels:
+        raise NothingToExport("the model knows no class yet")
+    return Snapshot(spec, backbone.eval(), head.eval(), labels, payload["trained"], payload["high_water_mark"])
 
 
 def _holdout(snap: Snapshot, reader: StoreReader, size: int, most: int) -> tuple[list[int], np.ndarray, np.ndarray]:

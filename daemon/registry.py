@@ -6,7 +6,9 @@ Layout of ``<state_dir>/registry/<model>/``::
     latest      a byte copy of the latest version's manifest: the pointer and the document served
     versions    JSON list of {version, created_at, quantization, pinned}, newest first
     pins        JSON list of pinned versions (retention never deletes them)
-    log.jsonl   one event per line: published, rejected, rollback, pin, unpin, deleted, repaired, cleaned
+    log.jsonl   the model's history, one event per line with its time: published, rejected, rollback, pin,
+                unpin, deleted, repaired, cleaned, and label_renamed, label_merged, label_deleted
+                (``sprout labels``, timed when the change was made)
 
 A SIGKILL at any instant leaves ``latest`` naming a complete, signed version:
 a version folder is built under ``.tmp-<version>-<pid>`` and renamed whole,
@@ -41,12 +43,13 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.atomic import TMP_PREFIX, fsync_dir, write_atomic, write_new
+from daemon.labels import EVENTS, LabelChange
 from edge.manifest import INPUT_DTYPES, is_image_shape
 from daemon.signing import SignatureError, Signer, verify, verify_file
 
@@ -90,6 +93,11 @@ def registry_root(state_dir: Path) -> Path:
 def utc_now() -> str:
     """RFC 3339 UTC with milliseconds, e.g. ``2026-05-09T07:35:25.123Z``."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utc_time(at: float) -> str:
+    """Unix time ``at`` as :func:`utc_now` writes times."""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -328,6 +336,21 @@ class Registry:
         self._writable()
         with self._locked():
             self._append_log({"event": "rejected", "reasons": [str(r) for r in reasons], "candidate": _jsonable(fields)})
+
+    def record_label_changes(self, changes: Iterable[LabelChange]) -> list[LabelChange]:
+        """Log the label changes the log lacks, each timed when it was made; returns those it logged.
+
+        Known by change id and time (a store made afresh numbers its changes from 1 again), so that the
+        command that makes a change and every export after it may all call this.
+        """
+        self._writable()
+        with self._locked():
+            logged = {(e.get("change"), e.get("time")) for e in self.events() if e.get("event") in EVENTS.values()}
+            new = [c for c in changes if (c.id, utc_time(c.at)) not in logged]
+            for c in new:
+                into = {"into": c.into} if c.into is not None else {}
+                self._append_log({"time": utc_time(c.at), "event": c.event, "change": c.id, "label": c.label, **into})
+        return new
 
     def rollback(self, version: int) -> dict[str, Any]:
         """Make ``version`` the latest again, its manifest unchanged; returns that manifest."""

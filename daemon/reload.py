@@ -31,7 +31,7 @@ RELOADABLE: dict[str, frozenset[str]] = {
     "logging": frozenset({"level", "format", "progress_every_s"}),
     # Read by the export thread at every check and every export (an export in flight finishes on the old values).
     "export": frozenset({
-        "every_examples", "every_seconds", "max_drop_pts", "tolerance_pts", "quantization", "runtimes",
+        "every_examples", "every_seconds", "first_model_examples", "max_drop_pts", "tolerance_pts", "quantization", "runtimes",
         "tflite_runtime_python", "calibration_examples", "verify_examples", "verify_timeout_s",
         "skip_lossy_mode_for", "prewarm_process",
     }),

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from daemon import logs, preflight
+from daemon import logs, preflight, state_owner
 from daemon.feed import Feed
 from daemon.intake import Intake
 from daemon.liveness import Liveness, export_stall_after_s
@@ -93,8 +93,10 @@ class Daemon:
         s = self.settings
         preflight.check(s)  # what `sprout check-config` checks too: files, the signing key, the runtimes
         s.state_dir.mkdir(parents=True, exist_ok=True)
+        state_owner.claim(s.state_dir, s.model.name)  # another model's folder is refused, naming both
         self.store = Store(s.state_dir / "examples.db")
-        self.feed = Feed(s.mqtt, s.model.name, s.client_id, _limits(s), s.store.backlog_max)
+        self.feed = Feed(s.mqtt, s.model.name, s.client_id, wire_limits(s), s.store.backlog_max,
+                         s.store.backlog_max_mb * 1024 * 1024)
         self.intake = Intake(self.feed, self.store, s.store)
         if s.training.enabled:
             from daemon.checkpoint import CheckpointError  # these import torch: only when this node learns
@@ -283,7 +285,7 @@ class Daemon:
         if applied.logging != before.logging:
             logs.configure(applied.logging.level, applied.logging.format)
         if self.feed is not None and applied.store != before.store:
-            self.feed.limits = _limits(applied)
+            self.feed.limits = wire_limits(applied)
             if self.intake is not None:
                 self.intake.settings = applied.store
         if self.exporting is not None:
@@ -437,7 +439,8 @@ class Daemon:
         self.reload_requested.set()
 
 
-def _limits(s: Settings) -> Limits:
+def wire_limits(s: Settings) -> Limits:
+    """The wire format's checks as configured: for MQTT intake and `sprout store import` alike."""
     return Limits(
         max_image_bytes=s.store.max_image_bytes,
         max_image_pixels=s.store.max_image_pixels,

@@ -156,7 +156,11 @@ class StoreSettings(Section):
         0.1, ge=0.0, lt=1.0, description="Share of examples without a 'split' kept out of training for the export gates."
     )
     max_image_bytes: int = Field(
-        8 * 1024 * 1024, ge=1024, description="Largest accepted image in bytes; phone photos are 2-6 MB, crops far less."
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest accepted image, in bytes of the encoded file (16 MiB: a 24 MP phone JPEG is 6-12 MB). "
+        "Messages are held whole in memory until committed, up to mqtt.receive_maximum at once, and every "
+        "accepted byte is stored: lower it to bound both when senders can resize.",
     )
     max_image_pixels: int = Field(
         50_000_000,
@@ -167,8 +171,8 @@ class StoreSettings(Section):
     max_full_decode_pixels: int = Field(
         16_777_216,
         ge=64,
-        description="Largest accepted width*height for PNG and WebP, which decode at full size (3 bytes a pixel "
-        "while decoding: 16 MP = 48 MB); higher admits larger lossless photos, at that much memory per image.",
+        description="Largest accepted width*height for PNG, WebP and HEIC, which decode at full size (3 bytes a pixel "
+        "while decoding: 16 MP = 48 MB); higher admits larger photos in them, at that much memory per image.",
     )
     max_label_chars: int = Field(128, ge=1, le=4096, description="Longest accepted class name, in characters.")
     commit_max_examples: int = Field(
@@ -179,6 +183,13 @@ class StoreSettings(Section):
     )
     backlog_max: int = Field(
         20_000, ge=1, description="Examples received but not yet committed; past it the network thread waits (backpressure)."
+    )
+    backlog_max_mb: int = Field(
+        512,
+        ge=1,
+        description="Megabytes of received images held in memory until committed; past it the network thread "
+        "waits and the broker holds the rest. Bounds the daemon's memory under a burst of phone photos "
+        "(mqtt.receive_maximum of them at 10 MB would be 10 GB); lower shares fewer commits among large images.",
     )
     min_free_mb: int = Field(
         256,
@@ -292,6 +303,13 @@ class ExportSettings(Section):
     )
     every_seconds: float = Field(
         600.0, gt=0, description="Seconds after which anything newly learned is exported even below every_examples."
+    )
+    first_model_examples: int = Field(
+        200,
+        ge=1,
+        description="Until this model has a published version, an export is tried every this many newly learned "
+        "examples (and after every_seconds), and the gates decide whether it ships: a new daemon publishes its first "
+        "model once it knows enough for them to judge one. Lower tries sooner, each refused try costs an export's CPU.",
     )
     max_drop_pts: float = Field(
         1.0,

@@ -69,8 +69,12 @@ class StaticStep:
             self._capture()
 
     def matches(self, head: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-        """Still valid for this head and optimizer (a grown head or a restored optimizer needs a new step)."""
-        return head is self.head and optimizer is self.optimizer and head.num_classes == self.num_classes
+        """Still valid for this head and optimizer (a grown or shrunk head or a restored optimizer needs a new step)."""
+        # The parameters themselves, not their count: a head that lost an output (daemon/labels.py) and then
+        # grew one has as many classes as at capture, in tensors the graph never saw.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return (head is self.head and optimizer is self.optimizer and len(params) == len(self._params)
+                and all(a is b for a, b in zip(params, self._params)))
 
     def run(self, x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
         """One step on ``n <= rows`` examples: (their logits before the update, the loss, whether it was finite).

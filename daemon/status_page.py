@@ -36,6 +36,7 @@ def render(daemon: Any, history: History | None) -> str:
     parts.append(_chart("accuracy", points, [("prequential", "#2b7bb9"), ("holdout", "#d9822b")], 0.0, 1.0, "%"))
     losses = [p.loss for p in points if p.loss is not None]
     parts.append(_chart("loss", points, [("loss", "#8e44ad")], 0.0, max(losses) * 1.1 if losses else 1.0, ""))
+    parts.append(_labels(daemon))
     parts.append(_exports(s))
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -94,6 +95,27 @@ def _learning(daemon: Any) -> str:
     )
 
 
+def _labels(daemon: Any) -> str:
+    """The learner's outputs, in order, and what ``sprout labels`` changed: what the next export's labels.txt holds."""
+    if daemon.training is None:
+        return ""
+    lr = daemon.training.learner
+    e = html.escape
+    labels = lr.reader.labels  # replaced, not changed, by the learner's thread: a consistent view
+    outputs = "".join(f'<tr class="output"><td>{i}</td><td>{e(label)}</td></tr>' for i, label in enumerate(lr.labels)) \
+        or '<tr><td colspan="2">no class learned yet</td></tr>'
+    notes = ""
+    if labels.aliases:
+        notes += '<p id="aliases">Learned as another class (renamed or merged): ' + ", ".join(
+            f"{e(old)} &rarr; {e(now)}" for old, now in sorted(labels.aliases.items())) + "</p>"
+    if labels.retired:
+        notes += '<p id="retired">Retired (stored, not learned or exported): ' + ", ".join(
+            e(label) for label in sorted(labels.retired)) + "</p>"
+    return (f'<section id="labels"><h2>Classes</h2><table id="outputs"><tr><th>output</th><th>label</th></tr>'
+            f'{outputs}</table>{notes}<p class="muted">Change them with <code>sprout labels</code>; label changes '
+            f"applied: {labels.last}.</p></section>")
+
+
 def _chart(name: str, points: list[Point], series: list[tuple[str, str]], lo: float, hi: float, unit: str) -> str:
     """An SVG line chart of ``series`` (attributes of Point) against examples learned."""
     if len(points) < 2:
@@ -143,12 +165,16 @@ def _exports(settings: Any, most: int = 10) -> str:
                 html.escape(r) for r in event.get("reasons", []))
         elif kind == "rollback":
             what = f'back to version {event.get("version")} from {event.get("from")}'
+        elif kind in ("label_renamed", "label_merged"):
+            what = f'{html.escape(str(event.get("label")))} &rarr; {html.escape(str(event.get("into")))}'
+        elif kind == "label_deleted":
+            what = f'{html.escape(str(event.get("label")))} retired'
         else:
             what = html.escape(json.dumps({k: v for k, v in event.items() if k not in ("event", "time")}))
         rows.append(f'<tr class="event {html.escape(kind)}"><td>{html.escape(str(event.get("time", "")))}</td>'
                     f"<td>{html.escape(kind)}</td><td>{what}</td></tr>")
     body = "".join(rows) or '<tr><td colspan="3">no exports yet</td></tr>'
-    return f'<section id="exports"><h2>Recent exports</h2><table>{body}</table></section>'
+    return f'<section id="exports"><h2>Recent exports and label changes</h2><table>{body}</table></section>'
 
 
 def _tail(path: Path, most: int, window: int = 256 * 1024) -> list[bytes]:

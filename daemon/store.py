@@ -13,6 +13,13 @@ no train example is left. Freed pages are reused by later
 commits, so the file stops growing near the limit (no VACUUM: it would
 rewrite the whole file and needs as much free space again). A pruned id is
 forgotten: should its sender publish it again, it is stored as a new example.
+
+Label changes (``sprout labels``, :mod:`daemon.labels`) are rows of
+``label_changes``; examples keep the label they were sent with, and every
+reader here returns it resolved through the changes (:class:`StoreReader`
+with the changes its learner has applied, :func:`stats` with all of them).
+The table came after schema 1 without changing it: the writer creates it
+where missing, and a reader finding none reads a store with no change.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ from __future__ import annotations
 import errno
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.labels import Action, LabelChange, LabelMap
 from daemon.wire import Example, Rejection
 
 SCHEMA_VERSION = 1
@@ -52,6 +61,13 @@ CREATE TABLE IF NOT EXISTS rejections (
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS label_changes (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         REAL    NOT NULL,
+    action     TEXT    NOT NULL CHECK (action IN ('rename', 'merge', 'delete')),
+    label      TEXT    NOT NULL,
+    into_label TEXT
 );
 """
 
@@ -123,6 +139,30 @@ class Store:
 
     def stats(self) -> dict[str, object]:
         return stats(self._db)
+
+    def change_label(self, action: Action, label: str, into: str | None, max_label_chars: int,
+                     outputs: Iterable[str] = ()) -> LabelChange:
+        """Record a label change (:mod:`daemon.labels`), or raise :class:`daemon.labels.LabelError` saying why not.
+
+        ``outputs``: the learner's classes, which count as known even when retention has deleted all their
+        examples. Checked and written in one write transaction, so two changes at once cannot both pass
+        checks that only one of them would pass after the other.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                labels = LabelMap.replay(_label_changes(self._db, 0))
+                stored = {labels.name(row[0]) for row in self._db.execute("SELECT DISTINCT label FROM examples")}
+                labels.check(action, label, into, stored | set(outputs), max_label_chars)
+                at = time.time()
+                cursor = self._db.execute(
+                    "INSERT INTO label_changes (at, action, label, into_label) VALUES (?, ?, ?, ?)",
+                    (at, action.value, label, into))
+                self._db.commit()
+            except BaseException:
+                self._db.rollback()
+                raise
+        return LabelChange(cursor.lastrowid, at, action, label, into)
 
     def used_bytes(self) -> int:
         """Bytes of pages holding data (the file's size less its free pages, which commits reuse)."""
@@ -196,11 +236,13 @@ def open_reader(path: Path) -> sqlite3.Connection:
 
 
 def stats(db: sqlite3.Connection) -> dict[str, object]:
-    """Totals as JSON-ready data: examples, per label, per split, rejected by reason."""
+    """Totals as JSON-ready data: examples, per label (as named now: ``sprout labels``), per split, rejected by reason."""
+    labels = LabelMap.replay(_label_changes(db, 0))
     per_label: dict[str, int] = {}
     per_split: dict[str, int] = {"train": 0, "holdout": 0}
     total = 0
     for label, split, count in db.execute("SELECT label, split, COUNT(*) FROM examples GROUP BY label, split"):
+        label = labels.name(label)
         per_label[label] = per_label.get(label, 0) + count
         per_split[split] += count
         total += count
@@ -212,6 +254,15 @@ def stats(db: sqlite3.Connection) -> dict[str, object]:
         "rejected": rejected,
         "rejected_total": sum(rejected.values()),
     }
+
+
+def _label_changes(db: sqlite3.Connection, after: int) -> list[LabelChange]:
+    """The label changes after id ``after``, in order. A read-only connection to a store that no Sprout with
+    label changes has opened yet has no such table: no change was ever made there."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'label_changes'").fetchone() is None:
+        return []
+    rows = db.execute("SELECT id, at, action, label, into_label FROM label_changes WHERE id > ? ORDER BY id", (after,))
+    return [LabelChange(id_, at, Action(action), label, into) for id_, at, action, label, into in rows]
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -234,18 +285,41 @@ class StoredExample:
     image: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class LabelCount:
+    train: int = 0
+    holdout: int = 0
+
+
 class StoreReader:
-    """The learner's read-only view of the store, on its own connection (WAL lets it read while intake writes)."""
+    """The learner's read-only view of the store, on its own connection (WAL lets it read while intake writes).
+
+    Labels come back as :attr:`labels` resolves them: the learner advances it as it applies label changes,
+    so every row it reads agrees with its outputs, whatever a ``sprout labels`` command commits meanwhile.
+    """
 
     def __init__(self, path: Path):
         self._db = open_reader(path)
+        self.labels = LabelMap()
+
+    def label_changes(self, after: int = 0) -> list[LabelChange]:
+        """The label changes recorded after id ``after``, oldest first."""
+        return _label_changes(self._db, after)
+
+    def label_counts(self) -> dict[str, LabelCount]:
+        """Stored examples per class (retired ones included), by split."""
+        counts: dict[str, dict[str, int]] = {}
+        for label, split, n in self._db.execute("SELECT label, split, COUNT(*) FROM examples GROUP BY label, split"):
+            by_split = counts.setdefault(self.labels.name(label), {})
+            by_split[split] = by_split.get(split, 0) + n
+        return {label: LabelCount(**by_split) for label, by_split in sorted(counts.items())}
 
     def after(self, seq: int, limit: int) -> list[StoredExample]:
-        """The next examples in commit order, both splits."""
+        """The next examples in commit order, both splits, retired classes' too (the learner moves past them)."""
         rows = self._db.execute(
             "SELECT seq, label, split, image FROM examples WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
         ).fetchall()
-        return [StoredExample(*row) for row in rows]
+        return [StoredExample(seq, self.labels.name(label), split, image) for seq, label, split, image in rows]
 
     def by_seq(self, seqs: list[int]) -> list[StoredExample]:
         """Examples by seq, in the order asked (replay, holdout)."""
@@ -255,15 +329,17 @@ class StoreReader:
         for start in range(0, len(seqs), 500):  # SQLite's bound-parameter limit
             chunk = seqs[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self._db.execute(f"SELECT seq, label, split, image FROM examples WHERE seq IN ({marks})", chunk):
-                found[row[0]] = StoredExample(*row)
+            for s, label, split, image in self._db.execute(
+                    f"SELECT seq, label, split, image FROM examples WHERE seq IN ({marks})", chunk):
+                found[s] = StoredExample(s, self.labels.name(label), split, image)
         return [found[s] for s in seqs if s in found]
 
     def labels_up_to(self, seq: int, split: str) -> list[tuple[int, str]]:
-        """(seq, label) of every example of a split up to seq: the index replay and holdout sample from."""
-        return self._db.execute(
-            "SELECT seq, label FROM examples WHERE split = ? AND seq <= ? ORDER BY seq", (split, seq)
-        ).fetchall()
+        """(seq, label) of every example of a split up to seq, retired classes' left out: the index replay
+        and holdout sample from."""
+        rows = self._db.execute("SELECT seq, label FROM examples WHERE split = ? AND seq <= ? ORDER BY seq",
+                                (split, seq))
+        return [(s, name) for s, label in rows if (name := self.labels.resolve(label)) is not None]
 
     def high_water_mark(self) -> int:
         return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM examples").fetchone()[0]

@@ -6,7 +6,9 @@ between steps. Intake's buffer is the broker's queue, which is bounded
 and silently drops past its limit; the learner's buffer is the store, which is
 durable. When the learner falls behind, the gap (the store's high-water mark
 minus its own) is its backlog. It checkpoints every
-``training.checkpoint_every_s`` and on stop.
+``training.checkpoint_every_s``, on stop, and right after applying label
+changes (``sprout labels``), which it looks for before every step: the
+exporter and ``sprout labels list`` read the checkpoint.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Training(threading.Thread):
         # Examples read from the store during the last step (reads_ahead), and the high-water mark they follow.
         self._upcoming: tuple[int, list[StoredExample]] = (-1, [])
         self._saved_step = self.learner.step
+        self._saved_change = self.learner.label_change
         self._saved_at = time.monotonic()
 
     @property
@@ -83,6 +86,9 @@ class Training(threading.Thread):
         t = self.settings.training
         try:
             while not self._stop_requested.is_set():
+                if self.learner.apply_label_changes():
+                    self._upcoming = (-1, [])  # read under the old labels
+                    self.save()
                 while not self._requests.empty():
                     fn, done, result = self._requests.get_nowait()
                     result.append(fn())
@@ -145,7 +151,7 @@ class Training(threading.Thread):
         return self.on_learner_thread(self.save, timeout_s)[0]
 
     def save(self) -> Path | None:
-        if self.learner.step == self._saved_step:
+        if self.learner.step == self._saved_step and self.learner.label_change == self._saved_change:
             self._saved_at = time.monotonic()
             return None
         if not self.learner.finite():
@@ -166,6 +172,7 @@ class Training(threading.Thread):
                       self.learner.step, self.checkpoints, err, self.settings.training.checkpoint_every_s)
             return None
         self._saved_step = self.learner.step
+        self._saved_change = self.learner.label_change
         self._saved_at = time.monotonic()
         log.info("checkpoint at step %d, example %d (%.2fs)", self.learner.step, self.learner.high_water_mark, self._saved_at - started)
         return path

@@ -2,8 +2,11 @@
 
 Runs on the MQTT network thread, so it only does cheap checks: sizes, label
 rules, and the image header (format, dimensions, a truncated tail; see
-:mod:`daemon.imagehead`). Pixels are decoded later, off the network thread, by
-the learner.
+:mod:`daemon.imagehead`), then a check that the body decodes (a JPEG at 1/8
+scale). Pixels for training are decoded later, off the network thread, by the
+learner. The width and height recorded are the upright ones: a phone photo's
+EXIF orientation is applied, as the learner and devices apply it
+(edge/preprocess.py).
 
 MQTT v5 senders put the label and ids in user properties and the image in the
 payload; MQTT 3.1.1 senders, which have no properties, send JSON:
@@ -24,13 +27,15 @@ import warnings
 import zlib
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import ExifTags, Image
 
 from daemon.imagehead import HeaderError, read_header
+from edge import preprocess  # registers pillow-heif's HEIF opener with Pillow, where it is installed
 
 log = logging.getLogger("sprout.wire")
 
-CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
+CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP", "image/heic": "HEIF",
+                 "image/heif": "HEIF"}
 SPLITS = ("train", "holdout")
 MAX_ID_CHARS = 200
 # The JSON form is one flat object; these bound what a parser can be made to do with anything else.
@@ -42,6 +47,12 @@ MAX_JSON_INT_DIGITS = 32
 # A JPEG is checked by decoding it at 1/8 scale (Pillow's draft mode): every byte of its entropy-coded
 # data is read, so a cut or corrupt body shows, at a small fraction of a full decode's time and memory.
 CHECK_DECODE_SIZE = (1, 1)
+# ISO-BMFF brands (in the leading 'ftyp' box) of HEVC-coded HEIF: iPhones write 'heic' + 'mif1', Android
+# phones 'mif1' + 'heic'. 'mif1' alone is shared with AVIF, which pillow-heif's build here cannot decode.
+HEIF_BRANDS = frozenset((b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"))
+MAX_HEIF_BOXES = 64  # top-level boxes walked for the truncation check: real files have 3 or 4
+# EXIF orientations that turn the stored picture a quarter (5-8: transposed, rotated 90 or 270 degrees).
+QUARTER_TURNS = frozenset((5, 6, 7, 8))
 
 
 class Reason(enum.Enum):
@@ -70,7 +81,7 @@ class Limits:
     max_image_pixels: int
     max_label_chars: int
     holdout_fraction: float
-    max_full_decode_pixels: int  # PNG and WebP decode at full size: their own, lower limit
+    max_full_decode_pixels: int  # PNG, WebP and HEIF decode at full size: their own, lower limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +90,7 @@ class Example:
     label: str
     split: str
     content_type: str
-    width: int
+    width: int  # upright: after the EXIF orientation
     height: int
     image: bytes
     received_at: float
@@ -216,6 +227,12 @@ def _example(image: bytes, fields: dict[str, str], content_type: str | None, lim
             Reason.UNSUPPORTED_CONTENT_TYPE,
             f"content type {str(content_type)[:60]!r} not accepted: use {', '.join(CONTENT_TYPES)}",
         )
+    if CONTENT_TYPES[content_type] == "HEIF" and not preprocess.HEIF_SUPPORTED:
+        raise _Reject(
+            Reason.UNSUPPORTED_CONTENT_TYPE,
+            "HEIC needs the pillow-heif package, which this daemon lacks: pip install pillow-heif "
+            "(or send JPEG)",
+        )
     if not image:
         raise _Reject(Reason.EMPTY_IMAGE, "payload is empty: put the encoded image in the payload")
     if len(image) > limits.max_image_bytes:
@@ -234,15 +251,16 @@ def inspect_image(image: bytes, expected_format: str, max_pixels: int, max_full_
     """Read format and size from the header, check the tail for truncation, then check that the body decodes.
 
     Nothing is decoded before the header's size passed its limits: a JPEG at 1/8 scale (a few MB at
-    most), PNG and WebP, which have no reduced decoding, only up to ``max_full_decode_pixels``.
+    most), PNG, WebP and HEIF, which have no reduced decoding, only up to ``max_full_decode_pixels``.
+    Returns the upright width and height (EXIF orientation applied).
     """
     # A cut-off upload is the commonest fault from phones on a weak link: name it as such.
     if _magic_format(image) == expected_format and not _complete(image, expected_format):
         raise _Reject(Reason.TRUNCATED_IMAGE, f"{expected_format} data ends early (truncated upload?): send the whole file")
     try:
-        actual_format, width, height = read_header(image)
+        actual_format, width, height = _header(image)
     except HeaderError as err:
-        raise _Reject(Reason.NOT_AN_IMAGE, f"payload is not a readable JPEG, PNG or WebP image: {err}") from None
+        raise _Reject(Reason.NOT_AN_IMAGE, f"payload is not a readable JPEG, PNG, WebP or HEIC image: {err}") from None
     if actual_format != expected_format:
         raise _Reject(
             Reason.CONTENT_TYPE_MISMATCH,
@@ -260,25 +278,50 @@ def inspect_image(image: bytes, expected_format: str, max_pixels: int, max_full_
             f"{actual_format} image of {width}x{height} pixels exceeds the limit of {max_full_decode_pixels} for "
             "formats decoded at full size: resize it, or send it as JPEG",
         )
-    _check_decodes(image, actual_format, (width, height))
-    return width, height
+    orientation = _check_decodes(image, actual_format, (width, height))
+    return (height, width) if orientation in QUARTER_TURNS else (width, height)
 
 
-def _check_decodes(image: bytes, fmt: str, size: tuple[int, int]) -> None:
+def _header(image: bytes) -> tuple[str, int, int]:
+    """(format, width, height) as :func:`daemon.imagehead.read_header`, HEIF included, without decoding pixels."""
+    if _magic_format(image) != "HEIF":
+        return read_header(image)
+    if not preprocess.HEIF_SUPPORTED:
+        raise HeaderError("it is HEIC, which needs the pillow-heif package, which this daemon lacks: "
+                          "pip install pillow-heif (or send JPEG)")
+    # The size sits in an 'ispe' property deep in the 'meta' box, turned by 'irot': libheif's parse of the
+    # container (no decoding, ~0.1 ms) says it as displayed.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning: our own limits follow
+            with Image.open(io.BytesIO(image), formats=["HEIF"]) as img:
+                return "HEIF", *img.size
+    except Image.DecompressionBombError as err:
+        raise _Reject(Reason.TOO_MANY_PIXELS, f"HEIF image is too large to decode ({err}): resize it") from None
+    except Exception as err:  # pillow-heif raises several types for a broken container
+        raise HeaderError(f"HEIF container does not parse ({str(err)[:160] or type(err).__name__})") from None
+
+
+def _check_decodes(image: bytes, fmt: str, size: tuple[int, int]) -> int:
+    """Decode the body (a JPEG at 1/8 scale), or reject it; returns its EXIF orientation (1: upright)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning: our own limits were applied above
             with Image.open(io.BytesIO(image), formats=[fmt]) as img:
                 if img.size != size:
                     raise ValueError(f"Pillow reads {img.size[0]}x{img.size[1]}, the header says {size[0]}x{size[1]}")
-                img.draft("RGB", CHECK_DECODE_SIZE)  # JPEG only; PNG and WebP decode whole
+                if fmt != "HEIF":  # there draft would decode an embedded thumbnail instead of the image
+                    img.draft("RGB", CHECK_DECODE_SIZE)  # JPEG only; PNG and WebP decode whole
                 img.load()
+                # Read as load_rgb reads it, so an EXIF block it cannot read fails here, not in training.
+                orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
         if fmt == "PNG" and (missing := _png_bytes_missing(image, *size)):
             # Pillow takes the rows a zlib stream that ends early holds for the whole image.
             raise ValueError(f"its pixel data ends {missing} bytes short of {size[0]}x{size[1]}")
     except Exception as err:  # Pillow raises many types for corrupt data; all mean "cannot use this image"
         raise _Reject(Reason.CORRUPT_IMAGE, f"{fmt} image does not decode ({str(err)[:160] or type(err).__name__}): "
                       "send the original file") from None
+    return orientation
 
 
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
@@ -310,6 +353,12 @@ def _png_bytes_missing(image: bytes, width: int, height: int) -> int:
     return max(0, need - got)
 
 
+def sniffed_content_type(image: bytes) -> str | None:
+    """The accepted content type the data's first bytes show, else None: for files, whose names may lie."""
+    fmt = _magic_format(image)
+    return next((content_type for content_type, f in CONTENT_TYPES.items() if f == fmt), None)
+
+
 def _magic_format(image: bytes) -> str | None:
     if image[:3] == b"\xff\xd8\xff":
         return "JPEG"
@@ -317,7 +366,15 @@ def _magic_format(image: bytes) -> str | None:
         return "PNG"
     if image[:4] == b"RIFF" and image[8:12] == b"WEBP":
         return "WEBP"
+    if image[4:8] == b"ftyp" and HEIF_BRANDS & _brands(image):
+        return "HEIF"
     return None
+
+
+def _brands(image: bytes) -> set[bytes]:
+    """The major and compatible brands of the leading 'ftyp' box."""
+    end = min(int.from_bytes(image[:4], "big"), len(image), 256)
+    return {image[8:12], *(image[i : i + 4] for i in range(16, end - 3, 4))}
 
 
 def _complete(image: bytes, fmt: str) -> bool:
@@ -329,7 +386,26 @@ def _complete(image: bytes, fmt: str) -> bool:
     if fmt == "WEBP":
         declared = int.from_bytes(image[4:8], "little") + 8
         return len(image) >= declared
+    if fmt == "HEIF":
+        return _boxes_complete(image)
     return False
+
+
+def _boxes_complete(image: bytes) -> bool:
+    """Whether the last top-level ISO-BMFF box (usually 'mdat', the coded pixels) ends within the data."""
+    pos = 0
+    for _ in range(MAX_HEIF_BOXES):
+        if pos + 8 > len(image):
+            return pos <= len(image)
+        size = int.from_bytes(image[pos : pos + 4], "big")
+        if size == 1:  # a 64-bit size follows the type
+            size = int.from_bytes(image[pos + 8 : pos + 16], "big")
+        if size == 0:  # the box runs to the end of the file
+            return True
+        if size < 8:
+            return True  # not a box structure a cut makes: the decode check names it
+        pos += size
+    return True
 
 
 def holdout_split(example_id: str, holdout_fraction: float) -> str:

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", help="top-k labels with scores for images, with the installed model",
                        description="Classify images with the installed model.")
     c.add_argument("--dir", required=True, type=Path, help="folder the model was synced into")
-    c.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG, PNG or WebP files")
+    c.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG, PNG, WebP or HEIC files")
     c.add_argument("--top", type=_positive_int, default=5, metavar="K", help="labels per image (default 5)")
     c.add_argument("--json", action="store_true", help="print one JSON document")
     c.add_argument("--runtime", choices=list(RUNTIMES), default=None,

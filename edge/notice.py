@@ -43,6 +43,7 @@ class NoticeListener:
         self.topic = notice_topic(prefix, model)
         self.on_version = on_version
         self.connected = False
+        self._stopping = False
         # A fresh id per run: two devices (or two runs) with one id would keep kicking each other off.
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"sprout-edge-{os.getpid()}-{os.urandom(3).hex()}", protocol=mqtt.MQTTv5
@@ -66,6 +67,7 @@ class NoticeListener:
         return self
 
     def stop(self) -> None:
+        self._stopping = True  # the disconnect that follows is ours: nothing to warn about
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -83,6 +85,9 @@ class NoticeListener:
                 log.warning("broker refused the subscription to %s: %s; only polling will find new models", self.topic, code)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self._stopping:
+            self.connected = False
+            return
         if self.connected:
             log.warning("lost the broker %s:%d (%s); reconnecting, polling goes on", self.host, self.port, reason_code)
         self.connected = False

@@ -79,6 +79,10 @@ class _Refused(Exception):
         self.version = version
 
 
+class _NothingPublished(_Refused):
+    """The server knows the model and has published no version of it yet: a device waits, it is not failing."""
+
+
 def sync(
     url: str,
     model: str,
@@ -112,6 +116,8 @@ def sync(
             return _sync(server, folder, _current(folder), key, emit, runtime, should_stop)
     except FolderBusy as err:
         return emit.failed(str(err), None, current)
+    except _NothingPublished as err:
+        return emit.waiting(str(err), current)
     except _Refused as err:
         return emit.failed(str(err), err.version, _current(folder))
     except OSError as err:  # the folder itself: permissions, a full or read-only disk
@@ -134,6 +140,9 @@ def _sync(server: ModelServer, folder: ModelDir, current: int | None, key, emit:
     try:
         latest = server.latest(folder.etag_for(current) if current is not None else None)
     except FetchError as err:
+        # The daemon's own words for a model that exists with no version yet (daemon/server.py).
+        if err.status == 404 and "nothing published yet" in str(err):
+            raise _NothingPublished(str(err), None) from None
         raise _Refused(str(err), None) from None
     if latest.not_modified:
         log.debug("model %s: version %s is still the latest (304)", server.model, current)
@@ -242,6 +251,12 @@ class _Emitter:
         was = f"was {previous}" if previous is not None else "the first"
         log.info("model %s: version %d installed and current (%s); %d bytes downloaded", self.model, version, was, downloaded)
         self._send(Event(COMPLETED, self.model, version, total, total))
+
+    def waiting(self, reason: str, current: int | None) -> SyncResult:
+        """Nothing published yet: said at INFO (a new deployment is not an error); still not a success."""
+        log.info("model %s: nothing published yet; waiting for the first version (%s)", self.model, reason)
+        self._send(Event(FAILED, self.model, None, reason=reason))
+        return SyncResult(REFUSED, current, reason=reason)
 
     def failed(self, reason: str, version: int | None, current: int | None) -> SyncResult:
         stays = f"version {current} stays current" if current is not None else "no model is installed yet"

@@ -124,3 +124,21 @@ def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(br
     answer = json.loads(out.stdout)
     assert answer["version"] == manifest["version"] and answer["runtime"]["name"] == "tflite-runtime"
     assert [r["top"][0]["label"] for r in answer["results"]] == ["colour-0", "colour-1", "colour-2"], answer
+
+
+def test_a_new_daemon_publishes_its_first_model_soon_on_the_default_cadence(broker, daemon_factory):
+    """export.every_examples (2,000) and every_seconds (600) by default: the first model still comes early."""
+    from daemon.registry import Registry, registry_root
+    from daemon.settings import Settings
+
+    defaults = Settings().export
+    assert (defaults.every_examples, defaults.every_seconds) == (2000, 600.0)
+    d = daemon_factory(broker.url, env=LEARNING).start()
+    publish_colours(broker.url, 300, 300.0)
+    started = time.monotonic()
+    manifest = wait_for(lambda: Registry.open_readonly(registry_root(d.state), "leaves").latest(), 150,
+                        f"a first published version (log: {d.log_path})")
+    assert time.monotonic() - started < defaults.every_seconds / 2
+    assert manifest["metrics"]["examples_trained"] >= defaults.first_model_examples
+    assert manifest["metrics"]["examples_trained"] < defaults.every_examples
+    assert d.stop() == 0

@@ -187,7 +187,7 @@ def test_fuzzed_messages_through_a_running_daemon(broker, daemon_factory):
     noticed = Counter((n["reason"], n["example_id"], comparable(n["detail"])) for n in listener.notices)
     assert noticed == rejected, f"notices unlike the rejections: {(noticed - rejected) or (rejected - noticed)}"
     assert all("image" not in n for n in listener.notices)
-    stats = json.loads(subprocess.run([*SPROUT, "store", "stats", "--state", str(d.state)], capture_output=True,
+    stats = json.loads(subprocess.run([*SPROUT, "store", "stats", "--state", str(d.state), "--model", d.model], capture_output=True,
                                       text=True, check=True).stdout)
     assert (stats["total"], stats["rejected_total"]) == (len(accepted), rejections.total())
 

@@ -7,6 +7,7 @@ import io
 import json
 import time
 
+import pillow_heif
 import pytest
 from PIL import Image
 
@@ -23,6 +24,12 @@ def webp(size: int = 20) -> bytes:
     return buf.getvalue()
 
 
+def heic(width: int = 24, height: int = 16) -> bytes:
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(Image.new("RGB", (width, height), (10, 200, 30))).save(buf, quality=80)
+    return buf.getvalue()
+
+
 def props(label: str | None = "Late blight", **extra: str) -> list[tuple[str, str]]:
     out = [] if label is None else [("label", label)]
     return out + list(extra.items())
@@ -36,7 +43,8 @@ def rejected(result) -> Reason:
 
 @pytest.mark.parametrize(
     ("payload", "content_type", "fmt_size"),
-    [(jpeg(1, 40), "image/jpeg", (40, 40)), (png(2, 24), "image/png", (24, 24)), (webp(20), "image/webp", (20, 20))],
+    [(jpeg(1, 40), "image/jpeg", (40, 40)), (png(2, 24), "image/png", (24, 24)), (webp(20), "image/webp", (20, 20)),
+     (heic(24, 16), "image/heic", (24, 16)), (heic(16, 24), "image/heif", (16, 24))],
 )
 def test_accepts_each_format_with_its_dimensions(payload, content_type, fmt_size):
     result = parse(payload, props(), content_type, LIMITS, received_at=5.0)
