@@ -10,6 +10,12 @@ A full disk pauses intake instead: while the state directory has less than
 keeps the examples; the free space is checked again every few seconds and
 intake resumes by itself. After each commit the store is pruned to
 ``store.max_mb`` (:meth:`daemon.store.Store.prune`).
+
+Before a batch is committed, the bodies of its images are decoded
+(:func:`daemon.wire.check_body`) on a few threads: Pillow decodes without the
+GIL, so the checks of one batch run on every core while the network thread
+goes on receiving the next. An image that does not decode is a rejection,
+counted and acked like any other.
 """
 
 from __future__ import annotations
@@ -19,15 +25,18 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from daemon.feed import Delivery, Feed
 from daemon.settings import StoreSettings
 from daemon.store import Store, is_disk_full
-from daemon.wire import Example, Rejection
+from daemon.wire import Example, Rejection, Unchecked, check_body
 
 log = logging.getLogger("sprout.intake")
 
 MB = 1024 * 1024
+COMMIT_MAX_BYTES = 64 * MB  # of images in one commit: ~10 phone photos, hundreds of crops
 # Longest wait between two looks at a full disk: a look is one statvfs, and resuming promptly
 # drains the broker's queue sooner. Other store errors back off to 30 s.
 DISK_RETRY_MAX_S = 5.0
@@ -48,6 +57,8 @@ class Intake(threading.Thread):
         self.disk_full_since: float | None = None  # set while paused for a full disk: waiting, not hung
         self._stop_requested = threading.Event()
         self.error: str | None = None  # why the thread ended, when it ended by an exception
+        # One decoder per core: a batch's checks then take 1/cores of the time the network thread saved.
+        self._checkers = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="sprout-check")
 
     @property
     def rejected_total(self) -> int:
@@ -64,12 +75,25 @@ class Intake(threading.Thread):
             while True:
                 batch = self._collect()
                 if batch:
-                    self._commit(batch)
+                    self._commit(self._checked(batch))
                 elif self._stop_requested.is_set():
                     return
         except Exception as err:  # nothing acked is lost: what was not committed comes back from the broker
             self.error = f"{type(err).__name__}: {err}"
             log.exception("intake failed")
+        finally:
+            self._checkers.shutdown(wait=False)
+
+    def _checked(self, batch: list[Delivery]) -> list[Delivery]:
+        """The batch with every Unchecked image decoded: an Example, or the Rejection ``parse`` would give."""
+        todo = [i for i, d in enumerate(batch) if isinstance(d.item, Unchecked)]
+        if not todo:
+            return batch
+        results = self._checkers.map(check_body, [batch[i].item for i in todo])  # never raises
+        out = list(batch)
+        for i, item in zip(todo, results, strict=True):
+            out[i] = replace(batch[i], item=item)
+        return out
 
     def _collect(self) -> list[Delivery]:
         q = self.feed.deliveries
@@ -79,7 +103,10 @@ class Intake(threading.Thread):
             return []
         limit = self.settings.commit_max_examples
         linger_until = time.monotonic() + self.settings.commit_linger_ms / 1000
-        while len(batch) < limit:
+        held = batch[0].size
+        # Phone photos: 512 of them would be gigabytes in one transaction, and a minute of decoding
+        # before the first ack. A batch also ends at COMMIT_MAX_BYTES.
+        while len(batch) < limit and held < COMMIT_MAX_BYTES:
             try:
                 batch.append(q.get_nowait())
             except queue.Empty:
@@ -90,6 +117,7 @@ class Intake(threading.Thread):
                     batch.append(q.get(timeout=remaining))
                 except queue.Empty:
                     break
+            held += batch[-1].size
         return batch
 
     def _commit(self, batch: list[Delivery]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import enum
 import hashlib
 import io
@@ -113,6 +114,19 @@ class Rejection:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Unchecked:
+    """A message whose fields and image header passed; its body is still to be decoded (:func:`check_body`).
+
+    The feed parses on the MQTT network thread, one message at a time; decoding a body costs 10-20
+    times the rest of the parse, so intake decodes a batch of them on several threads instead (Pillow
+    decodes without the GIL) before it commits them.
+    """
+
+    example: Example  # width and height as the header has them, before the EXIF orientation
+    shown_id: str | None  # the sender's example_id, as a rejection names it (None when it sent none)
+
+
 class _Reject(Exception):
     def __init__(self, reason: Reason, detail: str):
         super().__init__(detail)
@@ -126,10 +140,13 @@ def parse(
     content_type: str | None,
     limits: Limits,
     received_at: float | None = None,
-) -> Example | Rejection:
+    decode: bool = True,
+) -> Example | Rejection | Unchecked:
     """Turn one received message into an Example, or a Rejection that says what to fix.
 
-    ``user_properties`` and ``content_type`` are the MQTT v5 properties (None under 3.1.1).
+    ``user_properties`` and ``content_type`` are the MQTT v5 properties (None under 3.1.1). With
+    ``decode=False`` an image whose header passed comes back :class:`Unchecked`, for :func:`check_body`:
+    the two together give what ``parse`` alone gives.
     """
     now = time.time() if received_at is None else received_at
     example_id: object = None
@@ -148,7 +165,7 @@ def parse(
             content_type = fields.get("content_type")
         else:
             raise _Reject(Reason.MISSING_LABEL, "label missing: set the MQTT v5 user property 'label' (or send the JSON form)")
-        return _example(image, fields, content_type, limits, now)
+        return _example(image, fields, content_type, limits, now, decode)
     except _Reject as r:
         return Rejection(r.reason, r.detail, _shown_id(example_id), now)
     except Exception as err:
@@ -209,7 +226,8 @@ def _json_fields(doc: object) -> tuple[dict[str, str], bytes]:
     return fields, image
 
 
-def _example(image: bytes, fields: dict[str, str], content_type: str | None, limits: Limits, now: float) -> Example:
+def _example(image: bytes, fields: dict[str, str], content_type: str | None, limits: Limits, now: float,
+             decode: bool = True) -> Example | Unchecked:
     label = fields["label"]
     if not label.strip() or label != label.strip() or not _printable(label, limits.max_label_chars):
         raise _Reject(
@@ -238,21 +256,42 @@ def _example(image: bytes, fields: dict[str, str], content_type: str | None, lim
     if len(image) > limits.max_image_bytes:
         raise _Reject(Reason.TOO_LARGE, f"image of {len(image)} bytes exceeds the limit of {limits.max_image_bytes}: resize it")
     width, height = inspect_image(image, CONTENT_TYPES[content_type], limits.max_image_pixels,
-                                  limits.max_full_decode_pixels)
+                                  limits.max_full_decode_pixels, decode)
+    sender_id = example_id
     if example_id is None:
         # Same bytes and label -> same id, so a redelivered or resent duplicate is stored once.
         example_id = hashlib.sha256(label.encode() + b"\0" + image).hexdigest()
     if split is None:
         split = holdout_split(example_id, limits.holdout_fraction)
-    return Example(example_id, label, split, content_type, width, height, image, now)
+    example = Example(example_id, label, split, content_type, width, height, image, now)
+    return example if decode else Unchecked(example, sender_id)
 
 
-def inspect_image(image: bytes, expected_format: str, max_pixels: int, max_full_decode_pixels: int) -> tuple[int, int]:
+def check_body(unchecked: Unchecked) -> Example | Rejection:
+    """Decode an :class:`Unchecked` example's body: the Example (upright size), or the Rejection that
+    ``parse`` would have given. Never raises; safe on any thread."""
+    e = unchecked.example
+    try:
+        orientation = _check_decodes(e.image, CONTENT_TYPES[e.content_type], (e.width, e.height))
+    except _Reject as r:
+        return Rejection(r.reason, r.detail, unchecked.shown_id, e.received_at)
+    except Exception as err:
+        log.exception("checking an image failed (%d bytes); rejected", len(e.image))
+        return Rejection(Reason.UNREADABLE, f"the message could not be read ({type(err).__name__}); "
+                         "check it against the wire format in the README", unchecked.shown_id, e.received_at)
+    if orientation in QUARTER_TURNS:
+        return dataclasses.replace(e, width=e.height, height=e.width)
+    return e
+
+
+def inspect_image(image: bytes, expected_format: str, max_pixels: int, max_full_decode_pixels: int,
+                  decode: bool = True) -> tuple[int, int]:
     """Read format and size from the header, check the tail for truncation, then check that the body decodes.
 
     Nothing is decoded before the header's size passed its limits: a JPEG at 1/8 scale (a few MB at
     most), PNG, WebP and HEIF, which have no reduced decoding, only up to ``max_full_decode_pixels``.
-    Returns the upright width and height (EXIF orientation applied).
+    Returns the upright width and height (EXIF orientation applied); with ``decode=False``, the header's,
+    and the body is left to :func:`check_body`.
     """
     # A cut-off upload is the commonest fault from phones on a weak link: name it as such.
     if _magic_format(image) == expected_format and not _complete(image, expected_format):
@@ -278,6 +317,8 @@ def inspect_image(image: bytes, expected_format: str, max_pixels: int, max_full_
             f"{actual_format} image of {width}x{height} pixels exceeds the limit of {max_full_decode_pixels} for "
             "formats decoded at full size: resize it, or send it as JPEG",
         )
+    if not decode:
+        return width, height
     orientation = _check_decodes(image, actual_format, (width, height))
     return (height, width) if orientation in QUARTER_TURNS else (width, height)
 

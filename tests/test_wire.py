@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from helpers import jpeg, png
-from daemon.wire import Example, Limits, Reason, Rejection, holdout_split, parse
+from daemon.wire import Example, Limits, Reason, Rejection, Unchecked, check_body, holdout_split, parse
 
 LIMITS = Limits(max_image_bytes=200_000, max_image_pixels=1_000_000, max_full_decode_pixels=1_000_000, max_label_chars=32,
                 holdout_fraction=0.2)
@@ -251,3 +251,33 @@ def test_png_and_webp_past_the_full_decode_limit_are_rejected_jpeg_is_decoded_at
     buf = io.BytesIO()
     Image.new("RGB", (7000, 7000), (30, 120, 40)).save(buf, format="JPEG", quality=50)
     assert isinstance(parse(buf.getvalue(), props(), "image/jpeg", limits), Example)
+
+
+def sideways_jpeg() -> bytes:
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter, as phones do
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(buf, format="JPEG", exif=exif)
+    return buf.getvalue()
+
+
+def test_the_network_threads_parse_and_intakes_body_check_together_give_what_parse_gives():
+    """The feed parses without decoding (decode=False); intake decodes the body on its threads (check_body)."""
+    j = jpeg(8, 64)
+    cases = [
+        (j, props(example_id="ok-1"), "image/jpeg"),
+        (j, props(), "image/jpeg"),  # no sender id: a rejection must not show the derived one
+        (j[:200] + b"\xff\xd9", props(), "image/jpeg"),  # header fine, body does not decode
+        (j[:200] + b"\xff\xd9", props(example_id="cut-1"), "image/jpeg"),
+        (sideways_jpeg(), props(), "image/jpeg"),  # the upright size comes from the body's EXIF
+        (heic(), props(), "image/heic"),
+        (b"not an image", props(), "image/jpeg"),  # refused from the header: never Unchecked
+    ]
+    for payload, user_properties, content_type in cases:
+        whole = parse(payload, user_properties, content_type, LIMITS, received_at=1.0)
+        first = parse(payload, user_properties, content_type, LIMITS, received_at=1.0, decode=False)
+        split = check_body(first) if isinstance(first, Unchecked) else first
+        assert split == whole, (user_properties, whole, split)
+    assert (whole_sideways := parse(sideways_jpeg(), props(), "image/jpeg", LIMITS)).width == 20
+    assert isinstance(parse(j[:200] + b"\xff\xd9", props(), "image/jpeg", LIMITS, decode=False), Unchecked)
+    assert whole_sideways.height == 40
