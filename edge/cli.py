@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="model name, as in the server's URLs and topics")
     s.add_argument("--dir", required=True, type=Path, help="folder this device keeps the model in")
     s.add_argument("--public-key", type=Path,
-                   help="the publisher's signing.pub; without it signatures are NOT checked")
+                   help="the publisher's signing.pub: every manifest's signature is checked against it (required, "
+                   "unless --insecure)")
+    s.add_argument("--insecure", action="store_true",
+                   help="install without checking signatures: whoever answers at --url decides what runs here (for "
+                   "a test bench, never a fleet); said again at every sync")
     s.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
     s.add_argument("--watch", action="store_true", help="keep running: poll, follow MQTT notices, stop on SIGTERM")
     s.add_argument("--interval", type=_positive_seconds, default=None,
@@ -80,13 +84,16 @@ def run_sync(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(str(err))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    if args.public_key is None and not args.insecure:
+        return _fail("no --public-key: give the publisher's signing.pub (the daemon's STATE/signing/signing.pub) so "
+                     "that only its models are installed, or --insecure to install unchecked models on a test bench",
+                     EXIT_USAGE)
+    if args.public_key is not None and args.insecure:
+        parser.error("--insecure and --public-key contradict each other: drop --insecure")
     try:
         key = load_public_key(args.public_key) if args.public_key else None
     except SignatureError as err:
         return _fail(f"--public-key {args.public_key}: {err}")
-    if key is None:
-        logging.warning("no --public-key: signatures are not checked, so whoever answers at %s decides what runs here",
-                        args.url)
     token = None
     if args.token_file:
         try:
@@ -152,9 +159,9 @@ def run_classify(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
-def _fail(reason: str) -> int:
+def _fail(reason: str, code: int = EXIT_FAILURE) -> int:
     print(f"sprout-edge: {reason}", file=sys.stderr)
-    return EXIT_FAILURE
+    return code
 
 
 def _positive_seconds(text: str) -> float:

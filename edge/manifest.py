@@ -4,7 +4,10 @@ The manifest is the contract between the registry and the device (schema in
 docs/manifest.schema.json): which file, its sha256 and size, the labels in
 output order, and the input the model takes. A device that guesses at a field
 it does not understand classifies wrongly without noticing, so every field the
-device relies on is checked here, and a schema it does not know is refused.
+device relies on is checked here. Fields it does not know are ignored: the
+publisher adds informative fields without breaking installed apps, and
+``schema`` changes only for a breaking change, which this client refuses
+with a reason.
 
 >>> m = parse(b'{"schema": 1, "model": "maize", "version": 3, "labels": ["healthy", "rust"],'
 ...           b' "input": {"shape": [1, 96, 96, 3], "layout": "NHWC", "dtype": "uint8", "range": [0, 255]},'
@@ -15,7 +18,7 @@ device relies on is checked here, and a schema it does not know is refused.
 >>> parse(b'{"schema": 2}', "maize")
 Traceback (most recent call last):
 ...
-edge.manifest.ManifestError: manifest schema 2 is unknown to sprout-edge (it reads schema 1): upgrade sprout-edge
+edge.manifest.ManifestError: manifest schema 2 is a breaking change this sprout-edge cannot read (it reads schema 1): upgrade sprout-edge
 """
 
 from __future__ import annotations
@@ -49,8 +52,11 @@ def parse(document: bytes, model: str | None = None) -> dict[str, Any]:
 def check(manifest: dict[str, Any], model: str | None = None) -> None:
     """Raise :class:`ManifestError` unless ``manifest`` has every field a device relies on, well-formed."""
     schema = manifest.get("schema")
-    if schema != SCHEMA:
-        raise ManifestError(f"manifest schema {schema!r} is unknown to sprout-edge (it reads schema {SCHEMA}): upgrade sprout-edge")
+    if isinstance(schema, bool) or not isinstance(schema, int) or schema < 1:
+        raise ManifestError(f"manifest schema must be a positive integer, not {schema!r}: the server sent something else")
+    if schema > SCHEMA:
+        raise ManifestError(f"manifest schema {schema} is a breaking change this sprout-edge cannot read (it reads "
+                            f"schema {SCHEMA}): upgrade sprout-edge")
     if model is not None and manifest.get("model") != model:
         raise ManifestError(
             f"manifest is for model {manifest.get('model')!r}, but {model!r} was asked for: check the model name and the URL"

@@ -109,6 +109,9 @@ def sync(
     folder = ModelDir(dir)
     server = ModelServer(url, model, token, timeout_s)
     key = load_public_key(public_key) if public_key is not None else None
+    if key is None:  # `sprout-edge sync --insecure`: said at every sync, not once
+        log.warning("model %s: signatures are NOT checked (no public key): whoever answers at %s decides what "
+                    "runs here", model, url)
     current = _current(folder, warn=True)
     try:
         with folder.lock():

@@ -600,3 +600,29 @@ def test_the_test_vector_in_docs_devices_md_is_right():
     manifest["metrics"]["holdout_top1_float"] = 0.9126
     with pytest.raises(SignatureError, match="does not match"):
         verify_manifest(manifest, key)
+
+
+def test_an_installed_client_ignores_an_added_manifest_field_and_refuses_a_breaking_schema(registry, tiny, keys,
+                                                                                          public_key):
+    """A publisher adds informative fields within schema 1; only a breaking change raises the schema."""
+    from edge.manifest import ManifestError, SCHEMA, parse
+
+    manifest = {k: v for k, v in publish(registry, tiny).items() if k != "signature"}
+    added = keys.sign({**manifest, "devices_hint": {"min_ram_mb": 512}})  # a field this client never heard of
+    verify_manifest(added, public_key)
+    assert parse(json.dumps(added).encode(), MODEL)["devices_hint"] == {"min_ram_mb": 512}
+    breaking = keys.sign({**manifest, "schema": SCHEMA + 1})
+    with pytest.raises(ManifestError, match=f"schema {SCHEMA + 1} is a breaking change .* upgrade sprout-edge"):
+        parse(json.dumps(breaking).encode(), MODEL)
+
+
+def test_sync_refuses_to_install_unchecked_models_unless_told_insecure(registry, mirror, tiny, device):
+    publish(registry, tiny)
+    refused = subprocess.run(sprout_edge("sync", "--url", mirror.url, "--model", MODEL, "--dir", device),
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert refused.returncode == 2 and "no --public-key" in refused.stderr and "--insecure" in refused.stderr
+    assert not (device / "current").exists()
+    insecure = subprocess.run(sprout_edge("sync", "--url", mirror.url, "--model", MODEL, "--dir", device, "--insecure"),
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert insecure.returncode == 0, insecure.stderr
+    assert "signatures are NOT checked" in insecure.stderr
