@@ -5,7 +5,10 @@ softmax, with NHWC input of plain RGB pixels (0-255), so an app cannot get
 preprocessing wrong. Modes (litert-torch 0.10.0; what was measured and why in
 docs/quantization.md):
 
-- ``none``: float32 weights and compute; float32 input.
+Every mode takes uint8 pixels (NHWC), cast to float inside the graph: an app
+keeps one input buffer whatever mode a version was published in.
+
+- ``none``: float32 weights and compute.
 - ``fp16``: float16 weights (half the file), float32 compute after loading:
   ai-edge-quantizer's float-casting recipe over the float model.
 - ``dynamic``: int8 weights, activations quantised on the fly (PT2E dynamic,
@@ -13,9 +16,9 @@ docs/quantization.md):
   FULLY_CONNECTED version 12, and verification rejects it there.
 - ``int8``: full-integer, PT2E static, symmetric per-channel weights, min-max
   activation ranges calibrated one image at a time (PT2E's export guard
-  requires batch 1) on a class-balanced sample of stored examples. The input is uint8 pixels, cast inside the graph
-  (scale and zero point of the first quantised tensor are the model's
-  business, not the app's); the output is float32.
+  requires batch 1) on a class-balanced sample of stored examples (scale and
+  zero point of the first quantised tensor are the model's business, not the
+  app's); the output is float32.
 
 Verification on each target interpreter is daemon/verification.py's job.
 """
@@ -39,8 +42,12 @@ MODES = ("int8", "dynamic", "fp16", "none")
 
 
 def input_dtype(mode: str) -> str:
-    """What the app feeds a model of ``mode``: uint8 pixels for int8, float32 pixels (0-255) otherwise."""
-    return "uint8" if mode == "int8" else "float32"
+    """What the app feeds a model of any mode: uint8 RGB pixels, cast inside the graph.
+
+    One input type for every mode: exports fall back from int8 to fp16 when a gate refuses int8, and
+    an app that fills a byte buffer must not break on such an ordinary update.
+    """
+    return "uint8"
 
 
 class ExportError(Exception):
@@ -73,7 +80,7 @@ def snapshot(backbone: nn.Module, head: nn.Module, preprocessing: Preprocessing)
 
 
 class _Uint8Pixels(nn.Module):
-    """uint8 input, cast to float inside the graph: the int8 model takes the pixels an app has."""
+    """uint8 input, cast to float inside the graph: every mode takes the pixels an app has."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -97,15 +104,13 @@ def convert(model: Deployable, mode: str, input_size: int, calibration: Sequence
 
     if mode not in MODES:
         raise ExportError(f"unknown export mode {mode!r}: choose one of {', '.join(MODES)}")
+    nhwc = litert_torch.to_channel_last_io(_Uint8Pixels(model), args=[0]).eval()
+    sample = (torch.zeros(1, input_size, input_size, 3, dtype=torch.uint8),)
     if mode == "int8":
         if not calibration:
             raise ExportError("int8 export needs calibration images: none were given (is the store empty?)")
-        nhwc = litert_torch.to_channel_last_io(_Uint8Pixels(model), args=[0]).eval()
-        edge = _convert_int8(litert_torch, nhwc, (torch.zeros(1, input_size, input_size, 3, dtype=torch.uint8),),
-                             calibration)
+        edge = _convert_int8(litert_torch, nhwc, sample, calibration)
     else:
-        nhwc = litert_torch.to_channel_last_io(model, args=[0]).eval()
-        sample = (torch.zeros(1, input_size, input_size, 3),)
         if mode == "dynamic":
             edge = _convert_dynamic(litert_torch, nhwc, sample)
         else:

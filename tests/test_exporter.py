@@ -42,6 +42,14 @@ def float_size(trained):
     return len(convert(trained[0], "none", 32))
 
 
+def assert_takes_uint8_rgb(tflite: bytes, size: int) -> None:
+    """The input tensor an app fills, read from the file itself: one uint8 NHWC RGB image, whatever the mode."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    (detail,) = Interpreter(model_content=tflite).get_input_details()
+    assert detail["dtype"] == np.uint8 and list(detail["shape"]) == [1, size, size, 3], detail
+
+
 def test_the_tflite_runtime_virtualenv_exists():
     # scripts/setup.sh makes it; without it every other test here would only exercise ai-edge-litert.
     assert default_tflite_runtime_python().exists()
@@ -59,9 +67,10 @@ def test_each_mode_runs_on_both_interpreters_and_agrees_with_pytorch(trained, fl
         assert report.error is None, report.error
         assert not report.nonfinite and report.latency_ms > 0
         assert report.agreement >= (1.0 if mode != "int8" else 0.9)
-        assert report.input_dtype == ("uint8" if mode == "int8" else "float32")
+        assert report.input_dtype == "uint8"  # one input contract in every mode: an update never changes it
     assert reports[0].version.startswith("2.3") and reports[1].version == "2.14.0"
     assert gate(reports, float((reference.argmax(1) == labels).mean()), None, Settings.load(None)) == []
+    assert_takes_uint8_rgb(tflite, 32)
     if mode == "fp16":
         assert len(tflite) < 0.8 * float_size  # the tiny net: graph overhead is a large share
     if mode == "int8":
@@ -72,8 +81,11 @@ def test_dynamic_runs_on_litert_and_is_refused_by_tflite_runtime_2_14(trained):
     """PT2E dynamic-range models use FULLY_CONNECTED version 12, which tflite-runtime 2.14 does not have."""
     model, images, labels, _ = trained
     reference = float_probabilities(model, images)
-    litert, old = verify(convert(model, "dynamic", 32), images, labels, reference, BOTH)
+    tflite = convert(model, "dynamic", 32)
+    litert, old = verify(tflite, images, labels, reference, BOTH)
     assert litert.error is None and not litert.nonfinite and litert.agreement > 0.5
+    assert litert.input_dtype == "uint8"
+    assert_takes_uint8_rgb(tflite, 32)
     assert old.error is not None and "FULLY_CONNECTED" in old.error
     reasons = gate([litert, old], float((reference.argmax(1) == labels).mean()), None, Settings.load(None))
     assert any(r.startswith("tflite-runtime could not load or run the model: ValueError: Didn't find op")

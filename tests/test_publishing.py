@@ -127,7 +127,7 @@ def test_float_export_on_one_runtime_when_configured(tmp_path: Path):
     assert code == 0, err
     assert result["metrics"]["holdout_top1"] == {"ai-edge-litert": result["metrics"]["holdout_top1_float"]}
     manifest = Registry.open_readonly(registry_root(state), "plant-disease").latest()
-    assert manifest["quantization"] == "none" and manifest["input"]["dtype"] == "float32"
+    assert manifest["quantization"] == "none" and manifest["input"]["dtype"] == "uint8"  # the one input contract, float model too
     assert manifest["runtimes_verified"] == [{"name": "ai-edge-litert", "version": "2.3.0"}]
 
 
