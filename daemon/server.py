@@ -142,8 +142,10 @@ class DownloadApi:
         return f'"{manifest["files"]["model.tflite"]["sha256"]}"'
 
 
-def build_app(health: Health, api: DownloadApi | None = None, metrics: Callable[[], bytes] | None = None,
+def build_app(health: Health | None, api: DownloadApi | None = None, metrics: Callable[[], bytes] | None = None,
               status: Callable[[], str] | None = None) -> Starlette:
+    """The routes given: the phone-facing API (``api``) and the operator's (``health``, ``metrics``,
+    ``status``), together on one listener or apart on two (daemon/service.py decides)."""
     async def healthz(request: Request) -> JSONResponse:
         parts = health()
         return JSONResponse(parts, status_code=200 if all(parts.values()) else 503)
@@ -157,7 +159,7 @@ def build_app(health: Health, api: DownloadApi | None = None, metrics: Callable[
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
         return _error(404, f"no such path: {request.url.path} (the API is in docs/devices.md)")
 
-    routes = [Route("/healthz", healthz), *(api.routes() if api else [])]
+    routes = [*([Route("/healthz", healthz)] if health else []), *(api.routes() if api else [])]
     routes += [Route("/metrics", prometheus)] if metrics else []
     routes += [Route("/", page)] if status else []
     app = Starlette(routes=routes, exception_handlers={404: not_found})
@@ -209,7 +211,7 @@ class RequestTimeoutProtocol(H11Protocol):
 
 
 class HttpServer:
-    def __init__(self, host: str, port: int, health: Health, api: DownloadApi | None = None,
+    def __init__(self, host: str, port: int, health: Health | None, api: DownloadApi | None = None,
                  tls_cert_file: Path | None = None, tls_key_file: Path | None = None,
                  metrics: Callable[[], bytes] | None = None, status: Callable[[], str] | None = None,
                  request_timeout_s: float = 10.0):

@@ -65,7 +65,9 @@ class Daemon:
         self.intake: Intake | None = None
         self.training = None  # daemon.training.Training when training.enabled
         self.exporting = None  # daemon.exporting.Exporting when export.enabled too
-        self.http: HttpServer | None = None
+        self.http: HttpServer | None = None  # the model API (and the operator's pages while it is loopback)
+        self.admin: HttpServer | None = None  # the operator's pages, when `server.http` faces the network
+        self.admin_address: str | None = None
         self.notice: Notice | None = None
         self.history = None  # daemon.metrics.History, the status page's curves, when HTTP is served
         self._old_handlers: dict[int, object] = {}
@@ -138,14 +140,23 @@ class Daemon:
             self.history = metrics.History(self)
             self.history.start()
             scrape = metrics.registry_for(self)
-            self.http = HttpServer(s.server.host, s.server.port, self.health, api,
-                                   s.server.tls_cert_file, s.server.tls_key_file,
-                                   metrics=lambda: metrics.exposition(scrape),
-                                   status=lambda: status_page.render(self, self.history),
-                                   request_timeout_s=s.server.request_timeout_s)
+            operator = dict(health=self.health, metrics=lambda: metrics.exposition(scrape),
+                            status=lambda: status_page.render(self, self.history))
+            tls = dict(tls_cert_file=s.server.tls_cert_file, tls_key_file=s.server.tls_key_file,
+                       request_timeout_s=s.server.request_timeout_s)
+            if s.server.admin_apart:
+                # `http` faces the network (the phones): the status page's class names, the metrics and
+                # the health of each part stay on the operator's own address.
+                self.http = HttpServer(s.server.host, s.server.port, None, api, **tls)
+                self.admin = HttpServer(s.server.admin_host, s.server.admin_port, api=None, **operator, **tls)
+                self.admin_address = self.admin.start()
+            else:
+                self.http = HttpServer(s.server.host, s.server.port, api=api, **operator, **tls)
             self.http_address = self.http.start()
-            log.info("serving HTTP on %s://%s%s", self.http.scheme, self.http_address,
-                     " (downloads need the bearer token)" if token else "")
+            self.admin_address = self.admin_address or self.http_address
+            log.info("serving the model API on %s://%s%s, the status page, /metrics and /healthz on %s://%s",
+                     self.http.scheme, self.http_address, " (downloads need the bearer token)" if token else "",
+                     self.http.scheme, self.admin_address)
         self.feed.start()
         # Announce whatever the registry's latest is, now and on every change, on the feed's session.
         self.notice = Notice(registry_root(s.state_dir) / s.model.name / "latest", s.mqtt.notice_topic(s.model.name),
@@ -178,9 +189,10 @@ class Daemon:
             if self.exporting is not None and not self.exporting.is_alive():
                 log.error("export thread died (%s); exiting so the service manager restarts Sprout", self.exporting.error)
                 return EX_SOFTWARE
-            if self.http is not None and self.http.error is not None:
-                log.error("HTTP server stopped: %s", self.http.error)
-                return EX_SOFTWARE
+            for server in (self.http, self.admin):
+                if server is not None and server.error is not None:
+                    log.error("HTTP server stopped: %s", server.error)
+                    return EX_SOFTWARE
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
@@ -224,8 +236,9 @@ class Daemon:
             self.history.stop()
         if self.feed is not None:
             self.feed.stop()
-        if self.http is not None:
-            self.http.stop()
+        for server in (self.http, self.admin):
+            if server is not None:
+                server.stop()
         if self.store is not None:
             self.store.close()
         log.info("stopped in %.2fs%s", time.monotonic() - started, " (forced)" if self.force_exit else "")

@@ -13,6 +13,7 @@ example file ``sprout.example.toml`` repeats them for operators.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import os
 import re
@@ -404,6 +405,12 @@ class ServerSettings(Section):
     http: str = Field(
         "127.0.0.1:8080", description="HOST:PORT for the HTTP API; 0.0.0.0 serves every interface, port 0 picks a free one."
     )
+    admin_http: str = Field(
+        "127.0.0.1:8081",
+        description="HOST:PORT for the operator's pages (/ status, /metrics, /healthz) when `http` is not a "
+        "loopback address: phones reach the model API on `http` and never see class names, metrics or health. "
+        "While `http` is loopback (the default) both are served there and this is unused.",
+    )
     enabled: bool = Field(True, description="Serve HTTP at all; off for a pure ingest node.")
     token: SecretStr | None = Field(
         None, description="Bearer token every /v1 download must carry; unset = downloads are open. Prefer token_file."
@@ -436,7 +443,7 @@ class ServerSettings(Section):
             return lines[0].strip() or None if lines else None
         return None
 
-    @field_validator("http")
+    @field_validator("http", "admin_http")
     @classmethod
     def _listen(cls, value: str) -> str:
         host, sep, port = value.rpartition(":")
@@ -451,6 +458,22 @@ class ServerSettings(Section):
     @property
     def port(self) -> int:
         return int(self.http.rpartition(":")[2])
+
+    @property
+    def admin_host(self) -> str:
+        return self.admin_http.rpartition(":")[0].strip("[]")
+
+    @property
+    def admin_port(self) -> int:
+        return int(self.admin_http.rpartition(":")[2])
+
+    @property
+    def admin_apart(self) -> bool:
+        """Whether the operator's pages get their own listener: `http` is reachable from other machines."""
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host != "localhost"  # a host name: assume it faces the network
 
 
 class SigningSettings(Section):

@@ -285,3 +285,42 @@ def test_every_publish_and_rollback_is_announced_retained(broker, daemon_factory
     finally:
         late.close()
     assert daemon.stop() == 0
+
+
+def test_a_network_facing_bind_serves_phones_the_api_only_and_the_operator_pages_stay_on_loopback(broker, tmp_path):
+    """server.http on 0.0.0.0 (so phones reach it): /, /metrics and /healthz move to server.admin_http."""
+    import urllib.error
+    import urllib.request
+
+    from daemon.broker import free_port
+
+    phone_port, admin_port = free_port(), free_port()
+
+    def get(port: int, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+        except OSError:
+            return 0, b""
+
+    env = {**os.environ, "SPROUT_TRAINING__ENABLED": "false", "SPROUT_SERVER__ADMIN_HTTP": f"127.0.0.1:{admin_port}"}
+    proc = subprocess.Popen([*SPROUT, "run", "--broker", broker.url, "--state", str(tmp_path / "state"), "--model",
+                             "leaves", "--http", f"0.0.0.0:{phone_port}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: get(admin_port, "/healthz")[0] == 200, 30, "the operator's address to answer")
+        for path in ("/", "/metrics", "/healthz"):
+            status, body = get(phone_port, path)
+            assert status == 404, (path, status)
+            assert b"sprout_" not in body and b"<html" not in body.lower()
+        status, body = get(phone_port, "/v1/models/leaves/latest")
+        assert status == 404 and b"is published here" in body  # the phones' API answers there
+        status, body = get(admin_port, "/metrics")
+        assert status == 200 and b"sprout_examples_stored" in body
+        assert get(admin_port, "/")[0] == 200
+        assert b"no such path" in get(admin_port, "/v1/models/leaves/latest")[1]  # and no model API there
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
