@@ -41,6 +41,19 @@ class DaemonCollector(Collector):
         for part, ok in sorted(d.health().items()):
             healthy.add_metric([part], float(ok and part not in stalled))
         yield healthy
+        if d.api is not None:
+            fleet = d.api.fleet.view()
+            devices = GaugeMetricFamily("sprout_fleet_devices", "Devices heard from in the last day, by the version "
+                                        "they report running (Sprout-Version header; 'none': nothing installed).",
+                                        labels=["version"])
+            for version, n in fleet.devices_by_version.items():
+                devices.add_metric([version], n)
+            yield devices
+            downloads = CounterMetricFamily("sprout_model_downloads", "Downloads of each version's model file "
+                                            "begun (resumes not counted again).", labels=["version"])
+            for version, n in fleet.downloads_by_version.items():
+                downloads.add_metric([str(version)], n)
+            yield downloads
         if intake is not None:
             yield CounterMetricFamily("sprout_examples_stored", "Examples committed to the store (and acked).",
                                       value=intake.stored)

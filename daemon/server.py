@@ -42,6 +42,8 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from daemon.fleet import Fleet
+
 log = logging.getLogger("sprout.server")
 
 Health = Callable[[], dict[str, bool]]
@@ -83,6 +85,7 @@ class DownloadApi:
     def __init__(self, registry_root: Path, token: str | None = None):
         self.root = registry_root
         self.token = token
+        self.fleet = Fleet()  # which versions devices run and fetch (daemon/fleet.py): counts only
 
     def routes(self) -> list[Route]:
         return [
@@ -98,6 +101,7 @@ class DownloadApi:
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
                 return JSONResponse({"error": "a valid bearer token is required: Authorization: Bearer <token>"},
                                     status_code=401, headers={"WWW-Authenticate": 'Bearer realm="sprout"'})
+        self.fleet.heard(request.headers.get("sprout-device"), request.headers.get("sprout-version"))
         model = request.path_params["model"]
         if not _MODEL.match(model):
             return _error(400, "model names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
@@ -131,6 +135,8 @@ class DownloadApi:
         headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
         if _etag_matches(request, etag):
             return Response(status_code=304, headers=headers)
+        if name == "model.tflite" and request.headers.get("range", "bytes=0-").startswith("bytes=0-"):
+            self.fleet.downloaded(int(version))  # a download begun; its resumes are not counted again
         # Starlette's FileResponse answers Range with 206 (and If-Range against this ETag).
         return FileResponse(folder / name, media_type=_FILES[name], headers=headers)
 
@@ -224,6 +230,7 @@ class HttpServer:
             ssl_keyfile=str(tls_key_file) if tls_key_file else None,
         )
         self.scheme = "https" if tls_cert_file else "http"
+        self.api = api
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._serve, name="sprout-http", daemon=True)
         self.error: BaseException | None = None

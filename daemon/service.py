@@ -67,6 +67,7 @@ class Daemon:
         self.exporting = None  # daemon.exporting.Exporting when export.enabled too
         self.http: HttpServer | None = None  # the model API (and the operator's pages while it is loopback)
         self.admin: HttpServer | None = None  # the operator's pages, when `server.http` faces the network
+        self.api: DownloadApi | None = None  # the model API: its fleet counts go to /metrics and the page
         self.admin_address: str | None = None
         self.notice: Notice | None = None
         self.history = None  # daemon.metrics.History, the status page's curves, when HTTP is served
@@ -134,7 +135,7 @@ class Daemon:
                 token = s.server.resolved_token()
             except OSError as err:
                 raise ConfigError(f"server.token_file: cannot read {s.server.token_file}: {err.strerror}") from None
-            api = DownloadApi(registry_root(s.state_dir), token)
+            api = self.api = DownloadApi(registry_root(s.state_dir), token)
             from daemon import metrics, status_page  # the page and /metrics read this object's parts
 
             self.history = metrics.History(self)

@@ -37,6 +37,7 @@ def render(daemon: Any, history: History | None) -> str:
     losses = [p.loss for p in points if p.loss is not None]
     parts.append(_chart("loss", points, [("loss", "#8e44ad")], 0.0, max(losses) * 1.1 if losses else 1.0, ""))
     parts.append(_labels(daemon))
+    parts.append(_fleet(daemon))
     parts.append(_exports(s))
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -114,6 +115,25 @@ def _labels(daemon: Any) -> str:
     return (f'<section id="labels"><h2>Classes</h2><table id="outputs"><tr><th>output</th><th>label</th></tr>'
             f'{outputs}</table>{notes}<p class="muted">Change them with <code>sprout labels</code>; label changes '
             f"applied: {labels.last}.</p></section>")
+
+
+def _fleet(daemon: Any) -> str:
+    """Which versions the devices run (their own word, the last day) and fetch (downloads since the start)."""
+    if daemon.api is None:
+        return ""
+    view = daemon.api.fleet.view()
+    versions = sorted({*view.devices_by_version, *map(str, view.downloads_by_version)},
+                      key=lambda v: (not v.isdigit(), -int(v) if v.isdigit() else 0))
+    if not versions:
+        return ('<section id="fleet"><h2>Devices</h2><p>No device has asked for a model yet (devices that send '
+                'Sprout-Device and Sprout-Version are counted here; docs/devices.md).</p></section>')
+    rows = "".join(
+        f"<tr><td>{html.escape(v)}</td><td>{view.devices_by_version.get(v, 0)}</td>"
+        f"<td>{view.downloads_by_version.get(int(v), 0) if v.isdigit() else ''}</td></tr>"
+        for v in versions
+    )
+    return ('<section id="fleet"><h2>Devices</h2><table><tr><th>version</th><th>devices running it (last day)</th>'
+            f'<th>downloads</th></tr>{rows}</table></section>')
 
 
 def _chart(name: str, points: list[Point], series: list[tuple[str, str]], lo: float, hi: float, unit: str) -> str:

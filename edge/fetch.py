@@ -77,6 +77,12 @@ class ModelServer:
         self.model_url = f"{self.base_url}/v1/models/{urllib.parse.quote(model, safe='')}/"
         self.token = token
         self.timeout_s = timeout_s
+        self.identity: dict[str, str] = {}  # Sprout-Device and Sprout-Version, once the caller knows them
+
+    def identify(self, device_id: str, running: int | None) -> None:
+        """Tell the server, with every request, this device's opaque id and the version it runs: the
+        operator sees which versions the fleet runs (counts only; docs/devices.md)."""
+        self.identity = {"Sprout-Device": device_id, "Sprout-Version": str(running) if running is not None else "none"}
 
     def latest(self, etag: str | None = None) -> Latest:
         """The latest manifest, or ``Latest(None, etag)`` when it is still the one whose ETag is given."""
@@ -196,7 +202,7 @@ class ModelServer:
                 on_progress(have, size)
 
     def _open(self, url: str, headers: dict[str, str], what: str):
-        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **headers})
+        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **self.identity, **headers})
         if self.token:
             # Unredirected: a redirect to another host must not carry the token there.
             request.add_unredirected_header("Authorization", f"Bearer {self.token}")

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from edge.atomic import TMP_PREFIX, fsync_dir, fsync_file, write_atomic, write_n
 from edge.trust import file_sha256
 
 MODEL_FILE, MANIFEST_FILE, LABELS_FILE = "model.tflite", "manifest.json", "labels.txt"
-CURRENT, ETAG, LOCK = "current", "etag", ".lock"
+CURRENT, ETAG, LOCK, DEVICE_ID = "current", "etag", ".lock", "device-id"
 PARTIAL_PREFIX = ".partial-"
 _VERSION = re.compile(r"^[1-9][0-9]*$")
 
@@ -132,6 +133,20 @@ class ModelDir:
             for entry in os.listdir(folder):
                 if entry.startswith(TMP_PREFIX) or (entry.startswith(PARTIAL_PREFIX) and entry != resumable):
                     _remove(folder / entry)
+
+    def device_id(self) -> str:
+        """This device's opaque id for the server's counts: random, made once, kept in the folder."""
+        path = self.root / DEVICE_ID
+        try:
+            found = path.read_text(encoding="ascii").strip()
+            if found:
+                return found
+        except (OSError, UnicodeDecodeError):
+            pass
+        made = uuid.uuid4().hex
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, made.encode("ascii"))
+        return made
 
     def remember_etag(self, etag: str | None, version: int) -> None:
         if etag:

@@ -116,7 +116,9 @@ def sync(
     try:
         with folder.lock():
             # Read again under the lock: another sync may have swapped versions since the line above.
-            return _sync(server, folder, _current(folder), key, emit, runtime, should_stop)
+            running = _current(folder)
+            server.identify(folder.device_id(), running)
+            return _sync(server, folder, running, key, emit, runtime, should_stop)
     except FolderBusy as err:
         return emit.failed(str(err), None, current)
     except _NothingPublished as err:

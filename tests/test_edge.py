@@ -249,7 +249,7 @@ def test_sync_installs_a_verified_version_and_a_second_sync_is_a_304(registry, m
     assert (installed / "manifest.json").read_bytes() == (registry.folder / "latest").read_bytes()
     assert (installed / "labels.txt").read_text().splitlines() == tiny.labels
     assert (device / "current").read_text() == "1\n"
-    assert sorted(os.listdir(device)) == [".lock", "current", "etag", "versions"]  # no partial or temporary left
+    assert sorted(os.listdir(device)) == [".lock", "current", "device-id", "etag", "versions"]  # no partial or temporary left
     kinds = [e.kind for e in events]
     assert kinds[0] == "started" and kinds[-1] == "completed" and set(kinds[1:-1]) == {"progress"}
     received = [e.received for e in events if e.kind == "progress"]

@@ -324,3 +324,44 @@ def test_a_network_facing_bind_serves_phones_the_api_only_and_the_operator_pages
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_the_fleet_view_counts_versions_run_and_downloads_without_keeping_a_device_id(registry: Registry, tmp_path):
+    """sprout-edge tells the server its opaque id and running version; the server keeps counts only."""
+    from edge.modeldir import ModelDir
+    from edge.sync import sync
+
+    registry.publish(os.urandom(8192), fields())
+    server, base = serve(registry.root)
+    try:
+        key = tmp_path / "keys" / "signing.pub"
+        phone_a, phone_b = tmp_path / "phone-a", tmp_path / "phone-b"
+        assert sync(base, MODEL, phone_a, public_key=key, runtime=None).status == "installed"  # runs none yet
+        assert sync(base, MODEL, phone_a, public_key=key, runtime=None).status == "unchanged"  # now runs 1
+        assert sync(base, MODEL, phone_b, public_key=key, runtime=None).status == "installed"
+        fleet = server.api.fleet
+        view = fleet.view()
+        assert view.devices_by_version == {"1": 1, "none": 1}  # a, last heard running 1; b, before its install
+        assert view.downloads_by_version == {1: 2}
+        device_id = ModelDir(phone_a).device_id()
+        assert ModelDir(phone_a).device_id() == device_id  # made once, kept
+        assert device_id.encode() not in repr(fleet._seen).encode()  # only keyed hashes are held
+        with httpx.Client(base_url=base, timeout=10) as client:
+            # A request without the headers, or with a junk id, counts no device.
+            client.get(f"/v1/models/{MODEL}/latest", headers={"Sprout-Device": "x" * 500, "Sprout-Version": "1"})
+            client.get(f"/v1/models/{MODEL}/latest")
+        assert fleet.view().devices_by_version == {"1": 1, "none": 1}
+    finally:
+        server.stop()
+
+
+def test_a_device_not_heard_from_for_a_day_no_longer_counts_and_memory_is_bounded():
+    from daemon.fleet import Fleet
+
+    fleet = Fleet(window_s=0.2, max_devices=3)
+    for i in range(5):
+        fleet.heard(f"device-{i}", "2")
+    assert fleet.view().devices_by_version == {"2": 3}  # the least recently heard went first
+    time.sleep(0.3)
+    fleet.heard("device-9", None)
+    assert fleet.view().devices_by_version == {"none": 1}
