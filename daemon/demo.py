@@ -30,6 +30,7 @@ from daemon.atomic import write_atomic
 from daemon.broker import Mosquitto, reachable
 from daemon.datasets import DatasetError, arrange, fashion_mnist_samples, iter_encoded
 from daemon.feeder import FeedReport, Publisher, feed
+from daemon.metrics import latest_manifest
 from daemon.service import Daemon
 from daemon.settings import Settings
 from daemon.signing import Signer
@@ -273,13 +274,15 @@ def run_demo(args: Any) -> int:
             }
             if training is not None:
                 summary["learner"] = _learner_summary(training)
-            if d.exporting is not None and d.exporting.last is not None:
+            if d.exporting is not None:
                 last = d.exporting.last
+                latest = latest_manifest(settings)  # this run's, or an earlier run's in the same state folder
                 summary["export"] = {
                     "published": d.exporting.published,
                     "rejected": d.exporting.rejected,
-                    "latest_version": d.exporting.latest_published["version"] if d.exporting.latest_published else None,
-                    "last_export": {"published": bool(last.published), "rejected_because": last.reasons, "metrics": last.metrics},
+                    "latest_version": latest["version"] if latest else None,
+                    "last_export": None if last is None else {
+                        "published": bool(last.published), "rejected_because": last.reasons, "metrics": last.metrics},
                 }
             if state["device"] is not None:
                 summary["device"] = _device(state["device"])
@@ -317,9 +320,9 @@ def _failure(d: Daemon, summary: dict[str, Any], timed_out: bool, max_seconds: f
     late = f" within --max-seconds {max_seconds:.0f}" if timed_out else ""
     if d.exporting is None:
         return "no model can be published: training.enabled and export.enabled must both be true"
-    if d.exporting.latest_published is None:
+    if summary.get("export", {}).get("latest_version") is None:  # none in the registry, from this run or before
         why = "; ".join(d.exporting.last.reasons) if d.exporting.last is not None and d.exporting.last.reasons else ""
-        return f"no model was published{late}" + (f" (last export refused: {why})" if why else " (see the log above)")
+        return f"no model was published{late}" + (f" (last export refused: {why})" if why else " (see demo.log in the state folder)")
     device = summary.get("device")
     if device is None:
         return "no device followed the models: server.enabled must be true"
@@ -352,8 +355,10 @@ def _readable(summary: dict[str, Any], summary_file: Path, log_file: Path) -> li
                      f"{_pct(learner['holdout_accuracy'])}, prequential {_pct(learner['prequential_accuracy'])}")
     export = summary.get("export")
     if export:
+        earlier = " (this state folder's, from an earlier run: nothing new to learn)" if (
+            export["latest_version"] and not export["published"]) else ""
         lines.append(f"  models   {export['published']} published, {export['rejected']} refused by the gates; "
-                     f"latest version {export['latest_version'] or '-'}")
+                     f"latest version {export['latest_version'] or '-'}{earlier}")
     device = summary.get("device")
     if device and device.get("version"):
         lines.append(f"  device   version {device['version']} ({device['quantization']}) on {device['runtime']}: "

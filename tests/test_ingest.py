@@ -303,6 +303,16 @@ def test_demo_runs_the_main_job(broker, tmp_path):
     assert device["test_photos"] == 200 and device["top1_on_device"] > 0.3
     assert "demo: status page at http://" in out.stderr and "demo: published version 1" in out.stderr
     assert "device: installed version" in out.stderr
+    # A newcomer runs it again in the same folder: everything is stored and learned already, nothing new
+    # is published, and the device still ends with the verified model: a success, not "no model".
+    again = subprocess.run(
+        [*SPROUT, "demo", "--limit", "300", "--rate", "0", "--broker", broker.url, "--json"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **ANY_PORT}, cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    second = json.loads(again.stdout)
+    assert second["store"]["total"] == 300 and second["export"]["published"] == 0
+    assert second["export"]["latest_version"] == second["device"]["version"] == device["version"]
 
 
 def test_a_demo_that_publishes_no_model_fails_in_one_line(broker, tmp_path):
