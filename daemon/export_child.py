@@ -210,8 +210,16 @@ class ExportChild:
                 child = None
             self._running = child if child is not None else _Process()
         try:
-            out, _ = self._running.proc.communicate(pickle.dumps(settings))
-            code = self._running.proc.returncode
+            # Not communicate(): it would read stderr too, racing the ChildLog thread for the child's log
+            # lines (each reader got some, and communicate's share was lost).
+            proc = self._running.proc
+            try:
+                proc.stdin.write(pickle.dumps(settings))
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the child ended already; its exit code says how
+            out = proc.stdout.read()
+            code = proc.wait()
         finally:
             with self._lock:
                 done, self._running = self._running, None

@@ -32,13 +32,22 @@ def learned(state: Path) -> int:
     return learner.trained
 
 
-def test_an_export_in_a_child_publishes_and_reports_back(tmp_path: Path):
+def test_an_export_in_a_child_publishes_and_reports_back(tmp_path: Path, caplog):
     trained = learned(tmp_path)
     exporting = Exporting(settings_for(tmp_path), lambda: trained, lambda: None)
     try:
-        outcome = exporting.export()
+        with caplog.at_level(logging.INFO):
+            outcome = exporting.export()
     finally:
         exporting.stop()
+    # Every log record of the child comes back through its stderr and is logged again here, in order: none is
+    # lost to another reader of the pipe (Popen.communicate once read it too, and kept what it got).
+    child_lines = [r.getMessage() for r in caplog.records if r.name in ("sprout.export", "sprout.registry")]
+    published = [i for i, m in enumerate(child_lines) if m.startswith("published version 1 (")]
+    registry = [i for i, m in enumerate(child_lines) if m.startswith("published leaves version 1")
+                or m.startswith("published plant-disease version 1")]
+    took = [i for i, m in enumerate(child_lines) if m.startswith("export took")]
+    assert registry and published and took and registry[0] < published[0] < took[0], child_lines
     assert outcome is not None and outcome.published["version"] == 1, outcome
     assert outcome.published["quantization"] == "none" and outcome.metrics["examples_trained"] == trained
     assert (exporting.published, exporting.exports, exporting.failed) == (1, 1, 0)
