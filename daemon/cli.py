@@ -357,7 +357,9 @@ def _models_list(reader: Any, as_json: bool) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from daemon.signing import Signer, SigningKeyError, generate
+    import base64
+
+    from daemon.signing import Signer, SigningKeyError, generate, raw_public_key
 
     try:
         private, public = generate(args.out)
@@ -369,7 +371,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         return EX_CANTCREAT
     print(f"private key: {private}  (mode 0600; set signing.key_file to it)")
     print(f"public key:  {public}  (give it to your devices)")
-    print(f"key id:      {Signer.load(private).key_id}")
+    signer = Signer.load(private)
+    print(f"key id:      {signer.key_id}")
+    # Apps ship the raw 32 bytes (CryptoKit, Tink take them as they are): docs/devices.md, step 2.
+    print(f"raw public key (base64, for apps): {base64.b64encode(raw_public_key(signer.public_key)).decode()}")
     return 0
 
 

@@ -2,13 +2,20 @@
 
 Layout of ``<state_dir>/registry/<model>/``::
 
-    <version>/model.tflite, labels.txt, manifest.json   one folder per version
+    <version>/model.tflite, labels.txt, manifest.json, manifest.json.sig   one folder per version
     latest      a byte copy of the latest version's manifest: the pointer and the document served
+    latest.sig  a byte copy of that version's manifest.json.sig
     versions    JSON list of {version, created_at, quantization, pinned}, newest first
     pins        JSON list of pinned versions (retention never deletes them)
     log.jsonl   the model's history, one event per line with its time: published, rejected, rollback, pin,
-                unpin, deleted, repaired, cleaned, and label_renamed, label_merged, label_deleted
+                unpin, deleted, repaired, cleaned, signed, and label_renamed, label_merged, label_deleted
                 (``sprout labels``, timed when the change was made)
+
+Each manifest.json is signed as the bytes it is (Ed25519, detached: the 64
+bytes of manifest.json.sig), so a device verifies what it received, as it
+received it. ``latest.sig`` is written before ``latest``: a device that reads
+the two across a publish sees a mismatch, reads ``latest`` again and finds it
+changed (docs/devices.md).
 
 A SIGKILL at any instant leaves ``latest`` naming a complete, signed version:
 a version folder is built under ``.tmp-<version>-<pid>`` and renamed whole,
@@ -43,7 +50,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,24 +58,27 @@ from typing import TYPE_CHECKING, Any
 from daemon.atomic import TMP_PREFIX, fsync_dir, write_atomic, write_new
 from daemon.labels import EVENTS, LabelChange
 from edge.manifest import INPUT_DTYPES, is_image_shape
-from daemon.signing import SignatureError, Signer, verify, verify_file
+from daemon.signing import SIGNATURE_SUFFIX, SignatureError, Signer, verify, verify_file
 
 if TYPE_CHECKING:
     from daemon.settings import Settings
 
 log = logging.getLogger("sprout.registry")
 
-SCHEMA = 1
+# 2: the signature left the manifest for manifest.json.sig (a schema-1 reader cannot check it).
+SCHEMA = 2
 QUANTIZATIONS = ("int8", "dynamic", "fp16", "none")
 # What publish() takes from the exporter; the registry sets the rest (schema, model, version,
-# created_at, files, signature) so that no caller can get them wrong.
+# created_at, files, signing_key_id) so that no caller can get them wrong.
 FIELDS = ("base", "labels", "input", "quantization", "metrics", "runtimes_verified")
 MANIFEST_KEYS = (
     "schema", "model", "version", "created_at", "base", "labels", "input", "quantization",
-    "files", "metrics", "runtimes_verified", "signature",
+    "files", "metrics", "runtimes_verified", "signing_key_id",
 )  # fmt: skip
 MODEL_FILE, LABELS_FILE, MANIFEST_FILE = "model.tflite", "labels.txt", "manifest.json"
+SIGNATURE_FILE = MANIFEST_FILE + SIGNATURE_SUFFIX
 LATEST, VERSIONS, PINS, LOG, LOCK = "latest", "versions", "pins", "log.jsonl", ".lock"
+LATEST_SIGNATURE = LATEST + SIGNATURE_SUFFIX
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION_DIR = re.compile(r"^[1-9][0-9]*$")
@@ -109,7 +119,7 @@ def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
     if missing or extra:
         raise RegistryError(
             f"publish: fields missing {missing}, unexpected {extra}; the exporter gives exactly {list(FIELDS)} "
-            "(the registry sets schema, model, version, created_at, files and signature)"
+            "(the registry sets schema, model, version, created_at, files and signing_key_id)"
         )
     try:
         body = json.loads(json.dumps(fields, allow_nan=False))
@@ -236,6 +246,20 @@ class Registry:
             raise self._unknown(version)
         return path
 
+    def document(self, version: int) -> bytes:
+        """manifest.json of ``version`` as stored and served: the bytes its signature covers."""
+        try:
+            return (self._dir(version) / MANIFEST_FILE).read_bytes()
+        except FileNotFoundError:
+            raise self._unknown(version) from None
+
+    def signature(self, version: int) -> bytes:
+        """manifest.json.sig of ``version``: the Ed25519 signature of its manifest.json's bytes."""
+        try:
+            return (self._dir(version) / SIGNATURE_FILE).read_bytes()
+        except FileNotFoundError:
+            raise self._unknown(version) from None
+
     def latest(self) -> dict[str, Any] | None:
         """The latest manifest, or None before the first publish."""
         path = self.folder / LATEST
@@ -281,8 +305,14 @@ class Registry:
 
     # Writing: each change holds the lock.
 
-    def publish(self, tflite: bytes, fields: dict[str, Any]) -> dict[str, Any]:
-        """Store ``tflite`` as the next version, make it ``latest``, apply retention; returns the signed manifest."""
+    def publish(
+        self, tflite: bytes, fields: dict[str, Any], stamp: Callable[[bytes, int], bytes] | None = None
+    ) -> dict[str, Any]:
+        """Store ``tflite`` as the next version, make it ``latest``, apply retention; returns the manifest.
+
+        ``stamp(tflite, version)``, when given, returns the bytes to store once the version number is
+        known (the exporter writes it into the model's own metadata); it runs under the lock.
+        """
         self._writable()
         if self.signer is None:
             raise RegistryError("publish: this registry has no signing key (build it with a Signer)")
@@ -292,6 +322,8 @@ class Registry:
         tflite = bytes(tflite)
         with self._locked():
             version = self._next_version()
+            if stamp is not None:
+                tflite = bytes(stamp(tflite, version))
             digest = hashlib.sha256(tflite).hexdigest()
             manifest = {
                 "schema": SCHEMA,
@@ -305,15 +337,18 @@ class Registry:
                 "files": {MODEL_FILE: {"sha256": digest, "size": len(tflite), "path": f"versions/{version}/{MODEL_FILE}"}},
                 "metrics": body["metrics"],
                 "runtimes_verified": body["runtimes_verified"],
+                # Informative only: which key to check with, said before a device has checked anything.
+                "signing_key_id": self.signer.key_id,
             }
-            signed = self.signer.sign(manifest)
-            document = _dump(signed)
+            document = _dump(manifest)
+            signature = self.signer.sign(document)
             labels_txt = "".join(f"{label}\n" for label in body["labels"]).encode("utf-8")
 
             tmp = self.folder / f"{TMP_PREFIX}{version}-{os.getpid()}"
             tmp.mkdir()
             try:
-                for name, data in ((MODEL_FILE, tflite), (LABELS_FILE, labels_txt), (MANIFEST_FILE, document)):
+                for name, data in ((MODEL_FILE, tflite), (LABELS_FILE, labels_txt), (MANIFEST_FILE, document),
+                                   (SIGNATURE_FILE, signature)):
                     write_new(tmp / name, data)
                 fsync_dir(tmp)
                 os.rename(tmp, self._dir(version))
@@ -321,15 +356,15 @@ class Registry:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             fsync_dir(self.folder)
-            # From here the version is complete on disk; switching latest is one rename.
-            write_atomic(self.folder / LATEST, document)
+            # From here the version is complete on disk; switching latest is two renames (signature first).
+            self._point_latest(version)
             self._write_versions()
             self._append_log(
                 {"event": "published", "version": version, "sha256": digest, "size": len(tflite), "quantization": body["quantization"]}
             )
             self._apply_retention()
         log.info("published %s version %d (%s, %d bytes)", self.model, version, body["quantization"], len(tflite))
-        return signed
+        return manifest
 
     def record_rejection(self, fields: dict[str, Any], reasons: list[str]) -> None:
         """Log a candidate the gates refused; nothing else is kept."""
@@ -360,12 +395,13 @@ class Registry:
             document = (self._dir(version) / MANIFEST_FILE).read_bytes()
             try:
                 verify_file(manifest, self.model_path(version).read_bytes())
+                signature = self.signature(version)
                 if self.signer is not None:
-                    verify(manifest, self.signer.public_key)
+                    verify(document, signature, self.signer.public_key)
             except SignatureError as err:
                 raise RegistryError(f"version {version} cannot become latest: {err}; pick another version") from None
             before = self.latest()
-            write_atomic(self.folder / LATEST, document)
+            self._point_latest(version)
             self._append_log({"event": "rollback", "version": version, "from": before.get("version") if before else None})
         log.info("rolled %s back to version %d", self.model, version)
         return manifest
@@ -418,6 +454,13 @@ class Registry:
             yield
         finally:
             os.close(fd)
+
+    def _point_latest(self, version: int) -> None:
+        """Serve ``version`` as latest: its signature, then its manifest, each a byte copy swapped in by rename."""
+        where = self._dir(version)
+        if (where / SIGNATURE_FILE).exists():  # absent only in a schema-1 registry opened without its key
+            write_atomic(self.folder / LATEST_SIGNATURE, (where / SIGNATURE_FILE).read_bytes())
+        write_atomic(self.folder / LATEST, (where / MANIFEST_FILE).read_bytes())
 
     def _next_version(self) -> int:
         # The log remembers versions whose folders retention deleted, so numbers never come back.
@@ -484,6 +527,7 @@ class Registry:
             self._append_log({"event": "cleaned", "removed": stale})
             log.warning("registry %s: removed %d leftovers of an interrupted write: %s", self.folder, len(stale), stale)
 
+        self._sign_unsigned_versions()
         problem = self._latest_problem()
         if problem is not None:
             self._repair_latest(problem)
@@ -496,6 +540,24 @@ class Registry:
             on_disk = None
         if on_disk != current and (on_disk is not None or current):
             write_atomic(self.folder / VERSIONS, _dump(current))
+
+    def _sign_unsigned_versions(self) -> None:
+        """Give each version that lacks manifest.json.sig one, over its manifest's bytes as they are.
+
+        Registries written before signatures were detached (schema 1) carried the signature inside
+        the manifest; this Sprout's devices check only manifest.json.sig. Without a signing key
+        (a read-only command) nothing is signed and such versions stay unservable.
+        """
+        if self.signer is None:
+            return
+        for version in self.versions():
+            where = self._dir(version)
+            if (where / SIGNATURE_FILE).exists() or not (where / MANIFEST_FILE).is_file():
+                continue
+            write_atomic(where / SIGNATURE_FILE, self.signer.sign((where / MANIFEST_FILE).read_bytes()))
+            self._append_log({"event": "signed", "version": version, "key_id": self.signer.key_id,
+                              "reason": "manifest.json.sig was missing (a registry from before detached signatures)"})
+            log.info("registry %s: signed version %d's manifest as it is (manifest.json.sig)", self.folder, version)
 
     def _finish_interrupted_publish(self) -> None:
         """Complete a publish killed after its version folder was renamed into place (that rename commits it).
@@ -518,7 +580,7 @@ class Registry:
             latest = self._latest_or_none()
             # Newer than anything the log knows, rollbacks included: it was meant to be latest.
             if version > newest_known and (latest is None or latest.get("version") != version):
-                write_atomic(self.folder / LATEST, (self._dir(version) / MANIFEST_FILE).read_bytes())
+                self._point_latest(version)
             self._append_log({"event": "published", "version": version, "sha256": hashlib.sha256(tflite).hexdigest(),
                               "size": len(tflite), "quantization": manifest.get("quantization"),
                               "recovered": "the publishing process stopped after the version was complete"})
@@ -529,25 +591,41 @@ class Registry:
         if not path.exists():
             return None if not self.versions() else "latest is missing"
         try:
-            latest = _parse(path.read_bytes(), path)
+            document = path.read_bytes()
+            latest = _parse(document, path)
             version = latest["version"]
             verify_file(latest, self.model_path(version).read_bytes())
+            if document != (self._dir(version) / MANIFEST_FILE).read_bytes():
+                return f"latest is not a copy of version {version}'s manifest"
+            if not (self._dir(version) / SIGNATURE_FILE).exists() and self.signer is None:
+                return None  # a schema-1 registry opened without its key: the daemon signs it, not us
+            if (self.folder / LATEST_SIGNATURE).read_bytes() != self.signature(version):
+                return f"latest.sig is not version {version}'s signature"
+        except FileNotFoundError as err:
+            return f"{Path(err.filename).name} is missing"
         except (RegistryError, SignatureError, KeyError, TypeError) as err:
             return f"latest is unusable: {err}"
         return None
 
     def _repair_latest(self, problem: str) -> None:
-        for version in reversed(self.versions()):
+        # The version latest names first (a rollback stays a rollback), then the newest complete one.
+        named = self._latest_or_none()
+        named = named.get("version") if isinstance(named, dict) else None
+        versions = self.versions()
+        for version in [v for v in versions if v == named] + [v for v in reversed(versions) if v != named]:
             try:
                 manifest = self.manifest(version)
                 verify_file(manifest, self.model_path(version).read_bytes())
+                if self.signer is not None:
+                    self.signature(version)
             except (RegistryError, SignatureError):
                 continue
-            write_atomic(self.folder / LATEST, (self._dir(version) / MANIFEST_FILE).read_bytes())
+            self._point_latest(version)
             self._append_log({"event": "repaired", "version": version, "reason": problem})
             log.warning("registry %s: %s; latest is now version %d", self.folder, problem, version)
             return
         (self.folder / LATEST).unlink(missing_ok=True)
+        (self.folder / LATEST_SIGNATURE).unlink(missing_ok=True)
         self._append_log({"event": "repaired", "version": None, "reason": f"{problem}; no complete version left"})
         log.error("registry %s: %s and no complete version is left; nothing is served", self.folder, problem)
 

@@ -7,8 +7,9 @@ on disk, so a static mirror of that folder serves the same bytes
 - ``GET /v1/models/<model>/latest``: the latest manifest; ``Cache-Control:
   no-cache`` and an ETag (sha256 of the document), so a device's conditional
   GET costs a 304 until a new version is published.
+- ``GET /v1/models/<model>/latest.sig``: its detached Ed25519 signature (64 bytes).
 - ``GET /v1/models/<model>/versions``: the published versions, newest first.
-- ``GET /v1/models/<model>/versions/<v>/{manifest.json,model.tflite,labels.txt}``:
+- ``GET /v1/models/<model>/versions/<v>/{manifest.json,manifest.json.sig,model.tflite,labels.txt}``:
   immutable once published. ``model.tflite``'s ETag is its sha256 (from the
   manifest); ``If-None-Match`` gives 304 and ``Range`` 206, so a download cut
   off in a field resumes where it stopped.
@@ -50,8 +51,8 @@ Health = Callable[[], dict[str, bool]]
 
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as settings.model.name allows
 _VERSION = re.compile(r"^[1-9][0-9]{0,9}$")
-_FILES = {"manifest.json": "application/json", "model.tflite": "application/octet-stream",
-          "labels.txt": "text/plain; charset=utf-8"}
+_FILES = {"manifest.json": "application/json", "manifest.json.sig": "application/octet-stream",
+          "model.tflite": "application/octet-stream", "labels.txt": "text/plain; charset=utf-8"}
 IMMUTABLE = "public, max-age=31536000, immutable"  # a published version's files never change
 
 
@@ -67,16 +68,17 @@ def _etag_matches(request: Request, etag: str) -> bool:
 
 
 def _document(request: Request, path: Path, cache: str) -> Response:
-    """A small JSON file of the registry, with an ETag of its bytes and 304 when the device has it."""
+    """A small file of the registry (JSON, or a signature), with an ETag of its bytes and 304 when the device has it."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return _error(404, "nothing published yet" if path.name == "latest" else f"no {path.name} here")
+        return _error(404, "nothing published yet" if path.name in ("latest", "latest.sig") else f"no {path.name} here")
     etag = f'"{hashlib.sha256(data).hexdigest()}"'
     headers = {"ETag": etag, "Cache-Control": cache}
     if _etag_matches(request, etag):
         return Response(status_code=304, headers=headers)
-    return Response(data, media_type="application/json", headers=headers)
+    kind = "application/octet-stream" if path.name.endswith(".sig") else "application/json"
+    return Response(data, media_type=kind, headers=headers)
 
 
 class DownloadApi:
@@ -90,6 +92,7 @@ class DownloadApi:
     def routes(self) -> list[Route]:
         return [
             Route("/v1/models/{model}/latest", self.latest),
+            Route("/v1/models/{model}/latest.sig", self.latest_signature),
             Route("/v1/models/{model}/versions", self.versions),
             Route("/v1/models/{model}/versions/{version}/{name}", self.version_file),
         ]
@@ -113,6 +116,10 @@ class DownloadApi:
         refusal = self._refusal(request)
         return refusal or _document(request, self.root / request.path_params["model"] / "latest", "no-cache")
 
+    async def latest_signature(self, request: Request) -> Response:
+        refusal = self._refusal(request)
+        return refusal or _document(request, self.root / request.path_params["model"] / "latest.sig", "no-cache")
+
     async def versions(self, request: Request) -> Response:
         refusal = self._refusal(request)
         return refusal or _document(request, self.root / request.path_params["model"] / "versions", "no-cache")
@@ -128,7 +135,7 @@ class DownloadApi:
         folder = self.root / request.path_params["model"] / version
         if not (folder / "manifest.json").is_file():
             return _error(404, f"version {version} is not published (or was removed by retention)")
-        if name == "manifest.json":
+        if name in ("manifest.json", "manifest.json.sig"):
             return _document(request, folder / name, IMMUTABLE)
         etag = f'"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}"' if name == "labels.txt" \
             else self._model_etag(folder)

@@ -1,29 +1,28 @@
 """Signing model manifests with Ed25519 (the ``cryptography`` package): keys, and the signer.
 
-The signature covers :func:`canonical`: the manifest without its ``signature``
-field, as sorted, compact, UTF-8 JSON. Checking it (:func:`verify`,
-:func:`verify_file`) is the device's job and lives in ``edge/trust.py``; the
-daemon uses that same code, re-exported here.
+The registry signs the exact bytes of each ``manifest.json`` it writes and
+keeps the 64-byte signature beside it as ``manifest.json.sig`` (detached):
+devices check the bytes as served with their platform's Ed25519, no
+canonical JSON involved. Checking is the device's job and lives in
+``edge/trust.py``; the daemon uses that same code, re-exported here.
 
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
 >>> private, public = generate(d)
->>> signed = Signer.load(private).sign({"schema": 1, "labels": ["healthy", "rust"]})
->>> verify(signed, public)
->>> signed["labels"][1] = "blight"
->>> verify(signed, public)
+>>> document = b'{"schema": 2, "labels": ["healthy", "rust"]}'
+>>> signature = Signer.load(private).sign(document)
+>>> verify(document, signature, public)
+>>> verify(document.replace(b"rust", b"blight"), signature, public)
 Traceback (most recent call last):
 ...
-edge.trust.SignatureError: signature does not match the manifest: it was changed after signing, or signed by another key
+edge.trust.SignatureError: manifest.json.sig does not match manifest.json: the manifest was changed after signing, or signed by another key
 """
 
 from __future__ import annotations
 
-import base64
 import os
 import stat
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -32,12 +31,12 @@ from daemon.atomic import fsync_dir, temporary_name, write_atomic, write_new
 
 # Verification lives in edge/trust.py, the one implementation devices and the daemon share: what a
 # phone checks is byte for byte what was signed here. Re-exported so daemon code keeps one import.
-from edge.trust import ALG, SignatureError, canonical, key_id, load_public_key, verify_file
-from edge.trust import verify_manifest as verify
+from edge.trust import SIGNATURE_SUFFIX, SignatureError, key_id, load_public_key, verify_file
+from edge.trust import verify_document as verify
 
 __all__ = [
-    "ALG", "PRIVATE_NAME", "PUBLIC_NAME", "SignatureError", "Signer", "SigningKeyError",
-    "canonical", "generate", "key_id", "load_public_key", "verify", "verify_file",
+    "PRIVATE_NAME", "PUBLIC_NAME", "SIGNATURE_SUFFIX", "SignatureError", "Signer", "SigningKeyError",
+    "generate", "key_id", "load_public_key", "raw_public_key", "verify", "verify_file",
 ]  # fmt: skip
 
 PRIVATE_NAME = "signing.key"
@@ -131,12 +130,14 @@ class Signer:
     def public_pem(self) -> bytes:
         return _public_pem(self.public_key)
 
-    def sign(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """A copy of ``manifest`` with ``signature`` set (any previous signature is replaced)."""
-        value = self._key.sign(canonical(manifest))
-        signed = {k: v for k, v in manifest.items() if k != "signature"}
-        signed["signature"] = {"alg": ALG, "key_id": self.key_id, "value": base64.b64encode(value).decode("ascii")}
-        return signed
+    def sign(self, document: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of ``document``, the exact bytes that will be served."""
+        return self._key.sign(bytes(document))
+
+
+def raw_public_key(public_key: Ed25519PublicKey) -> bytes:
+    """The key's 32 raw bytes: what CryptoKit and Tink take (signing.pub is those bytes in a PEM wrapper)."""
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _public_pem(public_key: Ed25519PublicKey) -> bytes:

@@ -5,6 +5,7 @@ paths are those of docs/devices.md, served by ``sprout run`` and by any static
 mirror of the registry folder:
 
 - ``GET /v1/models/<model>/latest`` with ``If-None-Match``: 304 when nothing changed.
+- ``GET /v1/models/<model>/latest.sig``: the 64-byte Ed25519 signature of those bytes.
 - ``GET /v1/models/<model>/versions/<v>/model.tflite`` with ``Range: bytes=N-``
   to resume after a cut connection; a server that answers 200 instead of 206
   sends the whole file, and the download starts over.
@@ -33,6 +34,7 @@ USER_AGENT = f"sprout-edge/{__version__}"
 CHUNK = 64 * 1024
 # A manifest is a few KB; anything far larger is not one, and must not fill a small device's memory.
 MAX_MANIFEST_BYTES = 1 << 20
+MAX_SIGNATURE_BYTES = 1024  # an Ed25519 signature is 64; edge/trust.py says what is wrong with another size
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -99,6 +101,12 @@ class ModelServer:
         with response:
             document = _read_all(response, MAX_MANIFEST_BYTES, url)
             return Latest(document, response.headers.get("ETag"))
+
+    def latest_signature(self) -> bytes:
+        """``latest.sig``: the detached signature of the latest manifest (edge/trust.py checks it)."""
+        url = self.model_url + "latest.sig"
+        with self._open(url, {"Accept": "application/octet-stream"}, what=f"the signature of {self.model!r}'s latest manifest") as response:
+            return _read_all(response, MAX_SIGNATURE_BYTES, url, "a signature")
 
     def download(
         self,
@@ -233,13 +241,13 @@ class ModelServer:
         return f"the server answered {said} for {what}"
 
 
-def _read_all(response, limit: int, url: str) -> bytes:
+def _read_all(response, limit: int, url: str, kind: str = "a manifest") -> bytes:
     try:
         data = response.read(limit + 1)
     except (http.client.HTTPException, OSError) as err:
         raise FetchError(f"connection lost while reading {url}: {err}") from None
     if len(data) > limit:
-        raise FetchError(f"{url} sent more than {limit} bytes: that is not a manifest")
+        raise FetchError(f"{url} sent more than {limit} bytes: that is not {kind}")
     return data
 
 

@@ -9,16 +9,16 @@ publisher adds informative fields without breaking installed apps, and
 ``schema`` changes only for a breaking change, which this client refuses
 with a reason.
 
->>> m = parse(b'{"schema": 1, "model": "maize", "version": 3, "labels": ["healthy", "rust"],'
+>>> m = parse(b'{"schema": 2, "model": "maize", "version": 3, "labels": ["healthy", "rust"],'
 ...           b' "input": {"shape": [1, 96, 96, 3], "layout": "NHWC", "dtype": "uint8", "range": [0, 255]},'
 ...           b' "files": {"model.tflite": {"sha256": "' + b"ab" * 32 + b'", "size": 1000,'
 ...           b' "path": "versions/3/model.tflite"}}}', "maize")
 >>> input_size(m), m["labels"][1]
 (96, 'rust')
->>> parse(b'{"schema": 2}', "maize")
+>>> parse(b'{"schema": 3}', "maize")
 Traceback (most recent call last):
 ...
-edge.manifest.ManifestError: manifest schema 2 is a breaking change this sprout-edge cannot read (it reads schema 1): upgrade sprout-edge
+edge.manifest.ManifestError: manifest schema 3 is a breaking change this sprout-edge cannot read (it reads schema 2): upgrade sprout-edge
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import json
 import re
 from typing import Any
 
-SCHEMA = 1
+# Schema 2 moved the signature out of the manifest into manifest.json.sig. Schema-1 documents are
+# still read: the registry that serves them signs their bytes (daemon/registry.py).
+SCHEMA = 2
 MODEL_FILE = "model.tflite"
 INPUT_DTYPES = ("uint8", "float32")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from edge.manifest import ManifestError, input_size, parse
-from edge.modeldir import LABELS_FILE, MANIFEST_FILE, MODEL_FILE, ModelDir
+from edge.modeldir import LABELS_FILE, MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, ModelDir
 from edge.preprocess import load_rgb
 from edge.runtime import Session, available
-from edge.trust import SignatureError, verify_file, verify_manifest
+from edge.trust import SignatureError, verify_document, verify_file
 
 REINSTALL = "run `sprout-edge sync` to install it again"
 
@@ -63,12 +63,16 @@ class EdgeModel:
         except OSError as err:
             raise ModelError(f"version {version} in {folder} is incomplete ({err}); {REINSTALL}") from None
         try:
+            if public_key is not None:  # the bytes first, as at install: nothing unchecked is parsed
+                try:
+                    signature = (where / SIGNATURE_FILE).read_bytes()
+                except FileNotFoundError:
+                    raise SignatureError("it was installed without a signature (sync --insecure)") from None
+                verify_document(document, signature, public_key)
             manifest = parse(document)
             if manifest["version"] != version:
                 raise ManifestError(f"{where / MANIFEST_FILE} describes version {manifest['version']}, not {version}")
             verify_file(manifest, tflite)
-            if public_key is not None:
-                verify_manifest(manifest, public_key)
         except (ManifestError, SignatureError) as err:
             raise ModelError(f"installed version {version} in {folder} is damaged: {err}; {REINSTALL}") from None
         if labels != manifest["labels"]:

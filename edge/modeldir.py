@@ -3,7 +3,8 @@
 Layout of ``<dir>``::
 
     current           the version in use, e.g. ``7``; replaced by one rename, so a reader sees the old or the new
-    versions/<v>/     model.tflite, manifest.json (the document exactly as served and verified), labels.txt
+    versions/<v>/     model.tflite, manifest.json (the document exactly as served and verified),
+                      manifest.json.sig (its signature; absent when installed with --insecure), labels.txt
     etag              {"etag", "version"}: the ETag of the ``latest`` document that made <version> current
     .partial-<v>      a download of version v cut short; the next sync resumes it with a Range request
     .tmp-*            what an install cut short left (power loss, kill); the next sync removes it
@@ -33,6 +34,7 @@ from edge.atomic import TMP_PREFIX, fsync_dir, fsync_file, write_atomic, write_n
 from edge.trust import file_sha256
 
 MODEL_FILE, MANIFEST_FILE, LABELS_FILE = "model.tflite", "manifest.json", "labels.txt"
+SIGNATURE_FILE = MANIFEST_FILE + ".sig"
 CURRENT, ETAG, LOCK, DEVICE_ID = "current", "etag", ".lock", "device-id"
 PARTIAL_PREFIX = ".partial-"
 _VERSION = re.compile(r"^[1-9][0-9]*$")
@@ -99,15 +101,25 @@ class ModelDir:
             return record["etag"]
         return None
 
-    def holds(self, version: int, document: bytes, size: int, sha256: str) -> bool:
-        """True when ``versions/<version>`` is complete, its manifest is ``document`` and its file has ``size`` and ``sha256``."""
+    def holds(self, version: int, document: bytes, size: int, sha256: str, signature: bytes | None = None) -> bool:
+        """True when ``versions/<version>`` is complete, its manifest is ``document`` (and its signature
+        ``signature``, when one is given) and its file has ``size`` and ``sha256``."""
         folder = self.version_dir(version)
         try:
             if (folder / MANIFEST_FILE).read_bytes() != document or not (folder / LABELS_FILE).is_file():
                 return False
+            if signature is not None and self.signature(version) != signature:
+                return False
             return file_sha256(folder / MODEL_FILE) == (size, sha256)
         except OSError:
             return False
+
+    def signature(self, version: int) -> bytes | None:
+        """The installed manifest's signature, or None for a version installed without one (--insecure)."""
+        try:
+            return (self.version_dir(version) / SIGNATURE_FILE).read_bytes()
+        except FileNotFoundError:
+            return None
 
     # Writing: only inside lock().
 
@@ -154,8 +166,11 @@ class ModelDir:
         else:
             (self.root / ETAG).unlink(missing_ok=True)
 
-    def install(self, version: int, model_file: Path, document: bytes, labels: list[str]) -> int | None:
-        """Move the verified ``model_file`` into ``versions/<version>`` with its manifest and labels, make it current.
+    def install(
+        self, version: int, model_file: Path, document: bytes, labels: list[str], signature: bytes | None = None
+    ) -> int | None:
+        """Move the verified ``model_file`` into ``versions/<version>`` with its manifest, signature and labels,
+        make it current.
 
         Returns the version that was current before. ``model_file`` must be in this folder (a rename, not a copy).
         """
@@ -168,6 +183,8 @@ class ModelDir:
         try:
             os.rename(model_file, tmp / MODEL_FILE)
             write_new(tmp / MANIFEST_FILE, document)
+            if signature is not None:
+                write_new(tmp / SIGNATURE_FILE, signature)
             write_new(tmp / LABELS_FILE, "".join(f"{label}\n" for label in labels).encode("utf-8"))
             fsync_dir(tmp)
             target = self.version_dir(version)

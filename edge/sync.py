@@ -3,9 +3,12 @@
 One :func:`sync` is, in order (docs/devices.md tells app developers the same):
 
 1. ``GET latest`` with the remembered ETag; 304 means nothing to do.
-2. Check the manifest: the publisher's Ed25519 signature (when a public key
-   is given), then that it is a schema this client reads, for the model asked
-   for, and that its file path is its own version's.
+2. ``GET latest.sig`` and check the publisher's Ed25519 signature over the
+   manifest's bytes as received, before reading them (skipped only with
+   ``--insecure``). A signature that does not match while ``latest`` has
+   changed meanwhile was a publish between the two requests: both are read
+   again. Then check that the manifest is a schema this client reads, for the
+   model asked for, and that its file path is its own version's.
 3. Already installed (the same version, or the previous one after a rollback
    by the publisher): point ``current`` at it, nothing to download.
 4. Download ``model.tflite`` into ``.partial-<v>``, resuming with ``Range``.
@@ -32,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.fetch import FetchError, ModelServer, Stopped
+from edge.fetch import FetchError, Latest, ModelServer, Stopped
 from edge.manifest import ManifestError, check, file_entry
 from edge.model import EdgeModel, ModelError
 from edge.modeldir import FolderBusy, ModelDir, NoModelInstalled
 from edge.runtime import RuntimeUnavailable
-from edge.trust import SignatureError, check_digest, file_sha256, load_public_key, verify_manifest
+from edge.trust import SignatureError, check_digest, file_sha256, load_public_key, verify_document
 
 log = logging.getLogger("sprout.edge.sync")
 
@@ -46,6 +49,9 @@ STARTED, PROGRESS, COMPLETED, FAILED = "started", "progress", "completed", "fail
 # Result statuses.
 INSTALLED, UNCHANGED, REFUSED, STOPPED = "installed", "unchanged", "failed", "stopped"
 PROGRESS_LOG_EVERY_S = 2.0
+# Pairs of latest + latest.sig read before a mismatch is taken for a bad signature rather than a publish
+# between the two requests (one publish every few seconds at most: two reads nearly always suffice).
+SIGNED_READS = 3
 
 
 @dataclass(frozen=True)
@@ -153,9 +159,10 @@ def _sync(server: ModelServer, folder: ModelDir, current: int | None, key, emit:
         log.debug("model %s: version %s is still the latest (304)", server.model, current)
         return SyncResult(UNCHANGED, current)
 
-    manifest, version = _trusted_manifest(latest.document, server.model, key)
+    latest, signature = _signed(server, latest, key)
+    manifest, version = _trusted_manifest(latest.document, server.model)
     path, size, sha256 = file_entry(manifest)
-    if folder.holds(version, latest.document, size, sha256):
+    if folder.holds(version, latest.document, size, sha256, signature):
         # The same version again, or one still kept (the publisher rolled back): no download.
         previous = folder.activate(version) if version != current else None
         folder.remember_etag(latest.etag, version)
@@ -176,7 +183,7 @@ def _sync(server: ModelServer, folder: ModelDir, current: int | None, key, emit:
             partial.unlink(missing_ok=True)  # not a prefix of the right file either: do not resume from it
             raise
         _check_runs(manifest, partial, runtime)
-        previous = folder.install(version, partial, latest.document, manifest["labels"])
+        previous = folder.install(version, partial, latest.document, manifest["labels"], signature)
         folder.remember_etag(latest.etag, version)
     except (FetchError, SignatureError, ModelError) as err:
         raise _Refused(f"version {version}: {err}", version) from None
@@ -186,8 +193,32 @@ def _sync(server: ModelServer, folder: ModelDir, current: int | None, key, emit:
     return SyncResult(INSTALLED, version, previous, downloaded=transfer.received)
 
 
-def _trusted_manifest(document: bytes, model: str, key) -> tuple[dict[str, Any], int]:
-    """The manifest, checked: signature first (an untrusted document is not worth reading), then its fields."""
+def _signed(server: ModelServer, latest: Latest, key) -> tuple[Latest, bytes | None]:
+    """``latest`` (or a newer one) with its signature, checked over the bytes as received; None without a key."""
+    if key is None:
+        return latest, None
+    for _ in range(SIGNED_READS):
+        try:
+            signature = server.latest_signature()
+        except FetchError as err:
+            raise _Refused(f"cannot check the latest manifest: {err}", None) from None
+        try:
+            verify_document(latest.document, signature, key)
+            return latest, signature
+        except SignatureError as err:
+            mismatch = err
+        try:
+            again = server.latest()
+        except FetchError as err:
+            raise _Refused(f"cannot check the latest manifest: {err}", None) from None
+        if again.document == latest.document:
+            break  # the same document, and its signature does not match it: refused
+        latest = again  # published between our two requests: check the new pair
+    raise _Refused(f"refused the latest manifest: {mismatch}", None)
+
+
+def _trusted_manifest(document: bytes, model: str) -> tuple[dict[str, Any], int]:
+    """The manifest's fields, checked (its signature, when there is a key, was checked on its bytes already)."""
     try:
         manifest = json.loads(document)
         if not isinstance(manifest, dict):
@@ -196,10 +227,8 @@ def _trusted_manifest(document: bytes, model: str, key) -> tuple[dict[str, Any],
         raise _Refused(f"the latest manifest is not JSON ({err}): the server sent something else", None) from None
     version = manifest.get("version") if isinstance(manifest.get("version"), int) else None
     try:
-        if key is not None:
-            verify_manifest(manifest, key)
         check(manifest, model)
-    except (SignatureError, ManifestError) as err:
+    except ManifestError as err:
         raise _Refused(f"refused the latest manifest{f' (version {version})' if version else ''}: {err}", version) from None
     return manifest, manifest["version"]
 

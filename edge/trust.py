@@ -1,31 +1,26 @@
 """Deciding whether to trust a model: the manifest's Ed25519 signature, then the file's size and sha256.
 
-The signature covers :func:`canonical`: the manifest without its ``signature``
-field, as sorted, compact, UTF-8 JSON. A device re-serialises the parsed
-manifest the same way and checks the signature with the publisher's public
-key, then checks the downloaded file against the manifest's sha256 and size
-(:func:`verify_file`), so one trusted key vouches for every byte it runs.
-The daemon signs with the very same :func:`canonical` (``daemon/signing.py``
-imports it from here), so signer and verifier cannot drift apart.
+The signature is detached: ``manifest.json.sig`` holds the 64 bytes of an
+Ed25519 signature over the exact bytes of ``manifest.json`` as served. A
+device checks those bytes as they arrived, before it parses them, with any
+Ed25519 library (java.security or Tink on Android, CryptoKit on iOS): there
+is no canonical form to rebuild. It then checks the downloaded file against
+the manifest's sha256 and size (:func:`verify_file`), so one trusted key
+vouches for every byte it runs. The daemon signs with ``daemon/signing.py``
+and checks with this very module.
 
 >>> from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
->>> import base64
 >>> private = Ed25519PrivateKey.generate()
->>> manifest = {"schema": 1, "labels": ["healthy", "rust"]}
->>> manifest["signature"] = {"alg": "ed25519", "key_id": key_id(private.public_key()),
-...                          "value": base64.b64encode(private.sign(canonical(manifest))).decode()}
->>> verify_manifest(manifest, private.public_key())
->>> manifest["labels"][1] = "blight"
->>> verify_manifest(manifest, private.public_key())
+>>> document = b'{"schema": 2, "labels": ["healthy", "rust"]}'
+>>> verify_document(document, private.sign(document), private.public_key())
+>>> verify_document(document.replace(b"rust", b"blight"), private.sign(document), private.public_key())
 Traceback (most recent call last):
 ...
-edge.trust.SignatureError: signature does not match the manifest: it was changed after signing, or signed by another key
+edge.trust.SignatureError: manifest.json.sig does not match manifest.json: the manifest was changed after signing, or signed by another key
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 from pathlib import Path
@@ -35,7 +30,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-ALG = "ed25519"
+SIGNATURE_BYTES = 64
+SIGNATURE_SUFFIX = ".sig"  # manifest.json.sig beside manifest.json, latest.sig beside latest
 MODEL_FILE = "model.tflite"
 
 
@@ -47,13 +43,6 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     """First 16 hex digits of the sha256 of the raw 32-byte public key."""
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def canonical(manifest: dict[str, Any]) -> bytes:
-    """The bytes that are signed: the manifest minus ``signature``, sorted compact UTF-8 JSON."""
-    body = {k: v for k, v in manifest.items() if k != "signature"}
-    # allow_nan=False: NaN is not JSON, and a verifier in another language could not reproduce it.
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def load_public_key(key: Ed25519PublicKey | bytes | str | Path) -> Ed25519PublicKey:
@@ -76,34 +65,38 @@ def load_public_key(key: Ed25519PublicKey | bytes | str | Path) -> Ed25519Public
     return loaded
 
 
-def verify_manifest(manifest: dict[str, Any], public_key: Ed25519PublicKey | bytes | str | Path) -> None:
-    """Raise :class:`SignatureError` unless ``manifest`` carries a valid signature by ``public_key``."""
-    sig = manifest.get("signature")
-    if not isinstance(sig, dict) or "value" not in sig:
-        raise SignatureError("manifest has no signature: refuse it (it did not come from a Sprout registry)")
-    if sig.get("alg") != ALG:
-        raise SignatureError(f"unknown signature algorithm {sig.get('alg')!r}; this verifier knows {ALG!r}")
+def verify_document(document: bytes, signature: bytes, public_key: Ed25519PublicKey | bytes | str | Path) -> None:
+    """Raise :class:`SignatureError` unless ``signature`` is ``public_key``'s Ed25519 signature of ``document``.
+
+    ``document`` is manifest.json exactly as served, ``signature`` manifest.json.sig's 64 bytes.
+    """
     key = load_public_key(public_key)
-    expected = key_id(key)
-    if sig.get("key_id") != expected:
-        raise SignatureError(
-            f"manifest was signed by key {sig.get('key_id')!r}, but the public key given is {expected!r}: "
-            "get the publisher's current signing.pub"
-        )
+    if not isinstance(signature, (bytes, bytearray)) or len(signature) != SIGNATURE_BYTES:
+        size = len(signature) if isinstance(signature, (bytes, bytearray)) else type(signature).__name__
+        raise SignatureError(f"manifest.json.sig is {size} bytes, an Ed25519 signature is {SIGNATURE_BYTES}: "
+                             "the server sent something else, or the file is damaged")
     try:
-        value = base64.b64decode(sig["value"], validate=True)
-    except (binascii.Error, TypeError, ValueError):
-        raise SignatureError("signature value is not valid base64: the manifest is damaged") from None
-    try:
-        body = canonical(manifest)
-    except ValueError as err:  # NaN or a non-JSON value: nothing Sprout signs looks like that
-        raise SignatureError(f"manifest is not canonical JSON ({err})") from None
-    try:
-        key.verify(value, body)
+        key.verify(bytes(signature), bytes(document))
     except InvalidSignature:
+        named = _named_key(document)
+        if named is not None and named != key_id(key):
+            raise SignatureError(
+                f"manifest.json names signing key {named}, but the public key given is {key_id(key)}: "
+                "the publisher's key changed, get its current signing.pub (or the manifest is forged)"
+            ) from None
         raise SignatureError(
-            "signature does not match the manifest: it was changed after signing, or signed by another key"
+            "manifest.json.sig does not match manifest.json: the manifest was changed after signing, "
+            "or signed by another key"
         ) from None
+
+
+def _named_key(document: bytes) -> str | None:
+    """The ``signing_key_id`` an unverified manifest claims, only to explain a failed check better."""
+    try:
+        named = json.loads(document).get("signing_key_id")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return named if isinstance(named, str) else None
 
 
 def expected_file(manifest: dict[str, Any]) -> tuple[int, str]:

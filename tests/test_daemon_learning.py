@@ -108,7 +108,8 @@ def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(br
         watcher.kill()
     assert d.stop() == 0
     registry = Registry.open_readonly(registry_root(d.state), "leaves")
-    verify(manifest, d.state / "signing" / "signing.pub")
+    v = manifest["version"]
+    verify(registry.document(v), registry.signature(v), d.state / "signing" / "signing.pub")
     verify_file(manifest, registry.model_path(manifest["version"]).read_bytes())
     assert manifest["metrics"]["examples_trained"] >= 100
     assert sorted(manifest["labels"]) == ["colour-0", "colour-1", "colour-2"]

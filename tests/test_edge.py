@@ -31,7 +31,7 @@ from edge.modeldir import ModelDir
 from edge.preprocess import load_rgb
 from edge.runtime import classify
 from edge.sync import sync
-from edge.trust import SignatureError, canonical, key_id, load_public_key, verify_file, verify_manifest
+from edge.trust import SignatureError, key_id, load_public_key, verify_document, verify_file
 from helpers import wait_for
 from test_learner import colour_jpeg, learn_all, make_learner, stream
 
@@ -48,7 +48,8 @@ class RegistryMirror:
     """``/v1/models/<model>/...`` over a registry folder: ETag and 304, Range and 206, an optional bearer token.
 
     Faults a phone meets on a bad network or a bad server: ``cut_after`` bytes of a model download, ``cuts``
-    times; ``ignore_range`` (answer 200 with the whole file); ``substitute`` (other bytes for a URL path).
+    times; ``ignore_range`` (answer 200 with the whole file); ``substitute`` (other bytes for a URL path);
+    ``before`` (a function run once, before the first answer to a URL path: a publish between two requests).
     """
 
     def __init__(self, root: Path, token: str | None = None):
@@ -58,6 +59,7 @@ class RegistryMirror:
         self.cuts = 0
         self.ignore_range = False
         self.substitute: dict[str, bytes] = {}
+        self.before: dict[str, Callable[[], object]] = {}
         self.requests: list[dict] = []
         mirror = self
 
@@ -94,6 +96,8 @@ class RegistryMirror:
         record = {"path": h.path, "range": h.headers.get("Range"), "if_none_match": h.headers.get("If-None-Match"),
                   "status": None, "sent": 0}
         self.requests.append(record)
+        if (hook := self.before.pop(h.path, None)) is not None:
+            hook()
         if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
             return self.error(h, record, 401, "a bearer token is required")
         parts = h.path.split("/")
@@ -103,10 +107,12 @@ class RegistryMirror:
         rest = parts[4:]
         if rest == ["latest"]:
             return self.document(h, record, folder / "latest", "application/json", "no-cache")
+        if rest == ["latest.sig"]:
+            return self.document(h, record, folder / "latest.sig", "application/octet-stream", "no-cache")
         if rest == ["versions"]:
             return self.document(h, record, folder / "versions", "application/json", "no-cache")
-        if len(rest) == 3 and rest[0] == "versions" and rest[1].isdigit() and rest[2] == "manifest.json":
-            return self.document(h, record, folder / rest[1] / "manifest.json", "application/json", "no-cache")
+        if len(rest) == 3 and rest[0] == "versions" and rest[1].isdigit() and rest[2] in ("manifest.json", "manifest.json.sig"):
+            return self.document(h, record, folder / rest[1] / rest[2], "application/octet-stream", "no-cache")
         if len(rest) == 3 and rest[0] == "versions" and rest[1].isdigit() and rest[2] == "model.tflite":
             return self.model_file(h, record, folder / rest[1] / "model.tflite")
         return self.error(h, record, 404, f"no such path {h.path}")
@@ -298,7 +304,7 @@ def tamper_with_the_file(registry, mirror, tmp_path, tiny):
 def sign_with_another_key(registry, mirror, tmp_path, tiny):
     forger = Signer.load_or_create(tmp_path / "forger" / "signing.key")
     Registry(registry.root, MODEL, forger).publish(tiny.second, fields(tiny, "fp16"))
-    return "signed by key"
+    return f"names signing key {forger.key_id}, but the public key given is {registry.signer.key_id}"
 
 
 def cut_every_download(registry, mirror, tmp_path, tiny):
@@ -314,37 +320,51 @@ def serve_a_file_that_is_not_the_manifests(registry, mirror, tmp_path, tiny):
 
 
 def serve_another_models_manifest(registry, mirror, tmp_path, tiny):
-    other = Registry(registry.root, "maize", registry.signer).publish(tiny.second, fields(tiny, "fp16"))
-    mirror.substitute[f"/v1/models/{MODEL}/latest"] = json.dumps(other).encode()
+    other = Registry(registry.root, "maize", registry.signer)
+    other.publish(tiny.second, fields(tiny, "fp16"))  # signed by the same publisher: only the name tells
+    mirror.substitute[f"/v1/models/{MODEL}/latest"] = other.document(1)
+    mirror.substitute[f"/v1/models/{MODEL}/latest.sig"] = other.signature(1)
     return "is for model 'maize', but 'leaves' was asked for"
 
 
 def serve_a_manifest_changed_after_signing(registry, mirror, tmp_path, tiny):
-    manifest = publish(registry, tiny, "second")
-    manifest["accuracy"] = {**manifest.get("accuracy", {}), "top1": 0.999}  # a mirror dresses the model up
+    publish(registry, tiny, "second")
+    manifest = json.loads(registry.document(2))
+    manifest["metrics"]["holdout_top1_float"] = 0.999  # a mirror dresses the model up
     mirror.substitute[f"/v1/models/{MODEL}/latest"] = json.dumps(manifest).encode()
     return "changed after signing"
 
 
+def serve_the_same_manifest_reformatted(registry, mirror, tmp_path, tiny):
+    publish(registry, tiny, "second")  # the same JSON value, other bytes: not what was signed
+    mirror.substitute[f"/v1/models/{MODEL}/latest"] = json.dumps(json.loads(registry.document(2))).encode()
+    return "changed after signing"
+
+
 def serve_a_damaged_signature(registry, mirror, tmp_path, tiny):
-    manifest = publish(registry, tiny, "second")
-    value = manifest["signature"]["value"]
-    manifest["signature"]["value"] = ("B" if value[0] != "B" else "C") + value[1:]
-    mirror.substitute[f"/v1/models/{MODEL}/latest"] = json.dumps(manifest).encode()
-    return "signature does not match the manifest"
+    publish(registry, tiny, "second")
+    signature = bytearray(registry.signature(2))
+    signature[10] ^= 0x01
+    mirror.substitute[f"/v1/models/{MODEL}/latest.sig"] = bytes(signature)
+    return "manifest.json.sig does not match manifest.json"
 
 
-def serve_an_unsigned_manifest(registry, mirror, tmp_path, tiny):
-    manifest = publish(registry, tiny, "second")
-    del manifest["signature"]
-    mirror.substitute[f"/v1/models/{MODEL}/latest"] = json.dumps(manifest).encode()
-    return "manifest has no signature"
+def serve_a_signature_of_another_size(registry, mirror, tmp_path, tiny):
+    publish(registry, tiny, "second")
+    mirror.substitute[f"/v1/models/{MODEL}/latest.sig"] = registry.signature(2).hex().encode()
+    return "manifest.json.sig is 128 bytes, an Ed25519 signature is 64"
+
+
+def serve_no_signature(registry, mirror, tmp_path, tiny):
+    publish(registry, tiny, "second")
+    (registry.folder / "latest.sig").unlink()
+    return "cannot check the latest manifest"
 
 
 @pytest.mark.parametrize("fault", [tamper_with_the_file, sign_with_another_key, cut_every_download,
                                    serve_a_file_that_is_not_the_manifests, serve_another_models_manifest,
-                                   serve_a_manifest_changed_after_signing, serve_a_damaged_signature,
-                                   serve_an_unsigned_manifest])
+                                   serve_a_manifest_changed_after_signing, serve_the_same_manifest_reformatted,
+                                   serve_a_damaged_signature, serve_a_signature_of_another_size, serve_no_signature])
 def test_a_bad_update_is_refused_and_the_device_keeps_its_model(registry, mirror, tiny, public_key, device, tmp_path, fault):
     publish(registry, tiny)
     assert sync(mirror.url, MODEL, device, public_key).current == 1
@@ -502,7 +522,7 @@ def test_sync_cli_exit_codes(registry, mirror, tiny, public_key, device, tmp_pat
     refused = subprocess.run(sprout_edge("sync", "--url", mirror.url, "--model", MODEL, "--dir", tmp_path / "other",
                                          "--public-key", forger.path.with_suffix(".pub")),
                              capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert refused.returncode == 1 and "signed by key" in refused.stderr and "no model is installed yet" in refused.stderr
+    assert refused.returncode == 1 and "names signing key" in refused.stderr and "no model is installed yet" in refused.stderr
     usage = subprocess.run(sprout_edge("sync", "--url", mirror.url, "--model", MODEL, "--dir", device, "--mqtt", "mqtt://x"),
                            capture_output=True, text=True, timeout=60, cwd=REPO)
     assert usage.returncode == 2 and "--watch" in usage.stderr
@@ -573,7 +593,7 @@ def test_edge_shares_trust_and_preprocessing_with_the_daemon_and_imports_neither
     import edge.trust
 
     assert daemon.signing.SignatureError is edge.trust.SignatureError
-    assert daemon.signing.verify is edge.trust.verify_manifest and daemon.signing.canonical is edge.trust.canonical
+    assert daemon.signing.verify is edge.trust.verify_document
     assert daemon.imaging.load_rgb is edge.preprocess.load_rgb
     for path in sorted((REPO / "edge").glob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
@@ -584,36 +604,69 @@ def test_edge_shares_trust_and_preprocessing_with_the_daemon_and_imports_neither
 
 
 def test_the_test_vector_in_docs_devices_md_is_right():
-    """App developers test their verifiers against it: it must verify, and fail once changed."""
+    """App developers test their verifiers against it: two independent Ed25519 implementations accept the
+    bytes as written in the document, and refuse them once changed."""
+    import nacl.exceptions
+    import nacl.signing
+
     text = (REPO / "docs" / "devices.md").read_text(encoding="utf-8")
     blocks = dict(re.findall(r"<!-- test-vector: (\S+) -->\n```[a-z]*\n(.*?)```", text, re.S))
-    assert sorted(blocks) == ["canonical", "manifest", "public-key"]
-    manifest = json.loads(blocks["manifest"])
+    assert sorted(blocks) == ["manifest.json", "manifest.json.sig", "public-key", "public-key-raw"]
+    document = blocks["manifest.json"].encode("utf-8")  # the fenced lines, each with its newline
+    signature = base64.b64decode(blocks["manifest.json.sig"].strip(), validate=True)
+    raw = base64.b64decode(blocks["public-key-raw"].strip(), validate=True)
     key = load_public_key(blocks["public-key"])
-    assert canonical(manifest) == blocks["canonical"].rstrip("\n").encode("utf-8")
-    verify_manifest(manifest, key)
-    verify_file(manifest, b"not a real model, a test vector")
+    assert len(signature) == 64 and len(raw) == 32 and raw.hex() in text
+    assert f"the {len(document)} bytes between the fences" in text and hashlib.sha256(document).hexdigest() in text
+
     test_key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # Ed25519 signing is deterministic
-    assert key_id(test_key.public_key()) == key_id(key) == manifest["signature"]["key_id"]
-    assert base64.b64encode(test_key.sign(canonical(manifest))).decode() == manifest["signature"]["value"]
-    assert hashlib.sha256(canonical(manifest)).hexdigest() in text
-    manifest["metrics"]["holdout_top1_float"] = 0.9126
-    with pytest.raises(SignatureError, match="does not match"):
-        verify_manifest(manifest, key)
+    assert test_key.sign(document) == signature
+    assert key_id(test_key.public_key()) == key_id(key) == json.loads(document)["signing_key_id"]
+    verify_document(document, signature, key)  # cryptography (OpenSSL)
+    nacl.signing.VerifyKey(raw).verify(document, signature)  # PyNaCl (libsodium), from the raw key alone
+    manifest = json.loads(document)
+    verify_file(manifest, b"not a real model, a test vector")
+    assert "mildiú".encode() in document and manifest["schema"] == 2
+
+    for changed in (document.replace(b"0.9125", b"0.9126"), document.replace(b": 7", b":  7"),
+                    document.replace(b"\n", b"\r\n"), document.rstrip(b"\n")):
+        assert changed != document
+        with pytest.raises(SignatureError, match="does not match"):
+            verify_document(changed, signature, key)
+        with pytest.raises(nacl.exceptions.BadSignatureError):
+            nacl.signing.VerifyKey(raw).verify(changed, signature)
 
 
-def test_an_installed_client_ignores_an_added_manifest_field_and_refuses_a_breaking_schema(registry, tiny, keys,
-                                                                                          public_key):
-    """A publisher adds informative fields within schema 1; only a breaking change raises the schema."""
+def test_an_installed_client_ignores_an_added_manifest_field_and_refuses_a_breaking_schema(keys, public_key):
+    """A publisher adds informative fields within schema 2; only a breaking change raises the schema."""
     from edge.manifest import ManifestError, SCHEMA, parse
 
-    manifest = {k: v for k, v in publish(registry, tiny).items() if k != "signature"}
-    added = keys.sign({**manifest, "devices_hint": {"min_ram_mb": 512}})  # a field this client never heard of
-    verify_manifest(added, public_key)
-    assert parse(json.dumps(added).encode(), MODEL)["devices_hint"] == {"min_ram_mb": 512}
-    breaking = keys.sign({**manifest, "schema": SCHEMA + 1})
+    text = (REPO / "docs" / "devices.md").read_text(encoding="utf-8")
+    manifest = json.loads(re.search(r"<!-- test-vector: manifest.json -->\n```json\n(.*?)```", text, re.S).group(1))
+    manifest["model"] = MODEL
+    added = json.dumps({**manifest, "devices_hint": {"min_ram_mb": 512}}).encode()  # a field this client never heard of
+    verify_document(added, keys.sign(added), public_key)
+    assert parse(added, MODEL)["devices_hint"] == {"min_ram_mb": 512}
+    breaking = json.dumps({**manifest, "schema": SCHEMA + 1}).encode()
+    verify_document(breaking, keys.sign(breaking), public_key)
     with pytest.raises(ManifestError, match=f"schema {SCHEMA + 1} is a breaking change .* upgrade sprout-edge"):
-        parse(json.dumps(breaking).encode(), MODEL)
+        parse(breaking, MODEL)
+
+
+def test_a_publish_between_the_manifest_and_its_signature_is_read_again_not_refused(registry, mirror, tiny,
+                                                                                     public_key, device):
+    publish(registry, tiny)
+    assert sync(mirror.url, MODEL, device, public_key).current == 1
+    publish(registry, tiny, "second")
+    # The device reads latest (version 2); version 3 is published before it asks for latest.sig.
+    mirror.before[f"/v1/models/{MODEL}/latest.sig"] = lambda: publish(registry, tiny)
+    result = sync(mirror.url, MODEL, device, public_key)
+    assert (result.status, result.current) == ("installed", 3), result
+    asked = [r["path"].rsplit("/", 1)[1] for r in mirror.requests if "/versions/" not in r["path"]]
+    assert asked[-4:] == ["latest", "latest.sig", "latest", "latest.sig"]
+    installed = device / "versions" / "3"
+    verify_document((installed / "manifest.json").read_bytes(), (installed / "manifest.json.sig").read_bytes(), public_key)
+    assert EdgeModel.load(device, public_key=public_key).version == 3
 
 
 def test_sync_refuses_to_install_unchecked_models_unless_told_insecure(registry, mirror, tiny, device):

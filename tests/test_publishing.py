@@ -50,7 +50,7 @@ def test_export_publishes_a_signed_verified_version(tmp_path: Path):
     assert sorted(manifest["labels"]) == ["class-0", "class-1", "class-2"]
     assert manifest["input"] == {"shape": [1, 32, 32, 3], "layout": "NHWC", "dtype": "uint8", "range": [0, 255]}
     assert [r["name"] for r in manifest["runtimes_verified"]] == ["ai-edge-litert", "tflite-runtime"]
-    verify(manifest, state / "signing" / "signing.pub")
+    verify(registry.document(1), registry.signature(1), state / "signing" / "signing.pub")
     verify_file(manifest, registry.model_path(1).read_bytes())
     code, result, _ = export(state)
     assert code == 0 and result["published"] == 2  # as good as the published one: within the tolerance

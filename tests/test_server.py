@@ -20,7 +20,7 @@ import pytest
 
 from daemon.registry import Registry, registry_root
 from daemon.server import DownloadApi, HttpServer
-from daemon.signing import Signer
+from daemon.signing import Signer, verify
 from helpers import SPROUT, wait_for
 from test_registry import fields
 
@@ -54,13 +54,33 @@ def test_latest_and_versions_with_etags_and_304(api: httpx.Client, registry: Reg
     assert r.status_code == 200 and r.json()["version"] == 2
     assert r.headers["cache-control"] == "no-cache"
     assert r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"'
-    assert r.content == (registry.folder / "latest").read_bytes()  # the registry's bytes, signature and all
+    assert r.content == (registry.folder / "latest").read_bytes()  # the registry's bytes, as signed
     again = api.get("/latest", headers={"If-None-Match": r.headers["etag"]})
     assert again.status_code == 304 and again.content == b""
     assert [v["version"] for v in api.get("/versions").json()] == [2, 1]
     registry.rollback(1)
     moved = api.get("/latest", headers={"If-None-Match": r.headers["etag"]})
     assert moved.status_code == 200 and moved.json()["version"] == 1  # the old ETag no longer matches
+
+
+def test_the_detached_signatures_are_served_and_verify_the_bytes_served(api: httpx.Client, registry: Registry):
+    assert api.get("/latest.sig").json() == {"error": "nothing published yet"}
+    registry.publish(os.urandom(4096), fields())
+    registry.publish(os.urandom(4096), fields())
+    document, signature = api.get("/latest"), api.get("/latest.sig")
+    assert signature.status_code == 200 and len(signature.content) == 64
+    assert signature.headers["content-type"] == "application/octet-stream"
+    assert signature.headers["cache-control"] == "no-cache"
+    verify(document.content, signature.content, registry.signer.public_key)
+    assert api.get("/latest.sig", headers={"If-None-Match": signature.headers["etag"]}).status_code == 304
+    for v in (1, 2):
+        pair = api.get(f"/versions/{v}/manifest.json"), api.get(f"/versions/{v}/manifest.json.sig")
+        assert pair[1].headers["cache-control"] == "public, max-age=31536000, immutable"
+        verify(pair[0].content, pair[1].content, registry.signer.public_key)
+    assert api.get("/versions/2/manifest.json").content == document.content
+    registry.rollback(1)
+    verify(api.get("/latest").content, api.get("/latest.sig").content, registry.signer.public_key)
+    assert api.get("/latest.sig").content == api.get("/versions/1/manifest.json.sig").content
 
 
 def test_model_file_etag_304_range_and_resume_after_a_cut(api: httpx.Client, registry: Registry):

@@ -14,7 +14,7 @@ from daemon import checkpoint
 from daemon.atomic import TMP_PREFIX
 from daemon.registry import LABELS_FILE, MODEL_FILE, Registry, RegistryError, registry_root
 from edge.model import EdgeModel, ModelError
-from edge.trust import SignatureError, verify_file, verify_manifest
+from edge.trust import SignatureError, verify_document, verify_file
 
 # Reasons in the registry's log that mean an interpreter could not load or run a candidate, or gave NaN,
 # as opposed to an accuracy gate doing its job (accuracy_drop, regression): daemon/publishing.py.
@@ -122,7 +122,7 @@ def models(state: Path, model: str) -> Models:
         try:
             manifest = registry.manifest(version)
             tflite = registry.model_path(version).read_bytes()
-            verify_manifest(manifest, public_key)
+            verify_document(registry.document(version), registry.signature(version), public_key)
             verify_file(manifest, tflite)
             if manifest["version"] != version:
                 raise ModelError(f"its manifest says version {manifest['version']}")
