@@ -1,4 +1,4 @@
-"""The device side on real parts: a registry of real tiny .tflite models, served over real HTTP by a mirror that
+"""The device side on real parts: a registry of real tiny .tflite models, served over real HTTP by a link that
 keeps the daemon's contract (and can misbehave like a bad network), synced, verified, swapped, and run on both
 interpreters: ai-edge-litert in-process, tflite-runtime through `sprout-edge` in its own torch-free virtualenv."""
 
@@ -13,9 +13,7 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from edge.preprocess import load_rgb
 from edge.runtime import classify
 from edge.sync import sync
 from edge.trust import SignatureError, key_id, load_public_key, verify_document, verify_file
+from faulty_link import FaultyLink
 from helpers import wait_for
 from test_learner import colour_jpeg, learn_all, make_learner, stream
 
@@ -41,131 +40,7 @@ MODEL = "leaves"
 SIZE = 32
 
 
-# -- A mirror of the registry folder that keeps the daemon's HTTP contract -------------------------------------
-
-
-class RegistryMirror:
-    """``/v1/models/<model>/...`` over a registry folder: ETag and 304, Range and 206, an optional bearer token.
-
-    Faults a phone meets on a bad network or a bad server: ``cut_after`` bytes of a model download, ``cuts``
-    times; ``ignore_range`` (answer 200 with the whole file); ``substitute`` (other bytes for a URL path);
-    ``before`` (a function run once, before the first answer to a URL path: a publish between two requests).
-    """
-
-    def __init__(self, root: Path, token: str | None = None):
-        self.root = root
-        self.token = token
-        self.cut_after: int | None = None
-        self.cuts = 0
-        self.ignore_range = False
-        self.substitute: dict[str, bytes] = {}
-        self.before: dict[str, Callable[[], object]] = {}
-        self.requests: list[dict] = []
-        mirror = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
-                mirror.answer(self)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        # A short poll: shutdown() waits up to one poll interval, on every test's teardown.
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}"
-
-    def start(self) -> RegistryMirror:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.server.shutdown()
-            self.server.server_close()
-
-    def model_requests(self) -> list[dict]:
-        return [r for r in self.requests if r["path"].endswith("/model.tflite")]
-
-    def answer(self, h: BaseHTTPRequestHandler) -> None:
-        record = {"path": h.path, "range": h.headers.get("Range"), "if_none_match": h.headers.get("If-None-Match"),
-                  "status": None, "sent": 0}
-        self.requests.append(record)
-        if (hook := self.before.pop(h.path, None)) is not None:
-            hook()
-        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
-            return self.error(h, record, 401, "a bearer token is required")
-        parts = h.path.split("/")
-        if len(parts) < 5 or parts[:3] != ["", "v1", "models"]:
-            return self.error(h, record, 404, f"no such path {h.path}")
-        folder = self.root / parts[3]
-        rest = parts[4:]
-        if rest == ["latest"]:
-            return self.document(h, record, folder / "latest", "application/json", "no-cache")
-        if rest == ["latest.sig"]:
-            return self.document(h, record, folder / "latest.sig", "application/octet-stream", "no-cache")
-        if rest == ["versions"]:
-            return self.document(h, record, folder / "versions", "application/json", "no-cache")
-        if len(rest) == 3 and rest[0] == "versions" and rest[1].isdigit() and rest[2] in ("manifest.json", "manifest.json.sig"):
-            return self.document(h, record, folder / rest[1] / rest[2], "application/octet-stream", "no-cache")
-        if len(rest) == 3 and rest[0] == "versions" and rest[1].isdigit() and rest[2] == "model.tflite":
-            return self.model_file(h, record, folder / rest[1] / "model.tflite")
-        return self.error(h, record, 404, f"no such path {h.path}")
-
-    def document(self, h, record, path: Path, content_type: str, cache: str) -> None:
-        data = self.substitute.get(h.path)
-        if data is None:
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                return self.error(h, record, 404, f"nothing published at {h.path}")
-        etag = f'"{hashlib.sha256(data).hexdigest()}"'
-        if h.headers.get("If-None-Match") == etag:
-            return self.send(h, record, 304, b"", {"ETag": etag, "Cache-Control": cache})
-        self.send(h, record, 200, data, {"ETag": etag, "Cache-Control": cache, "Content-Type": content_type})
-
-    def model_file(self, h, record, path: Path) -> None:
-        data = self.substitute.get(h.path)
-        if data is None:
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                return self.error(h, record, 404, f"no such version at {h.path}")
-        headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "Accept-Ranges": "bytes",
-                   "Cache-Control": "public, max-age=31536000, immutable", "Content-Type": "application/octet-stream"}
-        if h.headers.get("If-None-Match") == headers["ETag"]:
-            return self.send(h, record, 304, b"", headers)
-        wanted = h.headers.get("Range")
-        if wanted and not self.ignore_range:
-            assert wanted.startswith("bytes=") and wanted.endswith("-"), f"the contract has only bytes=N-, got {wanted}"
-            start = int(wanted[len("bytes="):-1])
-            if start >= len(data):
-                return self.send(h, record, 416, b"", {"Content-Range": f"bytes */{len(data)}"})
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-            return self.send(h, record, 206, data[start:], headers)
-        self.send(h, record, 200, data, headers)
-
-    def error(self, h, record, status: int, message: str) -> None:
-        self.send(h, record, status, json.dumps({"error": message}).encode(), {"Content-Type": "application/json"})
-
-    def send(self, h, record, status: int, body: bytes, headers: dict[str, str]) -> None:
-        record["status"] = status
-        h.send_response(status)
-        for name, value in headers.items():
-            h.send_header(name, value)
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        if self.cuts > 0 and self.cut_after is not None and h.path.endswith("/model.tflite") and len(body) > self.cut_after:
-            self.cuts -= 1
-            body = body[: self.cut_after]
-            h.close_connection = True  # the promised Content-Length never arrives: a cut connection
-        h.wfile.write(body)
-        record["sent"] = len(body)
+# -- A link of the registry folder that keeps the daemon's HTTP contract -------------------------------------
 
 
 # -- Real models, a real registry -------------------------------------------------------------------------------
@@ -220,8 +95,8 @@ def registry(tmp_path: Path, keys: Signer) -> Registry:
 
 
 @pytest.fixture
-def mirror(registry: Registry):
-    m = RegistryMirror(registry.root).start()
+def link(registry: Registry):
+    m = FaultyLink(registry.root).start()
     yield m
     m.stop()
 
@@ -245,10 +120,10 @@ def image_files(folder: Path) -> list[Path]:
 # -- Sync ---------------------------------------------------------------------------------------------------
 
 
-def test_sync_installs_a_verified_version_and_a_second_sync_is_a_304(registry, mirror, tiny, public_key, device):
+def test_sync_installs_a_verified_version_and_a_second_sync_is_a_304(registry, link, tiny, public_key, device):
     manifest = publish(registry, tiny)
     events = []
-    result = sync(mirror.url, MODEL, device, public_key, on_event=events.append)
+    result = sync(link.url, MODEL, device, public_key, on_event=events.append)
     assert (result.status, result.current, result.previous, result.downloaded) == ("installed", 1, None, len(tiny.first))
     installed = device / "versions" / "1"
     assert (installed / "model.tflite").read_bytes() == tiny.first
@@ -262,37 +137,37 @@ def test_sync_installs_a_verified_version_and_a_second_sync_is_a_304(registry, m
     assert received == sorted(received) and received[-1] == len(tiny.first) == events[0].total
     assert EdgeModel.load(device).manifest == manifest
 
-    before = len(mirror.requests)
-    again = sync(mirror.url, MODEL, device, public_key)
+    before = len(link.requests)
+    again = sync(link.url, MODEL, device, public_key)
     assert (again.status, again.current, again.downloaded) == ("unchanged", 1, 0)
-    (latest,) = mirror.requests[before:]  # one conditional GET, answered 304, and no download
+    (latest,) = link.requests[before:]  # one conditional GET, answered 304, and no download
     assert latest["path"].endswith("/latest") and latest["status"] == 304 and latest["if_none_match"]
 
 
 def test_a_newer_version_replaces_it_keeps_the_previous_and_a_rollback_needs_no_download(
-    registry, mirror, tiny, public_key, device
+    registry, link, tiny, public_key, device
 ):
     publish(registry, tiny)
-    assert sync(mirror.url, MODEL, device, public_key).current == 1
+    assert sync(link.url, MODEL, device, public_key).current == 1
     publish(registry, tiny, "second")
-    result = sync(mirror.url, MODEL, device, public_key)
+    result = sync(link.url, MODEL, device, public_key)
     assert (result.status, result.current, result.previous, result.downloaded) == ("installed", 2, 1, len(tiny.second))
     assert ModelDir(device).installed() == [1, 2]
     assert EdgeModel.load(device).manifest["quantization"] == "fp16"
 
     publish(registry, tiny)
-    assert sync(mirror.url, MODEL, device, public_key).current == 3
+    assert sync(link.url, MODEL, device, public_key).current == 3
     assert ModelDir(device).installed() == [2, 3]  # current and previous only
 
     registry.rollback(2)  # the publisher takes version 3 back
-    downloads = len(mirror.model_requests())
-    result = sync(mirror.url, MODEL, device, public_key)
+    downloads = len(link.model_requests())
+    result = sync(link.url, MODEL, device, public_key)
     assert (result.status, result.current, result.previous, result.downloaded) == ("installed", 2, 3, 0)
-    assert len(mirror.model_requests()) == downloads
+    assert len(link.model_requests()) == downloads
     assert EdgeModel.load(device).version == 2
 
 
-def tamper_with_the_file(registry, mirror, tmp_path, tiny):
+def tamper_with_the_file(registry, link, tmp_path, tiny):
     publish(registry, tiny, "second")
     path = registry.model_path(2)
     data = bytearray(path.read_bytes())
@@ -301,61 +176,61 @@ def tamper_with_the_file(registry, mirror, tmp_path, tiny):
     return "sha256"
 
 
-def sign_with_another_key(registry, mirror, tmp_path, tiny):
+def sign_with_another_key(registry, link, tmp_path, tiny):
     forger = Signer.load_or_create(tmp_path / "forger" / "signing.key")
     Registry(registry.root, MODEL, forger).publish(tiny.second, fields(tiny, "fp16"))
     return f"names signing key {forger.key_id}, but the public key given is {registry.signer.key_id}"
 
 
-def cut_every_download(registry, mirror, tmp_path, tiny):
+def cut_every_download(registry, link, tmp_path, tiny):
     publish(registry, tiny, "second")
-    mirror.cut_after, mirror.cuts = 4000, 1000
+    link.cut_after, link.cuts = 4000, 1000
     return "cut short at 12000 of"
 
 
-def serve_a_file_that_is_not_the_manifests(registry, mirror, tmp_path, tiny):
+def serve_a_file_that_is_not_the_manifests(registry, link, tmp_path, tiny):
     publish(registry, tiny, "second")
-    mirror.substitute[f"/v1/models/{MODEL}/versions/2/model.tflite"] = tiny.first
+    link.substitute[f"/v1/models/{MODEL}/versions/2/model.tflite"] = tiny.first
     return f"is {len(tiny.first)} bytes on the server, the manifest says {len(tiny.second)}"
 
 
-def serve_another_models_manifest(registry, mirror, tmp_path, tiny):
+def serve_another_models_manifest(registry, link, tmp_path, tiny):
     other = Registry(registry.root, "maize", registry.signer)
     other.publish(tiny.second, fields(tiny, "fp16"))  # signed by the same publisher: only the name tells
-    mirror.substitute[f"/v1/models/{MODEL}/latest"] = other.document(1)
-    mirror.substitute[f"/v1/models/{MODEL}/latest.sig"] = other.signature(1)
+    link.substitute[f"/v1/models/{MODEL}/latest"] = other.document(1)
+    link.substitute[f"/v1/models/{MODEL}/latest.sig"] = other.signature(1)
     return "is for model 'maize', but 'leaves' was asked for"
 
 
-def serve_a_manifest_changed_after_signing(registry, mirror, tmp_path, tiny):
+def serve_a_manifest_changed_after_signing(registry, link, tmp_path, tiny):
     publish(registry, tiny, "second")
     manifest = json.loads(registry.document(2))
-    manifest["metrics"]["holdout_top1_float"] = 0.999  # a mirror dresses the model up
-    mirror.substitute[f"/v1/models/{MODEL}/latest"] = json.dumps(manifest).encode()
+    manifest["metrics"]["holdout_top1_float"] = 0.999  # a link dresses the model up
+    link.substitute[f"/v1/models/{MODEL}/latest"] = json.dumps(manifest).encode()
     return "changed after signing"
 
 
-def serve_the_same_manifest_reformatted(registry, mirror, tmp_path, tiny):
+def serve_the_same_manifest_reformatted(registry, link, tmp_path, tiny):
     publish(registry, tiny, "second")  # the same JSON value, other bytes: not what was signed
-    mirror.substitute[f"/v1/models/{MODEL}/latest"] = json.dumps(json.loads(registry.document(2))).encode()
+    link.substitute[f"/v1/models/{MODEL}/latest"] = json.dumps(json.loads(registry.document(2))).encode()
     return "changed after signing"
 
 
-def serve_a_damaged_signature(registry, mirror, tmp_path, tiny):
+def serve_a_damaged_signature(registry, link, tmp_path, tiny):
     publish(registry, tiny, "second")
     signature = bytearray(registry.signature(2))
     signature[10] ^= 0x01
-    mirror.substitute[f"/v1/models/{MODEL}/latest.sig"] = bytes(signature)
+    link.substitute[f"/v1/models/{MODEL}/latest.sig"] = bytes(signature)
     return "manifest.json.sig does not match manifest.json"
 
 
-def serve_a_signature_of_another_size(registry, mirror, tmp_path, tiny):
+def serve_a_signature_of_another_size(registry, link, tmp_path, tiny):
     publish(registry, tiny, "second")
-    mirror.substitute[f"/v1/models/{MODEL}/latest.sig"] = registry.signature(2).hex().encode()
+    link.substitute[f"/v1/models/{MODEL}/latest.sig"] = registry.signature(2).hex().encode()
     return "manifest.json.sig is 128 bytes, an Ed25519 signature is 64"
 
 
-def serve_no_signature(registry, mirror, tmp_path, tiny):
+def serve_no_signature(registry, link, tmp_path, tiny):
     publish(registry, tiny, "second")
     (registry.folder / "latest.sig").unlink()
     return "cannot check the latest manifest"
@@ -365,12 +240,12 @@ def serve_no_signature(registry, mirror, tmp_path, tiny):
                                    serve_a_file_that_is_not_the_manifests, serve_another_models_manifest,
                                    serve_a_manifest_changed_after_signing, serve_the_same_manifest_reformatted,
                                    serve_a_damaged_signature, serve_a_signature_of_another_size, serve_no_signature])
-def test_a_bad_update_is_refused_and_the_device_keeps_its_model(registry, mirror, tiny, public_key, device, tmp_path, fault):
+def test_a_bad_update_is_refused_and_the_device_keeps_its_model(registry, link, tiny, public_key, device, tmp_path, fault):
     publish(registry, tiny)
-    assert sync(mirror.url, MODEL, device, public_key).current == 1
-    why = fault(registry, mirror, tmp_path, tiny)
+    assert sync(link.url, MODEL, device, public_key).current == 1
+    why = fault(registry, link, tmp_path, tiny)
     events = []
-    result = sync(mirror.url, MODEL, device, public_key, on_event=events.append)
+    result = sync(link.url, MODEL, device, public_key, on_event=events.append)
     assert (result.status, result.current) == ("failed", 1), result
     assert why in result.reason
     assert events[-1].kind == "failed" and why in events[-1].reason
@@ -380,77 +255,77 @@ def test_a_bad_update_is_refused_and_the_device_keeps_its_model(registry, mirror
     partials = sorted(p.name for p in device.iterdir() if p.name.startswith(".partial-"))
     if fault is cut_every_download:
         assert partials == [".partial-2"]  # kept: the next sync resumes it
-        mirror.cuts = 0
-        healed = sync(mirror.url, MODEL, device, public_key)
+        link.cuts = 0
+        healed = sync(link.url, MODEL, device, public_key)
         assert (healed.status, healed.current, healed.downloaded) == ("installed", 2, len(tiny.second) - 12000)
-        assert mirror.model_requests()[-1]["range"] == "bytes=12000-"
+        assert link.model_requests()[-1]["range"] == "bytes=12000-"
     else:
         assert partials == []  # a file that failed its check is not kept to resume from
 
 
-def test_a_cut_connection_resumes_with_range_and_downloads_only_the_rest(registry, mirror, tiny, public_key, device):
+def test_a_cut_connection_resumes_with_range_and_downloads_only_the_rest(registry, link, tiny, public_key, device):
     publish(registry, tiny)
-    mirror.cut_after, mirror.cuts = 10_000, 1
-    result = sync(mirror.url, MODEL, device, public_key)
+    link.cut_after, link.cuts = 10_000, 1
+    result = sync(link.url, MODEL, device, public_key)
     assert (result.status, result.downloaded) == ("installed", len(tiny.first))
-    requests = [(r["status"], r["range"], r["sent"]) for r in mirror.model_requests()]
+    requests = [(r["status"], r["range"], r["sent"]) for r in link.model_requests()]
     assert requests == [(200, None, 10_000), (206, "bytes=10000-", len(tiny.first) - 10_000)]
     assert (device / "versions" / "1" / "model.tflite").read_bytes() == tiny.first
 
 
-def test_a_server_that_ignores_range_is_downloaded_from_the_start_again(registry, mirror, tiny, public_key, device):
+def test_a_server_that_ignores_range_is_downloaded_from_the_start_again(registry, link, tiny, public_key, device):
     publish(registry, tiny)
-    mirror.cut_after, mirror.cuts, mirror.ignore_range = 10_000, 1, True
-    result = sync(mirror.url, MODEL, device, public_key)
+    link.cut_after, link.cuts, link.ignore_range = 10_000, 1, True
+    result = sync(link.url, MODEL, device, public_key)
     assert (result.status, result.downloaded) == ("installed", 10_000 + len(tiny.first))
-    assert [r["status"] for r in mirror.model_requests()] == [200, 200]
+    assert [r["status"] for r in link.model_requests()] == [200, 200]
     assert (device / "versions" / "1" / "model.tflite").read_bytes() == tiny.first
 
 
 def test_a_bearer_token_is_sent_when_given(registry, tiny, public_key, device):
     publish(registry, tiny)
-    mirror = RegistryMirror(registry.root, token="s3cret").start()
+    link = FaultyLink(registry.root, token="s3cret").start()
     try:
-        missing = sync(mirror.url, MODEL, device, public_key)
+        missing = sync(link.url, MODEL, device, public_key)
         assert missing.status == "failed" and "wants a bearer token" in missing.reason and "--token-file" in missing.reason
-        wrong = sync(mirror.url, MODEL, device, public_key, token="guess")
+        wrong = sync(link.url, MODEL, device, public_key, token="guess")
         assert wrong.status == "failed" and "refused the token" in wrong.reason
-        assert sync(mirror.url, MODEL, device, public_key, token="s3cret").status == "installed"
+        assert sync(link.url, MODEL, device, public_key, token="s3cret").status == "installed"
     finally:
-        mirror.stop()
+        link.stop()
 
 
-def test_nothing_published_and_no_server_are_failures_with_a_reason(registry, mirror, public_key, device):
-    empty = sync(mirror.url, MODEL, device, public_key)
+def test_nothing_published_and_no_server_are_failures_with_a_reason(registry, link, public_key, device):
+    empty = sync(link.url, MODEL, device, public_key)
     assert empty.status == "failed" and empty.current is None and "404" in empty.reason and "nothing published" in empty.reason
-    mirror.stop()
-    gone = sync(mirror.url, MODEL, device, public_key, timeout_s=2)
-    assert gone.status == "failed" and f"cannot reach {mirror.url}" in gone.reason
+    link.stop()
+    gone = sync(link.url, MODEL, device, public_key, timeout_s=2)
+    assert gone.status == "failed" and f"cannot reach {link.url}" in gone.reason
 
 
-def test_leftovers_of_an_interrupted_install_are_removed(registry, mirror, tiny, public_key, device):
+def test_leftovers_of_an_interrupted_install_are_removed(registry, link, tiny, public_key, device):
     publish(registry, tiny)
     (device / "versions" / ".tmp-1-4242").mkdir(parents=True)  # a kill mid-install
     (device / ".partial-7").write_bytes(b"a download of a version no longer wanted")
-    assert sync(mirror.url, MODEL, device, public_key).status == "installed"
+    assert sync(link.url, MODEL, device, public_key).status == "installed"
     assert sorted(os.listdir(device / "versions")) == ["1"]
     assert not (device / ".partial-7").exists()
 
 
-def test_a_second_sync_on_the_same_folder_at_once_is_refused(registry, mirror, tiny, public_key, device):
+def test_a_second_sync_on_the_same_folder_at_once_is_refused(registry, link, tiny, public_key, device):
     publish(registry, tiny)
     with ModelDir(device).lock():  # as a sync in another process holds it
-        busy = sync(mirror.url, MODEL, device, public_key)
+        busy = sync(link.url, MODEL, device, public_key)
     assert busy.status == "failed" and "another sprout-edge sync" in busy.reason
-    assert sync(mirror.url, MODEL, device, public_key).status == "installed"
+    assert sync(link.url, MODEL, device, public_key).status == "installed"
 
 
 # -- Classify -----------------------------------------------------------------------------------------------
 
 
-def test_classify_in_process_on_ai_edge_litert(registry, mirror, tiny, public_key, device, tmp_path):
+def test_classify_in_process_on_ai_edge_litert(registry, link, tiny, public_key, device, tmp_path):
     publish(registry, tiny)
-    sync(mirror.url, MODEL, device, public_key)
+    sync(link.url, MODEL, device, public_key)
     model = EdgeModel.load(device, runtime="ai-edge-litert", public_key=public_key)
     assert model.runtime == "ai-edge-litert" and model.input_size == SIZE
     for c, path in enumerate(image_files(tmp_path / "photos")):
@@ -471,7 +346,7 @@ def sprout_edge_tflite() -> Path:
     return path
 
 
-def test_classify_cli_runs_on_tflite_runtime_without_torch(registry, mirror, tiny, public_key, device, tmp_path):
+def test_classify_cli_runs_on_tflite_runtime_without_torch(registry, link, tiny, public_key, device, tmp_path):
     no_torch = subprocess.run([TFLITE_VENV / "bin" / "python", "-c", "import torch"], capture_output=True, text=True)
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
     cli = sprout_edge_tflite()
@@ -480,7 +355,7 @@ def test_classify_cli_runs_on_tflite_runtime_without_torch(registry, mirror, tin
     assert empty.returncode == 66 and "no model installed" in empty.stderr
 
     publish(registry, tiny)
-    synced = subprocess.run([cli, "sync", "--url", mirror.url, "--model", MODEL, "--dir", device,
+    synced = subprocess.run([cli, "sync", "--url", link.url, "--model", MODEL, "--dir", device,
                              "--public-key", public_key, "--runtime", "tflite-runtime"],
                             capture_output=True, text=True, timeout=60)
     assert synced.returncode == 0, synced.stderr  # the whole device side, without torch
@@ -512,18 +387,18 @@ def sprout_edge(*args) -> list[str]:
     return [sys.executable, "-m", "edge.cli", *map(str, args)]
 
 
-def test_sync_cli_exit_codes(registry, mirror, tiny, public_key, device, tmp_path):
+def test_sync_cli_exit_codes(registry, link, tiny, public_key, device, tmp_path):
     publish(registry, tiny)
-    ok = subprocess.run(sprout_edge("sync", "--url", mirror.url, "--model", MODEL, "--dir", device,
+    ok = subprocess.run(sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", device,
                                     "--public-key", public_key), capture_output=True, text=True, timeout=60, cwd=REPO)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() == f"{MODEL}: version 1 installed, {len(tiny.first)} bytes downloaded"
     forger = Signer.load_or_create(tmp_path / "forger" / "signing.key")
-    refused = subprocess.run(sprout_edge("sync", "--url", mirror.url, "--model", MODEL, "--dir", tmp_path / "other",
+    refused = subprocess.run(sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", tmp_path / "other",
                                          "--public-key", forger.path.with_suffix(".pub")),
                              capture_output=True, text=True, timeout=60, cwd=REPO)
     assert refused.returncode == 1 and "names signing key" in refused.stderr and "no model is installed yet" in refused.stderr
-    usage = subprocess.run(sprout_edge("sync", "--url", mirror.url, "--model", MODEL, "--dir", device, "--mqtt", "mqtt://x"),
+    usage = subprocess.run(sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", device, "--mqtt", "mqtt://x"),
                            capture_output=True, text=True, timeout=60, cwd=REPO)
     assert usage.returncode == 2 and "--watch" in usage.stderr
 
@@ -551,9 +426,9 @@ class Watching:
         self.out.close()
 
 
-def test_watch_polls_and_picks_up_a_newer_version_then_stops_on_sigterm(registry, mirror, tiny, public_key, device, tmp_path):
+def test_watch_polls_and_picks_up_a_newer_version_then_stops_on_sigterm(registry, link, tiny, public_key, device, tmp_path):
     publish(registry, tiny)
-    watcher = Watching(tmp_path / "watch.log", "--url", mirror.url, "--model", MODEL, "--dir", device,
+    watcher = Watching(tmp_path / "watch.log", "--url", link.url, "--model", MODEL, "--dir", device,
                        "--public-key", public_key, "--interval", "0.3")
     try:
         wait_for(lambda: ModelDir(device).current() == 1, 30, f"version 1 (log: {watcher.log.read_text()})")
@@ -566,10 +441,10 @@ def test_watch_polls_and_picks_up_a_newer_version_then_stops_on_sigterm(registry
     assert "received SIGTERM" in log and "stopped watching model leaves; version 2 is current" in log
 
 
-def test_watch_follows_a_retained_mqtt_notice(registry, mirror, tiny, public_key, device, tmp_path, broker):
+def test_watch_follows_a_retained_mqtt_notice(registry, link, tiny, public_key, device, tmp_path, broker):
     publish(registry, tiny)
     # An hour between polls: only the notice can bring version 2 within the test.
-    watcher = Watching(tmp_path / "watch.log", "--url", mirror.url, "--model", MODEL, "--dir", device,
+    watcher = Watching(tmp_path / "watch.log", "--url", link.url, "--model", MODEL, "--dir", device,
                        "--public-key", public_key, "--interval", "3600", "--mqtt", broker.url)
     try:
         wait_for(lambda: ModelDir(device).current() == 1 and "listening for model notices" in watcher.log.read_text(),
@@ -653,29 +528,29 @@ def test_an_installed_client_ignores_an_added_manifest_field_and_refuses_a_break
         parse(breaking, MODEL)
 
 
-def test_a_publish_between_the_manifest_and_its_signature_is_read_again_not_refused(registry, mirror, tiny,
+def test_a_publish_between_the_manifest_and_its_signature_is_read_again_not_refused(registry, link, tiny,
                                                                                      public_key, device):
     publish(registry, tiny)
-    assert sync(mirror.url, MODEL, device, public_key).current == 1
+    assert sync(link.url, MODEL, device, public_key).current == 1
     publish(registry, tiny, "second")
     # The device reads latest (version 2); version 3 is published before it asks for latest.sig.
-    mirror.before[f"/v1/models/{MODEL}/latest.sig"] = lambda: publish(registry, tiny)
-    result = sync(mirror.url, MODEL, device, public_key)
+    link.before[f"/v1/models/{MODEL}/latest.sig"] = lambda: publish(registry, tiny)
+    result = sync(link.url, MODEL, device, public_key)
     assert (result.status, result.current) == ("installed", 3), result
-    asked = [r["path"].rsplit("/", 1)[1] for r in mirror.requests if "/versions/" not in r["path"]]
+    asked = [r["path"].rsplit("/", 1)[1] for r in link.requests if "/versions/" not in r["path"]]
     assert asked[-4:] == ["latest", "latest.sig", "latest", "latest.sig"]
     installed = device / "versions" / "3"
     verify_document((installed / "manifest.json").read_bytes(), (installed / "manifest.json.sig").read_bytes(), public_key)
     assert EdgeModel.load(device, public_key=public_key).version == 3
 
 
-def test_sync_refuses_to_install_unchecked_models_unless_told_insecure(registry, mirror, tiny, device):
+def test_sync_refuses_to_install_unchecked_models_unless_told_insecure(registry, link, tiny, device):
     publish(registry, tiny)
-    refused = subprocess.run(sprout_edge("sync", "--url", mirror.url, "--model", MODEL, "--dir", device),
+    refused = subprocess.run(sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", device),
                              capture_output=True, text=True, timeout=60, cwd=REPO)
     assert refused.returncode == 2 and "no --public-key" in refused.stderr and "--insecure" in refused.stderr
     assert not (device / "current").exists()
-    insecure = subprocess.run(sprout_edge("sync", "--url", mirror.url, "--model", MODEL, "--dir", device, "--insecure"),
+    insecure = subprocess.run(sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", device, "--insecure"),
                               capture_output=True, text=True, timeout=60, cwd=REPO)
     assert insecure.returncode == 0, insecure.stderr
     assert "signatures are NOT checked" in insecure.stderr
