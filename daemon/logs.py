@@ -29,13 +29,41 @@ def _stamped() -> logging.Formatter:
     return formatter
 
 
+class JournalLines(logging.Formatter):
+    """Lines for journald: no timestamp (it stamps each line itself), and every line prefixed with the
+    record's syslog priority (``<4>`` for a warning, sd-daemon(3)), which journald strips and keeps as the
+    entry's priority, so ``journalctl -p warning`` shows warnings and errors, tracebacks included."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = max((lv for lv in self.PRIORITIES if lv <= record.levelno), default=logging.DEBUG)
+        prefix = f"<{self.PRIORITIES[level]}>"
+        # journald reads one entry per line: each line of a traceback carries the priority too.
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
+def stderr_is_the_journal() -> bool:
+    """True when standard error is the journal stream systemd set up (JOURNAL_STREAM is its device:inode);
+    not merely inherited by a child whose stderr was redirected elsewhere (systemd.exec(5))."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
 def configure(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonLines())
-    elif os.environ.get("JOURNAL_STREAM"):
-        # journald stamps every line itself.
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    elif stderr_is_the_journal():
+        handler.setFormatter(JournalLines())
     else:
         handler.setFormatter(_stamped())
     _install([handler], level)

@@ -19,6 +19,8 @@ from daemon.verification import default_tflite_runtime_python
 from helpers import wait_for
 from test_learner import colour_jpeg
 
+REPO = Path(__file__).resolve().parents[1]
+
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "sprout.service"
 EXPOSURE_LIMIT = 2.5
 
@@ -263,3 +265,41 @@ def test_the_daemon_learns_exports_reloads_and_stops_inside_the_units_sandbox(br
     trace = (writable / "syscalls").read_text()
     refused = {line.split()[1].split("(")[0] for line in trace.splitlines() if "(INJECTED)" in line}
     assert refused <= {"sched_setaffinity", "mbind", "fchown", "set_mempolicy", "setpriority"}, refused
+
+
+_LOG_SOME = """
+import logging
+from daemon.logs import configure
+configure("INFO")
+log = logging.getLogger("sprout.test")
+log.info("learning")
+log.warning("backlog growing")
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("export failed")
+"""
+
+
+def test_under_journald_every_line_carries_its_syslog_priority(tmp_path: Path):
+    """journald files each line at the priority of its <N> prefix: `journalctl -p warning` must find the
+    warning and the whole traceback, and no line may carry Sprout's own timestamp (journald stamps it)."""
+    journal = tmp_path / "journal-stream"
+    with open(journal, "wb") as stream:
+        st = os.fstat(stream.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        subprocess.run([sys.executable, "-c", _LOG_SOME], stderr=stream, env=env, cwd=REPO, timeout=60, check=True)
+    lines = journal.read_text().splitlines()
+    assert lines[:2] == ["<6>INFO sprout.test: learning", "<4>WARNING sprout.test: backlog growing"]
+    assert lines[2] == "<3>ERROR sprout.test: export failed"
+    traceback = lines[3:]
+    assert traceback[0] == "<3>Traceback (most recent call last):" and traceback[-1] == "<3>ZeroDivisionError: division by zero"
+    assert all(line.startswith("<3>") for line in traceback)
+
+    # A child whose stderr is not the journal stream (a pipe, a file) inherits JOURNAL_STREAM all the
+    # same: it writes plain stamped lines, no prefix that would show as "<4>" in a file.
+    elsewhere = tmp_path / "redirected.log"
+    with open(elsewhere, "wb") as stream:
+        subprocess.run([sys.executable, "-c", _LOG_SOME], stderr=stream, env=env, cwd=REPO, timeout=60, check=True)
+    first = elsewhere.read_text().splitlines()[0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO sprout.test: learning", first), first
