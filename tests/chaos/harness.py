@@ -5,7 +5,10 @@ anywhere (a random moment after start), during a checkpoint write (the
 instant its temporary file appears), during an export (a random moment
 after "exporting:" is logged: converting, verifying or publishing), and
 during a publish (the instant a registry temporary appears: the version
-folder, ``latest`` or ``versions``). Between kills the broker is restarted
+folder, ``latest.sig``, ``latest`` or ``versions``). A targeted window that
+does not come in time while the feed still runs is a failure of the run
+(nothing was tested there); once the feed has ended no checkpoint or export
+is due, and a kill then counts as "anywhere". Between kills the broker is restarted
 with SIGTERM or SIGKILL, on the same port and persistence folder, sometimes
 while the daemon is down.
 
@@ -56,7 +59,7 @@ DAEMON_ENV = {
 
 WINDOWS = ("anywhere", "checkpoint write", "export", "publish")
 WINDOW_WEIGHTS = (0.3, 0.25, 0.2, 0.25)
-_REGISTRY_TEMPORARY = re.compile(rf"^{re.escape(TMP_PREFIX)}(\d+|latest|versions)-\d+$")
+_REGISTRY_TEMPORARY = re.compile(rf"^{re.escape(TMP_PREFIX)}(\d+|latest|latest\.sig|versions)-\d+$")
 
 
 @dataclass
@@ -84,7 +87,8 @@ class Plan:
 class Tally:
     runs: int = 0  # daemon processes started
     kills: dict[str, int] = field(default_factory=lambda: {w: 0 for w in WINDOWS})
-    missed_windows: int = 0  # targeted kills whose window did not come in time: they landed anywhere
+    missed_windows: int = 0  # targeted kills whose window did not come in time while the feed ran: a failure
+    windows_after_feed: int = 0  # targeted kills drawn after the feed ended (nothing left to write): anywhere
     temporaries_left_by_kills: int = 0  # kills that left a .tmp-* behind: they landed inside a write
     broker_restarts: dict[str, int] = field(default_factory=lambda: {"SIGTERM": 0, "SIGKILL": 0})
     broker_restarts_daemon_down: int = 0
@@ -187,7 +191,10 @@ class Chaos:
         else:
             time.sleep(self.rng.uniform(0.3, 15.0))  # long enough, at times, for an export to publish
         if landed is None:
-            self.tally.missed_windows += 1
+            if self.feeder.done:
+                self.tally.windows_after_feed += 1
+            else:
+                self.tally.missed_windows += 1
             landed = "anywhere"
         if self.daemon.proc.poll() is None:
             self.daemon.proc.send_signal(signal.SIGKILL)
@@ -200,7 +207,7 @@ class Chaos:
 
     def _publish_temporary(self):
         """Which of a publish's temporaries to kill at: the version folder, ``latest`` or ``versions``."""
-        target = self.rng.choice(["version", "latest", "versions"])
+        target = self.rng.choice(["version", "latest.sig", "latest", "versions"])
 
         def wanted(name: str) -> bool:
             m = _REGISTRY_TEMPORARY.match(name)
@@ -260,7 +267,7 @@ def table(plan: Plan, tally: Tally, examples: audit.Examples, models: audit.Mode
         ("seed", plan.seed),
         ("runs (daemon processes started)", tally.runs),
         ("daemon SIGKILLs", f"{tally.total_kills} ({kills}; {tally.missed_windows} targeted ones missed their "
-                            f"window and count as anywhere)"),
+                            f"window while the feed ran, {tally.windows_after_feed} came after it and count as anywhere)"),
         ("kills that left a temporary behind (inside a write)", tally.temporaries_left_by_kills),
         ("broker restarts", f"{sum(tally.broker_restarts.values())} ({restarts}; "
                             f"{tally.broker_restarts_daemon_down} while the daemon was down)"),
