@@ -25,15 +25,11 @@ GPU's step.
 
 Pixels never cross a pipe, only one flag per image does: workers write into
 shared memory. That is twice as fast (docs/benchmarks.md), and it is what
-makes a killed worker safe. CPython's ProcessPoolExecutor (3.11) reads results
-from a pipe whose write end the learner's process also holds; a worker killed
-half-way through writing a 1.2 MB result leaves the executor's manager thread
-waiting in ``recv()`` for bytes that never come, and every future of the pool
-waits with it. That was seen in CI as a hung test, and in 31 of 40 trials of a
-stand-alone reproduction (workers SIGKILLed while returning 8-image arrays).
-A result of a few flags is smaller than PIPE_BUF, which POSIX writes
-atomically: all of it arrives or none. Without room in shared memory, or with
-the slots all taken, images are decoded in the learner's thread instead.
+makes a killed worker safe: a result of a few flags is smaller than PIPE_BUF,
+which POSIX writes atomically, so a worker killed while answering cannot
+leave the pool waiting for the rest of a result (docs/reliability.md,
+"A killed decoder"). Without room in shared memory, or with the slots all
+taken, images are decoded in the learner's thread instead.
 """
 
 from __future__ import annotations

@@ -645,10 +645,6 @@ def describe(err: ValidationError, path: Path | str | None) -> str:
     return "\n".join(lines)
 
 
-def env_overrides() -> list[str]:
-    return sorted(k for k in os.environ if k.startswith("SPROUT_"))
-
-
 _file_data: ContextVar[dict[str, Any]] = ContextVar("sprout_config_file", default={})
 
 
