@@ -18,7 +18,7 @@ run: setup
 	$(BIN)/sprout run
 
 test: setup
-	bash scripts/test-tools.sh
+	bash scripts/test-tools.sh $(VENV)
 	$(BIN)/python -m pytest
 
 # The full fuzzing run: 10,000 inputs per parser test and 20,000 messages through a running daemon (CI runs 300
@@ -62,4 +62,4 @@ bench-gpu: setup
 	$(BIN)/python bench/gpu.py --json bench/out/gpu.json
 
 clean:
-	rm -rf $(VENV) $(VENV)-tflite var .pytest_cache
+	rm -rf $(VENV) $(VENV)-tflite $(VENV)-tasks var .pytest_cache

