@@ -30,10 +30,11 @@ from daemon.atomic import write_atomic
 from daemon.broker import Mosquitto, reachable
 from daemon.datasets import DatasetError, arrange, fashion_mnist_samples, iter_encoded
 from daemon.feeder import FeedReport, Publisher, feed
-from daemon.metrics import latest_manifest
 from daemon.service import Daemon
 from daemon.settings import Settings
 from daemon.signing import Signer
+from daemon.status import latest_manifest, learning_status
+from daemon.status import pct as _pct
 from daemon.store import open_reader, stats
 
 log = logging.getLogger("sprout.demo")
@@ -91,26 +92,21 @@ class Terminal:
         sys.stderr.flush()
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def _learner_summary(training: Any) -> dict[str, Any]:
-    lr = training.learner
-    if lr.holdout_index:  # a fresh evaluation, on the learner's thread: it owns the learner's connections
-        training.on_learner_thread(lr.evaluate_holdout)
-    holdout = lr.holdout
+    if training.learner.holdout_index:  # a fresh evaluation, on the learner's thread: it owns the learner's connections
+        training.on_learner_thread(training.learner.evaluate_holdout)
+    lr = learning_status(training)
     return {
-        "backbone": lr.spec.name,
+        "backbone": lr.backbone,
         "mode": lr.mode,
-        "steps": lr.step,
-        "learned": lr.trained,
-        "classes": list(lr.labels),
-        "prequential_accuracy": lr.prequential.overall,
-        "prequential_accuracy_recent": lr.prequential.rolling,
-        "holdout_accuracy": holdout.accuracy,
-        "holdout_per_class": holdout.per_class,
-        "average_forgetting": holdout.average_forgetting,
+        "steps": lr.steps,
+        "learned": lr.learned,
+        "classes": list(lr.classes),
+        "prequential_accuracy": lr.prequential_overall,
+        "prequential_accuracy_recent": lr.prequential,
+        "holdout_accuracy": lr.holdout,
+        "holdout_per_class": lr.holdout_per_class,
+        "average_forgetting": lr.average_forgetting,
     }
 
 
@@ -238,15 +234,17 @@ def run_demo(args: Any) -> int:
         now = time.monotonic()
         if now - state["last"] < 1.0:
             return
-        intake, training = d.intake, d.training
+        status = d.status()
+        intake, lr, training = status.intake, status.learning, d.training
+        assert intake is not None  # the main loop ticks once the daemon has started
         r = feeder.report
         rate = (intake.stored - state["stored"]) / (now - state["last"]) if state["last"] else 0.0
+        # This run's intake ("new", "again"): the feed's examples, however many the state folder held before.
         line = f"demo: fed {r.acked}/{args.limit} | stored {intake.stored} new ({rate:.0f}/s), {intake.duplicates} again"
-        if training is not None:
-            lr = training.learner
+        if lr is not None:
             line += (
-                f" | learned {lr.trained} (backlog {training.backlog}) | prequential {_pct(lr.prequential.rolling)}"
-                f" | holdout {_pct(lr.holdout.accuracy)} | {len(lr.labels)} classes"
+                f" | learned {lr.learned} (backlog {lr.backlog}) | prequential {_pct(lr.prequential)}"
+                f" | holdout {_pct(lr.holdout)} | {len(lr.classes)} classes"
             )
         exporting = d.exporting
         if exporting is not None:
@@ -256,10 +254,10 @@ def run_demo(args: Any) -> int:
         terminal.progress(line)
         state["last"], state["stored"] = now, intake.stored
         handled = intake.stored + intake.duplicates + intake.rejected_total
-        caught_up = training is None or (training.backlog == 0 and training.learner.high_water_mark > 0)
-        if caught_up and d.exporting is not None and training is not None:
+        caught_up = lr is None or (lr.backlog == 0 and lr.high_water_mark > 0)
+        if caught_up and d.exporting is not None and lr is not None:
             # ... and the last model published covers everything learned.
-            caught_up = not d.exporting.busy and d.exporting.exported_learned >= training.learner.trained
+            caught_up = not d.exporting.busy and d.exporting.exported_learned >= lr.learned
         timed_out = now - state["started"] > args.max_seconds
         if timed_out and not state["finished"]:
             terminal.say(f"demo: {args.max_seconds:.0f} s are up: summary of where it stands")

@@ -658,6 +658,7 @@ class Learner:
             "nonfinite_skipped": self.nonfinite_skipped,
             "divergence_restores": self.divergence_restores,
             "undecodable": self.undecodable,
+            "last_loss": self.last_loss,
             "prequential": self.prequential.state(),
             "holdout": self.holdout.state(),
             "rng": self.rng.getstate(),
@@ -694,6 +695,7 @@ class Learner:
         self.nonfinite_skipped = payload["nonfinite_skipped"]
         self.divergence_restores = payload.get("divergence_restores", 0)  # absent from older checkpoints
         self.undecodable = payload["undecodable"]
+        self.last_loss = payload.get("last_loss")  # absent from older checkpoints
         self.prequential = Prequential.from_state(payload["prequential"])
         self.holdout = Holdout.from_state(payload["holdout"])
         self.rng.setstate(_as_tuple(payload["rng"]))

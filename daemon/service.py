@@ -15,7 +15,6 @@ STOPPING=1 when shutdown begins.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -34,6 +33,7 @@ from daemon.reload import plan as plan_reload
 from daemon.registry import registry_root
 from daemon.server import DownloadApi, HttpServer
 from daemon.settings import ConfigError, Settings
+from daemon.status import Status, fraction, snapshot
 from daemon.store import Store
 from daemon.wire import Limits
 
@@ -70,7 +70,6 @@ class Daemon:
         self.api: DownloadApi | None = None  # the model API: its fleet counts go to /metrics and the page
         self.admin_address: str | None = None
         self.notice: Notice | None = None
-        self.history = None  # daemon.metrics.History, the status page's curves, when HTTP is served
         self._old_handlers: dict[int, object] = {}
         self._progress_at = 0.0
         self._progress_stored = 0
@@ -136,13 +135,11 @@ class Daemon:
             except OSError as err:
                 raise ConfigError(f"server.token_file: cannot read {s.server.token_file}: {err.strerror}") from None
             api = self.api = DownloadApi(registry_root(s.state_dir), token)
-            from daemon import metrics, status_page  # the page and /metrics read this object's parts
+            from daemon import metrics, status_page  # the page and /metrics read this object's status()
 
-            self.history = metrics.History(self)
-            self.history.start()
             scrape = metrics.registry_for(self)
             operator = dict(health=self.health, metrics=lambda: metrics.exposition(scrape),
-                            status=lambda: status_page.render(self, self.history))
+                            status=lambda: status_page.render(self.status(), self.settings))
             tls = dict(tls_cert_file=s.server.tls_cert_file, tls_key_file=s.server.tls_key_file,
                        request_timeout_s=s.server.request_timeout_s)
             if s.server.admin_apart:
@@ -233,8 +230,6 @@ class Daemon:
                 log.warning("stopping: the learner did not finish in time; it resumes from its last checkpoint")
         if self.notice is not None:
             self.notice.stop()
-        if self.history is not None:
-            self.history.stop()
         if self.feed is not None:
             self.feed.stop()
         for server in (self.http, self.admin):
@@ -318,6 +313,10 @@ class Daemon:
 
     # -- state for health, progress and callers --------------------------------------------------
 
+    def status(self) -> Status:
+        """Where every part stands now: what the status line, the progress log, /metrics, the page and the demo show."""
+        return snapshot(self)
+
     def health(self) -> dict[str, bool]:
         parts = {
             # Subscribed and still receiving: a failed callback or a dead network thread is not a feed.
@@ -338,37 +337,32 @@ class Daemon:
         elapsed = now - self._progress_at
         if elapsed < self.settings.logging.progress_every_s or self.intake is None or self.feed is None:
             return
-        stored = self.intake.stored
+        status = self.status()
+        intake = status.intake
+        assert intake is not None
+        # The ingest line counts this run's intake: its rate is what the broker delivers now.
         log.info(
             "ingest: %d stored (%.1f/s), %d duplicates, %d rejected, backlog %d, broker %s",
-            stored,
-            (stored - self._progress_stored) / elapsed,
-            self.intake.duplicates,
-            self.intake.rejected_total,
-            self.feed.deliveries.qsize(),
-            self._broker_state(),
+            intake.stored,
+            (intake.stored - self._progress_stored) / elapsed,
+            intake.duplicates,
+            intake.rejected_total,
+            intake.waiting,
+            status.broker,
         )
-        if self.training is not None:
-            lr = self.training.learner
-            rolling = lr.prequential.rolling
+        if (lr := status.learning) is not None:
             log.info(
                 "learn: step %d, %d learned, loss %s, prequential %s, holdout %s, %d classes, backlog %d",
-                lr.step,
-                lr.trained,
-                f"{lr.last_loss:.3f}" if lr.last_loss is not None else "-",
-                f"{rolling:.3f}" if rolling is not None else "-",
-                f"{lr.holdout.accuracy:.3f}" if lr.holdout.accuracy is not None else "-",
-                len(lr.labels),
-                self.training.backlog,
+                lr.steps,
+                lr.learned,
+                fraction(lr.loss),
+                fraction(lr.prequential),
+                fraction(lr.holdout),
+                len(lr.classes),
+                lr.backlog,
             )
         self._progress_at = now
-        self._progress_stored = stored
-
-    def _broker_state(self) -> str:
-        assert self.feed is not None
-        if (problem := self.feed.problem()) is not None:
-            return f"FAILED ({problem})"
-        return "connected" if self.feed.connected.is_set() else "DISCONNECTED"
+        self._progress_stored = intake.stored
 
     def _report(self, now: float) -> None:
         """Tell systemd: READY=1 once, then STATUS every few seconds and WATCHDOG=1 while all makes progress."""
@@ -411,27 +405,22 @@ class Daemon:
 
     def status_line(self) -> str:
         """One line for `systemctl status`: what is stored, learned and published, and what is wrong."""
-        parts = [f"{self.intake.stored if self.intake else 0} stored since start"]
-        if self.training is not None:
-            lr = self.training.learner
-            holdout = f"{lr.holdout.accuracy:.3f}" if lr.holdout.accuracy is not None else "-"
-            parts.append(f"{lr.trained} learned (backlog {self.training.backlog}), holdout {holdout}")
-        version = self._latest_version()
+        status = self.status()
+        intake = status.intake
+        # This run's intake beside the store's total: "since start" tells the two apart, and a restart
+        # that stores nothing new still shows what the store holds.
+        parts = [f"{intake.stored if intake else 0} stored since start ({status.examples} in the store)"]
+        if (lr := status.learning) is not None:
+            parts.append(f"{lr.learned} learned (backlog {lr.backlog}), holdout {fraction(lr.holdout)}")
+        version = status.model_version
         parts.append(f"model v{version}" if version is not None else "no model published")
-        if self.feed is not None and (state := self._broker_state()) != "connected":
-            parts.append(f"broker {self.settings.mqtt.broker} {state}")
-        if self.intake is not None and self.intake.disk_full_since is not None:
-            parts.append(f"DISK FULL: intake paused for {time.monotonic() - self.intake.disk_full_since:.0f}s")
-        if self.withholding:
-            parts.append("STALLED: " + "; ".join(self.withholding.values()))
+        if status.broker != "connected":
+            parts.append(f"broker {self.settings.mqtt.broker} {status.broker}")
+        if intake is not None and intake.disk_full_for_s is not None:
+            parts.append(f"DISK FULL: intake paused for {intake.disk_full_for_s:.0f}s")
+        if status.stalled:
+            parts.append("STALLED: " + "; ".join(status.stalled.values()))
         return ", ".join(parts)
-
-    def _latest_version(self) -> int | None:
-        latest = registry_root(self.settings.state_dir) / self.settings.model.name / "latest"
-        try:
-            return json.loads(latest.read_bytes())["version"]
-        except (OSError, ValueError, KeyError, TypeError):  # nothing published yet, or not readable: not ours to fix
-            return None
 
     # -- signals -----------------------------------------------------------------------------
 

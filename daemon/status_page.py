@@ -1,9 +1,11 @@
 """The status page at ``/``: what the model is, how well it learns, and what the exporter did, at a glance.
 
 One self-contained HTML document, rendered on request from the daemon's
-parts: no JavaScript, no files, no CDN (the box may have no internet); the
-charts are inline SVG drawn from :class:`daemon.metrics.History`, and the page
-refreshes itself every 10 seconds.
+status snapshot (:class:`daemon.status.Status`): no JavaScript, no files, no
+CDN (the box may have no internet); the charts are inline SVG drawn from the
+learning curves (:mod:`daemon.curves`), and the page refreshes itself every
+10 seconds. Totals are the store's and the learner's, so a restarted daemon
+shows what it held before; only the rows marked "since start" begin again.
 """
 
 from __future__ import annotations
@@ -15,29 +17,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.metrics import History, Point, latest_manifest
+from daemon.curves import Point
+from daemon.fleet import FleetView
 from daemon.registry import LOG, registry_root
+from daemon.status import LearningStatus, Status
+from daemon.status import pct as _pct
 
 CHART_W, CHART_H, PAD = 640, 220, 40
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def render(daemon: Any, history: History | None) -> str:
-    s = daemon.settings
+def render(status: Status, settings: Any) -> str:
+    s = settings
     e = html.escape
     parts = [f"<h1>Sprout: {e(s.model.name)}</h1>"]
-    parts.append(_model(latest_manifest(s)))
-    parts.append(_learning(daemon))
-    points = list(history.points) if history is not None else []
+    parts.append(_model(status.model))
+    parts.append(_learning(status))
+    points = list(status.curves)
     parts.append('<h2>Learning curves</h2>')
     parts.append(_chart("accuracy", points, [("prequential", "#2b7bb9"), ("holdout", "#d9822b")], 0.0, 1.0, "%"))
     losses = [p.loss for p in points if p.loss is not None]
     parts.append(_chart("loss", points, [("loss", "#8e44ad")], 0.0, max(losses) * 1.1 if losses else 1.0, ""))
-    parts.append(_labels(daemon))
-    parts.append(_fleet(daemon))
+    if status.learning is not None:
+        parts.append(_labels(status.learning))
+    if status.fleet is not None:
+        parts.append(_fleet(status.fleet))
     parts.append(_exports(s))
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -66,29 +69,29 @@ def _model(manifest: dict | None) -> str:
     )
 
 
-def _learning(daemon: Any) -> str:
-    intake, training = daemon.intake, daemon.training
-    rows = []
-    if intake is not None:
-        rows.append(("examples stored", f"{intake.stored}"))
-        rows.append(("rejected", f"{intake.rejected_total}"))
-    if training is None:
+def _learning(status: Status) -> str:
+    rows = [("examples stored", f'<span id="stored">{status.examples}</span>'),
+            ("rejected", f'<span id="rejected">{status.rejected}</span>')]
+    if (intake := status.intake) is not None:
+        since = f" ({intake.duplicates} duplicates, {intake.rejected_total} rejected)"
+        rows.append(("stored since start", f'<span id="stored-since-start">{intake.stored}</span>{since}'))
+    if (lr := status.learning) is None:
         return '<section id="learning"><h2>Learning</h2><table>' + "".join(
             f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table><p>Training is off on this node.</p></section>"
-    lr = training.learner
     rows += [
-        ("examples learned", f'<span id="learned">{lr.trained}</span>'),
-        ("backlog", f"{training.backlog}"),
-        ("prequential accuracy", f'<span id="prequential">{_pct(lr.prequential.rolling)}</span>'),
-        ("holdout accuracy", f'<span id="holdout">{_pct(lr.holdout.accuracy)}</span>'),
-        ("last loss", "-" if lr.last_loss is None else f"{lr.last_loss:.3f}"),
-        ("backbone", f"{html.escape(lr.spec.name)} ({html.escape(lr.mode)} on {lr.device})"),
+        ("examples learned", f'<span id="learned">{lr.learned}</span>'),
+        ("backlog", f"{lr.backlog}"),
+        ("prequential accuracy", f'<span id="prequential">{_pct(lr.prequential)}</span>'),
+        ("holdout accuracy", f'<span id="holdout">{_pct(lr.holdout)}</span>'
+         + (f' <span class="muted">(at step {lr.holdout_at_step})</span>' if lr.holdout is not None else "")),
+        ("last loss", "-" if lr.loss is None else f"{lr.loss:.3f}"),
+        ("backbone", f"{html.escape(lr.backbone)} ({html.escape(lr.mode)} on {html.escape(lr.device)})"),
     ]
     table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     per_class = "".join(
         f'<tr class="class"><td>{html.escape(label)}</td><td>{_pct(acc)}</td>'
         f'<td><div class="bar" style="width:{200 * acc:.0f}px"></div></td></tr>'
-        for label, acc in lr.holdout.per_class.items()
+        for label, acc in lr.holdout_per_class.items()
     ) or '<tr><td colspan="3">no holdout evaluation yet</td></tr>'
     return (
         f'<section id="learning"><h2>Learning</h2><table>{table}</table>'
@@ -96,32 +99,25 @@ def _learning(daemon: Any) -> str:
     )
 
 
-def _labels(daemon: Any) -> str:
+def _labels(lr: LearningStatus) -> str:
     """The learner's outputs, in order, and what ``sprout labels`` changed: what the next export's labels.txt holds."""
-    if daemon.training is None:
-        return ""
-    lr = daemon.training.learner
     e = html.escape
-    labels = lr.reader.labels  # replaced, not changed, by the learner's thread: a consistent view
-    outputs = "".join(f'<tr class="output"><td>{i}</td><td>{e(label)}</td></tr>' for i, label in enumerate(lr.labels)) \
+    outputs = "".join(f'<tr class="output"><td>{i}</td><td>{e(label)}</td></tr>' for i, label in enumerate(lr.classes)) \
         or '<tr><td colspan="2">no class learned yet</td></tr>'
     notes = ""
-    if labels.aliases:
+    if lr.aliases:
         notes += '<p id="aliases">Learned as another class (renamed or merged): ' + ", ".join(
-            f"{e(old)} &rarr; {e(now)}" for old, now in sorted(labels.aliases.items())) + "</p>"
-    if labels.retired:
+            f"{e(old)} &rarr; {e(now)}" for old, now in sorted(lr.aliases.items())) + "</p>"
+    if lr.retired:
         notes += '<p id="retired">Retired (stored, not learned or exported): ' + ", ".join(
-            e(label) for label in sorted(labels.retired)) + "</p>"
+            e(label) for label in sorted(lr.retired)) + "</p>"
     return (f'<section id="labels"><h2>Classes</h2><table id="outputs"><tr><th>output</th><th>label</th></tr>'
             f'{outputs}</table>{notes}<p class="muted">Change them with <code>sprout labels</code>; label changes '
-            f"applied: {labels.last}.</p></section>")
+            f"applied: {lr.label_changes_applied}.</p></section>")
 
 
-def _fleet(daemon: Any) -> str:
+def _fleet(view: FleetView) -> str:
     """Which versions the devices run (their own word, the last day) and fetch (downloads since the start)."""
-    if daemon.api is None:
-        return ""
-    view = daemon.api.fleet.view()
     versions = sorted({*view.devices_by_version, *map(str, view.downloads_by_version)},
                       key=lambda v: (not v.isdigit(), -int(v) if v.isdigit() else 0))
     if not versions:

@@ -14,6 +14,11 @@ commits, so the file stops growing near the limit (no VACUUM: it would
 rewrite the whole file and needs as much free space again). A pruned id is
 forgotten: should its sender publish it again, it is stored as a new example.
 
+Totals (:meth:`Store.totals`: examples stored, messages rejected) are the
+store's, whoever wrote them and whenever: kept up to date by this writer's own
+commits and prunes, and counted again at most every ``RECOUNT_S`` for what
+another writer (``sprout store import``) added.
+
 Label changes (``sprout labels``, :mod:`daemon.labels`) are rows of
 ``label_changes``; examples keep the label they were sent with, and every
 reader here returns it resolved through the changes (:class:`StoreReader`
@@ -40,6 +45,8 @@ SCHEMA_VERSION = 1
 PRUNE_TO = 0.9
 # Most of the pruned store that holdout examples may keep; beyond it their oldest go first.
 HOLDOUT_SHARE = 0.25
+# How stale the totals may be about another process's writes; a count reads the whole (label, split) index.
+RECOUNT_S = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (
@@ -79,6 +86,12 @@ class CommitResult:
     rejected: int
 
 
+@dataclass(frozen=True, slots=True)
+class StoreTotals:
+    examples: int  # stored now: every writer's, less what retention deleted
+    rejected: int  # messages rejected, ever
+
+
 class StoreError(Exception):
     """The store cannot be opened or written; the message says what to check."""
 
@@ -90,6 +103,8 @@ class Store:
     >>> s = Store(pathlib.Path(tempfile.mkdtemp()) / "examples.db")
     >>> s.stats()["total"]
     0
+    >>> s.totals()
+    StoreTotals(examples=0, rejected=0)
     """
 
     def __init__(self, path: Path):
@@ -112,6 +127,30 @@ class Store:
         self._lock = threading.Lock()
         self.pruned = 0  # examples deleted by retention since this process opened the store
         self.used = self.used_bytes()  # as of the last commit's prune: what the metrics show
+        self._closed = False
+        self._counted_at = -RECOUNT_S
+        self._totals = self._count()
+
+    def totals(self) -> StoreTotals:
+        """Examples stored and messages rejected in this store, cheap enough for every status read.
+
+        Never waits for the writer: a commit's fsync or a prune may hold the lock for seconds on a slow disk,
+        and the main loop reads this every few seconds. While the lock is taken, the totals as of the last
+        commit are the answer (that commit updates them itself).
+        """
+        if time.monotonic() - self._counted_at >= RECOUNT_S and self._lock.acquire(blocking=False):
+            try:
+                if not self._closed:
+                    self._totals = self._count()
+            finally:
+                self._lock.release()
+        return self._totals
+
+    def _count(self) -> StoreTotals:
+        self._counted_at = time.monotonic()
+        examples = self._db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
+        rejected = self._db.execute("SELECT COALESCE(SUM(count), 0) FROM rejections").fetchone()[0]
+        return StoreTotals(examples, rejected)
 
     def commit(self, examples: Iterable[Example], rejections: Iterable[Rejection] = ()) -> CommitResult:
         """Write examples and rejection counts in one transaction; returns once it is on disk (fsynced)."""
@@ -135,7 +174,9 @@ class Store:
                 "ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count",
                 reasons.items(),
             )
-        return CommitResult(stored=stored, duplicates=len(rows) - stored, rejected=sum(reasons.values()))
+            rejected = sum(reasons.values())
+            self._totals = StoreTotals(self._totals.examples + stored, self._totals.rejected + rejected)
+        return CommitResult(stored=stored, duplicates=len(rows) - stored, rejected=rejected)
 
     def stats(self) -> dict[str, object]:
         return stats(self._db)
@@ -201,6 +242,7 @@ class Store:
                 used = self.used_bytes()
             self.pruned += deleted
             self.used = used
+            self._totals = StoreTotals(self._totals.examples - deleted, self._totals.rejected)
         return deleted
 
     def _delete_oldest(self, split: str, nbytes: int) -> int:
@@ -223,6 +265,7 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True  # the totals stay readable, as last counted
             self._db.close()
 
 

@@ -8,7 +8,10 @@ durable. When the learner falls behind, the gap (the store's high-water mark
 minus its own) is its backlog. It checkpoints every
 ``training.checkpoint_every_s``, on stop, and right after applying label
 changes (``sprout labels``), which it looks for before every step: the
-exporter and ``sprout labels list`` read the checkpoint.
+exporter and ``sprout labels list`` read the checkpoint. Between steps it
+records the learning curves (:mod:`daemon.curves`), which are checkpointed with
+the learner, so the status page's chart and last holdout evaluation survive a
+restart.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from daemon import checkpoint
+from daemon.curves import Curves, Point
 from daemon.learner import Learner
 from daemon.settings import Settings
 from daemon.store import StoredExample, StoreReader
@@ -33,6 +37,18 @@ log = logging.getLogger("sprout.learner")
 # ~2,600/s; pausing at 64 ~2,800/s. Low enough to catch a burst early, high enough that a trickle
 # of examples does not stop learning.
 YIELD_AT_BACKLOG = 64
+CURVES = "curves"  # the checkpoint's key for the learning curves (daemon.curves), beside the learner's state
+
+
+class _Marks(NamedTuple):
+    """What a checkpoint holds that the daemon shows, to tell whether the last one is out of date. Beside the
+    step: a label change, a holdout evaluation asked for between steps (the demo's last one), a curve point
+    recorded after the last step (the one at a stop)."""
+
+    step: int
+    label_change: int
+    holdout: dict
+    last_point: Point | None
 
 
 class Training(threading.Thread):
@@ -47,7 +63,10 @@ class Training(threading.Thread):
         if removed := checkpoint.remove_stale_temporaries(self.checkpoints):
             log.info("removed %d checkpoint temporaries left by an interrupted write", removed)
         payload = checkpoint.load(self.checkpoints)
+        self.curves = Curves()
         if payload is not None and self.learner.restore(payload):
+            # Only with the learner it belongs to: a fresh learner starts its chart at 0 learned.
+            self.curves = Curves.from_state(payload.get(CURVES))  # absent from checkpoints older than the curves
             log.info(
                 "resumed at step %d, example %d, %d classes",
                 self.learner.step,
@@ -62,8 +81,7 @@ class Training(threading.Thread):
         self._requests: queue.Queue[tuple[Callable[[], Any], threading.Event, list[Any]]] = queue.Queue()
         # Examples read from the store during the last step (reads_ahead), and the high-water mark they follow.
         self._upcoming: tuple[int, list[StoredExample]] = (-1, [])
-        self._saved_step = self.learner.step
-        self._saved_change = self.learner.label_change
+        self._saved = self._checkpointed()
         self._saved_at = time.monotonic()
 
     @property
@@ -106,11 +124,13 @@ class Training(threading.Thread):
                     self._upcoming = (batch[-1].seq, upcoming)
                 else:
                     self._stop_requested.wait(0.2)
+                self.observe()
                 self.last_progress = time.monotonic()
                 if time.monotonic() - self._saved_at >= t.checkpoint_every_s:
                     self.save()
                     if forgotten := self.learner.forget_pruned():
                         log.info("embedding cache: dropped %d vectors of examples retention deleted", forgotten)
+            self.observe(force=True)  # the chart a restart shows ends where learning stopped
             self.save()
         except BaseException as err:  # the daemon notices the dead thread and exits for a restart
             self.error = err
@@ -150,8 +170,19 @@ class Training(threading.Thread):
         """A checkpoint written between two steps: a consistent snapshot for the exporter."""
         return self.on_learner_thread(self.save, timeout_s)[0]
 
+    def observe(self, force: bool = False) -> None:
+        """A point of the learning curves, when learning moved (on this thread: the learner changes only here)."""
+        lr = self.learner
+        self.curves.observe(time.time(), lr.trained, lr.last_loss, lr.prequential.rolling, lr.holdout.accuracy,
+                            force=force)
+
+    def _checkpointed(self) -> _Marks:
+        points = self.curves.points()
+        return _Marks(self.learner.step, self.learner.label_change, self.learner.holdout.state(),
+                      points[-1] if points else None)
+
     def save(self) -> Path | None:
-        if self.learner.step == self._saved_step and self.learner.label_change == self._saved_change:
+        if self._checkpointed() == self._saved:
             self._saved_at = time.monotonic()
             return None
         if not self.learner.finite():
@@ -159,11 +190,12 @@ class Training(threading.Thread):
             # state written there would poison both. The last good checkpoint stays.
             self._saved_at = time.monotonic()
             log.warning("checkpoint at step %d not written: the weights or optimizer state are not finite; "
-                        "the last one written (step %d or earlier) stays", self.learner.step, self._saved_step)
+                        "the last one written (step %d or earlier) stays", self.learner.step, self._saved.step)
             return None
         started = time.monotonic()
         try:
-            path = checkpoint.save(self.checkpoints, self.learner.state())
+            marks = self._checkpointed()
+            path = checkpoint.save(self.checkpoints, {**self.learner.state(), CURVES: self.curves.state()})
         except OSError as err:
             # A full disk, say: the write is atomic, so the last checkpoint stays whole. Learning goes
             # on and the save is tried again after checkpoint_every_s; a restart resumes from the old one.
@@ -171,8 +203,7 @@ class Training(threading.Thread):
             log.error("checkpoint at step %d not written to %s: %s; the last one stays, retrying in %.0fs",
                       self.learner.step, self.checkpoints, err, self.settings.training.checkpoint_every_s)
             return None
-        self._saved_step = self.learner.step
-        self._saved_change = self.learner.label_change
+        self._saved = marks
         self._saved_at = time.monotonic()
         log.info("checkpoint at step %d, example %d (%.2fs)", self.learner.step, self.learner.high_water_mark, self._saved_at - started)
         return path

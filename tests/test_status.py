@@ -1,7 +1,10 @@
-"""/metrics and the status page of a real, learning daemon; the page rendered by a real headless Chromium."""
+"""/metrics and the status page of a real, learning daemon, before and after a restart; the page rendered by a
+real headless Chromium."""
 
 from __future__ import annotations
 
+import doctest
+import re
 import shutil
 import subprocess
 import urllib.request
@@ -13,9 +16,16 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+import daemon.curves
+import daemon.status
+from daemon import checkpoint
 from daemon.registry import Registry, registry_root
+from daemon.settings import Settings
+from daemon.store import Store
+from daemon.training import Training
 from helpers import wait_for
 from test_daemon_learning import LEARNING, publish_colours
+from test_learner import stream
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
@@ -26,6 +36,20 @@ def metrics(port: int) -> dict[tuple[str, tuple], float]:
         text = r.read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def page(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+        return r.read().decode()
+
+
+def shown(html: str, element_id: str) -> str:
+    """The text of the page's element with this id."""
+    return re.search(f'id="{element_id}">([^<]*)<', html).group(1)
+
+
+def chart(html: str, name: str) -> str:
+    return re.search(f'<(svg|p) id="chart-{name}".*?</(svg|p)>', html, re.DOTALL).group(0)
 
 
 @pytest.fixture
@@ -49,7 +73,7 @@ def learning_daemon(broker, daemon_factory):
     assert d.stop() == 0
 
 
-def test_metrics_report_what_the_daemon_did(learning_daemon):
+def test_metrics_and_the_page_report_what_the_daemon_did_and_still_do_after_a_restart(learning_daemon):
     d, manifest = learning_daemon
     # The version is in the registry as soon as the export process published it; the daemon counts it when
     # that process has reported back.
@@ -66,6 +90,72 @@ def test_metrics_report_what_the_daemon_did(learning_daemon):
     assert 0.0 <= m[("sprout_prequential_accuracy", ())] <= 1.0
     assert m[("sprout_broker_connected", ())] == 1.0
     assert m[("sprout_export_seconds_total", ())] > 0
+    assert m[("sprout_store_examples", ())] == 120
+
+    # A restart on the same state: totals come from the store; the learner's figures, its last holdout
+    # evaluation and the curves from its checkpoint. First the chart up to where learning stands.
+    learned = int(m[("sprout_examples_learned_total", ())])
+    before = wait_for(lambda: (p := page(d.http_port)) and f">{learned} learned<" in p and p, 30,
+                      "the chart to reach the examples learned")
+    assert shown(before, "stored") == "120" and shown(before, "rejected") == "1"
+    assert shown(before, "holdout") != "-"
+    assert d.stop() == 0
+    d.start()
+    after = page(d.http_port)
+    assert shown(after, "stored") == "120" and shown(after, "rejected") == "1"
+    assert shown(after, "stored-since-start") == "0"
+    for figure in ("learned", "prequential", "holdout"):
+        assert shown(after, figure) == shown(before, figure), figure
+    assert after.count('class="class"') == 3  # the holdout accuracy of each class
+    for name in ("accuracy", "loss"):
+        assert chart(after, name) == chart(before, name) and chart(after, name).startswith("<svg"), name
+    again = metrics(d.http_port)
+    assert again[("sprout_store_examples", ())] == 120
+    assert again[("sprout_examples_stored_total", ())] == 0  # a counter of this process, as Prometheus expects
+    for name in ("sprout_examples_learned_total", "sprout_training_steps_total", "sprout_holdout_accuracy",
+                 "sprout_prequential_accuracy", "sprout_training_loss"):
+        assert again[(name, ())] == m[(name, ())], name
+    assert again[("sprout_holdout_accuracy_per_class", (("label", "colour-0"),))] == \
+        m[("sprout_holdout_accuracy_per_class", (("label", "colour-0"),))]
+
+
+def test_an_evaluation_between_steps_and_the_curves_reach_the_checkpoint_and_older_checkpoints_load(tmp_path: Path):
+    store = Store(tmp_path / "examples.db")
+    store.commit(stream([0, 1, 2], 10, seed=5, order="iid"))
+    store.close()
+    # The learner's thread, not started: its steps run here, one at a time.
+    training = Training(Settings.load(None, {
+        "state_dir": str(tmp_path), "model": {"backbone": "tiny", "input_size": 32},
+        "training": {"mode": "head", "device": "cpu", "batch_size": 4, "holdout_every_steps": 1000}}))
+    training.observe()  # as the learner's loop does: a point before learning, one after
+    for _ in range(5):
+        training.learn(training.reader.after(training.learner.high_water_mark, 4))
+    assert training.learner.holdout_index
+    training.observe(force=True)
+    assert training.save() is not None
+    assert checkpoint.load(training.checkpoints)["holdout"]["accuracy"] is None  # not evaluated in a step
+    # What the demo's summary does before it stops the daemon: an evaluation between two steps.
+    training.learner.evaluate_holdout()
+    assert training.save() is not None
+    saved = checkpoint.load(training.checkpoints)
+    assert saved["holdout"]["accuracy"] == training.learner.holdout.accuracy is not None
+    assert len(saved["curves"]) == 2
+    assert training.save() is None  # nothing new: no write
+    resumed = Training(training.settings)
+    assert resumed.learner.holdout.state() == training.learner.holdout.state()
+    assert resumed.learner.last_loss == training.learner.last_loss is not None
+    assert resumed.curves.points() == training.curves.points()
+    # A checkpoint written before the curves and the last loss were saved in it.
+    del saved["curves"], saved["last_loss"]
+    checkpoint.save(training.checkpoints, saved)
+    older = Training(training.settings)
+    assert older.learner.step == 5 and older.learner.holdout.accuracy == saved["holdout"]["accuracy"]
+    assert older.curves.points() == () and older.learner.last_loss is None
+
+
+def test_the_status_and_curves_examples_run():
+    for module in (daemon.status, daemon.curves):
+        assert doctest.testmod(module).failed == 0, module.__name__
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="scripts/setup.sh installs Debian's chromium")
