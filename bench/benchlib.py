@@ -16,8 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.broker import free_port, mosquitto_binary  # noqa: E402
-from daemon.feeder import Publisher  # noqa: E402
+from daemon.tools.broker import free_port, mosquitto_binary  # noqa: E402
+from daemon.tools.feeder import Publisher  # noqa: E402
 
 
 class DaemonProcess:

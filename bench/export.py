@@ -3,12 +3,12 @@
 A 10-class head is first trained on Fashion-MNIST by the daemon's Learner
 (head mode, the bench/learning.py data and seed, embeddings read from its
 cache when present), then the classifier is exported in each mode with
-daemon/exporter.py and verified by daemon/verification.py on ai-edge-litert
+daemon/export/converter.py and verified by daemon/export/verification.py on ai-edge-litert
 and tflite-runtime 2.14 (its own virtualenv) over the evaluation set (1,000
 test images fed as an app would: 224x224 JPEGs decoded, resized and
 centre-cropped to the input size, uint8 RGB). Export time is what the daemon
 spends: calibration sample decoding, conversion, TFLite Model Metadata
-(daemon/model_metadata.py: its bytes and milliseconds are in each row),
+(daemon/export/metadata.py: its bytes and milliseconds are in each row),
 verification on both.
 
 Usage: python bench/export.py [--input-size 128] [--calibration 100] [--modes int8,dynamic,fp16,none]
@@ -33,15 +33,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from learning import jpeg, order, pick  # noqa: E402
 
-from daemon.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
-from daemon.exporter import convert, float_probabilities, snapshot  # noqa: E402
-from daemon.imaging import load_rgb  # noqa: E402
-from daemon.learner import Learner  # noqa: E402
-from daemon.model_metadata import describe  # noqa: E402
-from daemon.settings import ModelSettings, TrainingSettings  # noqa: E402
-from daemon.store import Store, StoreReader  # noqa: E402
-from daemon.verification import verify  # noqa: E402
-from daemon.wire import Example  # noqa: E402
+from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
+from daemon.export.converter import convert, float_probabilities, snapshot  # noqa: E402
+from edge.preprocess import load_rgb  # noqa: E402
+from daemon.learning.learner import Learner  # noqa: E402
+from daemon.export.metadata import describe  # noqa: E402
+from daemon.common.settings import ModelSettings, TrainingSettings  # noqa: E402
+from daemon.store.examples import Store, StoreReader  # noqa: E402
+from daemon.export.verification import verify  # noqa: E402
+from daemon.ingest.wire import Example  # noqa: E402
 
 
 def main() -> None:

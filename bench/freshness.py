@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import DaemonProcess, machine, wait_subscribed  # noqa: E402
 
-from daemon.broker import Mosquitto  # noqa: E402
-from daemon.feeder import Publisher  # noqa: E402
-from daemon.registry import Registry, registry_root  # noqa: E402
+from daemon.tools.broker import Mosquitto  # noqa: E402
+from daemon.tools.feeder import Publisher  # noqa: E402
+from daemon.registry.versions import Registry, registry_root  # noqa: E402
 from ingest import make_jpegs  # noqa: E402
 
 MODEL = "bench"

@@ -27,7 +27,7 @@ Three sections, each printed as a markdown table (and all in --json):
 
 2. Decoding. 224x224 JPEGs of about 30 KB (Fashion-MNIST upscaled with
    sensor-like noise, as bench/ingest.py makes them) decoded and resized to
-   --input-size by ``daemon.decoding.DecodePool`` in batches of
+   --input-size by ``daemon.learning.decoding.DecodePool`` in batches of
    --decode-batch: in the learner's thread (workers 0), and in N worker
    processes for each N of --decode-workers ("auto": what the daemon takes on
    a CUDA host), pixels back through shared memory as the learner's pool
@@ -94,10 +94,10 @@ from benchlib import ROOT, DaemonProcess, machine, wait_subscribed  # noqa: E402
 from ingest import make_jpegs  # noqa: E402
 from loadgen import LoadGenerator  # noqa: E402
 
-from daemon.broker import Mosquitto  # noqa: E402
-from daemon.decoding import CHUNK, DecodePool, auto_workers  # noqa: E402
-from daemon.settings import StoreSettings, TrainingSettings  # noqa: E402
-from daemon.wire import holdout_split  # noqa: E402
+from daemon.tools.broker import Mosquitto  # noqa: E402
+from daemon.learning.decoding import CHUNK, DecodePool, auto_workers  # noqa: E402
+from daemon.common.settings import StoreSettings, TrainingSettings  # noqa: E402
+from daemon.ingest.wire import holdout_split  # noqa: E402
 from models import zoo  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"

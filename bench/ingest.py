@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from daemon.broker import Mosquitto, free_port  # noqa: E402
-from daemon.datasets import fashion_mnist  # noqa: E402
-from daemon.feeder import Publisher  # noqa: E402
+from daemon.tools.broker import Mosquitto, free_port  # noqa: E402
+from daemon.tools.datasets import fashion_mnist  # noqa: E402
+from daemon.tools.feeder import Publisher  # noqa: E402
 from benchlib import wait_subscribed  # noqa: E402
 from loadgen import LoadGenerator  # noqa: E402
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import ROOT, machine  # noqa: E402
 
-from daemon.verification import python_for  # noqa: E402
+from daemon.export.verification import python_for  # noqa: E402
 
 RUNTIMES = ("ai-edge-litert", "tflite-runtime")
 

@@ -29,11 +29,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
-from daemon.learner import Learner  # noqa: E402
-from daemon.settings import ModelSettings, TrainingSettings  # noqa: E402
-from daemon.store import Store, StoreReader  # noqa: E402
-from daemon.wire import Example  # noqa: E402
+from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
+from daemon.learning.learner import Learner  # noqa: E402
+from daemon.common.settings import ModelSettings, TrainingSettings  # noqa: E402
+from daemon.store.examples import Store, StoreReader  # noqa: E402
+from daemon.ingest.wire import Example  # noqa: E402
 
 
 def examples(n: int) -> list[Example]:

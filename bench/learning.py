@@ -39,12 +39,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
-from daemon.head import GrowingHead  # noqa: E402
-from daemon.learner import Learner  # noqa: E402
-from daemon.settings import ModelSettings, TrainingSettings  # noqa: E402
-from daemon.store import Store, StoreReader  # noqa: E402
-from daemon.wire import Example  # noqa: E402
+from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
+from daemon.learning.head import GrowingHead  # noqa: E402
+from daemon.learning.learner import Learner  # noqa: E402
+from daemon.common.settings import ModelSettings, TrainingSettings  # noqa: E402
+from daemon.store.examples import Store, StoreReader  # noqa: E402
+from daemon.ingest.wire import Example  # noqa: E402
 
 
 def jpeg(pixels: np.ndarray) -> bytes:
@@ -82,7 +82,7 @@ class Embedder:
         self.vectors: dict[str, np.ndarray] = {}
 
     def add(self, ids: list[str], images: list[bytes]) -> None:
-        from daemon.store import StoredExample
+        from daemon.store.examples import StoredExample
 
         for start in range(0, len(ids), 64):
             chunk = [StoredExample(-(start + i + 1), "x", "train", images[start + i]) for i in range(min(64, len(ids) - start))]

@@ -6,7 +6,7 @@ generator (bench/loadgen.py) in chunks, as fast as the broker acknowledges:
 the store takes them at intake's pace and the learner works through them
 behind it, exporting a version every ``--every-examples`` learned. RSS
 (``VmRSS`` of the daemon's process; each export runs in a child process,
-daemon/export_child.py, whose RSS is sampled beside it with the verifiers'
+daemon/export/child.py, whose RSS is sampled beside it with the verifiers'
 as the whole service's) is sampled every ``--sample-s`` seconds together with the
 daemon's /metrics, until the learner has learned every example.
 
@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import DaemonProcess, machine, wait_subscribed  # noqa: E402
 from loadgen import LoadGenerator  # noqa: E402
 
-from daemon.broker import Mosquitto  # noqa: E402
-from daemon.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
+from daemon.tools.broker import Mosquitto  # noqa: E402
+from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
 
 MODEL = "bench"
 TOPIC = f"sprout/{MODEL}/examples"

@@ -5,7 +5,7 @@
 Photos as agronomists' phones send them: an 18 MP JPEG (5184x3456, quality 95,
 with sensor grain, EXIF orientation 6), a 12 MP HEIC (4032x3024) and, for
 scale, a 30 KB JPEG crop. For each: the wire check that runs on the MQTT
-network thread (daemon/wire.py: header, then a decode at 1/8 scale for JPEG,
+network thread (daemon/ingest/wire.py: header, then a decode at 1/8 scale for JPEG,
 whole for HEIC), and ``load_rgb`` at 224 px, the one preprocessing shared by
 learner and devices (edge/preprocess.py). Peak memory is the growth of the
 process's peak RSS (reset first) over one decode, in a fresh process per case, so
@@ -55,7 +55,7 @@ def make(case: str) -> tuple[bytes, str]:
 
 def measure_once(case: str, what: str, path: Path) -> dict:
     """In this (fresh) process: one decode's seconds and peak RSS growth."""
-    from daemon.wire import inspect_image
+    from daemon.ingest.wire import inspect_image
     from edge.preprocess import load_rgb
 
     data = path.read_bytes()

@@ -5,7 +5,7 @@
 py-spy (``pip install -e '.[bench]'``) records the benchmark's process and
 its children (the verification subprocesses) as collapsed stacks; each
 sample (a thread found running, not waiting) is charged to the step of
-``daemon.exporter`` it is in, named by the function that step called.
+``daemon.export.converter`` it is in, named by the function that step called.
 Prints CPU seconds and shares per step.
 """
 

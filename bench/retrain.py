@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import machine  # noqa: E402
 from learning import ROOT, Embedder, embed, load_data, order, run_stream, train_head  # noqa: E402
 
-from daemon.settings import ModelSettings, TrainingSettings  # noqa: E402
+from daemon.common.settings import ModelSettings, TrainingSettings  # noqa: E402
 
 STREAMS = ("iid", "class-incremental")
 GOAL_ACCURACY = 0.95  # of the retraining baseline's final accuracy ...

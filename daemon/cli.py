@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon import __version__, logs
-from daemon.settings import EX_CONFIG, ConfigError, Settings
+from daemon import __version__
+
+from daemon.common import logs
+from daemon.common.settings import EX_CONFIG, ConfigError, Settings
 
 if TYPE_CHECKING:  # imported where used: `sprout --help` should not wait for torch
-    from daemon.labels import LabelChange
-    from daemon.store import LabelCount, StoreReader
+    from daemon.store.labels import LabelChange
+    from daemon.store.examples import LabelCount, StoreReader
 
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -69,8 +71,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _settings(args: argparse.Namespace) -> Settings:
     """The settings, from defaults, the --config file, SPROUT_* variables and the flags (later wins); a
-    state folder that belongs to another model is refused, naming both (daemon/state_owner.py)."""
-    from daemon import state_owner
+    state folder that belongs to another model is refused, naming both (daemon/common/state_owner.py)."""
+    from daemon.common import state_owner
 
     settings = Settings.load(getattr(args, "config", None), _overrides(args))
     state_owner.check(settings.state_dir, settings.model.name)
@@ -78,8 +80,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from daemon.service import Daemon
-    from daemon.store import StoreError
+    from daemon.service.daemon import Daemon
+    from daemon.store.examples import StoreError
 
     settings = _settings(args)
     logs.configure(settings.logging.level, settings.logging.format)
@@ -95,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from daemon import preflight
+    from daemon.service import preflight
 
     settings = Settings.load(args.file)
     preflight.check(settings)  # what `sprout run` checks before it starts
@@ -104,7 +106,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_store_stats(args: argparse.Namespace) -> int:
-    from daemon.store import StoreError, open_reader, stats
+    from daemon.store.examples import StoreError, open_reader, stats
 
     settings = _settings(args)
     try:
@@ -117,9 +119,9 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_store_import(args: argparse.Namespace) -> int:
-    from daemon.datasets import DatasetError
-    from daemon.importer import ImportStopped, run_import
-    from daemon.store import StoreError
+    from daemon.ingest.folders import DatasetError
+    from daemon.ingest.importer import ImportStopped, run_import
+    from daemon.store.examples import StoreError
 
     settings = _settings(args)
     try:
@@ -139,8 +141,8 @@ def cmd_store_import(args: argparse.Namespace) -> int:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from daemon.labels import Action, LabelError, LabelMap
-    from daemon.store import Store, StoreError, StoreReader
+    from daemon.store.labels import Action, LabelError, LabelMap
+    from daemon.store.examples import Store, StoreError, StoreReader
 
     settings = _settings(args)
     what = f"sprout labels {args.labels_command}"
@@ -175,8 +177,8 @@ def cmd_labels(args: argparse.Namespace) -> int:
 def _learner_outputs(settings: Settings, reader: StoreReader) -> list[str] | None:
     """The learner's outputs as its next step has them (its checkpoint, then the later label changes);
     None before its first checkpoint."""
-    from daemon import checkpoint
-    from daemon.labels import outputs_after
+    from daemon.learning import checkpoint
+    from daemon.store.labels import outputs_after
 
     try:
         payload = checkpoint.load(settings.state_dir / "checkpoints")
@@ -220,7 +222,7 @@ def _labels_list(reader: StoreReader, outputs: list[str] | None, as_json: bool) 
 
 def _record_label_change(settings: Settings, change: LabelChange) -> None:
     """Into the registry's history now, when there is a registry; the next export records it otherwise."""
-    from daemon.registry import Registry, RegistryError, registry_root
+    from daemon.registry.versions import Registry, RegistryError, registry_root
 
     if not (registry_root(settings.state_dir) / settings.model.name).is_dir():
         return
@@ -232,8 +234,8 @@ def _record_label_change(settings: Settings, change: LabelChange) -> None:
 
 
 def _label_change_done(change: LabelChange, counts: LabelCount | None, outputs: list[str] | None) -> str:
-    from daemon.labels import Action
-    from daemon.registry import utc_time
+    from daemon.store.labels import Action
+    from daemon.registry.versions import utc_time
 
     examples = f"{counts.train} train and {counts.holdout} holdout examples" if counts else "no stored examples"
     if change.action is Action.DELETE:
@@ -253,13 +255,13 @@ def _label_change_done(change: LabelChange, counts: LabelCount | None, outputs: 
 
 
 def cmd_feed(args: argparse.Namespace) -> int:
-    from daemon.feeder import run_feed
+    from daemon.tools.feeder import run_feed
 
     return run_feed(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from daemon.publishing import NothingToExport, export_once
+    from daemon.export.pipeline import NothingToExport, export_once
 
     settings = _settings(args)
     logs.configure(settings.logging.level, settings.logging.format)
@@ -279,7 +281,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
+    from daemon.tools.demo import run_demo
 
     try:
         return run_demo(args)
@@ -297,8 +299,8 @@ def _version(text: str) -> int | str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from daemon.registry import NoRegistryError, Registry, RegistryError, UnknownVersionError, registry_root
-    from daemon.signing import SigningKeyError
+    from daemon.registry.versions import NoRegistryError, Registry, RegistryError, UnknownVersionError, registry_root
+    from daemon.registry.signing import SigningKeyError
 
     settings = _settings(args)
     what = f"sprout models {args.models_command}"
@@ -359,7 +361,7 @@ def _models_list(reader: Any, as_json: bool) -> int:
 def cmd_keygen(args: argparse.Namespace) -> int:
     import base64
 
-    from daemon.signing import Signer, SigningKeyError, generate, raw_public_key
+    from daemon.registry.signing import Signer, SigningKeyError, generate, raw_public_key
 
     try:
         private, public = generate(args.out)

@@ -28,7 +28,7 @@ import re
 from typing import Any
 
 # Schema 2 moved the signature out of the manifest into manifest.json.sig. Schema-1 documents are
-# still read: the registry that serves them signs their bytes (daemon/registry.py).
+# still read: the registry that serves them signs their bytes (daemon/registry/versions.py).
 SCHEMA = 2
 MODEL_FILE = "model.tflite"
 INPUT_DTYPES = ("uint8", "float32")

@@ -1,14 +1,14 @@
 """An image as a Sprout model takes it: upright RGB, shorter side to the input size (bilinear), centre crop, uint8.
 
 This is the one implementation: the learner decodes training images with it
-(``daemon/imaging.py`` imports it), the exporter verifies every candidate on
+(daemon/learning/decoding.py), the exporter verifies every candidate on
 images made by it, and ``sprout-edge classify`` feeds models with it. An app
 in another language reproduces these steps (docs/devices.md); normalisation
 is inside the model's graph, so plain 0-255 RGB is all it ever needs.
 
 HEIC/HEIF (iPhones' default) decodes through the pillow-heif package, registered
 with Pillow here, on import, for the learner, the daemon's intake checks
-(daemon/wire.py) and devices alike. Without it HEIC does not decode, and the
+(daemon/ingest/wire.py) and devices alike. Without it HEIC does not decode, and the
 daemon rejects it saying which package to install.
 """
 

@@ -151,7 +151,7 @@ def _sync(server: ModelServer, folder: ModelDir, current: int | None, key, emit:
     try:
         latest = server.latest(folder.etag_for(current) if current is not None else None)
     except FetchError as err:
-        # The daemon's own words for a model that exists with no version yet (daemon/server.py).
+        # The daemon's own words for a model that exists with no version yet (daemon/distribution/http.py).
         if err.status == 404 and "nothing published yet" in str(err):
             raise _NothingPublished(str(err), None) from None
         raise _Refused(str(err), None) from None

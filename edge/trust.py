@@ -6,7 +6,7 @@ device checks those bytes as they arrived, before it parses them, with any
 Ed25519 library (java.security or Tink on Android, CryptoKit on iOS): there
 is no canonical form to rebuild. It then checks the downloaded file against
 the manifest's sha256 and size (:func:`verify_file`), so one trusted key
-vouches for every byte it runs. The daemon signs with ``daemon/signing.py``
+vouches for every byte it runs. The daemon signs with ``daemon/registry/signing.py``
 and checks with this very module.
 
 >>> from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

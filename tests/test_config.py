@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.settings import ConfigError, Settings
+from daemon.common.settings import ConfigError, Settings
 from helpers import SPROUT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_weights_that_do_not_fit_the_backbone_exit_78(tmp_path: Path):
 
 
 def test_an_ingest_only_node_never_imports_torch():
-    code = "import sys, daemon.cli, daemon.service, daemon.feed, daemon.intake; print('torch' in sys.modules)"
+    code = "import sys, daemon.cli, daemon.service.daemon, daemon.ingest.feed, daemon.ingest.intake; print('torch' in sys.modules)"
     out = subprocess.run([*SPROUT[:1], "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
 
@@ -160,7 +160,7 @@ def test_a_list_from_the_environment_that_is_not_json_exits_78_naming_it():
     ],
 )
 def test_check_config_refuses_what_run_refuses(tmp_path: Path, setting: dict[str, str], needle: str):
-    from daemon.signing import generate
+    from daemon.registry.signing import generate
 
     generate(tmp_path)
     (tmp_path / "signing.key").rename(tmp_path / "open.key")

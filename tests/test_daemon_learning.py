@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from daemon import checkpoint
-from daemon.feeder import Publisher
+from daemon.learning import checkpoint
+from daemon.tools.feeder import Publisher
 from helpers import stored_ids, wait_for
 from test_learner import colour_jpeg
 
@@ -74,8 +74,8 @@ def test_learner_resumes_after_sigkill_from_its_checkpoint_with_nothing_skipped(
 
 def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(broker, daemon_factory, tmp_path):
     """Examples over MQTT -> learner -> export -> signed registry -> HTTP and notice -> sprout-edge -> a label."""
-    from daemon.registry import Registry, registry_root
-    from daemon.signing import verify, verify_file
+    from daemon.registry.versions import Registry, registry_root
+    from daemon.registry.signing import verify, verify_file
     from edge.modeldir import ModelDir
     from test_edge import TFLITE_VENV, Watching
 
@@ -129,8 +129,8 @@ def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(br
 
 def test_a_new_daemon_publishes_its_first_model_soon_on_the_default_cadence(broker, daemon_factory):
     """export.every_examples (2,000) and every_seconds (600) by default: the first model still comes early."""
-    from daemon.registry import Registry, registry_root
-    from daemon.settings import Settings
+    from daemon.registry.versions import Registry, registry_root
+    from daemon.common.settings import Settings
 
     defaults = Settings().export
     assert (defaults.every_examples, defaults.every_seconds) == (2000, 600.0)

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from daemon import checkpoint
-from daemon.decoding import DecodePool, auto_workers
-from daemon.imaging import load_rgb
-from daemon.learner import Learner
-from daemon.settings import ModelSettings, TrainingSettings
-from daemon.store import StoredExample
+from daemon.learning import checkpoint
+from daemon.learning.decoding import DecodePool, auto_workers
+from edge.preprocess import load_rgb
+from daemon.learning.learner import Learner
+from daemon.common.settings import ModelSettings, TrainingSettings
+from daemon.store.examples import StoredExample
 from helpers import wait_for
 from test_learner import colour_jpeg, make_learner, stream
 
@@ -141,7 +141,7 @@ def test_workers_killed_at_any_moment_never_hang_the_learner():
 
 
 def drive(learner: Learner, reader, batch_size: int, read_ahead: bool) -> int:
-    """The learner's loop as daemon.training runs it; returns how many images the read-aheads should hold
+    """The learner's loop as daemon.learning.training runs it; returns how many images the read-aheads should hold
     (without replay: the next batch's train examples, after every step that learned something)."""
     expected = 0
     batch = reader.after(learner.high_water_mark, batch_size)
@@ -192,9 +192,9 @@ def test_reading_ahead_with_replay_learns_every_example_once_and_decodes_replay_
 
 
 def test_the_learners_thread_tops_up_a_short_read_ahead_and_learns_every_example_once(tmp_path):
-    from daemon.settings import Settings
-    from daemon.store import Store
-    from daemon.training import Training
+    from daemon.common.settings import Settings
+    from daemon.store.examples import Store
+    from daemon.learning.training import Training
 
     examples = stream([0, 1], 10, seed=63)
     store = Store(tmp_path / "examples.db")
@@ -273,7 +273,7 @@ def test_decoder_processes_and_their_shared_memory_go_with_a_killed_learner(tmp_
 
     script = (
         "import os, signal\n"
-        "from daemon.decoding import DecodePool\n"
+        "from daemon.learning.decoding import DecodePool\n"
         "from test_decoding import images\n"
         "pool = DecodePool(32, workers=2, slots=16)\n"
         "pool.rgb(images(16))\n"

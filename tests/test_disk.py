@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.feeder import Publisher
+from daemon.tools.feeder import Publisher
 from helpers import jpeg, wait_for
 from test_lifecycle import systemd  # noqa: F401  (the fixture: a service manager's notify socket)
 from test_status import metrics
@@ -118,8 +118,8 @@ def test_a_full_disk_pauses_intake_unacked_and_it_resumes_when_space_returns(bro
 STORE_ON_A_FULL_DISK = """
 import os, subprocess, sys
 from pathlib import Path
-from daemon.store import Store, is_disk_full
-from daemon.wire import Example
+from daemon.store.examples import Store, is_disk_full
+from daemon.ingest.wire import Example
 
 state = Path(sys.argv[1])
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "sprout-test", str(state)], check=True)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from daemon import checkpoint
-from daemon.learner import Learner
-from daemon.publishing import _restored
-from daemon.settings import Settings
-from daemon.store import Store
-from daemon.training import Training
+from daemon.learning import checkpoint
+from daemon.learning.learner import Learner
+from daemon.export.pipeline import _restored
+from daemon.common.settings import Settings
+from daemon.store.examples import Store
+from daemon.learning.training import Training
 from test_learner import stream
 
 

@@ -22,8 +22,8 @@ import paho.mqtt.publish as mqtt_publish
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from daemon.registry import Registry
-from daemon.signing import Signer
+from daemon.registry.versions import Registry
+from daemon.registry.signing import Signer
 from edge.model import EdgeModel
 from edge.modeldir import ModelDir
 from edge.preprocess import load_rgb
@@ -56,7 +56,7 @@ class TinyModels:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> TinyModels:
     """The tiny network trained on three colours, exported twice by the daemon's own converter."""
-    from daemon.exporter import convert, snapshot
+    from daemon.export.converter import convert, snapshot
 
     learner, reader = make_learner(tmp_path_factory.mktemp("edge-learner"), stream([0, 1, 2], 20, seed=21, order="iid"))
     learn_all(learner, reader)
@@ -462,14 +462,14 @@ def test_watch_follows_a_retained_mqtt_notice(registry, link, tiny, public_key, 
 
 
 def test_edge_shares_trust_and_preprocessing_with_the_daemon_and_imports_neither_torch_nor_daemon():
-    import daemon.imaging
-    import daemon.signing
+    import daemon.learning.decoding
+    import daemon.registry.signing
     import edge.preprocess
     import edge.trust
 
-    assert daemon.signing.SignatureError is edge.trust.SignatureError
-    assert daemon.signing.verify is edge.trust.verify_document
-    assert daemon.imaging.load_rgb is edge.preprocess.load_rgb
+    assert daemon.registry.signing.SignatureError is edge.trust.SignatureError
+    assert daemon.registry.signing.verify is edge.trust.verify_document
+    assert daemon.learning.decoding.load_rgb is edge.preprocess.load_rgb
     for path in sorted((REPO / "edge").glob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon import checkpoint
-from daemon.export_child import TMP_PREFIX, ExportChild, ExportStopped, remove_orphaned_temporaries
-from daemon.exporting import Exporting
-from daemon.settings import ExportSettings, ModelSettings, Settings, TrainingSettings
+from daemon.learning import checkpoint
+from daemon.export.child import TMP_PREFIX, ExportChild, ExportStopped, remove_orphaned_temporaries
+from daemon.export.schedule import Exporting
+from daemon.common.settings import ExportSettings, ModelSettings, Settings, TrainingSettings
 from helpers import wait_for
 from test_learner import learn_all, make_learner, stream
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.exporter import ExportError, convert, float_probabilities, snapshot
-from daemon.imaging import load_rgb
-from daemon.publishing import gate
-from daemon.settings import Settings
-from daemon.verification import default_tflite_runtime_python, verify
+from daemon.export.converter import ExportError, convert, float_probabilities, snapshot
+from edge.preprocess import load_rgb
+from daemon.export.pipeline import gate
+from daemon.common.settings import Settings
+from daemon.export.verification import default_tflite_runtime_python, verify
 from models.zoo import get
 from test_learner import learn_all, make_learner, stream
 

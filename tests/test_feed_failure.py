@@ -16,9 +16,9 @@ import urllib.request
 
 import pytest
 
-from daemon.feeder import Publisher
-from daemon.service import EX_SOFTWARE, Daemon
-from daemon.settings import Settings
+from daemon.tools.feeder import Publisher
+from daemon.service.daemon import EX_SOFTWARE, Daemon
+from daemon.common.settings import Settings
 from helpers import jpeg, stored_ids, wait_for
 
 

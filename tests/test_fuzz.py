@@ -37,10 +37,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MalformedPacket, MQTTException, Properties
 from PIL import Image
 
-from daemon.imagehead import HeaderError, read_header
-from daemon.mqttfast import FastProperties
-from daemon.settings import StoreSettings
-from daemon.wire import (CONTENT_TYPES, MAX_ID_CHARS, MAX_JSON_BRACKETS, MAX_JSON_INT_DIGITS, SPLITS, Example, Limits,
+from daemon.ingest.imagehead import HeaderError, read_header
+from daemon.ingest.mqttfast import FastProperties
+from daemon.common.settings import StoreSettings
+from daemon.ingest.wire import (CONTENT_TYPES, MAX_ID_CHARS, MAX_JSON_BRACKETS, MAX_JSON_INT_DIGITS, SPLITS, Example, Limits,
                          Reason, Rejection, parse)
 
 EXAMPLES = int(os.environ.get("SPROUT_FUZZ_EXAMPLES", "300"))

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from daemon.feeder import Publisher
-from daemon.store import open_reader
-from daemon.wire import Example, Reason, Rejection, parse
+from daemon.tools.feeder import Publisher
+from daemon.store.examples import open_reader
+from daemon.ingest.wire import Example, Reason, Rejection, parse
 from helpers import SPROUT, DaemonProcess, jpeg, stored_ids, wait_for
 from test_fuzz import (DAEMON_LIMITS, GENERATORS, IMAGE_FAULTS, Message, Seeded, check, mismatch,
                        mqtt_properties, oversized_message, verdict_matches)

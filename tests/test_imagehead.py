@@ -8,7 +8,7 @@ import random
 import pytest
 from PIL import Image
 
-from daemon.imagehead import HeaderError, read_header
+from daemon.ingest.imagehead import HeaderError, read_header
 
 
 def encode(size: tuple[int, int], fmt: str, mode: str = "RGB", **options) -> bytes:

@@ -18,13 +18,13 @@ from test_learner import colour_jpeg
 from test_status import metrics
 
 from daemon import cli
-from daemon.datasets import content_id
-from daemon.feeder import Publisher
-from daemon.importer import Progress, import_folder
-from daemon.service import wire_limits
-from daemon.settings import Settings
-from daemon.store import Store
-from daemon.wire import holdout_split
+from daemon.ingest.folders import content_id
+from daemon.tools.feeder import Publisher
+from daemon.ingest import wire
+from daemon.ingest.importer import Progress, import_folder
+from daemon.common.settings import Settings
+from daemon.store.examples import Store
+from daemon.ingest.wire import holdout_split
 
 
 def rows(state: Path) -> dict[str, tuple[str, str, str]]:
@@ -226,7 +226,7 @@ def test_memory_stays_flat_however_many_files(tmp_path):
     store = Store(settings.state_dir / "examples.db")
     tracemalloc.start()
     try:
-        report = import_folder(tmp_path / "photos", store, settings.store, wire_limits(settings),
+        report = import_folder(tmp_path / "photos", store, settings.store, wire.limits(settings),
                                Progress(io.StringIO(), 300))
         peak = tracemalloc.get_traced_memory()[1]
     finally:

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from helpers import SPROUT, jpeg, png, publish_examples, rejection_notices, stored_ids, wait_for
-from daemon.feeder import Publisher
+from daemon.tools.feeder import Publisher
 
 
 def ids_and_labels(n: int, prefix: str = "ex", classes: tuple[str, ...] = ("rust", "blight", "healthy")):
@@ -369,7 +369,7 @@ def test_shared_subscription_spreads_one_feed_over_two_daemons(broker, daemon_fa
 
 
 def test_broker_password_from_the_environment(tmp_path, daemon_factory):
-    from daemon.broker import Mosquitto
+    from daemon.tools.broker import Mosquitto
 
     passwords = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "sprout", "s3cret-pw"], check=True, timeout=30)

@@ -16,20 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 
-import daemon.labels
-from daemon import checkpoint
+import daemon.store.labels
+from daemon.learning import checkpoint
 from daemon.cli import main
-from daemon.feeder import Publisher
-from daemon.head import GrowingHead
-from daemon.labels import Action, LabelChange, LabelError, LabelMap, outputs_after
-from daemon.publishing import _restored
-from daemon.registry import Registry, registry_root, utc_time
-from daemon.settings import Settings
-from daemon.signing import Signer
-from daemon.static_step import StaticStep
-from daemon.store import LabelCount, Store, StoreReader, stats
-from daemon.training import Training
-from daemon.wire import Example
+from daemon.tools.feeder import Publisher
+from daemon.learning.head import GrowingHead
+from daemon.store.labels import Action, LabelChange, LabelError, LabelMap, outputs_after
+from daemon.export.pipeline import _restored
+from daemon.registry.versions import Registry, registry_root, utc_time
+from daemon.common.settings import Settings
+from daemon.registry.signing import Signer
+from daemon.learning.static_step import StaticStep
+from daemon.store.examples import LabelCount, Store, StoreReader, stats
+from daemon.learning.training import Training
+from daemon.ingest.wire import Example
 from helpers import SPROUT, wait_for
 from models import zoo
 from test_daemon_learning import LEARNING, last_checkpoint
@@ -89,7 +89,7 @@ def embeddings_of(training: Training) -> torch.Tensor:
 
 
 def test_the_label_map_follows_renames_merges_and_retirements_and_refuses_what_makes_no_sense():
-    assert doctest.testmod(daemon.labels).failed == 0
+    assert doctest.testmod(daemon.store.labels).failed == 0
     m = LabelMap()
     m.apply(LabelChange(1, 0.0, Action.MERGE, "leaf rust", "leaf_rust"))
     m.apply(LabelChange(2, 0.0, Action.RENAME, "leaf_rust", "rust"))

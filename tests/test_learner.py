@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from daemon import checkpoint
-from daemon.head import GrowingHead
-from daemon.learner import Learner
-from daemon.settings import ModelSettings, TrainingSettings
-from daemon.store import Store, StoreReader
-from daemon.wire import Example
+from daemon.learning import checkpoint
+from daemon.learning.head import GrowingHead
+from daemon.learning.learner import Learner
+from daemon.common.settings import ModelSettings, TrainingSettings
+from daemon.store.examples import Store, StoreReader
+from daemon.ingest.wire import Example
 
 # Distinct colours per class: random conv features of the tiny backbone separate them.
 PALETTE = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 210), (40, 210, 210)]
@@ -163,7 +163,7 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path: Path):
 WRITER = """
 import sys, torch
 from pathlib import Path
-from daemon import checkpoint
+from daemon.learning import checkpoint
 folder = Path(sys.argv[1])
 i = 0
 while True:
@@ -229,8 +229,8 @@ def test_reading_a_checkpoint_never_disturbs_a_write_in_progress(tmp_path: Path)
 
 
 def test_the_learner_pauses_while_intake_has_examples_waiting(tmp_path: Path):
-    from daemon.settings import Settings
-    from daemon.training import YIELD_AT_BACKLOG, Training
+    from daemon.common.settings import Settings
+    from daemon.learning.training import YIELD_AT_BACKLOG, Training
 
     store = Store(tmp_path / "examples.db")
     store.commit(stream([0, 1], 20, seed=12))

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.feeder import Publisher
-from daemon.notify import Notifier, watchdog_usec
-from daemon.service import SHUTDOWN_BOUND_S
+from daemon.tools.feeder import Publisher
+from daemon.service.systemd import Notifier, watchdog_usec
+from daemon.service.daemon import SHUTDOWN_BOUND_S
 from helpers import jpeg, publish_examples, stored_ids, wait_for
 
 LEARNING = {
@@ -203,7 +203,7 @@ def test_sigterm_while_examples_flow_and_the_learner_learns_exits_0_within_the_b
 
 
 def export_processes(parent: int) -> list[int]:
-    """Pids of the export processes (daemon/export_child.py) whose parent is ``parent``."""
+    """Pids of the export processes (daemon/export/child.py) whose parent is ``parent``."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
@@ -212,7 +212,7 @@ def export_processes(parent: int) -> list[int]:
         except (OSError, ValueError):
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and b"daemon.export_child" in cmdline:
+        if ppid == parent and b"daemon.export.child" in cmdline:
             found.append(int(entry.name))
     return found
 
@@ -401,7 +401,7 @@ def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(broker, daemon
 
 
 def test_the_deploy_guide_lists_exactly_what_a_reload_applies():
-    from daemon.reload import RELOADABLE
+    from daemon.service.reload import RELOADABLE
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
     section = doc.split("## 6. Reload", 1)[1].split("\n## ", 1)[0]

@@ -1,10 +1,10 @@
-"""The watchdog's judge (daemon/liveness.py) on its own: a learner inside torch.compile has a bound of its own."""
+"""The watchdog's judge (daemon/service/liveness.py) on its own: a learner inside torch.compile has a bound of its own."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from daemon.liveness import COMPILE_BOUND_S, Liveness
+from daemon.service.liveness import COMPILE_BOUND_S, Liveness
 
 
 def training(last_progress: float, compiling_since: float | None = None) -> SimpleNamespace:

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from daemon.exporter import convert
-from daemon.model_metadata import UNPUBLISHED, describe, stamp_version
-from daemon.publishing import export_once
-from daemon.registry import Registry, registry_root
-from daemon.settings import Settings
-from daemon.signing import Signer
-from daemon.verification import EDGE_ROOT, default_tflite_runtime_python
+from daemon.export.converter import convert
+from daemon.export.metadata import UNPUBLISHED, describe, stamp_version
+from daemon.export.pipeline import export_once
+from daemon.registry.versions import Registry, registry_root
+from daemon.common.settings import Settings
+from daemon.registry.signing import Signer
+from daemon.export.verification import EDGE_ROOT, default_tflite_runtime_python
 from edge.model import EdgeModel
 from test_exporter import trained  # noqa: F401 - the module's fixture: one tiny classifier, trained once
 from test_publishing import learned_state
@@ -165,8 +165,8 @@ def test_weights_stored_after_the_flatbuffer_are_moved_inside_and_still_compute_
     """ai-edge-quantizer stores fp16 weights after the flatbuffer once they pass 256 KB (EfficientNet-Lite0 does):
     here a 4,096-class head. The described file keeps every weight (inside the flatbuffer now), computes the same
     on both interpreters, and loads on the Task Library, whose TFLite could not read the converter's file."""
-    from daemon.exporter import snapshot
-    from daemon.head import GrowingHead
+    from daemon.export.converter import snapshot
+    from daemon.learning.head import GrowingHead
     from models.zoo import get
 
     model = trained[0]

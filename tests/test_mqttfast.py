@@ -10,7 +10,7 @@ from paho.mqtt import _packet
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MalformedPacket, MQTTException, Properties
 
-from daemon.mqttfast import FastProperties, install
+from daemon.ingest.mqttfast import FastProperties, install
 
 
 def random_publish_properties(rng: random.Random) -> Properties:
@@ -97,7 +97,7 @@ def test_install_targets_publish_decoding():
 def test_burst_client_reads_every_waiting_packet_per_wake_up(broker):
     from paho.mqtt import client as mqtt
 
-    from daemon.mqttfast import BurstClient
+    from daemon.ingest.mqttfast import BurstClient
     from helpers import publish_examples
 
     def connect(cls):

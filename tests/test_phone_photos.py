@@ -21,9 +21,9 @@ import pillow_heif
 import pytest
 from PIL import Image
 
-from daemon.decoding import DecodePool
-from daemon.settings import StoreSettings
-from daemon.wire import Example, Limits, Reason, Rejection, parse
+from daemon.learning.decoding import DecodePool
+from daemon.common.settings import StoreSettings
+from daemon.ingest.wire import Example, Limits, Reason, Rejection, parse
 from edge.preprocess import load_rgb, resize_and_crop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def test_without_pillow_heif_heic_is_refused_with_the_package_to_install(phone_h
         "sys.modules['pillow_heif'] = None\n"
         "from pathlib import Path\n"
         "from PIL import Image\n"
-        "from daemon.wire import Limits, parse\n"
+        "from daemon.ingest.wire import Limits, parse\n"
         "from edge.preprocess import load_rgb\n"
         "heic = Path(sys.argv[1]).read_bytes()\n"
         "limits = Limits(16 << 20, 50_000_000, 64, 0.1, 16_777_216)\n"

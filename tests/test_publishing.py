@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from daemon import checkpoint
-from daemon.publishing import export_once
-from daemon.registry import Registry, registry_root
-from daemon.settings import Settings
-from daemon.signing import verify, verify_file
-from daemon.store import Store
-from daemon.wire import Example
+from daemon.learning import checkpoint
+from daemon.export.pipeline import export_once
+from daemon.registry.versions import Registry, registry_root
+from daemon.common.settings import Settings
+from daemon.registry.signing import verify, verify_file
+from daemon.store.examples import Store
+from daemon.ingest.wire import Example
 from helpers import SPROUT
 from test_learner import colour_jpeg, learn_all, make_learner, stream
 
@@ -90,7 +90,7 @@ def test_a_worse_candidate_is_rejected_with_reasons_and_not_published(tmp_path: 
 
 def test_the_published_version_is_rescored_on_the_candidates_holdout(tmp_path: Path):
     """A model that learned a new class is compared with the published one on the same images, new class included."""
-    from daemon.store import Store
+    from daemon.store.examples import Store
 
     learner, reader = make_learner(tmp_path, stream([0, 1], 40, seed=34, order="iid"))
     learn_all(learner, reader)
@@ -132,8 +132,8 @@ def test_float_export_on_one_runtime_when_configured(tmp_path: Path):
 
 
 def test_gate_refuses_nan_and_a_large_drop_and_a_regression_per_runtime():
-    from daemon.publishing import Baseline, gate
-    from daemon.verification import RuntimeReport
+    from daemon.export.pipeline import Baseline, gate
+    from daemon.export.verification import RuntimeReport
 
     settings = Settings.load(None)
     report = RuntimeReport("ai-edge-litert", "2.3.0", 0.80, 0.9, 1.0, True, "float32")
@@ -186,7 +186,7 @@ def test_a_burst_of_flipped_labels_does_not_get_a_worse_model_published(tmp_path
 
 
 def test_a_mode_refused_for_its_accuracy_drop_rests_for_some_exports(tmp_path: Path):
-    from daemon.lossy_modes import LossyModes
+    from daemon.export.lossy_modes import LossyModes
 
     state = learned_state(tmp_path)
     settings = Settings.load(None, {"state_dir": str(state), "model": {"backbone": "tiny", "input_size": 32},
@@ -208,7 +208,7 @@ def test_a_mode_refused_for_its_accuracy_drop_rests_for_some_exports(tmp_path: P
 
 
 def test_lossy_mode_bookkeeping(tmp_path: Path):
-    from daemon.lossy_modes import LossyModes
+    from daemon.export.lossy_modes import LossyModes
 
     root = tmp_path
     rest = LossyModes(root)

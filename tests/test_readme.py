@@ -22,7 +22,7 @@ def block_after(marker: str) -> str:
 
 def test_the_readmes_example_messages_are_stored_as_sent(broker, daemon_factory, tmp_path: Path):
     """The mosquitto_pub lines a feed in any language would copy: MQTT v5 properties, and the JSON fallback."""
-    from daemon.store import open_reader
+    from daemon.store.examples import open_reader
 
     d = daemon_factory(broker.url, model="plant-disease").start()
     (tmp_path / "leaf.jpg").write_bytes(jpeg(7, size=64))
@@ -76,8 +76,8 @@ def test_your_own_photos_end_to_end_as_the_readme_walks_it(broker, tmp_path: Pat
     import os
     import urllib.request
 
-    from daemon.broker import free_port
-    from daemon.registry import Registry, registry_root
+    from daemon.tools.broker import free_port
+    from daemon.registry.versions import Registry, registry_root
     from test_learner import colour_jpeg
 
     for c, name in enumerate(["healthy", "leaf_rust", "leaf_spot"]):

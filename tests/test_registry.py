@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from daemon.registry import MANIFEST_KEYS, NoRegistryError, Registry, RegistryError, UnknownVersionError
-from daemon.signing import SignatureError, Signer, SigningKeyError, generate, verify, verify_file
+from daemon.registry.versions import MANIFEST_KEYS, NoRegistryError, Registry, RegistryError, UnknownVersionError
+from daemon.registry.signing import SignatureError, Signer, SigningKeyError, generate, verify, verify_file
 from helpers import SPROUT, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -363,8 +363,8 @@ def test_readers_write_nothing(tmp_path: Path, registry: Registry):
 _PUBLISHER = """
 import json, os, sys
 from pathlib import Path
-from daemon.registry import Registry
-from daemon.signing import Signer
+from daemon.registry.versions import Registry
+from daemon.registry.signing import Signer
 reg = Registry(Path(sys.argv[1]), sys.argv[2], Signer.load(Path(sys.argv[3])), keep_versions=3)
 fields = json.loads(sys.argv[4])
 while True:

@@ -18,9 +18,9 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 
-from daemon.registry import Registry, registry_root
-from daemon.server import DownloadApi, HttpServer
-from daemon.signing import Signer, verify
+from daemon.registry.versions import Registry, registry_root
+from daemon.distribution.http import DownloadApi, HttpServer
+from daemon.registry.signing import Signer, verify
 from helpers import SPROUT, wait_for
 from test_registry import fields
 
@@ -312,7 +312,7 @@ def test_a_network_facing_bind_serves_phones_the_api_only_and_the_operator_pages
     import urllib.error
     import urllib.request
 
-    from daemon.broker import free_port
+    from daemon.tools.broker import free_port
 
     phone_port, admin_port = free_port(), free_port()
 
@@ -376,7 +376,7 @@ def test_the_fleet_view_counts_versions_run_and_downloads_without_keeping_a_devi
 
 
 def test_a_device_not_heard_from_for_a_day_no_longer_counts_and_memory_is_bounded():
-    from daemon.fleet import Fleet
+    from daemon.distribution.fleet import Fleet
 
     fleet = Fleet(window_s=0.2, max_devices=3)
     for i in range(5):

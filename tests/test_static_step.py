@@ -1,4 +1,4 @@
-"""The fixed-shape training step (daemon/static_step.py): padded, weighted, guarded, and the same step as the eager one.
+"""The fixed-shape training step (daemon/learning/static_step.py): padded, weighted, guarded, and the same step as the eager one.
 
 Its CUDA graph needs a GPU (the tests at the end are skipped without one);
 everything it replays is the eager function tested here on the CPU.
@@ -11,11 +11,11 @@ import copy
 import pytest
 import torch
 
-from daemon import checkpoint
-from daemon.head import GrowingHead
-from daemon.learner import Learner
-from daemon.settings import ModelSettings, TrainingSettings
-from daemon.static_step import StaticStep
+from daemon.learning import checkpoint
+from daemon.learning.head import GrowingHead
+from daemon.learning.learner import Learner
+from daemon.common.settings import ModelSettings, TrainingSettings
+from daemon.learning.static_step import StaticStep
 from models import zoo
 from test_learner import learn_all, make_learner, stream
 
@@ -110,7 +110,7 @@ def test_a_checkpoint_of_a_graphed_learner_resumes_on_the_cpu(tmp_path):
     assert again.restore(checkpoint.load(tmp_path / "checkpoints"))
     assert all(not g["capturable"] for g in again.optimizer.param_groups)
     store_more = stream([0, 1], 4, seed=64)
-    from daemon.store import Store
+    from daemon.store.examples import Store
 
     store = Store(tmp_path / "examples.db")
     store.commit(store_more)

@@ -16,13 +16,13 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-import daemon.curves
-import daemon.status
-from daemon import checkpoint
-from daemon.registry import Registry, registry_root
-from daemon.settings import Settings
-from daemon.store import Store
-from daemon.training import Training
+import daemon.learning.curves
+import daemon.service.status
+from daemon.learning import checkpoint
+from daemon.registry.versions import Registry, registry_root
+from daemon.common.settings import Settings
+from daemon.store.examples import Store
+from daemon.learning.training import Training
 from helpers import wait_for
 from test_daemon_learning import LEARNING, publish_colours
 from test_learner import stream
@@ -154,7 +154,7 @@ def test_an_evaluation_between_steps_and_the_curves_reach_the_checkpoint_and_old
 
 
 def test_the_status_and_curves_examples_run():
-    for module in (daemon.status, daemon.curves):
+    for module in (daemon.service.status, daemon.learning.curves):
         assert doctest.testmod(module).failed == 0, module.__name__
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.store import Store, StoreError, open_reader, stats
-from daemon.wire import Example, Reason, Rejection
+from daemon.store.examples import Store, StoreError, open_reader, stats
+from daemon.ingest.wire import Example, Reason, Rejection
 
 
 def example(i: int, label: str = "healthy", split: str = "train") -> Example:
@@ -131,7 +131,7 @@ def test_the_learner_replays_around_pruned_examples(tmp_path: Path):
 
 
 def test_the_embedding_cache_forgets_what_retention_deleted_looking_at_each_seq_once(tmp_path: Path):
-    from daemon.embeddings import EmbeddingCache
+    from daemon.learning.embeddings import EmbeddingCache
 
     cache = EmbeddingCache(tmp_path / "embeddings.db", "net", 4)
     cache.put({seq: np.full(4, seq, np.float32) for seq in range(1, 21)})

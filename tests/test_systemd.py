@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.broker import free_port
-from daemon.feeder import Publisher
-from daemon.verification import default_tflite_runtime_python
+from daemon.tools.broker import free_port
+from daemon.tools.feeder import Publisher
+from daemon.export.verification import default_tflite_runtime_python
 from helpers import wait_for
 from test_learner import colour_jpeg
 
@@ -105,7 +105,7 @@ def test_unit_speaks_the_daemons_notify_protocol():
     watchdog = d["WatchdogSec"][0]
     assert watchdog.isdigit() and int(watchdog) >= 60, "the learner's holdout evaluation needs tens of seconds"
     # The daemon bounds its own shutdown at 20 s; systemd must wait longer before its SIGKILL.
-    from daemon.service import SHUTDOWN_BOUND_S
+    from daemon.service.daemon import SHUTDOWN_BOUND_S
 
     assert int(d["TimeoutStopSec"][0]) > SHUTDOWN_BOUND_S
     # The exporter runs the tflite-runtime virtualenv's python and writes temporaries: nothing may forbid that.
@@ -269,7 +269,7 @@ def test_the_daemon_learns_exports_reloads_and_stops_inside_the_units_sandbox(br
 
 _LOG_SOME = """
 import logging
-from daemon.logs import configure
+from daemon.common.logs import configure
 configure("INFO")
 log = logging.getLogger("sprout.test")
 log.info("learning")

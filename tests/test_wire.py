@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from helpers import jpeg, png
-from daemon.wire import Example, Limits, Reason, Rejection, Unchecked, check_body, holdout_split, parse
+from daemon.ingest.wire import Example, Limits, Reason, Rejection, Unchecked, check_body, holdout_split, parse
 
 LIMITS = Limits(max_image_bytes=200_000, max_image_pixels=1_000_000, max_full_decode_pixels=1_000_000, max_label_chars=32,
                 holdout_fraction=0.2)
@@ -219,12 +219,12 @@ def test_a_json_rejection_keeps_the_example_id_it_could_read():
 
 
 def test_a_parser_defect_rejects_the_message_instead_of_raising(monkeypatch):
-    import daemon.wire
+    import daemon.ingest.wire
 
     def broken(*args):
         raise KeyError("a defect")
 
-    monkeypatch.setattr(daemon.wire, "_example", broken)
+    monkeypatch.setattr(daemon.ingest.wire, "_example", broken)
     r = parse(jpeg(1), props(example_id="e-9"), "image/jpeg", LIMITS)
     assert rejected(r) == Reason.UNREADABLE and r.example_id == "e-9" and "KeyError" in r.detail
 

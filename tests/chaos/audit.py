@@ -10,14 +10,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon import checkpoint
-from daemon.atomic import TMP_PREFIX
-from daemon.registry import LABELS_FILE, MODEL_FILE, Registry, RegistryError, registry_root
+from daemon.learning import checkpoint
+from edge.atomic import TMP_PREFIX
+from daemon.registry.versions import LABELS_FILE, MODEL_FILE, Registry, RegistryError, registry_root
 from edge.model import EdgeModel, ModelError
 from edge.trust import SignatureError, verify_document, verify_file
 
 # Reasons in the registry's log that mean an interpreter could not load or run a candidate, or gave NaN,
-# as opposed to an accuracy gate doing its job (accuracy_drop, regression): daemon/publishing.py.
+# as opposed to an accuracy gate doing its job (accuracy_drop, regression): daemon/export/pipeline.py.
 RUNTIME_FAILURE_WORDS = ("could not load or run", "NaN or infinite", "no runtime verified")
 
 
@@ -77,7 +77,7 @@ def learner(state: Path) -> list[str]:
 
 
 def temporaries(folder: Path) -> list[str]:
-    """Leftovers of interrupted writes (daemon/atomic.py, checkpoint.py and registry.py name them ``.tmp-*``)."""
+    """Leftovers of interrupted writes (edge/atomic.py, which the daemon's checkpoint and registry use, names them ``.tmp-*``)."""
     if not folder.exists():
         return []
     return sorted(str(p.relative_to(folder)) for p in folder.rglob(f"{TMP_PREFIX}*"))
@@ -86,7 +86,7 @@ def temporaries(folder: Path) -> list[str]:
 @dataclass
 class Models:
     versions_published: list[int]  # from the registry's log, in order
-    recovered: int = 0  # ... of which a restart finished (daemon/registry.py _finish_interrupted_publish)
+    recovered: int = 0  # ... of which a restart finished (daemon/registry/versions.py _finish_interrupted_publish)
     refused: int = 0  # candidates the gates refused (logged, never published)
     refused_by_runtime: int = 0  # ... of which because an interpreter failed to load or run them, or gave NaN
     failing: list[str] = field(default_factory=list)  # published versions failing the device-side checks

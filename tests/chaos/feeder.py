@@ -132,7 +132,7 @@ class Feeder(threading.Thread):
         props.UserProperty = [("label", label), ("example_id", example_id)]
         with self._lock:
             self._sent_at[example_id] = time.monotonic()
-        # Not under our lock: paho calls on_publish holding its own lock (see daemon/feeder.py).
+        # Not under our lock: paho calls on_publish holding its own lock (see daemon/tools/feeder.py).
         # While the broker is down paho queues the message and sends it on reconnect (rc NO_CONN).
         info = self._client.publish(self.topic, payload, qos=1, properties=props)
         self.sends += 1

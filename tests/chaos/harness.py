@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon import checkpoint
-from daemon.atomic import TMP_PREFIX
-from daemon.broker import Mosquitto
+from daemon.learning import checkpoint
+from edge.atomic import TMP_PREFIX
+from daemon.tools.broker import Mosquitto
 from helpers import DaemonProcess, stored_ids, wait_for
 
 from . import audit

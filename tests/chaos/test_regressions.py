@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon.exporting import Exporting
-from daemon.feeder import Publisher
-from daemon.registry import Registry, registry_root
-from daemon.settings import ExportSettings, ModelSettings, Settings, TrainingSettings
-from daemon.signing import Signer
-from daemon.store import Store
-from daemon.training import Training
+from daemon.export.schedule import Exporting
+from daemon.tools.feeder import Publisher
+from daemon.registry.versions import Registry, registry_root
+from daemon.common.settings import ExportSettings, ModelSettings, Settings, TrainingSettings
+from daemon.registry.signing import Signer
+from daemon.store.examples import Store
+from daemon.learning.training import Training
 from helpers import wait_for
 from test_learner import stream
 
@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 PUBLISH_ONE = """
 import json, os, sys
 from pathlib import Path
-from daemon.registry import Registry
-from daemon.signing import Signer
+from daemon.registry.versions import Registry
+from daemon.registry.signing import Signer
 root, model, key, fields = sys.argv[1:]
 Registry(Path(root), model, Signer.load(Path(key))).publish(os.urandom(2000), json.loads(fields))
 """
@@ -73,7 +73,7 @@ def test_the_learner_goes_on_learning_beside_an_export(tmp_path):
     # Found by the chaos harness: while torch.export traces, torch.compiler.is_exporting() is true in every
     # thread, and the learner's Optimizer.zero_grad then edited torch.fx's global trace metadata beside the
     # trace: the learner thread died with KeyError: 'custom' and the daemon exited 70. Exports now run in
-    # a process of their own (daemon/export_child.py): the learner neither races with the trace nor waits.
+    # a process of their own (daemon/export/child.py): the learner neither races with the trace nor waits.
     store = Store(tmp_path / "examples.db")
     store.commit(stream([0, 1, 2], 2000, seed=5, order="iid"))
     store.close()

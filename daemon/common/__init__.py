@@ -1,0 +1,1 @@
+"""What every stage shares: settings, logging, atomic files, the state folder's owner."""

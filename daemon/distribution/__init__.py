@@ -1,0 +1,1 @@
+"""Models out: the HTTP download API, the retained MQTT notice, the fleet's counts."""

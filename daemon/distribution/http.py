@@ -1,0 +1,264 @@
+"""The daemon's HTTP side, on Starlette and uvicorn: health, metrics, the status page, and the download API.
+
+Paths (DESIGN.md, docs/devices.md), served from the registry folder as it is
+on disk, so a static mirror of that folder serves the same bytes
+(docs/nginx-mirror.conf):
+
+- ``GET /v1/models/<model>/latest``: the latest manifest; ``Cache-Control:
+  no-cache`` and an ETag (sha256 of the document), so a device's conditional
+  GET costs a 304 until a new version is published.
+- ``GET /v1/models/<model>/latest.sig``: its detached Ed25519 signature (64 bytes).
+- ``GET /v1/models/<model>/versions``: the published versions, newest first.
+- ``GET /v1/models/<model>/versions/<v>/{manifest.json,manifest.json.sig,model.tflite,labels.txt}``:
+  immutable once published. ``model.tflite``'s ETag is its sha256 (from the
+  manifest); ``If-None-Match`` gives 304 and ``Range`` 206, so a download cut
+  off in a field resumes where it stopped.
+
+Model names and versions are checked against what the registry can hold
+before any path is built, so no request reaches outside it. With a bearer
+token configured every /v1 request must carry it.
+
+uvicorn runs in its own thread with its own event loop; it installs no signal
+handlers off the main thread, so the Daemon keeps sole control of signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import h11
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from daemon.distribution.fleet import Fleet
+
+log = logging.getLogger("sprout.server")
+
+Health = Callable[[], dict[str, bool]]
+
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as settings.model.name allows
+_VERSION = re.compile(r"^[1-9][0-9]{0,9}$")
+_FILES = {"manifest.json": "application/json", "manifest.json.sig": "application/octet-stream",
+          "model.tflite": "application/octet-stream", "labels.txt": "text/plain; charset=utf-8"}
+IMMUTABLE = "public, max-age=31536000, immutable"  # a published version's files never change
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _etag_matches(request: Request, etag: str) -> bool:
+    wanted = request.headers.get("if-none-match")
+    if wanted is None:
+        return False
+    return wanted.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in wanted.split(",")]
+
+
+def _document(request: Request, path: Path, cache: str) -> Response:
+    """A small file of the registry (JSON, or a signature), with an ETag of its bytes and 304 when the device has it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return _error(404, "nothing published yet" if path.name in ("latest", "latest.sig") else f"no {path.name} here")
+    etag = f'"{hashlib.sha256(data).hexdigest()}"'
+    headers = {"ETag": etag, "Cache-Control": cache}
+    if _etag_matches(request, etag):
+        return Response(status_code=304, headers=headers)
+    kind = "application/octet-stream" if path.name.endswith(".sig") else "application/json"
+    return Response(data, media_type=kind, headers=headers)
+
+
+class DownloadApi:
+    """The /v1 routes over ``registry_root`` (one folder per model, as daemon/registry/versions.py lays it out)."""
+
+    def __init__(self, registry_root: Path, token: str | None = None):
+        self.root = registry_root
+        self.token = token
+        self.fleet = Fleet()  # which versions devices run and fetch (daemon/distribution/fleet.py): counts only
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models/{model}/latest", self.latest),
+            Route("/v1/models/{model}/latest.sig", self.latest_signature),
+            Route("/v1/models/{model}/versions", self.versions),
+            Route("/v1/models/{model}/versions/{version}/{name}", self.version_file),
+        ]
+
+    def _refusal(self, request: Request) -> Response | None:
+        """Why this request gets nothing (bad token, bad name, unknown model); None when it may proceed."""
+        if self.token is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                return JSONResponse({"error": "a valid bearer token is required: Authorization: Bearer <token>"},
+                                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="sprout"'})
+        self.fleet.heard(request.headers.get("sprout-device"), request.headers.get("sprout-version"))
+        model = request.path_params["model"]
+        if not _MODEL.match(model):
+            return _error(400, "model names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if not (self.root / model).is_dir():
+            return _error(404, f"no model {model!r} is published here")
+        return None
+
+    async def latest(self, request: Request) -> Response:
+        refusal = self._refusal(request)
+        return refusal or _document(request, self.root / request.path_params["model"] / "latest", "no-cache")
+
+    async def latest_signature(self, request: Request) -> Response:
+        refusal = self._refusal(request)
+        return refusal or _document(request, self.root / request.path_params["model"] / "latest.sig", "no-cache")
+
+    async def versions(self, request: Request) -> Response:
+        refusal = self._refusal(request)
+        return refusal or _document(request, self.root / request.path_params["model"] / "versions", "no-cache")
+
+    async def version_file(self, request: Request) -> Response:
+        if refusal := self._refusal(request):
+            return refusal
+        version, name = request.path_params["version"], request.path_params["name"]
+        if not _VERSION.match(version):
+            return _error(400, "versions are positive integers")
+        if name not in _FILES:
+            return _error(404, f"a version holds {', '.join(_FILES)}")
+        folder = self.root / request.path_params["model"] / version
+        if not (folder / "manifest.json").is_file():
+            return _error(404, f"version {version} is not published (or was removed by retention)")
+        if name in ("manifest.json", "manifest.json.sig"):
+            return _document(request, folder / name, IMMUTABLE)
+        etag = f'"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}"' if name == "labels.txt" \
+            else self._model_etag(folder)
+        headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
+        if _etag_matches(request, etag):
+            return Response(status_code=304, headers=headers)
+        if name == "model.tflite" and request.headers.get("range", "bytes=0-").startswith("bytes=0-"):
+            self.fleet.downloaded(int(version))  # a download begun; its resumes are not counted again
+        # Starlette's FileResponse answers Range with 206 (and If-Range against this ETag).
+        return FileResponse(folder / name, media_type=_FILES[name], headers=headers)
+
+    @staticmethod
+    def _model_etag(folder: Path) -> str:
+        # The manifest's sha256 of the file: the registry verified it at publish, and hashing
+        # megabytes on every conditional GET would be waste.
+        manifest = json.loads((folder / "manifest.json").read_bytes())
+        return f'"{manifest["files"]["model.tflite"]["sha256"]}"'
+
+
+def build_app(health: Health | None, api: DownloadApi | None = None, metrics: Callable[[], bytes] | None = None,
+              status: Callable[[], str] | None = None) -> Starlette:
+    """The routes given: the phone-facing API (``api``) and the operator's (``health``, ``metrics``,
+    ``status``), together on one listener or apart on two (daemon/service/daemon.py decides)."""
+    async def healthz(request: Request) -> JSONResponse:
+        parts = health()
+        return JSONResponse(parts, status_code=200 if all(parts.values()) else 503)
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(status(), headers={"Cache-Control": "no-cache"})
+
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return _error(404, f"no such path: {request.url.path} (the API is in docs/devices.md)")
+
+    routes = [*([Route("/healthz", healthz)] if health else []), *(api.routes() if api else [])]
+    routes += [Route("/metrics", prometheus)] if metrics else []
+    routes += [Route("/", page)] if status else []
+    app = Starlette(routes=routes, exception_handlers={404: not_found})
+    # Starlette would answer "/healthz/" with a redirect whose Location is built from the client's Host
+    # header (an open redirect), and before the /v1 token check; a path is served as written or not at all.
+    app.router.redirect_slashes = False
+    return app
+
+
+class RequestTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request (head and body) has not all arrived
+    within ``request_timeout_s``: uvicorn times only the idle wait between requests (keep-alive), so a
+    client that never finishes its request (slow loris) would hold a connection for ever. Built on h11
+    explicitly, so installing httptools (uvicorn's "auto" choice) cannot drop the timer.
+
+    The timer runs from the connection's opening, or a later request's first byte, until the whole
+    request is parsed; never while the response is sent (a slow download) nor between requests.
+    """
+
+    request_timeout_s = 10.0
+    _request_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._request_timer = self.loop.call_later(self.request_timeout_s, self._request_timed_out)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        # h11 stays IDLE until a request's head is complete: bytes in its buffer are a head under way.
+        receiving = self.conn.their_state is h11.SEND_BODY or (
+            self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0]))
+        if receiving and self._request_timer is None:
+            self._request_timer = self.loop.call_later(self.request_timeout_s, self._request_timed_out)
+        elif not receiving:
+            self._cancel_request_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_request_timer()
+        super().connection_lost(exc)
+
+    def _cancel_request_timer(self) -> None:
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
+
+    def _request_timed_out(self) -> None:
+        self._request_timer = None
+        self.transport.close()
+
+
+class HttpServer:
+    def __init__(self, host: str, port: int, health: Health | None, api: DownloadApi | None = None,
+                 tls_cert_file: Path | None = None, tls_key_file: Path | None = None,
+                 metrics: Callable[[], bytes] | None = None, status: Callable[[], str] | None = None,
+                 request_timeout_s: float = 10.0):
+        # A class of this server's own: uvicorn builds the protocol itself, from the class alone.
+        protocol = type("RequestTimeoutProtocol", (RequestTimeoutProtocol,), {"request_timeout_s": request_timeout_s})
+        config = uvicorn.Config(
+            build_app(health, api, metrics, status), host=host, port=port, log_level="warning", lifespan="off", access_log=False,
+            http=protocol,
+            ssl_certfile=str(tls_cert_file) if tls_cert_file else None,
+            ssl_keyfile=str(tls_key_file) if tls_key_file else None,
+        )
+        self.scheme = "https" if tls_cert_file else "http"
+        self.api = api
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._serve, name="sprout-http", daemon=True)
+        self.error: BaseException | None = None
+
+    def _serve(self) -> None:
+        try:
+            asyncio.run(self._server.serve())
+        except BaseException as err:  # uvicorn exits via SystemExit when it cannot bind
+            self.error = err
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        """Start serving; returns the bound address (useful with port 0)."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"HTTP server did not start on {self._server.config.host}:{self._server.config.port}")
+            time.sleep(0.02)
+        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout_s)

@@ -1,0 +1,1 @@
+"""From checkpoint to candidate .tflite: the export's thread and child process, the converter, verification, gates."""

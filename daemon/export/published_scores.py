@@ -1,0 +1,102 @@
+"""What the published version predicted on each holdout example, per runtime: scored once, not at every export.
+
+The gates compare a candidate with the published version on the candidate's
+holdout (daemon/export/pipeline.py). Running the published model over 400 images
+on both runtimes took 10-25 s of every export at 128 px, most of it
+tflite-runtime's int8 kernels, and gave the same answers each time: a
+stored example never changes and the interpreters run one thread,
+deterministically. So each version's top-1 prediction per holdout example
+(by the store's ``seq``) is kept in ``<state>/export-cache/`` and only
+examples it has not seen yet are run. The candidate that becomes a version
+was just run on its own holdout: its predictions seed the file at publish.
+
+Predictions are kept as class names, so a published model that lacks a class
+the holdout now has simply misses it. A file that cannot be read is scored
+anew; an interpreter of another version scores anew too (its kernels may
+round differently). Written by rename, so a kill leaves the old file whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CACHE = "export-cache"
+
+
+@dataclass
+class RuntimePredictions:
+    version: str  # the interpreter's version that made them
+    by_seq: dict[int, str] = field(default_factory=dict)  # holdout example seq -> predicted class name
+
+
+class PublishedScores:
+    """One published version's predictions on holdout examples, for every runtime that ran it."""
+
+    def __init__(self, root: Path, model_version: int):
+        self.path = root / CACHE / f"published-v{model_version}.json"
+        self.model_version = model_version
+        self.runtimes: dict[str, RuntimePredictions] = {}
+        try:
+            doc = json.loads(self.path.read_text())
+            if doc.get("model_version") == model_version:
+                self.runtimes = {name: RuntimePredictions(r["version"], {int(k): v for k, v in r["by_seq"].items()})
+                                 for name, r in doc["runtimes"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self.runtimes = {}  # none yet, or unreadable: scored anew
+
+    def missing(self, runtime: str, seqs: list[int]) -> list[int]:
+        known = self.runtimes.get(runtime)
+        return list(seqs) if known is None else [s for s in seqs if s not in known.by_seq]
+
+    def add(self, runtime: str, runtime_version: str, seqs: list[int], predicted: list[str]) -> None:
+        known = self.runtimes.get(runtime)
+        if known is None or known.version != runtime_version:
+            known = self.runtimes[runtime] = RuntimePredictions(runtime_version)
+        known.by_seq.update(zip(seqs, predicted, strict=True))
+
+    def top1(self, runtime: str, seqs: list[int], truth: list[str]) -> float | None:
+        """Share of ``seqs`` predicted as their ``truth`` name; None unless every one was scored."""
+        known = self.runtimes.get(runtime)
+        if known is None or not seqs or any(s not in known.by_seq for s in seqs):
+            return None
+        return sum(known.by_seq[s] == t for s, t in zip(seqs, truth, strict=True)) / len(seqs)
+
+    def save(self, keep: set[int] | None = None) -> None:
+        """Write by rename; remove the files of versions other than this one and ``keep``."""
+        folder = self.path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        doc = {"model_version": self.model_version,
+               "runtimes": {name: {"version": r.version, "by_seq": {str(k): v for k, v in r.by_seq.items()}}
+                            for name, r in self.runtimes.items()}}
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        wanted = {self.path.name} | {f"published-v{v}.json" for v in (keep or set())}
+        for old in folder.glob("published-v*.json"):
+            if old.name not in wanted:
+                old.unlink(missing_ok=True)
+
+
+def remove_temporaries(root: Path) -> int:
+    """Remove what killed exports left in ``<root>/export-cache`` (``.tmp-*``): the daemon calls it at start.
+
+    A ``sprout export`` running beside it may lose its own temporary; its save then fails, is logged,
+    and the next export scores anew: these files are a cache.
+    """
+    removed = 0
+    for stale in (root / CACHE).glob(".tmp-*"):
+        try:
+            stale.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed

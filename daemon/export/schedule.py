@@ -1,0 +1,169 @@
+"""The daemon's export thread: publish a new model every ``export.every_examples`` learned or ``every_seconds``.
+
+Until the model's first version is published, it tries every ``export.first_model_examples`` instead.
+
+It works from the learner's last checkpoint (a consistent snapshot that the
+learner writes atomically), so it never holds up training or intake; it asks
+the learner for a fresh checkpoint first. Each export runs in a child process
+that exits after it (daemon/export/child.py: the converter's memory goes with
+it, and its trace shares no state with the learner). A conversion takes tens
+of seconds of CPU; on stop, the daemon kills the child instead of waiting:
+publishing is atomic, and the next start simply exports again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from daemon.learning import checkpoint
+from daemon.export.child import ExportChild, ExportFailed, ExportStopped, remove_orphaned_temporaries
+from daemon.export.published_scores import remove_temporaries
+from daemon.export.pipeline import Outcome, Reason
+from daemon.registry.versions import Registry, RegistryError, registry_root
+from daemon.common.settings import Settings
+
+log = logging.getLogger("sprout.export")
+
+
+class Exporting(threading.Thread):
+    def __init__(self, settings: Settings, learned: Callable[[], int], request_checkpoint: Callable[[], None]):
+        super().__init__(name="sprout-export", daemon=True)
+        self.settings = settings
+        self.learned = learned  # examples learned so far (the learner's counter)
+        self.request_checkpoint = request_checkpoint
+        self.published = 0
+        self.rejected = 0
+        self.rejected_by_reason: dict[str, int] = {}  # Reason.kind -> reasons given for refused candidates
+        self.seconds_total = 0.0  # time spent exporting, for the mean export duration
+        self.exports = 0
+        self.failed = 0  # exports whose process ended without an outcome (raised, crashed, killed)
+        self.last: Outcome | None = None
+        self.latest_published: dict | None = None  # the manifest this process last published
+        self.busy = False  # an export is converting or verifying right now
+        self.error: BaseException | None = None
+        self._stop_requested = threading.Event()
+        self._exported_at = time.monotonic()
+        # From the registry, not the checkpoint: an export cut short by a kill or a stop left no trace
+        # there, so the next start redoes it instead of waiting for more examples to arrive.
+        self._exported_learned = self._registry_learned()
+        self._has_published = Registry.open_readonly(registry_root(settings.state_dir), settings.model.name).latest() is not None
+        self._retry_at = 0.0  # after an export failed (full disk, crash): not before then
+        self.child = ExportChild()
+        removed = remove_orphaned_temporaries() + remove_temporaries(settings.state_dir)
+        if removed:
+            log.info("removed %d temporaries left by exports that were killed", removed)
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+        pid = self.child.pid
+        if self.child.stop():
+            log.info("stopping: export process %d killed; the export is dropped and redone after the next start", pid)
+
+    def due(self) -> bool:
+        e = self.settings.export
+        new = self.learned() - self._exported_learned
+        if new <= 0 or time.monotonic() < self._retry_at:
+            return False
+        # Before the first publish, a model of a few hundred examples beats no model: try at the shorter
+        # cadence and let the gates refuse a candidate they cannot judge yet (no holdout, too few classes).
+        every = e.every_examples if self._has_published else min(e.every_examples, e.first_model_examples)
+        return new >= every or time.monotonic() - self._exported_at >= e.every_seconds
+
+    def run(self) -> None:
+        try:
+            while not self._stop_requested.wait(1.0):
+                if self.due():
+                    self.export()
+        except BaseException as err:  # the daemon notices the dead thread and exits for a restart
+            self.error = err
+            log.exception("export thread stopped: %s", err)
+
+    @property
+    def exported_learned(self) -> int:
+        """Examples learned as of the last export's checkpoint."""
+        return self._exported_learned
+
+    def export(self) -> Outcome | None:
+        self.busy = True
+        try:
+            return self._export()
+        finally:
+            self.busy = False
+
+    def _export(self) -> Outcome | None:
+        self.request_checkpoint()
+        learned = self._checkpoint_learned()
+        log.info("exporting: %d examples learned, %d since the last export (modes %s)", learned,
+                 learned - self._exported_learned, ", ".join(self.settings.export.quantization))
+        began = time.monotonic()
+        try:
+            doc = self.child.run(self.settings)
+        except ExportStopped:
+            return None
+        except ExportFailed as err:
+            # A converter crash or a bug in one export is no reason to restart the learner: it is logged
+            # and counted (sprout_exports_failed), and the export is tried again when the next one is due.
+            self.failed += 1
+            log.error("export failed: %s; retrying in %.0fs", err, self.settings.export.every_seconds)
+            self._retry_at = time.monotonic() + self.settings.export.every_seconds
+            return None
+        if "nothing" in doc:
+            log.info("export skipped: %s", doc["nothing"])
+            outcome = None
+        elif "disk_full" in doc:
+            # Publishing writes a temporary folder and renames it, so nothing half-written is left
+            # and latest still names a complete version. Tried again when the next export is due.
+            err = OSError(doc["disk_full"]["errno"], doc["disk_full"]["strerror"], doc["disk_full"]["filename"])
+            log.error("export failed, disk full: %s; the registry keeps its latest version, retrying when the "
+                      "next export is due (free space under %s)", err, self.settings.state_dir)
+            self._retry_at = time.monotonic() + self.settings.export.every_seconds
+            return None
+        else:
+            got = doc["outcome"]
+            # The process's own start (Python, torch, litert-torch imports) is part of what an export costs.
+            outcome = Outcome(got["published"], [Reason(r["text"], r["kind"]) for r in got["reasons"]],
+                              got["metrics"], time.monotonic() - began, got["skipped"])
+            log.info("export process: %.1fs in all, %.1fs before the export began (start and imports)",
+                     outcome.seconds, outcome.seconds - got["seconds"])
+            if outcome.published:
+                self.published += 1
+                self._has_published = True
+                self.latest_published = outcome.published
+            else:
+                self.rejected += 1
+            for reason in outcome.reasons:
+                kind = getattr(reason, "kind", "other")
+                self.rejected_by_reason[kind] = self.rejected_by_reason.get(kind, 0) + 1
+            self.exports += 1
+            self.seconds_total += outcome.seconds
+            self.last = outcome
+        self._exported_at = time.monotonic()
+        self._exported_learned = max(self._exported_learned, learned)
+        return outcome
+
+    def _registry_learned(self) -> int:
+        """Examples learned as of the last export that finished: published, or refused by the gates."""
+        # Opened for writing, as the registry's writer: that removes what a killed publish left behind
+        # (a .tmp-* version folder) and repairs latest now, not at the next publish.
+        registry = Registry.from_settings(self.settings)
+        learned = [0]
+        for version in registry.versions():
+            try:
+                learned.append(registry.manifest(version)["metrics"]["examples_trained"])
+            except (RegistryError, KeyError, TypeError):
+                continue
+        for event in registry.events():
+            if event.get("event") == "rejected":
+                trained = event.get("candidate", {}).get("metrics", {}).get("examples_trained")
+                learned.append(trained if isinstance(trained, int) else 0)
+        return max(learned)
+
+    def _checkpoint_learned(self) -> int:
+        try:
+            payload = checkpoint.load(self.settings.state_dir / "checkpoints")
+        except checkpoint.CheckpointError:
+            return 0
+        return payload["trained"] if payload else 0

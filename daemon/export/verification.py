@@ -1,0 +1,151 @@
+"""Verification: run a candidate .tflite on every target interpreter and say how it did against the float model.
+
+Each runtime runs ``edge/probe.py`` (the device-side code, edge/runtime.py) in
+its own subprocess: ai-edge-litert with this Python, tflite-runtime with the
+Python of its own virtualenv (it needs numpy<2). A subprocess also keeps an
+interpreter that crashes on a bad model from taking the daemon down with it.
+The runtimes run side by side, one thread each: tflite-runtime 2.14 is the
+slow one (no XNNPACK path for these int8 graphs, ~30 ms an image at 128 px)
+and sets the pace.
+
+A runtime that cannot load or run the model is a report with ``error`` set;
+the gate (daemon/export/pipeline.py) turns every report into reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import edge
+
+EDGE_ROOT = Path(edge.__file__).resolve().parent.parent  # the folder holding edge/, for PYTHONPATH
+
+
+@dataclass(frozen=True)
+class RuntimeReport:
+    runtime: str
+    version: str
+    top1: float | None  # on the labelled images given; None without labels or on error
+    agreement: float | None  # share of images whose top-1 equals the float model's
+    latency_ms: float | None  # median per image, batch 1, one thread
+    nonfinite: bool  # any NaN or infinity in any output
+    input_dtype: str | None
+    error: str | None = None  # why the runtime could not load or run the model
+    predicted: tuple[int, ...] | None = field(default=None, repr=False)  # top-1 index per image
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "predicted"}
+
+
+def default_tflite_runtime_python() -> Path:
+    """``<venv>-tflite/bin/python`` beside the virtualenv this daemon runs in (scripts/setup.sh makes it)."""
+    return Path(sys.prefix + "-tflite") / "bin" / "python"
+
+
+def python_for(runtime: str, tflite_runtime_python: Path | None = None) -> Path:
+    """The Python that has ``runtime``: this one for ai-edge-litert, tflite-runtime's own virtualenv's otherwise."""
+    if runtime == "tflite-runtime":
+        return Path(tflite_runtime_python) if tflite_runtime_python else default_tflite_runtime_python()
+    return Path(sys.executable)
+
+
+def unavailable(runtimes: list[str] | tuple[str, ...], tflite_runtime_python: Path | None = None) -> list[str]:
+    """What is missing for each runtime that cannot run here, with what to do; empty when all can."""
+    problems = []
+    for runtime in runtimes:
+        python = python_for(runtime, tflite_runtime_python)
+        if not python.exists():
+            problems.append(f"{runtime} needs {python}, which does not exist: run scripts/setup.sh (it creates that "
+                            f"virtualenv), set export.tflite_runtime_python, or drop {runtime} from export.runtimes")
+    return problems
+
+
+def verify(
+    tflite: bytes,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    reference: np.ndarray | None,
+    runtimes: list[str] | tuple[str, ...],
+    pythons: dict[str, Path] | None = None,
+    timeout_s: float = 300.0,
+) -> list[RuntimeReport]:
+    """One report per runtime for the candidate ``tflite`` on uint8 ``images`` against ``reference`` probabilities.
+
+    Without a ``reference`` (scoring the published model, whose classes may differ) agreement is None.
+
+    ``pythons`` maps a runtime to the interpreter that has it installed; by default :func:`python_for`.
+    """
+    pythons = {runtime: python_for(runtime) for runtime in runtimes} | (pythons or {})
+    with tempfile.TemporaryDirectory(prefix="sprout-verify-") as tmp:
+        model = Path(tmp) / "candidate.tflite"
+        model.write_bytes(tflite)
+        np.save(Path(tmp) / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
+        started = {}
+        for runtime in runtimes:
+            python = pythons.get(runtime)
+            if not Path(python).exists():
+                started[runtime] = unavailable([runtime], python)[0] if runtime == "tflite-runtime" else \
+                    f"no Python at {python}"
+                continue
+            out = Path(tmp) / f"{runtime}.npz"
+            env = {**os.environ, "PYTHONPATH": str(EDGE_ROOT), "OMP_NUM_THREADS": "1"}
+            started[runtime] = (out, subprocess.Popen(
+                [str(python), "-m", "edge.probe", "--runtime", runtime, "--threads", "1", str(model),
+                 str(Path(tmp) / "images.npy"), str(out)],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            ))
+        return [_report(runtime, job, labels, reference, timeout_s) for runtime, job in started.items()]
+
+
+def _report(runtime: str, job, labels: np.ndarray | None, reference: np.ndarray | None,
+            timeout_s: float) -> RuntimeReport:
+    if isinstance(job, str):
+        return _failed(runtime, job)
+    out, proc = job
+    try:
+        _, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return _failed(runtime, f"did not finish within {timeout_s:.0f} s (export.verify_timeout_s)")
+    if proc.returncode != 0:
+        return _failed(runtime, _why(proc.returncode, stderr))
+    with np.load(out) as saved:
+        probabilities = saved["probabilities"]
+        latencies = saved["latencies_ms"]
+        meta = json.loads(str(saved["meta"]))
+    expected = reference.shape if reference is not None else (len(labels),) if labels is not None else None
+    if expected is not None and probabilities.shape[: len(expected)] != expected:
+        return _failed(runtime, f"returned outputs of shape {probabilities.shape}, expected {expected}",
+                       meta.get("version", "unknown"))
+    predicted = probabilities.argmax(1)
+    return RuntimeReport(
+        runtime=runtime,
+        version=meta["version"],
+        top1=float((predicted == labels).mean()) if labels is not None and len(labels) else None,
+        agreement=float((predicted == reference.argmax(1)).mean()) if reference is not None and len(reference) else None,
+        latency_ms=float(np.median(latencies)) if len(latencies) else None,
+        nonfinite=bool(not np.all(np.isfinite(probabilities))),
+        input_dtype=meta["input_dtype"],
+        predicted=tuple(int(i) for i in predicted),
+    )
+
+
+def _failed(runtime: str, error: str, version: str = "unknown") -> RuntimeReport:
+    return RuntimeReport(runtime, version, None, None, None, False, None, error)
+
+
+def _why(returncode: int, stderr: str) -> str:
+    if returncode < 0:
+        return f"crashed (signal {-returncode}) while loading or running the model"
+    # The probe's own one-line reason is last; interpreters log their own lines (XNNPACK, op resolver) before it.
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exited {returncode} without a reason"

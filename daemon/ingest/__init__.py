@@ -1,0 +1,1 @@
+"""Examples in: the MQTT feed, the wire format's checks, intake (commit, then acknowledge), folder import."""

@@ -1,0 +1,363 @@
+"""The MQTT side of intake: a persistent MQTT v5 session that hands examples over, un-acked.
+
+The network thread only parses and validates (:mod:`daemon.ingest.wire`) and puts a
+:class:`Delivery` on a bounded queue; :mod:`daemon.ingest.intake` commits and then
+calls :meth:`Feed.ack`. Un-acked messages stay in the broker's session
+(``clean_start=False``, a session expiry interval) and come back, flagged
+``dup``, after a crash or a reconnect.
+
+Nothing raises out of a callback: paho re-raises it and its network thread
+ends, after which nothing is received while the socket still looks connected.
+A message the parser cannot read becomes a rejection (acked, so it never
+comes back); any other failure in a callback is logged with its traceback and
+marks the feed failed (:meth:`Feed.problem`), which /healthz, the watchdog,
+the metrics and the main loop read, so that the daemon exits 70 and its
+service manager restarts it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import queue
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from daemon.ingest import mqttfast
+from daemon.common.settings import MqttSettings
+from daemon.ingest.wire import Example, Limits, Rejection, Unchecked, parse
+
+log = logging.getLogger("sprout.feed")
+
+
+def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
+    """A paho callback that never raises: a failure is logged, counted and marks the feed failed."""
+
+    @functools.wraps(callback)
+    def run(self: Feed, *args: object) -> None:
+        try:
+            callback(self, *args)
+        except Exception as err:
+            self.callback_errors += 1
+            if self.failure is None:
+                self.failure = f"{callback.__name__.strip('_')} failed: {type(err).__name__}: {err}"
+            log.exception("MQTT callback %s failed; the feed is marked failed", callback.__name__.strip("_"))
+
+    return run
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One received message, waiting for its commit."""
+
+    mid: int
+    qos: int
+    connection: int  # which connection it came on; an ack is only valid on that one
+    item: Example | Rejection | Unchecked  # Unchecked until intake has decoded its body
+    size: int = 0  # payload bytes held for it in the feed's ByteBudget until intake gives them back
+
+
+class ByteBudget:
+    """Bytes of received payloads held in memory until they are committed.
+
+    The broker sends up to mqtt.receive_maximum un-acked messages at once: 1,000 phone photos of 10 MB
+    would be 10 GB in the daemon's memory. Past ``limit`` the network thread waits (the broker holds the
+    rest, as when intake falls behind); one message larger than the limit passes when nothing else is held.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.peak = 0  # the most ever held: what the budget bounded
+        self._cond = threading.Condition()
+
+    def take(self, size: int, keep_waiting: Callable[[], bool]) -> bool:
+        """Hold ``size`` bytes, waiting for room; False when ``keep_waiting`` turned false first."""
+        with self._cond:
+            while self.used > 0 and self.used + size > self.limit:
+                if not keep_waiting():
+                    return False
+                self._cond.wait(0.5)
+            self.used += size
+            self.peak = max(self.peak, self.used)
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._cond:
+            self.used -= size
+            self._cond.notify_all()
+
+
+class Feed:
+    def __init__(self, settings: MqttSettings, model: str, client_id: str, limits: Limits, backlog_max: int,
+                 backlog_max_bytes: int = 512 * 1024 * 1024):
+        self.settings = settings
+        self.model = model
+        self.limits = limits
+        self.deliveries: queue.Queue[Delivery] = queue.Queue(maxsize=backlog_max)
+        self.budget = ByteBudget(backlog_max_bytes)
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()  # set once the broker confirmed the subscription (SUBACK)
+        self.received = 0
+        self.connects = 0
+        self.callback_errors = 0
+        self.failure: str | None = None  # set by the first callback that failed; the feed does not recover
+        self._network: threading.Thread | None = None  # paho's network thread, once started
+        # When paho's network loop last turned (it turns at least once a second while connected), and
+        # whether the thread is waiting for room in the deliveries queue (backpressure: intake's to judge).
+        self.last_loop = time.monotonic()
+        self.waiting_for_intake = False
+        self._accepting = True
+        self._stopping = False
+        # Bumped on every disconnect. Packet ids are per session and the broker may reuse an id
+        # once it is acked, so an ack from an older connection could hit a newer message:
+        # such acks are dropped and the broker's redelivery is acked instead.
+        self._connection = 0
+        self._ack_lock = threading.Lock()
+        self._connect_failure: str | None = None  # the last reason a connection attempt failed, logged once
+        self._connect_failure_logged_at = 0.0
+        mqttfast.install()  # paho's property decoder was the intake's hot spot
+        self._client = self._make_client(client_id)
+
+    def _make_client(self, client_id: str) -> mqtt.Client:
+        s = self.settings
+        client = mqttfast.BurstClient(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        paho_log = logging.getLogger("sprout.paho")
+        # paho's network thread may run one more loop after a clean disconnect(), and loops once per
+        # retry after a failed connect, logging an ERROR "not connected" each time: on our own stop
+        # that is noise, and after a failed connect _on_connect_fail has already said why.
+        self._quiet_stop = lambda record: not (
+            (self._stopping or self._connect_failure is not None) and "not connected" in record.getMessage()
+        )
+        paho_log.addFilter(self._quiet_stop)
+        client.enable_logger(paho_log)
+        if s.username:
+            client.username_pw_set(s.username, s.resolved_password())
+        if s.tls:
+            client.tls_set(
+                ca_certs=str(s.tls_ca_file) if s.tls_ca_file else None,
+                certfile=str(s.tls_cert_file) if s.tls_cert_file else None,
+                keyfile=str(s.tls_key_file) if s.tls_key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        client.reconnect_delay_set(min_delay=s.reconnect_min_s, max_delay=s.reconnect_max_s)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_network_loop = self._on_loop
+        return client
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; paho retries with backoff until the broker answers."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        props.ReceiveMaximum = self.settings.receive_maximum
+        self._client.connect_async(
+            self.settings.host,
+            self.settings.port,
+            keepalive=self.settings.keepalive_s,
+            clean_start=False,  # keep the session: un-acked examples survive our restarts
+            properties=props,
+        )
+        self._client.loop_start()
+        self._network = self._client._thread  # paho clears its own reference when the thread ends
+
+    def problem(self) -> str | None:
+        """Why the feed cannot receive, when it cannot and will not recover by itself; None otherwise."""
+        if self.failure is not None:
+            return self.failure
+        if self._network is not None and not self._stopping and not self._network.is_alive():
+            return "the MQTT network thread has ended"
+        return None
+
+    def receiving(self) -> bool:
+        """Connected, subscribed and able to receive: what /healthz and sprout_broker_connected report."""
+        return self.subscribed.is_set() and self.problem() is None
+
+    def pause(self) -> None:
+        """Stop taking new messages; they stay un-acked in the broker's session for the next start."""
+        self._accepting = False
+
+    def stop(self) -> None:
+        """Disconnect cleanly; the session (and anything un-acked) stays on the broker for session_expiry_s."""
+        self._stopping = True
+        self._accepting = False
+        self._client.disconnect()
+        self._client.loop_stop()
+        logging.getLogger("sprout.paho").removeFilter(self._quiet_stop)
+        self.connected.clear()
+        self.subscribed.clear()
+
+    # -- used by intake ------------------------------------------------------------------------
+
+    def ack(self, delivery: Delivery) -> bool:
+        """PUBACK one committed message; False when it came on an older connection (it will be redelivered)."""
+        if delivery.qos == 0:
+            return True
+        with self._ack_lock:
+            if delivery.connection != self._connection or not self.connected.is_set():
+                return False
+            self._client.ack(delivery.mid, delivery.qos)
+            return True
+
+    def report_rejection(self, rejection: Rejection) -> None:
+        """Tell senders why, on <prefix>/<model>/rejected; never the image."""
+        self._client.publish(
+            self.settings.rejected_topic(self.model), json.dumps(rejection.notice()), qos=1, retain=False
+        )
+
+    def publish_retained(self, topic: str, payload: bytes, timeout_s: float = 10.0) -> bool:
+        """Publish ``payload`` retained at QoS 1 on this session; True once the broker's PUBACK arrived."""
+        if not self.connected.is_set():
+            return False
+        info = self._client.publish(topic, payload, qos=1, retain=True)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        try:
+            info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError):  # the link dropped while waiting: the caller tries again
+            return False
+        return info.is_published()
+
+    # -- paho callbacks (network thread) -------------------------------------------------------
+
+    @_guarded
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error(
+                "broker %s refused the connection: %s (check mqtt.username, mqtt.password and the broker's ACL)",
+                self.settings.broker,
+                reason_code,
+            )
+            return
+        self.connects += 1
+        if self._connect_failure is not None:
+            log.info("connected to %s after: %s", self.settings.broker, self._connect_failure)
+            self._connect_failure = None
+        if self.connects > 1 and not flags.session_present:
+            log.warning(
+                "broker %s kept no session for %s: examples published while the link was down may be lost; "
+                "check the broker's persistence and session expiry",
+                self.settings.broker,
+                client._client_id.decode(),
+            )
+        client.subscribe(self.settings.subscription(self.model), options=SubscribeOptions(qos=1))
+        self.connected.set()
+        log.info("connected to %s, subscribed to %s", self.settings.broker, self.settings.subscription(self.model))
+
+    @_guarded
+    def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this from inside its ``except OSError`` and only logs the failure at DEBUG:
+        # the exception being handled says why (refused, unreachable, a certificate that does not verify).
+        err = sys.exc_info()[1]
+        reason = explain_connect_failure(err, self.settings)
+        now = time.monotonic()
+        # Once per distinct reason, and again every 10 minutes while it lasts: paho retries with backoff.
+        if reason != self._connect_failure or now - self._connect_failure_logged_at >= 600:
+            log.error("cannot connect to %s: %s; retrying", self.settings.broker, reason)
+            self._connect_failure_logged_at = now
+        self._connect_failure = reason
+
+    @_guarded
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [rc for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error(
+                "broker refused the subscription to %s: %s (check the broker's ACL for this user)",
+                self.settings.subscription(self.model),
+                failed[0],
+            )
+            return
+        self.subscribed.set()
+
+    @_guarded
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._ack_lock:
+            self._connection += 1
+            self.connected.clear()
+            self.subscribed.clear()
+        if not self._stopping:
+            log.warning("lost the broker %s (%s); reconnecting", self.settings.broker, reason_code)
+
+    @_guarded
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        if not self._accepting:
+            return  # left un-acked: the broker redelivers it after our restart
+        props = getattr(message, "properties", None)
+        user_properties = getattr(props, "UserProperty", None)
+        content_type = getattr(props, "ContentType", None)
+        # Never raises. The body's decode is left to intake's threads (wire.check_body): here it would
+        # cost the network thread 10-20 times the rest of the parse.
+        item = parse(message.payload, user_properties, content_type, self.limits, decode=False)
+        size = len(message.payload) if isinstance(item, Unchecked) else 0  # a rejection keeps no image
+        delivery = Delivery(message.mid, message.qos, self._connection, item, size)
+        self.received += 1
+        # Backpressure: when intake falls behind, in examples or in bytes, stop reading the socket; the
+        # broker holds the rest.
+        self.waiting_for_intake = True
+        try:
+            if not self.budget.take(size, lambda: self._accepting):
+                return
+            while True:
+                try:
+                    self.deliveries.put(delivery, timeout=0.5)
+                    return
+                except queue.Full:
+                    if not self._accepting:
+                        self.budget.give_back(size)
+                        return
+        finally:
+            self.waiting_for_intake = False
+            self.last_loop = time.monotonic()
+
+    def _on_loop(self) -> None:
+        self.last_loop = time.monotonic()
+
+
+def explain_connect_failure(err: BaseException | None, settings: MqttSettings) -> str:
+    """Why a connection attempt failed, in words that say what to check. Never contains a secret."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        ca = f"mqtt.tls_ca_file ({settings.tls_ca_file})" if settings.tls_ca_file else "the system CAs (set mqtt.tls_ca_file)"
+        return (
+            f"the broker's TLS certificate does not verify against {ca}: {err.verify_message or err.reason}; "
+            "Sprout never falls back to plaintext"
+        )
+    if isinstance(err, ssl.SSLError):
+        return (
+            f"TLS handshake failed ({err.reason or err}): is port {settings.port} a TLS listener? "
+            "Sprout never falls back to plaintext"
+        )
+    if isinstance(err, ConnectionResetError | ssl.SSLEOFError) and settings.tls:
+        return (
+            f"the broker closed the link during the TLS handshake: is port {settings.port} a TLS listener? "
+            "Sprout never falls back to plaintext"
+        )
+    if isinstance(err, ConnectionRefusedError):
+        return f"nothing listens on {settings.host}:{settings.port} (is the broker running?)"
+    if isinstance(err, TimeoutError):
+        return f"{settings.host}:{settings.port} did not answer in time"
+    if isinstance(err, socket.gaierror):
+        return f"cannot resolve {settings.host}: {err.strerror}"
+    if isinstance(err, OSError):
+        return f"{err.strerror or err}"
+    return "unknown error"

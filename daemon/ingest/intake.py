@@ -1,0 +1,204 @@
+"""Group commit: examples that arrive together share one durable transaction, then each is acked.
+
+The order is the whole guarantee: commit (fsync) first, ack after. A crash
+between the two only causes a redelivery, which the store's unique example id
+absorbs.
+
+A full disk pauses intake instead: while the state directory has less than
+``store.min_free_mb`` free beyond the commit's own size (or SQLite says
+"database or disk is full"), nothing is committed or acked, so the broker
+keeps the examples; the free space is checked again every few seconds and
+intake resumes by itself. After each commit the store is pruned to
+``store.max_mb`` (:meth:`daemon.store.examples.Store.prune`).
+
+Before a batch is committed, the bodies of its images are decoded
+(:func:`daemon.ingest.wire.check_body`) on a few threads: Pillow decodes without the
+GIL, so the checks of one batch run on every core while the network thread
+goes on receiving the next. An image that does not decode is a rejection,
+counted and acked like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from daemon.ingest.feed import Delivery, Feed
+from daemon.common.settings import StoreSettings
+from daemon.store.examples import Store, is_disk_full
+from daemon.ingest.wire import Example, Rejection, Unchecked, check_body
+
+log = logging.getLogger("sprout.intake")
+
+MB = 1024 * 1024
+COMMIT_MAX_BYTES = 64 * MB  # of images in one commit: ~10 phone photos, hundreds of crops
+# Longest wait between two looks at a full disk: a look is one statvfs, and resuming promptly
+# drains the broker's queue sooner. Other store errors back off to 30 s.
+DISK_RETRY_MAX_S = 5.0
+
+
+class Intake(threading.Thread):
+    def __init__(self, feed: Feed, store: Store, settings: StoreSettings):
+        super().__init__(name="sprout-intake", daemon=True)
+        self.feed = feed
+        self.store = store
+        self.settings = settings
+        self.stored = 0
+        self.duplicates = 0
+        self.rejected: dict[str, int] = {}
+        self.commits = 0
+        self.last_commit = time.monotonic()
+        self.failing_since: float | None = None  # set while the store refuses writes (disk full, ...)
+        self.disk_full_since: float | None = None  # set while paused for a full disk: waiting, not hung
+        self._stop_requested = threading.Event()
+        self.error: str | None = None  # why the thread ended, when it ended by an exception
+        # One decoder per core: a batch's checks then take 1/cores of the time the network thread saved.
+        self._checkers = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="sprout-check")
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    def stop(self, timeout_s: float) -> bool:
+        """Commit and ack what was received, then end; False if that took longer than timeout_s."""
+        self._stop_requested.set()
+        self.join(timeout_s)
+        return not self.is_alive()
+
+    def run(self) -> None:
+        try:
+            while True:
+                batch = self._collect()
+                if batch:
+                    self._commit(self._checked(batch))
+                elif self._stop_requested.is_set():
+                    return
+        except Exception as err:  # nothing acked is lost: what was not committed comes back from the broker
+            self.error = f"{type(err).__name__}: {err}"
+            log.exception("intake failed")
+        finally:
+            self._checkers.shutdown(wait=False)
+
+    def _checked(self, batch: list[Delivery]) -> list[Delivery]:
+        """The batch with every Unchecked image decoded: an Example, or the Rejection ``parse`` would give."""
+        todo = [i for i, d in enumerate(batch) if isinstance(d.item, Unchecked)]
+        if not todo:
+            return batch
+        results = self._checkers.map(check_body, [batch[i].item for i in todo])  # never raises
+        out = list(batch)
+        for i, item in zip(todo, results, strict=True):
+            out[i] = replace(batch[i], item=item)
+        return out
+
+    def _collect(self) -> list[Delivery]:
+        q = self.feed.deliveries
+        try:
+            batch = [q.get(timeout=0.1)]
+        except queue.Empty:
+            return []
+        limit = self.settings.commit_max_examples
+        linger_until = time.monotonic() + self.settings.commit_linger_ms / 1000
+        held = batch[0].size
+        # Phone photos: 512 of them would be gigabytes in one transaction, and a minute of decoding
+        # before the first ack. A batch also ends at COMMIT_MAX_BYTES.
+        while len(batch) < limit and held < COMMIT_MAX_BYTES:
+            try:
+                batch.append(q.get_nowait())
+            except queue.Empty:
+                remaining = linger_until - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(q.get(timeout=remaining))
+                except queue.Empty:
+                    break
+            held += batch[-1].size
+        return batch
+
+    def _commit(self, batch: list[Delivery]) -> None:
+        examples = [d.item for d in batch if isinstance(d.item, Example)]
+        rejections = [d.item for d in batch if isinstance(d.item, Rejection)]
+        delay = 0.5
+        while True:
+            full = self._disk_full(examples)
+            if full is None:
+                try:
+                    result = self.store.commit(examples, rejections)
+                    break
+                except Exception as err:  # disk full, I/O error, locked database: nothing acked, keep the batch, retry
+                    if is_disk_full(err):
+                        full = f"SQLite: {err}"
+                    else:
+                        log.error("cannot commit %d examples to %s: %s; nothing acked, retrying in %.1fs",
+                                  len(batch), self.store.path, err, delay)
+            now = time.monotonic()
+            if self.failing_since is None:
+                self.failing_since = now
+            if full is not None and self.disk_full_since is None:
+                self.disk_full_since = now
+                log.error(
+                    "intake paused, disk full: %s; nothing is committed or acked (the broker keeps the examples). "
+                    "Free space under %s, or lower store.max_mb so retention prunes the store (systemctl reload "
+                    "applies it); intake resumes by itself",
+                    full, self.store.path.parent,
+                )
+            if full is not None:
+                try:  # a lowered store.max_mb (reload) frees pages for this commit
+                    self._prune()
+                except Exception as err:
+                    log.debug("pruning on a full disk failed: %s", err)
+            if self._stop_requested.wait(delay):
+                # Stopping: do not wait for the disk. Un-acked, these come back from the broker.
+                log.warning("stopping: %d received examples not committed (%s); the broker redelivers them",
+                            len(batch), full or "the store refuses writes")
+                self.feed.budget.give_back(sum(d.size for d in batch))
+                return
+            delay = min(delay * 2, 30.0 if full is None else DISK_RETRY_MAX_S)
+        if self.disk_full_since is not None:
+            log.info("intake resumed: %s has %.0f MB free again after a pause of %.0fs",
+                     self.store.path.parent, self._free_bytes() / MB, time.monotonic() - self.disk_full_since)
+            self.disk_full_since = None
+        self.failing_since = None
+        for delivery in batch:
+            self.feed.ack(delivery)
+        self.feed.budget.give_back(sum(d.size for d in batch))  # on disk now: the network thread may read more
+        for rejection in rejections:
+            self.rejected[rejection.reason.value] = self.rejected.get(rejection.reason.value, 0) + 1
+            log.info("rejected %s: %s", rejection.example_id or "(no id)", rejection.detail)
+            self.feed.report_rejection(rejection)
+        self.stored += result.stored
+        self.duplicates += result.duplicates
+        self.commits += 1
+        self.last_commit = time.monotonic()
+        try:
+            self._prune()
+        except Exception as err:  # retention is retried after the next commit; intake goes on
+            log.warning("retention: pruning %s failed: %s; retried after the next commit", self.store.path, err)
+
+    def _prune(self) -> None:
+        max_mb = self.settings.max_mb
+        if pruned := self.store.prune(max_mb * MB):
+            log.info("retention: pruned the %d oldest examples: the store had grown past store.max_mb = %d MB",
+                     pruned, max_mb)
+
+    def _free_bytes(self) -> int:
+        st = os.statvfs(self.store.path.parent)
+        return st.f_bavail * st.f_frsize
+
+    def _disk_full(self, examples: list[Example]) -> str | None:
+        """Why this commit must wait for disk space, or None when there is room for it and the floor."""
+        floor_mb = self.settings.min_free_mb
+        need = sum(len(e.image) for e in examples)
+        try:
+            free = self._free_bytes()
+        except OSError:
+            return None  # cannot tell: let the commit itself find out
+        if free - need >= floor_mb * MB:
+            return None
+        return (f"{self.store.path.parent} has {free / MB:.1f} MB free, below store.min_free_mb = {floor_mb} MB "
+                f"plus this commit's {need / MB:.1f} MB")

@@ -1,0 +1,1 @@
+"""Numbered, signed, never-changing model versions on disk."""

@@ -1,0 +1,1 @@
+"""The daemon's lifecycle: start, watch and stop the parts; systemd, liveness, reload, status, metrics."""

@@ -1,0 +1,1 @@
+"""The example store (SQLite) and the label changes every reader resolves through."""

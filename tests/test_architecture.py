@@ -1,0 +1,65 @@
+"""The shape of the code: stage packages whose imports flow one way (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# A package may import only the packages ranked below it (and itself): data flows ingest -> store ->
+# learning -> export -> registry -> distribution, and each stage calls the typed API of those it hands
+# work to or reads from. The service composes the stages; tools (demo, test broker, feeder) and the
+# command line sit on top, and nothing of the service imports them.
+RANKS = {
+    "common": 0,
+    "store": 1,
+    "ingest": 2, "learning": 2, "registry": 2,
+    "export": 3, "distribution": 3,
+    "service": 4,
+    "tools": 5,
+    "cli": 6,
+}
+
+
+def daemon_imports(path: Path) -> set[str]:
+    """The daemon packages a module imports, at any depth in the module (function-level imports count)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "daemon":
+            names = [node.module] if node.module != "daemon" else [f"daemon.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.split(".")[0] == "daemon"]
+        else:
+            continue
+        found |= {name.split(".")[1] for name in names if name.count(".") >= 1 and name.split(".")[1] != "__version__"}
+    return found
+
+
+def package_of(path: Path) -> str:
+    parts = path.relative_to(REPO / "daemon").parts
+    return parts[0] if len(parts) > 1 else path.stem
+
+
+def test_every_daemon_module_lives_in_a_stage_package_and_imports_only_downward():
+    upward = []
+    for path in sorted((REPO / "daemon").rglob("*.py")):
+        if path.parent == REPO / "daemon" and path.name == "__init__.py":
+            continue
+        package = package_of(path)
+        assert package in RANKS, f"{path.relative_to(REPO)}: not in a stage package ({', '.join(RANKS)})"
+        for imported in daemon_imports(path) - {package}:
+            assert imported in RANKS, f"{path.relative_to(REPO)} imports daemon.{imported}, which is no package"
+            if RANKS[imported] >= RANKS[package]:
+                upward.append(f"{path.relative_to(REPO)} ({package}) imports daemon.{imported}")
+    assert upward == [], "imports against the flow:\n" + "\n".join(upward)
+
+
+def test_the_check_itself_sees_an_upward_import(tmp_path: Path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from daemon.service.daemon import Daemon\nfrom daemon import logs\n")
+    assert daemon_imports(module) == {"service", "logs"}
+
+
+def test_models_import_nothing_of_the_service():
+    for path in sorted((REPO / "models").rglob("*.py")):
+        assert daemon_imports(path) == set(), f"{path.relative_to(REPO)} imports the daemon"
