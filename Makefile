@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo run test fuzz chaos bench bench-quick bench-ingest bench-learning bench-retrain bench-export bench-gpu clean
+.PHONY: setup demo run test lint fuzz chaos bench bench-quick bench-ingest bench-learning bench-retrain bench-export bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ run: setup
 test: setup
 	bash scripts/test-tools.sh $(VENV)
 	$(BIN)/python -m pytest
+
+# The code gate CI runs before the tests: ruff's lint (pyflakes, import order, bugbear) and its formatter.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The full fuzzing run: 10,000 inputs per parser test and 20,000 messages through a running daemon (CI runs 300
 # of each); prints what was accepted and rejected, and why.

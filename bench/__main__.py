@@ -5,6 +5,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from suite import main  # noqa: E402
+from suite import main
 
 sys.exit(main())

@@ -27,9 +27,24 @@ class DaemonProcess:
         self.http = f"127.0.0.1:{free_port()}"
         self._log = open(log or os.devnull, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "run", "--broker", broker_url, "--model", model, "--state", str(state),
-             "--http", self.http],
-            env={**os.environ, **env}, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "daemon.cli",
+                "run",
+                "--broker",
+                broker_url,
+                "--model",
+                model,
+                "--state",
+                str(state),
+                "--http",
+                self.http,
+            ],
+            env={**os.environ, **env},
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def metrics(self) -> dict[str, float]:

@@ -33,15 +33,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from learning import jpeg, order, pick  # noqa: E402
 
-from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
-from daemon.export.converter import convert, float_probabilities, snapshot  # noqa: E402
-from edge.preprocess import load_rgb  # noqa: E402
-from daemon.learning.learner import Learner  # noqa: E402
-from daemon.export.metadata import describe  # noqa: E402
 from daemon.common.settings import ModelSettings, TrainingSettings  # noqa: E402
-from daemon.store.examples import Store, StoreReader  # noqa: E402
+from daemon.export.converter import convert, float_probabilities, snapshot  # noqa: E402
+from daemon.export.metadata import describe  # noqa: E402
 from daemon.export.verification import verify  # noqa: E402
 from daemon.ingest.wire import Example  # noqa: E402
+from daemon.learning.learner import Learner  # noqa: E402
+from daemon.store.examples import Store, StoreReader  # noqa: E402
+from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
+from edge.preprocess import load_rgb  # noqa: E402
 
 
 def main() -> None:
@@ -50,14 +50,22 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=600)
     ap.add_argument("--eval-per-class", type=int, default=100)
     ap.add_argument("--calibration", type=int, default=100)
-    ap.add_argument("--verify", type=int, default=400, help="holdout images each runtime verifies on (the daemon's "
-                    "export.verify_examples); accuracy is also reported on all evaluation images")
+    ap.add_argument(
+        "--verify",
+        type=int,
+        default=400,
+        help="holdout images each runtime verifies on (the daemon's "
+        "export.verify_examples); accuracy is also reported on all evaluation images",
+    )
     ap.add_argument("--modes", default="int8,dynamic,fp16,none")
     ap.add_argument("--runtimes", default="ai-edge-litert,tflite-runtime")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backbone", default="efficientnet_lite0", help="tiny: an untrained small net, for smoke runs")
-    ap.add_argument("--save-models", type=Path, help="folder to keep each mode's .tflite and the evaluation images in "
-                    "(bench/latency.py times them)")
+    ap.add_argument(
+        "--save-models",
+        type=Path,
+        help="folder to keep each mode's .tflite and the evaluation images in (bench/latency.py times them)",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,13 +76,24 @@ def main() -> None:
     test = pick(test_images, test_labels, args.eval_per_class, 0)
     workdir = Path(tempfile.mkdtemp(prefix="sprout-export-"))
     store = Store(workdir / "examples.db")
-    store.commit([Example(f"train/{i}", FASHION_MNIST_CLASSES[c], "train", "image/jpeg", 224, 224, jpeg(train_images[i]), 0.0)
-                  for i, c in train])
+    store.commit(
+        [
+            Example(f"train/{i}", FASHION_MNIST_CLASSES[c], "train", "image/jpeg", 224, 224, jpeg(train_images[i]), 0.0)
+            for i, c in train
+        ]
+    )
     store.close()
     reader = StoreReader(workdir / "examples.db")
     model_settings = ModelSettings(backbone=args.backbone, input_size=args.input_size)
-    learner = Learner(model_settings, TrainingSettings(mode="head", device="cpu", cpu_threads=args.threads), workdir, reader)
-    cache = ROOT / "bench" / "out" / f"embeddings-{args.backbone}-{args.input_size}-{args.train_per_class}-{args.eval_per_class}-0.npz"
+    learner = Learner(
+        model_settings, TrainingSettings(mode="head", device="cpu", cpu_threads=args.threads), workdir, reader
+    )
+    cache = (
+        ROOT
+        / "bench"
+        / "out"
+        / f"embeddings-{args.backbone}-{args.input_size}-{args.train_per_class}-{args.eval_per_class}-0.npz"
+    )
     if cache.exists():  # computed by bench/learning.py: same images, same frozen backbone
         with np.load(cache) as saved:
             seq_of = dict(reader._db.execute("SELECT example_id, seq FROM examples"))
@@ -103,13 +122,21 @@ def main() -> None:
             for label in sorted(learner.replay_index):
                 seqs = list(learner.replay_index[label])
                 picked = np.random.default_rng(0).choice(len(seqs), size=min(per_class, len(seqs)), replace=False)
-                calibration += [load_rgb(e.image, args.input_size) for e in reader.by_seq([seqs[i] for i in sorted(picked)])]
+                calibration += [
+                    load_rgb(e.image, args.input_size) for e in reader.by_seq([seqs[i] for i in sorted(picked)])
+                ]
         sample_s = time.perf_counter() - t0
         plain = convert(model, mode, args.input_size, calibration)
         convert_s = time.perf_counter() - t0 - sample_s
         t0 = time.perf_counter()
-        tflite = describe(plain, name="bench", labels=list(learner.labels), input_size=args.input_size,
-                          base=args.backbone, quantization=mode)
+        tflite = describe(
+            plain,
+            name="bench",
+            labels=list(learner.labels),
+            input_size=args.input_size,
+            base=args.backbone,
+            quantization=mode,
+        )
         metadata_s = time.perf_counter() - t0
         convert_s += metadata_s  # the daemon's convert_s includes it too
         if args.save_models:
@@ -119,28 +146,53 @@ def main() -> None:
         gated = verify(tflite, images[:n], labels[:n], reference[:n], runtimes)
         verify_s = time.perf_counter() - t0
         full = verify(tflite, images, labels, reference, runtimes)  # all evaluation images: the accuracy figures
-        row = {"mode": mode, "calibration_images": len(calibration), "sample_s": sample_s, "convert_s": convert_s,
-               "verify_s": verify_s, "export_s": sample_s + convert_s + verify_s, "size_bytes": len(tflite),
-               "metadata_bytes": len(tflite) - len(plain), "metadata_ms": round(1000 * metadata_s, 1),
-               "float_top1": float_top1, "runtimes": {},
-               "top1_on_verify_sample": {r.runtime: r.top1 for r in gated}}
+        row = {
+            "mode": mode,
+            "calibration_images": len(calibration),
+            "sample_s": sample_s,
+            "convert_s": convert_s,
+            "verify_s": verify_s,
+            "export_s": sample_s + convert_s + verify_s,
+            "size_bytes": len(tflite),
+            "metadata_bytes": len(tflite) - len(plain),
+            "metadata_ms": round(1000 * metadata_s, 1),
+            "float_top1": float_top1,
+            "runtimes": {},
+            "top1_on_verify_sample": {r.runtime: r.top1 for r in gated},
+        }
         for r in full:
-            row["runtimes"][r.runtime] = {"version": r.version, "error": r.error, "top1": r.top1,
-                                          "agreement": r.agreement, "latency_ms": r.latency_ms, "nonfinite": r.nonfinite}
+            row["runtimes"][r.runtime] = {
+                "version": r.version,
+                "error": r.error,
+                "top1": r.top1,
+                "agreement": r.agreement,
+                "latency_ms": r.latency_ms,
+                "nonfinite": r.nonfinite,
+            }
         rows.append(row)
-        print(f"{mode:7s}: export {row['export_s']:5.1f} s (sample {sample_s:.1f}, convert {convert_s:.1f}, verify on "
-              f"{n} x {len(runtimes)} runtimes {verify_s:.1f}), {len(tflite) / 1e6:5.2f} MB (metadata "
-              f"{len(tflite) - len(plain):+,} B, {1000 * metadata_s:.0f} ms), float top-1 {100 * float_top1:.1f}%",
-              flush=True)
+        print(
+            f"{mode:7s}: export {row['export_s']:5.1f} s (sample {sample_s:.1f}, convert {convert_s:.1f}, verify on "
+            f"{n} x {len(runtimes)} runtimes {verify_s:.1f}), {len(tflite) / 1e6:5.2f} MB (metadata "
+            f"{len(tflite) - len(plain):+,} B, {1000 * metadata_s:.0f} ms), float top-1 {100 * float_top1:.1f}%",
+            flush=True,
+        )
         for r in full:
             if r.error:
                 print(f"    {r.runtime} {r.version}: FAILED {r.error}", flush=True)
             else:
-                print(f"    {r.runtime} {r.version}: top-1 {100 * r.top1:.1f}%, agreement {100 * r.agreement:.1f}%, "
-                      f"{r.latency_ms:.2f} ms/image (1 thread)", flush=True)
-    meta = {"machine": f"{args.threads} threads, {platform.machine()}, torch {torch.__version__}", "input_size": args.input_size,
-            "backbone": args.backbone,
-            "calibration_images": args.calibration, "holdout_images": len(images), "verify_images": args.verify}
+                print(
+                    f"    {r.runtime} {r.version}: top-1 {100 * r.top1:.1f}%, agreement {100 * r.agreement:.1f}%, "
+                    f"{r.latency_ms:.2f} ms/image (1 thread)",
+                    flush=True,
+                )
+    meta = {
+        "machine": f"{args.threads} threads, {platform.machine()}, torch {torch.__version__}",
+        "input_size": args.input_size,
+        "backbone": args.backbone,
+        "calibration_images": args.calibration,
+        "holdout_images": len(images),
+        "verify_images": args.verify,
+    }
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import DaemonProcess, machine, wait_subscribed  # noqa: E402
+from ingest import make_jpegs  # noqa: E402
 
+from daemon.registry.versions import Registry, registry_root  # noqa: E402
 from daemon.tools.broker import Mosquitto  # noqa: E402
 from daemon.tools.feeder import Publisher  # noqa: E402
-from daemon.registry.versions import Registry, registry_root  # noqa: E402
-from ingest import make_jpegs  # noqa: E402
 
 MODEL = "bench"
 TOPIC = f"sprout/{MODEL}/examples"
@@ -49,9 +49,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run(seconds: float, rate: float, every_examples: int, every_seconds: float, workdir: Path,
-        backbone: str, input_size: int, log: Path | None, settle_s: float, quantization: str | None = None,
-        prewarm: bool = True) -> dict:
+def run(
+    seconds: float,
+    rate: float,
+    every_examples: int,
+    every_seconds: float,
+    workdir: Path,
+    backbone: str,
+    input_size: int,
+    log: Path | None,
+    settle_s: float,
+    quantization: str | None = None,
+    prewarm: bool = True,
+) -> dict:
     jpegs = make_jpegs(500)
     broker = Mosquitto(workdir / "broker").start()
     state = workdir / "state"
@@ -100,8 +110,10 @@ def run(seconds: float, rate: float, every_examples: int, every_seconds: float, 
         broker.stop()
 
     registry = Registry.open_readonly(registry_root(state), MODEL)
-    versions = [(registry.manifest(v)["metrics"]["high_water_mark"], _epoch(registry.manifest(v)["created_at"]), v)
-                for v in registry.versions()]
+    versions = [
+        (registry.manifest(v)["metrics"]["high_water_mark"], _epoch(registry.manifest(v)["created_at"]), v)
+        for v in registry.versions()
+    ]
     seqs = _seqs(state, list(sent))
     fresh: list[float] = []
     for example_id, sent_at in sent.items():
@@ -162,17 +174,35 @@ def main() -> None:
     ap.add_argument("--every-seconds", type=float, default=30.0, help="export.every_seconds for the run")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--input-size", type=int, default=128)
-    ap.add_argument("--settle-s", type=float, default=180.0,
-                    help="after the feed, how long to wait for a version that covers the last example")
+    ap.add_argument(
+        "--settle-s",
+        type=float,
+        default=180.0,
+        help="after the feed, how long to wait for a version that covers the last example",
+    )
     ap.add_argument("--quantization", help="export.quantization for the run, comma-separated (default: the daemon's)")
-    ap.add_argument("--no-prewarm", action="store_true",
-                    help="export.prewarm_process = false: each export starts its process when due")
+    ap.add_argument(
+        "--no-prewarm",
+        action="store_true",
+        help="export.prewarm_process = false: each export starts its process when due",
+    )
     ap.add_argument("--log", type=Path, help="write the daemon's log here")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="sprout-bench-freshness-"))
-    result = run(args.seconds, args.rate, args.every_examples, args.every_seconds, workdir, args.backbone,
-                 args.input_size, args.log, args.settle_s, args.quantization, not args.no_prewarm)
+    result = run(
+        args.seconds,
+        args.rate,
+        args.every_examples,
+        args.every_seconds,
+        workdir,
+        args.backbone,
+        args.input_size,
+        args.log,
+        args.settle_s,
+        args.quantization,
+        not args.no_prewarm,
+    )
     summary = {
         "machine": machine(),
         "backbone": args.backbone,

@@ -90,15 +90,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import ROOT, DaemonProcess, machine, wait_subscribed  # noqa: E402
-from ingest import make_jpegs  # noqa: E402
-from loadgen import LoadGenerator  # noqa: E402
+from benchlib import ROOT, DaemonProcess, machine, wait_subscribed
+from ingest import make_jpegs
+from loadgen import LoadGenerator
 
-from daemon.tools.broker import Mosquitto  # noqa: E402
-from daemon.learning.decoding import CHUNK, DecodePool, auto_workers  # noqa: E402
-from daemon.common.settings import StoreSettings, TrainingSettings  # noqa: E402
-from daemon.ingest.wire import holdout_split  # noqa: E402
-from models import zoo  # noqa: E402
+from daemon.common.settings import StoreSettings, TrainingSettings
+from daemon.ingest.wire import holdout_split
+from daemon.learning.decoding import CHUNK, DecodePool, auto_workers
+from daemon.tools.broker import Mosquitto
+from models import zoo
 
 BACKBONE = "efficientnet_lite0"
 CLASSES = 10
@@ -110,12 +110,30 @@ CAPTURE_WARMUP = 3  # eager steps on a side stream before capture: lazy optimize
 CHILD_READY_TIMEOUT_S = 180.0  # the compile child's import and model load, before its budget starts
 CHILD_MEASURE_TIMEOUT_S = 180.0  # its timed windows, once compiled
 
-FULL = {"batches": "8,32,64", "input_size": 224, "steps": 30, "repeats": 3, "warmup_steps": 5,
-        "decode_images": 2000, "e2e_examples": 10_000, "e2e_backbone": BACKBONE, "distinct": 500}
+FULL = {
+    "batches": "8,32,64",
+    "input_size": 224,
+    "steps": 30,
+    "repeats": 3,
+    "warmup_steps": 5,
+    "decode_images": 2000,
+    "e2e_examples": 10_000,
+    "e2e_backbone": BACKBONE,
+    "distinct": 500,
+}
 # The daemon learns on the tiny network in a quick run (as `python -m bench --quick` does): in full mode on
 # 2 cores EfficientNet-Lite0 learns ~5 examples/s, and 300 of them would take the smoke run a minute alone.
-QUICK = {"batches": "2", "input_size": 64, "steps": 3, "repeats": 1, "warmup_steps": 1,
-         "decode_images": 200, "e2e_examples": 300, "e2e_backbone": "tiny", "distinct": 100}
+QUICK = {
+    "batches": "2",
+    "input_size": 64,
+    "steps": 3,
+    "repeats": 1,
+    "warmup_steps": 1,
+    "decode_images": 200,
+    "e2e_examples": 300,
+    "e2e_backbone": "tiny",
+    "distinct": 100,
+}
 
 
 # -- training step -----------------------------------------------------------------------------
@@ -155,7 +173,9 @@ def make_batch(batch: int, size: int, device: torch.device, channels_last: bool)
     return x.to(device), y.to(device)
 
 
-def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, autocast_cache: bool = True) -> torch.Tensor:
+def loss_of(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, autocast_cache: bool = True
+) -> torch.Tensor:
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=autocast_cache):
         logits = model(x)
     return F.cross_entropy(logits.float(), y)  # the loss in float32, as the learner computes it
@@ -227,8 +247,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_rates(step: Callable[[], None], device: torch.device, batch: int, steps: int, repeats: int,
-                warmup: int) -> list[float]:
+def timed_rates(
+    step: Callable[[], None], device: torch.device, batch: int, steps: int, repeats: int, warmup: int
+) -> list[float]:
     """Images per second in each of ``repeats`` windows of ``steps`` steps, after ``warmup`` steps."""
     for _ in range(warmup):
         step()
@@ -280,9 +301,22 @@ def measure_in_process(variant: str, template: nn.Module, batch: int, args: argp
 def measure_compiled(batch: int, args: argparse.Namespace) -> dict:
     """The compiled variant in a child process (this file with --child-compiled): a compilation cannot be
     interrupted from inside, but a process can be killed when it overruns the budget."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-compiled", str(batch), "--device", args.device,
-           "--input-size", str(args.input_size), "--steps", str(args.steps), "--repeats", str(args.repeats),
-           "--warmup-steps", str(args.warmup_steps)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child-compiled",
+        str(batch),
+        "--device",
+        args.device,
+        "--input-size",
+        str(args.input_size),
+        "--steps",
+        str(args.steps),
+        "--repeats",
+        str(args.repeats),
+        "--warmup-steps",
+        str(args.warmup_steps),
+    ]
     with tempfile.TemporaryFile("w+") as stderr:
         # Its own process group: the compile workers Inductor starts go with it when it is killed.
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
@@ -384,9 +418,16 @@ def training_section(args: argparse.Namespace) -> dict:
         for batch in map(str, batches):
             base, cell = cells[BASELINE][batch]["images_per_second"], cells[variant][batch]
             cell["speedup_vs_eager_fp32"] = cell["images_per_second"] / base if cell["images_per_second"] else None
-    return {"backbone": BACKBONE, "input_size": args.input_size, "batches": batches, "steps": args.steps,
-            "repeats": args.repeats, "warmup_steps": args.warmup_steps, "compile_budget_s": args.compile_budget_s,
-            "variants": cells}
+    return {
+        "backbone": BACKBONE,
+        "input_size": args.input_size,
+        "batches": batches,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "warmup_steps": args.warmup_steps,
+        "compile_budget_s": args.compile_budget_s,
+        "variants": cells,
+    }
 
 
 def _progress(variant: str, batch: int, cell: dict) -> None:
@@ -422,8 +463,13 @@ def decode_section(args: argparse.Namespace, jpegs: list[tuple[str, bytes]]) -> 
     for workers in dict.fromkeys([0, *counts]):
         rates[str(workers)] = {"images_per_second": decode_rate(images, args.input_size, workers, args.decode_batch)}
         print(f"  decode, {workers:2d} workers: {_rate(rates[str(workers)]['images_per_second'])} images/s", flush=True)
-    return {"images": len(images), "batch": args.decode_batch, "input_size": args.input_size,
-            "jpeg_kb_median": _kb_median(jpegs), "workers": rates}
+    return {
+        "images": len(images),
+        "batch": args.decode_batch,
+        "input_size": args.input_size,
+        "jpeg_kb_median": _kb_median(jpegs),
+        "workers": rates,
+    }
 
 
 def _kb_median(jpegs: list[tuple[str, bytes]]) -> float:
@@ -470,8 +516,10 @@ class LearnedCounter:
                 if learned >= target:
                     return samples[-1][0], samples[1:]
             time.sleep(poll_s)
-        raise SystemExit(f"{what}: the daemon learned {samples[-1][1]:.0f} of {target:.0f} within {timeout_s:.0f} s "
-                         f"(--keep-workdir keeps its log)")
+        raise SystemExit(
+            f"{what}: the daemon learned {samples[-1][1]:.0f} of {target:.0f} within {timeout_s:.0f} s "
+            f"(--keep-workdir keeps its log)"
+        )
 
     def settled(self, at_least: float, timeout_s: float, quiet_s: float = 2.0) -> float:
         """The count once it is at least at_least, with no backlog, and unchanged for quiet_s.
@@ -537,17 +585,28 @@ def e2e_section(args: argparse.Namespace, jpegs: list[tuple[str, bytes]], workdi
     finally:
         daemon.stop()
         broker.stop()
-    print(f"  end to end, {mode}: {burst['learned_per_second_steady']:,.1f} examples learned/s (steady), last publish to "
-          f"learned {burst['last_publish_to_learned_s']} s, one at idle {statistics.median(idle):.2f} s; "
-          f"{decoders.get('sprout_images_decoded_ahead', 0):,.0f} images decoded beside an earlier step, "
-          f"{decoders.get('sprout_decoder_fallbacks', 0):.0f} decoder fallbacks, "
-          f"{decoders.get('sprout_images_decoded_short_of_slots', 0):.0f} images decoded short of slots", flush=True)
-    return {"device": args.device, "backbone": args.e2e_backbone, "mode": mode, "input_size": args.input_size,
-            "jpeg_kb_median": _kb_median(jpegs),
-            "env": e2e_env(args, mode), **burst, "idle_publish_to_learned_s": round(statistics.median(idle), 3), "idle_runs_s": idle,
-            "images_decoded_ahead": decoders.get("sprout_images_decoded_ahead"),
-            "decoder_fallbacks": decoders.get("sprout_decoder_fallbacks"),
-            "images_decoded_short_of_slots": decoders.get("sprout_images_decoded_short_of_slots")}
+    print(
+        f"  end to end, {mode}: {burst['learned_per_second_steady']:,.1f} examples learned/s (steady), last publish to "
+        f"learned {burst['last_publish_to_learned_s']} s, one at idle {statistics.median(idle):.2f} s; "
+        f"{decoders.get('sprout_images_decoded_ahead', 0):,.0f} images decoded beside an earlier step, "
+        f"{decoders.get('sprout_decoder_fallbacks', 0):.0f} decoder fallbacks, "
+        f"{decoders.get('sprout_images_decoded_short_of_slots', 0):.0f} images decoded short of slots",
+        flush=True,
+    )
+    return {
+        "device": args.device,
+        "backbone": args.e2e_backbone,
+        "mode": mode,
+        "input_size": args.input_size,
+        "jpeg_kb_median": _kb_median(jpegs),
+        "env": e2e_env(args, mode),
+        **burst,
+        "idle_publish_to_learned_s": round(statistics.median(idle), 3),
+        "idle_runs_s": idle,
+        "images_decoded_ahead": decoders.get("sprout_images_decoded_ahead"),
+        "decoder_fallbacks": decoders.get("sprout_decoder_fallbacks"),
+        "images_decoded_short_of_slots": decoders.get("sprout_images_decoded_short_of_slots"),
+    }
 
 
 def _burst(gen: LoadGenerator, counter: LearnedCounter, jpegs, args: argparse.Namespace, baseline: float) -> dict:
@@ -584,8 +643,11 @@ def _burst(gen: LoadGenerator, counter: LearnedCounter, jpegs, args: argparse.Na
 def _one_at_idle(gen: LoadGenerator, counter: LearnedCounter, jpegs, i: int, args: argparse.Namespace) -> float:
     """Seconds from publishing one train example to an idle learner to its being learned."""
     before = counter.settled(0, args.e2e_timeout_s)
-    example_id = next(f"idle{i}-{k}" for k in itertools.count()
-                      if holdout_split(f"idle{i}-{k}", StoreSettings().holdout_fraction) == "train")
+    example_id = next(
+        f"idle{i}-{k}"
+        for k in itertools.count()
+        if holdout_split(f"idle{i}-{k}", StoreSettings().holdout_fraction) == "train"
+    )
     published = time.monotonic()
     gen.publish_all(TOPIC, [(example_id, *jpegs[i % len(jpegs)])])
     done, _ = counter.wait_for(before + 1, args.e2e_timeout_s, 0.02, "one example at idle")
@@ -599,31 +661,44 @@ def render(report: dict) -> str:
     parts = []
     if tr := report.get("training"):
         batches = tr["batches"]
-        parts += [f"### Training step: full fine-tuning of {tr['backbone']}, {tr['input_size']} px, "
-                  f"images/s (speed-up against eager fp32)", "",
-                  "| variant | " + " | ".join(f"batch {b}" for b in batches) + " |",
-                  "|---|" + "---:|" * len(batches)]
+        parts += [
+            f"### Training step: full fine-tuning of {tr['backbone']}, {tr['input_size']} px, "
+            f"images/s (speed-up against eager fp32)",
+            "",
+            "| variant | " + " | ".join(f"batch {b}" for b in batches) + " |",
+            "|---|" + "---:|" * len(batches),
+        ]
         for variant, cells in tr["variants"].items():
             parts.append(f"| {variant} | " + " | ".join(_cell(cells[str(b)]) for b in batches) + " |")
         parts.append("")
     if dec := report.get("decode"):
-        parts += [f"### Decoding: {dec['images']:,} JPEGs (224x224, median {dec['jpeg_kb_median']} KB) to "
-                  f"{dec['input_size']} px in batches of {dec['batch']}", "", "| decode workers | images/s |", "|---|---:|"]
+        parts += [
+            f"### Decoding: {dec['images']:,} JPEGs (224x224, median {dec['jpeg_kb_median']} KB) to "
+            f"{dec['input_size']} px in batches of {dec['batch']}",
+            "",
+            "| decode workers | images/s |",
+            "|---|---:|",
+        ]
         for workers, d in dec["workers"].items():
             name = "0 (the learner's thread)" if workers == "0" else workers
             parts.append(f"| {name} | {_rate(d['images_per_second'])} |")
         parts.append("")
     for e2e in (report.get("end_to_end_by_mode") or {}).values():
-        parts += [f"### End to end: sprout run, {e2e['backbone']}, training.mode={e2e['mode']} on {e2e['device']}, "
-                  f"{e2e['input_size']} px, "
-                  f"{e2e['examples']:,} examples ({e2e['train_examples']:,} train) published in {e2e['publish_s']} s",
-                  "", "| figure | value |", "|---|---:|",
-                  f"| examples learned per second, steady (10% to 90%) | {e2e['learned_per_second_steady']:,.1f} |",
-                  f"| examples learned per second, first publish to last learned | "
-                  f"{e2e['learned_per_second_overall']:,.1f} |",
-                  f"| last publish to that example learned | {e2e['last_publish_to_learned_s']} s |",
-                  f"| one example to an idle learner, publish to learned (median of 3) | "
-                  f"{e2e['idle_publish_to_learned_s']} s |", ""]
+        parts += [
+            f"### End to end: sprout run, {e2e['backbone']}, training.mode={e2e['mode']} on {e2e['device']}, "
+            f"{e2e['input_size']} px, "
+            f"{e2e['examples']:,} examples ({e2e['train_examples']:,} train) published in {e2e['publish_s']} s",
+            "",
+            "| figure | value |",
+            "|---|---:|",
+            f"| examples learned per second, steady (10% to 90%) | {e2e['learned_per_second_steady']:,.1f} |",
+            f"| examples learned per second, first publish to last learned | "
+            f"{e2e['learned_per_second_overall']:,.1f} |",
+            f"| last publish to that example learned | {e2e['last_publish_to_learned_s']} s |",
+            f"| one example to an idle learner, publish to learned (median of 3) | "
+            f"{e2e['idle_publish_to_learned_s']} s |",
+            "",
+        ]
     return "\n".join(parts)
 
 
@@ -658,23 +733,46 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, help=f"steps per timed window (default {FULL['steps']})")
     ap.add_argument("--repeats", type=int, help=f"timed windows per figure (default {FULL['repeats']})")
     ap.add_argument("--warmup-steps", type=int, help=f"untimed steps first (default {FULL['warmup_steps']})")
-    ap.add_argument("--compiled", choices=["auto", "on", "off"], default="auto",
-                    help="the torch.compile variant; auto: on, except with --quick")
-    ap.add_argument("--compile-budget-s", type=float, default=90.0,
-                    help="most seconds of compilation and warm-up per batch size before the variant gives up")
+    ap.add_argument(
+        "--compiled",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the torch.compile variant; auto: on, except with --quick",
+    )
+    ap.add_argument(
+        "--compile-budget-s",
+        type=float,
+        default=90.0,
+        help="most seconds of compilation and warm-up per batch size before the variant gives up",
+    )
     ap.add_argument("--decode-images", type=int, help=f"images per decode figure (default {FULL['decode_images']})")
     ap.add_argument("--decode-batch", type=int, default=64)
-    ap.add_argument("--decode-workers", default="auto",
-                    help="comma-separated worker counts beside 0; auto: the daemon's count on a CUDA host")
+    ap.add_argument(
+        "--decode-workers",
+        default="auto",
+        help="comma-separated worker counts beside 0; auto: the daemon's count on a CUDA host",
+    )
     ap.add_argument("--e2e-examples", type=int, help=f"examples fed to the daemon (default {FULL['e2e_examples']})")
     ap.add_argument("--e2e-backbone", help=f"the daemon's model.backbone (default {BACKBONE}; tiny with --quick)")
-    ap.add_argument("--e2e-env", action="append", default=[], metavar="NAME=VALUE",
-                    help="extra environment for the daemon (e.g. SPROUT_TRAINING__BATCH_SIZE=64); repeatable")
+    ap.add_argument(
+        "--e2e-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the daemon (e.g. SPROUT_TRAINING__BATCH_SIZE=64); repeatable",
+    )
     ap.add_argument("--e2e-timeout-s", type=float, default=300.0)
-    ap.add_argument("--e2e-modes", default="full",
-                    help="comma-separated training.mode values, each run end to end in turn (full, last_blocks, head)")
-    ap.add_argument("--cpu-threads", type=int, default=TrainingSettings().cpu_threads,
-                    help="torch threads with --device cpu, here and in the daemon (default: the daemon's)")
+    ap.add_argument(
+        "--e2e-modes",
+        default="full",
+        help="comma-separated training.mode values, each run end to end in turn (full, last_blocks, head)",
+    )
+    ap.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=TrainingSettings().cpu_threads,
+        help="torch threads with --device cpu, here and in the daemon (default: the daemon's)",
+    )
     ap.add_argument("--distinct", type=int, help=f"distinct JPEGs made and cycled (default {FULL['distinct']})")
     ap.add_argument("--sections", default="training,decode,e2e")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the daemon's state and log (path printed)")
@@ -691,8 +789,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"bench/gpu.py: --device cuda, but torch {torch.__version__} sees no CUDA device "
-                         "(no GPU, or a CPU-only build): run it on a CUDA host, or --device cpu for a smoke run")
+        raise SystemExit(
+            f"bench/gpu.py: --device cuda, but torch {torch.__version__} sees no CUDA device "
+            "(no GPU, or a CPU-only build): run it on a CUDA host, or --device cpu for a smoke run"
+        )
     if args.device == "cpu":
         # As the daemon does (training.cpu_threads): on a small, shared machine more threads than free cores
         # stall at every parallel region (measured on 2 busy cores: 7 s a step at 2 threads, 0.14 s at 1).

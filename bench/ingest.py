@@ -39,11 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from benchlib import wait_subscribed  # noqa: E402
+from loadgen import LoadGenerator  # noqa: E402
+
 from daemon.tools.broker import Mosquitto, free_port  # noqa: E402
 from daemon.tools.datasets import fashion_mnist  # noqa: E402
 from daemon.tools.feeder import Publisher  # noqa: E402
-from benchlib import wait_subscribed  # noqa: E402
-from loadgen import LoadGenerator  # noqa: E402
 
 MODEL = "bench"
 TOPIC = f"sprout/{MODEL}/examples"
@@ -57,7 +58,9 @@ def make_jpegs(count: int, target_bytes: int = 30_000, seed: int = 0) -> list[tu
     out = []
     noise_sigma = 9.0
     for i in range(count):
-        base = np.asarray(Image.fromarray(images[i]).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC), np.float32)
+        base = np.asarray(
+            Image.fromarray(images[i]).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC), np.float32
+        )
         noisy = np.clip(base + rng.normal(0, noise_sigma, base.shape), 0, 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(noisy).save(buf, format="JPEG", quality=85)
@@ -69,7 +72,9 @@ def make_jpegs(count: int, target_bytes: int = 30_000, seed: int = 0) -> list[tu
     return out
 
 
-def publish_all(url: str, jpegs: list[tuple[str, bytes]], n: int, prefix: str, started_at, done_at, publisher: str) -> None:
+def publish_all(
+    url: str, jpegs: list[tuple[str, bytes]], n: int, prefix: str, started_at, done_at, publisher: str
+) -> None:
     if publisher == "raw":
         host, port = url.removeprefix("mqtt://").split(":")
         gen = LoadGenerator(host, int(port), window=1000)
@@ -124,9 +129,22 @@ class Daemon:
     def start(self) -> None:
         env = {**os.environ, "SPROUT_LOGGING__LEVEL": "WARNING", "SPROUT_TRAINING__ENABLED": str(self.learner).lower()}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "run", "--broker", self.url, "--model", MODEL, "--state", str(self.state),
-             "--http", f"127.0.0.1:{free_port()}"],
-            env=env, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "daemon.cli",
+                "run",
+                "--broker",
+                self.url,
+                "--model",
+                MODEL,
+                "--state",
+                str(self.state),
+                "--http",
+                f"127.0.0.1:{free_port()}",
+            ],
+            env=env,
+            cwd=ROOT,
         )
 
     def wait_subscribed(self, broker: Mosquitto, timeout_s: float = 30) -> None:
@@ -164,16 +182,35 @@ def run_once(jpegs, n: int, mode: str, workdir: Path, publisher: str, learner: b
             feeder = ctx.Process(target=publish_all, args=(broker.url, jpegs, n, mode, started_at, done_at, publisher))
             feeder.start()
             if PROFILE:
-                spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(daemon.proc.pid),
-                                        "-o", PROFILE, "-f", "raw", "-d", "5", "-r", "250"],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                spy = subprocess.Popen(
+                    [
+                        str(Path(sys.executable).parent / "py-spy"),
+                        "record",
+                        "-p",
+                        str(daemon.proc.pid),
+                        "-o",
+                        PROFILE,
+                        "-f",
+                        "raw",
+                        "-d",
+                        "5",
+                        "-r",
+                        "250",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             t1 = wait_stored(db, mode, n)
             feeder.join()
             if PROFILE:
                 spy.wait()
             t0 = started_at.value
         daemon.stop()
-        return {"seconds": t1 - t0, "per_second": n / (t1 - t0), "publish_per_second": n / (done_at.value - started_at.value)}
+        return {
+            "seconds": t1 - t0,
+            "per_second": n / (t1 - t0),
+            "publish_per_second": n / (done_at.value - started_at.value),
+        }
     finally:
         if daemon.proc and daemon.proc.poll() is None:
             daemon.proc.kill()
@@ -188,8 +225,12 @@ def main() -> None:
     ap.add_argument("--distinct", type=int, default=500, help="distinct images (ids are all distinct)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--publisher", choices=["raw", "paho"], default="raw", help="load generator (see bench/loadgen.py)")
-    ap.add_argument("--learner", choices=["on", "off"], default="on",
-                    help="on: the default daemon, learning beside intake; off: an ingest-only node")
+    ap.add_argument(
+        "--learner",
+        choices=["on", "off"],
+        default="on",
+        help="on: the default daemon, learning beside intake; off: an ingest-only node",
+    )
     args = ap.parse_args()
     jpegs = make_jpegs(args.distinct)
     PROBE = jpegs[0][1]
@@ -211,7 +252,10 @@ def main() -> None:
         "examples_per_run": args.examples,
         "learner": args.learner,
         "repeats": args.repeats,
-        **{f"{mode}_per_second_median": round(statistics.median(x["per_second"] for x in runs)) for mode, runs in results.items()},
+        **{
+            f"{mode}_per_second_median": round(statistics.median(x["per_second"] for x in runs))
+            for mode, runs in results.items()
+        },
         "runs": results,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))

@@ -26,9 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import ROOT, machine  # noqa: E402
+from benchlib import ROOT, machine
 
-from daemon.export.verification import python_for  # noqa: E402
+from daemon.export.verification import python_for
 
 RUNTIMES = ("ai-edge-litert", "tflite-runtime")
 
@@ -39,9 +39,22 @@ def time_once(model: Path, images: Path, runtime: str, threads: int) -> tuple[fl
         out = Path(tmp) / "out.npz"
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
         proc = subprocess.run(
-            [str(python_for(runtime)), "-m", "edge.probe", "--runtime", runtime, "--threads", str(threads),
-             str(model), str(images), str(out)],
-            env=env, capture_output=True, text=True, timeout=600,
+            [
+                str(python_for(runtime)),
+                "-m",
+                "edge.probe",
+                "--runtime",
+                runtime,
+                "--threads",
+                str(threads),
+                str(model),
+                str(images),
+                str(out),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         if proc.returncode != 0:
             lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -72,9 +85,14 @@ def main() -> None:
                         if ms is None:
                             break
                         runs.append(ms)
-                    row = {"mode": model.stem, "runtime": runtime, "threads": threads,
-                           "ms_per_image": round(statistics.median(runs), 2) if runs else None,
-                           "runs": [round(r, 2) for r in runs], "error": error}
+                    row = {
+                        "mode": model.stem,
+                        "runtime": runtime,
+                        "threads": threads,
+                        "ms_per_image": round(statistics.median(runs), 2) if runs else None,
+                        "runs": [round(r, 2) for r in runs],
+                        "error": error,
+                    }
                     rows.append(row)
                     shown = f"{row['ms_per_image']:.2f} ms/image" if runs else f"cannot run: {error}"
                     print(f"  {model.stem:8s} {runtime:15s} {threads} thread(s): {shown}", flush=True)

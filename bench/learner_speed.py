@@ -29,11 +29,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
-from daemon.learning.learner import Learner  # noqa: E402
 from daemon.common.settings import ModelSettings, TrainingSettings  # noqa: E402
-from daemon.store.examples import Store, StoreReader  # noqa: E402
 from daemon.ingest.wire import Example  # noqa: E402
+from daemon.learning.learner import Learner  # noqa: E402
+from daemon.store.examples import Store, StoreReader  # noqa: E402
+from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
 
 
 def examples(n: int) -> list[Example]:
@@ -41,8 +41,12 @@ def examples(n: int) -> list[Example]:
     out = []
     for i in range(n):
         buf = io.BytesIO()
-        Image.fromarray(images[i]).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
-        out.append(Example(f"e{i}", FASHION_MNIST_CLASSES[labels[i]], "train", "image/jpeg", 224, 224, buf.getvalue(), 0.0))
+        Image.fromarray(images[i]).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC).save(
+            buf, format="JPEG", quality=90
+        )
+        out.append(
+            Example(f"e{i}", FASHION_MNIST_CLASSES[labels[i]], "train", "image/jpeg", 224, 224, buf.getvalue(), 0.0)
+        )
     return out
 
 
@@ -73,15 +77,23 @@ def main() -> None:
     args = ap.parse_args()
     batch = TrainingSettings().batch_size
     data = examples(batch * (args.batches + 1) * 2)
-    print(f"{args.backbone}, batch {batch}, replay {TrainingSettings().replay_ratio}, {args.threads} torch threads, "
-          f"{platform.machine()}, torch {torch.__version__}", flush=True)
+    print(
+        f"{args.backbone}, batch {batch}, replay {TrainingSettings().replay_ratio}, {args.threads} torch threads, "
+        f"{platform.machine()}, torch {torch.__version__}",
+        flush=True,
+    )
     rows = []
     for mode in args.modes.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
             rates = [measure(args.backbone, size, mode, args.batches, args.threads, data) for _ in range(args.repeats)]
-            rows.append({"mode": mode, "input_size": size, "examples_per_second": statistics.median(rates), "runs": rates})
-            print(f"  {mode:12s} {size:4d} px: {statistics.median(rates):7.1f} examples/s "
-                  f"({', '.join(f'{r:.1f}' for r in sorted(rates))})", flush=True)
+            rows.append(
+                {"mode": mode, "input_size": size, "examples_per_second": statistics.median(rates), "runs": rates}
+            )
+            print(
+                f"  {mode:12s} {size:4d} px: {statistics.median(rates):7.1f} examples/s "
+                f"({', '.join(f'{r:.1f}' for r in sorted(rates))})",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -39,17 +39,19 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
+from daemon.common.settings import ModelSettings, TrainingSettings  # noqa: E402
+from daemon.ingest.wire import Example  # noqa: E402
 from daemon.learning.head import GrowingHead  # noqa: E402
 from daemon.learning.learner import Learner  # noqa: E402
-from daemon.common.settings import ModelSettings, TrainingSettings  # noqa: E402
 from daemon.store.examples import Store, StoreReader  # noqa: E402
-from daemon.ingest.wire import Example  # noqa: E402
+from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
 
 
 def jpeg(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(pixels).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
+    Image.fromarray(pixels).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC).save(
+        buf, format="JPEG", quality=90
+    )
     return buf.getvalue()
 
 
@@ -78,34 +80,57 @@ class Embedder:
         torch.set_num_threads(threads)
         workdir = Path(tempfile.mkdtemp(prefix="sprout-embed-"))
         Store(workdir / "examples.db").close()
-        self.learner = Learner(model, TrainingSettings(mode="head", device="cpu", cpu_threads=threads), workdir, StoreReader(workdir / "examples.db"))
+        self.learner = Learner(
+            model,
+            TrainingSettings(mode="head", device="cpu", cpu_threads=threads),
+            workdir,
+            StoreReader(workdir / "examples.db"),
+        )
         self.vectors: dict[str, np.ndarray] = {}
 
     def add(self, ids: list[str], images: list[bytes]) -> None:
         from daemon.store.examples import StoredExample
 
         for start in range(0, len(ids), 64):
-            chunk = [StoredExample(-(start + i + 1), "x", "train", images[start + i]) for i in range(min(64, len(ids) - start))]
+            chunk = [
+                StoredExample(-(start + i + 1), "x", "train", images[start + i])
+                for i in range(min(64, len(ids) - start))
+            ]
             emb, ok = self.learner._embeddings(chunk, grad=False)
             assert all(ok)
             for i, vector in enumerate(emb):
                 self.vectors[ids[start + i]] = vector.numpy()
 
 
-def run_stream(kind: str, replay_ratio: float, stream: list[tuple[str, int]], evaluation: list[tuple[str, int]],
-               images: dict[str, bytes], embedder: Embedder, model: ModelSettings, eval_every: int, seed: int,
-               clock: list[float] | None = None) -> dict:
+def run_stream(
+    kind: str,
+    replay_ratio: float,
+    stream: list[tuple[str, int]],
+    evaluation: list[tuple[str, int]],
+    images: dict[str, bytes],
+    embedder: Embedder,
+    model: ModelSettings,
+    eval_every: int,
+    seed: int,
+    clock: list[float] | None = None,
+) -> dict:
     """The daemon's Learner over the stream; ``clock``, when given, receives the seconds spent reading batches
     and learning (evaluations left out) up to each point of the returned curve."""
     workdir = Path(tempfile.mkdtemp(prefix=f"sprout-learn-{kind}-"))
     store = Store(workdir / "examples.db")
     # The evaluation set first, as holdout: every evaluation scores all ten classes.
-    examples = [Example(i, FASHION_MNIST_CLASSES[c], "holdout", "image/jpeg", 224, 224, images[i], 0.0) for i, c in evaluation]
-    examples += [Example(i, FASHION_MNIST_CLASSES[c], "train", "image/jpeg", 224, 224, images[i], 0.0) for i, c in stream]
+    examples = [
+        Example(i, FASHION_MNIST_CLASSES[c], "holdout", "image/jpeg", 224, 224, images[i], 0.0) for i, c in evaluation
+    ]
+    examples += [
+        Example(i, FASHION_MNIST_CLASSES[c], "train", "image/jpeg", 224, 224, images[i], 0.0) for i, c in stream
+    ]
     store.commit(examples)
     store.close()
     reader = StoreReader(workdir / "examples.db")
-    training = TrainingSettings(mode="head", device="cpu", replay_ratio=replay_ratio, holdout_max_examples=len(evaluation), seed=seed)
+    training = TrainingSettings(
+        mode="head", device="cpu", replay_ratio=replay_ratio, holdout_max_examples=len(evaluation), seed=seed
+    )
     learner = Learner(model, training, workdir, reader)
     seq_of = dict(reader._db.execute("SELECT example_id, seq FROM examples"))
     learner.cache.put({seq_of[i]: embedder.vectors[i] for i in seq_of})
@@ -162,8 +187,15 @@ def forgetting(earlier: list[dict[str, float]], final: dict[str, float]) -> floa
     return sum(drops) / len(drops) if drops else None
 
 
-def train_head(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, lr: float, weight_decay: float,
-               after_epoch: Callable[[int, GrowingHead], None] | None = None) -> GrowingHead:
+def train_head(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    seed: int,
+    lr: float,
+    weight_decay: float,
+    after_epoch: Callable[[int, GrowingHead], None] | None = None,
+) -> GrowingHead:
     """A fresh ten-class head trained offline on (x, y): shuffled, batches of 32, AdamW, plain cross-entropy."""
     torch.manual_seed(seed)
     head = GrowingHead(x.shape[1], 10)
@@ -180,8 +212,15 @@ def train_head(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, lr: flo
     return head
 
 
-def run_joint(stream: list[tuple[str, int]], evaluation: list[tuple[str, int]], embedder: Embedder, epochs: int, seed: int,
-              lr: float, weight_decay: float) -> dict:
+def run_joint(
+    stream: list[tuple[str, int]],
+    evaluation: list[tuple[str, int]],
+    embedder: Embedder,
+    epochs: int,
+    seed: int,
+    lr: float,
+    weight_decay: float,
+) -> dict:
     x = torch.from_numpy(np.stack([embedder.vectors[i] for i, _ in stream]))
     y = torch.tensor([c for _, c in stream])
     xe = torch.from_numpy(np.stack([embedder.vectors[i] for i, _ in evaluation]))
@@ -197,12 +236,20 @@ def run_joint(stream: list[tuple[str, int]], evaluation: list[tuple[str, int]], 
     with torch.no_grad():
         predicted = head(xe).argmax(1)
     per_class = {FASHION_MNIST_CLASSES[c]: float((predicted[ye == c] == c).float().mean()) for c in range(10)}
-    return {"accuracy": curve[-1][1], "per_class": per_class, "forgetting": None, "forgetting_dense": None,
-            "examples_processed": epochs * len(x),
-            "seconds": time.perf_counter() - started, "curve": curve}
+    return {
+        "accuracy": curve[-1][1],
+        "per_class": per_class,
+        "forgetting": None,
+        "forgetting_dense": None,
+        "examples_processed": epochs * len(x),
+        "seconds": time.perf_counter() - started,
+        "curve": curve,
+    }
 
 
-def load_data(train_per_class: int, eval_per_class: int, seed: int) -> tuple[dict[str, bytes], list[tuple[str, int]], list[tuple[str, int]]]:
+def load_data(
+    train_per_class: int, eval_per_class: int, seed: int
+) -> tuple[dict[str, bytes], list[tuple[str, int]], list[tuple[str, int]]]:
     """(JPEG of every image by id, the training examples, the evaluation set) drawn from Fashion-MNIST."""
     train_images, train_labels = fashion_mnist("train")
     test_images, test_labels = fashion_mnist("t10k")
@@ -213,13 +260,19 @@ def load_data(train_per_class: int, eval_per_class: int, seed: int) -> tuple[dic
     return images, [(f"train/{i}", c) for i, c in train], [(f"t10k/{i}", c) for i, c in test]
 
 
-def embed(images: dict[str, bytes], model: ModelSettings, threads: int, train_per_class: int, eval_per_class: int,
-          seed: int) -> tuple[Embedder, float]:
+def embed(
+    images: dict[str, bytes], model: ModelSettings, threads: int, train_per_class: int, eval_per_class: int, seed: int
+) -> tuple[Embedder, float]:
     """Every image's embedding, from bench/out's cache when there; the seconds they took (nan when cached)."""
     t0 = time.perf_counter()
     embedder = Embedder(model, threads)
     ids = list(images)
-    cache = ROOT / "bench" / "out" / f"embeddings-{model.backbone}-{model.input_size}-{train_per_class}-{eval_per_class}-{seed}.npz"
+    cache = (
+        ROOT
+        / "bench"
+        / "out"
+        / f"embeddings-{model.backbone}-{model.input_size}-{train_per_class}-{eval_per_class}-{seed}.npz"
+    )
     if cache.exists():  # the backbone is frozen: the same images give the same embeddings
         with np.load(cache) as saved:
             embedder.vectors = {i: saved[i.replace("/", "_")] for i in ids}
@@ -230,8 +283,11 @@ def embed(images: dict[str, bytes], model: ModelSettings, threads: int, train_pe
         embed_s = time.perf_counter() - t0
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, **{i.replace("/", "_"): v for i, v in embedder.vectors.items()})
-        print(f"embedded {len(ids)} images with {model.backbone} at {model.input_size} px in {embed_s:.0f} s "
-              f"({len(ids) / embed_s:.0f}/s, {threads} threads)", flush=True)
+        print(
+            f"embedded {len(ids)} images with {model.backbone} at {model.input_size} px in {embed_s:.0f} s "
+            f"({len(ids) / embed_s:.0f}/s, {threads} threads)",
+            flush=True,
+        )
     return embedder, embed_s
 
 
@@ -256,19 +312,33 @@ def main() -> None:
     for kind in ("iid", "class-incremental"):
         stream = order(stream_items, kind, args.seed)
         eval_every = len(stream) // 20
-        results[f"{kind}/sprout"] = run_stream(kind, defaults.replay_ratio, stream, evaluation, images, embedder, model, eval_every, args.seed)
-        results[f"{kind}/naive"] = run_stream(kind, 0.0, stream, evaluation, images, embedder, model, eval_every, args.seed)
-        print(f"{kind}: sprout {results[f'{kind}/sprout']['accuracy']:.3f}, naive {results[f'{kind}/naive']['accuracy']:.3f}", flush=True)
-    results["joint"] = run_joint(stream_items, evaluation, embedder, args.joint_epochs, args.seed, defaults.learning_rate, defaults.weight_decay)
+        results[f"{kind}/sprout"] = run_stream(
+            kind, defaults.replay_ratio, stream, evaluation, images, embedder, model, eval_every, args.seed
+        )
+        results[f"{kind}/naive"] = run_stream(
+            kind, 0.0, stream, evaluation, images, embedder, model, eval_every, args.seed
+        )
+        print(
+            f"{kind}: sprout {results[f'{kind}/sprout']['accuracy']:.3f}, naive {results[f'{kind}/naive']['accuracy']:.3f}",
+            flush=True,
+        )
+    results["joint"] = run_joint(
+        stream_items, evaluation, embedder, args.joint_epochs, args.seed, defaults.learning_rate, defaults.weight_decay
+    )
     print(f"joint: {results['joint']['accuracy']:.3f}", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / "learning.png", len(stream_items))
     meta = {
         "machine": f"{torch.get_num_threads()} torch threads, {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
-        "backbone": args.backbone, "input_size": args.input_size, "train_examples": len(stream_items),
-        "eval_examples": len(evaluation), "embedding_seconds": embed_s, "replay_ratio": defaults.replay_ratio,
-        "batch_size": defaults.batch_size, "joint_epochs": args.joint_epochs,
+        "backbone": args.backbone,
+        "input_size": args.input_size,
+        "train_examples": len(stream_items),
+        "eval_examples": len(evaluation),
+        "embedding_seconds": embed_s,
+        "replay_ratio": defaults.replay_ratio,
+        "batch_size": defaults.batch_size,
+        "joint_epochs": args.joint_epochs,
     }
     (args.out / "learning.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(table(results))
@@ -276,9 +346,11 @@ def main() -> None:
 
 def table(results: dict[str, dict]) -> str:
     joint = results["joint"]["accuracy"]
-    lines = ["| stream | learner | final accuracy (10 classes) | vs joint | avg forgetting (task ends) | "
-             "avg forgetting (every 5%) | avg per-class shortfall vs joint | examples processed | seconds |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| stream | learner | final accuracy (10 classes) | vs joint | avg forgetting (task ends) | "
+        "avg forgetting (every 5%) | avg per-class shortfall vs joint | examples processed | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     joint_per_class = results["joint"]["per_class"]
 
     def pts(value: float | None) -> str:
@@ -286,10 +358,14 @@ def table(results: dict[str, dict]) -> str:
 
     for key, r in results.items():
         stream, _, name = key.partition("/") if "/" in key else ("all at once", "", key)
-        shortfall = sum(max(0.0, joint_per_class[c] - r["per_class"].get(c, 0.0)) for c in joint_per_class) / len(joint_per_class)
-        lines.append(f"| {stream} | {name} | {100 * r['accuracy']:.1f}% | {100 * (r['accuracy'] - joint):+.1f} pts | "
-                     f"{pts(r['forgetting'])} | {pts(r['forgetting_dense'])} | {pts(shortfall)} | "
-                     f"{r['examples_processed']:,} | {r['seconds']:.1f} |")
+        shortfall = sum(max(0.0, joint_per_class[c] - r["per_class"].get(c, 0.0)) for c in joint_per_class) / len(
+            joint_per_class
+        )
+        lines.append(
+            f"| {stream} | {name} | {100 * r['accuracy']:.1f}% | {100 * (r['accuracy'] - joint):+.1f} pts | "
+            f"{pts(r['forgetting'])} | {pts(r['forgetting_dense'])} | {pts(shortfall)} | "
+            f"{r['examples_processed']:,} | {r['seconds']:.1f} |"
+        )
     return "\n".join(lines)
 
 

@@ -87,7 +87,9 @@ class LoadGenerator:
         except (ConnectionError, OSError):
             return
 
-    def publish_all(self, topic: str, messages: Sequence[tuple[str, str, bytes]], content_type: str = "image/jpeg") -> None:
+    def publish_all(
+        self, topic: str, messages: Sequence[tuple[str, str, bytes]], content_type: str = "image/jpeg"
+    ) -> None:
         """Send (example_id, label, payload) triples at QoS 1, then wait for every PUBACK."""
         answered_before = self.acked + self.failed  # the counters run on across calls
         topic_part = _utf8(topic)

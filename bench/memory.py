@@ -36,11 +36,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import DaemonProcess, machine, wait_subscribed  # noqa: E402
-from loadgen import LoadGenerator  # noqa: E402
+from benchlib import DaemonProcess, machine, wait_subscribed
+from loadgen import LoadGenerator
 
-from daemon.tools.broker import Mosquitto  # noqa: E402
-from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
+from daemon.tools.broker import Mosquitto
+from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist
 
 MODEL = "bench"
 TOPIC = f"sprout/{MODEL}/examples"
@@ -96,28 +96,35 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             if daemon.proc.poll() is not None:
                 raise SystemExit(f"the daemon exited with {daemon.proc.returncode} (see --log)")
             m = daemon.metrics()
-            samples.append({
-                "t": round(time.monotonic() - started, 1),
-                "rss_mb": round(daemon.rss_mb(), 1),
-                "tree_rss_mb": round(daemon.tree_rss_mb(), 1),
-                "learned": m.get("sprout_examples_learned", 0.0),
-                "stored": m.get("sprout_examples_stored", 0.0),
-                "published": m.get("sprout_exports_published", 0.0),
-                "exports": m.get("sprout_exports", 0.0),
-            })
+            samples.append(
+                {
+                    "t": round(time.monotonic() - started, 1),
+                    "rss_mb": round(daemon.rss_mb(), 1),
+                    "tree_rss_mb": round(daemon.tree_rss_mb(), 1),
+                    "learned": m.get("sprout_examples_learned", 0.0),
+                    "stored": m.get("sprout_examples_stored", 0.0),
+                    "published": m.get("sprout_exports_published", 0.0),
+                    "exports": m.get("sprout_exports", 0.0),
+                }
+            )
             # Done when every example is stored, the learner has nothing left (the holdout share,
             # store.holdout_fraction, is scored, never learned, so "learned" stops short of N), an
             # export has finished (it runs in its own process while the learner goes on, so a short
             # run can learn everything before the first one ends), and a few samples follow it.
-            if samples[-1]["stored"] >= args.examples and m.get("sprout_learner_backlog", 1.0) == 0 \
-                    and samples[-1]["exports"] >= 1:
+            if (
+                samples[-1]["stored"] >= args.examples
+                and m.get("sprout_learner_backlog", 1.0) == 0
+                and samples[-1]["exports"] >= 1
+            ):
                 after_export = after_export + 1 if after_export is not None else 0
                 if after_export >= 3:
                     break
             time.sleep(args.sample_s)
         else:
-            raise SystemExit(f"stored {samples[-1]['stored']:.0f} and learned {samples[-1]['learned']:.0f} of "
-                             f"{args.examples} within {args.timeout_s:.0f} s")
+            raise SystemExit(
+                f"stored {samples[-1]['stored']:.0f} and learned {samples[-1]['learned']:.0f} of "
+                f"{args.examples} within {args.timeout_s:.0f} s"
+            )
         feeder.join(60)
     finally:
         daemon.stop()
@@ -163,12 +170,19 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.plot([p["learned"] for p in s], [p["rss_mb"] for p in s], label="daemon RSS")
     if any("tree_rss_mb" in p for p in s):
-        ax.plot([p["learned"] for p in s], [p.get("tree_rss_mb", p["rss_mb"]) for p in s], alpha=0.5,
-                label="with its export process", linewidth=0.8)
+        ax.plot(
+            [p["learned"] for p in s],
+            [p.get("tree_rss_mb", p["rss_mb"]) for p in s],
+            alpha=0.5,
+            label="with its export process",
+            linewidth=0.8,
+        )
     ax.axhline(result["rss_mb_after_warmup_peak"], color="grey", linestyle=":", label="peak during warm-up")
     ax.set_xlabel("examples learned")
     ax.set_ylabel("RSS (MiB)")
-    ax.set_title(f"Daemon memory over {result['examples']:,} examples ({result['versions_published']} versions published)")
+    ax.set_title(
+        f"Daemon memory over {result['examples']:,} examples ({result['versions_published']} versions published)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -180,14 +194,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=200_000)
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--input-size", type=int, default=64, help="the learner's input; 64 px keeps 200,000 within the hour")
+    ap.add_argument(
+        "--input-size", type=int, default=64, help="the learner's input; 64 px keeps 200,000 within the hour"
+    )
     ap.add_argument("--image-side", type=int, default=64, help="side of the JPEGs sent (bounds the store's size)")
     ap.add_argument("--every-examples", type=int, default=20_000, help="export.every_examples for the run")
     ap.add_argument("--warmup", type=float, default=0.1, help="share of the examples counted as warm-up")
     ap.add_argument("--sample-s", type=float, default=2.0)
     ap.add_argument("--timeout-s", type=float, default=5400.0)
-    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                    help="extra environment for the daemon (e.g. MALLOC_ARENA_MAX=2); repeatable")
+    ap.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the daemon (e.g. MALLOC_ARENA_MAX=2); repeatable",
+    )
     ap.add_argument("--log", type=Path, help="write the daemon's log here")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
@@ -197,8 +218,14 @@ def main() -> None:
         result = run(args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    summary = {"machine": machine(), "backbone": args.backbone, "input_size": args.input_size,
-               "every_examples": args.every_examples, "warmup": args.warmup, **result}
+    summary = {
+        "machine": machine(),
+        "backbone": args.backbone,
+        "input_size": args.input_size,
+        "every_examples": args.every_examples,
+        "warmup": args.warmup,
+        **result,
+    }
     print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

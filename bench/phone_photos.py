@@ -103,16 +103,32 @@ def main() -> int:
         path.write_bytes(data)
         steps = ["wire check", "load_rgb 224"] + (["full decode"] if case == "jpeg-18mp" else [])
         for what in steps:
-            runs = [json.loads(subprocess.run([sys.executable, __file__, "--once", case, what, str(path)],
-                                              check=True, capture_output=True, text=True).stdout)
-                    for _ in range(args.repeats)]
-            row = {"case": case, "bytes": len(data), "content_type": content_type, "step": what,
-                   "ms_median": round(1000 * statistics.median(r["seconds"] for r in runs), 1),
-                   "peak_growth_mb_median": round(statistics.median(r["peak_growth_mb"] for r in runs), 1),
-                   "repeats": args.repeats}
+            runs = [
+                json.loads(
+                    subprocess.run(
+                        [sys.executable, __file__, "--once", case, what, str(path)],
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                    ).stdout
+                )
+                for _ in range(args.repeats)
+            ]
+            row = {
+                "case": case,
+                "bytes": len(data),
+                "content_type": content_type,
+                "step": what,
+                "ms_median": round(1000 * statistics.median(r["seconds"] for r in runs), 1),
+                "peak_growth_mb_median": round(statistics.median(r["peak_growth_mb"] for r in runs), 1),
+                "repeats": args.repeats,
+            }
             rows.append(row)
-            print(f"{case:10} {len(data) / 1e6:6.2f} MB  {what:13} {row['ms_median']:8.1f} ms  "
-                  f"peak +{row['peak_growth_mb_median']:.1f} MB", flush=True)
+            print(
+                f"{case:10} {len(data) / 1e6:6.2f} MB  {what:13} {row['ms_median']:8.1f} ms  "
+                f"peak +{row['peak_growth_mb_median']:.1f} MB",
+                flush=True,
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def _frames(stack: str) -> list[tuple[str, str]]:
     """(function, file) per frame of one collapsed py-spy stack, outermost first."""
     out = []
@@ -29,9 +30,14 @@ def _frames(stack: str) -> list[tuple[str, str]]:
 
 
 # The step of daemon.exporter each sample is in: the frame called from these functions names it.
-STEPS = {"prepare_pt2e": "PT2E prepare (observers inserted)", "convert_pt2e": "PT2E convert (quantise ops)",
-         "convert": "litert-torch: lowering and flatbuffer", "export": "torch.export: tracing",
-         "_fp16_weights": "fp16 weight cast (ai-edge-quantizer)", "to_channel_last_io": "NHWC wrapper"}
+STEPS = {
+    "prepare_pt2e": "PT2E prepare (observers inserted)",
+    "convert_pt2e": "PT2E convert (quantise ops)",
+    "convert": "litert-torch: lowering and flatbuffer",
+    "export": "torch.export: tracing",
+    "_fp16_weights": "fp16 weight cast (ai-edge-quantizer)",
+    "to_channel_last_io": "NHWC wrapper",
+}
 
 
 def phase_of(stack: str) -> str:
@@ -64,9 +70,27 @@ def main() -> None:
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).parent / "py-spy"
-    subprocess.run([str(spy), "record", "--subprocesses", "-r", str(args.rate), "-f", "raw", "-o", str(args.out),
-                    "--", sys.executable, str(ROOT / "bench" / "export.py"), "--modes", args.modes, *args.rest],
-                   check=True, cwd=ROOT)
+    subprocess.run(
+        [
+            str(spy),
+            "record",
+            "--subprocesses",
+            "-r",
+            str(args.rate),
+            "-f",
+            "raw",
+            "-o",
+            str(args.out),
+            "--",
+            sys.executable,
+            str(ROOT / "bench" / "export.py"),
+            "--modes",
+            args.modes,
+            *args.rest,
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     totals: collections.Counter[str] = collections.Counter()
     for line in args.out.read_text().splitlines():
         stack, _, count = line.rpartition(" ")

@@ -20,12 +20,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import ROOT, machine  # noqa: E402
+from benchlib import ROOT, machine
 
 OUT = ROOT / "bench" / "out"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -39,7 +39,9 @@ class Benchmark:
     script: str
     full: list[str]
     quick: list[str]
-    render: Callable[[dict], tuple[str, list[tuple[str, str, str, bool | None]]]]  # (table, [(figure, goal, measured, met)])
+    render: Callable[
+        [dict], tuple[str, list[tuple[str, str, str, bool | None]]]
+    ]  # (table, [(figure, goal, measured, met)])
 
 
 def _ingest(d: dict) -> tuple[str, list]:
@@ -48,8 +50,12 @@ def _ingest(d: dict) -> tuple[str, list]:
         runs = sorted(r["per_second"] for r in d["runs"][mode])
         rows.append(f"| {mode} | **{d[f'{mode}_per_second_median']:,}** | {' / '.join(f'{r:,.0f}' for r in runs)} |")
     live = d["live_per_second_median"]
-    goal = ("ingest, publish to committed-and-acked (live, learner " + d["learner"] + ")", ">= 3,000/s",
-            f"{live:,}/s", live >= 3000)
+    goal = (
+        "ingest, publish to committed-and-acked (live, learner " + d["learner"] + ")",
+        ">= 3,000/s",
+        f"{live:,}/s",
+        live >= 3000,
+    )
     return "\n".join(rows), [goal]
 
 
@@ -64,13 +70,19 @@ def _learner(rows_in: list) -> tuple[str, list]:
 
 
 def _freshness(d: dict) -> tuple[str, list]:
-    rows = ["| feed | export trigger | versions | refused by the gates | freshness median | p90 | max |",
-            "|---|---|---:|---:|---:|---:|---:|",
-            f"| {d['rate_per_s']:.0f}/s for {d['seconds']:.0f} s | every {d['every_examples']} examples or "
-            f"{d['every_seconds']:.0f} s | {d['versions']} | {d['exports_refused_by_gates']} | "
-            f"**{d['freshness_s_median']} s** | {d['freshness_s_p90']} s | {d['freshness_s_max']} s |"]
-    goal = (f"freshness, publish to a published model ({d['backbone']}, head mode)", "<= 60 s",
-            f"{d['freshness_s_median']} s median, {d['freshness_s_p90']} s p90", d["freshness_s_median"] <= 60)
+    rows = [
+        "| feed | export trigger | versions | refused by the gates | freshness median | p90 | max |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        f"| {d['rate_per_s']:.0f}/s for {d['seconds']:.0f} s | every {d['every_examples']} examples or "
+        f"{d['every_seconds']:.0f} s | {d['versions']} | {d['exports_refused_by_gates']} | "
+        f"**{d['freshness_s_median']} s** | {d['freshness_s_p90']} s | {d['freshness_s_max']} s |",
+    ]
+    goal = (
+        f"freshness, publish to a published model ({d['backbone']}, head mode)",
+        "<= 60 s",
+        f"{d['freshness_s_median']} s median, {d['freshness_s_p90']} s p90",
+        d["freshness_s_median"] <= 60,
+    )
     return "\n".join(rows), [goal]
 
 
@@ -88,13 +100,19 @@ def _export(d: dict) -> tuple[str, list]:
         size = f"{r['size_bytes'] / 1e6:.2f} MB"
         if float_size and r["mode"] != "none":
             size += f" ({100 * r['size_bytes'] / float_size:.0f}%)"
-        rows.append(f"| {r['mode']} | {r['export_s']:.1f} | {size} | {100 * r['float_top1']:.1f}% | " + " | ".join(cells) + " |")
-        goals.append((f"export {r['mode']}: sample + convert + verify", "<= 30 s", f"{r['export_s']:.1f} s", r["export_s"] <= 30))
+        rows.append(
+            f"| {r['mode']} | {r['export_s']:.1f} | {size} | {100 * r['float_top1']:.1f}% | " + " | ".join(cells) + " |"
+        )
+        goals.append(
+            (f"export {r['mode']}: sample + convert + verify", "<= 30 s", f"{r['export_s']:.1f} s", r["export_s"] <= 30)
+        )
         if r["mode"] == "int8":
             worst = min((rep["top1"] for rep in r["runtimes"].values() if rep.get("top1") is not None), default=None)
             if worst is not None:
                 drop = 100 * (r["float_top1"] - worst)
-                goals.append(("int8 top-1 against float (worst runtime)", "<= 1.0 pt lost", f"{drop:.1f} pts", drop <= 1.0))
+                goals.append(
+                    ("int8 top-1 against float (worst runtime)", "<= 1.0 pt lost", f"{drop:.1f} pts", drop <= 1.0)
+                )
             if float_size:
                 share = 100 * r["size_bytes"] / float_size
                 goals.append(("int8 size against float", "<= 30%", f"{share:.1f}%", share <= 30))
@@ -104,8 +122,10 @@ def _export(d: dict) -> tuple[str, list]:
 def _latency(d: dict) -> tuple[str, list]:
     threads = sorted({r["threads"] for r in d["rows"]})
     keys = list(dict.fromkeys((r["mode"], r["runtime"]) for r in d["rows"]))
-    rows = ["| mode | runtime | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads) + " |",
-            "|---|---|" + "---:|" * len(threads)]
+    rows = [
+        "| mode | runtime | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads) + " |",
+        "|---|---|" + "---:|" * len(threads),
+    ]
     for mode, rt in keys:
         cells = []
         for t in threads:
@@ -116,26 +136,38 @@ def _latency(d: dict) -> tuple[str, list]:
 
 
 def _memory(d: dict) -> tuple[str, list]:
-    rows = ["| examples | versions published | RSS peak in warm-up | RSS max | RSS at the end | growth after warm-up | slope "
-            "| max with the export process |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
-            f"| {d['examples']:,} | {d['versions_published']} | {d['rss_mb_after_warmup_peak']:.0f} MiB | "
-            f"{d['rss_mb_max']:.0f} MiB | {d['rss_mb_end']:.0f} MiB | **{d['growth_after_warmup_pct']:+.1f}%** | "
-            f"{d['slope_mb_per_100k']:+.1f} MiB per 100k examples | "
-            + (f"{d['tree_rss_mb_max']:.0f} MiB |" if "tree_rss_mb_max" in d else "not measured |")]
-    goal = (f"memory over {d['examples']:,} examples, growth after warm-up", "< 5%",
-            f"{d['growth_after_warmup_pct']:+.1f}%", d["growth_after_warmup_pct"] < 5)
+    rows = [
+        "| examples | versions published | RSS peak in warm-up | RSS max | RSS at the end | growth after warm-up | slope "
+        "| max with the export process |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {d['examples']:,} | {d['versions_published']} | {d['rss_mb_after_warmup_peak']:.0f} MiB | "
+        f"{d['rss_mb_max']:.0f} MiB | {d['rss_mb_end']:.0f} MiB | **{d['growth_after_warmup_pct']:+.1f}%** | "
+        f"{d['slope_mb_per_100k']:+.1f} MiB per 100k examples | "
+        + (f"{d['tree_rss_mb_max']:.0f} MiB |" if "tree_rss_mb_max" in d else "not measured |"),
+    ]
+    goal = (
+        f"memory over {d['examples']:,} examples, growth after warm-up",
+        "< 5%",
+        f"{d['growth_after_warmup_pct']:+.1f}%",
+        d["growth_after_warmup_pct"] < 5,
+    )
     return "\n".join(rows), [goal]
 
 
 def _phone_photos(rows_in: list) -> tuple[str, list]:
     rows = ["| photo | size | step | median ms | peak memory growth |", "|---|---:|---|---:|---:|"]
     for r in rows_in:
-        rows.append(f"| {r['case']} ({r['content_type']}) | {r['bytes'] / 1e6:.2f} MB | {r['step']} | {r['ms_median']:,.1f} | "
-                    f"{r['peak_growth_mb_median']:.1f} MB |")
+        rows.append(
+            f"| {r['case']} ({r['content_type']}) | {r['bytes'] / 1e6:.2f} MB | {r['step']} | {r['ms_median']:,.1f} | "
+            f"{r['peak_growth_mb_median']:.1f} MB |"
+        )
     jpeg = next(r for r in rows_in if r["case"] == "jpeg-18mp" and r["step"] == "load_rgb 224")
-    goal = ("18 MP phone JPEG decoded for learning (draft mode), peak memory growth", "<= 32 MB",
-            f"{jpeg['peak_growth_mb_median']:.1f} MB", jpeg["peak_growth_mb_median"] <= 32)
+    goal = (
+        "18 MP phone JPEG decoded for learning (draft mode), peak memory growth",
+        "<= 32 MB",
+        f"{jpeg['peak_growth_mb_median']:.1f} MB",
+        jpeg["peak_growth_mb_median"] <= 32,
+    )
     return "\n".join(rows), [goal]
 
 
@@ -144,56 +176,136 @@ def _retrain(d: dict) -> tuple[str, list]:
 
     goals = []
     for kind, s in d["summary"].items():
-        goals.append((f"online vs retrain every {d['meta']['every']:,} ({kind}), Model Maker style",
-                      ">= 95% accuracy at <= 10% compute",
-                      f"{100 * s['accuracy_ratio']:.1f}% at {100 * s['compute_ratio_vs_retrain-mm']:.1f}%",
-                      s["goal_met_vs_retrain-mm"]))
-        goals.append((f"online vs retrain every {d['meta']['every']:,} ({kind}), cached embeddings",
-                      ">= 95% accuracy at <= 10% compute",
-                      f"{100 * s['accuracy_ratio']:.1f}% at {100 * s['compute_ratio_vs_retrain-cached']:.1f}%",
-                      s["goal_met_vs_retrain-cached"]))
+        goals.append(
+            (
+                f"online vs retrain every {d['meta']['every']:,} ({kind}), Model Maker style",
+                ">= 95% accuracy at <= 10% compute",
+                f"{100 * s['accuracy_ratio']:.1f}% at {100 * s['compute_ratio_vs_retrain-mm']:.1f}%",
+                s["goal_met_vs_retrain-mm"],
+            )
+        )
+        goals.append(
+            (
+                f"online vs retrain every {d['meta']['every']:,} ({kind}), cached embeddings",
+                ">= 95% accuracy at <= 10% compute",
+                f"{100 * s['accuracy_ratio']:.1f}% at {100 * s['compute_ratio_vs_retrain-cached']:.1f}%",
+                s["goal_met_vs_retrain-cached"],
+            )
+        )
     return table(d["summary"]), goals
 
 
 TINY = ["--backbone", "tiny", "--input-size", "32"]
 BENCHMARKS = [
-    Benchmark("ingest", "Ingest: publish to committed-and-acked (30 KB JPEGs), the learner learning beside it", "ingest.py",
-              ["--examples", "10000", "--repeats", "3"],
-              ["--examples", "1000", "--repeats", "1", "--distinct", "50", "--learner", "on"], _ingest),
+    Benchmark(
+        "ingest",
+        "Ingest: publish to committed-and-acked (30 KB JPEGs), the learner learning beside it",
+        "ingest.py",
+        ["--examples", "10000", "--repeats", "3"],
+        ["--examples", "1000", "--repeats", "1", "--distinct", "50", "--learner", "on"],
+        _ingest,
+    ),
     # The same path on an ingest-only node (training.enabled = false): what intake alone sustains.
-    Benchmark("ingest-only", "Ingest on an ingest-only node (no learner beside it)", "ingest.py",
-              ["--examples", "10000", "--repeats", "3", "--learner", "off"],
-              ["--examples", "1000", "--repeats", "1", "--distinct", "50", "--learner", "off"], _ingest),
-    Benchmark("learner", "Learner: new examples learned per second", "learner_speed.py",
-              ["--modes", "head,last_blocks,full", "--sizes", "96,128", "--batches", "2", "--repeats", "3"],
-              ["--backbone", "tiny", "--sizes", "32", "--modes", "head,full", "--batches", "1", "--repeats", "1"],
-              _learner),
-    Benchmark("freshness", "Freshness: seconds from an example's publish to a published model that learned it",
-              "freshness.py", ["--seconds", "240", "--rate", "20", "--every-examples", "500", "--every-seconds", "30"],
-              [*TINY, "--seconds", "20", "--every-examples", "100", "--every-seconds", "5", "--settle-s", "20"],
-              _freshness),
-    Benchmark("export", "Export: time, size and holdout top-1 per mode and runtime", "export.py",
-              ["--input-size", "128", "--save-models", str(OUT / "models")],
-              [*TINY, "--train-per-class", "20", "--eval-per-class", "10", "--calibration", "20", "--verify", "50",
-               "--modes", "int8,fp16,none", "--save-models", str(OUT / "models-quick")], _export),
-    Benchmark("latency", "Device latency: ms per image, one image per invoke", "latency.py",
-              [str(OUT / "models"), "--repeats", "3", "--images", "200"],
-              [str(OUT / "models-quick"), "--repeats", "1", "--images", "50"], _latency),
-    Benchmark("memory", "Memory over a long run", "memory.py",
-              ["--examples", "200000", "--input-size", "64", "--every-examples", "20000", "--plot",
-               str(ROOT / "docs" / "memory.png")],
-              [*TINY, "--examples", "8000", "--every-examples", "2000", "--sample-s", "1"], _memory),
-    Benchmark("phone-photos", "Phone photos: intake's check and the learner's decode, time and peak memory",
-              "phone_photos.py", ["--repeats", "5"], ["--repeats", "1"], _phone_photos),
-    Benchmark("retrain", "Online learning against periodic retraining (Fashion-MNIST)", "retrain.py",
-              [], ["--quick", "--no-plot"], _retrain),
+    Benchmark(
+        "ingest-only",
+        "Ingest on an ingest-only node (no learner beside it)",
+        "ingest.py",
+        ["--examples", "10000", "--repeats", "3", "--learner", "off"],
+        ["--examples", "1000", "--repeats", "1", "--distinct", "50", "--learner", "off"],
+        _ingest,
+    ),
+    Benchmark(
+        "learner",
+        "Learner: new examples learned per second",
+        "learner_speed.py",
+        ["--modes", "head,last_blocks,full", "--sizes", "96,128", "--batches", "2", "--repeats", "3"],
+        ["--backbone", "tiny", "--sizes", "32", "--modes", "head,full", "--batches", "1", "--repeats", "1"],
+        _learner,
+    ),
+    Benchmark(
+        "freshness",
+        "Freshness: seconds from an example's publish to a published model that learned it",
+        "freshness.py",
+        ["--seconds", "240", "--rate", "20", "--every-examples", "500", "--every-seconds", "30"],
+        [*TINY, "--seconds", "20", "--every-examples", "100", "--every-seconds", "5", "--settle-s", "20"],
+        _freshness,
+    ),
+    Benchmark(
+        "export",
+        "Export: time, size and holdout top-1 per mode and runtime",
+        "export.py",
+        ["--input-size", "128", "--save-models", str(OUT / "models")],
+        [
+            *TINY,
+            "--train-per-class",
+            "20",
+            "--eval-per-class",
+            "10",
+            "--calibration",
+            "20",
+            "--verify",
+            "50",
+            "--modes",
+            "int8,fp16,none",
+            "--save-models",
+            str(OUT / "models-quick"),
+        ],
+        _export,
+    ),
+    Benchmark(
+        "latency",
+        "Device latency: ms per image, one image per invoke",
+        "latency.py",
+        [str(OUT / "models"), "--repeats", "3", "--images", "200"],
+        [str(OUT / "models-quick"), "--repeats", "1", "--images", "50"],
+        _latency,
+    ),
+    Benchmark(
+        "memory",
+        "Memory over a long run",
+        "memory.py",
+        [
+            "--examples",
+            "200000",
+            "--input-size",
+            "64",
+            "--every-examples",
+            "20000",
+            "--plot",
+            str(ROOT / "docs" / "memory.png"),
+        ],
+        [*TINY, "--examples", "8000", "--every-examples", "2000", "--sample-s", "1"],
+        _memory,
+    ),
+    Benchmark(
+        "phone-photos",
+        "Phone photos: intake's check and the learner's decode, time and peak memory",
+        "phone_photos.py",
+        ["--repeats", "5"],
+        ["--repeats", "1"],
+        _phone_photos,
+    ),
+    Benchmark(
+        "retrain",
+        "Online learning against periodic retraining (Fashion-MNIST)",
+        "retrain.py",
+        [],
+        ["--quick", "--no-plot"],
+        _retrain,
+    ),
 ]
 
 
 def run(bench: Benchmark, quick: bool) -> tuple[dict | list, float]:
     out = OUT / f"{bench.name}{'-quick' if quick else ''}.json"
     out.unlink(missing_ok=True)
-    command = [sys.executable, str(ROOT / "bench" / bench.script), *(bench.quick if quick else bench.full), "--json", str(out)]
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / bench.script),
+        *(bench.quick if quick else bench.full),
+        "--json",
+        str(out),
+    ]
     print(f"== {bench.name}: {' '.join(Path(c).name if c == sys.executable else c for c in command[1:])}", flush=True)
     started = time.monotonic()
     subprocess.run(command, cwd=ROOT, check=True)
@@ -202,11 +314,19 @@ def run(bench: Benchmark, quick: bool) -> tuple[dict | list, float]:
 
 def render(results: dict[str, tuple[dict | list, float]], quick: bool, command: str) -> str:
     m = machine()
-    lines = [BEGIN, "", f"Measured by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d}: {m['cores']} cores "
-             f"({m['cpu']}), Python {m['python']}, torch {m['torch']}, ai-edge-litert {m['ai-edge-litert']}, "
-             f"paho-mqtt {m['paho-mqtt']}, Mosquitto {m['mosquitto']}."
-             + (" **Quick mode: the tiny untrained network and short runs; a smoke test, not figures.**" if quick else ""),
-             "", "### Goals", "", "| figure | goal | measured | |", "|---|---|---|---|"]
+    lines = [
+        BEGIN,
+        "",
+        f"Measured by `{command}` on {datetime.now(UTC):%Y-%m-%d}: {m['cores']} cores "
+        f"({m['cpu']}), Python {m['python']}, torch {m['torch']}, ai-edge-litert {m['ai-edge-litert']}, "
+        f"paho-mqtt {m['paho-mqtt']}, Mosquitto {m['mosquitto']}."
+        + (" **Quick mode: the tiny untrained network and short runs; a smoke test, not figures.**" if quick else ""),
+        "",
+        "### Goals",
+        "",
+        "| figure | goal | measured | |",
+        "|---|---|---|---|",
+    ]
     sections = []
     for bench in BENCHMARKS:
         if bench.name not in results:
@@ -216,25 +336,42 @@ def render(results: dict[str, tuple[dict | list, float]], quick: bool, command: 
         for figure, goal, measured, met in goals:
             lines.append(f"| {figure} | {goal} | {measured} | {'met' if met else '**missed**'} |")
         flags = " ".join(bench.quick if quick else bench.full).replace(f"{ROOT}/", "")  # paths as in the repository
-        sections += ["", f"### {bench.title}", "", f"`python bench/{bench.script} {flags}` ({seconds:.0f} s)", "", table]
+        sections += [
+            "",
+            f"### {bench.title}",
+            "",
+            f"`python bench/{bench.script} {flags}` ({seconds:.0f} s)",
+            "",
+            table,
+        ]
         if bench.name == "memory" and not quick:
             sections += ["", "![Daemon memory over the long run](memory.png)"]
         if bench.name == "retrain" and not quick:
-            sections += ["", "![Online learning against periodic retraining](retrain.png) (details: [retrain.md](retrain.md))"]
+            sections += [
+                "",
+                "![Online learning against periodic retraining](retrain.png) (details: [retrain.md](retrain.md))",
+            ]
     return "\n".join(lines + sections + ["", END])
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke-run every benchmark on the tiny network; bench/out only")
+    ap = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke-run every benchmark on the tiny network; bench/out only"
+    )
     ap.add_argument("--only", help="comma-separated benchmarks to run: " + ",".join(b.name for b in BENCHMARKS))
     args = ap.parse_args(argv)
     chosen = args.only.split(",") if args.only else [b.name for b in BENCHMARKS]
     unknown = set(chosen) - {b.name for b in BENCHMARKS}
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}")
-    if "latency" in chosen and "export" not in chosen and not (OUT / ("models-quick" if args.quick else "models")).is_dir():
+    if (
+        "latency" in chosen
+        and "export" not in chosen
+        and not (OUT / ("models-quick" if args.quick else "models")).is_dir()
+    ):
         ap.error("latency times the models export.py keeps: run export first (or with it)")
     OUT.mkdir(parents=True, exist_ok=True)
     # A full run keeps every benchmark's last result, so that `--only` refreshes some figures and the
@@ -256,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         target = DOC
         text = DOC.read_text()
         if BEGIN in text and END in text:
-            text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+            text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
         else:  # first run: the suite's results go first, the older notes stay below
             head, _, rest = text.partition("\n## ")
             text = f"{head.rstrip()}\n\n## Suite results\n\n{block}\n\n## {rest}"

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon import __version__
-
 from daemon.common import logs
 from daemon.common.settings import EX_CONFIG, ConfigError, Settings
 
 if TYPE_CHECKING:  # imported where used: `sprout --help` should not wait for torch
-    from daemon.store.labels import LabelChange
     from daemon.store.examples import LabelCount, StoreReader
+    from daemon.store.labels import LabelChange
 
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -141,8 +140,8 @@ def cmd_store_import(args: argparse.Namespace) -> int:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from daemon.store.labels import Action, LabelError, LabelMap
     from daemon.store.examples import Store, StoreError, StoreReader
+    from daemon.store.labels import Action, LabelError, LabelMap
 
     settings = _settings(args)
     what = f"sprout labels {args.labels_command}"
@@ -159,8 +158,13 @@ def cmd_labels(args: argparse.Namespace) -> int:
             reader.close()
         store = Store(path)
         try:
-            change = store.change_label(Action(args.labels_command), args.label, getattr(args, "into", None),
-                                        settings.store.max_label_chars, outputs or ())
+            change = store.change_label(
+                Action(args.labels_command),
+                args.label,
+                getattr(args, "into", None),
+                settings.store.max_label_chars,
+                outputs or (),
+            )
         finally:
             store.close()
     except StoreError as err:
@@ -200,10 +204,17 @@ def _labels_list(reader: StoreReader, outputs: list[str] | None, as_json: bool) 
     aliases: dict[str, list[str]] = {}
     for old, now in reader.labels.aliases.items():
         aliases.setdefault(now, []).append(old)
-    rows = [{"label": label, "train": counts[label].train if label in counts else 0,
-             "holdout": counts[label].holdout if label in counts else 0, "output": index.get(label),
-             "retired": label in reader.labels.retired, "also_sent_as": sorted(aliases.get(label, []))}
-            for label in labels]
+    rows = [
+        {
+            "label": label,
+            "train": counts[label].train if label in counts else 0,
+            "holdout": counts[label].holdout if label in counts else 0,
+            "output": index.get(label),
+            "retired": label in reader.labels.retired,
+            "also_sent_as": sorted(aliases.get(label, [])),
+        }
+        for label in labels
+    ]
     if as_json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return 0
@@ -234,13 +245,14 @@ def _record_label_change(settings: Settings, change: LabelChange) -> None:
 
 
 def _label_change_done(change: LabelChange, counts: LabelCount | None, outputs: list[str] | None) -> str:
-    from daemon.store.labels import Action
     from daemon.registry.versions import utc_time
+    from daemon.store.labels import Action
 
     examples = f"{counts.train} train and {counts.holdout} holdout examples" if counts else "no stored examples"
     if change.action is Action.DELETE:
-        effect = (f"{examples} stay stored, neither learned nor scored, nor is any that arrives labelled "
-                  f"{change.label!r}")
+        effect = (
+            f"{examples} stay stored, neither learned nor scored, nor is any that arrives labelled {change.label!r}"
+        )
     else:
         effect = f"{examples} now count as {change.into!r}, and so does any that arrives labelled {change.label!r}"
     if outputs is None or change.label not in outputs:
@@ -249,9 +261,11 @@ def _label_change_done(change: LabelChange, counts: LabelCount | None, outputs: 
         output = f"the learner's output {outputs.index(change.label)} keeps its weights under the new name"
     else:
         output = f"the learner's output {outputs.index(change.label)} is removed"
-    return (f"{change} (change {change.id}, {utc_time(change.at)}): {effect}; {output}.\n"
-            "A running daemon applies it before its next step, a stopped one when it next starts; the next "
-            "exported version's labels.txt follows it.")
+    return (
+        f"{change} (change {change.id}, {utc_time(change.at)}): {effect}; {output}.\n"
+        "A running daemon applies it before its next step, a stopped one when it next starts; the next "
+        "exported version's labels.txt follows it."
+    )
 
 
 def cmd_feed(args: argparse.Namespace) -> int:
@@ -270,13 +284,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     except NothingToExport as err:
         print(f"sprout export: nothing to export: {err}", file=sys.stderr)
         return EX_NOINPUT
-    print(json.dumps({
-        "published": outcome.published["version"] if outcome.published else None,
-        "rejected_because": outcome.reasons,
-        "skipped_modes": outcome.skipped,
-        "metrics": outcome.metrics,
-        "seconds": round(outcome.seconds, 1),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "published": outcome.published["version"] if outcome.published else None,
+                "rejected_because": outcome.reasons,
+                "skipped_modes": outcome.skipped,
+                "metrics": outcome.metrics,
+                "seconds": round(outcome.seconds, 1),
+            },
+            indent=2,
+        )
+    )
     return 0 if outcome.published else 1
 
 
@@ -299,8 +318,8 @@ def _version(text: str) -> int | str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from daemon.registry.versions import NoRegistryError, Registry, RegistryError, UnknownVersionError, registry_root
     from daemon.registry.signing import SigningKeyError
+    from daemon.registry.versions import NoRegistryError, Registry, RegistryError, UnknownVersionError, registry_root
 
     settings = _settings(args)
     what = f"sprout models {args.models_command}"
@@ -381,22 +400,33 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sprout", description="Sprout: learn from an MQTT feed, ship TensorFlow Lite models.")
+    p = argparse.ArgumentParser(
+        prog="sprout", description="Sprout: learn from an MQTT feed, ship TensorFlow Lite models."
+    )
     p.add_argument("--version", action="version", version=f"sprout {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_flags(sp: argparse.ArgumentParser, long_running: bool = False) -> None:
         # Every command that reads a model's state takes the same three, and reads the same settings as `run`.
-        sp.add_argument("--config", type=Path, help="TOML config file (see sprout.example.toml); default: built-in defaults")
+        sp.add_argument(
+            "--config", type=Path, help="TOML config file (see sprout.example.toml); default: built-in defaults"
+        )
         sp.add_argument("--state", type=Path, help="state directory (overrides state_dir; default ./var)")
-        sp.add_argument("--model", help="model name (overrides model.name; default plant-disease); a state folder "
-                        "that holds another model is refused")
+        sp.add_argument(
+            "--model",
+            help="model name (overrides model.name; default plant-disease); a state folder "
+            "that holds another model is refused",
+        )
         if long_running:
             sp.add_argument("--log-level", choices=LOG_LEVELS, help="overrides logging.level (default INFO)")
 
-    run = sub.add_parser("run", help="run the daemon in the foreground (what the systemd unit starts)",
-                         description=RUN_DESCRIPTION, epilog=RUN_EPILOG,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = sub.add_parser(
+        "run",
+        help="run the daemon in the foreground (what the systemd unit starts)",
+        description=RUN_DESCRIPTION,
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     config_flags(run, long_running=True)
     run.add_argument("--broker", help="broker URL, mqtt://host:port (overrides mqtt.broker)")
     run.add_argument("--http", help="HOST:PORT for the HTTP API (overrides server.http)")
@@ -440,14 +470,26 @@ def build_parser() -> argparse.ArgumentParser:
     lls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     for name, text, first, second in [
         ("rename", "give label OLD the name NEW; its output keeps its weights", "OLD", "NEW"),
-        ("merge", "fold label FROM into INTO: its examples, and any sent later, become INTO's; its output goes",
-         "FROM", "INTO"),
-        ("delete", "retire LABEL: its examples, and any sent later, stay stored but are not learned; its output goes",
-         "LABEL", None),
+        (
+            "merge",
+            "fold label FROM into INTO: its examples, and any sent later, become INTO's; its output goes",
+            "FROM",
+            "INTO",
+        ),
+        (
+            "delete",
+            "retire LABEL: its examples, and any sent later, stay stored but are not learned; its output goes",
+            "LABEL",
+            None,
+        ),
     ]:
-        sp = labels_sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}. A running daemon "
-                                   "applies it before its next step, a stopped one when it next starts; the registry's "
-                                   "log records it, and the next exported version's labels.txt follows it.")
+        sp = labels_sub.add_parser(
+            name,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}. A running daemon "
+            "applies it before its next step, a stopped one when it next starts; the registry's "
+            "log records it, and the next exported version's labels.txt follows it.",
+        )
         sp.add_argument("label", metavar=first, help="a label as `sprout labels list` shows it")
         if second:
             sp.add_argument("into", metavar=second, help="the new name" if name == "rename" else "an existing label")
@@ -468,16 +510,21 @@ def build_parser() -> argparse.ArgumentParser:
     feed.add_argument("--size", type=int, default=224, help="side in pixels of encoded dataset images (default 224)")
     feed.add_argument("--format", default="jpeg", choices=["jpeg", "png"], help="encoding of dataset images")
     feed.add_argument("--seed", type=int, default=0, help="shuffle seed")
-    feed.add_argument("--split", choices=["train", "holdout"],
-                      help="split of every example sent (default: a --dir's train/ or holdout/ folder, else the "
-                      "daemon's store.holdout_fraction)")
+    feed.add_argument(
+        "--split",
+        choices=["train", "holdout"],
+        help="split of every example sent (default: a --dir's train/ or holdout/ folder, else the "
+        "daemon's store.holdout_fraction)",
+    )
     feed.add_argument("--topic-prefix", default="sprout")
     feed.add_argument("--log-level", choices=LOG_LEVELS, default="INFO", help="log level (default INFO)")
     feed.add_argument("--window", type=int, default=256, help="un-acked messages in flight at once")
     feed.add_argument("--ca-file", type=Path, help="CA bundle to verify an mqtts:// broker with (default: system CAs)")
     feed.set_defaults(func=cmd_feed)
 
-    export = sub.add_parser("export", help="export the learner's last checkpoint now; publish it if it passes the gates")
+    export = sub.add_parser(
+        "export", help="export the learner's last checkpoint now; publish it if it passes the gates"
+    )
     config_flags(export, long_running=True)
     export.set_defaults(func=cmd_export)
 
@@ -486,15 +533,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=100.0, help="examples per second (default 100)")
     demo.add_argument("--state", type=Path, help="state directory (default: the config's, ./var)")
     demo.add_argument("--broker", help="broker URL (default: the config's, else a private Mosquitto)")
-    demo.add_argument("--order", default="class-incremental", choices=["iid", "class-incremental"],
-                      help="feed order (default class-incremental: the classes arrive one after another)")
-    demo.add_argument("--max-seconds", type=float, default=600.0,
-                      help="end with the summary after this long even if the learner has not caught up (default 600)")
+    demo.add_argument(
+        "--order",
+        default="class-incremental",
+        choices=["iid", "class-incremental"],
+        help="feed order (default class-incremental: the classes arrive one after another)",
+    )
+    demo.add_argument(
+        "--max-seconds",
+        type=float,
+        default=600.0,
+        help="end with the summary after this long even if the learner has not caught up (default 600)",
+    )
     demo.add_argument("--keep-running", action="store_true", help="keep the daemon running after the feed ends")
     demo.add_argument("--log-level", choices=LOG_LEVELS, help="level of STATE/demo.log (default INFO)")
-    demo.add_argument("--json", action="store_true",
-                      help="print the whole summary as JSON instead of a few lines (it is always written to "
-                           "STATE/demo-summary.json)")
+    demo.add_argument(
+        "--json",
+        action="store_true",
+        help="print the whole summary as JSON instead of a few lines (it is always written to STATE/demo-summary.json)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     models = sub.add_parser("models", help="the model registry: list, show, rollback, pin, unpin versions")

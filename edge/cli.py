@@ -29,36 +29,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"sprout-edge {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{sync,classify}")
 
-    s = sub.add_parser("sync", help="install the latest verified model (once, or keep doing so with --watch)",
-                       description="Fetch the latest manifest, download, verify and atomically install the model.")
+    s = sub.add_parser(
+        "sync",
+        help="install the latest verified model (once, or keep doing so with --watch)",
+        description="Fetch the latest manifest, download, verify and atomically install the model.",
+    )
     s.add_argument("--url", required=True, help="the model server, e.g. http://10.0.0.5:8080 (paths start at /v1)")
     s.add_argument("--model", required=True, help="model name, as in the server's URLs and topics")
     s.add_argument("--dir", required=True, type=Path, help="folder this device keeps the model in")
-    s.add_argument("--public-key", type=Path,
-                   help="the publisher's signing.pub: every manifest's signature is checked against it (required, "
-                   "unless --insecure)")
-    s.add_argument("--insecure", action="store_true",
-                   help="install without checking signatures: whoever answers at --url decides what runs here (for "
-                   "a test bench, never a fleet); said again at every sync")
+    s.add_argument(
+        "--public-key",
+        type=Path,
+        help="the publisher's signing.pub: every manifest's signature is checked against it (required, "
+        "unless --insecure)",
+    )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="install without checking signatures: whoever answers at --url decides what runs here (for "
+        "a test bench, never a fleet); said again at every sync",
+    )
     s.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
     s.add_argument("--watch", action="store_true", help="keep running: poll, follow MQTT notices, stop on SIGTERM")
-    s.add_argument("--interval", type=_positive_seconds, default=None,
-                   help="with --watch: seconds between polls when all is well (default 60; errors back off up to 300)")
-    s.add_argument("--mqtt", metavar="URL",
-                   help="with --watch: broker (mqtt://host:port or mqtts://) whose retained notice triggers a sync at once")
+    s.add_argument(
+        "--interval",
+        type=_positive_seconds,
+        default=None,
+        help="with --watch: seconds between polls when all is well (default 60; errors back off up to 300)",
+    )
+    s.add_argument(
+        "--mqtt",
+        metavar="URL",
+        help="with --watch: broker (mqtt://host:port or mqtts://) whose retained notice triggers a sync at once",
+    )
     s.add_argument("--topic-prefix", default="sprout", help="with --mqtt: topic prefix of the notices (default sprout)")
-    s.add_argument("--runtime", choices=["auto", *RUNTIMES, "none"], default="auto",
-                   help="interpreter a new model must run on before it is installed (default: the first installed)")
+    s.add_argument(
+        "--runtime",
+        choices=["auto", *RUNTIMES, "none"],
+        default="auto",
+        help="interpreter a new model must run on before it is installed (default: the first installed)",
+    )
     s.add_argument("--quiet", action="store_true", help="log only warnings and errors")
 
-    c = sub.add_parser("classify", help="top-k labels with scores for images, with the installed model",
-                       description="Classify images with the installed model.")
+    c = sub.add_parser(
+        "classify",
+        help="top-k labels with scores for images, with the installed model",
+        description="Classify images with the installed model.",
+    )
     c.add_argument("--dir", required=True, type=Path, help="folder the model was synced into")
     c.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG, PNG, WebP or HEIC files")
     c.add_argument("--top", type=_positive_int, default=5, metavar="K", help="labels per image (default 5)")
     c.add_argument("--json", action="store_true", help="print one JSON document")
-    c.add_argument("--runtime", choices=list(RUNTIMES), default=None,
-                   help="interpreter to run on (default: ai-edge-litert if installed, else tflite-runtime)")
+    c.add_argument(
+        "--runtime",
+        choices=list(RUNTIMES),
+        default=None,
+        help="interpreter to run on (default: ai-edge-litert if installed, else tflite-runtime)",
+    )
     c.add_argument("--threads", type=_positive_int, default=2, help="interpreter threads (default 2)")
     return p
 
@@ -82,12 +109,17 @@ def run_sync(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         ModelServer(args.url, args.model)
     except ValueError as err:
         parser.error(str(err))
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
     if args.public_key is None and not args.insecure:
-        return _fail("no --public-key: give the publisher's signing.pub (the daemon's STATE/signing/signing.pub) so "
-                     "that only its models are installed, or --insecure to install unchecked models on a test bench",
-                     EXIT_USAGE)
+        return _fail(
+            "no --public-key: give the publisher's signing.pub (the daemon's STATE/signing/signing.pub) so "
+            "that only its models are installed, or --insecure to install unchecked models on a test bench",
+            EXIT_USAGE,
+        )
     if args.public_key is not None and args.insecure:
         parser.error("--insecure and --public-key contradict each other: drop --insecure")
     try:
@@ -107,8 +139,12 @@ def run_sync(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     if args.watch:
         try:
-            watch(**common, mqtt_url=args.mqtt, topic_prefix=args.topic_prefix,
-                  interval_s=args.interval if args.interval is not None else 60.0)
+            watch(
+                **common,
+                mqtt_url=args.mqtt,
+                topic_prefix=args.topic_prefix,
+                interval_s=args.interval if args.interval is not None else 60.0,
+            )
         except ValueError as err:  # a malformed --mqtt URL
             parser.error(str(err))
         return EXIT_OK
@@ -146,8 +182,12 @@ def run_classify(args: argparse.Namespace) -> int:
             continue
         results.append({"image": str(image), "top": [{"label": label, "score": score} for label, score in top]})
     if args.json:
-        document = {"model": model.manifest["model"], "version": model.version,
-                    "runtime": {"name": model.runtime, "version": model.session.version}, "results": results}
+        document = {
+            "model": model.manifest["model"],
+            "version": model.version,
+            "runtime": {"name": model.runtime, "version": model.session.version},
+            "results": results,
+        }
         print(json.dumps(document, indent=2, ensure_ascii=False))
     else:
         width = max(len(label) for label in model.labels)

@@ -105,7 +105,9 @@ class ModelServer:
     def latest_signature(self) -> bytes:
         """``latest.sig``: the detached signature of the latest manifest (edge/trust.py checks it)."""
         url = self.model_url + "latest.sig"
-        with self._open(url, {"Accept": "application/octet-stream"}, what=f"the signature of {self.model!r}'s latest manifest") as response:
+        with self._open(
+            url, {"Accept": "application/octet-stream"}, what=f"the signature of {self.model!r}'s latest manifest"
+        ) as response:
             return _read_all(response, MAX_SIGNATURE_BYTES, url, "a signature")
 
     def download(
@@ -222,7 +224,9 @@ class ModelServer:
             raise FetchError(self._why(err.code, err.reason, what, detail), status=err.code) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
             reason = getattr(err, "reason", None) or err
-            raise FetchError(f"cannot reach {self.base_url} for {what}: {reason}; check --url and the network") from None
+            raise FetchError(
+                f"cannot reach {self.base_url} for {what}: {reason}; check --url and the network"
+            ) from None
 
     def _why(self, code: int, reason: str, what: str, detail: str) -> str:
         said = f"{code} {reason}" + (f": {detail}" if detail else "")

@@ -55,10 +55,14 @@ def check(manifest: dict[str, Any], model: str | None = None) -> None:
     """Raise :class:`ManifestError` unless ``manifest`` has every field a device relies on, well-formed."""
     schema = manifest.get("schema")
     if isinstance(schema, bool) or not isinstance(schema, int) or schema < 1:
-        raise ManifestError(f"manifest schema must be a positive integer, not {schema!r}: the server sent something else")
+        raise ManifestError(
+            f"manifest schema must be a positive integer, not {schema!r}: the server sent something else"
+        )
     if schema > SCHEMA:
-        raise ManifestError(f"manifest schema {schema} is a breaking change this sprout-edge cannot read (it reads "
-                            f"schema {SCHEMA}): upgrade sprout-edge")
+        raise ManifestError(
+            f"manifest schema {schema} is a breaking change this sprout-edge cannot read (it reads "
+            f"schema {SCHEMA}): upgrade sprout-edge"
+        )
     if model is not None and manifest.get("model") != model:
         raise ManifestError(
             f"manifest is for model {manifest.get('model')!r}, but {model!r} was asked for: check the model name and the URL"

@@ -80,7 +80,9 @@ class EdgeModel:
         return cls.from_parts(manifest, tflite, runtime, threads)
 
     @classmethod
-    def from_parts(cls, manifest: dict[str, Any], tflite: bytes, runtime: str | None = None, threads: int = 2) -> EdgeModel:
+    def from_parts(
+        cls, manifest: dict[str, Any], tflite: bytes, runtime: str | None = None, threads: int = 2
+    ) -> EdgeModel:
         """Load ``tflite`` and check that its tensors are what ``manifest`` says (raises :class:`ModelError`)."""
         runtime = available(runtime)
         version = manifest.get("version")

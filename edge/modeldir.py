@@ -64,9 +64,13 @@ class ModelDir:
         except (FileNotFoundError, NotADirectoryError):
             return None
         except (OSError, UnicodeDecodeError) as err:
-            raise NoModelInstalled(f"{self.root / CURRENT}: unreadable ({err}); run `sprout-edge sync` to reinstall") from None
+            raise NoModelInstalled(
+                f"{self.root / CURRENT}: unreadable ({err}); run `sprout-edge sync` to reinstall"
+            ) from None
         if not _VERSION.match(text):
-            raise NoModelInstalled(f"{self.root / CURRENT}: {text[:20]!r} is not a version; run `sprout-edge sync` to reinstall")
+            raise NoModelInstalled(
+                f"{self.root / CURRENT}: {text[:20]!r} is not a version; run `sprout-edge sync` to reinstall"
+            )
         return int(text)
 
     def require_current(self) -> int:
@@ -132,7 +136,9 @@ class ModelDir:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise FolderBusy(f"another sprout-edge sync is changing {self.root} (it holds {self.root / LOCK})") from None
+                raise FolderBusy(
+                    f"another sprout-edge sync is changing {self.root} (it holds {self.root / LOCK})"
+                ) from None
             yield
         finally:
             os.close(fd)

@@ -46,13 +46,16 @@ class NoticeListener:
         self._stopping = False
         # A fresh id per run: two devices (or two runs) with one id would keep kicking each other off.
         self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"sprout-edge-{os.getpid()}-{os.urandom(3).hex()}", protocol=mqtt.MQTTv5
+            CallbackAPIVersion.VERSION2,
+            client_id=f"sprout-edge-{os.getpid()}-{os.urandom(3).hex()}",
+            protocol=mqtt.MQTTv5,
         )
         if parts.scheme == "mqtts":
             self._client.tls_set()  # the system's CAs
         if parts.username:
-            self._client.username_pw_set(urllib.parse.unquote(parts.username),
-                                         urllib.parse.unquote(parts.password) if parts.password else None)
+            self._client.username_pw_set(
+                urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password) if parts.password else None
+            )
         self._client.reconnect_delay_set(min_delay=1, max_delay=60)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
@@ -82,7 +85,9 @@ class NoticeListener:
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         for code in reason_codes:
             if code.is_failure:
-                log.warning("broker refused the subscription to %s: %s; only polling will find new models", self.topic, code)
+                log.warning(
+                    "broker refused the subscription to %s: %s; only polling will find new models", self.topic, code
+                )
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._stopping:

@@ -24,8 +24,9 @@ from edge.runtime import RUNTIMES, classify
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edge.probe", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m edge.probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--runtime", choices=sorted(RUNTIMES), default="tflite-runtime")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("model", type=Path, help=".tflite file")
@@ -34,11 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         run = classify(args.model.read_bytes(), np.load(args.images), args.runtime, args.threads)
-    except Exception as e:  # noqa: BLE001 - any failure to load or run is the answer, reported in one line
+    except Exception as e:
         print(f"{type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    meta = {"runtime": run.runtime, "version": run.version, "input_dtype": run.input_dtype,
-            "input_scale": run.input_scale, "input_zero_point": run.input_zero_point}
+    meta = {
+        "runtime": run.runtime,
+        "version": run.version,
+        "input_dtype": run.input_dtype,
+        "input_scale": run.input_scale,
+        "input_zero_point": run.input_zero_point,
+    }
     np.savez(args.out, probabilities=run.probabilities, latencies_ms=run.latencies_ms, meta=np.array(json.dumps(meta)))
     return 0
 

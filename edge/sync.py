@@ -116,8 +116,11 @@ def sync(
     server = ModelServer(url, model, token, timeout_s)
     key = load_public_key(public_key) if public_key is not None else None
     if key is None:  # `sprout-edge sync --insecure`: said at every sync, not once
-        log.warning("model %s: signatures are NOT checked (no public key): whoever answers at %s decides what "
-                    "runs here", model, url)
+        log.warning(
+            "model %s: signatures are NOT checked (no public key): whoever answers at %s decides what runs here",
+            model,
+            url,
+        )
     current = _current(folder, warn=True)
     try:
         with folder.lock():
@@ -147,7 +150,9 @@ def _current(folder: ModelDir, warn: bool = False) -> int | None:
         return None
 
 
-def _sync(server: ModelServer, folder: ModelDir, current: int | None, key, emit: _Emitter, runtime, should_stop) -> SyncResult:
+def _sync(
+    server: ModelServer, folder: ModelDir, current: int | None, key, emit: _Emitter, runtime, should_stop
+) -> SyncResult:
     try:
         latest = server.latest(folder.etag_for(current) if current is not None else None)
     except FetchError as err:
@@ -229,7 +234,9 @@ def _trusted_manifest(document: bytes, model: str) -> tuple[dict[str, Any], int]
     try:
         check(manifest, model)
     except ManifestError as err:
-        raise _Refused(f"refused the latest manifest{f' (version {version})' if version else ''}: {err}", version) from None
+        raise _Refused(
+            f"refused the latest manifest{f' (version {version})' if version else ''}: {err}", version
+        ) from None
     return manifest, manifest["version"]
 
 
@@ -247,8 +254,12 @@ def _check_runs(manifest: dict[str, Any], partial: Path, runtime: str | None) ->
     loaded.check()
     verified = {r.get("name") for r in manifest.get("runtimes_verified", []) if isinstance(r, dict)}
     if loaded.runtime not in verified:
-        log.warning("version %s was verified by the publisher on %s, not on %s; it loaded and ran here",
-                    manifest["version"], ", ".join(sorted(verified)) or "nothing", loaded.runtime)
+        log.warning(
+            "version %s was verified by the publisher on %s, not on %s; it loaded and ran here",
+            manifest["version"],
+            ", ".join(sorted(verified)) or "nothing",
+            loaded.runtime,
+        )
 
 
 class _Emitter:
@@ -283,7 +294,9 @@ class _Emitter:
 
     def completed(self, version: int, previous: int | None, downloaded: int, total: int) -> None:
         was = f"was {previous}" if previous is not None else "the first"
-        log.info("model %s: version %d installed and current (%s); %d bytes downloaded", self.model, version, was, downloaded)
+        log.info(
+            "model %s: version %d installed and current (%s); %d bytes downloaded", self.model, version, was, downloaded
+        )
         self._send(Event(COMPLETED, self.model, version, total, total))
 
     def waiting(self, reason: str, current: int | None) -> SyncResult:
@@ -315,8 +328,20 @@ def watch(
     stop: threading.Event | None = None,
 ) -> None:
     """Keep ``dir`` current until SIGTERM or SIGINT (or until ``stop`` is set); see the module docstring."""
-    Watcher(url, model, dir, public_key, token, on_event, mqtt_url=mqtt_url, topic_prefix=topic_prefix,
-            interval_s=interval_s, backoff_max_s=backoff_max_s, runtime=runtime, stop=stop).run()
+    Watcher(
+        url,
+        model,
+        dir,
+        public_key,
+        token,
+        on_event,
+        mqtt_url=mqtt_url,
+        topic_prefix=topic_prefix,
+        interval_s=interval_s,
+        backoff_max_s=backoff_max_s,
+        runtime=runtime,
+        stop=stop,
+    ).run()
 
 
 class Watcher:
@@ -325,12 +350,27 @@ class Watcher:
     HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
     FIRST_BACKOFF_S = 1.0
 
-    def __init__(self, url, model, dir, public_key=None, token=None, on_event=None, *, mqtt_url=None,
-                 topic_prefix="sprout", interval_s=60.0, backoff_max_s=300.0, runtime="auto", stop=None):
+    def __init__(
+        self,
+        url,
+        model,
+        dir,
+        public_key=None,
+        token=None,
+        on_event=None,
+        *,
+        mqtt_url=None,
+        topic_prefix="sprout",
+        interval_s=60.0,
+        backoff_max_s=300.0,
+        runtime="auto",
+        stop=None,
+    ):
         if interval_s <= 0:
             raise ValueError(f"interval must be positive seconds, not {interval_s}")
-        self.sync_args = dict(url=url, model=model, dir=dir, public_key=public_key, token=token, on_event=on_event,
-                              runtime=runtime)
+        self.sync_args = dict(
+            url=url, model=model, dir=dir, public_key=public_key, token=token, on_event=on_event, runtime=runtime
+        )
         self.model = model
         self.folder = ModelDir(dir)
         self.mqtt_url = mqtt_url
@@ -358,8 +398,13 @@ class Watcher:
         if threading.current_thread() is threading.main_thread():
             for sig in self.HANDLED_SIGNALS:
                 self._old_handlers[sig] = signal.signal(sig, self._handle_exit)
-        log.info("watching model %s at %s every %gs%s", self.model, self.sync_args["url"], self.interval_s,
-                 f" and notices from {self.mqtt_url}" if self.mqtt_url else "")
+        log.info(
+            "watching model %s at %s every %gs%s",
+            self.model,
+            self.sync_args["url"],
+            self.interval_s,
+            f" and notices from {self.mqtt_url}" if self.mqtt_url else "",
+        )
         if self.listener is not None:
             self.listener.start()
 

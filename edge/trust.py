@@ -73,8 +73,10 @@ def verify_document(document: bytes, signature: bytes, public_key: Ed25519Public
     key = load_public_key(public_key)
     if not isinstance(signature, (bytes, bytearray)) or len(signature) != SIGNATURE_BYTES:
         size = len(signature) if isinstance(signature, (bytes, bytearray)) else type(signature).__name__
-        raise SignatureError(f"manifest.json.sig is {size} bytes, an Ed25519 signature is {SIGNATURE_BYTES}: "
-                             "the server sent something else, or the file is damaged")
+        raise SignatureError(
+            f"manifest.json.sig is {size} bytes, an Ed25519 signature is {SIGNATURE_BYTES}: "
+            "the server sent something else, or the file is damaged"
+        )
     try:
         key.verify(bytes(signature), bytes(document))
     except InvalidSignature:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import DaemonProcess
 
 from daemon.tools.broker import Mosquitto
-from helpers import DaemonProcess
 
 
 @pytest.fixture

@@ -42,8 +42,15 @@ class FaultyLink:
         self.requests: list[dict[str, Any]] = []
         self.url = ""  # known once started
         self.app = build_app(None, DownloadApi(registry_root, token))
-        config = uvicorn.Config(self, host="127.0.0.1", port=0, log_level="critical", lifespan="off",
-                                access_log=False, http=RequestTimeoutProtocol)
+        config = uvicorn.Config(
+            self,
+            host="127.0.0.1",
+            port=0,
+            log_level="critical",
+            lifespan="off",
+            access_log=False,
+            http=RequestTimeoutProtocol,
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
 
@@ -69,8 +76,13 @@ class FaultyLink:
             return await self.app(scope, receive, send)
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        record = {"path": path, "range": headers.get("range"), "if_none_match": headers.get("if-none-match"),
-                  "status": None, "sent": 0}
+        record = {
+            "path": path,
+            "range": headers.get("range"),
+            "if_none_match": headers.get("if-none-match"),
+            "status": None,
+            "sent": 0,
+        }
         self.requests.append(record)
         if (hook := self.before.pop(path, None)) is not None:
             hook()
@@ -101,7 +113,10 @@ class FaultyLink:
     @staticmethod
     async def _send_substitute(data: bytes, record: dict[str, Any], send) -> None:
         record["status"], record["sent"] = 200, len(data)
-        headers = [(b"content-length", str(len(data)).encode()), (b"content-type", b"application/octet-stream"),
-                   (b"etag", f'"{hashlib.sha256(data).hexdigest()}"'.encode())]
+        headers = [
+            (b"content-length", str(len(data)).encode()),
+            (b"content-type", b"application/octet-stream"),
+            (b"etag", f'"{hashlib.sha256(data).hexdigest()}"'.encode()),
+        ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": data})

@@ -20,9 +20,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from PIL import Image
 
+from daemon.store.examples import open_reader
 from daemon.tools.broker import free_port
 from daemon.tools.feeder import Publisher
-from daemon.store.examples import open_reader
 
 SPROUT = [sys.executable, "-m", "daemon.cli"]
 
@@ -51,7 +51,9 @@ def publish_examples(url: str, model: str, ids: list[str], labels: list[str], ra
                 delay = started + i / rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-            pub.publish(f"sprout/{model}/examples", jpeg(zlib.crc32(example_id.encode())), label, "image/jpeg", example_id)
+            pub.publish(
+                f"sprout/{model}/examples", jpeg(zlib.crc32(example_id.encode())), label, "image/jpeg", example_id
+            )
         assert pub.wait_all_acked(30.0), pub.report
     assert pub.report.acked == len(ids), pub.report.as_dict()
     return pub
@@ -99,8 +101,15 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
 class DaemonProcess:
     """``sprout run`` as a child process, as systemd would run it."""
 
-    def __init__(self, broker_url: str, state: Path, model: str = "leaves", config: Path | None = None, env=None,
-                 prefix: list[str] | None = None):
+    def __init__(
+        self,
+        broker_url: str,
+        state: Path,
+        model: str = "leaves",
+        config: Path | None = None,
+        env=None,
+        prefix: list[str] | None = None,
+    ):
         self.prefix = prefix or []  # a wrapper command, e.g. nsenter into a mount namespace
         self.broker_url = broker_url
         self.state = state
@@ -123,7 +132,17 @@ class DaemonProcess:
         self._log = None
 
     def start(self, wait_ready: bool = True) -> DaemonProcess:
-        args = [*self.prefix, *SPROUT, "run", "--broker", self.broker_url, "--state", str(self.state), "--model", self.model]
+        args = [
+            *self.prefix,
+            *SPROUT,
+            "run",
+            "--broker",
+            self.broker_url,
+            "--state",
+            str(self.state),
+            "--model",
+            self.model,
+        ]
         args += ["--http", f"127.0.0.1:{self.http_port}"]
         if self.config:
             args += ["--config", str(self.config)]

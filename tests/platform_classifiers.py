@@ -25,19 +25,25 @@ def mediapipe(model: str, images: list[str]) -> list[list[dict]]:
     options = vision.ImageClassifierOptions(base_options=tasks.BaseOptions(model_asset_path=model), max_results=-1)
     with vision.ImageClassifier.create_from_options(options) as classifier:
         results = [classifier.classify(mp.Image.create_from_file(path)) for path in images]
-    return [[{"index": c.index, "name": c.category_name, "score": c.score} for c in r.classifications[0].categories]
-            for r in results]
+    return [
+        [{"index": c.index, "name": c.category_name, "score": c.score} for c in r.classifications[0].categories]
+        for r in results
+    ]
 
 
 def task_library(model: str, images: list[str]) -> list[list[dict]]:
     from tflite_support.task import core, processor, vision
 
-    options = vision.ImageClassifierOptions(base_options=core.BaseOptions(file_name=model),
-                                            classification_options=processor.ClassificationOptions(max_results=-1))
+    options = vision.ImageClassifierOptions(
+        base_options=core.BaseOptions(file_name=model),
+        classification_options=processor.ClassificationOptions(max_results=-1),
+    )
     classifier = vision.ImageClassifier.create_from_options(options)
     results = [classifier.classify(vision.TensorImage.create_from_file(path)) for path in images]
-    return [[{"index": c.index, "name": c.category_name, "score": c.score} for c in r.classifications[0].categories]
-            for r in results]
+    return [
+        [{"index": c.index, "name": c.category_name, "score": c.score} for c in r.classifications[0].categories]
+        for r in results
+    ]
 
 
 CONSUMERS = {"mediapipe": (mediapipe, "mediapipe"), "task-library": (task_library, "tflite-support")}
@@ -52,12 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     run, distribution = CONSUMERS[args.consumer]
     try:
         results = run(args.model, args.images)
-    except Exception as e:  # noqa: BLE001 - a model the classifier refuses: the reason, in one line
+    except Exception as e:
         print(f"{type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    print(json.dumps({"consumer": args.consumer, "version": importlib.metadata.version(distribution),
-                      "results": [{"image": path, "categories": categories}
-                                  for path, categories in zip(args.images, results)]}))
+    print(
+        json.dumps(
+            {
+                "consumer": args.consumer,
+                "version": importlib.metadata.version(distribution),
+                "results": [
+                    {"image": path, "categories": categories}
+                    for path, categories in zip(args.images, results, strict=True)
+                ],
+            }
+        )
+    )
     return 0
 
 

@@ -13,8 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 RANKS = {
     "common": 0,
     "store": 1,
-    "ingest": 2, "learning": 2, "registry": 2,
-    "export": 3, "distribution": 3,
+    "ingest": 2,
+    "learning": 2,
+    "registry": 2,
+    "export": 3,
+    "distribution": 3,
     "service": 4,
     "tools": 5,
     "cli": 6,

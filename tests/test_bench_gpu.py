@@ -16,9 +16,25 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_benchmark_quick_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     # One decoder process in the daemon (a CPU's "auto" is none): the end-to-end run reads ahead as on a GPU.
-    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--quick", "--json", str(out),
-                    "--e2e-env", "SPROUT_TRAINING__DECODE_WORKERS=1", "--e2e-modes", "full,head"],
-                   check=True, cwd=ROOT, timeout=300, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu.py"),
+            "--device",
+            "cpu",
+            "--quick",
+            "--json",
+            str(out),
+            "--e2e-env",
+            "SPROUT_TRAINING__DECODE_WORKERS=1",
+            "--e2e-modes",
+            "full,head",
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=300,
+        capture_output=True,
+    )
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["machine"]["cores"]
 

@@ -16,9 +16,28 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_retrain_benchmark_accounts_compute(tmp_path: Path) -> None:
     out = tmp_path / "retrain.json"
     subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "retrain.py"), "--quick", "--train-per-class", "10", "--eval-per-class", "5",
-         "--every", "20", "--epochs", "2", "--timing-images", "20", "--no-plot", "--json", str(out)],
-        check=True, cwd=ROOT, timeout=120, capture_output=True,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "retrain.py"),
+            "--quick",
+            "--train-per-class",
+            "10",
+            "--eval-per-class",
+            "5",
+            "--every",
+            "20",
+            "--epochs",
+            "2",
+            "--timing-images",
+            "20",
+            "--no-plot",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=120,
+        capture_output=True,
     )
     report = json.loads(out.read_text())
     forward_s, epochs = report["meta"]["forward_seconds_per_image"], report["meta"]["epochs"]

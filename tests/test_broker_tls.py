@@ -11,10 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import SPROUT, jpeg, stored_ids, wait_for
 
 from daemon.tools.broker import Mosquitto, free_port
 from daemon.tools.feeder import Publisher
-from helpers import SPROUT, jpeg, stored_ids, wait_for
 
 PASSWORD = "tls-s3cret-pw"
 
@@ -30,20 +30,65 @@ def openssl(*args: str, cwd: Path) -> None:
 def make_ca(folder: Path, name: str) -> Path:
     """A self-signed CA; returns its certificate."""
     folder.mkdir(parents=True, exist_ok=True)
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}", cwd=folder)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        cwd=folder,
+    )
     return folder / f"{name}.pem"
 
 
 def issue_server_cert(ca: Path, folder: Path, alt_names: str) -> tuple[Path, Path]:
     """A server certificate for ``alt_names`` (e.g. 'IP:127.0.0.1,DNS:localhost') signed by ``ca``."""
     key, csr, cert = folder / "server.key", folder / "server.csr", folder / "server.pem"
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(key), "-out", str(csr), "-subj", "/CN=sprout-test-broker", cwd=folder)
+    openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        "/CN=sprout-test-broker",
+        cwd=folder,
+    )
     ext = folder / "server.ext"
     ext.write_text(f"subjectAltName={alt_names}\nextendedKeyUsage=serverAuth\n")
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca.with_suffix(".key")),
-            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext), cwd=folder)
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca.with_suffix(".key")),
+        "-CAcreateserial",
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+        cwd=folder,
+    )
     key.chmod(0o644)  # Mosquitto runs as the invoking user in the tests; it must read it
     return cert, key
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import io
 import re
 import threading
-import urllib.request
 import time
+import urllib.request
 
 import numpy as np
+from helpers import stored_ids, wait_for
 from PIL import Image
 
 from daemon.ingest.feed import ByteBudget
 from daemon.tools.feeder import Publisher
-from helpers import stored_ids, wait_for
 
 
 def test_the_budget_holds_the_network_thread_until_intake_gives_bytes_back():

@@ -37,8 +37,13 @@ def test_a_folder_from_before_model_json_is_told_by_its_registry(tmp_path: Path)
 
 def test_check_config_into_a_reader_that_went_away_exits_quietly(tmp_path: Path):
     # `sprout check-config F | head -1`: the reader closes the pipe before (or while) sprout writes.
-    proc = subprocess.Popen([*SPROUT, "check-config", "sprout.example.toml"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    proc = subprocess.Popen(
+        [*SPROUT, "check-config", "sprout.example.toml"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(60) == 0 and err == "", err
@@ -47,14 +52,32 @@ def test_check_config_into_a_reader_that_went_away_exits_quietly(tmp_path: Path)
 def test_run_help_says_what_it_does_the_signals_the_exit_codes_and_the_settings_order():
     out = sprout("run", "--help")
     assert out.returncode == 0
-    for needle in ("Run the daemon in the foreground", "SIGTERM", "SIGHUP", "exit status", "70", "78",
-                   "SPROUT_* variables", "--config FILE", "--log-level", "--model"):
+    for needle in (
+        "Run the daemon in the foreground",
+        "SIGTERM",
+        "SIGHUP",
+        "exit status",
+        "70",
+        "78",
+        "SPROUT_* variables",
+        "--config FILE",
+        "--log-level",
+        "--model",
+    ):
         assert needle in out.stdout, needle
 
 
 def test_every_command_on_a_models_state_takes_model_and_config():
-    for args in (["run"], ["export"], ["store", "stats"], ["store", "import"], ["models", "list"],
-                 ["models", "show"], ["models", "rollback"], ["labels", "list"]):
+    for args in (
+        ["run"],
+        ["export"],
+        ["store", "stats"],
+        ["store", "import"],
+        ["models", "list"],
+        ["models", "show"],
+        ["models", "rollback"],
+        ["labels", "list"],
+    ):
         out = sprout(*args, "--help")
         assert out.returncode == 0, (args, out.stderr)
         assert "--model" in out.stdout and "--config" in out.stdout and "--state" in out.stdout, args

@@ -7,9 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import SPROUT
 
 from daemon.common.settings import ConfigError, Settings
-from helpers import SPROUT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path, monkeypatch
 @pytest.mark.parametrize(
     ("text", "field"),
     [
-        ('[store]\nholdout_fraction = 1.5\n', "store.holdout_fraction"),
+        ("[store]\nholdout_fraction = 1.5\n", "store.holdout_fraction"),
         ('[mqtt]\nbroker = "http://x"\n', "mqtt.broker"),
         ('[mqtt]\nbrokr = "mqtt://x:1"\n', "mqtt.brokr"),
         ('[model]\nname = "a/b"\n', "model.name"),
@@ -80,14 +80,17 @@ def test_bad_password_is_never_echoed(tmp_path: Path):
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ('[store]\ncommit_max_examples = 0\n', "store.commit_max_examples"),
-        ('[store\n', "not valid TOML"),
+        ("[store]\ncommit_max_examples = 0\n", "store.commit_max_examples"),
+        ("[store\n", "not valid TOML"),
     ],
 )
 def test_run_exits_78_naming_the_problem(tmp_path: Path, text: str, needle: str):
     path = write(tmp_path, text)
     out = subprocess.run(
-        [*SPROUT, "run", "--config", str(path), "--state", str(tmp_path / "state")], capture_output=True, text=True, timeout=60
+        [*SPROUT, "run", "--config", str(path), "--state", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 78, out
     assert needle in out.stderr
@@ -103,7 +106,9 @@ def test_bad_flag_and_bad_environment_also_exit_78(tmp_path: Path):
 
 
 def test_missing_config_file_exits_78(tmp_path: Path):
-    out = subprocess.run([*SPROUT, "run", "--config", str(tmp_path / "nope.toml")], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [*SPROUT, "run", "--config", str(tmp_path / "nope.toml")], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 78
     assert "no such config file" in out.stderr
 
@@ -115,7 +120,9 @@ def test_weights_that_do_not_fit_the_backbone_exit_78(tmp_path: Path):
     torch.save({"backbone": "mobilenet_v2", "state_dict": {}}, weights)
     out = subprocess.run(
         [*SPROUT, "run", "--state", str(tmp_path / "state"), "--broker", "mqtt://127.0.0.1:9"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"PATH": "/usr/bin:/bin", "SPROUT_MODEL__BACKBONE": "tiny", "SPROUT_MODEL__WEIGHTS_FILE": str(weights)},
     )
     assert out.returncode == 78, out.stderr[-1500:]
@@ -131,9 +138,14 @@ def test_an_ingest_only_node_never_imports_torch():
 def test_a_target_runtime_that_is_not_installed_exits_78(tmp_path: Path):
     out = subprocess.run(
         [*SPROUT, "run", "--state", str(tmp_path / "state"), "--broker", "mqtt://127.0.0.1:9"],
-        capture_output=True, text=True, timeout=120,
-        env={"PATH": "/usr/bin:/bin", "SPROUT_MODEL__BACKBONE": "tiny",
-             "SPROUT_EXPORT__TFLITE_RUNTIME_PYTHON": str(tmp_path / "no-venv" / "bin" / "python")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "SPROUT_MODEL__BACKBONE": "tiny",
+            "SPROUT_EXPORT__TFLITE_RUNTIME_PYTHON": str(tmp_path / "no-venv" / "bin" / "python"),
+        },
     )
     assert out.returncode == 78, out.stderr[-1500:]
     assert "export.runtimes: tflite-runtime needs" in out.stderr and "scripts/setup.sh" in out.stderr
@@ -141,8 +153,13 @@ def test_a_target_runtime_that_is_not_installed_exits_78(tmp_path: Path):
 
 def test_a_list_from_the_environment_that_is_not_json_exits_78_naming_it():
     env = {"SPROUT_EXPORT__RUNTIMES": "ai-edge-litert", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([*SPROUT, "check-config", str(REPO / "sprout.example.toml")], capture_output=True, text=True,
-                         timeout=60, env=env)
+    out = subprocess.run(
+        [*SPROUT, "check-config", str(REPO / "sprout.example.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert out.returncode == 78, out.stderr
     assert "SPROUT_EXPORT__RUNTIMES (field export.runtimes) is not JSON: 'ai-edge-litert'" in out.stderr
     assert "take JSON" in out.stderr
@@ -152,8 +169,10 @@ def test_a_list_from_the_environment_that_is_not_json_exits_78_naming_it():
     ("setting", "needle"),
     [
         ({"SPROUT_SERVER__TOKEN_FILE": "{tmp}/no-token"}, "server.token_file: cannot read"),
-        ({"SPROUT_SERVER__TLS_CERT_FILE": "{tmp}/no-cert.pem", "SPROUT_SERVER__TLS_KEY_FILE": "{tmp}/no-key.pem"},
-         "server.tls_cert_file: cannot read"),
+        (
+            {"SPROUT_SERVER__TLS_CERT_FILE": "{tmp}/no-cert.pem", "SPROUT_SERVER__TLS_KEY_FILE": "{tmp}/no-key.pem"},
+            "server.tls_cert_file: cannot read",
+        ),
         ({"SPROUT_MODEL__WEIGHTS_FILE": "{tmp}/no-weights.pt"}, "model.weights_file: cannot read"),
         ({"SPROUT_SIGNING__KEY_FILE": "{tmp}/open.key"}, "signing.key_file:"),
         ({"SPROUT_EXPORT__TFLITE_RUNTIME_PYTHON": "{tmp}/no-venv/bin/python"}, "export.runtimes: tflite-runtime needs"),
@@ -165,12 +184,25 @@ def test_check_config_refuses_what_run_refuses(tmp_path: Path, setting: dict[str
     generate(tmp_path)
     (tmp_path / "signing.key").rename(tmp_path / "open.key")
     (tmp_path / "open.key").chmod(0o644)  # a signing key others can read
-    env = {"PATH": "/usr/bin:/bin", "SPROUT_MODEL__BACKBONE": "tiny",
-           **{k: v.format(tmp=tmp_path) for k, v in setting.items()}}
-    checked = subprocess.run([*SPROUT, "check-config", str(REPO / "sprout.example.toml")], capture_output=True,
-                             text=True, timeout=60, env=env)
-    ran = subprocess.run([*SPROUT, "run", "--state", str(tmp_path / "state"), "--broker", "mqtt://127.0.0.1:9"],
-                         capture_output=True, text=True, timeout=120, env=env)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "SPROUT_MODEL__BACKBONE": "tiny",
+        **{k: v.format(tmp=tmp_path) for k, v in setting.items()},
+    }
+    checked = subprocess.run(
+        [*SPROUT, "check-config", str(REPO / "sprout.example.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    ran = subprocess.run(
+        [*SPROUT, "run", "--state", str(tmp_path / "state"), "--broker", "mqtt://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert (checked.returncode, ran.returncode) == (78, 78), (checked.stderr[-800:], ran.stderr[-800:])
     assert needle in checked.stderr and needle in ran.stderr
     assert not (tmp_path / "state").exists()  # refused before touching anything

@@ -9,11 +9,11 @@ import threading
 import time
 
 import torch
+from helpers import stored_ids, wait_for
+from test_learner import colour_jpeg
 
 from daemon.learning import checkpoint
 from daemon.tools.feeder import Publisher
-from helpers import stored_ids, wait_for
-from test_learner import colour_jpeg
 
 LEARNING = {
     "SPROUT_TRAINING__ENABLED": "true",
@@ -74,10 +74,11 @@ def test_learner_resumes_after_sigkill_from_its_checkpoint_with_nothing_skipped(
 
 def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(broker, daemon_factory, tmp_path):
     """Examples over MQTT -> learner -> export -> signed registry -> HTTP and notice -> sprout-edge -> a label."""
-    from daemon.registry.versions import Registry, registry_root
-    from daemon.registry.signing import verify, verify_file
-    from edge.modeldir import ModelDir
     from test_edge import TFLITE_VENV, Watching
+
+    from daemon.registry.signing import verify, verify_file
+    from daemon.registry.versions import Registry, registry_root
+    from edge.modeldir import ModelDir
 
     env = {**LEARNING, "SPROUT_EXPORT__EVERY_EXAMPLES": "100", "SPROUT_EXPORT__EVERY_SECONDS": "3600"}
     d = daemon_factory(broker.url, env=env).start()
@@ -93,16 +94,31 @@ def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(br
     wait_for(lambda: (m := latest()) and m["version"] >= 1, 120, "a first published version")
     device = tmp_path / "device"
     # The device polls only hourly: version 2 can reach it within the test only through the daemon's notice.
-    watcher = Watching(tmp_path / "watch.log", "--url", f"http://127.0.0.1:{d.http_port}", "--model", "leaves",
-                       "--dir", device, "--public-key", d.state / "signing" / "signing.pub", "--interval", "3600",
-                       "--mqtt", broker.url)
+    watcher = Watching(
+        tmp_path / "watch.log",
+        "--url",
+        f"http://127.0.0.1:{d.http_port}",
+        "--model",
+        "leaves",
+        "--dir",
+        device,
+        "--public-key",
+        d.state / "signing" / "signing.pub",
+        "--interval",
+        "3600",
+        "--mqtt",
+        broker.url,
+    )
     try:
         first = latest()["version"]
         wait_for(lambda: ModelDir(device).current() == first, 30, f"the device's first model ({watcher.log})")
         publish_colours(broker.url, 150, 300.0, first=150)  # more learning: a second export
         manifest = wait_for(lambda: (m := latest()) and m["version"] > first and m, 120, "a second published version")
-        wait_for(lambda: ModelDir(device).current() == manifest["version"], 30,
-                 f"the notice to bring the device version {manifest['version']} (log: {watcher.log.read_text()})")
+        wait_for(
+            lambda: ModelDir(device).current() == manifest["version"],
+            30,
+            f"the notice to bring the device version {manifest['version']} (log: {watcher.log.read_text()})",
+        )
         assert watcher.stop() == 0
     finally:
         watcher.kill()
@@ -119,8 +135,21 @@ def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(br
     for c in range(3):
         photos.append(tmp_path / f"colour-{c}.jpg")
         photos[-1].write_bytes(colour_jpeg(c, 10_000 + c))
-    out = subprocess.run([str(TFLITE_VENV / "bin" / "sprout-edge"), "classify", "--dir", str(device), "--top", "1",
-                          "--json", *map(str, photos)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            str(TFLITE_VENV / "bin" / "sprout-edge"),
+            "classify",
+            "--dir",
+            str(device),
+            "--top",
+            "1",
+            "--json",
+            *map(str, photos),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     answer = json.loads(out.stdout)
     assert answer["version"] == manifest["version"] and answer["runtime"]["name"] == "tflite-runtime"
@@ -129,16 +158,19 @@ def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(br
 
 def test_a_new_daemon_publishes_its_first_model_soon_on_the_default_cadence(broker, daemon_factory):
     """export.every_examples (2,000) and every_seconds (600) by default: the first model still comes early."""
-    from daemon.registry.versions import Registry, registry_root
     from daemon.common.settings import Settings
+    from daemon.registry.versions import Registry, registry_root
 
     defaults = Settings().export
     assert (defaults.every_examples, defaults.every_seconds) == (2000, 600.0)
     d = daemon_factory(broker.url, env=LEARNING).start()
     publish_colours(broker.url, 300, 300.0)
     started = time.monotonic()
-    manifest = wait_for(lambda: Registry.open_readonly(registry_root(d.state), "leaves").latest(), 150,
-                        f"a first published version (log: {d.log_path})")
+    manifest = wait_for(
+        lambda: Registry.open_readonly(registry_root(d.state), "leaves").latest(),
+        150,
+        f"a first published version (log: {d.log_path})",
+    )
     assert time.monotonic() - started < defaults.every_seconds / 2
     assert manifest["metrics"]["examples_trained"] >= defaults.first_model_examples
     assert manifest["metrics"]["examples_trained"] < defaults.every_examples

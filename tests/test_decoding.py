@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from daemon.learning import checkpoint
-from daemon.learning.decoding import DecodePool, auto_workers
-from edge.preprocess import load_rgb
-from daemon.learning.learner import Learner
-from daemon.common.settings import ModelSettings, TrainingSettings
-from daemon.store.examples import StoredExample
 from helpers import wait_for
 from test_learner import colour_jpeg, make_learner, stream
+
+from daemon.common.settings import ModelSettings, TrainingSettings
+from daemon.learning import checkpoint
+from daemon.learning.decoding import DecodePool, auto_workers
+from daemon.learning.learner import Learner
+from daemon.store.examples import StoredExample
+from edge.preprocess import load_rgb
 
 
 def images(n: int) -> list[bytes]:
@@ -77,8 +77,12 @@ def test_the_learner_input_is_the_normalised_image_and_decoder_processes_change_
 
     # One learner decoding in its thread, one in two processes: the same embeddings, the same step.
     examples = [StoredExample(i + 1, f"class-{i % 2}", "train", d) for i, d in enumerate(images(8))]
-    in_processes = Learner(ModelSettings(backbone="tiny", input_size=32),
-                           TrainingSettings(mode="head", device="cpu", decode_workers=2), tmp_path / "p", reader)
+    in_processes = Learner(
+        ModelSettings(backbone="tiny", input_size=32),
+        TrainingSettings(mode="head", device="cpu", decode_workers=2),
+        tmp_path / "p",
+        reader,
+    )
     try:
         assert in_processes.decode_pool.in_processes and not learner.decode_pool.in_processes
         a, ok_a = learner._embeddings(examples, grad=False)
@@ -124,7 +128,10 @@ def test_workers_killed_at_any_moment_never_hang_the_learner():
             for pid in list(pool._pool._processes):
                 os.kill(pid, signal.SIGKILL)
             got: list = []
-            waiter = threading.Thread(target=lambda: got.extend([first.result(), second.result()]), daemon=True)
+            waiter = threading.Thread(
+                target=lambda got=got, first=first, second=second: got.extend([first.result(), second.result()]),
+                daemon=True,
+            )
             waiter.start()
             waiter.join(60)
             if waiter.is_alive():
@@ -193,17 +200,21 @@ def test_reading_ahead_with_replay_learns_every_example_once_and_decodes_replay_
 
 def test_the_learners_thread_tops_up_a_short_read_ahead_and_learns_every_example_once(tmp_path):
     from daemon.common.settings import Settings
-    from daemon.store.examples import Store
     from daemon.learning.training import Training
+    from daemon.store.examples import Store
 
     examples = stream([0, 1], 10, seed=63)
     store = Store(tmp_path / "examples.db")
     store.commit(examples)
     store.close()
-    settings = Settings.load(None, {
-        "state_dir": str(tmp_path), "model": {"backbone": "tiny", "input_size": 32},
-        "training": {"device": "cpu", "batch_size": 4, "decode_workers": 2},
-    })
+    settings = Settings.load(
+        None,
+        {
+            "state_dir": str(tmp_path),
+            "model": {"backbone": "tiny", "input_size": 32},
+            "training": {"device": "cpu", "batch_size": 4, "decode_workers": 2},
+        },
+    )
     training = Training(settings)
     try:
         assert training.learner.reads_ahead
@@ -281,14 +292,21 @@ def test_decoder_processes_and_their_shared_memory_go_with_a_killed_learner(tmp_
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     tests = Path(__file__).resolve().parent
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          cwd=tests.parent, env={**os.environ, "PYTHONPATH": f"{tests.parent}:{tests}"})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tests.parent,
+        env={**os.environ, "PYTHONPATH": f"{tests.parent}:{tests}"},
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     name, *workers = proc.stdout.split()
     assert len(workers) == 2
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (
-            (Path("/dev/shm") / name).exists() or any(Path(f"/proc/{pid}").exists() for pid in workers)):
+        (Path("/dev/shm") / name).exists() or any(Path(f"/proc/{pid}").exists() for pid in workers)
+    ):
         time.sleep(0.1)
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a decoder outlived its learner"
     assert not (Path("/dev/shm") / name).exists(), "the shared pixels outlived the learner"
@@ -319,8 +337,9 @@ def test_a_pool_with_fewer_slots_than_a_chunk_is_refused():
 def test_a_learner_with_steps_smaller_than_a_chunk_still_gets_its_decoder_processes(tmp_path, batch_size):
     """Two steps of one or three images are fewer slots than a chunk: the learner asks for a chunk's worth."""
     examples = stream([0, 1], 6, seed=65)
-    learner, reader = make_learner(tmp_path, examples, mode="full", replay_ratio=0.0, decode_workers=1,
-                                   batch_size=batch_size)
+    learner, reader = make_learner(
+        tmp_path, examples, mode="full", replay_ratio=0.0, decode_workers=1, batch_size=batch_size
+    )
     try:
         assert learner.decode_pool.in_processes and len(learner.decode_pool._slab.free) == 8
         drive(learner, reader, batch_size, read_ahead=True)

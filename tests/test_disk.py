@@ -15,11 +15,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-
-from daemon.tools.feeder import Publisher
 from helpers import jpeg, wait_for
 from test_lifecycle import systemd  # noqa: F401  (the fixture: a service manager's notify socket)
 from test_status import metrics
+
+from daemon.tools.feeder import Publisher
 
 DISK_MB = 8
 FLOOR_MB = 1
@@ -40,8 +40,12 @@ class SmallDisk:
 
     def stored_ids(self) -> list[str]:
         """The store's example ids, read inside the namespace (SQLite resolves /proc/<pid>/root to the host's /)."""
-        out = subprocess.run([*self.enter, sys.executable, "-c", READ_IDS, str(self.mountpoint / "examples.db")],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [*self.enter, sys.executable, "-c", READ_IDS, str(self.mountpoint / "examples.db")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return out.stdout.split()
 
     def resize(self, size_mb: int) -> None:
@@ -53,12 +57,18 @@ def small_disk(tmp_path: Path):
     state = tmp_path / "state"
     state.mkdir()
     script = 'mount -t tmpfs -o size="$1"m sprout-test "$2" && echo mounted && exec sleep 600'
-    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-                               str(DISK_MB), str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(DISK_MB), str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if holder.stdout.readline().strip() != "mounted":
         holder.wait(5)
-        pytest.skip(f"cannot mount a tmpfs in a mount namespace of its own (root or CAP_SYS_ADMIN needed): "
-                    f"{holder.stderr.read().strip()}")
+        pytest.skip(
+            f"cannot mount a tmpfs in a mount namespace of its own (root or CAP_SYS_ADMIN needed): "
+            f"{holder.stderr.read().strip()}"
+        )
     yield SmallDisk(holder, state)
     holder.kill()
     holder.wait()
@@ -73,8 +83,12 @@ def publish_photos(url: str, ids: list[str]) -> None:
         assert pub.wait_all_acked(30.0), pub.report
 
 
-def test_a_full_disk_pauses_intake_unacked_and_it_resumes_when_space_returns(broker, daemon_factory, small_disk,
-                                                                             systemd):  # noqa: F811
+def test_a_full_disk_pauses_intake_unacked_and_it_resumes_when_space_returns(
+    broker,
+    daemon_factory,
+    small_disk,
+    systemd,  # noqa: F811 - the fixture imported above
+):
     env = {"SPROUT_STORE__MIN_FREE_MB": str(FLOOR_MB), **systemd.env(watchdog_s=1.0)}
     d = daemon_factory(broker.url, state=small_disk.mountpoint, env=env, prefix=small_disk.enter).start()
     ids = [f"photo-{i:04d}" for i in range(600)]  # about 9 MB of store pages: more than the 8 MB disk holds
@@ -95,7 +109,9 @@ def test_a_full_disk_pauses_intake_unacked_and_it_resumes_when_space_returns(bro
     assert code == 503 and health["disk"] is False and health["intake"] is False
     assert metrics(d.http_port)[("sprout_store_disk_full", ())] == 1.0
     watchdog = systemd.times("WATCHDOG", since=paused)
-    assert watchdog and max(b - a for a, b in zip([paused, *watchdog], [*watchdog, time.monotonic()])) < 1.0
+    assert (
+        watchdog and max(b - a for a, b in zip([paused, *watchdog], [*watchdog, time.monotonic()], strict=True)) < 1.0
+    )
     assert any("DISK FULL: intake paused" in s for s in systemd.statuses(since=paused))
 
     # Killed while paused: what it received and did not ack is only in the broker's session now.
@@ -139,8 +155,12 @@ def test_sqlite_says_disk_full_nothing_is_stored_and_the_same_commit_succeeds_la
     """The other way a full disk shows: no floor (min_free_mb = 0) and SQLite runs out of room mid-commit."""
     state = tmp_path / "state"
     state.mkdir()
-    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", STORE_ON_A_FULL_DISK,
-                          str(state)], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", STORE_ON_A_FULL_DISK, str(state)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     if "mount:" in out.stderr and "refused" not in out.stdout:
         pytest.skip(f"cannot mount a tmpfs in a mount namespace of its own: {out.stderr.strip()}")
     assert out.returncode == 0, out.stderr

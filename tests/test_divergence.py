@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from test_learner import stream
 
+from daemon.common.settings import Settings
+from daemon.export.pipeline import _restored
 from daemon.learning import checkpoint
 from daemon.learning.learner import Learner
-from daemon.export.pipeline import _restored
-from daemon.common.settings import Settings
-from daemon.store.examples import Store
 from daemon.learning.training import Training
-from test_learner import stream
+from daemon.store.examples import Store
 
 
 def training_on(tmp_path: Path, examples, **training) -> Training:
@@ -21,11 +21,14 @@ def training_on(tmp_path: Path, examples, **training) -> Training:
     store = Store(tmp_path / "examples.db")
     store.commit(examples)
     store.close()
-    settings = Settings.load(None, {
-        "state_dir": str(tmp_path),
-        "model": {"backbone": "tiny", "input_size": 32},
-        "training": {"mode": "head", "device": "cpu", "batch_size": 4, "learning_rate": 0.1, **training},
-    })
+    settings = Settings.load(
+        None,
+        {
+            "state_dir": str(tmp_path),
+            "model": {"backbone": "tiny", "input_size": 32},
+            "training": {"mode": "head", "device": "cpu", "batch_size": 4, "learning_rate": 0.1, **training},
+        },
+    )
     return Training(settings)
 
 
@@ -58,8 +61,10 @@ def test_non_finite_weights_after_a_step_go_back_to_the_checkpoint_bit_for_bit(t
     for name, tensor in saved["head"].items():
         assert torch.equal(state["head"][name][: len(tensor)], tensor), name  # the very numbers, bit for bit
     moments = [s["exp_avg"] for s in saved["optimizer"]["state"].values()]
-    assert all(torch.equal(a[: len(b)], b) for a, b in zip((s["exp_avg"] for s in state["optimizer"]["state"].values()),
-                                                            moments, strict=True))
+    assert all(
+        torch.equal(a[: len(b)], b)
+        for a, b in zip((s["exp_avg"] for s in state["optimizer"]["state"].values()), moments, strict=True)
+    )
     assert all(g["lr"] == 0.1 for g in learner.optimizer.param_groups)  # the poisoned rate went with it
     # The stream position does not go back: the batch that diverged is not learned again.
     assert learner.high_water_mark == max(e.seq for e in batch)

@@ -21,18 +21,18 @@ import paho.mqtt.client as mqtt
 import paho.mqtt.publish as mqtt_publish
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from faulty_link import FaultyLink
+from helpers import wait_for
+from test_learner import colour_jpeg, learn_all, make_learner, stream
 
-from daemon.registry.versions import Registry
 from daemon.registry.signing import Signer
+from daemon.registry.versions import Registry
 from edge.model import EdgeModel
 from edge.modeldir import ModelDir
 from edge.preprocess import load_rgb
 from edge.runtime import classify
 from edge.sync import sync
 from edge.trust import SignatureError, key_id, load_public_key, verify_document, verify_file
-from faulty_link import FaultyLink
-from helpers import wait_for
-from test_learner import colour_jpeg, learn_all, make_learner, stream
 
 REPO = Path(__file__).resolve().parents[1]
 TFLITE_VENV = REPO / ".venv-tflite"
@@ -71,7 +71,10 @@ def fields(tiny: TinyModels, quantization: str) -> dict:
         "input": {"shape": [1, SIZE, SIZE, 3], "layout": "NHWC", "dtype": "uint8", "range": [0, 255]},
         "quantization": quantization,
         "metrics": {},
-        "runtimes_verified": [{"name": "ai-edge-litert", "version": "2.3.0"}, {"name": "tflite-runtime", "version": "2.14.0"}],
+        "runtimes_verified": [
+            {"name": "ai-edge-litert", "version": "2.3.0"},
+            {"name": "tflite-runtime", "version": "2.14.0"},
+        ],
     }
 
 
@@ -124,13 +127,24 @@ def test_sync_installs_a_verified_version_and_a_second_sync_is_a_304(registry, l
     manifest = publish(registry, tiny)
     events = []
     result = sync(link.url, MODEL, device, public_key, on_event=events.append)
-    assert (result.status, result.current, result.previous, result.downloaded) == ("installed", 1, None, len(tiny.first))
+    assert (result.status, result.current, result.previous, result.downloaded) == (
+        "installed",
+        1,
+        None,
+        len(tiny.first),
+    )
     installed = device / "versions" / "1"
     assert (installed / "model.tflite").read_bytes() == tiny.first
     assert (installed / "manifest.json").read_bytes() == (registry.folder / "latest").read_bytes()
     assert (installed / "labels.txt").read_text().splitlines() == tiny.labels
     assert (device / "current").read_text() == "1\n"
-    assert sorted(os.listdir(device)) == [".lock", "current", "device-id", "etag", "versions"]  # no partial or temporary left
+    assert sorted(os.listdir(device)) == [
+        ".lock",
+        "current",
+        "device-id",
+        "etag",
+        "versions",
+    ]  # no partial or temporary left
     kinds = [e.kind for e in events]
     assert kinds[0] == "started" and kinds[-1] == "completed" and set(kinds[1:-1]) == {"progress"}
     received = [e.received for e in events if e.kind == "progress"]
@@ -236,11 +250,24 @@ def serve_no_signature(registry, link, tmp_path, tiny):
     return "cannot check the latest manifest"
 
 
-@pytest.mark.parametrize("fault", [tamper_with_the_file, sign_with_another_key, cut_every_download,
-                                   serve_a_file_that_is_not_the_manifests, serve_another_models_manifest,
-                                   serve_a_manifest_changed_after_signing, serve_the_same_manifest_reformatted,
-                                   serve_a_damaged_signature, serve_a_signature_of_another_size, serve_no_signature])
-def test_a_bad_update_is_refused_and_the_device_keeps_its_model(registry, link, tiny, public_key, device, tmp_path, fault):
+@pytest.mark.parametrize(
+    "fault",
+    [
+        tamper_with_the_file,
+        sign_with_another_key,
+        cut_every_download,
+        serve_a_file_that_is_not_the_manifests,
+        serve_another_models_manifest,
+        serve_a_manifest_changed_after_signing,
+        serve_the_same_manifest_reformatted,
+        serve_a_damaged_signature,
+        serve_a_signature_of_another_size,
+        serve_no_signature,
+    ],
+)
+def test_a_bad_update_is_refused_and_the_device_keeps_its_model(
+    registry, link, tiny, public_key, device, tmp_path, fault
+):
     publish(registry, tiny)
     assert sync(link.url, MODEL, device, public_key).current == 1
     why = fault(registry, link, tmp_path, tiny)
@@ -287,7 +314,9 @@ def test_a_bearer_token_is_sent_when_given(registry, tiny, public_key, device):
     link = FaultyLink(registry.root, token="s3cret").start()
     try:
         missing = sync(link.url, MODEL, device, public_key)
-        assert missing.status == "failed" and "wants a bearer token" in missing.reason and "--token-file" in missing.reason
+        assert (
+            missing.status == "failed" and "wants a bearer token" in missing.reason and "--token-file" in missing.reason
+        )
         wrong = sync(link.url, MODEL, device, public_key, token="guess")
         assert wrong.status == "failed" and "refused the token" in wrong.reason
         assert sync(link.url, MODEL, device, public_key, token="s3cret").status == "installed"
@@ -297,7 +326,12 @@ def test_a_bearer_token_is_sent_when_given(registry, tiny, public_key, device):
 
 def test_nothing_published_and_no_server_are_failures_with_a_reason(registry, link, public_key, device):
     empty = sync(link.url, MODEL, device, public_key)
-    assert empty.status == "failed" and empty.current is None and "404" in empty.reason and "nothing published" in empty.reason
+    assert (
+        empty.status == "failed"
+        and empty.current is None
+        and "404" in empty.reason
+        and "nothing published" in empty.reason
+    )
     link.stop()
     gone = sync(link.url, MODEL, device, public_key, timeout_s=2)
     assert gone.status == "failed" and f"cannot reach {link.url}" in gone.reason
@@ -350,31 +384,59 @@ def test_classify_cli_runs_on_tflite_runtime_without_torch(registry, link, tiny,
     no_torch = subprocess.run([TFLITE_VENV / "bin" / "python", "-c", "import torch"], capture_output=True, text=True)
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
     cli = sprout_edge_tflite()
-    empty = subprocess.run([cli, "classify", "--dir", device, *image_files(tmp_path / "photos")],
-                           capture_output=True, text=True, timeout=60)
+    empty = subprocess.run(
+        [cli, "classify", "--dir", device, *image_files(tmp_path / "photos")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert empty.returncode == 66 and "no model installed" in empty.stderr
 
     publish(registry, tiny)
-    synced = subprocess.run([cli, "sync", "--url", link.url, "--model", MODEL, "--dir", device,
-                             "--public-key", public_key, "--runtime", "tflite-runtime"],
-                            capture_output=True, text=True, timeout=60)
+    synced = subprocess.run(
+        [
+            cli,
+            "sync",
+            "--url",
+            link.url,
+            "--model",
+            MODEL,
+            "--dir",
+            device,
+            "--public-key",
+            public_key,
+            "--runtime",
+            "tflite-runtime",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert synced.returncode == 0, synced.stderr  # the whole device side, without torch
     photos = image_files(tmp_path / "photos")
-    out = subprocess.run([cli, "classify", "--dir", device, *photos, "--top", "3", "--json", "--runtime", "tflite-runtime"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [cli, "classify", "--dir", device, *photos, "--top", "3", "--json", "--runtime", "tflite-runtime"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert (doc["model"], doc["version"], doc["runtime"]) == (MODEL, 1, {"name": "tflite-runtime", "version": "2.14.0"})
     in_process = EdgeModel.load(device, runtime="ai-edge-litert")
-    for c, (photo, result) in enumerate(zip(photos, doc["results"])):
+    for c, (photo, result) in enumerate(zip(photos, doc["results"], strict=True)):
         assert result["image"] == str(photo) and result["top"][0]["label"] == f"class-{c}"
         expected = in_process.predict(photo, top=3)
         assert [e["label"] for e in result["top"]] == [label for label, _ in expected]
         assert np.allclose([e["score"] for e in result["top"]], [s for _, s in expected], atol=1e-5)
 
     (tmp_path / "notes.txt").write_text("not an image")
-    text = subprocess.run([cli, "classify", "--dir", device, photos[0], tmp_path / "notes.txt", "--top", "2"],
-                          capture_output=True, text=True, timeout=60)
+    text = subprocess.run(
+        [cli, "classify", "--dir", device, photos[0], tmp_path / "notes.txt", "--top", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert text.returncode == 1 and "notes.txt: not an image" in text.stderr
     lines = text.stdout.splitlines()
     assert lines[0] == str(photos[0]) and lines[1].split()[0] == "class-0" and len(lines) == 3
@@ -389,17 +451,45 @@ def sprout_edge(*args) -> list[str]:
 
 def test_sync_cli_exit_codes(registry, link, tiny, public_key, device, tmp_path):
     publish(registry, tiny)
-    ok = subprocess.run(sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", device,
-                                    "--public-key", public_key), capture_output=True, text=True, timeout=60, cwd=REPO)
+    ok = subprocess.run(
+        sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", device, "--public-key", public_key),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() == f"{MODEL}: version 1 installed, {len(tiny.first)} bytes downloaded"
     forger = Signer.load_or_create(tmp_path / "forger" / "signing.key")
-    refused = subprocess.run(sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", tmp_path / "other",
-                                         "--public-key", forger.path.with_suffix(".pub")),
-                             capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert refused.returncode == 1 and "names signing key" in refused.stderr and "no model is installed yet" in refused.stderr
-    usage = subprocess.run(sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", device, "--mqtt", "mqtt://x"),
-                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    refused = subprocess.run(
+        sprout_edge(
+            "sync",
+            "--url",
+            link.url,
+            "--model",
+            MODEL,
+            "--dir",
+            tmp_path / "other",
+            "--public-key",
+            forger.path.with_suffix(".pub"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert (
+        refused.returncode == 1
+        and "names signing key" in refused.stderr
+        and "no model is installed yet" in refused.stderr
+    )
+    usage = subprocess.run(
+        sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", device, "--mqtt", "mqtt://x"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert usage.returncode == 2 and "--watch" in usage.stderr
 
 
@@ -409,8 +499,9 @@ class Watching:
     def __init__(self, log: Path, *args):
         self.log = log
         self.out = open(log, "w")
-        self.proc = subprocess.Popen(sprout_edge("sync", "--watch", *args), stdout=self.out, stderr=subprocess.STDOUT,
-                                     cwd=REPO, text=True)
+        self.proc = subprocess.Popen(
+            sprout_edge("sync", "--watch", *args), stdout=self.out, stderr=subprocess.STDOUT, cwd=REPO, text=True
+        )
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -426,10 +517,23 @@ class Watching:
         self.out.close()
 
 
-def test_watch_polls_and_picks_up_a_newer_version_then_stops_on_sigterm(registry, link, tiny, public_key, device, tmp_path):
+def test_watch_polls_and_picks_up_a_newer_version_then_stops_on_sigterm(
+    registry, link, tiny, public_key, device, tmp_path
+):
     publish(registry, tiny)
-    watcher = Watching(tmp_path / "watch.log", "--url", link.url, "--model", MODEL, "--dir", device,
-                       "--public-key", public_key, "--interval", "0.3")
+    watcher = Watching(
+        tmp_path / "watch.log",
+        "--url",
+        link.url,
+        "--model",
+        MODEL,
+        "--dir",
+        device,
+        "--public-key",
+        public_key,
+        "--interval",
+        "0.3",
+    )
     try:
         wait_for(lambda: ModelDir(device).current() == 1, 30, f"version 1 (log: {watcher.log.read_text()})")
         publish(registry, tiny, "second")
@@ -444,14 +548,37 @@ def test_watch_polls_and_picks_up_a_newer_version_then_stops_on_sigterm(registry
 def test_watch_follows_a_retained_mqtt_notice(registry, link, tiny, public_key, device, tmp_path, broker):
     publish(registry, tiny)
     # An hour between polls: only the notice can bring version 2 within the test.
-    watcher = Watching(tmp_path / "watch.log", "--url", link.url, "--model", MODEL, "--dir", device,
-                       "--public-key", public_key, "--interval", "3600", "--mqtt", broker.url)
+    watcher = Watching(
+        tmp_path / "watch.log",
+        "--url",
+        link.url,
+        "--model",
+        MODEL,
+        "--dir",
+        device,
+        "--public-key",
+        public_key,
+        "--interval",
+        "3600",
+        "--mqtt",
+        broker.url,
+    )
     try:
-        wait_for(lambda: ModelDir(device).current() == 1 and "listening for model notices" in watcher.log.read_text(),
-                 30, f"version 1 and the subscription (log: {watcher.log.read_text()})")
+        wait_for(
+            lambda: ModelDir(device).current() == 1 and "listening for model notices" in watcher.log.read_text(),
+            30,
+            f"version 1 and the subscription (log: {watcher.log.read_text()})",
+        )
         manifest = publish(registry, tiny, "second")
-        mqtt_publish.single(f"sprout/{MODEL}/models/latest", json.dumps(manifest), qos=1, retain=True,
-                            hostname="127.0.0.1", port=broker.port, protocol=mqtt.MQTTv5)
+        mqtt_publish.single(
+            f"sprout/{MODEL}/models/latest",
+            json.dumps(manifest),
+            qos=1,
+            retain=True,
+            hostname="127.0.0.1",
+            port=broker.port,
+            protocol=mqtt.MQTTv5,
+        )
         wait_for(lambda: ModelDir(device).current() == 2, 15, f"version 2 (log: {watcher.log.read_text()})")
         assert watcher.stop() == 0
     finally:
@@ -503,8 +630,12 @@ def test_the_test_vector_in_docs_devices_md_is_right():
     verify_file(manifest, b"not a real model, a test vector")
     assert "mildiú".encode() in document and manifest["schema"] == 2
 
-    for changed in (document.replace(b"0.9125", b"0.9126"), document.replace(b": 7", b":  7"),
-                    document.replace(b"\n", b"\r\n"), document.rstrip(b"\n")):
+    for changed in (
+        document.replace(b"0.9125", b"0.9126"),
+        document.replace(b": 7", b":  7"),
+        document.replace(b"\n", b"\r\n"),
+        document.rstrip(b"\n"),
+    ):
         assert changed != document
         with pytest.raises(SignatureError, match="does not match"):
             verify_document(changed, signature, key)
@@ -514,7 +645,7 @@ def test_the_test_vector_in_docs_devices_md_is_right():
 
 def test_an_installed_client_ignores_an_added_manifest_field_and_refuses_a_breaking_schema(keys, public_key):
     """A publisher adds informative fields within schema 2; only a breaking change raises the schema."""
-    from edge.manifest import ManifestError, SCHEMA, parse
+    from edge.manifest import SCHEMA, ManifestError, parse
 
     text = (REPO / "docs" / "devices.md").read_text(encoding="utf-8")
     manifest = json.loads(re.search(r"<!-- test-vector: manifest.json -->\n```json\n(.*?)```", text, re.S).group(1))
@@ -528,8 +659,9 @@ def test_an_installed_client_ignores_an_added_manifest_field_and_refuses_a_break
         parse(breaking, MODEL)
 
 
-def test_a_publish_between_the_manifest_and_its_signature_is_read_again_not_refused(registry, link, tiny,
-                                                                                     public_key, device):
+def test_a_publish_between_the_manifest_and_its_signature_is_read_again_not_refused(
+    registry, link, tiny, public_key, device
+):
     publish(registry, tiny)
     assert sync(link.url, MODEL, device, public_key).current == 1
     publish(registry, tiny, "second")
@@ -540,17 +672,29 @@ def test_a_publish_between_the_manifest_and_its_signature_is_read_again_not_refu
     asked = [r["path"].rsplit("/", 1)[1] for r in link.requests if "/versions/" not in r["path"]]
     assert asked[-4:] == ["latest", "latest.sig", "latest", "latest.sig"]
     installed = device / "versions" / "3"
-    verify_document((installed / "manifest.json").read_bytes(), (installed / "manifest.json.sig").read_bytes(), public_key)
+    verify_document(
+        (installed / "manifest.json").read_bytes(), (installed / "manifest.json.sig").read_bytes(), public_key
+    )
     assert EdgeModel.load(device, public_key=public_key).version == 3
 
 
 def test_sync_refuses_to_install_unchecked_models_unless_told_insecure(registry, link, tiny, device):
     publish(registry, tiny)
-    refused = subprocess.run(sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", device),
-                             capture_output=True, text=True, timeout=60, cwd=REPO)
+    refused = subprocess.run(
+        sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", device),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert refused.returncode == 2 and "no --public-key" in refused.stderr and "--insecure" in refused.stderr
     assert not (device / "current").exists()
-    insecure = subprocess.run(sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", device, "--insecure"),
-                              capture_output=True, text=True, timeout=60, cwd=REPO)
+    insecure = subprocess.run(
+        sprout_edge("sync", "--url", link.url, "--model", MODEL, "--dir", device, "--insecure"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert insecure.returncode == 0, insecure.stderr
     assert "signatures are NOT checked" in insecure.stderr

@@ -10,19 +10,22 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from daemon.learning import checkpoint
-from daemon.export.child import TMP_PREFIX, ExportChild, ExportStopped, remove_orphaned_temporaries
-from daemon.export.schedule import Exporting
-from daemon.common.settings import ExportSettings, ModelSettings, Settings, TrainingSettings
 from helpers import wait_for
 from test_learner import learn_all, make_learner, stream
 
+from daemon.common.settings import ExportSettings, ModelSettings, Settings, TrainingSettings
+from daemon.export.child import TMP_PREFIX, ExportChild, ExportStopped, remove_orphaned_temporaries
+from daemon.export.schedule import Exporting
+from daemon.learning import checkpoint
+
 
 def settings_for(state: Path) -> Settings:
-    return Settings(state_dir=state, model=ModelSettings(backbone="tiny", input_size=32),
-                    training=TrainingSettings(mode="head", device="cpu"),
-                    export=ExportSettings(quantization=["none"], runtimes=["ai-edge-litert"], every_seconds=120))
+    return Settings(
+        state_dir=state,
+        model=ModelSettings(backbone="tiny", input_size=32),
+        training=TrainingSettings(mode="head", device="cpu"),
+        export=ExportSettings(quantization=["none"], runtimes=["ai-edge-litert"], every_seconds=120),
+    )
 
 
 def learned(state: Path) -> int:
@@ -44,8 +47,11 @@ def test_an_export_in_a_child_publishes_and_reports_back(tmp_path: Path, caplog)
     # lost to another reader of the pipe (Popen.communicate once read it too, and kept what it got).
     child_lines = [r.getMessage() for r in caplog.records if r.name in ("sprout.export", "sprout.registry")]
     published = [i for i, m in enumerate(child_lines) if m.startswith("published version 1 (")]
-    registry = [i for i, m in enumerate(child_lines) if m.startswith("published leaves version 1")
-                or m.startswith("published plant-disease version 1")]
+    registry = [
+        i
+        for i, m in enumerate(child_lines)
+        if m.startswith("published leaves version 1") or m.startswith("published plant-disease version 1")
+    ]
     took = [i for i, m in enumerate(child_lines) if m.startswith("export took")]
     assert registry and published and took and registry[0] < published[0] < took[0], child_lines
     assert outcome is not None and outcome.published["version"] == 1, outcome
@@ -78,7 +84,7 @@ def test_a_stop_kills_the_running_child_and_removes_its_temporaries(tmp_path: Pa
     def run() -> None:
         try:
             child.run(settings_for(tmp_path))
-        except BaseException as err:  # noqa: BLE001 - what the test inspects
+        except BaseException as err:
             result.append(err)
 
     thread = threading.Thread(target=run)
@@ -122,8 +128,7 @@ def _waiting_on_stdin(pid: int) -> bool:
     return state == "S" and "libtorch_cpu" in _maps(pid)
 
 
-def test_the_next_exports_process_waits_with_its_imports_done_and_the_next_export_uses_it(tmp_path: Path,
-                                                                                        monkeypatch):
+def test_the_next_exports_process_waits_with_its_imports_done_and_the_next_export_uses_it(tmp_path: Path, monkeypatch):
     learned(tmp_path)
     tmp = tmp_path / "tmp"
     tmp.mkdir()

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from daemon.export.converter import ExportError, convert, float_probabilities, snapshot
-from edge.preprocess import load_rgb
-from daemon.export.pipeline import gate
-from daemon.common.settings import Settings
-from daemon.export.verification import default_tflite_runtime_python, verify
-from models.zoo import get
 from test_learner import learn_all, make_learner, stream
+
+from daemon.common.settings import Settings
+from daemon.export.converter import ExportError, convert, float_probabilities, snapshot
+from daemon.export.pipeline import gate
+from daemon.export.verification import default_tflite_runtime_python, verify
+from edge.preprocess import load_rgb
+from models.zoo import get
 
 TINY = get("tiny").preprocessing
 BOTH = ["ai-edge-litert", "tflite-runtime"]
@@ -88,8 +88,9 @@ def test_dynamic_runs_on_litert_and_is_refused_by_tflite_runtime_2_14(trained):
     assert_takes_uint8_rgb(tflite, 32)
     assert old.error is not None and "FULLY_CONNECTED" in old.error
     reasons = gate([litert, old], float((reference.argmax(1) == labels).mean()), None, Settings.load(None))
-    assert any(r.startswith("tflite-runtime could not load or run the model: ValueError: Didn't find op")
-               for r in reasons)
+    assert any(
+        r.startswith("tflite-runtime could not load or run the model: ValueError: Didn't find op") for r in reasons
+    )
 
 
 def test_a_model_that_loads_but_computes_wrong_numbers_on_tflite_runtime_is_refused(trained):
@@ -152,9 +153,9 @@ def test_a_crashing_or_missing_runtime_is_a_reason_not_a_crash(trained, tmp_path
     os.chmod(crasher, 0o755)
     tflite = convert(model, "none", 32)
     reference = float_probabilities(model, images)
-    crashed, = verify(tflite, images, labels, reference, ["tflite-runtime"], {"tflite-runtime": crasher})
+    (crashed,) = verify(tflite, images, labels, reference, ["tflite-runtime"], {"tflite-runtime": crasher})
     assert crashed.error == "crashed (signal 11) while loading or running the model"
-    missing, = verify(tflite, images, labels, reference, ["tflite-runtime"], {"tflite-runtime": tmp_path / "nope"})
+    (missing,) = verify(tflite, images, labels, reference, ["tflite-runtime"], {"tflite-runtime": tmp_path / "nope"})
     assert "run scripts/setup.sh" in missing.error
     reasons = gate([crashed, missing], 1.0, None, Settings.load(None))
     assert len(reasons) == 2 and all("could not load or run the model" in r for r in reasons)

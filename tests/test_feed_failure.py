@@ -15,19 +15,25 @@ import urllib.error
 import urllib.request
 
 import pytest
-
-from daemon.tools.feeder import Publisher
-from daemon.service.daemon import EX_SOFTWARE, Daemon
-from daemon.common.settings import Settings
 from helpers import jpeg, stored_ids, wait_for
+
+from daemon.common.settings import Settings
+from daemon.service.daemon import EX_SOFTWARE, Daemon
+from daemon.tools.feeder import Publisher
 
 
 @pytest.fixture
 def daemon(broker, tmp_path):
-    settings = Settings.load(None, {
-        "state_dir": str(tmp_path / "state"), "mqtt": {"broker": broker.url, "client_id": "sprout-feed-failure"},
-        "model": {"name": "leaves"}, "server": {"http": "127.0.0.1:0"}, "training": {"enabled": False},
-    })
+    settings = Settings.load(
+        None,
+        {
+            "state_dir": str(tmp_path / "state"),
+            "mqtt": {"broker": broker.url, "client_id": "sprout-feed-failure"},
+            "model": {"name": "leaves"},
+            "server": {"http": "127.0.0.1:0"},
+            "training": {"enabled": False},
+        },
+    )
     d = Daemon(settings)
     d.startup()
     wait_for(d.feed.subscribed.is_set, 10, "the feed to subscribe")

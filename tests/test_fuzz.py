@@ -37,17 +37,36 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MalformedPacket, MQTTException, Properties
 from PIL import Image
 
+from daemon.common.settings import StoreSettings
 from daemon.ingest.imagehead import HeaderError, read_header
 from daemon.ingest.mqttfast import FastProperties
-from daemon.common.settings import StoreSettings
-from daemon.ingest.wire import (CONTENT_TYPES, MAX_ID_CHARS, MAX_JSON_BRACKETS, MAX_JSON_INT_DIGITS, SPLITS, Example, Limits,
-                         Reason, Rejection, parse)
+from daemon.ingest.wire import (
+    CONTENT_TYPES,
+    MAX_ID_CHARS,
+    MAX_JSON_BRACKETS,
+    MAX_JSON_INT_DIGITS,
+    SPLITS,
+    Example,
+    Limits,
+    Reason,
+    Rejection,
+    parse,
+)
 
 EXAMPLES = int(os.environ.get("SPROUT_FUZZ_EXAMPLES", "300"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 300,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-LIMITS = Limits(max_image_bytes=200_000, max_image_pixels=4_000_000, max_full_decode_pixels=4_000_000, max_label_chars=64,
-                holdout_fraction=0.1)
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=EXAMPLES <= 300,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+LIMITS = Limits(
+    max_image_bytes=200_000,
+    max_image_pixels=4_000_000,
+    max_full_decode_pixels=4_000_000,
+    max_label_chars=64,
+    holdout_fraction=0.1,
+)
 SEEN: dict[str, int] = {}
 
 
@@ -62,8 +81,10 @@ IMAGES = {"image/jpeg": encoded("JPEG"), "image/png": encoded("PNG"), "image/web
 
 def png_claiming(width: int, height: int) -> bytes:
     """A complete, tiny PNG whose header claims ``width`` x ``height``: a decompression bomb's calling card."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -92,8 +113,12 @@ def check(result: Example | Rejection, limits: Limits = LIMITS) -> None:
 
 
 labels = st.one_of(st.text(max_size=80), st.sampled_from(["rust", " rust", "", "a" * 65, "ok\n", "🌱 blight"]))
-content_types = st.one_of(st.sampled_from([*CONTENT_TYPES, "image/gif", "", "IMAGE/JPEG"]), st.none(), st.text(max_size=20))
-properties = st.lists(st.tuples(st.sampled_from(["label", "example_id", "split", "x"]), st.text(max_size=30)), max_size=6)
+content_types = st.one_of(
+    st.sampled_from([*CONTENT_TYPES, "image/gif", "", "IMAGE/JPEG"]), st.none(), st.text(max_size=20)
+)
+properties = st.lists(
+    st.tuples(st.sampled_from(["label", "example_id", "split", "x"]), st.text(max_size=30)), max_size=6
+)
 
 
 @FUZZ
@@ -103,8 +128,14 @@ def test_random_messages_never_raise(payload, props, content_type):
 
 
 @FUZZ
-@given(kind=st.sampled_from(sorted(IMAGES)), cut=st.integers(0, 4000), claimed=st.sampled_from(sorted(IMAGES)),
-       label=labels, flip=st.integers(0, 4000), byte=st.integers(0, 255))
+@given(
+    kind=st.sampled_from(sorted(IMAGES)),
+    cut=st.integers(0, 4000),
+    claimed=st.sampled_from(sorted(IMAGES)),
+    label=labels,
+    flip=st.integers(0, 4000),
+    byte=st.integers(0, 255),
+)
 def test_real_images_cut_flipped_and_mislabelled(kind, cut, claimed, label, flip, byte):
     image = bytearray(IMAGES[kind][: max(1, cut)] if cut < len(IMAGES[kind]) else IMAGES[kind])
     if flip < len(image):
@@ -127,20 +158,35 @@ def test_headers_that_claim_huge_images_are_refused_before_any_decoding(width, h
         assert isinstance(result, Rejection) and result.reason == Reason.TOO_MANY_PIXELS
     elif w and h:
         # Within the limits the body is decoded: these forged bodies hold no real pixels for most sizes.
-        assert (isinstance(result, Example) and (result.width, result.height) == (w, h)
-                or isinstance(result, Rejection) and result.reason == Reason.CORRUPT_IMAGE), result
+        assert (
+            isinstance(result, Example)
+            and (result.width, result.height) == (w, h)
+            or isinstance(result, Rejection)
+            and result.reason == Reason.CORRUPT_IMAGE
+        ), result
 
 
 @FUZZ
-@given(doc=st.one_of(
-    st.dictionaries(st.sampled_from(["label", "image", "content_type", "example_id", "split"]),
-                    st.one_of(st.text(max_size=40), st.integers(), st.none(), st.lists(st.integers(), max_size=3)),
-                    max_size=5),
-    st.builds(lambda kind, label, junk: {"label": label, "content_type": kind,
-                                          "image": base64.b64encode(IMAGES[kind]).decode()[: len(junk) * 50 or None]
-                                          + junk},
-              st.sampled_from(sorted(IMAGES)), labels, st.text(max_size=5)),
-), raw_tail=st.binary(max_size=20))
+@given(
+    doc=st.one_of(
+        st.dictionaries(
+            st.sampled_from(["label", "image", "content_type", "example_id", "split"]),
+            st.one_of(st.text(max_size=40), st.integers(), st.none(), st.lists(st.integers(), max_size=3)),
+            max_size=5,
+        ),
+        st.builds(
+            lambda kind, label, junk: {
+                "label": label,
+                "content_type": kind,
+                "image": base64.b64encode(IMAGES[kind]).decode()[: len(junk) * 50 or None] + junk,
+            },
+            st.sampled_from(sorted(IMAGES)),
+            labels,
+            st.text(max_size=5),
+        ),
+    ),
+    raw_tail=st.binary(max_size=20),
+)
 def test_json_fallback_with_broken_fields_and_base64(doc, raw_tail):
     payload = json.dumps(doc).encode()
     check(parse(payload, None, None, LIMITS, 0.0))
@@ -148,8 +194,12 @@ def test_json_fallback_with_broken_fields_and_base64(doc, raw_tail):
 
 
 @FUZZ
-@given(data=st.one_of(st.binary(max_size=200), st.builds(lambda k, n: IMAGES[k][:n], st.sampled_from(sorted(IMAGES)),
-                                                         st.integers(0, 600))))
+@given(
+    data=st.one_of(
+        st.binary(max_size=200),
+        st.builds(lambda k, n: IMAGES[k][:n], st.sampled_from(sorted(IMAGES)), st.integers(0, 600)),
+    )
+)
 def test_image_headers_raise_only_header_errors(data):
     try:
         fmt, width, height = read_header(data)
@@ -183,8 +233,16 @@ def test_mqtt_properties_decode_like_paho_or_are_refused_like_paho(data):
         assert our_len == their_len and ours.json() == theirs.json()
 
 
-PAHO_REFUSALS = (MalformedPacket, MQTTException, IndexError, UnicodeDecodeError, ValueError, KeyError, TypeError,
-                 struct.error)
+PAHO_REFUSALS = (
+    MalformedPacket,
+    MQTTException,
+    IndexError,
+    UnicodeDecodeError,
+    ValueError,
+    KeyError,
+    TypeError,
+    struct.error,
+)
 
 
 def paho_reads_past_the_end(data: bytes) -> bool:
@@ -192,7 +250,7 @@ def paho_reads_past_the_end(data: bytes) -> bool:
     length, not how far it read, so ask it again with the bytes past the end cut off (the full run found
     b'\x01\x01\x00': a one-byte value whose byte lies past a one-byte length)."""
     try:
-        Properties(PacketTypes.PUBLISH).unpack(data[:declared_end(data)])
+        Properties(PacketTypes.PUBLISH).unpack(data[: declared_end(data)])
     except PAHO_REFUSALS:
         return True
     return False
@@ -223,9 +281,13 @@ def test_an_oversized_payload_is_refused_without_reading_it():
 T = TypeVar("T")
 DEFAULTS = StoreSettings()
 # What a daemon with the default settings enforces: the limits the new generators are judged against.
-DAEMON_LIMITS = Limits(max_image_bytes=DEFAULTS.max_image_bytes, max_image_pixels=DEFAULTS.max_image_pixels,
-                       max_full_decode_pixels=DEFAULTS.max_full_decode_pixels,
-                       max_label_chars=DEFAULTS.max_label_chars, holdout_fraction=DEFAULTS.holdout_fraction)
+DAEMON_LIMITS = Limits(
+    max_image_bytes=DEFAULTS.max_image_bytes,
+    max_image_pixels=DEFAULTS.max_image_pixels,
+    max_full_decode_pixels=DEFAULTS.max_full_decode_pixels,
+    max_label_chars=DEFAULTS.max_label_chars,
+    holdout_fraction=DEFAULTS.holdout_fraction,
+)
 JSON_LIMIT = DAEMON_LIMITS.max_image_bytes * 4 // 3 + 64 * 1024  # base64 of the largest image, and room for the rest
 KINDS: dict[str, Counter] = {}
 
@@ -241,10 +303,50 @@ class Chooser(Protocol):
 # Characters that parsers, brokers and label rules treat specially: controls, the C1 NEL, spaces that are not
 # ASCII, zero-width and byte-order marks, bidi controls (RTL override), lone surrogates (JSON may escape them:
 # "\ud800"), non-characters, private use, combining marks, RTL letters, emoji, JSON's own syntax.
-SPECIAL_CHARS = ("\x00", "\x01", "\t", "\n", "\r", "\x1f", "\x7f", "\x85", "\xa0", "\xad", "\u200b", "\u200c",
-                 "\u200d", "\u200e", "\u200f", "\u202e", "\u2066", "\u2028", "\u3000", "\ufeff", "\ufffd", "\ufffe",
-                 "\uffff", "\ufdd0", "\ud800", "\udfff", "\ue000", "\U0010ffff", "\U0001f331", "\u05e9", "\u0628",
-                 "\u0301", "\u8449", "\xe9", '"', "\\", "/", "[", "{", "]", "}", " ")
+SPECIAL_CHARS = (
+    "\x00",
+    "\x01",
+    "\t",
+    "\n",
+    "\r",
+    "\x1f",
+    "\x7f",
+    "\x85",
+    "\xa0",
+    "\xad",
+    "\u200b",
+    "\u200c",
+    "\u200d",
+    "\u200e",
+    "\u200f",
+    "\u202e",
+    "\u2066",
+    "\u2028",
+    "\u3000",
+    "\ufeff",
+    "\ufffd",
+    "\ufffe",
+    "\uffff",
+    "\ufdd0",
+    "\ud800",
+    "\udfff",
+    "\ue000",
+    "\U0010ffff",
+    "\U0001f331",
+    "\u05e9",
+    "\u0628",
+    "\u0301",
+    "\u8449",
+    "\xe9",
+    '"',
+    "\\",
+    "/",
+    "[",
+    "{",
+    "]",
+    "}",
+    " ",
+)
 # exclude_categories=(): surrogates too, which st.characters() leaves out by default.
 AWKWARD = st.one_of(st.sampled_from(SPECIAL_CHARS), st.characters(codec=None, exclude_categories=()))
 # Invisible ones: a label that looks right on screen and is not, the likeliest of the odd ones.
@@ -293,8 +395,9 @@ class Seeded:
 
 
 ACCEPTED: frozenset[Reason] = frozenset()
-IMAGE_FAULTS = frozenset({Reason.EMPTY_IMAGE, Reason.NOT_AN_IMAGE, Reason.TRUNCATED_IMAGE, Reason.CORRUPT_IMAGE,
-                          Reason.TOO_MANY_PIXELS})
+IMAGE_FAULTS = frozenset(
+    {Reason.EMPTY_IMAGE, Reason.NOT_AN_IMAGE, Reason.TRUNCATED_IMAGE, Reason.CORRUPT_IMAGE, Reason.TOO_MANY_PIXELS}
+)
 
 
 @dataclass(frozen=True)
@@ -315,8 +418,10 @@ class Message:
 
     def describe(self) -> str:
         head = self.payload[:80]
-        return (f"{self.kind}: {len(self.payload)} bytes {head!r}{'...' if len(self.payload) > 80 else ''}, "
-                f"user properties {str(self.user_properties)[:300]}, content type {self.content_type!r}")
+        return (
+            f"{self.kind}: {len(self.payload)} bytes {head!r}{'...' if len(self.payload) > 80 else ''}, "
+            f"user properties {str(self.user_properties)[:300]}, content type {self.content_type!r}"
+        )
 
 
 def judge(msg: Message, limits: Limits = DAEMON_LIMITS) -> Example | Rejection:
@@ -334,16 +439,21 @@ def verdict_matches(msg: Message, result: Example | Rejection) -> bool:
     if msg.expect is None:
         return True
     if msg.expect == ACCEPTED:
-        return (isinstance(result, Example) and (msg.label is None or result.label == msg.label)
-                and (msg.example_id is None or result.example_id == msg.example_id))
+        return (
+            isinstance(result, Example)
+            and (msg.label is None or result.label == msg.label)
+            and (msg.example_id is None or result.example_id == msg.example_id)
+        )
     return isinstance(result, Rejection) and result.reason in msg.expect
 
 
 def mismatch(msg: Message, result: Example | Rejection) -> str:
     wanted = "accepted" if msg.expect == ACCEPTED else "rejected for " + "/".join(sorted(r.value for r in msg.expect))
     if isinstance(result, Example):
-        got = (f"accepted as {result.width}x{result.height} {result.content_type}, label {result.label!r}, "
-               f"id {result.example_id!r}")
+        got = (
+            f"accepted as {result.width}x{result.height} {result.content_type}, label {result.label!r}, "
+            f"id {result.example_id!r}"
+        )
     else:
         got = f"rejected: {result.reason.value}: {result.detail}"
     return f"should be {wanted}, but was {got}; message {msg.describe()}"
@@ -351,8 +461,14 @@ def mismatch(msg: Message, result: Example | Rejection) -> str:
 
 # -- the README's rules, restated: the oracle the generators judge by --------------------------------------
 
-def field_reasons(label: str | None, example_id: str | None, split: str | None, content_type: str | None,
-                  limits: Limits = DAEMON_LIMITS) -> frozenset[Reason]:
+
+def field_reasons(
+    label: str | None,
+    example_id: str | None,
+    split: str | None,
+    content_type: str | None,
+    limits: Limits = DAEMON_LIMITS,
+) -> frozenset[Reason]:
     """Every rule the fields break (the parser names the first it checks, so any of them is right)."""
     broken = set()
     if label is None:
@@ -389,10 +505,17 @@ def mqtt_safe(text: str) -> str:
     Mosquitto 2.0 refuses U+0000-001F, U+007F-009F, surrogates and non-characters; it forwards everything
     else, zero-width, bidi and byte-order marks included. What a paho sender cannot encode is dropped too.
     """
+
     def accepted(ch: str) -> bool:
         cp = ord(ch)
-        return not (cp <= 0x1F or 0x7F <= cp <= 0x9F or 0xD800 <= cp <= 0xDFFF or 0xFDD0 <= cp <= 0xFDEF
-                    or cp & 0xFFFE == 0xFFFE)
+        return not (
+            cp <= 0x1F
+            or 0x7F <= cp <= 0x9F
+            or 0xD800 <= cp <= 0xDFFF
+            or 0xFDD0 <= cp <= 0xFDEF
+            or cp & 0xFFFE == 0xFFFE
+        )
+
     return "".join(ch for ch in text if accepted(ch))
 
 
@@ -422,6 +545,7 @@ def digit_string(c: Chooser, n: int) -> str:
 
 
 # -- real images, and where their pixel data lies ------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Picture:
@@ -470,11 +594,11 @@ def png_by_hand(img: Image.Image, interlaced: bool = False, idat_size: int = 1 <
         if x0 >= w or y0 >= h:
             continue  # an empty pass has no rows at all, not even filter bytes
         for y in range(y0, h, dy):
-            line = raw[y * w * channels:(y + 1) * w * channels]
+            line = raw[y * w * channels : (y + 1) * w * channels]
             rows.append(0)
-            rows += b"".join(line[x * channels:(x + 1) * channels] for x in range(x0, w, dx))
+            rows += b"".join(line[x * channels : (x + 1) * channels] for x in range(x0, w, dx))
     data = zlib.compress(bytes(rows))
-    idats = b"".join(_png_chunk(b"IDAT", data[i:i + idat_size]) for i in range(0, len(data), idat_size))
+    idats = b"".join(_png_chunk(b"IDAT", data[i : i + idat_size]) for i in range(0, len(data), idat_size))
     ihdr = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 1 if interlaced else 0)
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + idats + _png_chunk(b"IEND", b"")
 
@@ -492,7 +616,7 @@ def jpeg_scans(data: bytes) -> tuple[tuple[int, int], ...]:
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:
             pos += 2
             continue
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
         if marker == 0xDA:
             start = end = pos
             while True:
@@ -510,15 +634,15 @@ def _jpeg_segment(data: bytes, markers: tuple[int, ...]) -> int:
     """Where the first segment with one of ``markers`` starts, walking the segments (tables may hold FF C0)."""
     pos = 2
     while data[pos + 1] not in markers:
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
     return pos
 
 
 def png_idats(data: bytes) -> tuple[tuple[int, int], ...]:
     spans, pos = [], 8
     while pos + 8 <= len(data):
-        n = int.from_bytes(data[pos:pos + 4], "big")
-        if data[pos + 4:pos + 8] == b"IDAT":
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        if data[pos + 4 : pos + 8] == b"IDAT":
             spans.append((pos + 8, pos + 8 + n))
         pos += 12 + n
     return tuple(spans)
@@ -528,7 +652,7 @@ def webp_bitstreams(data: bytes) -> tuple[tuple[int, int], ...]:
     skip = {b"VP8 ": 10, b"VP8L": 5, b"ALPH": 1}  # each chunk's own header: frame tag and size, signature, flags
     spans, pos = [], 12
     while pos + 8 <= len(data):
-        kind, n = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        kind, n = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
         if kind in skip:
             spans.append((pos + 8 + skip[kind], pos + 8 + n))
         pos += 8 + n + (n & 1)
@@ -597,8 +721,16 @@ def image_damage(c: Chooser) -> Message:
     """A real image, whole or damaged where a weak link or a broken sender damages files."""
     p = c.choice(PICTURES)
     data, n = p.data, len(p.data)
-    damage = c.choice(("whole", "cut", "cut, end marker appended", "bits flipped in the pixel data",
-                       "pixel data zeroed", "header claims another size"))
+    damage = c.choice(
+        (
+            "whole",
+            "cut",
+            "cut, end marker appended",
+            "bits flipped in the pixel data",
+            "pixel data zeroed",
+            "header claims another size",
+        )
+    )
     expect: frozenset[Reason] | None
     if damage == "whole":
         image, expect = data, ACCEPTED
@@ -658,7 +790,7 @@ def _claiming(c: Chooser, p: Picture) -> tuple[bytes, frozenset[Reason] | None]:
     data = bytearray(p.data)
     if p.format == "JPEG":
         sof = _jpeg_segment(p.data, (0xC0, 0xC1, 0xC2))
-        data[sof + 5:sof + 9] = struct.pack(">HH", h, w)
+        data[sof + 5 : sof + 9] = struct.pack(">HH", h, w)
     elif p.format == "PNG":
         data[16:24] = struct.pack(">II", w, h)
         if c.choice((True, False)):
@@ -674,8 +806,11 @@ def _claiming(c: Chooser, p: Picture) -> tuple[bytes, frozenset[Reason] | None]:
         else:  # VP8X: the canvas, 24 bits each
             data[24:30] = (w - 1).to_bytes(3, "little") + (h - 1).to_bytes(3, "little")
     fmt, w, h = read_header(bytes(data))
-    limit = DAEMON_LIMITS.max_image_pixels if fmt == "JPEG" else min(DAEMON_LIMITS.max_image_pixels,
-                                                                      DAEMON_LIMITS.max_full_decode_pixels)
+    limit = (
+        DAEMON_LIMITS.max_image_pixels
+        if fmt == "JPEG"
+        else min(DAEMON_LIMITS.max_image_pixels, DAEMON_LIMITS.max_full_decode_pixels)
+    )
     if w * h == 0:
         return bytes(data), frozenset({Reason.NOT_AN_IMAGE})
     if w * h > limit:
@@ -698,20 +833,31 @@ def _claiming(c: Chooser, p: Picture) -> tuple[bytes, frozenset[Reason] | None]:
 
 # -- messages: the two forms, every property combination ------------------------------------------------------
 
-def labelled(c: Chooser, kind: str, image: bytes, content_type: str, expect: frozenset[Reason] | None,
-             label: str = "rust") -> Message:
+
+def labelled(
+    c: Chooser, kind: str, image: bytes, content_type: str, expect: frozenset[Reason] | None, label: str = "rust"
+) -> Message:
     """``image`` sent either way a sender may: MQTT v5 properties, or the JSON form."""
     if c.choice(("v5", "json")) == "v5":
         return Message(kind, image, [("label", label)], content_type, expect, label if expect == ACCEPTED else None)
     doc = {"label": label, "content_type": content_type, "image": base64.b64encode(image).decode()}
-    return Message(kind + " (json)", json.dumps(doc).encode(), None, None, expect,
-                   label if expect == ACCEPTED else None)
+    return Message(
+        kind + " (json)", json.dumps(doc).encode(), None, None, expect, label if expect == ACCEPTED else None
+    )
 
 
 PROPERTY_KEYS = ("label", "example_id", "split", "content_type", "x-sender")
 SPLIT_VALUES = ("train", "holdout", "TRAIN", "test", "", " train", "holdout\n")
-CONTENT_TYPE_VALUES = (*CONTENT_TYPES, "IMAGE/JPEG", "image/jpg", "image/gif", "", "image/jpeg; charset=binary",
-                       "image/png\u200b", "application/octet-stream")
+CONTENT_TYPE_VALUES = (
+    *CONTENT_TYPES,
+    "IMAGE/JPEG",
+    "image/jpg",
+    "image/gif",
+    "",
+    "image/jpeg; charset=binary",
+    "image/png\u200b",
+    "application/octet-stream",
+)
 
 
 def _field_value(c: Chooser, key: str) -> str:
@@ -733,8 +879,11 @@ def _payload_image(c: Chooser, content_type: str | None) -> tuple[bytes, frozens
     if which == "not an image":
         return b"GIF89a" + bytes(c.integer(0, 40)), frozenset({Reason.NOT_AN_IMAGE})
     if which == "another type" and content_type in CONTENT_TYPES:
-        other = next(q for q in PLAIN_PICTURES if q.content_type not in (content_type, p.content_type)) \
-            if p.content_type == content_type else p
+        other = (
+            next(q for q in PLAIN_PICTURES if q.content_type not in (content_type, p.content_type))
+            if p.content_type == content_type
+            else p
+        )
         return other.data, frozenset({Reason.CONTENT_TYPE_MISMATCH})
     same = [q for q in PLAIN_PICTURES if q.content_type == content_type]
     p = c.choice(same) if same else p
@@ -767,16 +916,27 @@ def property_combination(c: Chooser) -> Message:
         else:
             expect = field_reasons(first["label"], first.get("example_id"), first.get("split"), content_type)
             expect = expect or image_verdict
-        return Message(f"properties: v5, {len(props)} user properties", image, props, content_type, expect,
-                       first.get("label"), first.get("example_id"))
+        return Message(
+            f"properties: v5, {len(props)} user properties",
+            image,
+            props,
+            content_type,
+            expect,
+            first.get("label"),
+            first.get("example_id"),
+        )
     members = _shuffled(c, occurrences)
     last = dict(members)  # JSON allows repeated keys too; Python's json keeps the last
     image, image_verdict = _payload_image(c, last.get("content_type"))
     encoded = c.choice(("base64", "base64", "base64 with newlines", "no padding", "absent", "not a string"))
     if encoded != "absent":
         b64 = base64.b64encode(image).decode()
-        value = {"base64": b64, "base64 with newlines": base64.encodebytes(image).decode(),
-                 "no padding": b64.rstrip("="), "not a string": [len(image)]}[encoded]
+        value = {
+            "base64": b64,
+            "base64 with newlines": base64.encodebytes(image).decode(),
+            "no padding": b64.rstrip("="),
+            "not a string": [len(image)],
+        }[encoded]
         members.insert(c.integer(0, len(members)), ("image", value))
     ascii_only = c.choice((True, False))
     text = "{" + ", ".join(json.dumps(k) + ": " + json.dumps(v, ensure_ascii=ascii_only) for k, v in members) + "}"
@@ -798,8 +958,15 @@ def property_combination(c: Chooser) -> Message:
                 expect = expect or image_verdict
             except (binascii.Error, ValueError):
                 expect = frozenset({Reason.BAD_BASE64})
-    return Message(f"properties: {form}, {len(members)} members", payload, props,
-                   c.choice((None, "image/jpeg", "text/plain")), expect, doc.get("label"), doc.get("example_id"))
+    return Message(
+        f"properties: {form}, {len(members)} members",
+        payload,
+        props,
+        c.choice((None, "image/jpeg", "text/plain")),
+        expect,
+        doc.get("label"),
+        doc.get("example_id"),
+    )
 
 
 def long_strings(c: Chooser) -> Message:
@@ -812,8 +979,9 @@ def long_strings(c: Chooser) -> Message:
         props = [(k, mqtt_safe(v)) for k, v in fields.items() if v is not None]
         first = dict(props)
         expect = field_reasons(first["label"], first.get("example_id"), first.get("split"), p.content_type)
-        return Message("long strings: v5", p.data, props, p.content_type, expect, first["label"],
-                       first.get("example_id"))
+        return Message(
+            "long strings: v5", p.data, props, p.content_type, expect, first["label"], first.get("example_id")
+        )
     doc = {k: v for k, v in fields.items() if v is not None}
     doc.update(content_type=p.content_type, image=base64.b64encode(p.data).decode())
     ascii_only = c.choice((True, False))
@@ -831,21 +999,28 @@ def deep_json(c: Chooser) -> Message:
     opens, closes = (b"[", b'{"a": '), (b"]", b"}")
     whole, rest = divmod(depth, 16)
     innermost = c.choice((b"1", b"null", b'"x"', b"[]", b"{}", b"-0.5e-7"))
-    nest = (b"".join(opens[k] for k in kinds) * whole + b"".join(opens[k] for k in kinds[:rest]) + innermost
-            + b"".join(closes[k] for k in reversed(kinds[:rest]))
-            + b"".join(closes[k] for k in reversed(kinds)) * whole)
+    nest = (
+        b"".join(opens[k] for k in kinds) * whole
+        + b"".join(opens[k] for k in kinds[:rest])
+        + innermost
+        + b"".join(closes[k] for k in reversed(kinds[:rest]))
+        + b"".join(closes[k] for k in reversed(kinds)) * whole
+    )
     ending = c.choice(("balanced", "balanced", "unclosed", "one too many", "cut"))
     if ending == "unclosed":  # the tester's b"[" * 100000
-        nest = nest[:len(nest) // 2 + c.integer(0, 1)]
-        nest = nest[:nest.rfind(b"[") + 1] if b"[" in nest else nest
+        nest = nest[: len(nest) // 2 + c.integer(0, 1)]
+        nest = nest[: nest.rfind(b"[") + 1] if b"[" in nest else nest
     elif ending == "one too many":
         nest += b"]"
     elif ending == "cut":
-        nest = nest[:c.integer(1, len(nest) - 1)]
+        nest = nest[: c.integer(1, len(nest) - 1)]
     where = c.choice(("whole payload", "member of an example", "the label", "the image"))
     p = c.choice(PLAIN_PICTURES)
-    fields = {"label": b'"rust"', "content_type": json.dumps(p.content_type).encode(),
-              "image": json.dumps(base64.b64encode(p.data).decode()).encode()}
+    fields = {
+        "label": b'"rust"',
+        "content_type": json.dumps(p.content_type).encode(),
+        "image": json.dumps(base64.b64encode(p.data).decode()).encode(),
+    }
     if where == "whole payload":
         payload = nest
     else:
@@ -863,8 +1038,7 @@ def deep_json(c: Chooser) -> Message:
             expect = ACCEPTED
         else:
             expect = frozenset({Reason.BAD_JSON})  # label and image must be strings
-    return Message(f"deep json: {where}, {ending}", payload, None, None, expect,
-                   "rust" if expect == ACCEPTED else None)
+    return Message(f"deep json: {where}, {ending}", payload, None, None, expect, "rust" if expect == ACCEPTED else None)
 
 
 def huge_number(c: Chooser) -> Message:
@@ -877,16 +1051,34 @@ def huge_number(c: Chooser) -> Message:
     elif kind == "float":
         number = sign + digit_string(c, n) + "." + digit_string(c, c.integer(1, 400))
     elif kind == "exponent":
-        number = (sign + digit_string(c, c.integer(1, 20)) + c.choice("eE") + c.choice(("", "+", "-"))
-                  + digit_string(c, c.integer(1, 5000)))
+        number = (
+            sign
+            + digit_string(c, c.integer(1, 20))
+            + c.choice("eE")
+            + c.choice(("", "+", "-"))
+            + digit_string(c, c.integer(1, 5000))
+        )
     else:
         number = c.choice(("NaN", "Infinity", "-Infinity"))
     too_long = kind == "integer" and n > MAX_JSON_INT_DIGITS
-    where = c.choice(("member of an example", "inside a member", "the label", "the example_id", "the split",
-                      "the image", "whole payload", "in an array"))
+    where = c.choice(
+        (
+            "member of an example",
+            "inside a member",
+            "the label",
+            "the example_id",
+            "the split",
+            "the image",
+            "whole payload",
+            "in an array",
+        )
+    )
     p = c.choice(PLAIN_PICTURES)
-    members = {"label": '"rust"', "content_type": json.dumps(p.content_type),
-               "image": json.dumps(base64.b64encode(p.data).decode())}
+    members = {
+        "label": '"rust"',
+        "content_type": json.dumps(p.content_type),
+        "image": json.dumps(base64.b64encode(p.data).decode()),
+    }
     if where == "member of an example":
         members["n"] = number
     elif where == "inside a member":
@@ -901,8 +1093,9 @@ def huge_number(c: Chooser) -> Message:
             expect = frozenset({Reason.BAD_JSON})  # a number too long to read, or a field that must be a string
         else:
             expect = ACCEPTED
-    return Message(f"huge number: {kind} in {where}", payload, None, None, expect,
-                   "rust" if expect == ACCEPTED else None)
+    return Message(
+        f"huge number: {kind} in {where}", payload, None, None, expect, "rust" if expect == ACCEPTED else None
+    )
 
 
 def other_encoding(c: Chooser) -> Message:
@@ -946,8 +1139,17 @@ def oversized_message(form: str) -> Message:
 
 
 GENERATORS: dict[str, Callable[[Chooser], Message]] = {
-    f.__name__: f for f in (deep_json, huge_number, long_strings, property_combination, other_encoding,
-                            image_damage, valid_example, oversized)
+    f.__name__: f
+    for f in (
+        deep_json,
+        huge_number,
+        long_strings,
+        property_combination,
+        other_encoding,
+        image_damage,
+        valid_example,
+        oversized,
+    )
 }
 
 
@@ -1027,8 +1229,9 @@ def test_properties_a_sender_packs_the_broker_forwards_and_the_daemon_reads_back
     try:
         decoded, length = FastProperties(PacketTypes.PUBLISH).unpack(packed)
     except (MalformedPacket, MQTTException) as err:
-        raise AssertionError(f"the broker forwards these properties, the daemon refuses them ({err}): "
-                             f"{props.json()}") from None
+        raise AssertionError(
+            f"the broker forwards these properties, the daemon refuses them ({err}): {props.json()}"
+        ) from None
     assert length == len(packed) and decoded.json() == props.json()
 
 
@@ -1043,8 +1246,12 @@ def test_the_picture_catalogue_is_whole():
 def report():
     yield
     total = sum(SEEN.values())
-    print(f"\nfuzz: {EXAMPLES} inputs per test, {total} messages parsed: "
-          + ", ".join(f"{k} {v}" for k, v in sorted(SEEN.items())))
+    print(
+        f"\nfuzz: {EXAMPLES} inputs per test, {total} messages parsed: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(SEEN.items()))
+    )
     for kind, outcomes in sorted(KINDS.items()):
-        print(f"fuzz: {kind}: {sum(outcomes.values())} messages: "
-              + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+        print(
+            f"fuzz: {kind}: {sum(outcomes.values())} messages: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+        )

@@ -27,21 +27,38 @@ from collections import Counter
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-
-from daemon.tools.feeder import Publisher
-from daemon.store.examples import open_reader
-from daemon.ingest.wire import Example, Reason, Rejection, parse
 from helpers import SPROUT, DaemonProcess, jpeg, stored_ids, wait_for
-from test_fuzz import (DAEMON_LIMITS, GENERATORS, IMAGE_FAULTS, Message, Seeded, check, mismatch,
-                       mqtt_properties, oversized_message, verdict_matches)
+from test_fuzz import (
+    DAEMON_LIMITS,
+    GENERATORS,
+    IMAGE_FAULTS,
+    Message,
+    Seeded,
+    check,
+    mismatch,
+    mqtt_properties,
+    oversized_message,
+    verdict_matches,
+)
+
+from daemon.ingest.wire import Example, Reason, Rejection, parse
+from daemon.store.examples import open_reader
+from daemon.tools.feeder import Publisher
 
 MESSAGES = int(os.environ.get("SPROUT_FUZZ_MESSAGES", "300"))
 SEED = int(os.environ.get("SPROUT_FUZZ_SEED", "1127"))
 TOPIC = "sprout/leaves/examples"
 HEALTH_EVERY = 25  # messages between two looks at /healthz while publishing
 # Relative weights: well-formed examples often enough that storing is tested as hard as rejecting.
-MIX = {"valid_example": 6, "image_damage": 6, "property_combination": 5, "long_strings": 3, "deep_json": 3,
-       "huge_number": 3, "other_encoding": 2}
+MIX = {
+    "valid_example": 6,
+    "image_damage": 6,
+    "property_combination": 5,
+    "long_strings": 3,
+    "deep_json": 3,
+    "huge_number": 3,
+    "other_encoding": 2,
+}
 OVERSIZED_PER_MILLE = 2  # 8-11 MB each through the broker and the daemon: a few make the point
 
 
@@ -50,12 +67,27 @@ def corpus() -> list[Message]:
     photo = jpeg(3, 64)
     return [
         Message("corpus: 100,000 open brackets", b"[" * 100_000, None, None, frozenset({Reason.BAD_JSON})),
-        Message("corpus: a 4,400-digit integer", b'{"label": "rust", "image": "", "n": ' + b"7" * 4_400 + b"}",
-                None, None, frozenset({Reason.BAD_JSON})),
-        Message("corpus: a JPEG cut to 200 bytes, end marker appended", photo[:200] + b"\xff\xd9",
-                [("label", "rust")], "image/jpeg", IMAGE_FAULTS),
-        Message("corpus: a byte-order mark in the label property", jpeg(4), [("label", "rust\ufeff")], "image/jpeg",
-                frozenset({Reason.BAD_LABEL})),
+        Message(
+            "corpus: a 4,400-digit integer",
+            b'{"label": "rust", "image": "", "n": ' + b"7" * 4_400 + b"}",
+            None,
+            None,
+            frozenset({Reason.BAD_JSON}),
+        ),
+        Message(
+            "corpus: a JPEG cut to 200 bytes, end marker appended",
+            photo[:200] + b"\xff\xd9",
+            [("label", "rust")],
+            "image/jpeg",
+            IMAGE_FAULTS,
+        ),
+        Message(
+            "corpus: a byte-order mark in the label property",
+            jpeg(4),
+            [("label", "rust\ufeff")],
+            "image/jpeg",
+            frozenset({Reason.BAD_LABEL}),
+        ),
         oversized_message("v5"),
         oversized_message("json"),
     ]
@@ -142,8 +174,14 @@ def test_fuzzed_messages_through_a_running_daemon(broker, daemon_factory):
             if not verdict_matches(msg, result):
                 wrong.append(mismatch(msg, result))
             if isinstance(result, Example):
-                row = (result.label, result.split, result.content_type, result.width, result.height,
-                       hashlib.sha256(result.image).hexdigest())
+                row = (
+                    result.label,
+                    result.split,
+                    result.content_type,
+                    result.width,
+                    result.height,
+                    hashlib.sha256(result.image).hexdigest(),
+                )
                 duplicates += result.example_id in accepted
                 accepted.setdefault(result.example_id, row)
             else:
@@ -170,13 +208,18 @@ def test_fuzzed_messages_through_a_running_daemon(broker, daemon_factory):
         wait_for(accounted, 60 + sent * 0.05, "every message stored or rejected", 0.5)
     finally:
         total, counts = store_counts(d.state)
-        print(f"\nfuzz daemon: {sent} messages (seed {SEED}) in {time.monotonic() - started:.0f}s: "
-              f"stored {total}, duplicates {duplicates}, rejected {sum(counts.values())} ("
-              + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "); expected stored "
-              f"{len(accepted)}, rejected {rejections.total()}")
+        print(
+            f"\nfuzz daemon: {sent} messages (seed {SEED}) in {time.monotonic() - started:.0f}s: "
+            f"stored {total}, duplicates {duplicates}, rejected {sum(counts.values())} ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            + "); expected stored "
+            f"{len(accepted)}, rejected {rejections.total()}"
+        )
         for kind, seen in sorted(by_kind.items()):
-            print(f"fuzz daemon: {kind}: {seen.total()} messages: "
-                  + ", ".join(f"{k} {v}" for k, v in sorted(seen.items())))
+            print(
+                f"fuzz daemon: {kind}: {seen.total()} messages: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(seen.items()))
+            )
 
     # Stored: exactly the accepted examples, each as the first message with its id carried it.
     assert stored_rows(d.state) == accepted
@@ -187,8 +230,14 @@ def test_fuzzed_messages_through_a_running_daemon(broker, daemon_factory):
     noticed = Counter((n["reason"], n["example_id"], comparable(n["detail"])) for n in listener.notices)
     assert noticed == rejected, f"notices unlike the rejections: {(noticed - rejected) or (rejected - noticed)}"
     assert all("image" not in n for n in listener.notices)
-    stats = json.loads(subprocess.run([*SPROUT, "store", "stats", "--state", str(d.state), "--model", d.model], capture_output=True,
-                                      text=True, check=True).stdout)
+    stats = json.loads(
+        subprocess.run(
+            [*SPROUT, "store", "stats", "--state", str(d.state), "--model", d.model],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert (stats["total"], stats["rejected_total"]) == (len(accepted), rejections.total())
 
     # Still receiving: a good example after all that is stored.
@@ -199,7 +248,7 @@ def test_fuzzed_messages_through_a_running_daemon(broker, daemon_factory):
     healthy(d, "at the end")
     log = d.log()
     for sign in ("Traceback", "MQTT callback", "lost the broker"):
-        assert sign not in log, f"the daemon's log holds {sign!r}:\n" + log[max(0, log.find(sign) - 1500):][:4000]
+        assert sign not in log, f"the daemon's log holds {sign!r}:\n" + log[max(0, log.find(sign) - 1500) :][:4000]
     listener.close()
     assert d.stop() == 0
     # Last, since the path above is checked whatever the parser decided: what the parser got wrong.

@@ -18,13 +18,13 @@ from test_learner import colour_jpeg
 from test_status import metrics
 
 from daemon import cli
-from daemon.ingest.folders import content_id
-from daemon.tools.feeder import Publisher
-from daemon.ingest import wire
-from daemon.ingest.importer import Progress, import_folder
 from daemon.common.settings import Settings
-from daemon.store.examples import Store
+from daemon.ingest import wire
+from daemon.ingest.folders import content_id
+from daemon.ingest.importer import Progress, import_folder
 from daemon.ingest.wire import holdout_split
+from daemon.store.examples import Store
+from daemon.tools.feeder import Publisher
 
 
 def rows(state: Path) -> dict[str, tuple[str, str, str]]:
@@ -43,8 +43,9 @@ def write(path: Path, data: bytes) -> bytes:
 
 
 def sprout(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SPROUT, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*SPROUT, *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+    )
 
 
 def import_in_process(capsys, folder: Path, state: Path) -> tuple[int, dict, str]:
@@ -77,9 +78,13 @@ def test_split_folders_labels_and_bad_files(tmp_path):
     out = sprout("store", "import", str(photos), "--state", str(tmp_path / "state"))
     assert out.returncode == 65, out.stderr  # some files skipped: the rest are stored, the script is told
     assert json.loads(out.stdout) | {"seconds": 0} == {
-        "stored": 19, "duplicates": 0, "skipped": 3,
+        "stored": 19,
+        "duplicates": 0,
+        "skipped": 3,
         "skipped_by_reason": {"empty_image": 1, "not_an_image": 1, "truncated_image": 1},
-        "ignored": 1, "pruned": 0, "seconds": 0,
+        "ignored": 1,
+        "pruned": 0,
+        "seconds": 0,
     }
     for name, reason in (("notes.jpg", "not_an_image"), ("cut.jpg", "truncated_image"), ("empty.png", "empty_image")):
         assert f"skipped {bad / name}: {reason}: " in out.stderr
@@ -133,8 +138,12 @@ def test_exit_66_when_there_is_nothing_to_import(tmp_path, capsys):
     write(tmp_path / "mixed" / "train" / "rust" / "a.jpg", jpeg(1))
     write(tmp_path / "mixed" / "rust" / "b.jpg", jpeg(2))  # 'train' a class or a split? refused, not guessed
     write(tmp_path / "no-images" / "rust" / "notes.txt", b"x")
-    for folder, says in (("missing", "not a directory"), ("flat", "no label folders"),
-                         ("mixed", "beside other folders"), ("no-images", "files in its label folders")):
+    for folder, says in (
+        ("missing", "not a directory"),
+        ("flat", "no label folders"),
+        ("mixed", "beside other folders"),
+        ("no-images", "files in its label folders"),
+    ):
         code, summary, err = import_in_process(capsys, tmp_path / folder, tmp_path / "state")
         assert (code, summary) == (66, {}) and says in err, (folder, err)
     assert not (tmp_path / "state").exists()  # nothing was created for a typo
@@ -179,8 +188,16 @@ def test_import_while_the_daemon_runs_and_learns(broker, daemon_factory, tmp_pat
     feeder.start()
     wait_for(lambda: len(stored_ids(d.state)) >= 10, 30, "the first MQTT examples")
     # Small batches: many import commits between intake's.
-    out = sprout("store", "import", str(photos), "--state", str(d.state), "--model", "leaves",
-                 env={"SPROUT_STORE__COMMIT_MAX_EXAMPLES": "8"})
+    out = sprout(
+        "store",
+        "import",
+        str(photos),
+        "--state",
+        str(d.state),
+        "--model",
+        "leaves",
+        env={"SPROUT_STORE__COMMIT_MAX_EXAMPLES": "8"},
+    )
     imported_all.set()
     feeder.join(60)
     assert out.returncode == 0, out.stderr
@@ -195,8 +212,11 @@ def test_import_while_the_daemon_runs_and_learns(broker, daemon_factory, tmp_pat
     db = sqlite3.connect(d.state / "examples.db")
     train = db.execute("SELECT COUNT(*) FROM examples WHERE split = 'train'").fetchone()[0]
     db.close()
-    learned = wait_for(lambda: (m := metrics(d.http_port))[("sprout_examples_learned_total", ())] >= train and m,
-                       120, f"the learner to learn all {train} train examples (log: {d.log_path})")
+    learned = wait_for(
+        lambda: (m := metrics(d.http_port))[("sprout_examples_learned_total", ())] >= train and m,
+        120,
+        f"the learner to learn all {train} train examples (log: {d.log_path})",
+    )
     assert learned[("sprout_examples_learned_total", ())] == train
     assert learned[("sprout_learner_backlog", ())] == 0
     assert "database is locked" not in d.log() and "cannot commit" not in d.log()
@@ -219,15 +239,17 @@ def test_feed_dir_split_holdout_and_import_dedupe_against_each_other(broker, dae
 
 
 def test_memory_stays_flat_however_many_files(tmp_path):
-    files = [write(tmp_path / "photos" / f"class-{i % 4}" / f"{i:03d}.jpg", jpeg(i, size=96, quality=95))
-             for i in range(300)]
+    files = [
+        write(tmp_path / "photos" / f"class-{i % 4}" / f"{i:03d}.jpg", jpeg(i, size=96, quality=95)) for i in range(300)
+    ]
     total = sum(len(f) for f in files)
     settings = Settings.load(None, {"state_dir": str(tmp_path / "state"), "store": {"commit_max_examples": 16}})
     store = Store(settings.state_dir / "examples.db")
     tracemalloc.start()
     try:
-        report = import_folder(tmp_path / "photos", store, settings.store, wire.limits(settings),
-                               Progress(io.StringIO(), 300))
+        report = import_folder(
+            tmp_path / "photos", store, settings.store, wire.limits(settings), Progress(io.StringIO(), 300)
+        )
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

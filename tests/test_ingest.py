@@ -15,9 +15,9 @@ from collections import Counter
 
 import paho.mqtt.client as mqtt
 import pytest
+from helpers import SPROUT, jpeg, png, publish_examples, rejection_notices, stored_ids, wait_for
 from PIL import Image
 
-from helpers import SPROUT, jpeg, png, publish_examples, rejection_notices, stored_ids, wait_for
 from daemon.tools.feeder import Publisher
 
 
@@ -27,8 +27,9 @@ def ids_and_labels(n: int, prefix: str = "ex", classes: tuple[str, ...] = ("rust
 
 
 def store_stats(state, model: str = "leaves") -> dict:
-    out = subprocess.run([*SPROUT, "store", "stats", "--state", str(state), "--model", model], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [*SPROUT, "store", "stats", "--state", str(state), "--model", model], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 
@@ -124,7 +125,12 @@ def bad_messages() -> list[tuple[str, bytes, mqtt.Properties | None, str]]:
         ("truncated", good[: len(good) // 2], props("rust", example_id="cut-1"), "truncated_image"),
         ("empty", b"", props("rust"), "empty_image"),
         ("bad json", b"{oops", None, "bad_json"),
-        ("bad base64", json.dumps({"label": "rust", "image": "%%%", "content_type": "image/jpeg"}).encode(), None, "bad_base64"),
+        (
+            "bad base64",
+            json.dumps({"label": "rust", "image": "%%%", "content_type": "image/jpeg"}).encode(),
+            None,
+            "bad_base64",
+        ),
     ]
 
 
@@ -134,11 +140,16 @@ def test_malformed_messages_are_rejected_counted_and_reported(broker, daemon_fac
         cases = bad_messages()
         good_ids, good_labels = ids_and_labels(20, "good")
         with Publisher(broker.url) as pub:
-            for i, (name, payload, props, _) in enumerate(cases):
+            for i, (_name, payload, props, _) in enumerate(cases):
                 pub.publish_raw("sprout/leaves/examples", payload, props)
                 pub.publish("sprout/leaves/examples", jpeg(100 + i), good_labels[i], "image/jpeg", good_ids[i])
             # A JSON example from an MQTT 3.1.1 sender, and a pixel bomb (2000 x 2000 > 1 M pixel limit).
-            doc = {"label": "rust", "image": base64.b64encode(jpeg(5)).decode(), "content_type": "image/jpeg", "example_id": "json-1"}
+            doc = {
+                "label": "rust",
+                "image": base64.b64encode(jpeg(5)).decode(),
+                "content_type": "image/jpeg",
+                "example_id": "json-1",
+            }
             pub.publish_raw("sprout/leaves/examples", json.dumps(doc).encode())
             buf = io.BytesIO()
             Image.new("L", (2000, 2000)).save(buf, format="PNG")
@@ -179,8 +190,12 @@ def poison_messages() -> list[tuple[str, bytes, mqtt.Properties | None, str]]:
     return [
         ("deep nesting", b"[" * 100_000, None, "bad_json"),
         ("huge integer", huge_number, None, "bad_json"),
-        ("broken base64 keeps its id", json.dumps({"label": "rust", "image": "%%%", "content_type": "image/jpeg",
-                                                   "example_id": "b64-1"}).encode(), None, "bad_base64"),
+        (
+            "broken base64 keeps its id",
+            json.dumps({"label": "rust", "image": "%%%", "content_type": "image/jpeg", "example_id": "b64-1"}).encode(),
+            None,
+            "bad_base64",
+        ),
         ("body that does not decode", cut, props(label="ghost-class", example_id="cut-200"), "corrupt_image"),
         ("all-zero 7000x7000 png", buf.getvalue(), props(content_type="image/png"), "too_many_pixels"),
     ]
@@ -229,9 +244,27 @@ def test_sigterm_commits_what_arrived_and_exits_0(broker, daemon_factory):
 def test_sprout_feed_publishes_fashion_mnist_and_folders(broker, daemon_factory, tmp_path):
     d = daemon_factory(broker.url).start()
     out = subprocess.run(
-        [*SPROUT, "feed", "--broker", broker.url, "--model", "leaves", "--dataset", "fashion-mnist", "--limit", "60",
-         "--order", "class-incremental", "--classes", "Bag,Sandal", "--size", "64"],
-        capture_output=True, text=True, timeout=120,
+        [
+            *SPROUT,
+            "feed",
+            "--broker",
+            broker.url,
+            "--model",
+            "leaves",
+            "--dataset",
+            "fashion-mnist",
+            "--limit",
+            "60",
+            "--order",
+            "class-incremental",
+            "--classes",
+            "Bag,Sandal",
+            "--size",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["acked"] == 60
@@ -245,7 +278,9 @@ def test_sprout_feed_publishes_fashion_mnist_and_folders(broker, daemon_factory,
             (tree / label / f"{i}.{'jpg' if maker is jpeg else 'png'}").write_bytes(maker(i + 50))
     out = subprocess.run(
         [*SPROUT, "feed", "--broker", broker.url, "--model", "leaves", "--dir", str(tree)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     wait_for(lambda: len(stored_ids(d.state)) == 70, 30, "the folder's 10 images")
@@ -256,7 +291,9 @@ def test_sprout_feed_publishes_fashion_mnist_and_folders(broker, daemon_factory,
 def test_sprout_feed_warns_when_nothing_subscribes(broker):
     out = subprocess.run(
         [*SPROUT, "feed", "--broker", broker.url, "--model", "nobody", "--dataset", "fashion-mnist", "--limit", "5"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 1
     assert json.loads(out.stdout.strip().splitlines()[-1])["no_subscribers"] == 5
@@ -275,10 +312,16 @@ def test_demo_runs_the_main_job(broker, tmp_path):
     # the export process, which runs in a temporary folder, once resolved to another folder).
     out = subprocess.run(
         [*SPROUT, "demo", "--limit", "300", "--rate", "0", "--broker", broker.url, "--json"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **ANY_PORT}, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **ANY_PORT},
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert (tmp_path / "var" / "device").is_dir() and (tmp_path / "var" / "registry" / "plant-disease" / "latest").is_file()
+    assert (tmp_path / "var" / "device").is_dir() and (
+        tmp_path / "var" / "registry" / "plant-disease" / "latest"
+    ).is_file()
     summary = json.loads(out.stdout)
     assert json.loads((tmp_path / "var" / "demo-summary.json").read_text()) == summary
     # A clean terminal: the demo's own lines only. The daemon's log, the export process's libraries
@@ -307,7 +350,11 @@ def test_demo_runs_the_main_job(broker, tmp_path):
     # is published, and the device still ends with the verified model: a success, not "no model".
     again = subprocess.run(
         [*SPROUT, "demo", "--limit", "300", "--rate", "0", "--broker", broker.url, "--json"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **ANY_PORT}, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **ANY_PORT},
+        cwd=tmp_path,
     )
     assert again.returncode == 0, again.stderr[-2000:]
     second = json.loads(again.stdout)
@@ -316,13 +363,25 @@ def test_demo_runs_the_main_job(broker, tmp_path):
 
 
 def test_a_demo_that_publishes_no_model_fails_in_one_line(broker, tmp_path):
-    env = {**os.environ, **ANY_PORT, "SPROUT_MODEL__BACKBONE": "tiny", "SPROUT_MODEL__INPUT_SIZE": "32",
-           "SPROUT_EXPORT__ENABLED": "false"}
-    out = subprocess.run([*SPROUT, "demo", "--limit", "40", "--rate", "0", "--broker", broker.url, "--max-seconds", "120"],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    env = {
+        **os.environ,
+        **ANY_PORT,
+        "SPROUT_MODEL__BACKBONE": "tiny",
+        "SPROUT_MODEL__INPUT_SIZE": "32",
+        "SPROUT_EXPORT__ENABLED": "false",
+    }
+    out = subprocess.run(
+        [*SPROUT, "demo", "--limit", "40", "--rate", "0", "--broker", broker.url, "--max-seconds", "120"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 1, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1] == (
-        "demo: FAILED: no model can be published: training.enabled and export.enabled must both be true")
+        "demo: FAILED: no model can be published: training.enabled and export.enabled must both be true"
+    )
 
 
 @pytest.mark.slow
@@ -331,12 +390,30 @@ def test_ctrl_c_during_an_export_of_the_real_model_stops_the_demo_cleanly(broker
     terminal = tmp_path / "terminal.txt"
     log = tmp_path / "demo" / "demo.log"  # the daemon's log, where the demo sends it
     with open(terminal, "w") as out:
-        demo = subprocess.Popen([*SPROUT, "demo", "--limit", "1100", "--rate", "0", "--state", str(tmp_path / "demo"),
-                                 "--broker", broker.url], stdout=out, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, **ANY_PORT})
+        demo = subprocess.Popen(
+            [
+                *SPROUT,
+                "demo",
+                "--limit",
+                "1100",
+                "--rate",
+                "0",
+                "--state",
+                str(tmp_path / "demo"),
+                "--broker",
+                broker.url,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **ANY_PORT},
+        )
         try:
-            wait_for(lambda: (log.exists() and "sprout.export: exporting: " in log.read_text()) or demo.poll() is not None,
-                     300, "the first export to start")
+            wait_for(
+                lambda: (log.exists() and "sprout.export: exporting: " in log.read_text()) or demo.poll() is not None,
+                300,
+                "the first export to start",
+            )
             time.sleep(3.0)  # into the conversion proper
             demo.send_signal(signal.SIGINT)
             code = demo.wait(60)
@@ -380,14 +457,18 @@ def test_broker_password_from_the_environment(tmp_path, daemon_factory):
     broker.start()
     try:
         wrong = daemon_factory(
-            broker.url, state=tmp_path / "wrong", env={"SPROUT_MQTT__USERNAME": "sprout", "SPROUT_MQTT__PASSWORD": "nope"}
+            broker.url,
+            state=tmp_path / "wrong",
+            env={"SPROUT_MQTT__USERNAME": "sprout", "SPROUT_MQTT__PASSWORD": "nope"},
         ).start(wait_ready=False)
         wait_for(lambda: "refused the connection" in wrong.log(), 20, "the refusal to be logged")
         assert wrong.health()[0] == 503
         assert "nope" not in wrong.log()
         wrong.stop()
         d = daemon_factory(
-            broker.url, state=tmp_path / "right", env={"SPROUT_MQTT__USERNAME": "sprout", "SPROUT_MQTT__PASSWORD": "s3cret-pw"}
+            broker.url,
+            state=tmp_path / "right",
+            env={"SPROUT_MQTT__USERNAME": "sprout", "SPROUT_MQTT__PASSWORD": "s3cret-pw"},
         ).start()
         ids, labels = ids_and_labels(50)
         publish_examples(broker.url.replace("mqtt://", "mqtt://phone:phone-pw@"), "leaves", ids, labels)

@@ -15,25 +15,25 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import daemon.store.labels
-from daemon.learning import checkpoint
-from daemon.cli import main
-from daemon.tools.feeder import Publisher
-from daemon.learning.head import GrowingHead
-from daemon.store.labels import Action, LabelChange, LabelError, LabelMap, outputs_after
-from daemon.export.pipeline import _restored
-from daemon.registry.versions import Registry, registry_root, utc_time
-from daemon.common.settings import Settings
-from daemon.registry.signing import Signer
-from daemon.learning.static_step import StaticStep
-from daemon.store.examples import LabelCount, Store, StoreReader, stats
-from daemon.learning.training import Training
-from daemon.ingest.wire import Example
 from helpers import SPROUT, wait_for
-from models import zoo
 from test_daemon_learning import LEARNING, last_checkpoint
 from test_learner import colour_jpeg, stream
+
+import daemon.store.labels
+from daemon.cli import main
+from daemon.common.settings import Settings
+from daemon.export.pipeline import _restored
+from daemon.ingest.wire import Example
+from daemon.learning import checkpoint
+from daemon.learning.head import GrowingHead
+from daemon.learning.static_step import StaticStep
+from daemon.learning.training import Training
+from daemon.registry.signing import Signer
+from daemon.registry.versions import Registry, registry_root, utc_time
+from daemon.store.examples import LabelCount, Store, StoreReader, stats
+from daemon.store.labels import Action, LabelChange, LabelError, LabelMap, outputs_after
+from daemon.tools.feeder import Publisher
+from models import zoo
 
 TYPO = "class 1"  # sent for class-1's pictures by a misconfigured phone
 
@@ -48,11 +48,14 @@ def with_typo(examples: list[Example], every: int = 2) -> list[Example]:
 def training_on(state: Path, examples: list[Example]) -> Training:
     """The learner's thread, not started: the test runs its loop's parts one at a time."""
     commit(state, examples)
-    settings = Settings.load(None, {
-        "state_dir": str(state),
-        "model": {"name": "leaves", "backbone": "tiny", "input_size": 32},
-        "training": {"mode": "head", "device": "cpu", "batch_size": 4, "learning_rate": 0.1},
-    })
+    settings = Settings.load(
+        None,
+        {
+            "state_dir": str(state),
+            "model": {"name": "leaves", "backbone": "tiny", "input_size": 32},
+            "training": {"mode": "head", "device": "cpu", "batch_size": 4, "learning_rate": 0.1},
+        },
+    )
     return Training(settings)
 
 
@@ -61,8 +64,9 @@ def learn_all(training: Training) -> None:
         training.learn(batch)
 
 
-def change(state: Path, action: Action, label: str, into: str | None = None, outputs: tuple[str, ...] = ()
-           ) -> LabelChange:
+def change(
+    state: Path, action: Action, label: str, into: str | None = None, outputs: tuple[str, ...] = ()
+) -> LabelChange:
     store = Store(state / "examples.db")
     try:
         return store.change_label(action, label, into, 128, outputs)
@@ -122,14 +126,22 @@ def test_the_label_map_follows_renames_merges_and_retirements_and_refuses_what_m
 def test_outputs_keep_their_place_on_a_rename_and_lose_it_on_a_merge_or_a_delete():
     outputs = ["healthy", "leaf rust", "leaf_rust"]
     assert outputs_after(outputs, LabelChange(1, 0.0, Action.RENAME, "healthy", "ok")) == (
-        ["ok", "leaf rust", "leaf_rust"], None)
+        ["ok", "leaf rust", "leaf_rust"],
+        None,
+    )
     assert outputs_after(outputs, LabelChange(1, 0.0, Action.MERGE, "leaf rust", "leaf_rust")) == (
-        ["healthy", "leaf_rust"], 1)
+        ["healthy", "leaf_rust"],
+        1,
+    )
     assert outputs_after(outputs, LabelChange(1, 0.0, Action.DELETE, "healthy", None)) == (
-        ["leaf rust", "leaf_rust"], 0)
+        ["leaf rust", "leaf_rust"],
+        0,
+    )
     # Merged into a class the learner has no output for yet (it was only in the holdout): renamed in place.
     assert outputs_after(outputs, LabelChange(1, 0.0, Action.MERGE, "healthy", "fine")) == (
-        ["fine", "leaf rust", "leaf_rust"], None)
+        ["fine", "leaf rust", "leaf_rust"],
+        None,
+    )
     assert outputs_after(outputs, LabelChange(1, 0.0, Action.DELETE, "other", None)) == (outputs, None)
 
 
@@ -174,8 +186,11 @@ def test_the_store_records_a_checked_change_and_every_reader_resolves_labels_thr
     hwm = reader.high_water_mark()
     assert {label for _, label in reader.labels_up_to(hwm, "train")} == {"class-0", "class-1"}
     assert {label for _, label in reader.labels_up_to(hwm, "holdout")} == {"class-0", "class-1"}
-    assert reader.label_counts() == {"class-0": LabelCount(8, 2), "class-1": LabelCount(9, 2),
-                                     "class-2": LabelCount(8, 2)}
+    assert reader.label_counts() == {
+        "class-0": LabelCount(8, 2),
+        "class-1": LabelCount(9, 2),
+        "class-2": LabelCount(8, 2),
+    }
 
 
 def test_a_store_from_before_label_changes_opens_and_gets_the_table(tmp_path: Path):
@@ -224,8 +239,9 @@ def test_a_captured_step_is_made_again_after_an_output_is_removed_and_another_gr
     backbone = zoo.load_backbone("tiny", pretrained=False)
     head = GrowingHead(zoo.get("tiny").embedding_size, 3)
     optimizer = torch.optim.AdamW(head.parameters())
-    step = StaticStep(backbone, head, optimizer, rows=4, input_size=32, device=torch.device("cpu"), autocast=False,
-                      graph=False)
+    step = StaticStep(
+        backbone, head, optimizer, rows=4, input_size=32, device=torch.device("cpu"), autocast=False, graph=False
+    )
     head.remove(1, optimizer)
     head.grow(1, optimizer)  # as many classes as at capture, in new tensors
     assert head.num_classes == step.num_classes and not step.matches(head, optimizer)
@@ -276,8 +292,10 @@ def test_a_merge_shrinks_the_head_by_one_and_leaves_the_other_classes_prediction
     assert TYPO not in learner.prequential.per_class_seen and TYPO not in learner.holdout.per_class
 
     # The phone with the typo keeps sending: its pictures teach class-1, no output comes back.
-    commit(tmp_path, [Example(f"late-{i}", TYPO, "train", "image/jpeg", 32, 32, colour_jpeg(1, 500 + i), 0.0)
-                      for i in range(6)])
+    commit(
+        tmp_path,
+        [Example(f"late-{i}", TYPO, "train", "image/jpeg", 32, 32, colour_jpeg(1, 500 + i), 0.0) for i in range(6)],
+    )
     learn_all(training)
     assert learner.head.num_classes == 3 and TYPO not in learner.labels
     assert learner.trained == trained + 6 and len(learner.replay_index["class-1"]) == ones + 6
@@ -292,8 +310,13 @@ def test_a_deleted_class_leaves_the_head_and_its_later_examples_are_stored_but_n
     assert sorted(learner.labels) == ["class-0", "class-1"] and learner.head.num_classes == 2
     assert "class-2" not in learner.replay_index
     trained, hwm = learner.trained, learner.high_water_mark
-    commit(tmp_path, [Example(f"late-{i}", "class-2", split, "image/jpeg", 32, 32, colour_jpeg(2, 700 + i), 0.0)
-                      for i, split in enumerate(["train", "train", "holdout"])])
+    commit(
+        tmp_path,
+        [
+            Example(f"late-{i}", "class-2", split, "image/jpeg", 32, 32, colour_jpeg(2, 700 + i), 0.0)
+            for i, split in enumerate(["train", "train", "holdout"])
+        ],
+    )
     learn_all(training)
     assert learner.trained == trained and learner.high_water_mark == hwm + 3  # moved past, learned nothing
     assert "class-2" not in learner.labels
@@ -310,8 +333,11 @@ def test_the_thread_applies_a_change_before_its_next_step_and_checkpoints_it_and
     change(tmp_path, Action.MERGE, TYPO, "class-1")
 
     training.start()
-    saved = wait_for(lambda: (c := checkpoint.load(training.checkpoints)) and c["label_change"] == 1 and c, 30,
-                     "the thread to apply the change and checkpoint it")
+    saved = wait_for(
+        lambda: (c := checkpoint.load(training.checkpoints)) and c["label_change"] == 1 and c,
+        30,
+        "the thread to apply the change and checkpoint it",
+    )
     assert training.stop(10) and training.error is None
     assert TYPO not in saved["labels"] and len(saved["labels"]) == 3
     assert saved["head"]["weight"].shape[0] == 3
@@ -375,8 +401,14 @@ def test_the_command_on_a_stopped_state_folder(tmp_path: Path, capsys):
     Registry.from_settings(training.settings)  # a registry exists: the command writes its history too
     assert main(["labels", "list", "--json", *flags]) == 0
     rows = {r["label"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows[TYPO] == {"label": TYPO, "train": 4, "holdout": 1, "output": training.learner.labels.index(TYPO),
-                          "retired": False, "also_sent_as": []}
+    assert rows[TYPO] == {
+        "label": TYPO,
+        "train": 4,
+        "holdout": 1,
+        "output": training.learner.labels.index(TYPO),
+        "retired": False,
+        "also_sent_as": [],
+    }
 
     assert main(["labels", "merge", "class1", "class-1", *flags]) == 65
     assert "unknown label 'class1'; known labels: 'class 1', 'class-0', 'class-1'" in capsys.readouterr().err
@@ -426,20 +458,32 @@ def latest(state: Path) -> dict | None:
 
 @pytest.mark.slow
 def test_a_merge_on_a_running_daemon_reaches_the_next_published_labels_txt_the_history_and_the_status_page(
-        broker, daemon_factory):
-    env = {**LEARNING, "SPROUT_EXPORT__EVERY_EXAMPLES": "100", "SPROUT_EXPORT__EVERY_SECONDS": "3600",
-           "SPROUT_EXPORT__QUANTIZATION": '["fp16"]', "SPROUT_EXPORT__RUNTIMES": '["ai-edge-litert"]'}
+    broker, daemon_factory
+):
+    env = {
+        **LEARNING,
+        "SPROUT_EXPORT__EVERY_EXAMPLES": "100",
+        "SPROUT_EXPORT__EVERY_SECONDS": "3600",
+        "SPROUT_EXPORT__QUANTIZATION": '["fp16"]',
+        "SPROUT_EXPORT__RUNTIMES": '["ai-edge-litert"]',
+    }
     d = daemon_factory(broker.url, env=env).start()
     publish(broker.url, 0, 60)  # fewer learned than an export waits for
     wait_for(lambda: (c := last_checkpoint(d)) and DAEMON_TYPO in c["labels"], 60, "the learner to learn the typo")
 
     before = time.time()
-    done = subprocess.run([*SPROUT, "labels", "merge", DAEMON_TYPO, "colour-1", "--state", str(d.state), "--model",
-                           "leaves"], env=d.env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*SPROUT, "labels", "merge", DAEMON_TYPO, "colour-1", "--state", str(d.state), "--model", "leaves"],
+        env=d.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert "merged 'colour 1' into 'colour-1'" in done.stdout and "A running daemon applies it" in done.stdout
-    saved = wait_for(lambda: (c := last_checkpoint(d)) and c["label_change"] == 1 and c, 30,
-                     "the running learner to apply the merge")
+    saved = wait_for(
+        lambda: (c := last_checkpoint(d)) and c["label_change"] == 1 and c, 30, "the running learner to apply the merge"
+    )
     assert sorted(saved["labels"]) == ["colour-0", "colour-1"]
     assert latest(d.state) is None  # the version to come is the first after the change
 

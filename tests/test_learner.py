@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
+from daemon.common.settings import ModelSettings, TrainingSettings
+from daemon.ingest.wire import Example
 from daemon.learning import checkpoint
 from daemon.learning.head import GrowingHead
 from daemon.learning.learner import Learner
-from daemon.common.settings import ModelSettings, TrainingSettings
 from daemon.store.examples import Store, StoreReader
-from daemon.ingest.wire import Example
 
 # Distinct colours per class: random conv features of the tiny backbone separate them.
 PALETTE = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 210), (40, 210, 210)]

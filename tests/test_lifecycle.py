@@ -24,11 +24,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
-from daemon.tools.feeder import Publisher
-from daemon.service.systemd import Notifier, watchdog_usec
-from daemon.service.daemon import SHUTDOWN_BOUND_S
 from helpers import jpeg, publish_examples, stored_ids, wait_for
+
+from daemon.service.daemon import SHUTDOWN_BOUND_S
+from daemon.service.systemd import Notifier, watchdog_usec
+from daemon.tools.feeder import Publisher
 
 LEARNING = {
     "SPROUT_TRAINING__ENABLED": "true",
@@ -77,7 +77,9 @@ class SystemdSocket:
         """When the first message with ``key`` (= ``value``) at or after ``since`` arrived."""
 
         def arrived():
-            return next((t for t, m in list(self.messages) if t >= since and key in m and value in (None, m[key])), None)
+            return next(
+                (t for t, m in list(self.messages) if t >= since and key in m and value in (None, m[key])), None
+            )
 
         return wait_for(arrived, timeout_s, f"{key}={value or '*'} on the notify socket")
 
@@ -116,7 +118,7 @@ def publish(url: str, prefix: str, n: int) -> None:
 
 
 def gaps(times: list[float]) -> list[float]:
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
 
 
 # -- the protocol itself -------------------------------------------------------------------------
@@ -159,8 +161,11 @@ def test_ready_after_subscribing_then_status_and_watchdog_and_stopping_on_sigter
     ready = next(m for _, m in systemd.messages if m.get("READY") == "1")
     assert "stored since start" in ready["STATUS"] and "learned" in ready["STATUS"]
     publish(broker.url, "more", 20)
-    wait_for(lambda: any(s.startswith("21 stored") and "backlog 0" in s for s in systemd.statuses()), 20,
-             "a STATUS line counting 21 stored, all learned")
+    wait_for(
+        lambda: any(s.startswith("21 stored") and "backlog 0" in s for s in systemd.statuses()),
+        20,
+        "a STATUS line counting 21 stored, all learned",
+    )
     steady = time.monotonic()  # the learner's first steps (torch warming up) are behind us
     time.sleep(4)
     pings = systemd.times("WATCHDOG", since=steady)
@@ -219,8 +224,14 @@ def export_processes(parent: int) -> list[int]:
 
 def test_sigterm_during_an_export_kills_its_process_and_exits_0_at_once(broker, daemon_factory, systemd, tmp_path):
     """A conversion cannot be interrupted from Python: it runs in a child, which the stop kills, leaving nothing."""
-    env = {**LEARNING, **systemd.env(), "SPROUT_EXPORT__ENABLED": "true", "SPROUT_EXPORT__EVERY_EXAMPLES": "50",
-           "SPROUT_EXPORT__EVERY_SECONDS": "3600", "TMPDIR": str(tmp_path)}
+    env = {
+        **LEARNING,
+        **systemd.env(),
+        "SPROUT_EXPORT__ENABLED": "true",
+        "SPROUT_EXPORT__EVERY_EXAMPLES": "50",
+        "SPROUT_EXPORT__EVERY_SECONDS": "3600",
+        "TMPDIR": str(tmp_path),
+    }
     d = daemon_factory(broker.url, env=env).start(wait_ready=False)
     systemd.wait("READY", "1", timeout_s=60)
     ids = [f"export-{i:03d}" for i in range(120)]
@@ -246,17 +257,26 @@ def test_sigterm_during_an_export_kills_its_process_and_exits_0_at_once(broker, 
 
 def test_an_export_process_dies_with_a_killed_daemon(broker, daemon_factory, systemd):
     """SIGKILL leaves no export process behind to publish beside the daemon that systemd starts next."""
-    env = {**LEARNING, **systemd.env(), "SPROUT_EXPORT__ENABLED": "true", "SPROUT_EXPORT__EVERY_EXAMPLES": "50",
-           "SPROUT_EXPORT__EVERY_SECONDS": "3600"}
+    env = {
+        **LEARNING,
+        **systemd.env(),
+        "SPROUT_EXPORT__ENABLED": "true",
+        "SPROUT_EXPORT__EVERY_EXAMPLES": "50",
+        "SPROUT_EXPORT__EVERY_SECONDS": "3600",
+    }
     d = daemon_factory(broker.url, env=env).start(wait_ready=False)
     systemd.wait("READY", "1", timeout_s=60)
-    publish_examples(broker.url, "leaves", [f"orphan-{i:03d}" for i in range(60)],
-                     [("rust", "blight")[i % 2] for i in range(60)])
+    publish_examples(
+        broker.url, "leaves", [f"orphan-{i:03d}" for i in range(60)], [("rust", "blight")[i % 2] for i in range(60)]
+    )
     children = wait_for(lambda: export_processes(d.proc.pid), 60, "an export process to start", interval_s=0.01)
     d.signal(signal.SIGKILL)
     d.proc.wait(10)
-    wait_for(lambda: not Path(f"/proc/{children[0]}").exists() or _zombie(children[0]), 10,
-             "the export process to die with the daemon")
+    wait_for(
+        lambda: not Path(f"/proc/{children[0]}").exists() or _zombie(children[0]),
+        10,
+        "the export process to die with the daemon",
+    )
 
 
 def _zombie(pid: int) -> bool:
@@ -276,8 +296,11 @@ def test_a_stalled_learner_stops_the_watchdog_while_intake_goes_on(broker, daemo
     d = daemon_factory(broker.url, env={**LEARNING, **systemd.env(watchdog_s=1.0)}).start(wait_ready=False)
     systemd.wait("READY", "1", timeout_s=60)
     publish(broker.url, "warm", 30)
-    wait_for(lambda: any(s.startswith("30 stored") and "backlog 0" in s for s in systemd.statuses()), 20,
-             "the learner to catch up")
+    wait_for(
+        lambda: any(s.startswith("30 stored") and "backlog 0" in s for s in systemd.statuses()),
+        20,
+        "the learner to catch up",
+    )
     steady = time.monotonic()
     time.sleep(1.5)
     assert max(gaps(systemd.times("WATCHDOG", since=steady))) < 1.0  # healthy: a ping every 0.5 s
@@ -358,15 +381,17 @@ def test_a_second_sigint_cuts_the_wait_for_a_stuck_learner_short(broker, daemon_
 
 def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(broker, daemon_factory, systemd, tmp_path):
     config = tmp_path / "sprout.toml"
-    base = '[mqtt]\nkeepalive_s = 30\n[registry]\nkeep_versions = 10\n'
+    base = "[mqtt]\nkeepalive_s = 30\n[registry]\nkeep_versions = 10\n"
     config.write_text(base + '[logging]\nlevel = "INFO"\n')
     d = daemon_factory(broker.url, config=config, env={**LEARNING, **systemd.env()}).start(wait_ready=False)
     systemd.wait("READY", "1", timeout_s=60)
     assert " DEBUG " not in d.log()
 
     # Valid: three reloadable changes and one that needs a restart.
-    config.write_text('[mqtt]\nkeepalive_s = 10\n[registry]\nkeep_versions = 3\n[training]\nreplay_ratio = 1.5\n'
-                      '[logging]\nlevel = "DEBUG"\n')
+    config.write_text(
+        "[mqtt]\nkeepalive_s = 10\n[registry]\nkeep_versions = 3\n[training]\nreplay_ratio = 1.5\n"
+        '[logging]\nlevel = "DEBUG"\n'
+    )
     sent = time.monotonic()
     d.signal(signal.SIGHUP)
     reloading = systemd.wait("RELOADING", "1", since=sent, timeout_s=5)

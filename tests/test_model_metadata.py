@@ -12,17 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_exporter import trained  # noqa: F401 - the module's fixture: one tiny classifier, trained once
+from test_publishing import learned_state
 
+from daemon.common.settings import Settings
 from daemon.export.converter import convert
 from daemon.export.metadata import UNPUBLISHED, describe, stamp_version
 from daemon.export.pipeline import export_once
-from daemon.registry.versions import Registry, registry_root
-from daemon.common.settings import Settings
-from daemon.registry.signing import Signer
 from daemon.export.verification import EDGE_ROOT, default_tflite_runtime_python
+from daemon.registry.signing import Signer
+from daemon.registry.versions import Registry, registry_root
 from edge.model import EdgeModel
-from test_exporter import trained  # noqa: F401 - the module's fixture: one tiny classifier, trained once
-from test_publishing import learned_state
 
 MODES = ["int8", "dynamic", "fp16", "none"]
 SIZE = 32
@@ -39,7 +39,10 @@ def candidates(trained):  # noqa: F811
     out = {}
     for mode in MODES:
         plain = convert(model, mode, SIZE, calibration if mode == "int8" else ())
-        out[mode] = plain, describe(plain, name="leaves", labels=labels, input_size=SIZE, base="tiny", quantization=mode)
+        out[mode] = (
+            plain,
+            describe(plain, name="leaves", labels=labels, input_size=SIZE, base="tiny", quantization=mode),
+        )
     return out, labels
 
 
@@ -48,8 +51,10 @@ def read_metadata(tflite: bytes) -> tuple[dict, dict[str, bytes]]:
     from tensorflow_lite_support.metadata.python.metadata import MetadataDisplayer
 
     shown = MetadataDisplayer.with_model_buffer(tflite)
-    return (json.loads(shown.get_metadata_json()),
-            {name: shown.get_associated_file_buffer(name) for name in shown.get_packed_associated_file_list()})
+    return (
+        json.loads(shown.get_metadata_json()),
+        {name: shown.get_associated_file_buffer(name) for name in shown.get_packed_associated_file_list()},
+    )
 
 
 def probabilities(runtime: str, tflite: bytes, images: np.ndarray, tmp: Path) -> np.ndarray | str:
@@ -57,9 +62,24 @@ def probabilities(runtime: str, tflite: bytes, images: np.ndarray, tmp: Path) ->
     python = sys.executable if runtime == "ai-edge-litert" else default_tflite_runtime_python()
     (tmp / "model.tflite").write_bytes(tflite)
     np.save(tmp / "images.npy", images)
-    run = subprocess.run([str(python), "-m", "edge.probe", "--runtime", runtime, "--threads", "1", tmp / "model.tflite",
-                          tmp / "images.npy", tmp / "out.npz"], env={**os.environ, "PYTHONPATH": str(EDGE_ROOT)},
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "edge.probe",
+            "--runtime",
+            runtime,
+            "--threads",
+            "1",
+            tmp / "model.tflite",
+            tmp / "images.npy",
+            tmp / "out.npz",
+        ],
+        env={**os.environ, "PYTHONPATH": str(EDGE_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if run.returncode != 0:
         return run.stderr.strip().splitlines()[-1]
     with np.load(tmp / "out.npz") as saved:
@@ -69,8 +89,12 @@ def probabilities(runtime: str, tflite: bytes, images: np.ndarray, tmp: Path) ->
 def platform_classifier(consumer: str, model: Path, photos: list[Path]) -> dict | str:
     """tests/platform_classifiers.py in the platform classifiers' virtualenv: its JSON, or why the model did not load."""
     assert TASKS_PYTHON.exists(), f"{TASKS_PYTHON} is missing: run scripts/test-tools.sh (make test does)"
-    run = subprocess.run([TASKS_PYTHON, REPO / "tests" / "platform_classifiers.py", "--consumer", consumer, model,
-                          *photos], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [TASKS_PYTHON, REPO / "tests" / "platform_classifiers.py", "--consumer", consumer, model, *photos],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return json.loads(run.stdout) if run.returncode == 0 else run.stderr.strip().splitlines()[-1]
 
 
@@ -83,14 +107,20 @@ def test_every_mode_carries_metadata_with_the_labels_and_the_input(candidates, m
     assert "3 labels" in meta["description"] and mode in meta["description"]
     (graph,) = meta["subgraph_metadata"]
     (image,), (output,) = graph["input_tensor_metadata"], graph["output_tensor_metadata"]
-    assert image["content"] == {"content_properties_type": "ImageProperties",
-                                "content_properties": {"color_space": "RGB",
-                                                       "default_size": {"width": SIZE, "height": SIZE}}}
+    assert image["content"] == {
+        "content_properties_type": "ImageProperties",
+        "content_properties": {"color_space": "RGB", "default_size": {"width": SIZE, "height": SIZE}},
+    }
     assert image["stats"] == {"max": [255.0], "min": [0.0]}  # uint8 pixels as they are
     assert "process_units" not in image  # no normalisation options: the graph normalises
     assert "Normalisation is inside the model" in image["description"]
-    assert output["associated_files"] == [{"name": "labels.txt", "type": "TENSOR_AXIS_LABELS",
-                                           "description": "Labels for categories that the model can recognize."}]
+    assert output["associated_files"] == [
+        {
+            "name": "labels.txt",
+            "type": "TENSOR_AXIS_LABELS",
+            "description": "Labels for categories that the model can recognize.",
+        }
+    ]
     assert [line.decode() for line in files["labels.txt"].splitlines()] == labels
 
 
@@ -104,8 +134,12 @@ def test_metadata_is_absent_from_the_converters_output(candidates):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_described_and_stamped_files_compute_what_the_converter_made_on_both_interpreters(candidates, trained,  # noqa: F811
-                                                                                         mode, tmp_path):
+def test_described_and_stamped_files_compute_what_the_converter_made_on_both_interpreters(
+    candidates,
+    trained,  # noqa: F811
+    mode,
+    tmp_path,
+):
     """The metadata changes no number on ai-edge-litert or tflite-runtime 2.14, before or after the version stamp."""
     (models, _) = candidates
     plain, described = models[mode]
@@ -133,7 +167,11 @@ def unpacked(tflite: bytes, resolve_external: bool = False):
     if resolve_external:  # weights stored after the flatbuffer, read in as describe() stores them
         for buffer in model.buffers:
             if buffer.offset > 1:
-                buffer.data, buffer.offset, buffer.size = np.frombuffer(tflite, np.uint8, buffer.size, buffer.offset), 0, 0
+                buffer.data, buffer.offset, buffer.size = (
+                    np.frombuffer(tflite, np.uint8, buffer.size, buffer.offset),
+                    0,
+                    0,
+                )
     return model
 
 
@@ -215,11 +253,17 @@ def published(candidates, tmp_path_factory):
     (models, labels) = candidates
     tmp = tmp_path_factory.mktemp("published")
     registry = Registry(tmp / "registry", "leaves", Signer.load_or_create(tmp / "keys" / "signing.key"))
-    fields = {"base": "tiny", "labels": labels, "metrics": {},
-              "input": {"shape": [1, SIZE, SIZE, 3], "layout": "NHWC", "dtype": "uint8", "range": [0, 255]},
-              "runtimes_verified": [{"name": "ai-edge-litert", "version": "2.3.0"}]}
-    versions = {mode: registry.publish(models[mode][1], {**fields, "quantization": mode}, stamp=stamp_version)["version"]
-                for mode in MODES}
+    fields = {
+        "base": "tiny",
+        "labels": labels,
+        "metrics": {},
+        "input": {"shape": [1, SIZE, SIZE, 3], "layout": "NHWC", "dtype": "uint8", "range": [0, 255]},
+        "runtimes_verified": [{"name": "ai-edge-litert", "version": "2.3.0"}],
+    }
+    versions = {
+        mode: registry.publish(models[mode][1], {**fields, "quantization": mode}, stamp=stamp_version)["version"]
+        for mode in MODES
+    }
     return registry, versions
 
 
@@ -238,7 +282,8 @@ def photos(trained, tmp_path_factory) -> list[Path]:  # noqa: F811
 
 @pytest.mark.parametrize("consumer", CONSUMERS)
 def test_platform_classifiers_name_the_classes_of_every_published_mode_as_sprout_edge_classify_ranks_them(
-        published, photos, consumer):
+    published, photos, consumer
+):
     registry, versions = published
     for mode, version in versions.items():
         model = registry.model_path(version)
@@ -255,8 +300,10 @@ def test_platform_classifiers_name_the_classes_of_every_published_mode_as_sprout
             assert [c["name"] for c in categories] == [labels[c["index"]] for c in categories]  # from labels.txt
             assert sorted(c["name"] for c in categories) == sorted(labels)
             ranked = edge.predict(photo, top=len(labels))  # what `sprout-edge classify` prints
-            print(f"{consumer} {out['version']} v{version} {mode} {photo.name}: "
-                  f"{[(c['name'], round(c['score'], 4)) for c in categories]} | sprout-edge {ranked}")
+            print(
+                f"{consumer} {out['version']} v{version} {mode} {photo.name}: "
+                f"{[(c['name'], round(c['score'], 4)) for c in categories]} | sprout-edge {ranked}"
+            )
             assert categories[0]["name"] == ranked[0][0], (mode, photo.name, categories, ranked)
             scores = dict(ranked)
             assert all(abs(c["score"] - scores[c["name"]]) < 0.02 for c in categories), (mode, categories, ranked)
@@ -265,9 +312,14 @@ def test_platform_classifiers_name_the_classes_of_every_published_mode_as_sprout
 def test_an_export_publishes_the_verified_file_with_its_version_in_the_metadata(tmp_path, photos):
     """The daemon's own export: int8 (the default) verified on both interpreters, published as version 1."""
     state = learned_state(tmp_path)
-    settings = Settings.load(None, {"state_dir": str(state), "model": {"name": "leaves", "backbone": "tiny",
-                                                                       "input_size": SIZE},
-                                    "training": {"mode": "head"}})
+    settings = Settings.load(
+        None,
+        {
+            "state_dir": str(state),
+            "model": {"name": "leaves", "backbone": "tiny", "input_size": SIZE},
+            "training": {"mode": "head"},
+        },
+    )
     outcome = export_once(settings)
     assert outcome.published is not None and outcome.published["quantization"] == "int8", outcome.reasons
     registry = Registry.open_readonly(registry_root(state), "leaves")

@@ -65,7 +65,7 @@ def test_every_shipped_key_maps_exactly_once(name: str):
     assert len(original) == count
     spec = zoo.get(name)
     targets = [spec.map_key(key) for key in original]
-    assert None not in targets, [k for k, t in zip(original, targets) if t is None]
+    assert None not in targets, [k for k, t in zip(original, targets, strict=True) if t is None]
     uses = Counter(targets)
     assert max(uses.values()) == 1, [t for t, n in uses.items() if n > 1]
     ours = set(spec.build().state_dict())

@@ -95,15 +95,20 @@ def test_install_targets_publish_decoding():
 
 
 def test_burst_client_reads_every_waiting_packet_per_wake_up(broker):
+    from helpers import publish_examples
     from paho.mqtt import client as mqtt
 
     from daemon.ingest.mqttfast import BurstClient
-    from helpers import publish_examples
 
     def connect(cls):
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 600
-        c = cls(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="burst", protocol=mqtt.MQTTv5, manual_ack=True)
+        c = cls(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id="burst",
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
         c.on_message = lambda client, userdata, m: (got.append(m.mid), client.ack(m.mid, m.qos))
         c.connect("127.0.0.1", broker.port, clean_start=False, properties=props)
         return c

@@ -21,9 +21,9 @@ import pillow_heif
 import pytest
 from PIL import Image
 
-from daemon.learning.decoding import DecodePool
 from daemon.common.settings import StoreSettings
 from daemon.ingest.wire import Example, Limits, Reason, Rejection, parse
+from daemon.learning.decoding import DecodePool
 from edge.preprocess import load_rgb, resize_and_crop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,9 +35,13 @@ ROTATED_FOR_EXIF_6 = Image.Transpose.ROTATE_90  # how a phone held upright store
 
 def daemon_limits(**changes: int) -> Limits:
     s = StoreSettings()
-    fields = dict(max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
-                  max_full_decode_pixels=s.max_full_decode_pixels, max_label_chars=s.max_label_chars,
-                  holdout_fraction=s.holdout_fraction)
+    fields = dict(
+        max_image_bytes=s.max_image_bytes,
+        max_image_pixels=s.max_image_pixels,
+        max_full_decode_pixels=s.max_full_decode_pixels,
+        max_label_chars=s.max_label_chars,
+        holdout_fraction=s.holdout_fraction,
+    )
     return Limits(**(fields | changes))
 
 
@@ -125,8 +129,9 @@ def test_the_learner_and_a_device_see_the_same_upright_pixels_and_a_jpeg_decodes
         "    print(hashlib.sha256(rgb.tobytes()).hexdigest(), f'{grew:.1f}', f'{time.perf_counter() - started:.3f}')\n"
     )
     assert DEVICE_PYTHON.exists(), f"{DEVICE_PYTHON} is missing: run scripts/setup.sh"
-    out = subprocess.run([DEVICE_PYTHON, "-c", script, phone_jpeg.path, phone_heic.path],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [DEVICE_PYTHON, "-c", script, phone_jpeg.path, phone_heic.path], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     (jpeg_hash, jpeg_mb, jpeg_s), (heic_hash, _, _) = (line.split() for line in out.stdout.splitlines())
     assert [jpeg_hash, heic_hash] == [hashlib.sha256(rgb.tobytes()).hexdigest() for rgb in learner]
@@ -190,8 +195,9 @@ def test_without_pillow_heif_heic_is_refused_with_the_package_to_install(phone_h
         "Image.new('RGB', (64, 48)).save(jpeg, format='JPEG')\n"
         "print(type(parse(jpeg.getvalue(), [('label', 'x')], 'image/jpeg', limits)).__name__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, phone_heic.path], capture_output=True, text=True,
-                         timeout=60, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", script, phone_heic.path], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr
     declared, mislabelled, decoded, jpeg = out.stdout.splitlines()
     assert declared.startswith("unsupported_content_type |") and "pip install pillow-heif" in declared

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from daemon.learning import checkpoint
-from daemon.export.pipeline import export_once
-from daemon.registry.versions import Registry, registry_root
-from daemon.common.settings import Settings
-from daemon.registry.signing import verify, verify_file
-from daemon.store.examples import Store
-from daemon.ingest.wire import Example
 from helpers import SPROUT
 from test_learner import colour_jpeg, learn_all, make_learner, stream
+
+from daemon.common.settings import Settings
+from daemon.export.pipeline import export_once
+from daemon.ingest.wire import Example
+from daemon.learning import checkpoint
+from daemon.registry.signing import verify, verify_file
+from daemon.registry.versions import Registry, registry_root
+from daemon.store.examples import Store
 
 
 def learned_state(tmp_path: Path) -> Path:
@@ -29,9 +29,19 @@ def learned_state(tmp_path: Path) -> Path:
 
 
 def export(state: Path, **env: str) -> tuple[int, dict, str]:
-    out = subprocess.run([*SPROUT, "export", "--state", str(state)], capture_output=True, text=True, timeout=300,
-                         env={"PATH": "/usr/bin:/bin", "SPROUT_MODEL__BACKBONE": "tiny", "SPROUT_MODEL__INPUT_SIZE": "32",
-                              "SPROUT_TRAINING__MODE": "head", **env})
+    out = subprocess.run(
+        [*SPROUT, "export", "--state", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "SPROUT_MODEL__BACKBONE": "tiny",
+            "SPROUT_MODEL__INPUT_SIZE": "32",
+            "SPROUT_TRAINING__MODE": "head",
+            **env,
+        },
+    )
     return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {}, out.stderr
 
 
@@ -85,7 +95,9 @@ def test_a_worse_candidate_is_rejected_with_reasons_and_not_published(tmp_path: 
     assert registry.versions() == [1]
     rejected = [e for e in registry.events() if e.get("event") == "rejected"]
     assert [e["candidate"]["quantization"] for e in rejected] == ["int8", "fp16"]  # each mode, in order
-    assert [f"{e['candidate']['quantization']}: {r}" for e in rejected for r in e["reasons"]] == result["rejected_because"]
+    assert [f"{e['candidate']['quantization']}: {r}" for e in rejected for r in e["reasons"]] == result[
+        "rejected_because"
+    ]
 
 
 def test_the_published_version_is_rescored_on_the_candidates_holdout(tmp_path: Path):
@@ -123,11 +135,15 @@ def test_nothing_to_export_before_the_first_checkpoint(tmp_path: Path):
 
 def test_float_export_on_one_runtime_when_configured(tmp_path: Path):
     state = learned_state(tmp_path)
-    code, result, err = export(state, SPROUT_EXPORT__QUANTIZATION='["none"]', SPROUT_EXPORT__RUNTIMES='["ai-edge-litert"]')
+    code, result, err = export(
+        state, SPROUT_EXPORT__QUANTIZATION='["none"]', SPROUT_EXPORT__RUNTIMES='["ai-edge-litert"]'
+    )
     assert code == 0, err
     assert result["metrics"]["holdout_top1"] == {"ai-edge-litert": result["metrics"]["holdout_top1_float"]}
     manifest = Registry.open_readonly(registry_root(state), "plant-disease").latest()
-    assert manifest["quantization"] == "none" and manifest["input"]["dtype"] == "uint8"  # the one input contract, float model too
+    assert (
+        manifest["quantization"] == "none" and manifest["input"]["dtype"] == "uint8"
+    )  # the one input contract, float model too
     assert manifest["runtimes_verified"] == [{"name": "ai-edge-litert", "version": "2.3.0"}]
 
 
@@ -145,8 +161,10 @@ def test_gate_refuses_nan_and_a_large_drop_and_a_regression_per_runtime():
     assert gate([fine, old], 0.90, None, settings) == []
     published = Baseline(4, {"ai-edge-litert": 0.89, "tflite-runtime": 0.91})
     reasons = gate([fine, old], 0.90, published, settings)
-    assert reasons == ["holdout top-1 on tflite-runtime 2.14.0 is 89.5%, below the published version 4's 91.0% "
-                       "on the same images by more than export.tolerance_pts = 0.5 points"]
+    assert reasons == [
+        "holdout top-1 on tflite-runtime 2.14.0 is 89.5%, below the published version 4's 91.0% "
+        "on the same images by more than export.tolerance_pts = 0.5 points"
+    ]
 
 
 def test_a_burst_of_flipped_labels_does_not_get_a_worse_model_published(tmp_path: Path):
@@ -156,16 +174,29 @@ def test_a_burst_of_flipped_labels_does_not_get_a_worse_model_published(tmp_path
     learner, reader = make_learner(tmp_path, stream([0, 1, 2], 40, seed=36, order="iid"), replay_ratio=0.0)
     learn_all(learner, reader)
     checkpoint.save(tmp_path / "checkpoints", learner.state())
-    settings = Settings.load(None, {"state_dir": str(tmp_path), "model": {"backbone": "tiny", "input_size": 32},
-                                    "training": {"mode": "head"}})
+    settings = Settings.load(
+        None,
+        {"state_dir": str(tmp_path), "model": {"backbone": "tiny", "input_size": 32}, "training": {"mode": "head"}},
+    )
     first = export_once(settings)
     assert first.published is not None and first.published["version"] == 1, first.reasons
 
     window = [(c, i) for c, n in ((0, 12), (1, 14), (2, 14)) for i in range(n)]
     assert sum(c == 0 for c, _ in window) / len(window) == 0.3  # the share of wrong labels
     window = [window[k] for k in np.random.default_rng(37).permutation(len(window))]
-    burst = [Example(f"burst-{c}-{i}", "class-1" if c == 0 else f"class-{c}", "train", "image/jpeg", 32, 32,
-                     colour_jpeg(c, 3_700_000 + c * 1000 + i), 0.0) for c, i in window]
+    burst = [
+        Example(
+            f"burst-{c}-{i}",
+            "class-1" if c == 0 else f"class-{c}",
+            "train",
+            "image/jpeg",
+            32,
+            32,
+            colour_jpeg(c, 3_700_000 + c * 1000 + i),
+            0.0,
+        )
+        for c, i in window
+    ]
     store = Store(tmp_path / "examples.db")
     store.commit(burst)
     store.close()
@@ -189,8 +220,15 @@ def test_a_mode_refused_for_its_accuracy_drop_rests_for_some_exports(tmp_path: P
     from daemon.export.lossy_modes import LossyModes
 
     state = learned_state(tmp_path)
-    settings = Settings.load(None, {"state_dir": str(state), "model": {"backbone": "tiny", "input_size": 32},
-                                    "training": {"mode": "head"}, "export": {"skip_lossy_mode_for": 2}})
+    settings = Settings.load(
+        None,
+        {
+            "state_dir": str(state),
+            "model": {"backbone": "tiny", "input_size": 32},
+            "training": {"mode": "head"},
+            "export": {"skip_lossy_mode_for": 2},
+        },
+    )
     # What an export leaves after int8 lost too much against float (the tiny model's int8 does not).
     rest = LossyModes(state)
     rest.refused_for_accuracy("int8", settings.export.skip_lossy_mode_for)

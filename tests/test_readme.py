@@ -28,8 +28,9 @@ def test_the_readmes_example_messages_are_stored_as_sent(broker, daemon_factory,
     (tmp_path / "leaf.jpg").write_bytes(jpeg(7, size=64))
     script = block_after("send").replace("-p 1883", f"-p {broker.port}")
     assert script.count("mosquitto_pub") == 2
-    out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
 
     def stored() -> list[tuple[str, str]]:
@@ -76,9 +77,10 @@ def test_your_own_photos_end_to_end_as_the_readme_walks_it(broker, tmp_path: Pat
     import os
     import urllib.request
 
-    from daemon.tools.broker import free_port
-    from daemon.registry.versions import Registry, registry_root
     from test_learner import colour_jpeg
+
+    from daemon.registry.versions import Registry, registry_root
+    from daemon.tools.broker import free_port
 
     for c, name in enumerate(["healthy", "leaf_rust", "leaf_spot"]):
         folder = tmp_path / "photos" / name
@@ -87,32 +89,71 @@ def test_your_own_photos_end_to_end_as_the_readme_walks_it(broker, tmp_path: Pat
             (folder / f"IMG_{i:04d}.jpg").write_bytes(colour_jpeg(c, 1000 * c + i))
     http = f"127.0.0.1:{free_port()}"
     # The defaults, but a tiny network and the test's own broker and port: this machine may run another Sprout.
-    env = {**os.environ, "SPROUT_MODEL__BACKBONE": "tiny", "SPROUT_MODEL__INPUT_SIZE": "32",
-           "SPROUT_TRAINING__BATCH_SIZE": "8", "SPROUT_TRAINING__LEARNING_RATE": "0.1",
-           "SPROUT_TRAINING__CHECKPOINT_EVERY_S": "0.5"}
+    env = {
+        **os.environ,
+        "SPROUT_MODEL__BACKBONE": "tiny",
+        "SPROUT_MODEL__INPUT_SIZE": "32",
+        "SPROUT_TRAINING__BATCH_SIZE": "8",
+        "SPROUT_TRAINING__LEARNING_RATE": "0.1",
+        "SPROUT_TRAINING__CHECKPOINT_EVERY_S": "0.5",
+    }
     log = open(tmp_path / "run.log", "w")
-    daemon = subprocess.Popen([*SPROUT, "run", "--model", "leaves", "--broker", broker.url, "--http", http],
-                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    daemon = subprocess.Popen(
+        [*SPROUT, "run", "--model", "leaves", "--broker", broker.url, "--http", http],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for(lambda: _status(f"http://{http}/healthz") == 200, 60, "the daemon to start")
-        imported = subprocess.run([*SPROUT, "store", "import", "--model", "leaves", "photos/"], cwd=tmp_path,
-                                  env=env, capture_output=True, text=True, timeout=120)
+        imported = subprocess.run(
+            [*SPROUT, "store", "import", "--model", "leaves", "photos/"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert imported.returncode == 0, imported.stderr
         assert json.loads(imported.stdout)["stored"] == 300
         state = tmp_path / "var"  # the README's default, resolved against where the user stands
-        manifest = wait_for(lambda: Registry.open_readonly(registry_root(state), "leaves").latest(), 180,
-                            f"the first model (log: {log.name})")
+        manifest = wait_for(
+            lambda: Registry.open_readonly(registry_root(state), "leaves").latest(),
+            180,
+            f"the first model (log: {log.name})",
+        )
         assert sorted(manifest["labels"]) == ["healthy", "leaf_rust", "leaf_spot"]
         with urllib.request.urlopen(f"http://{http}/", timeout=10) as page:
             assert "leaf_rust" in page.read().decode()
         edge = str(TFLITE_VENV / "bin" / "sprout-edge")
-        synced = subprocess.run([edge, "sync", "--url", f"http://{http}", "--model", "leaves", "--dir", "./phone",
-                                 "--public-key", "var/signing/signing.pub"], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=120)
+        synced = subprocess.run(
+            [
+                edge,
+                "sync",
+                "--url",
+                f"http://{http}",
+                "--model",
+                "leaves",
+                "--dir",
+                "./phone",
+                "--public-key",
+                "var/signing/signing.pub",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert synced.returncode == 0, synced.stderr
         (tmp_path / "new-leaf.jpg").write_bytes(colour_jpeg(1, 99_999))
-        classified = subprocess.run([edge, "classify", "--dir", "./phone", "new-leaf.jpg", "--top", "3", "--json"],
-                                    cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        classified = subprocess.run(
+            [edge, "classify", "--dir", "./phone", "new-leaf.jpg", "--top", "3", "--json"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert classified.returncode == 0, classified.stderr
         assert json.loads(classified.stdout)["results"][0]["top"][0]["label"] == "leaf_rust"
     finally:

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from daemon.registry.versions import MANIFEST_KEYS, NoRegistryError, Registry, RegistryError, UnknownVersionError
-from daemon.registry.signing import SignatureError, Signer, SigningKeyError, generate, verify, verify_file
 from helpers import SPROUT, wait_for
+
+from daemon.registry.signing import SignatureError, Signer, SigningKeyError, generate, verify, verify_file
+from daemon.registry.versions import MANIFEST_KEYS, NoRegistryError, Registry, RegistryError, UnknownVersionError
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((REPO / "docs" / "manifest.schema.json").read_text())
@@ -41,7 +41,10 @@ def fields(labels: list[str] | None = None, **changes: Any) -> dict[str, Any]:
             "examples_trained": 1800,
             "high_water_mark": 2000,
         },
-        "runtimes_verified": [{"name": "ai-edge-litert", "version": "2.3.0"}, {"name": "tflite-runtime", "version": "2.14.0"}],
+        "runtimes_verified": [
+            {"name": "ai-edge-litert", "version": "2.3.0"},
+            {"name": "tflite-runtime", "version": "2.14.0"},
+        ],
     }
     out.update(changes)
     return out
@@ -185,7 +188,9 @@ def test_signature_covers_the_served_bytes_and_any_change_fails(registry: Regist
         verify(document, forged, public)
 
 
-def test_a_registry_from_before_detached_signatures_is_signed_as_it_is(registry: Registry, signer: Signer, tmp_path: Path):
+def test_a_registry_from_before_detached_signatures_is_signed_as_it_is(
+    registry: Registry, signer: Signer, tmp_path: Path
+):
     """Schema-1 manifests carried their signature inside; opening such a registry signs each version's bytes."""
     publish(registry, 2)
     folder = registry.folder
@@ -222,7 +227,9 @@ def test_a_stale_or_missing_latest_signature_is_repaired_to_the_same_version(reg
     Registry(registry.root, registry.model, signer)
     assert (folder / "latest.sig").read_bytes() == registry.signature(2) and registry.latest()["version"] == 2
     assert [e.get("reason") for e in registry.events() if e["event"] == "repaired"] == [
-        "latest.sig is not version 2's signature", "latest.sig is missing"]
+        "latest.sig is not version 2's signature",
+        "latest.sig is missing",
+    ]
 
 
 def test_manifests_conform_to_the_schema(registry: Registry):
@@ -275,7 +282,10 @@ def test_retention_keeps_the_newest_and_the_pinned_and_versions_only_go_up(regis
     assert deleted == [2]
     assert json.loads((registry.folder / "pins").read_text()) == [1]
     assert [(r["version"], r["pinned"]) for r in json.loads((registry.folder / "versions").read_text())] == [
-        (5, False), (4, False), (3, False), (1, True),
+        (5, False),
+        (4, False),
+        (3, False),
+        (1, True),
     ]
 
     # latest is kept even when it is not among the newest (after a rollback).
@@ -474,7 +484,11 @@ def test_models_cli(tmp_path: Path):
     listed = run_cli("models", "list", "--state", str(state), "--json")
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)
-    assert [(r["version"], r["latest"], r["pinned"]) for r in rows] == [(3, True, False), (2, False, False), (1, False, False)]
+    assert [(r["version"], r["latest"], r["pinned"]) for r in rows] == [
+        (3, True, False),
+        (2, False, False),
+        (1, False, False),
+    ]
     assert rows[0]["quantization"] == "int8" and rows[0]["created_at"] == reg.manifest(3)["created_at"]
 
     shown = run_cli("models", "show", "2", "--state", str(state))

@@ -17,19 +17,21 @@ from pathlib import Path
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-
-from daemon.registry.versions import Registry, registry_root
-from daemon.distribution.http import DownloadApi, HttpServer
-from daemon.registry.signing import Signer, verify
 from helpers import SPROUT, wait_for
 from test_registry import fields
+
+from daemon.distribution.http import DownloadApi, HttpServer
+from daemon.registry.signing import Signer, verify
+from daemon.registry.versions import Registry, registry_root
 
 MODEL = "leaves"
 
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
-    return Registry(registry_root(tmp_path / "state"), MODEL, Signer.load_or_create(tmp_path / "keys" / "signing.key"), 5)
+    return Registry(
+        registry_root(tmp_path / "state"), MODEL, Signer.load_or_create(tmp_path / "keys" / "signing.key"), 5
+    )
 
 
 def serve(root: Path, token: str | None = None, **options) -> tuple[HttpServer, str]:
@@ -110,19 +112,22 @@ def test_model_file_etag_304_range_and_resume_after_a_cut(api: httpx.Client, reg
     assert api.get("/versions/1/labels.txt").text == "healthy\nrust\nblight\n"
 
 
-@pytest.mark.parametrize("path, status", [
-    ("/versions/01/model.tflite", 400),
-    ("/versions/x/model.tflite", 400),
-    ("/versions/-1/model.tflite", 400),
-    ("/versions/1.0/model.tflite", 400),
-    ("/versions/1%00/model.tflite", 400),
-    ("/versions/99999999999999999999999/model.tflite", 400),
-    ("/versions/%2e%2e/model.tflite", 400),
-    ("/versions/1/%2e%2e%2f%2e%2e%2fkeys%2fsigning.key", 404),
-    ("/versions/7/model.tflite", 404),
-    ("/versions/1/signing.key", 404),
-    ("/versions/1/..%2F..%2Fkeys%2Fsigning.key", 404),
-])
+@pytest.mark.parametrize(
+    "path, status",
+    [
+        ("/versions/01/model.tflite", 400),
+        ("/versions/x/model.tflite", 400),
+        ("/versions/-1/model.tflite", 400),
+        ("/versions/1.0/model.tflite", 400),
+        ("/versions/1%00/model.tflite", 400),
+        ("/versions/99999999999999999999999/model.tflite", 400),
+        ("/versions/%2e%2e/model.tflite", 400),
+        ("/versions/1/%2e%2e%2f%2e%2e%2fkeys%2fsigning.key", 404),
+        ("/versions/7/model.tflite", 404),
+        ("/versions/1/signing.key", 404),
+        ("/versions/1/..%2F..%2Fkeys%2Fsigning.key", 404),
+    ],
+)
 def test_paths_outside_what_the_registry_holds_are_refused(api: httpx.Client, registry: Registry, path, status):
     registry.publish(os.urandom(1024), fields())
     r = api.get(path)
@@ -195,11 +200,15 @@ def test_a_request_not_sent_in_time_is_cut_off_but_keep_alive_and_downloads_are_
     registry.publish(data, fields())
     server, base = serve(registry.root, request_timeout_s=0.5)
     address = base.removeprefix("http://").rsplit(":", 1)
-    slow = [b"", b"GET /hea", b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
-            b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"0" * 10]
+    slow = [
+        b"",
+        b"GET /hea",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"0" * 10,
+    ]
     sockets = [socket.create_connection((address[0], int(address[1])), timeout=5) for _ in slow]
     try:
-        for sock, part in zip(sockets, slow):
+        for sock, part in zip(sockets, slow, strict=True):
             sock.sendall(part)
         # Well within uvicorn's 5 s keep-alive, which would otherwise be the first to close the answered POST.
         deadline = time.monotonic() + 2.5
@@ -235,15 +244,22 @@ def test_https_with_the_configured_certificate(registry: Registry, tmp_path: Pat
     now = datetime.datetime.now(datetime.UTC)
     import ipaddress
 
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     registry.publish(os.urandom(1024), fields())
     server, base = serve(registry.root, tls_cert_file=cert_file, tls_key_file=key_file)
     try:
@@ -290,8 +306,13 @@ def test_every_publish_and_rollback_is_announced_retained(broker, daemon_factory
         registry.publish(os.urandom(2048), fields())
         wait_for(lambda: device.versions == [1, 2], 10, "the notice of version 2")
         # A rollback from the CLI, another process: announced all the same.
-        out = subprocess.run([*SPROUT, "models", "rollback", "1", "--state", str(state)], capture_output=True,
-                             text=True, timeout=60, env={**os.environ, "SPROUT_MODEL__NAME": MODEL})
+        out = subprocess.run(
+            [*SPROUT, "models", "rollback", "1", "--state", str(state)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "SPROUT_MODEL__NAME": MODEL},
+        )
         assert out.returncode == 0, out.stderr
         wait_for(lambda: device.versions == [1, 2, 1], 10, "the notice of the rollback")
         with httpx.Client() as http:
@@ -326,9 +347,23 @@ def test_a_network_facing_bind_serves_phones_the_api_only_and_the_operator_pages
             return 0, b""
 
     env = {**os.environ, "SPROUT_TRAINING__ENABLED": "false", "SPROUT_SERVER__ADMIN_HTTP": f"127.0.0.1:{admin_port}"}
-    proc = subprocess.Popen([*SPROUT, "run", "--broker", broker.url, "--state", str(tmp_path / "state"), "--model",
-                             "leaves", "--http", f"0.0.0.0:{phone_port}"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            *SPROUT,
+            "run",
+            "--broker",
+            broker.url,
+            "--state",
+            str(tmp_path / "state"),
+            "--model",
+            "leaves",
+            "--http",
+            f"0.0.0.0:{phone_port}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: get(admin_port, "/healthz")[0] == 200, 30, "the operator's address to answer")
         for path in ("/", "/metrics", "/healthz"):

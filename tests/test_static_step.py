@@ -10,14 +10,14 @@ import copy
 
 import pytest
 import torch
+from test_learner import learn_all, make_learner, stream
 
+from daemon.common.settings import ModelSettings, TrainingSettings
 from daemon.learning import checkpoint
 from daemon.learning.head import GrowingHead
 from daemon.learning.learner import Learner
-from daemon.common.settings import ModelSettings, TrainingSettings
 from daemon.learning.static_step import StaticStep
 from models import zoo
-from test_learner import learn_all, make_learner, stream
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
@@ -26,8 +26,10 @@ def network(classes: int = 3) -> tuple[torch.nn.Module, GrowingHead, torch.optim
     torch.manual_seed(61)
     backbone = zoo.load_backbone("tiny", pretrained=False).eval()
     head = GrowingHead(zoo.get("tiny").embedding_size, classes)
-    optimizer = torch.optim.AdamW([{"params": list(head.parameters()), "lr": 0.05},
-                                   {"params": list(backbone.parameters()), "lr": 0.005}], weight_decay=0.01)
+    optimizer = torch.optim.AdamW(
+        [{"params": list(head.parameters()), "lr": 0.05}, {"params": list(backbone.parameters()), "lr": 0.005}],
+        weight_decay=0.01,
+    )
     return backbone, head, optimizer
 
 
@@ -39,8 +41,9 @@ def batch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, targets, 1.0 / counts[targets]
 
 
-def eager_step(eager: tuple, optimizer: torch.optim.Optimizer, x: torch.Tensor, targets: torch.Tensor,
-               weights: torch.Tensor) -> tuple[torch.Tensor, float]:
+def eager_step(
+    eager: tuple, optimizer: torch.optim.Optimizer, x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, float]:
     """The learner's eager step on the same rows: its logits before the update and its loss."""
     logits = eager[1](eager[0](x))
     per_example = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
@@ -54,10 +57,13 @@ def eager_step(eager: tuple, optimizer: torch.optim.Optimizer, x: torch.Tensor, 
 def test_a_padded_step_is_the_eager_step_on_its_rows():
     backbone, head, optimizer = network()
     eager = copy.deepcopy((backbone, head))
-    eager_optimizer = torch.optim.AdamW([{"params": list(eager[1].parameters()), "lr": 0.05},
-                                         {"params": list(eager[0].parameters()), "lr": 0.005}], weight_decay=0.01)
-    step = StaticStep(backbone, head, optimizer, rows=12, input_size=32, device=torch.device("cpu"),
-                      autocast=False, graph=False)
+    eager_optimizer = torch.optim.AdamW(
+        [{"params": list(eager[1].parameters()), "lr": 0.05}, {"params": list(eager[0].parameters()), "lr": 0.005}],
+        weight_decay=0.01,
+    )
+    step = StaticStep(
+        backbone, head, optimizer, rows=12, input_size=32, device=torch.device("cpu"), autocast=False, graph=False
+    )
     for n in (7, 12, 5):  # padded, full, padded again: the buffers are reused
         x, targets, weights = batch(n)
         logits, loss, finite = step.run(x, targets, weights)
@@ -65,15 +71,17 @@ def test_a_padded_step_is_the_eager_step_on_its_rows():
         assert finite and logits.shape == (n, 3)
         assert torch.allclose(logits, want_logits, atol=1e-5)
         assert loss == pytest.approx(want_loss, rel=1e-5)
-    for got, want in zip([*backbone.parameters(), *head.parameters()],
-                         [*eager[0].parameters(), *eager[1].parameters()], strict=True):
+    for got, want in zip(
+        [*backbone.parameters(), *head.parameters()], [*eager[0].parameters(), *eager[1].parameters()], strict=True
+    ):
         assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_a_non_finite_loss_moves_the_weights_by_weight_decay_alone():
     backbone, head, optimizer = network()
-    step = StaticStep(backbone, head, optimizer, rows=8, input_size=32, device=torch.device("cpu"),
-                      autocast=False, graph=False)
+    step = StaticStep(
+        backbone, head, optimizer, rows=8, input_size=32, device=torch.device("cpu"), autocast=False, graph=False
+    )
     before = [p.detach().clone() for p in head.parameters()]
     x, targets, weights = batch(6)
     x[2] = float("inf")
@@ -86,13 +94,15 @@ def test_a_non_finite_loss_moves_the_weights_by_weight_decay_alone():
 
 def test_a_step_knows_when_it_must_be_made_again():
     backbone, head, optimizer = network()
-    step = StaticStep(backbone, head, optimizer, rows=4, input_size=32, device=torch.device("cpu"),
-                      autocast=False, graph=False)
+    step = StaticStep(
+        backbone, head, optimizer, rows=4, input_size=32, device=torch.device("cpu"), autocast=False, graph=False
+    )
     assert step.matches(head, optimizer)
     head.grow(1, optimizer)
     assert not step.matches(head, optimizer)  # a new class: new tensors, a new capture
     assert not StaticStep(backbone, head, optimizer, 4, 32, torch.device("cpu"), False, False).matches(
-        head, torch.optim.AdamW(head.parameters()))
+        head, torch.optim.AdamW(head.parameters())
+    )
     with pytest.raises(ValueError, match="5 examples in a step sized for 4"):
         step.run(*batch(5))
 
@@ -105,8 +115,12 @@ def test_a_checkpoint_of_a_graphed_learner_resumes_on_the_cpu(tmp_path):
     for group in payload["optimizer"]["param_groups"]:
         group.update(capturable=True, foreach=True)  # as written on CUDA
     checkpoint.save(tmp_path / "checkpoints", payload)
-    again = Learner(ModelSettings(backbone="tiny", input_size=32),
-                    TrainingSettings(mode="full", device="cpu", batch_size=4, learning_rate=0.1), tmp_path, reader)
+    again = Learner(
+        ModelSettings(backbone="tiny", input_size=32),
+        TrainingSettings(mode="full", device="cpu", batch_size=4, learning_rate=0.1),
+        tmp_path,
+        reader,
+    )
     assert again.restore(checkpoint.load(tmp_path / "checkpoints"))
     assert all(not g["capturable"] for g in again.optimizer.param_groups)
     store_more = stream([0, 1], 4, seed=64)
@@ -124,12 +138,17 @@ def test_the_captured_step_replays_the_eager_step_on_cuda():
     cuda = torch.device("cuda")
     backbone, head, optimizer = network()
     backbone, head = backbone.to(cuda), head.to(cuda)
-    optimizer = torch.optim.AdamW([{"params": list(head.parameters()), "lr": 0.05},
-                                   {"params": list(backbone.parameters()), "lr": 0.005}], weight_decay=0.01,
-                                  foreach=True, capturable=True)
+    optimizer = torch.optim.AdamW(
+        [{"params": list(head.parameters()), "lr": 0.05}, {"params": list(backbone.parameters()), "lr": 0.005}],
+        weight_decay=0.01,
+        foreach=True,
+        capturable=True,
+    )
     eager = copy.deepcopy((backbone, head))
-    eager_optimizer = torch.optim.AdamW([{"params": list(eager[1].parameters()), "lr": 0.05},
-                                         {"params": list(eager[0].parameters()), "lr": 0.005}], weight_decay=0.01)
+    eager_optimizer = torch.optim.AdamW(
+        [{"params": list(eager[1].parameters()), "lr": 0.05}, {"params": list(eager[0].parameters()), "lr": 0.005}],
+        weight_decay=0.01,
+    )
     step = StaticStep(backbone, head, optimizer, rows=12, input_size=32, device=cuda, autocast=False, graph=True)
     assert step.captures == 1
     for n in (7, 12):
@@ -157,11 +176,22 @@ def test_a_compiled_backbone_takes_the_same_step_and_a_new_class_does_not_compil
     counters.clear()
     backbone, head, optimizer = network()
     eager = copy.deepcopy((backbone, head))
-    eager_optimizer = torch.optim.AdamW([{"params": list(eager[1].parameters()), "lr": 0.05},
-                                         {"params": list(eager[0].parameters()), "lr": 0.005}], weight_decay=0.01)
+    eager_optimizer = torch.optim.AdamW(
+        [{"params": list(eager[1].parameters()), "lr": 0.05}, {"params": list(eager[0].parameters()), "lr": 0.005}],
+        weight_decay=0.01,
+    )
     compiled = torch.compile(backbone, dynamic=False)
-    step = StaticStep(backbone, head, optimizer, rows=12, input_size=32, device=torch.device("cpu"),
-                      autocast=False, graph=False, forward=compiled)
+    step = StaticStep(
+        backbone,
+        head,
+        optimizer,
+        rows=12,
+        input_size=32,
+        device=torch.device("cpu"),
+        autocast=False,
+        graph=False,
+        forward=compiled,
+    )
     for n in (7, 12, 5):
         x, targets, weights = batch(n)
         logits, loss, finite = step.run(x, targets, weights)
@@ -174,8 +204,17 @@ def test_a_compiled_backbone_takes_the_same_step_and_a_new_class_does_not_compil
     assert graphs >= 1  # it did compile
 
     head.grow(1, optimizer)
-    grown = StaticStep(backbone, head, optimizer, rows=12, input_size=32, device=torch.device("cpu"),
-                       autocast=False, graph=False, forward=compiled)
+    grown = StaticStep(
+        backbone,
+        head,
+        optimizer,
+        rows=12,
+        input_size=32,
+        device=torch.device("cpu"),
+        autocast=False,
+        graph=False,
+        forward=compiled,
+    )
     x, _, _ = batch(6)
     targets = torch.tensor([0, 1, 2, 3, 3, 0])
     _, _, finite = grown.run(x, targets, torch.ones(6))
@@ -190,8 +229,9 @@ def test_compiling_the_backbone_is_for_the_graphed_step_only(tmp_path, caplog):
 
 @CUDA
 def test_a_cuda_learner_with_a_compiled_backbone_learns_with_one_compilation(tmp_path):
-    learner, reader = make_learner(tmp_path, stream([0, 1, 2], 12, seed=67), mode="full", device="cuda",
-                                   compile_backbone=True)
+    learner, reader = make_learner(
+        tmp_path, stream([0, 1, 2], 12, seed=67), mode="full", device="cuda", compile_backbone=True
+    )
     assert learner._compiled is not None
     learn_all(learner, reader)
     assert learner._captures == 3 and learner.finite() and learner.trained > 0
@@ -201,8 +241,9 @@ def test_the_step_checks_its_weights_and_moments_itself_and_changes_none():
     """The divergence guard's state check inside the step (one fused kernel on CUDA): a poisoned moment
     shows at the next step's read back, and the check leaves every value as it was."""
     backbone, head, optimizer = network()
-    step = StaticStep(backbone, head, optimizer, rows=8, input_size=32, device=torch.device("cpu"),
-                      autocast=False, graph=False)
+    step = StaticStep(
+        backbone, head, optimizer, rows=8, input_size=32, device=torch.device("cpu"), autocast=False, graph=False
+    )
     _, _, finite = step.run(*batch(6))
     assert finite and step.state_finite
     weights = [p.detach().clone() for p in [*backbone.parameters(), *head.parameters()]]
@@ -210,8 +251,12 @@ def test_the_step_checks_its_weights_and_moments_itself_and_changes_none():
     step._check_state()
     assert step.state_bad.item() == 0
     assert all(torch.equal(a, b) for a, b in zip(weights, [*backbone.parameters(), *head.parameters()], strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(
-        moments, [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)], strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            moments, [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)], strict=True
+        )
+    )
 
     # A moment of a backbone weight turns NaN: the loss of the next step is still finite, the state is not.
     param = next(p for p in backbone.parameters() if p in optimizer.state)
@@ -253,6 +298,9 @@ def test_the_learners_graphed_path_learns_what_its_eager_path_learns(tmp_path):
     assert graphed.trained == eager.trained > 0 and graphed.replayed == eager.replayed > 0
     assert graphed.prequential.state() == eager.prequential.state()
     assert graphed.diverged is None and graphed.last_loss == pytest.approx(eager.last_loss, rel=1e-4)
-    for a, b in zip([*graphed.head.parameters(), *graphed.backbone.parameters()],
-                    [*eager.head.parameters(), *eager.backbone.parameters()], strict=True):
+    for a, b in zip(
+        [*graphed.head.parameters(), *graphed.backbone.parameters()],
+        [*eager.head.parameters(), *eager.backbone.parameters()],
+        strict=True,
+    ):
         assert torch.allclose(a, b, atol=1e-4)

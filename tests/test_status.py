@@ -13,19 +13,19 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.publish as mqtt_publish
 import pytest
+from helpers import wait_for
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from test_daemon_learning import LEARNING, publish_colours
+from test_learner import stream
 
 import daemon.learning.curves
 import daemon.service.status
-from daemon.learning import checkpoint
-from daemon.registry.versions import Registry, registry_root
 from daemon.common.settings import Settings
-from daemon.store.examples import Store
+from daemon.learning import checkpoint
 from daemon.learning.training import Training
-from helpers import wait_for
-from test_daemon_learning import LEARNING, publish_colours
-from test_learner import stream
+from daemon.registry.versions import Registry, registry_root
+from daemon.store.examples import Store
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
@@ -34,8 +34,11 @@ def metrics(port: int) -> dict[tuple[str, tuple], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def page(port: int) -> str:
@@ -54,13 +57,19 @@ def chart(html: str, name: str) -> str:
 
 @pytest.fixture
 def learning_daemon(broker, daemon_factory):
-    env = {**LEARNING, "SPROUT_EXPORT__EVERY_EXAMPLES": "60", "SPROUT_EXPORT__EVERY_SECONDS": "3600",
-           "SPROUT_EXPORT__QUANTIZATION": '["fp16"]', "SPROUT_EXPORT__RUNTIMES": '["ai-edge-litert"]'}
+    env = {
+        **LEARNING,
+        "SPROUT_EXPORT__EVERY_EXAMPLES": "60",
+        "SPROUT_EXPORT__EVERY_SECONDS": "3600",
+        "SPROUT_EXPORT__QUANTIZATION": '["fp16"]',
+        "SPROUT_EXPORT__RUNTIMES": '["ai-edge-litert"]',
+    }
     d = daemon_factory(broker.url, env=env).start()
     publish_colours(broker.url, 120, 300.0)
     # One message without a label: rejected, counted by reason.
-    mqtt_publish.single("sprout/leaves/examples", b"\xff\xd8\xff", qos=1, hostname="127.0.0.1", port=broker.port,
-                        protocol=5)
+    mqtt_publish.single(
+        "sprout/leaves/examples", b"\xff\xd8\xff", qos=1, hostname="127.0.0.1", port=broker.port, protocol=5
+    )
 
     def latest():
         try:
@@ -77,8 +86,16 @@ def test_metrics_and_the_page_report_what_the_daemon_did_and_still_do_after_a_re
     d, manifest = learning_daemon
     # The version is in the registry as soon as the export process published it; the daemon counts it when
     # that process has reported back.
-    m = wait_for(lambda: (m := metrics(d.http_port)) and m.get(("sprout_learner_backlog", ())) == 0
-                 and m.get(("sprout_exports_published_total", ())) and m, 60, "the learner to catch up")
+    m = wait_for(
+        lambda: (
+            (m := metrics(d.http_port))
+            and m.get(("sprout_learner_backlog", ())) == 0
+            and m.get(("sprout_exports_published_total", ()))
+            and m
+        ),
+        60,
+        "the learner to catch up",
+    )
     assert m[("sprout_examples_stored_total", ())] == 120
     # The holdout share (store.holdout_fraction) is scored, not trained on.
     assert 90 <= m[("sprout_examples_learned_total", ())] < 120, m
@@ -95,8 +112,11 @@ def test_metrics_and_the_page_report_what_the_daemon_did_and_still_do_after_a_re
     # A restart on the same state: totals come from the store; the learner's figures, its last holdout
     # evaluation and the curves from its checkpoint. First the chart up to where learning stands.
     learned = int(m[("sprout_examples_learned_total", ())])
-    before = wait_for(lambda: (p := page(d.http_port)) and f">{learned} learned<" in p and p, 30,
-                      "the chart to reach the examples learned")
+    before = wait_for(
+        lambda: (p := page(d.http_port)) and f">{learned} learned<" in p and p,
+        30,
+        "the chart to reach the examples learned",
+    )
     assert shown(before, "stored") == "120" and shown(before, "rejected") == "1"
     assert shown(before, "holdout") != "-"
     assert d.stop() == 0
@@ -112,11 +132,18 @@ def test_metrics_and_the_page_report_what_the_daemon_did_and_still_do_after_a_re
     again = metrics(d.http_port)
     assert again[("sprout_store_examples", ())] == 120
     assert again[("sprout_examples_stored_total", ())] == 0  # a counter of this process, as Prometheus expects
-    for name in ("sprout_examples_learned_total", "sprout_training_steps_total", "sprout_holdout_accuracy",
-                 "sprout_prequential_accuracy", "sprout_training_loss"):
+    for name in (
+        "sprout_examples_learned_total",
+        "sprout_training_steps_total",
+        "sprout_holdout_accuracy",
+        "sprout_prequential_accuracy",
+        "sprout_training_loss",
+    ):
         assert again[(name, ())] == m[(name, ())], name
-    assert again[("sprout_holdout_accuracy_per_class", (("label", "colour-0"),))] == \
-        m[("sprout_holdout_accuracy_per_class", (("label", "colour-0"),))]
+    assert (
+        again[("sprout_holdout_accuracy_per_class", (("label", "colour-0"),))]
+        == m[("sprout_holdout_accuracy_per_class", (("label", "colour-0"),))]
+    )
 
 
 def test_an_evaluation_between_steps_and_the_curves_reach_the_checkpoint_and_older_checkpoints_load(tmp_path: Path):
@@ -124,9 +151,16 @@ def test_an_evaluation_between_steps_and_the_curves_reach_the_checkpoint_and_old
     store.commit(stream([0, 1, 2], 10, seed=5, order="iid"))
     store.close()
     # The learner's thread, not started: its steps run here, one at a time.
-    training = Training(Settings.load(None, {
-        "state_dir": str(tmp_path), "model": {"backbone": "tiny", "input_size": 32},
-        "training": {"mode": "head", "device": "cpu", "batch_size": 4, "holdout_every_steps": 1000}}))
+    training = Training(
+        Settings.load(
+            None,
+            {
+                "state_dir": str(tmp_path),
+                "model": {"backbone": "tiny", "input_size": 32},
+                "training": {"mode": "head", "device": "cpu", "batch_size": 4, "holdout_every_steps": 1000},
+            },
+        )
+    )
     training.observe()  # as the learner's loop does: a point before learning, one after
     for _ in range(5):
         training.learn(training.reader.after(training.learner.high_water_mark, 4))
@@ -164,10 +198,22 @@ def test_the_status_page_renders_in_chromium_with_numbers_and_charts(learning_da
     url = f"http://127.0.0.1:{d.http_port}/"
     # Let the history sample a few points (every 5 s) while learning goes on.
     publish_colours(d.broker_url, 60, 100.0, first=120)
-    wait_for(lambda: (page := urllib.request.urlopen(url, timeout=5).read().decode()) and 'data-series="prequential"'
-             in page, 60, "the accuracy chart to have two points")
-    chromium = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1000,1600"]
+    wait_for(
+        lambda: (
+            (page := urllib.request.urlopen(url, timeout=5).read().decode()) and 'data-series="prequential"' in page
+        ),
+        60,
+        "the accuracy chart to have two points",
+    )
+    chromium = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--window-size=1000,1600",
+    ]
     dom = subprocess.run([*chromium, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = dom.stdout

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.store.examples import Store, StoreError, open_reader, stats
 from daemon.ingest.wire import Example, Reason, Rejection
+from daemon.store.examples import Store, StoreError, open_reader, stats
 
 
 def example(i: int, label: str = "healthy", split: str = "train") -> Example:
@@ -84,7 +84,9 @@ def test_retention_prunes_the_oldest_train_examples_and_the_file_stops_growing(t
     assert max(sizes[20:]) <= max(sizes[:20]) <= cap + 100 * 2 * 5000  # bounded by the cap plus one commit
     ids = {row[0]: row[1] for row in store._db.execute("SELECT example_id, split FROM examples")}
     train = sorted(int(i[2:]) for i, split in ids.items() if split == "train")
-    assert train == [i for i in range(train[0], n) if i % 10] and train[0] > 0  # a window of the newest: oldest went first
+    assert (
+        train == [i for i in range(train[0], n) if i % 10] and train[0] > 0
+    )  # a window of the newest: oldest went first
     assert f"p-{n - 1}" in ids and store.stats()["total"] + store.pruned == n
 
 

@@ -12,19 +12,21 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from daemon.tools.broker import free_port
-from daemon.tools.feeder import Publisher
-from daemon.export.verification import default_tflite_runtime_python
 from helpers import wait_for
 from test_learner import colour_jpeg
+
+from daemon.export.verification import default_tflite_runtime_python
+from daemon.tools.broker import free_port
+from daemon.tools.feeder import Publisher
 
 REPO = Path(__file__).resolve().parents[1]
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "sprout.service"
 EXPOSURE_LIMIT = 2.5
 
-needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
 
 
 def local_unit(tmp_path: Path) -> Path:
@@ -48,7 +50,9 @@ def directives(text: str) -> dict[str, list[str]]:
 
 @needs_systemd_analyze
 def test_unit_verifies_cleanly(tmp_path: Path):
-    out = subprocess.run(["systemd-analyze", "verify", str(local_unit(tmp_path))], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(local_unit(tmp_path))], capture_output=True, text=True, timeout=60
+    )
     # verify only warns (exit 0) on unknown keys and typos: the stderr must be empty.
     assert out.returncode == 0 and out.stderr == "", out.stderr
 
@@ -58,7 +62,9 @@ def test_unit_exposure_score_is_at_most_2_5(tmp_path: Path):
     # --offline=true (systemd >= 250) reads the file as it is instead of asking a running systemd.
     out = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager", str(local_unit(tmp_path))],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     found = re.search(r"Overall exposure level for sprout\.service: (\d+\.\d+)", out.stdout)
@@ -86,8 +92,12 @@ def test_every_drop_in_in_the_deploy_guide_verifies_and_keeps_the_score(tmp_path
         (folder / "sprout.service.d" / name).write_text(body)
         out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and out.stderr == "", f"{name}: {out.stderr}"
-        out = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         score = float(re.search(r"Overall exposure level for sprout\.service: (\d+\.\d+)", out.stdout).group(1))
         assert score <= EXPOSURE_LIMIT, f"{name}: {score}"
 
@@ -132,7 +142,9 @@ def test_memory_deny_write_execute_stays_off_because_torch_needs_writable_code()
 
 def syscall_groups() -> dict[str, list[str]]:
     """systemd's named syscall sets (@system-service, ...), as this systemd defines them."""
-    out = subprocess.run(["systemd-analyze", "syscall-filter", "--no-pager"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "--no-pager"], capture_output=True, text=True, check=True
+    ).stdout
     groups: dict[str, list[str]] = {}
     current = None
     for line in out.splitlines():
@@ -198,8 +210,18 @@ exec "$@"
 
 def sandbox_prefix(writable: Path) -> list[str]:
     """A command prefix that runs the rest in the unit's file-system view; [] where this machine does not allow it."""
-    prefix = ["unshare", "--mount", "--pid", "--fork", "sh", "-c", SANDBOX.format(proc=proc_mount_options()), "sandbox",
-              str(writable), str(UNIT.parents[1])]
+    prefix = [
+        "unshare",
+        "--mount",
+        "--pid",
+        "--fork",
+        "sh",
+        "-c",
+        SANDBOX.format(proc=proc_mount_options()),
+        "sandbox",
+        str(writable),
+        str(UNIT.parents[1]),
+    ]
     probe = [*prefix, "sh", "-c", "touch /srv/.probe /tmp/.probe && ! touch /etc/.probe 2>/dev/null"]
     if shutil.which("unshare") is None or subprocess.run(probe, capture_output=True).returncode != 0:
         return []
@@ -228,13 +250,41 @@ def test_the_daemon_learns_exports_reloads_and_stops_inside_the_units_sandbox(br
     prefix = sandbox_prefix(writable)
     inside = Path("/srv") if prefix else writable  # the writable folder as the daemon sees it
     log_path = tmp_path / "daemon.log"
-    env = {**os.environ, "HOME": str(inside / "cache"), "SPROUT_TRAINING__ENABLED": "true",
-           "SPROUT_MODEL__BACKBONE": "tiny", "SPROUT_MODEL__INPUT_SIZE": "32", "SPROUT_TRAINING__BATCH_SIZE": "8",
-           "SPROUT_EXPORT__EVERY_EXAMPLES": "100", "SPROUT_EXPORT__VERIFY_EXAMPLES": "10"}
-    sprout = [sys.executable, "-m", "daemon.cli", "run", "--broker", broker.url, "--state", str(inside / "state"),
-              "--model", "leaves", "--http", f"127.0.0.1:{free_port()}"]
-    strace = ["strace", "-f", "-qq", "-o", str(inside / "syscalls"), "-e", f"trace=!{allowed}",
-              "-e", f"inject=!{allowed}:error=EPERM"]
+    env = {
+        **os.environ,
+        "HOME": str(inside / "cache"),
+        "SPROUT_TRAINING__ENABLED": "true",
+        "SPROUT_MODEL__BACKBONE": "tiny",
+        "SPROUT_MODEL__INPUT_SIZE": "32",
+        "SPROUT_TRAINING__BATCH_SIZE": "8",
+        "SPROUT_EXPORT__EVERY_EXAMPLES": "100",
+        "SPROUT_EXPORT__VERIFY_EXAMPLES": "10",
+    }
+    sprout = [
+        sys.executable,
+        "-m",
+        "daemon.cli",
+        "run",
+        "--broker",
+        broker.url,
+        "--state",
+        str(inside / "state"),
+        "--model",
+        "leaves",
+        "--http",
+        f"127.0.0.1:{free_port()}",
+    ]
+    strace = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        str(inside / "syscalls"),
+        "-e",
+        f"trace=!{allowed}",
+        "-e",
+        f"inject=!{allowed}:error=EPERM",
+    ]
     with log_path.open("w") as log:
         sandbox = subprocess.Popen([*prefix, *strace, *sprout], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -246,8 +296,11 @@ def test_the_daemon_learns_exports_reloads_and_stops_inside_the_units_sandbox(br
             for i in range(150):
                 pub.publish("sprout/leaves/examples", colour_jpeg(i % 3, i), f"colour-{i % 3}", "image/jpeg", f"c-{i}")
             assert pub.wait_all_acked(30)
-        wait_for(lambda: "published version 1" in log_path.read_text() or sandbox.poll() is not None, 300,
-                 "a verified, published model")
+        wait_for(
+            lambda: "published version 1" in log_path.read_text() or sandbox.poll() is not None,
+            300,
+            "a verified, published model",
+        )
         assert sandbox.poll() is None, log_path.read_text()[-3000:]
         os.kill(daemon_pid, signal.SIGHUP)
         wait_for(lambda: "reload:" in log_path.read_text(), 10, "the reload")
@@ -293,7 +346,10 @@ def test_under_journald_every_line_carries_its_syslog_priority(tmp_path: Path):
     assert lines[:2] == ["<6>INFO sprout.test: learning", "<4>WARNING sprout.test: backlog growing"]
     assert lines[2] == "<3>ERROR sprout.test: export failed"
     traceback = lines[3:]
-    assert traceback[0] == "<3>Traceback (most recent call last):" and traceback[-1] == "<3>ZeroDivisionError: division by zero"
+    assert (
+        traceback[0] == "<3>Traceback (most recent call last):"
+        and traceback[-1] == "<3>ZeroDivisionError: division by zero"
+    )
     assert all(line.startswith("<3>") for line in traceback)
 
     # A child whose stderr is not the journal stream (a pipe, a file) inherits JOURNAL_STREAM all the

@@ -9,13 +9,18 @@ import time
 
 import pillow_heif
 import pytest
+from helpers import jpeg, png
 from PIL import Image
 
-from helpers import jpeg, png
 from daemon.ingest.wire import Example, Limits, Reason, Rejection, Unchecked, check_body, holdout_split, parse
 
-LIMITS = Limits(max_image_bytes=200_000, max_image_pixels=1_000_000, max_full_decode_pixels=1_000_000, max_label_chars=32,
-                holdout_fraction=0.2)
+LIMITS = Limits(
+    max_image_bytes=200_000,
+    max_image_pixels=1_000_000,
+    max_full_decode_pixels=1_000_000,
+    max_label_chars=32,
+    holdout_fraction=0.2,
+)
 
 
 def webp(size: int = 20) -> bytes:
@@ -43,8 +48,13 @@ def rejected(result) -> Reason:
 
 @pytest.mark.parametrize(
     ("payload", "content_type", "fmt_size"),
-    [(jpeg(1, 40), "image/jpeg", (40, 40)), (png(2, 24), "image/png", (24, 24)), (webp(20), "image/webp", (20, 20)),
-     (heic(24, 16), "image/heic", (24, 16)), (heic(16, 24), "image/heif", (16, 24))],
+    [
+        (jpeg(1, 40), "image/jpeg", (40, 40)),
+        (png(2, 24), "image/png", (24, 24)),
+        (webp(20), "image/webp", (20, 20)),
+        (heic(24, 16), "image/heic", (24, 16)),
+        (heic(16, 24), "image/heif", (16, 24)),
+    ],
 )
 def test_accepts_each_format_with_its_dimensions(payload, content_type, fmt_size):
     result = parse(payload, props(), content_type, LIMITS, received_at=5.0)
@@ -138,8 +148,13 @@ def test_bomb_past_the_default_limit_is_rejected_without_decoding():
     # 15000 x 15000 = 225 M pixels in ~30 kB: over the default 50 M pixel limit.
     buf = io.BytesIO()
     Image.new("1", (15000, 15000)).save(buf, format="PNG")
-    limits = Limits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, max_full_decode_pixels=50_000_000,
-                    max_label_chars=32, holdout_fraction=0.1)
+    limits = Limits(
+        max_image_bytes=10_000_000,
+        max_image_pixels=50_000_000,
+        max_full_decode_pixels=50_000_000,
+        max_label_chars=32,
+        holdout_fraction=0.1,
+    )
     started = time.perf_counter()
     assert rejected(parse(buf.getvalue(), props(), "image/png", limits)) == Reason.TOO_MANY_PIXELS
     assert time.perf_counter() - started < 0.5  # decoding 225 M pixels would take seconds
@@ -205,8 +220,15 @@ def test_deep_nesting_and_huge_numbers_are_rejected_not_raised(payload):
 
 def test_a_sane_number_or_nesting_in_the_json_form_is_still_accepted():
     image = base64.b64encode(jpeg(7, 24)).decode()
-    msg = json.dumps({"label": "rust", "image": image, "content_type": "image/jpeg", "meta": {"gps": [48.1, 11.5]},
-                      "taken": 1733100000123}).encode()
+    msg = json.dumps(
+        {
+            "label": "rust",
+            "image": image,
+            "content_type": "image/jpeg",
+            "meta": {"gps": [48.1, 11.5]},
+            "taken": 1733100000123,
+        }
+    ).encode()
     assert isinstance(parse(msg, None, None, LIMITS), Example)
 
 
@@ -241,8 +263,13 @@ def test_a_body_that_does_not_decode_is_rejected_at_intake():
 
 
 def test_png_and_webp_past_the_full_decode_limit_are_rejected_jpeg_is_decoded_at_a_reduced_scale():
-    limits = Limits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, max_full_decode_pixels=16_777_216,
-                    max_label_chars=32, holdout_fraction=0.1)
+    limits = Limits(
+        max_image_bytes=10_000_000,
+        max_image_pixels=50_000_000,
+        max_full_decode_pixels=16_777_216,
+        max_label_chars=32,
+        holdout_fraction=0.1,
+    )
     # 7000 x 7000 all-zero PNG, ~143 KB: decoding it whole would cost 147 MB.
     buf = io.BytesIO()
     Image.new("RGB", (7000, 7000)).save(buf, format="PNG")

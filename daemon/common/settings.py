@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 EX_CONFIG = 78  # sysexits.h: systemd's RestartPreventExitStatus=78 stops a restart loop on a bad config.
@@ -43,14 +52,19 @@ class MqttSettings(Section):
         description="Stable MQTT client id; empty = 'sprout-<model>'. It names the broker-side session that "
         "keeps un-acked examples while Sprout is down, so it must not change between restarts.",
     )
-    topic_prefix: str = Field("sprout", description="Topics are <prefix>/<model>/examples, .../rejected, .../models/latest.")
+    topic_prefix: str = Field(
+        "sprout", description="Topics are <prefix>/<model>/examples, .../rejected, .../models/latest."
+    )
     share_group: str = Field(
-        "", description="Shared-subscription group; empty = plain subscription. Set it to run several Sprouts on one feed."
+        "",
+        description="Shared-subscription group; empty = plain subscription. Set it to run several Sprouts on one feed.",
     )
     session_expiry_s: int = Field(
         86_400, ge=0, description="Seconds the broker keeps the session (and queued examples) while Sprout is down."
     )
-    keepalive_s: int = Field(30, ge=5, le=65_535, description="Seconds between pings; lower notices a dead link sooner.")
+    keepalive_s: int = Field(
+        30, ge=5, le=65_535, description="Seconds between pings; lower notices a dead link sooner."
+    )
     receive_maximum: int = Field(
         1_000,
         ge=1,
@@ -58,12 +72,16 @@ class MqttSettings(Section):
         description="Un-acked examples the broker may send at once. Higher lets more share one commit (faster); "
         "lower means fewer redeliveries after a crash.",
     )
-    reconnect_min_s: float = Field(1.0, gt=0, description="First reconnect delay in seconds; doubles up to reconnect_max_s.")
+    reconnect_min_s: float = Field(
+        1.0, gt=0, description="First reconnect delay in seconds; doubles up to reconnect_max_s."
+    )
     reconnect_max_s: float = Field(60.0, gt=0, description="Longest reconnect delay in seconds.")
     username: str = Field("", description="Broker user; empty = anonymous.")
     password: SecretStr | None = Field(None, description="Broker password; prefer password_file or the environment.")
     password_file: Path | None = Field(None, description="File whose first line is the broker password.")
-    tls_ca_file: Path | None = Field(None, description="CA bundle to verify the broker with mqtts://; empty = system CAs.")
+    tls_ca_file: Path | None = Field(
+        None, description="CA bundle to verify the broker with mqtts://; empty = system CAs."
+    )
     tls_cert_file: Path | None = Field(None, description="Client certificate (PEM) for brokers that require one.")
     tls_key_file: Path | None = Field(None, description="Key of tls_cert_file (PEM).")
 
@@ -77,7 +95,7 @@ class MqttSettings(Section):
             # The broker URL is logged and shown by check-config; credentials have their own fields.
             raise ValueError("put the user in mqtt.username and the password in mqtt.password_file, not in the URL")
         try:
-            parts.port
+            _ = parts.port  # reading it is the check: the property raises for a bad port
         except ValueError as err:
             raise ValueError(f"bad port: {err}") from None
         return value
@@ -105,7 +123,9 @@ class MqttSettings(Section):
         if self.password is not None and self.password_file is not None:
             raise ValueError("set password or password_file, not both")
         tls_files = {
-            name: getattr(self, name) for name in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, name)
+            name: getattr(self, name)
+            for name in ("tls_ca_file", "tls_cert_file", "tls_key_file")
+            if getattr(self, name)
         }
         if tls_files and not self.tls:
             # Refuse rather than run plaintext: whoever set a CA meant the link to be encrypted and verified.
@@ -154,7 +174,10 @@ class MqttSettings(Section):
 
 class StoreSettings(Section):
     holdout_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Share of examples without a 'split' kept out of training for the export gates."
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of examples without a 'split' kept out of training for the export gates.",
     )
     max_image_bytes: int = Field(
         16 * 1024 * 1024,
@@ -180,10 +203,15 @@ class StoreSettings(Section):
         512, ge=1, description="Most examples in one transaction; larger amortises the fsync, smaller acks sooner."
     )
     commit_linger_ms: float = Field(
-        2.0, ge=0.0, le=1000.0, description="Milliseconds to wait for more examples before a commit; adds that much latency."
+        2.0,
+        ge=0.0,
+        le=1000.0,
+        description="Milliseconds to wait for more examples before a commit; adds that much latency.",
     )
     backlog_max: int = Field(
-        20_000, ge=1, description="Examples received but not yet committed; past it the network thread waits (backpressure)."
+        20_000,
+        ge=1,
+        description="Examples received but not yet committed; past it the network thread waits (backpressure).",
     )
     backlog_max_mb: int = Field(
         512,
@@ -213,7 +241,8 @@ class ModelSettings(Section):
         "efficientnet_lite0", description="Pretrained network to fine-tune; 'tiny' is an untrained test network."
     )
     weights_file: Path | None = Field(
-        None, description="Your own pretrained backbone weights (a torch state_dict); unset = the shipped ImageNet weights."
+        None,
+        description="Your own pretrained backbone weights (a torch state_dict); unset = the shipped ImageNet weights.",
     )
     input_size: int = Field(
         128,
@@ -258,7 +287,9 @@ class TrainingSettings(Section):
         "a CPU (the backbone, not decoding, is the limit) and every core but two (at most 16) on CUDA, where one "
         "core's decoding (~600 images/s) would cap the GPU. Each worker is a process of ~60 MB.",
     )
-    batch_size: int = Field(32, ge=1, le=1024, description="New examples per step; smaller learns sooner, larger is faster.")
+    batch_size: int = Field(
+        32, ge=1, le=1024, description="New examples per step; smaller learns sooner, larger is faster."
+    )
     replay_ratio: float = Field(
         4.0,
         ge=0.0,
@@ -273,7 +304,9 @@ class TrainingSettings(Section):
     )
     learning_rate: float = Field(3e-3, gt=0, le=1.0, description="AdamW learning rate of the head (backbone: a tenth).")
     weight_decay: float = Field(1e-4, ge=0, le=1.0, description="AdamW weight decay.")
-    last_blocks: int = Field(2, ge=1, le=64, description="Backbone stages trained in 'last_blocks' mode, from the output end.")
+    last_blocks: int = Field(
+        2, ge=1, le=64, description="Backbone stages trained in 'last_blocks' mode, from the output end."
+    )
     cpu_threads: int = Field(
         1, ge=1, le=256, description="torch threads on CPU; leave a core to ingestion on small machines."
     )
@@ -294,13 +327,19 @@ class TrainingSettings(Section):
         "to the last checkpoint; lower recovers sooner from a diverged model, higher rides out more bad batches "
         "before discarding what was learned since the checkpoint. Non-finite weights restore at once.",
     )
-    seed: int = Field(0, description="Seed for replay sampling and initialisation; the same seed and stream give the same model.")
+    seed: int = Field(
+        0, description="Seed for replay sampling and initialisation; the same seed and stream give the same model."
+    )
 
 
 class ExportSettings(Section):
-    enabled: bool = Field(True, description="Export and publish models while learning; off = only `sprout export` does.")
+    enabled: bool = Field(
+        True, description="Export and publish models while learning; off = only `sprout export` does."
+    )
     every_examples: int = Field(
-        2000, ge=1, description="Newly learned examples that trigger an export; lower is fresher, each export costs CPU."
+        2000,
+        ge=1,
+        description="Newly learned examples that trigger an export; lower is fresher, each export costs CPU.",
     )
     every_seconds: float = Field(
         600.0, gt=0, description="Seconds after which anything newly learned is exported even below every_examples."
@@ -403,7 +442,8 @@ class RegistrySettings(Section):
 
 class ServerSettings(Section):
     http: str = Field(
-        "127.0.0.1:8080", description="HOST:PORT for the HTTP API; 0.0.0.0 serves every interface, port 0 picks a free one."
+        "127.0.0.1:8080",
+        description="HOST:PORT for the HTTP API; 0.0.0.0 serves every interface, port 0 picks a free one.",
     )
     admin_http: str = Field(
         "127.0.0.1:8081",
@@ -491,7 +531,8 @@ class SigningSettings(Section):
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Least severe level written.")
     format: Literal["text", "json"] = Field(
-        "text", description="'text' for terminals and journald (no timestamp of its own under systemd), 'json' lines for collectors."
+        "text",
+        description="'text' for terminals and journald (no timestamp of its own under systemd), 'json' lines for collectors.",
     )
     progress_every_s: float = Field(10.0, gt=0, description="Seconds between progress lines; lower is chattier.")
 
@@ -500,7 +541,11 @@ class Settings(BaseSettings):
     """The whole configuration. Build it with :meth:`Settings.load`."""
 
     model_config = SettingsConfigDict(
-        env_prefix="SPROUT_", env_nested_delimiter="__", extra="forbid", validate_default=True, nested_model_default_partial_update=True
+        env_prefix="SPROUT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+        nested_model_default_partial_update=True,
     )
 
     state_dir: Path = Field(Path("./var"), description="Examples, checkpoints and the model registry live here.")
@@ -526,8 +571,11 @@ class Settings(BaseSettings):
             section = getattr(self, name)
             if not isinstance(section, Section):
                 continue
-            paths = {field: _absolute(value) for field in type(section).model_fields
-                     if isinstance(value := getattr(section, field), Path)}
+            paths = {
+                field: _absolute(value)
+                for field in type(section).model_fields
+                if isinstance(value := getattr(section, field), Path)
+            }
             if paths:  # a copy: a section may be the class's shared default
                 setattr(self, name, section.model_copy(update=paths))
         return self
@@ -559,8 +607,10 @@ class Settings(BaseSettings):
             raise ConfigError(describe(err, path)) from None
         except SettingsError as err:
             # A list or table field set from the environment must be JSON: say which variable and how.
-            raise ConfigError(f"{_not_json(cls) or err}: list and table fields take JSON in the environment, "
-                              f"e.g. SPROUT_EXPORT__RUNTIMES='[\"ai-edge-litert\"]'") from None
+            raise ConfigError(
+                f"{_not_json(cls) or err}: list and table fields take JSON in the environment, "
+                f"e.g. SPROUT_EXPORT__RUNTIMES='[\"ai-edge-litert\"]'"
+            ) from None
         finally:
             _file_data.reset(token)
 
@@ -645,17 +695,17 @@ def describe(err: ValidationError, path: Path | str | None) -> str:
     return "\n".join(lines)
 
 
-_file_data: ContextVar[dict[str, Any]] = ContextVar("sprout_config_file", default={})
+_file_data: ContextVar[dict[str, Any]] = ContextVar("sprout_config_file")
 
 
 class _FileSource(PydanticBaseSettingsSource):
     """The parsed TOML file of the current :meth:`Settings.load` call."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return _file_data.get().get(field_name), field_name, False
+        return _file_data.get({}).get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return _file_data.get()
+        return _file_data.get({})
 
 
 def _mask(data: dict[str, Any], model: BaseModel) -> dict[str, Any]:

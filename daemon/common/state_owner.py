@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edge.atomic import write_atomic
 from daemon.common.settings import ConfigError
+from edge.atomic import write_atomic
 
 OWNER_FILE = "model.json"
 

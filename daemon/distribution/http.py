@@ -51,8 +51,12 @@ Health = Callable[[], dict[str, bool]]
 
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as settings.model.name allows
 _VERSION = re.compile(r"^[1-9][0-9]{0,9}$")
-_FILES = {"manifest.json": "application/json", "manifest.json.sig": "application/octet-stream",
-          "model.tflite": "application/octet-stream", "labels.txt": "text/plain; charset=utf-8"}
+_FILES = {
+    "manifest.json": "application/json",
+    "manifest.json.sig": "application/octet-stream",
+    "model.tflite": "application/octet-stream",
+    "labels.txt": "text/plain; charset=utf-8",
+}
 IMMUTABLE = "public, max-age=31536000, immutable"  # a published version's files never change
 
 
@@ -102,8 +106,11 @@ class DownloadApi:
         if self.token is not None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-                return JSONResponse({"error": "a valid bearer token is required: Authorization: Bearer <token>"},
-                                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="sprout"'})
+                return JSONResponse(
+                    {"error": "a valid bearer token is required: Authorization: Bearer <token>"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="sprout"'},
+                )
         self.fleet.heard(request.headers.get("sprout-device"), request.headers.get("sprout-version"))
         model = request.path_params["model"]
         if not _MODEL.match(model):
@@ -137,8 +144,11 @@ class DownloadApi:
             return _error(404, f"version {version} is not published (or was removed by retention)")
         if name in ("manifest.json", "manifest.json.sig"):
             return _document(request, folder / name, IMMUTABLE)
-        etag = f'"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}"' if name == "labels.txt" \
+        etag = (
+            f'"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}"'
+            if name == "labels.txt"
             else self._model_etag(folder)
+        )
         headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
         if _etag_matches(request, etag):
             return Response(status_code=304, headers=headers)
@@ -155,10 +165,15 @@ class DownloadApi:
         return f'"{manifest["files"]["model.tflite"]["sha256"]}"'
 
 
-def build_app(health: Health | None, api: DownloadApi | None = None, metrics: Callable[[], bytes] | None = None,
-              status: Callable[[], str] | None = None) -> Starlette:
+def build_app(
+    health: Health | None,
+    api: DownloadApi | None = None,
+    metrics: Callable[[], bytes] | None = None,
+    status: Callable[[], str] | None = None,
+) -> Starlette:
     """The routes given: the phone-facing API (``api``) and the operator's (``health``, ``metrics``,
     ``status``), together on one listener or apart on two (daemon/service/daemon.py decides)."""
+
     async def healthz(request: Request) -> JSONResponse:
         parts = health()
         return JSONResponse(parts, status_code=200 if all(parts.values()) else 503)
@@ -203,7 +218,8 @@ class RequestTimeoutProtocol(H11Protocol):
         super().handle_events()
         # h11 stays IDLE until a request's head is complete: bytes in its buffer are a head under way.
         receiving = self.conn.their_state is h11.SEND_BODY or (
-            self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0]))
+            self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
+        )
         if receiving and self._request_timer is None:
             self._request_timer = self.loop.call_later(self.request_timeout_s, self._request_timed_out)
         elif not receiving:
@@ -224,14 +240,27 @@ class RequestTimeoutProtocol(H11Protocol):
 
 
 class HttpServer:
-    def __init__(self, host: str, port: int, health: Health | None, api: DownloadApi | None = None,
-                 tls_cert_file: Path | None = None, tls_key_file: Path | None = None,
-                 metrics: Callable[[], bytes] | None = None, status: Callable[[], str] | None = None,
-                 request_timeout_s: float = 10.0):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        health: Health | None,
+        api: DownloadApi | None = None,
+        tls_cert_file: Path | None = None,
+        tls_key_file: Path | None = None,
+        metrics: Callable[[], bytes] | None = None,
+        status: Callable[[], str] | None = None,
+        request_timeout_s: float = 10.0,
+    ):
         # A class of this server's own: uvicorn builds the protocol itself, from the class alone.
         protocol = type("RequestTimeoutProtocol", (RequestTimeoutProtocol,), {"request_timeout_s": request_timeout_s})
         config = uvicorn.Config(
-            build_app(health, api, metrics, status), host=host, port=port, log_level="warning", lifespan="off", access_log=False,
+            build_app(health, api, metrics, status),
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
             http=protocol,
             ssl_certfile=str(tls_cert_file) if tls_cert_file else None,
             ssl_keyfile=str(tls_key_file) if tls_key_file else None,

@@ -44,8 +44,12 @@ class Notice(threading.Thread):
                     failing = None
                 except OSError as err:  # an unreadable latest file (permissions, I/O): said once, tried again
                     if str(err) != failing:
-                        log.error("cannot read %s to announce it: %s; trying again every %.0fs",
-                                  self.latest_file, err, self.poll_s)
+                        log.error(
+                            "cannot read %s to announce it: %s; trying again every %.0fs",
+                            self.latest_file,
+                            err,
+                            self.poll_s,
+                        )
                     failing = str(err)
                 self._stop_event.wait(self.poll_s)
         except Exception as err:

@@ -62,7 +62,7 @@ def remove_orphaned_temporaries() -> int:
     """Remove the temporaries of export children whose daemon is gone (killed: it could not clean up)."""
     removed = 0
     for folder in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
-        owner = folder.name[len(TMP_PREFIX):].split("-", 1)[0]
+        owner = folder.name[len(TMP_PREFIX) :].split("-", 1)[0]
         if owner.isdigit() and int(owner) != os.getpid() and not Path(f"/proc/{owner}").exists():
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
@@ -131,12 +131,19 @@ class _Process:
 
     def __init__(self) -> None:
         self.tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
-        env = {**os.environ, "TMPDIR": self.tmp,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "TMPDIR": self.tmp,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+        }
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon.export.child", str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=self.tmp,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=self.tmp,
             )
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -204,8 +211,7 @@ class ExportChild:
                 raise ExportStopped("the daemon is stopping")
             child, self._spare = self._spare, None
             if child is not None and not child.alive:  # killed or crashed while it waited
-                log.warning("the waiting export process ended (exit code %s); starting another",
-                            child.proc.returncode)
+                log.warning("the waiting export process ended (exit code %s); starting another", child.proc.returncode)
                 child.discard()
                 child = None
             self._running = child if child is not None else _Process()
@@ -234,8 +240,10 @@ class ExportChild:
         if code != 0:
             how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             printed = done.log.quote()
-            raise ExportFailed(f"the export process ended without an outcome ({how}; its log lines are above)"
-                               + (f"; it printed: {printed}" if printed else ""))
+            raise ExportFailed(
+                f"the export process ended without an outcome ({how}; its log lines are above)"
+                + (f"; it printed: {printed}" if printed else "")
+            )
         try:
             return json.loads(out)
         except ValueError as err:
@@ -270,17 +278,19 @@ def main(argv: list[str]) -> int:
             log.exception("export failed: %s", err)
             return EX_SOFTWARE
         doc = {"disk_full": {"errno": err.errno, "strerror": err.strerror, "filename": err.filename}}
-    except Exception as err:  # noqa: BLE001 - reported to the daemon by the exit code, with the traceback logged
+    except Exception as err:
         log.exception("export failed: %s", err)
         return EX_SOFTWARE
     else:
-        doc = {"outcome": {
-            "published": outcome.published,
-            "reasons": [{"text": str(r), "kind": getattr(r, "kind", "other")} for r in outcome.reasons],
-            "metrics": outcome.metrics,
-            "seconds": outcome.seconds,
-            "skipped": outcome.skipped,
-        }}
+        doc = {
+            "outcome": {
+                "published": outcome.published,
+                "reasons": [{"text": str(r), "kind": getattr(r, "kind", "other")} for r in outcome.reasons],
+                "metrics": outcome.metrics,
+                "seconds": outcome.seconds,
+                "skipped": outcome.skipped,
+            }
+        }
     json.dump(doc, result, default=str)
     result.close()
     return 0

@@ -131,7 +131,9 @@ def _convert_int8(litert_torch, nhwc: nn.Module, sample: tuple[torch.Tensor], ca
     config = get_symmetric_quantization_config(is_per_channel=True)
     # Min-max activation ranges instead of the default histogram search: on EfficientNet-Lite0 they lost
     # less top-1 and calibrate ~4x faster (docs/quantization.md). The clamped ReLU6 bounds most of them.
-    minmax = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+    minmax = dataclasses.replace(
+        config.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12)
+    )
     config = dataclasses.replace(config, input_activation=minmax, output_activation=minmax)
     quantizer = PT2EQuantizer().set_global(config)
     prepared = prepare_pt2e(torch.export.export(nhwc, sample).module(), quantizer)
@@ -165,8 +167,12 @@ def _fp16_weights(flat: bytes) -> bytes:
     from ai_edge_quantizer.qtyping import TFLOperationName
 
     q = quantizer.Quantizer(bytearray(flat))
-    q.add_weight_only_config(regex=".*", operation_name=TFLOperationName.ALL_SUPPORTED, num_bits=16,
-                             algorithm_key=AlgorithmName.FLOAT_CASTING)
+    q.add_weight_only_config(
+        regex=".*",
+        operation_name=TFLOperationName.ALL_SUPPORTED,
+        num_bits=16,
+        algorithm_key=AlgorithmName.FLOAT_CASTING,
+    )
     # It prints a progress bar and a size summary to stdout, which is `sprout export`'s JSON channel.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return bytes(q.quantize().quantized_model)

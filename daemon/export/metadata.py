@@ -63,8 +63,10 @@ def describe(tflite: bytes, *, name: str, labels: list[str], input_size: int, ba
     graph = model.subgraphs[0]
     types = [graph.tensors[i].type for i in graph.inputs], [graph.tensors[i].type for i in graph.outputs]
     if types != ([schema.TensorType.UINT8], [schema.TensorType.FLOAT32]):
-        raise ValueError(f"describe: expected one uint8 input and one float32 output, the model has {types[0]} "
-                         f"and {types[1]} (TFLite TensorType numbers)")
+        raise ValueError(
+            f"describe: expected one uint8 input and one float32 output, the model has {types[0]} "
+            f"and {types[1]} (TFLite TensorType numbers)"
+        )
     for buffer in model.buffers:
         if buffer.offset > 1:  # stored after the flatbuffer (TFLite: an offset above 1 is one): moved inside
             buffer.data = np.frombuffer(tflite, np.uint8, buffer.size, buffer.offset)
@@ -142,8 +144,10 @@ def stamp_version(tflite: bytes, version: int) -> bytes:
     at, length = _version_string(tflite)
     room = len(UNPUBLISHED)
     if bytes(tflite[at : at + length]) != UNPUBLISHED.encode("ascii"):
-        raise ValueError(f"stamp_version: the model's metadata version is {bytes(tflite[at : at + length])!r}, "
-                         f"not the placeholder {UNPUBLISHED!r} that describe() writes")
+        raise ValueError(
+            f"stamp_version: the model's metadata version is {bytes(tflite[at : at + length])!r}, "
+            f"not the placeholder {UNPUBLISHED!r} that describe() writes"
+        )
     if len(text) > room:
         raise ValueError(f"stamp_version: version {version} does not fit in the {room} characters reserved for it")
     stamped = bytearray(tflite)

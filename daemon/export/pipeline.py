@@ -26,18 +26,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from daemon.learning import checkpoint
+from daemon.common.settings import Settings
 from daemon.export.converter import convert, float_probabilities, input_dtype, snapshot
-from daemon.learning.head import GrowingHead
-from edge.preprocess import load_rgb
-from daemon.store.labels import LabelMap, outputs_after
 from daemon.export.lossy_modes import LossyModes
 from daemon.export.metadata import describe, stamp_version
 from daemon.export.published_scores import PublishedScores
-from daemon.registry.versions import Registry
-from daemon.common.settings import Settings
-from daemon.store.examples import StoreReader
 from daemon.export.verification import RuntimeReport, verify
+from daemon.learning import checkpoint
+from daemon.learning.head import GrowingHead
+from daemon.registry.versions import Registry
+from daemon.store.examples import StoreReader
+from daemon.store.labels import LabelMap, outputs_after
+from edge.preprocess import load_rgb
 from models import zoo
 
 log = logging.getLogger("sprout.export")
@@ -67,7 +67,9 @@ class Outcome:
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-    skipped: list[str] = field(default_factory=list)  # modes resting after an accuracy refusal (daemon/export/lossy_modes.py)
+    skipped: list[str] = field(
+        default_factory=list
+    )  # modes resting after an accuracy refusal (daemon/export/lossy_modes.py)
 
 
 def export_once(settings: Settings) -> Outcome:
@@ -84,8 +86,11 @@ def export_once(settings: Settings) -> Outcome:
         snap = _restored(settings, reader)
         size = settings.model.input_size
         seqs, images, labels = _holdout(snap, reader, size, cfg.verify_examples)
-        calibration = _calibration(snap, reader, size, cfg.calibration_examples, settings.training.seed) \
-            if "int8" in modes else []
+        calibration = (
+            _calibration(snap, reader, size, cfg.calibration_examples, settings.training.seed)
+            if "int8" in modes
+            else []
+        )
     finally:
         reader.close()
     clock.lap("data")
@@ -100,13 +105,27 @@ def export_once(settings: Settings) -> Outcome:
     outcome = Outcome(None)
     for mode in cfg.quantization:
         if mode not in modes:
-            log.info("%s skipped: refused for its accuracy drop at an earlier export, tried again in %d more "
-                     "(export.skip_lossy_mode_for)", mode, lossy.resting(mode) - 1)
+            log.info(
+                "%s skipped: refused for its accuracy drop at an earlier export, tried again in %d more "
+                "(export.skip_lossy_mode_for)",
+                mode,
+                lossy.resting(mode) - 1,
+            )
             lossy.skipped(mode)
             outcome.skipped.append(mode)
             continue
-        fields, tflite, reports, reasons = _candidate(settings, snap, model, mode, images, labels, reference,
-                                                      float_top1, calibration if mode == "int8" else [], baseline)
+        fields, tflite, reports, reasons = _candidate(
+            settings,
+            snap,
+            model,
+            mode,
+            images,
+            labels,
+            reference,
+            float_top1,
+            calibration if mode == "int8" else [],
+            baseline,
+        )
         outcome.metrics = fields["metrics"]
         clock.lap(mode)
         if reasons:
@@ -114,8 +133,13 @@ def export_once(settings: Settings) -> Outcome:
             outcome.reasons += [Reason(f"{mode}: {r}", r.kind) for r in reasons]
             # The gates at work, not a fault while another mode is left to try; refusing the last is news.
             last = mode == cfg.quantization[-1]
-            log.log(logging.WARNING if last else logging.INFO, "%s export rejected: %s%s", mode, "; ".join(reasons),
-                    "" if last else "; trying the next mode")
+            log.log(
+                logging.WARNING if last else logging.INFO,
+                "%s export rejected: %s%s",
+                mode,
+                "; ".join(reasons),
+                "" if last else "; trying the next mode",
+            )
             if any(getattr(r, "kind", "") == "accuracy_drop" for r in reasons) and mode != cfg.quantization[-1]:
                 lossy.refused_for_accuracy(mode, cfg.skip_lossy_mode_for)
             else:
@@ -126,9 +150,13 @@ def export_once(settings: Settings) -> Outcome:
         # placeholder (stamp_version changes nothing else: same length, no tensor or op touched).
         outcome.published = registry.publish(tflite, fields, stamp=stamp_version)
         _remember(settings, outcome.published["version"], reports, seqs, snap.labels)
-        log.info("published version %d (%s, holdout top-1 %s; float %.1f%%)", outcome.published["version"], mode,
-                 ", ".join(f"{k} {100 * v:.1f}%" for k, v in fields["metrics"]["holdout_top1"].items()),
-                 100 * float_top1)
+        log.info(
+            "published version %d (%s, holdout top-1 %s; float %.1f%%)",
+            outcome.published["version"],
+            mode,
+            ", ".join(f"{k} {100 * v:.1f}%" for k, v in fields["metrics"]["holdout_top1"].items()),
+            100 * float_top1,
+        )
         break
     try:
         lossy.save()
@@ -154,22 +182,40 @@ class _Stages:
         self._at = now
 
     def __str__(self) -> str:
-        names = {"data": "holdout and calibration images", "float": "float reference",
-                 "published": "published version's predictions"}
+        names = {
+            "data": "holdout and calibration images",
+            "float": "float reference",
+            "published": "published version's predictions",
+        }
         return ", ".join(f"{names.get(k, f'{k} convert and verify')} {v:.1f}s" for k, v in self.laps.items())
 
 
-def _candidate(settings: Settings, snap: Snapshot, model: nn.Module, mode: str, images: np.ndarray,
-               labels: np.ndarray, reference: np.ndarray, float_top1: float, calibration: list[np.ndarray],
-               baseline: Baseline | None) -> tuple[dict[str, Any], bytes, list[RuntimeReport], list[str]]:
+def _candidate(
+    settings: Settings,
+    snap: Snapshot,
+    model: nn.Module,
+    mode: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    reference: np.ndarray,
+    float_top1: float,
+    calibration: list[np.ndarray],
+    baseline: Baseline | None,
+) -> tuple[dict[str, Any], bytes, list[RuntimeReport], list[str]]:
     """Convert in ``mode`` and verify on every runtime: the manifest fields, the bytes, the reports, why not to ship."""
     cfg = settings.export
     size = settings.model.input_size
     converted = time.perf_counter()
     # With its TFLite Model Metadata (labels.txt, input description) before verification: every runtime
     # checks the file devices and platform classifiers get (daemon/export/metadata.py).
-    tflite = describe(convert(model, mode, size, calibration), name=settings.model.name, labels=list(snap.labels),
-                      input_size=size, base=snap.spec.name, quantization=mode)
+    tflite = describe(
+        convert(model, mode, size, calibration),
+        name=settings.model.name,
+        labels=list(snap.labels),
+        input_size=size,
+        base=snap.spec.name,
+        quantization=mode,
+    )
     convert_s = time.perf_counter() - converted
     reports = verify(tflite, images, labels, reference, cfg.runtimes, _pythons(settings), cfg.verify_timeout_s)
     ran = [r for r in reports if r.error is None]
@@ -208,8 +254,9 @@ class Baseline:
     rescored: int = 0  # holdout examples the published version had not been run on before this export
 
 
-def _baseline(registry: Registry, settings: Settings, seqs: list[int], images: np.ndarray,
-              names: list[str]) -> Baseline | None:
+def _baseline(
+    registry: Registry, settings: Settings, seqs: list[int], images: np.ndarray, names: list[str]
+) -> Baseline | None:
     """The latest published version's top-1 on the candidate's holdout images, on every runtime.
 
     Its top-1 at publish time was measured on the holdout of that day; the holdout grows and shifts (new
@@ -222,8 +269,12 @@ def _baseline(registry: Registry, settings: Settings, seqs: list[int], images: n
         return None
     size = settings.model.input_size
     if list(latest["input"]["shape"][1:3]) != [size, size]:
-        log.info("published version %d takes %s input, this config %d px: no comparison with it",
-                 latest["version"], latest["input"]["shape"], size)
+        log.info(
+            "published version %d takes %s input, this config %d px: no comparison with it",
+            latest["version"],
+            latest["input"]["shape"],
+            size,
+        )
         return None
     runtimes = list(settings.export.runtimes)
     scores = PublishedScores(settings.state_dir, latest["version"])
@@ -236,15 +287,25 @@ def _baseline(registry: Registry, settings: Settings, seqs: list[int], images: n
         missing = sorted({s for r in runtimes if r not in failed for s in scores.missing(r, seqs)})
         if not missing:
             break
-        reports = verify(registry.model_path(latest["version"]).read_bytes(), images[[at[s] for s in missing]],
-                         None, None, [r for r in runtimes if r not in failed], _pythons(settings),
-                         settings.export.verify_timeout_s)
+        reports = verify(
+            registry.model_path(latest["version"]).read_bytes(),
+            images[[at[s] for s in missing]],
+            None,
+            None,
+            [r for r in runtimes if r not in failed],
+            _pythons(settings),
+            settings.export.verify_timeout_s,
+        )
         rescored.update(missing)
         for r in reports:
             if r.error is not None or r.predicted is None:
                 failed.add(r.runtime)
-                log.warning("published version %d could not be scored on %s (%s): no comparison there",
-                            latest["version"], r.runtime, r.error)
+                log.warning(
+                    "published version %d could not be scored on %s (%s): no comparison there",
+                    latest["version"],
+                    r.runtime,
+                    r.error,
+                )
                 continue
             scores.add(r.runtime, r.version, missing, [latest["labels"][i] for i in r.predicted])
     try:
@@ -255,8 +316,9 @@ def _baseline(registry: Registry, settings: Settings, seqs: list[int], images: n
     return Baseline(latest["version"], top1, len(rescored))
 
 
-def _remember(settings: Settings, version: int, reports: list[RuntimeReport], seqs: list[int],
-              labels: list[str]) -> None:
+def _remember(
+    settings: Settings, version: int, reports: list[RuntimeReport], seqs: list[int], labels: list[str]
+) -> None:
     """The new version's predictions on the holdout it was just verified on: the next export's baseline."""
     scores = PublishedScores(settings.state_dir, version)
     for r in reports:
@@ -300,19 +362,23 @@ def gate(reports: list[RuntimeReport], float_top1: float, baseline: Baseline | N
         top1 = report.top1 or 0.0
         drop = 100 * (float_top1 - top1)
         if drop > settings.export.max_drop_pts:
-            reasons.append(Reason(
-                f"holdout top-1 on {name} is {100 * top1:.1f}%, {drop:.1f} points below the float model's "
-                f"{100 * float_top1:.1f}% (limit export.max_drop_pts = {settings.export.max_drop_pts})",
-                "accuracy_drop",
-            ))
+            reasons.append(
+                Reason(
+                    f"holdout top-1 on {name} is {100 * top1:.1f}%, {drop:.1f} points below the float model's "
+                    f"{100 * float_top1:.1f}% (limit export.max_drop_pts = {settings.export.max_drop_pts})",
+                    "accuracy_drop",
+                )
+            )
         previous = baseline.top1.get(report.runtime) if baseline is not None else None
         if previous is not None and 100 * (previous - top1) > settings.export.tolerance_pts:
-            reasons.append(Reason(
-                f"holdout top-1 on {name} is {100 * top1:.1f}%, below the published version {baseline.version}'s "
-                f"{100 * previous:.1f}% on the same images by more than export.tolerance_pts = "
-                f"{settings.export.tolerance_pts} points",
-                "regression",
-            ))
+            reasons.append(
+                Reason(
+                    f"holdout top-1 on {name} is {100 * top1:.1f}%, below the published version {baseline.version}'s "
+                    f"{100 * previous:.1f}% on the same images by more than export.tolerance_pts = "
+                    f"{settings.export.tolerance_pts} points",
+                    "regression",
+                )
+            )
     return reasons
 
 
@@ -320,8 +386,10 @@ def _restored(settings: Settings, reader: StoreReader) -> Snapshot:
     """The checkpoint's network, with the label changes it predates up to ``reader.labels`` applied."""
     payload = checkpoint.load(settings.state_dir / "checkpoints")
     if payload is None:
-        raise NothingToExport("no checkpoint yet: let the daemon learn first (it checkpoints every "
-                              f"{settings.training.checkpoint_every_s:.0f} s)")
+        raise NothingToExport(
+            "no checkpoint yet: let the daemon learn first (it checkpoints every "
+            f"{settings.training.checkpoint_every_s:.0f} s)"
+        )
     if payload["backbone"] != settings.model.backbone or payload["input_size"] != settings.model.input_size:
         raise NothingToExport(
             f"the checkpoint is of {payload['backbone']} at {payload['input_size']} px; this config says "
@@ -354,7 +422,9 @@ def _restored(settings: Settings, reader: StoreReader) -> Snapshot:
 def _holdout(snap: Snapshot, reader: StoreReader, size: int, most: int) -> tuple[list[int], np.ndarray, np.ndarray]:
     """The most recent holdout examples of known classes: their seqs, uint8 RGB at the model's input size, labels."""
     known = {label: i for i, label in enumerate(snap.labels)}
-    pairs = [(seq, label) for seq, label in reader.labels_up_to(snap.high_water_mark, "holdout") if label in known][-most:]
+    pairs = [(seq, label) for seq, label in reader.labels_up_to(snap.high_water_mark, "holdout") if label in known][
+        -most:
+    ]
     seqs, images, labels = [], [], []
     for e in reader.by_seq([seq for seq, _ in pairs]):
         rgb = load_rgb(e.image, size)

@@ -43,8 +43,10 @@ class PublishedScores:
         try:
             doc = json.loads(self.path.read_text())
             if doc.get("model_version") == model_version:
-                self.runtimes = {name: RuntimePredictions(r["version"], {int(k): v for k, v in r["by_seq"].items()})
-                                 for name, r in doc["runtimes"].items()}
+                self.runtimes = {
+                    name: RuntimePredictions(r["version"], {int(k): v for k, v in r["by_seq"].items()})
+                    for name, r in doc["runtimes"].items()
+                }
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self.runtimes = {}  # none yet, or unreadable: scored anew
 
@@ -69,9 +71,13 @@ class PublishedScores:
         """Write by rename; remove the files of versions other than this one and ``keep``."""
         folder = self.path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        doc = {"model_version": self.model_version,
-               "runtimes": {name: {"version": r.version, "by_seq": {str(k): v for k, v in r.by_seq.items()}}
-                            for name, r in self.runtimes.items()}}
+        doc = {
+            "model_version": self.model_version,
+            "runtimes": {
+                name: {"version": r.version, "by_seq": {str(k): v for k, v in r.by_seq.items()}}
+                for name, r in self.runtimes.items()
+            },
+        }
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
         try:
             with os.fdopen(fd, "w") as f:

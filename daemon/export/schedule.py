@@ -18,12 +18,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from daemon.learning import checkpoint
-from daemon.export.child import ExportChild, ExportFailed, ExportStopped, remove_orphaned_temporaries
-from daemon.export.published_scores import remove_temporaries
-from daemon.export.pipeline import Outcome, Reason
-from daemon.registry.versions import Registry, RegistryError, registry_root
 from daemon.common.settings import Settings
+from daemon.export.child import ExportChild, ExportFailed, ExportStopped, remove_orphaned_temporaries
+from daemon.export.pipeline import Outcome, Reason
+from daemon.export.published_scores import remove_temporaries
+from daemon.learning import checkpoint
+from daemon.registry.versions import Registry, RegistryError, registry_root
 
 log = logging.getLogger("sprout.export")
 
@@ -49,7 +49,9 @@ class Exporting(threading.Thread):
         # From the registry, not the checkpoint: an export cut short by a kill or a stop left no trace
         # there, so the next start redoes it instead of waiting for more examples to arrive.
         self._exported_learned = self._registry_learned()
-        self._has_published = Registry.open_readonly(registry_root(settings.state_dir), settings.model.name).latest() is not None
+        self._has_published = (
+            Registry.open_readonly(registry_root(settings.state_dir), settings.model.name).latest() is not None
+        )
         self._retry_at = 0.0  # after an export failed (full disk, crash): not before then
         self.child = ExportChild()
         removed = remove_orphaned_temporaries() + remove_temporaries(settings.state_dir)
@@ -96,8 +98,12 @@ class Exporting(threading.Thread):
     def _export(self) -> Outcome | None:
         self.request_checkpoint()
         learned = self._checkpoint_learned()
-        log.info("exporting: %d examples learned, %d since the last export (modes %s)", learned,
-                 learned - self._exported_learned, ", ".join(self.settings.export.quantization))
+        log.info(
+            "exporting: %d examples learned, %d since the last export (modes %s)",
+            learned,
+            learned - self._exported_learned,
+            ", ".join(self.settings.export.quantization),
+        )
         began = time.monotonic()
         try:
             doc = self.child.run(self.settings)
@@ -117,17 +123,29 @@ class Exporting(threading.Thread):
             # Publishing writes a temporary folder and renames it, so nothing half-written is left
             # and latest still names a complete version. Tried again when the next export is due.
             err = OSError(doc["disk_full"]["errno"], doc["disk_full"]["strerror"], doc["disk_full"]["filename"])
-            log.error("export failed, disk full: %s; the registry keeps its latest version, retrying when the "
-                      "next export is due (free space under %s)", err, self.settings.state_dir)
+            log.error(
+                "export failed, disk full: %s; the registry keeps its latest version, retrying when the "
+                "next export is due (free space under %s)",
+                err,
+                self.settings.state_dir,
+            )
             self._retry_at = time.monotonic() + self.settings.export.every_seconds
             return None
         else:
             got = doc["outcome"]
             # The process's own start (Python, torch, litert-torch imports) is part of what an export costs.
-            outcome = Outcome(got["published"], [Reason(r["text"], r["kind"]) for r in got["reasons"]],
-                              got["metrics"], time.monotonic() - began, got["skipped"])
-            log.info("export process: %.1fs in all, %.1fs before the export began (start and imports)",
-                     outcome.seconds, outcome.seconds - got["seconds"])
+            outcome = Outcome(
+                got["published"],
+                [Reason(r["text"], r["kind"]) for r in got["reasons"]],
+                got["metrics"],
+                time.monotonic() - began,
+                got["skipped"],
+            )
+            log.info(
+                "export process: %.1fs in all, %.1fs before the export began (start and imports)",
+                outcome.seconds,
+                outcome.seconds - got["seconds"],
+            )
             if outcome.published:
                 self.published += 1
                 self._has_published = True

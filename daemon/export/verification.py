@@ -63,8 +63,10 @@ def unavailable(runtimes: list[str] | tuple[str, ...], tflite_runtime_python: Pa
     for runtime in runtimes:
         python = python_for(runtime, tflite_runtime_python)
         if not python.exists():
-            problems.append(f"{runtime} needs {python}, which does not exist: run scripts/setup.sh (it creates that "
-                            f"virtualenv), set export.tflite_runtime_python, or drop {runtime} from export.runtimes")
+            problems.append(
+                f"{runtime} needs {python}, which does not exist: run scripts/setup.sh (it creates that "
+                f"virtualenv), set export.tflite_runtime_python, or drop {runtime} from export.runtimes"
+            )
     return problems
 
 
@@ -92,21 +94,40 @@ def verify(
         for runtime in runtimes:
             python = pythons.get(runtime)
             if not Path(python).exists():
-                started[runtime] = unavailable([runtime], python)[0] if runtime == "tflite-runtime" else \
-                    f"no Python at {python}"
+                started[runtime] = (
+                    unavailable([runtime], python)[0] if runtime == "tflite-runtime" else f"no Python at {python}"
+                )
                 continue
             out = Path(tmp) / f"{runtime}.npz"
             env = {**os.environ, "PYTHONPATH": str(EDGE_ROOT), "OMP_NUM_THREADS": "1"}
-            started[runtime] = (out, subprocess.Popen(
-                [str(python), "-m", "edge.probe", "--runtime", runtime, "--threads", "1", str(model),
-                 str(Path(tmp) / "images.npy"), str(out)],
-                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            ))
+            started[runtime] = (
+                out,
+                subprocess.Popen(
+                    [
+                        str(python),
+                        "-m",
+                        "edge.probe",
+                        "--runtime",
+                        runtime,
+                        "--threads",
+                        "1",
+                        str(model),
+                        str(Path(tmp) / "images.npy"),
+                        str(out),
+                    ],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
         return [_report(runtime, job, labels, reference, timeout_s) for runtime, job in started.items()]
 
 
-def _report(runtime: str, job, labels: np.ndarray | None, reference: np.ndarray | None,
-            timeout_s: float) -> RuntimeReport:
+def _report(
+    runtime: str, job, labels: np.ndarray | None, reference: np.ndarray | None, timeout_s: float
+) -> RuntimeReport:
     if isinstance(job, str):
         return _failed(runtime, job)
     out, proc = job
@@ -124,14 +145,19 @@ def _report(runtime: str, job, labels: np.ndarray | None, reference: np.ndarray 
         meta = json.loads(str(saved["meta"]))
     expected = reference.shape if reference is not None else (len(labels),) if labels is not None else None
     if expected is not None and probabilities.shape[: len(expected)] != expected:
-        return _failed(runtime, f"returned outputs of shape {probabilities.shape}, expected {expected}",
-                       meta.get("version", "unknown"))
+        return _failed(
+            runtime,
+            f"returned outputs of shape {probabilities.shape}, expected {expected}",
+            meta.get("version", "unknown"),
+        )
     predicted = probabilities.argmax(1)
     return RuntimeReport(
         runtime=runtime,
         version=meta["version"],
         top1=float((predicted == labels).mean()) if labels is not None and len(labels) else None,
-        agreement=float((predicted == reference.argmax(1)).mean()) if reference is not None and len(reference) else None,
+        agreement=float((predicted == reference.argmax(1)).mean())
+        if reference is not None and len(reference)
+        else None,
         latency_ms=float(np.median(latencies)) if len(latencies) else None,
         nonfinite=bool(not np.all(np.isfinite(probabilities))),
         input_dtype=meta["input_dtype"],

@@ -34,8 +34,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from daemon.ingest import mqttfast
 from daemon.common.settings import MqttSettings
+from daemon.ingest import mqttfast
 from daemon.ingest.wire import Example, Limits, Rejection, Unchecked, parse
 
 log = logging.getLogger("sprout.feed")
@@ -100,8 +100,15 @@ class ByteBudget:
 
 
 class Feed:
-    def __init__(self, settings: MqttSettings, model: str, client_id: str, limits: Limits, backlog_max: int,
-                 backlog_max_bytes: int = 512 * 1024 * 1024):
+    def __init__(
+        self,
+        settings: MqttSettings,
+        model: str,
+        client_id: str,
+        limits: Limits,
+        backlog_max: int,
+        backlog_max_bytes: int = 512 * 1024 * 1024,
+    ):
         self.settings = settings
         self.model = model
         self.limits = limits
@@ -142,8 +149,8 @@ class Feed:
         # paho's network thread may run one more loop after a clean disconnect(), and loops once per
         # retry after a failed connect, logging an ERROR "not connected" each time: on our own stop
         # that is noise, and after a failed connect _on_connect_fail has already said why.
-        self._quiet_stop = lambda record: not (
-            (self._stopping or self._connect_failure is not None) and "not connected" in record.getMessage()
+        self._quiet_stop = lambda record: (
+            not ((self._stopping or self._connect_failure is not None) and "not connected" in record.getMessage())
         )
         paho_log.addFilter(self._quiet_stop)
         client.enable_logger(paho_log)
@@ -337,7 +344,11 @@ class Feed:
 def explain_connect_failure(err: BaseException | None, settings: MqttSettings) -> str:
     """Why a connection attempt failed, in words that say what to check. Never contains a secret."""
     if isinstance(err, ssl.SSLCertVerificationError):
-        ca = f"mqtt.tls_ca_file ({settings.tls_ca_file})" if settings.tls_ca_file else "the system CAs (set mqtt.tls_ca_file)"
+        ca = (
+            f"mqtt.tls_ca_file ({settings.tls_ca_file})"
+            if settings.tls_ca_file
+            else "the system CAs (set mqtt.tls_ca_file)"
+        )
         return (
             f"the broker's TLS certificate does not verify against {ca}: {err.verify_message or err.reason}; "
             "Sprout never falls back to plaintext"

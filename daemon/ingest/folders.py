@@ -15,8 +15,15 @@ from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif"}
 # Top folders that name a split instead of a label (DIR/train/<label>/...); the usual names datasets ship.
-SPLIT_FOLDERS = {"train": "train", "holdout": "holdout", "val": "holdout", "valid": "holdout",
-                 "validation": "holdout", "test": "holdout"}
+SPLIT_FOLDERS = {
+    "train": "train",
+    "holdout": "holdout",
+    "val": "holdout",
+    "valid": "holdout",
+    "validation": "holdout",
+    "test": "holdout",
+}
+
 
 class DatasetError(Exception):
     """The data cannot be read; the message says how to get it."""
@@ -55,8 +62,10 @@ def label_folders(root: Path) -> list[tuple[Path, str, str | None]]:
     if not splits:
         folders = [(p, p.name, None) for p in tops]
     elif others := [p.name for p in tops if p.name.lower() not in SPLIT_FOLDERS]:
-        raise DatasetError(f"{root}: has split folders ({', '.join(p.name for p in splits)}) beside other folders "
-                           f"({', '.join(others[:5])}): move those under train/ or holdout/")
+        raise DatasetError(
+            f"{root}: has split folders ({', '.join(p.name for p in splits)}) beside other folders "
+            f"({', '.join(others[:5])}): move those under train/ or holdout/"
+        )
     else:
         folders = [(p, p.name, SPLIT_FOLDERS[s.name.lower()]) for s in splits for p in _subfolders(s)]
     if not folders:

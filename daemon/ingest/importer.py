@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import TextIO
 
 from daemon.common import state_owner
-from daemon.ingest.folders import IMAGE_SUFFIXES, DatasetError, FolderFile, content_id, folder_files
 from daemon.common.settings import Settings, StoreSettings
-from daemon.store.examples import Store, StoreError, is_disk_full
 from daemon.ingest import wire
+from daemon.ingest.folders import IMAGE_SUFFIXES, DatasetError, FolderFile, content_id, folder_files
 from daemon.ingest.wire import Example, Limits, Reason, Rejection, parse, sniffed_content_type
+from daemon.store.examples import Store, StoreError, is_disk_full
 
 MB = 1024 * 1024
 # commit_max_examples alone would let 512 phone photos (2-6 MB each) wait in memory for one commit;
@@ -107,8 +107,13 @@ class Progress:
     def _draw(self, report: ImportReport) -> None:
         self._drawn_at = now = time.monotonic()
         rate = self.done / max(now - self._started, 1e-6)
-        print(f"\r{self.done}/{self.total} files, {report.stored} stored, {report.duplicates} duplicates, "
-              f"{report.skipped} skipped, {rate:.0f} files/s", end="", file=self.stream, flush=True)
+        print(
+            f"\r{self.done}/{self.total} files, {report.stored} stored, {report.duplicates} duplicates, "
+            f"{report.skipped} skipped, {rate:.0f} files/s",
+            end="",
+            file=self.stream,
+            flush=True,
+        )
 
 
 def run_import(root: Path, settings: Settings, stderr: TextIO) -> ImportReport:
@@ -137,8 +142,9 @@ def run_import(root: Path, settings: Settings, stderr: TextIO) -> ImportReport:
         store.close()
 
 
-def import_folder(root: Path, store: Store, settings: StoreSettings, limits: Limits,
-                  progress: Progress) -> ImportReport:
+def import_folder(
+    root: Path, store: Store, settings: StoreSettings, limits: Limits, progress: Progress
+) -> ImportReport:
     """Check and store every image file under ``root``'s label folders; skipped files go to ``progress``."""
     report = ImportReport()
     started = time.monotonic()
@@ -185,16 +191,20 @@ def _example(file: FolderFile, limits: Limits) -> Example | Rejection:
     return parse(data, properties, content_type, limits)
 
 
-def _commit(store: Store, batch: list[Example], batch_bytes: int, settings: StoreSettings,
-            report: ImportReport) -> None:
+def _commit(
+    store: Store, batch: list[Example], batch_bytes: int, settings: StoreSettings, report: ImportReport
+) -> None:
     if not batch:
         return
     free = _free_bytes(store.path.parent)
     if free - batch_bytes < settings.min_free_mb * MB:
         # Intake's floor: an import must not take the room the daemon's intake, checkpoints and exports need.
-        raise ImportStopped(f"{store.path.parent} has {free / MB:.1f} MB free, below store.min_free_mb = "
-                            f"{settings.min_free_mb} MB plus this batch's {batch_bytes / MB:.1f} MB: free space "
-                            "or lower store.max_mb, then run the import again", report)
+        raise ImportStopped(
+            f"{store.path.parent} has {free / MB:.1f} MB free, below store.min_free_mb = "
+            f"{settings.min_free_mb} MB plus this batch's {batch_bytes / MB:.1f} MB: free space "
+            "or lower store.max_mb, then run the import again",
+            report,
+        )
     try:
         result = store.commit(batch)
         report.stored += result.stored

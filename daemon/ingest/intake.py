@@ -28,10 +28,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from daemon.ingest.feed import Delivery, Feed
 from daemon.common.settings import StoreSettings
-from daemon.store.examples import Store, is_disk_full
+from daemon.ingest.feed import Delivery, Feed
 from daemon.ingest.wire import Example, Rejection, Unchecked, check_body
+from daemon.store.examples import Store, is_disk_full
 
 log = logging.getLogger("sprout.intake")
 
@@ -134,8 +134,13 @@ class Intake(threading.Thread):
                     if is_disk_full(err):
                         full = f"SQLite: {err}"
                     else:
-                        log.error("cannot commit %d examples to %s: %s; nothing acked, retrying in %.1fs",
-                                  len(batch), self.store.path, err, delay)
+                        log.error(
+                            "cannot commit %d examples to %s: %s; nothing acked, retrying in %.1fs",
+                            len(batch),
+                            self.store.path,
+                            err,
+                            delay,
+                        )
             now = time.monotonic()
             if self.failing_since is None:
                 self.failing_since = now
@@ -145,7 +150,8 @@ class Intake(threading.Thread):
                     "intake paused, disk full: %s; nothing is committed or acked (the broker keeps the examples). "
                     "Free space under %s, or lower store.max_mb so retention prunes the store (systemctl reload "
                     "applies it); intake resumes by itself",
-                    full, self.store.path.parent,
+                    full,
+                    self.store.path.parent,
                 )
             if full is not None:
                 try:  # a lowered store.max_mb (reload) frees pages for this commit
@@ -154,14 +160,21 @@ class Intake(threading.Thread):
                     log.debug("pruning on a full disk failed: %s", err)
             if self._stop_requested.wait(delay):
                 # Stopping: do not wait for the disk. Un-acked, these come back from the broker.
-                log.warning("stopping: %d received examples not committed (%s); the broker redelivers them",
-                            len(batch), full or "the store refuses writes")
+                log.warning(
+                    "stopping: %d received examples not committed (%s); the broker redelivers them",
+                    len(batch),
+                    full or "the store refuses writes",
+                )
                 self.feed.budget.give_back(sum(d.size for d in batch))
                 return
             delay = min(delay * 2, 30.0 if full is None else DISK_RETRY_MAX_S)
         if self.disk_full_since is not None:
-            log.info("intake resumed: %s has %.0f MB free again after a pause of %.0fs",
-                     self.store.path.parent, self._free_bytes() / MB, time.monotonic() - self.disk_full_since)
+            log.info(
+                "intake resumed: %s has %.0f MB free again after a pause of %.0fs",
+                self.store.path.parent,
+                self._free_bytes() / MB,
+                time.monotonic() - self.disk_full_since,
+            )
             self.disk_full_since = None
         self.failing_since = None
         for delivery in batch:
@@ -183,8 +196,11 @@ class Intake(threading.Thread):
     def _prune(self) -> None:
         max_mb = self.settings.max_mb
         if pruned := self.store.prune(max_mb * MB):
-            log.info("retention: pruned the %d oldest examples: the store had grown past store.max_mb = %d MB",
-                     pruned, max_mb)
+            log.info(
+                "retention: pruned the %d oldest examples: the store had grown past store.max_mb = %d MB",
+                pruned,
+                max_mb,
+            )
 
     def _free_bytes(self) -> int:
         st = os.statvfs(self.store.path.parent)
@@ -200,5 +216,7 @@ class Intake(threading.Thread):
             return None  # cannot tell: let the commit itself find out
         if free - need >= floor_mb * MB:
             return None
-        return (f"{self.store.path.parent} has {free / MB:.1f} MB free, below store.min_free_mb = {floor_mb} MB "
-                f"plus this commit's {need / MB:.1f} MB")
+        return (
+            f"{self.store.path.parent} has {free / MB:.1f} MB free, below store.min_free_mb = {floor_mb} MB "
+            f"plus this commit's {need / MB:.1f} MB"
+        )

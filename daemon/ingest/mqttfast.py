@@ -67,8 +67,9 @@ class FastProperties(Properties):
             if spec is None:
                 raise MalformedPacket(f"unknown MQTT v5 property identifier {ident}")
             if self.packetType not in spec[1]:  # found by tests/test_fuzz.py: e.g. Maximum Packet Size on a PUBLISH
-                raise MQTTException(f"Property {self._attr[ident]} does not apply to packet type "
-                                    f"{PacketTypes.Names[self.packetType]}")
+                raise MQTTException(
+                    f"Property {self._attr[ident]} does not apply to packet type {PacketTypes.Names[self.packetType]}"
+                )
             kind = spec[0]
             size = _FIXED.get(kind, 0)
             if pos + size > end:  # found by tests/test_fuzz.py: a value cut off by the properties' end

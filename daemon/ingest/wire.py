@@ -31,14 +31,20 @@ from PIL import ExifTags, Image
 
 from daemon.common.settings import Settings
 from daemon.ingest.imagehead import HeaderError, read_header
+
 # The records ingest hands the store; imported here too, where every sender-facing module finds them.
 from daemon.store.records import Example, Reason, Rejection
 from edge import preprocess  # registers pillow-heif's HEIF opener with Pillow, where it is installed
 
 log = logging.getLogger("sprout.wire")
 
-CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP", "image/heic": "HEIF",
-                 "image/heif": "HEIF"}
+CONTENT_TYPES = {
+    "image/jpeg": "JPEG",
+    "image/png": "PNG",
+    "image/webp": "WEBP",
+    "image/heic": "HEIF",
+    "image/heif": "HEIF",
+}
 SPLITS = ("train", "holdout")
 MAX_ID_CHARS = 200
 # The JSON form is one flat object; these bound what a parser can be made to do with anything else.
@@ -70,9 +76,13 @@ class Limits:
 def limits(settings: Settings) -> Limits:
     """The checks as configured: for MQTT intake and `sprout store import` alike."""
     st = settings.store
-    return Limits(max_image_bytes=st.max_image_bytes, max_image_pixels=st.max_image_pixels,
-                  max_full_decode_pixels=st.max_full_decode_pixels, max_label_chars=st.max_label_chars,
-                  holdout_fraction=st.holdout_fraction)
+    return Limits(
+        max_image_bytes=st.max_image_bytes,
+        max_image_pixels=st.max_image_pixels,
+        max_full_decode_pixels=st.max_full_decode_pixels,
+        max_label_chars=st.max_label_chars,
+        holdout_fraction=st.holdout_fraction,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +135,9 @@ def parse(
             fields, image = _json_fields(doc)
             content_type = fields.get("content_type")
         else:
-            raise _Reject(Reason.MISSING_LABEL, "label missing: set the MQTT v5 user property 'label' (or send the JSON form)")
+            raise _Reject(
+                Reason.MISSING_LABEL, "label missing: set the MQTT v5 user property 'label' (or send the JSON form)"
+            )
         return _example(image, fields, content_type, limits, now, decode)
     except _Reject as r:
         return Rejection(r.reason, r.detail, _shown_id(example_id), now)
@@ -133,8 +145,12 @@ def parse(
         # No input may raise out of here (it would end the MQTT network thread): a parser defect
         # rejects the one message, with its traceback in the log so that it gets fixed.
         log.exception("parsing a message failed (%d bytes); rejected", len(payload))
-        return Rejection(Reason.UNREADABLE, f"the message could not be read ({type(err).__name__}); "
-                         "check it against the wire format in the README", _shown_id(example_id), now)
+        return Rejection(
+            Reason.UNREADABLE,
+            f"the message could not be read ({type(err).__name__}); check it against the wire format in the README",
+            _shown_id(example_id),
+            now,
+        )
 
 
 def _shown_id(example_id: object) -> str | None:
@@ -144,24 +160,33 @@ def _shown_id(example_id: object) -> str | None:
 def _json_document(payload: bytes, limits: Limits) -> object:
     # base64 inflates by 4/3; anything longer cannot hold an acceptable image.
     if len(payload) > limits.max_image_bytes * 4 // 3 + 64 * 1024:
-        raise _Reject(Reason.TOO_LARGE, f"JSON message of {len(payload)} bytes exceeds the image limit of {limits.max_image_bytes}")
+        raise _Reject(
+            Reason.TOO_LARGE,
+            f"JSON message of {len(payload)} bytes exceeds the image limit of {limits.max_image_bytes}",
+        )
     brackets = payload.count(b"[") + payload.count(b"{")
     if brackets > MAX_JSON_BRACKETS:
-        raise _Reject(Reason.BAD_JSON, f"JSON message holds {brackets} brackets, more than {MAX_JSON_BRACKETS}: "
-                      "send one flat object with 'label' and 'image'")
+        raise _Reject(
+            Reason.BAD_JSON,
+            f"JSON message holds {brackets} brackets, more than {MAX_JSON_BRACKETS}: "
+            "send one flat object with 'label' and 'image'",
+        )
     try:
         text = payload.decode("utf-8")  # RFC 8259: JSON between systems is UTF-8
         return json.loads(text, parse_int=_bounded_int)
     except UnicodeDecodeError as err:
         raise _Reject(Reason.BAD_JSON, f"JSON payload is not UTF-8: {err}") from None
     except (ValueError, RecursionError) as err:  # json.JSONDecodeError is a ValueError
-        raise _Reject(Reason.BAD_JSON, f"payload is neither an image with a 'label' property nor valid JSON: "
-                      f"{str(err)[:200]}") from None
+        raise _Reject(
+            Reason.BAD_JSON, f"payload is neither an image with a 'label' property nor valid JSON: {str(err)[:200]}"
+        ) from None
 
 
 def _bounded_int(digits: str) -> int:
     if len(digits.lstrip("-")) > MAX_JSON_INT_DIGITS:
-        raise _Reject(Reason.BAD_JSON, f"JSON number of {len(digits)} digits: numbers have at most {MAX_JSON_INT_DIGITS}")
+        raise _Reject(
+            Reason.BAD_JSON, f"JSON number of {len(digits)} digits: numbers have at most {MAX_JSON_INT_DIGITS}"
+        )
     return int(digits)
 
 
@@ -187,8 +212,9 @@ def _json_fields(doc: object) -> tuple[dict[str, str], bytes]:
     return fields, image
 
 
-def _example(image: bytes, fields: dict[str, str], content_type: str | None, limits: Limits, now: float,
-             decode: bool = True) -> Example | Unchecked:
+def _example(
+    image: bytes, fields: dict[str, str], content_type: str | None, limits: Limits, now: float, decode: bool = True
+) -> Example | Unchecked:
     label = fields["label"]
     if not label.strip() or label != label.strip() or not _printable(label, limits.max_label_chars):
         raise _Reject(
@@ -209,15 +235,17 @@ def _example(image: bytes, fields: dict[str, str], content_type: str | None, lim
     if CONTENT_TYPES[content_type] == "HEIF" and not preprocess.HEIF_SUPPORTED:
         raise _Reject(
             Reason.UNSUPPORTED_CONTENT_TYPE,
-            "HEIC needs the pillow-heif package, which this daemon lacks: pip install pillow-heif "
-            "(or send JPEG)",
+            "HEIC needs the pillow-heif package, which this daemon lacks: pip install pillow-heif (or send JPEG)",
         )
     if not image:
         raise _Reject(Reason.EMPTY_IMAGE, "payload is empty: put the encoded image in the payload")
     if len(image) > limits.max_image_bytes:
-        raise _Reject(Reason.TOO_LARGE, f"image of {len(image)} bytes exceeds the limit of {limits.max_image_bytes}: resize it")
-    width, height = inspect_image(image, CONTENT_TYPES[content_type], limits.max_image_pixels,
-                                  limits.max_full_decode_pixels, decode)
+        raise _Reject(
+            Reason.TOO_LARGE, f"image of {len(image)} bytes exceeds the limit of {limits.max_image_bytes}: resize it"
+        )
+    width, height = inspect_image(
+        image, CONTENT_TYPES[content_type], limits.max_image_pixels, limits.max_full_decode_pixels, decode
+    )
     sender_id = example_id
     if example_id is None:
         # Same bytes and label -> same id, so a redelivered or resent duplicate is stored once.
@@ -238,15 +266,20 @@ def check_body(unchecked: Unchecked) -> Example | Rejection:
         return Rejection(r.reason, r.detail, unchecked.shown_id, e.received_at)
     except Exception as err:
         log.exception("checking an image failed (%d bytes); rejected", len(e.image))
-        return Rejection(Reason.UNREADABLE, f"the message could not be read ({type(err).__name__}); "
-                         "check it against the wire format in the README", unchecked.shown_id, e.received_at)
+        return Rejection(
+            Reason.UNREADABLE,
+            f"the message could not be read ({type(err).__name__}); check it against the wire format in the README",
+            unchecked.shown_id,
+            e.received_at,
+        )
     if orientation in QUARTER_TURNS:
         return dataclasses.replace(e, width=e.height, height=e.width)
     return e
 
 
-def inspect_image(image: bytes, expected_format: str, max_pixels: int, max_full_decode_pixels: int,
-                  decode: bool = True) -> tuple[int, int]:
+def inspect_image(
+    image: bytes, expected_format: str, max_pixels: int, max_full_decode_pixels: int, decode: bool = True
+) -> tuple[int, int]:
     """Read format and size from the header, check the tail for truncation, then check that the body decodes.
 
     Nothing is decoded before the header's size passed its limits: a JPEG at 1/8 scale (a few MB at
@@ -256,7 +289,9 @@ def inspect_image(image: bytes, expected_format: str, max_pixels: int, max_full_
     """
     # A cut-off upload is the commonest fault from phones on a weak link: name it as such.
     if _magic_format(image) == expected_format and not _complete(image, expected_format):
-        raise _Reject(Reason.TRUNCATED_IMAGE, f"{expected_format} data ends early (truncated upload?): send the whole file")
+        raise _Reject(
+            Reason.TRUNCATED_IMAGE, f"{expected_format} data ends early (truncated upload?): send the whole file"
+        )
     try:
         actual_format, width, height = _header(image)
     except HeaderError as err:
@@ -289,8 +324,10 @@ def _header(image: bytes) -> tuple[str, int, int]:
     if _magic_format(image) != "HEIF":
         return read_header(image)
     if not preprocess.HEIF_SUPPORTED:
-        raise HeaderError("it is HEIC, which needs the pillow-heif package, which this daemon lacks: "
-                          "pip install pillow-heif (or send JPEG)")
+        raise HeaderError(
+            "it is HEIC, which needs the pillow-heif package, which this daemon lacks: "
+            "pip install pillow-heif (or send JPEG)"
+        )
     # The size sits in an 'ispe' property deep in the 'meta' box, turned by 'irot': libheif's parse of the
     # container (no decoding, ~0.1 ms) says it as displayed.
     try:
@@ -321,8 +358,10 @@ def _check_decodes(image: bytes, fmt: str, size: tuple[int, int]) -> int:
             # Pillow takes the rows a zlib stream that ends early holds for the whole image.
             raise ValueError(f"its pixel data ends {missing} bytes short of {size[0]}x{size[1]}")
     except Exception as err:  # Pillow raises many types for corrupt data; all mean "cannot use this image"
-        raise _Reject(Reason.CORRUPT_IMAGE, f"{fmt} image does not decode ({str(err)[:160] or type(err).__name__}): "
-                      "send the original file") from None
+        raise _Reject(
+            Reason.CORRUPT_IMAGE,
+            f"{fmt} image does not decode ({str(err)[:160] or type(err).__name__}): send the original file",
+        ) from None
     return orientation
 
 

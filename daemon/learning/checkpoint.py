@@ -56,4 +56,3 @@ def load(folder: Path) -> dict[str, Any] | None:
             f"{path}: format {payload.get('format_version')}, this Sprout reads {FORMAT_VERSION}: upgrade Sprout"
         )
     return payload
-

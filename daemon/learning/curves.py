@@ -40,8 +40,15 @@ class Curves:
         self.every_s = every_s
         self._points: deque[Point] = deque(maxlen=keep)
 
-    def observe(self, t: float, learned: int, loss: float | None, prequential: float | None,
-                holdout: float | None, force: bool = False) -> bool:
+    def observe(
+        self,
+        t: float,
+        learned: int,
+        loss: float | None,
+        prequential: float | None,
+        holdout: float | None,
+        force: bool = False,
+    ) -> bool:
         """Record where learning stands, if it moved and ``every_s`` passed since the last point (or ``force``)."""
         last = self._points[-1] if self._points else None
         if last is not None and (last.learned, last.holdout) == (learned, holdout):

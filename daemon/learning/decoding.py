@@ -44,8 +44,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from edge.preprocess import load_rgb
 from daemon.common.parent_death import die_with_parent
+from edge.preprocess import load_rgb
 
 log = logging.getLogger("sprout.learner")
 
@@ -137,8 +137,14 @@ class _Slab:
 class Decoding:
     """Images on their way through the pool; ``result()`` waits for them (or, without futures, decodes them)."""
 
-    def __init__(self, pool: DecodePool, images: Sequence[bytes], futures: list[Future] | None,
-                 executor: ProcessPoolExecutor | None, slots: list[int] | None = None):
+    def __init__(
+        self,
+        pool: DecodePool,
+        images: Sequence[bytes],
+        futures: list[Future] | None,
+        executor: ProcessPoolExecutor | None,
+        slots: list[int] | None = None,
+    ):
         self._pool = pool
         self._images = images
         self._futures = futures
@@ -182,17 +188,22 @@ class DecodePool:
         try:
             self._slab = _Slab(slots, input_size)
         except OSError as err:
-            log.warning("no shared memory for decoded images (%s): decoding stays in the learner's thread, "
-                        "slower on a GPU; is /dev/shm mounted with %d MB free?", err,
-                        slots * input_size * input_size * 3 // 2**20)
+            log.warning(
+                "no shared memory for decoded images (%s): decoding stays in the learner's thread, "
+                "slower on a GPU; is /dev/shm mounted with %d MB free?",
+                err,
+                slots * input_size * input_size * 3 // 2**20,
+            )
             return
         self._start()
 
     def _start(self) -> None:
         slab = self._slab
         self._pool = ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker, initargs=(os.getpid(), (slab.shm.name, slab.slots, slab.size)),
+            self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(os.getpid(), (slab.shm.name, slab.slots, slab.size)),
         )
 
     @property
@@ -221,17 +232,23 @@ class DecodePool:
             return Decoding(self, images, None, None)
         executor = self._pool
         try:
-            futures = [executor.submit(_decode_into, self.size, images[i : i + CHUNK], slots[i : i + CHUNK])
-                       for i in range(0, len(images), CHUNK)]
+            futures = [
+                executor.submit(_decode_into, self.size, images[i : i + CHUNK], slots[i : i + CHUNK])
+                for i in range(0, len(images), CHUNK)
+            ]
         except BrokenProcessPool as err:
             self._slab.give(slots)
             self._broken(executor, err)
             return Decoding(self, images, None, None)
         return Decoding(self, images, futures, executor, slots)
 
-    def _collect(self, images: Sequence[bytes], futures: list[Future] | None,
-                 executor: ProcessPoolExecutor | None,
-                 slots: list[int] | None) -> list[np.ndarray | None]:
+    def _collect(
+        self,
+        images: Sequence[bytes],
+        futures: list[Future] | None,
+        executor: ProcessPoolExecutor | None,
+        slots: list[int] | None,
+    ) -> list[np.ndarray | None]:
         if futures is None:
             return _decode_here(self.size, images)
         try:
@@ -258,13 +275,21 @@ class DecodePool:
         self._pool = None
         if self.restarts < MAX_RESTARTS:
             self.restarts += 1
-            log.warning("a decoder process died (%s): this batch decodes in the learner's thread, and the "
-                        "pool of %d starts afresh (restart %d of %d)", err, self.workers, self.restarts,
-                        MAX_RESTARTS)
+            log.warning(
+                "a decoder process died (%s): this batch decodes in the learner's thread, and the "
+                "pool of %d starts afresh (restart %d of %d)",
+                err,
+                self.workers,
+                self.restarts,
+                MAX_RESTARTS,
+            )
             self._start()
         else:
-            log.error("decoder processes died %d times: decoding stays in the learner's thread (slower on "
-                      "a GPU); see the kernel log for why they die (out of memory?)", self.restarts + 1)
+            log.error(
+                "decoder processes died %d times: decoding stays in the learner's thread (slower on "
+                "a GPU); see the kernel log for why they die (out of memory?)",
+                self.restarts + 1,
+            )
 
     def close(self) -> None:
         if self._pool is not None:

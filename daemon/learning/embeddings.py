@@ -71,10 +71,12 @@ class EmbeddingCache:
                 self._db.executemany("INSERT INTO kept (seq) VALUES (?)", ((s,) for s in kept))
                 removed += self._db.execute(
                     "DELETE FROM embeddings WHERE seq >= ? AND seq < ? AND seq NOT IN (SELECT seq FROM kept)",
-                    (start, high)).rowcount
+                    (start, high),
+                ).rowcount
                 self._db.execute("DELETE FROM kept")
-            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('checked_through', ?)",
-                             (str(max(start, high)),))
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('checked_through', ?)", (str(max(start, high)),)
+            )
         return removed
 
     def __len__(self) -> int:

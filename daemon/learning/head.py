@@ -44,6 +44,7 @@ class GrowingHead(nn.Module):
         self.weight = nn.Parameter(torch.cat([old_weight.detach(), new_rows]))
         self.bias = nn.Parameter(torch.cat([old_bias.detach(), old_bias.new_zeros(extra)]))
         if optimizer is not None:
+
             def pad(value: torch.Tensor) -> torch.Tensor:
                 return torch.cat([value, value.new_zeros((extra, *value.shape[1:]))])
 
@@ -66,8 +67,12 @@ class GrowingHead(nn.Module):
             _swap_param(optimizer, old_bias, self.bias, without)
 
 
-def _swap_param(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter,
-                reshape: Callable[[torch.Tensor], torch.Tensor]) -> None:
+def _swap_param(
+    optimizer: torch.optim.Optimizer,
+    old: nn.Parameter,
+    new: nn.Parameter,
+    reshape: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
     """Put ``new`` in ``old``'s place in the optimizer, its per-row state reshaped alike."""
     for group in optimizer.param_groups:
         for i, p in enumerate(group["params"]):

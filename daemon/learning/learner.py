@@ -37,14 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from daemon.common.settings import ModelSettings, TrainingSettings
+from daemon.learning.decoding import CHUNK, DecodePool, Decoding, auto_workers
 from daemon.learning.embeddings import EmbeddingCache
 from daemon.learning.head import GrowingHead
-from daemon.store.labels import LabelChange, LabelMap, outputs_after
-from daemon.learning.decoding import CHUNK, DecodePool, Decoding, auto_workers
 from daemon.learning.scores import Holdout, Prequential
-from daemon.common.settings import ModelSettings, TrainingSettings
 from daemon.learning.static_step import StaticStep
 from daemon.store.examples import StoredExample, StoreReader
+from daemon.store.labels import LabelChange, LabelMap, outputs_after
 from models import zoo
 
 log = logging.getLogger("sprout.learner")
@@ -100,10 +100,14 @@ class Learner:
             self.backbone.to(memory_format=torch.channels_last)
         # The backbone's shapes never change (the step's rows and the input size are fixed; a new class
         # grows the head only), so it compiles once per process and every later capture reuses it.
-        self._compiled = torch.compile(self.backbone, dynamic=False) if self._graphed and training.compile_backbone else None
+        self._compiled = (
+            torch.compile(self.backbone, dynamic=False) if self._graphed and training.compile_backbone else None
+        )
         if training.compile_backbone and not self._graphed:
-            log.warning("training.compile_backbone applies to the CUDA-graphed step only (CUDA, a backbone that "
-                        "trains, cuda_graphs): ignored here")
+            log.warning(
+                "training.compile_backbone applies to the CUDA-graphed step only (CUDA, a backbone that "
+                "trains, cuda_graphs): ignored here"
+            )
         self._static: StaticStep | None = None
         self.compiling_since: float | None = None  # monotonic time the first compiled capture began
         self._captures = 0
@@ -111,8 +115,11 @@ class Learner:
         self._rows = training.batch_size + round(training.replay_ratio * training.batch_size)  # a full step
         # Shared pixels for two steps: the one read ahead and whatever this step decodes besides; at least
         # one worker's chunk, which a pool needs (a step of one or two images).
-        self.decode_pool = DecodePool(model.input_size, auto_workers(self.device.type) if workers == "auto" else workers,
-                                      slots=max(2 * self._rows, CHUNK))
+        self.decode_pool = DecodePool(
+            model.input_size,
+            auto_workers(self.device.type) if workers == "auto" else workers,
+            slots=max(2 * self._rows, CHUNK),
+        )
         self._ahead: _ReadAhead | None = None
         self._pixels: dict[int, np.ndarray | None] = {}  # this step's decoded images, by seq
         self.read_ahead_decoded = 0  # images whose decoding ran beside an earlier step
@@ -185,8 +192,9 @@ class Learner:
             for param in group["params"]:
                 state_of = self.optimizer.state.get(param, {})
                 if torch.is_tensor(state_of.get("step")):  # capturable keeps it on the device, otherwise the host
-                    state_of["step"] = state_of["step"].to("cpu" if not flags["capturable"] else param.device,
-                                                           torch.float32)
+                    state_of["step"] = state_of["step"].to(
+                        "cpu" if not flags["capturable"] else param.device, torch.float32
+                    )
 
     def _network_key(self) -> str:
         """What the cached embeddings depend on: backbone, its weights, input size."""
@@ -216,8 +224,9 @@ class Learner:
             if ahead is not None:
                 ahead.decoding.result()  # once only: a read-ahead this step did not use gives its slots back
 
-    def _learn(self, batch: Sequence[StoredExample], upcoming: Sequence[StoredExample],
-               ahead: _ReadAhead | None) -> None:
+    def _learn(
+        self, batch: Sequence[StoredExample], upcoming: Sequence[StoredExample], ahead: _ReadAhead | None
+    ) -> None:
         if not batch:
             return
         before_batch = self.high_water_mark
@@ -234,8 +243,9 @@ class Learner:
             if label not in self.labels:
                 self._add_class(label)
         wanted = round(self.settings.replay_ratio * len(train))
-        if ahead is not None and (ahead.after != before_batch
-                                  or tuple(e.seq for e in train[: len(ahead.train_seqs)]) != ahead.train_seqs):
+        if ahead is not None and (
+            ahead.after != before_batch or tuple(e.seq for e in train[: len(ahead.train_seqs)]) != ahead.train_seqs
+        ):
             ahead = None  # read for another batch (a restore moved the high-water mark): decoded for nothing
         replay = ahead.replay[:wanted] if ahead is not None else []
         replay += self._replay_sample(wanted - len(replay))
@@ -303,8 +313,12 @@ class Learner:
     def finite(self) -> bool:
         """True when every learned weight and every optimizer moment is finite (frozen weights cannot change)."""
         tensors = [p.detach() for p in self.head.parameters()] + [p.detach() for p in self._trainable]
-        tensors += [v for state in self.optimizer.state.values() for v in state.values()
-                    if torch.is_tensor(v) and v.is_floating_point()]
+        tensors += [
+            v
+            for state in self.optimizer.state.values()
+            for v in state.values()
+            if torch.is_tensor(v) and v.is_floating_point()
+        ]
         # One flag per tensor and a single read back: one device sync per step, not one per tensor.
         # (AdamW keeps its step count on the CPU even when the weights are on the GPU.)
         flags = [t.isfinite().all().to(self.device) for t in tensors]
@@ -356,7 +370,12 @@ class Learner:
         log.warning(
             "divergence at step %d (%s): back to %s, keeping the stream position at example %d "
             "(%d non-finite steps skipped, %d restores so far)",
-            self.step, reason, source, self.high_water_mark, self.nonfinite_skipped, self.divergence_restores,
+            self.step,
+            reason,
+            source,
+            self.high_water_mark,
+            self.nonfinite_skipped,
+            self.divergence_restores,
         )
 
     def _balanced_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -381,8 +400,9 @@ class Learner:
         return 1.0 / counts[targets]
 
     def _targets(self, examples: Sequence[StoredExample], ok: list[bool]) -> torch.Tensor:
-        return torch.tensor([self._label_index[e.label] for e, good in zip(examples, ok, strict=True) if good],
-                            device=self.device)
+        return torch.tensor(
+            [self._label_index[e.label] for e, good in zip(examples, ok, strict=True) if good], device=self.device
+        )
 
     def _static_step(self) -> StaticStep | None:
         """The CUDA-graphed step (daemon/learning/static_step.py) for a backbone that trains on CUDA; None elsewhere.
@@ -398,15 +418,28 @@ class Learner:
                 self.compiling_since = started  # its warm-up compiles the backbone, for minutes perhaps
                 log.info("compiling the backbone (training.compile_backbone): the first step waits for it")
             try:
-                self._static = StaticStep(self.backbone, self.head, self.optimizer, rows,
-                                          self.model_settings.input_size, self.device, self.autocast,
-                                          graph=self.device.type == "cuda", forward=self._compiled)
+                self._static = StaticStep(
+                    self.backbone,
+                    self.head,
+                    self.optimizer,
+                    rows,
+                    self.model_settings.input_size,
+                    self.device,
+                    self.autocast,
+                    graph=self.device.type == "cuda",
+                    forward=self._compiled,
+                )
             finally:
                 self.compiling_since = None
             self._captures += 1
-            log.info("training step captured as a CUDA graph%s: %d rows, %d classes (capture %d, %.1fs)",
-                     " with the compiled backbone" if self._compiled is not None else "", rows,
-                     self.head.num_classes, self._captures, time.monotonic() - started)
+            log.info(
+                "training step captured as a CUDA graph%s: %d rows, %d classes (capture %d, %.1fs)",
+                " with the compiled backbone" if self._compiled is not None else "",
+                rows,
+                self.head.num_classes,
+                self._captures,
+                time.monotonic() - started,
+            )
         return self._static
 
     def _add_class(self, label: str) -> None:
@@ -452,10 +485,13 @@ class Learner:
             if (name := labels.resolve(label)) is not None:
                 replay.setdefault(name, []).append(seqs)
         # Sorted, as the replay index's arrays always are (retention trims them by bisection).
-        self.replay_index = {name: parts[0] if len(parts) == 1 else array("q", sorted(chain(*parts)))
-                             for name, parts in replay.items()}
-        self.holdout_index = deque(((seq, name) for seq, label in self.holdout_index
-                                    if (name := labels.resolve(label)) is not None), maxlen=self.holdout_index.maxlen)
+        self.replay_index = {
+            name: parts[0] if len(parts) == 1 else array("q", sorted(chain(*parts))) for name, parts in replay.items()
+        }
+        self.holdout_index = deque(
+            ((seq, name) for seq, label in self.holdout_index if (name := labels.resolve(label)) is not None),
+            maxlen=self.holdout_index.maxlen,
+        )
         self.prequential.relabel(labels.resolve)
         self.holdout.relabel(labels.resolve)
         log.info("label change %d: %s; %d outputs now", change.id, change, len(self.labels))
@@ -470,8 +506,9 @@ class Learner:
             self._pixels = dict(zip(ahead.seqs, ahead.decoding.result(), strict=True))
             self.read_ahead_decoded += len(ahead.seqs)
         cached = self.cache.get([e.seq for e in examples]).keys() if self.cache is not None else set()
-        rest = list({e.seq: e for e in examples
-                     if e.image and e.seq not in self._pixels and e.seq not in cached}.values())
+        rest = list(
+            {e.seq: e for e in examples if e.image and e.seq not in self._pixels and e.seq not in cached}.values()
+        )
         if rest:
             self._pixels.update(zip((e.seq for e in rest), self.decode_pool.rgb([e.image for e in rest]), strict=True))
 
@@ -482,8 +519,13 @@ class Learner:
             return
         replay = self._replay_sample(round(self.settings.replay_ratio * len(train)))
         todo = list({e.seq: e for e in train + replay if e.image}.values())
-        self._ahead = _ReadAhead(self.high_water_mark, tuple(e.seq for e in train), replay, [e.seq for e in todo],
-                                 self.decode_pool.submit([e.image for e in todo]))
+        self._ahead = _ReadAhead(
+            self.high_water_mark,
+            tuple(e.seq for e in train),
+            replay,
+            [e.seq for e in todo],
+            self.decode_pool.submit([e.image for e in todo]),
+        )
 
     def _replay_sample(self, count: int) -> list[StoredExample]:
         """Class-balanced: a uniformly chosen known class, then a uniformly chosen stored example of it."""
@@ -523,7 +565,10 @@ class Learner:
         if missing:
             x, decoded = self._decode(missing)
             if decoded:
-                with torch.set_grad_enabled(grad), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                with (
+                    torch.set_grad_enabled(grad),
+                    torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast),
+                ):
                     out = self.backbone(x).float()
                 if self.cache is not None:
                     # Use exactly what the cache will return later, so a step gives the same result

@@ -67,7 +67,13 @@ class Prequential:
 
     @classmethod
     def from_state(cls, state: dict) -> Prequential:
-        p = cls(state["window"], state["seen"], state["correct"], dict(state["per_class_seen"]), dict(state["per_class_correct"]))
+        p = cls(
+            state["window"],
+            state["seen"],
+            state["correct"],
+            dict(state["per_class_seen"]),
+            dict(state["per_class_correct"]),
+        )
         p._recent.extend(state["recent"])
         return p
 
@@ -99,8 +105,11 @@ class Holdout:
         two together), a renamed one's move, a retired one's (``name`` gives None) go."""
 
         def renamed(scores: dict[str, float]) -> dict[str, float]:
-            return {to: value for label, value in scores.items()
-                    if (to := name(label)) is not None and (to == label or to not in scores)}
+            return {
+                to: value
+                for label, value in scores.items()
+                if (to := name(label)) is not None and (to == label or to not in scores)
+            }
 
         self.per_class, self.best = renamed(self.per_class), renamed(self.best)
 
@@ -123,4 +132,10 @@ class Holdout:
 
     @classmethod
     def from_state(cls, state: dict) -> Holdout:
-        return cls(state["accuracy"], dict(state["per_class"]), dict(state["best"]), state["evaluated_examples"], state["at_step"])
+        return cls(
+            state["accuracy"],
+            dict(state["per_class"]),
+            dict(state["best"]),
+            state["evaluated_examples"],
+            state["at_step"],
+        )

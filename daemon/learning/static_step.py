@@ -41,9 +41,18 @@ WARMUP_STEPS = 3  # on a side stream before capture, as PyTorch's CUDA graph not
 
 
 class StaticStep:
-    def __init__(self, backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer, rows: int,
-                 input_size: int, device: torch.device, autocast: bool, graph: bool,
-                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        rows: int,
+        input_size: int,
+        device: torch.device,
+        autocast: bool,
+        graph: bool,
+        forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         """``forward``: what runs the backbone, when not the module itself (``torch.compile(backbone)``); it
         is first called during the warm-up steps, so a compilation is over before the capture."""
         self.backbone, self.head, self.optimizer = backbone, head, optimizer
@@ -73,8 +82,12 @@ class StaticStep:
         # The parameters themselves, not their count: a head that lost an output (daemon/store/labels.py) and then
         # grew one has as many classes as at capture, in tensors the graph never saw.
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        return (head is self.head and optimizer is self.optimizer and len(params) == len(self._params)
-                and all(a is b for a, b in zip(params, self._params)))
+        return (
+            head is self.head
+            and optimizer is self.optimizer
+            and len(params) == len(self._params)
+            and all(a is b for a, b in zip(params, self._params, strict=True))
+        )
 
     def run(self, x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
         """One step on ``n <= rows`` examples: (their logits before the update, the loss, whether it was finite).
@@ -132,8 +145,12 @@ class StaticStep:
         torch's fused non-finite check (GradScaler's): one pass over every tensor, flag on the device,
         no host sync. It also multiplies each tensor by its scale, here 1: every value stays as it is."""
         watched = [p for p in self._params if p.requires_grad]
-        watched += [v for state in self.optimizer.state.values() for v in state.values()
-                    if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0]
+        watched += [
+            v
+            for state in self.optimizer.state.values()
+            for v in state.values()
+            if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0
+        ]
         self.state_bad.zero_()
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for t in watched:
@@ -144,8 +161,10 @@ class StaticStep:
     def _capture(self) -> None:
         """Warm up on a side stream, capture, then put weights and optimizer back as they were before."""
         saved_params = [p.detach().clone() for p in self._params]
-        saved_state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-                       for p, s in self.optimizer.state.items()}
+        saved_state = {
+            p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+            for p, s in self.optimizer.state.items()
+        }
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

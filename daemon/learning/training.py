@@ -24,10 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from daemon.common.settings import Settings
 from daemon.learning import checkpoint
 from daemon.learning.curves import Curves, Point
 from daemon.learning.learner import Learner
-from daemon.common.settings import Settings
 from daemon.store.examples import StoredExample, StoreReader
 
 log = logging.getLogger("sprout.learner")
@@ -173,13 +173,15 @@ class Training(threading.Thread):
     def observe(self, force: bool = False) -> None:
         """A point of the learning curves, when learning moved (on this thread: the learner changes only here)."""
         lr = self.learner
-        self.curves.observe(time.time(), lr.trained, lr.last_loss, lr.prequential.rolling, lr.holdout.accuracy,
-                            force=force)
+        self.curves.observe(
+            time.time(), lr.trained, lr.last_loss, lr.prequential.rolling, lr.holdout.accuracy, force=force
+        )
 
     def _checkpointed(self) -> _Marks:
         points = self.curves.points()
-        return _Marks(self.learner.step, self.learner.label_change, self.learner.holdout.state(),
-                      points[-1] if points else None)
+        return _Marks(
+            self.learner.step, self.learner.label_change, self.learner.holdout.state(), points[-1] if points else None
+        )
 
     def save(self) -> Path | None:
         if self._checkpointed() == self._saved:
@@ -189,8 +191,12 @@ class Training(threading.Thread):
             # The exporter exports from the checkpoint, and a restore goes back to it: a non-finite
             # state written there would poison both. The last good checkpoint stays.
             self._saved_at = time.monotonic()
-            log.warning("checkpoint at step %d not written: the weights or optimizer state are not finite; "
-                        "the last one written (step %d or earlier) stays", self.learner.step, self._saved.step)
+            log.warning(
+                "checkpoint at step %d not written: the weights or optimizer state are not finite; "
+                "the last one written (step %d or earlier) stays",
+                self.learner.step,
+                self._saved.step,
+            )
             return None
         started = time.monotonic()
         try:
@@ -200,10 +206,20 @@ class Training(threading.Thread):
             # A full disk, say: the write is atomic, so the last checkpoint stays whole. Learning goes
             # on and the save is tried again after checkpoint_every_s; a restart resumes from the old one.
             self._saved_at = time.monotonic()
-            log.error("checkpoint at step %d not written to %s: %s; the last one stays, retrying in %.0fs",
-                      self.learner.step, self.checkpoints, err, self.settings.training.checkpoint_every_s)
+            log.error(
+                "checkpoint at step %d not written to %s: %s; the last one stays, retrying in %.0fs",
+                self.learner.step,
+                self.checkpoints,
+                err,
+                self.settings.training.checkpoint_every_s,
+            )
             return None
         self._saved = marks
         self._saved_at = time.monotonic()
-        log.info("checkpoint at step %d, example %d (%.2fs)", self.learner.step, self.learner.high_water_mark, self._saved_at - started)
+        log.info(
+            "checkpoint at step %d, example %d (%.2fs)",
+            self.learner.step,
+            self.learner.high_water_mark,
+            self._saved_at - started,
+        )
         return path

@@ -64,7 +64,9 @@ def generate(out_dir: Path) -> tuple[Path, Path]:
     try:
         _create_pair(private_path, public_path)
     except FileExistsError:
-        raise SigningKeyError(f"{private_path}: created by another process just now; refusing to overwrite it") from None
+        raise SigningKeyError(
+            f"{private_path}: created by another process just now; refusing to overwrite it"
+        ) from None
     return private_path, public_path
 
 
@@ -112,7 +114,9 @@ class Signer:
         except ValueError as err:
             raise SigningKeyError(f"{path}: not a PEM private key ({err}); create one with `sprout keygen`") from None
         if not isinstance(key, Ed25519PrivateKey):
-            raise SigningKeyError(f"{path}: a {type(key).__name__}, not an Ed25519 key; create one with `sprout keygen`")
+            raise SigningKeyError(
+                f"{path}: a {type(key).__name__}, not an Ed25519 key; create one with `sprout keygen`"
+            )
         return cls(key, path)
 
     @classmethod

@@ -55,10 +55,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge.atomic import TMP_PREFIX, fsync_dir, write_atomic, write_new
-from daemon.store.labels import EVENTS, LabelChange
-from edge.manifest import INPUT_DTYPES, is_image_shape
 from daemon.registry.signing import SIGNATURE_SUFFIX, SignatureError, Signer, verify, verify_file
+from daemon.store.labels import EVENTS, LabelChange
+from edge.atomic import TMP_PREFIX, fsync_dir, write_atomic, write_new
+from edge.manifest import INPUT_DTYPES, is_image_shape
 
 if TYPE_CHECKING:
     from daemon.common.settings import Settings
@@ -124,7 +124,9 @@ def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
     try:
         body = json.loads(json.dumps(fields, allow_nan=False))
     except ValueError:
-        raise RegistryError("publish: fields contain NaN or Infinity (a metric?); the gates should reject such a model") from None
+        raise RegistryError(
+            "publish: fields contain NaN or Infinity (a metric?); the gates should reject such a model"
+        ) from None
     except TypeError as err:
         raise RegistryError(f"publish: fields must be plain JSON data: {err}") from None
 
@@ -284,7 +286,14 @@ class Registry:
                 m = self.manifest(v)
             except UnknownVersionError:  # deleted by retention while we listed
                 continue
-            out.append({"version": v, "created_at": m.get("created_at"), "quantization": m.get("quantization"), "pinned": v in pins})
+            out.append(
+                {
+                    "version": v,
+                    "created_at": m.get("created_at"),
+                    "quantization": m.get("quantization"),
+                    "pinned": v in pins,
+                }
+            )
         return out
 
     def events(self) -> list[dict[str, Any]]:
@@ -334,7 +343,9 @@ class Registry:
                 "labels": body["labels"],
                 "input": body["input"],
                 "quantization": body["quantization"],
-                "files": {MODEL_FILE: {"sha256": digest, "size": len(tflite), "path": f"versions/{version}/{MODEL_FILE}"}},
+                "files": {
+                    MODEL_FILE: {"sha256": digest, "size": len(tflite), "path": f"versions/{version}/{MODEL_FILE}"}
+                },
                 "metrics": body["metrics"],
                 "runtimes_verified": body["runtimes_verified"],
                 # Informative only: which key to check with, said before a device has checked anything.
@@ -347,8 +358,12 @@ class Registry:
             tmp = self.folder / f"{TMP_PREFIX}{version}-{os.getpid()}"
             tmp.mkdir()
             try:
-                for name, data in ((MODEL_FILE, tflite), (LABELS_FILE, labels_txt), (MANIFEST_FILE, document),
-                                   (SIGNATURE_FILE, signature)):
+                for name, data in (
+                    (MODEL_FILE, tflite),
+                    (LABELS_FILE, labels_txt),
+                    (MANIFEST_FILE, document),
+                    (SIGNATURE_FILE, signature),
+                ):
                     write_new(tmp / name, data)
                 fsync_dir(tmp)
                 os.rename(tmp, self._dir(version))
@@ -360,7 +375,13 @@ class Registry:
             self._point_latest(version)
             self._write_versions()
             self._append_log(
-                {"event": "published", "version": version, "sha256": digest, "size": len(tflite), "quantization": body["quantization"]}
+                {
+                    "event": "published",
+                    "version": version,
+                    "sha256": digest,
+                    "size": len(tflite),
+                    "quantization": body["quantization"],
+                }
             )
             self._apply_retention()
         log.info("published %s version %d (%s, %d bytes)", self.model, version, body["quantization"], len(tflite))
@@ -370,7 +391,9 @@ class Registry:
         """Log a candidate the gates refused; nothing else is kept."""
         self._writable()
         with self._locked():
-            self._append_log({"event": "rejected", "reasons": [str(r) for r in reasons], "candidate": _jsonable(fields)})
+            self._append_log(
+                {"event": "rejected", "reasons": [str(r) for r in reasons], "candidate": _jsonable(fields)}
+            )
 
     def record_label_changes(self, changes: Iterable[LabelChange]) -> list[LabelChange]:
         """Log the label changes the log lacks, each timed when it was made; returns those it logged.
@@ -402,7 +425,9 @@ class Registry:
                 raise RegistryError(f"version {version} cannot become latest: {err}; pick another version") from None
             before = self.latest()
             self._point_latest(version)
-            self._append_log({"event": "rollback", "version": version, "from": before.get("version") if before else None})
+            self._append_log(
+                {"event": "rollback", "version": version, "from": before.get("version") if before else None}
+            )
         log.info("rolled %s back to version %d", self.model, version)
         return manifest
 
@@ -508,7 +533,9 @@ class Registry:
             # a kill during rmtree leaves a .tmp-* folder that the next writer removes.
             trash = self.folder / f"{TMP_PREFIX}deleted-{v}-{os.getpid()}"
             os.rename(self._dir(v), trash)
-            self._append_log({"event": "deleted", "version": v, "reason": f"retention: keep_versions={self.keep_versions}"})
+            self._append_log(
+                {"event": "deleted", "version": v, "reason": f"retention: keep_versions={self.keep_versions}"}
+            )
             shutil.rmtree(trash, ignore_errors=True)
         if doomed:
             fsync_dir(self.folder)
@@ -555,8 +582,14 @@ class Registry:
             if (where / SIGNATURE_FILE).exists() or not (where / MANIFEST_FILE).is_file():
                 continue
             write_atomic(where / SIGNATURE_FILE, self.signer.sign((where / MANIFEST_FILE).read_bytes()))
-            self._append_log({"event": "signed", "version": version, "key_id": self.signer.key_id,
-                              "reason": "manifest.json.sig was missing (a registry from before detached signatures)"})
+            self._append_log(
+                {
+                    "event": "signed",
+                    "version": version,
+                    "key_id": self.signer.key_id,
+                    "reason": "manifest.json.sig was missing (a registry from before detached signatures)",
+                }
+            )
             log.info("registry %s: signed version %d's manifest as it is (manifest.json.sig)", self.folder, version)
 
     def _finish_interrupted_publish(self) -> None:
@@ -581,9 +614,16 @@ class Registry:
             # Newer than anything the log knows, rollbacks included: it was meant to be latest.
             if version > newest_known and (latest is None or latest.get("version") != version):
                 self._point_latest(version)
-            self._append_log({"event": "published", "version": version, "sha256": hashlib.sha256(tflite).hexdigest(),
-                              "size": len(tflite), "quantization": manifest.get("quantization"),
-                              "recovered": "the publishing process stopped after the version was complete"})
+            self._append_log(
+                {
+                    "event": "published",
+                    "version": version,
+                    "sha256": hashlib.sha256(tflite).hexdigest(),
+                    "size": len(tflite),
+                    "quantization": manifest.get("quantization"),
+                    "recovered": "the publishing process stopped after the version was complete",
+                }
+            )
             log.warning("registry %s: finished the interrupted publish of version %d", self.folder, version)
 
     def _latest_problem(self) -> str | None:

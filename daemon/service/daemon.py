@@ -23,21 +23,20 @@ from collections.abc import Callable
 from types import FrameType
 
 from daemon.common import logs, state_owner
-
-from daemon.service import preflight
+from daemon.common.settings import ConfigError, Settings
+from daemon.distribution.http import DownloadApi, HttpServer
+from daemon.distribution.notice import Notice
+from daemon.ingest import wire
 from daemon.ingest.feed import Feed
 from daemon.ingest.intake import Intake
+from daemon.registry.versions import registry_root
+from daemon.service import preflight
 from daemon.service.liveness import Liveness, export_stall_after_s
-from daemon.distribution.notice import Notice
-from daemon.service.systemd import Notifier
 from daemon.service.reload import Plan as ReloadPlan
 from daemon.service.reload import plan as plan_reload
-from daemon.registry.versions import registry_root
-from daemon.distribution.http import DownloadApi, HttpServer
-from daemon.common.settings import ConfigError, Settings
 from daemon.service.status import Status, fraction, snapshot
+from daemon.service.systemd import Notifier
 from daemon.store.examples import Store
-from daemon.ingest import wire
 
 log = logging.getLogger("sprout.daemon")
 
@@ -99,8 +98,9 @@ class Daemon:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         state_owner.claim(s.state_dir, s.model.name)  # another model's folder is refused, naming both
         self.store = Store(s.state_dir / "examples.db")
-        self.feed = Feed(s.mqtt, s.model.name, s.client_id, wire.limits(s), s.store.backlog_max,
-                         s.store.backlog_max_mb * 1024 * 1024)
+        self.feed = Feed(
+            s.mqtt, s.model.name, s.client_id, wire.limits(s), s.store.backlog_max, s.store.backlog_max_mb * 1024 * 1024
+        )
         self.intake = Intake(self.feed, self.store, s.store)
         if s.training.enabled:
             from daemon.learning.checkpoint import CheckpointError  # these import torch: only when this node learns
@@ -140,10 +140,16 @@ class Daemon:
             from daemon.service import metrics, status_page  # the page and /metrics read this object's status()
 
             scrape = metrics.registry_for(self)
-            operator = dict(health=self.health, metrics=lambda: metrics.exposition(scrape),
-                            status=lambda: status_page.render(self.status(), self.settings))
-            tls = dict(tls_cert_file=s.server.tls_cert_file, tls_key_file=s.server.tls_key_file,
-                       request_timeout_s=s.server.request_timeout_s)
+            operator = dict(
+                health=self.health,
+                metrics=lambda: metrics.exposition(scrape),
+                status=lambda: status_page.render(self.status(), self.settings),
+            )
+            tls = dict(
+                tls_cert_file=s.server.tls_cert_file,
+                tls_key_file=s.server.tls_key_file,
+                request_timeout_s=s.server.request_timeout_s,
+            )
             if s.server.admin_apart:
                 # `http` faces the network (the phones): the status page's class names, the metrics and
                 # the health of each part stay on the operator's own address.
@@ -154,13 +160,21 @@ class Daemon:
                 self.http = HttpServer(s.server.host, s.server.port, api=api, **operator, **tls)
             self.http_address = self.http.start()
             self.admin_address = self.admin_address or self.http_address
-            log.info("serving the model API on %s://%s%s, the status page, /metrics and /healthz on %s://%s",
-                     self.http.scheme, self.http_address, " (downloads need the bearer token)" if token else "",
-                     self.http.scheme, self.admin_address)
+            log.info(
+                "serving the model API on %s://%s%s, the status page, /metrics and /healthz on %s://%s",
+                self.http.scheme,
+                self.http_address,
+                " (downloads need the bearer token)" if token else "",
+                self.http.scheme,
+                self.admin_address,
+            )
         self.feed.start()
         # Announce whatever the registry's latest is, now and on every change, on the feed's session.
-        self.notice = Notice(registry_root(s.state_dir) / s.model.name / "latest", s.mqtt.notice_topic(s.model.name),
-                             self.feed.publish_retained)
+        self.notice = Notice(
+            registry_root(s.state_dir) / s.model.name / "latest",
+            s.mqtt.notice_topic(s.model.name),
+            self.feed.publish_retained,
+        )
         self.notice.start()
         log.info(
             "model %s, state %s, broker %s, client id %s",
@@ -184,10 +198,14 @@ class Daemon:
                 log.error("notice thread died (%s); exiting so the service manager restarts Sprout", self.notice.error)
                 return EX_SOFTWARE
             if self.training is not None and not self.training.is_alive():
-                log.error("learner thread died (%s); exiting so the service manager restarts Sprout", self.training.error)
+                log.error(
+                    "learner thread died (%s); exiting so the service manager restarts Sprout", self.training.error
+                )
                 return EX_SOFTWARE
             if self.exporting is not None and not self.exporting.is_alive():
-                log.error("export thread died (%s); exiting so the service manager restarts Sprout", self.exporting.error)
+                log.error(
+                    "export thread died (%s); exiting so the service manager restarts Sprout", self.exporting.error
+                )
                 return EX_SOFTWARE
             for server in (self.http, self.admin):
                 if server is not None and server.error is not None:
@@ -282,8 +300,9 @@ class Daemon:
 
     def _check_runtimes(self, change: ReloadPlan) -> None:
         export = change.settings.export
-        if self.exporting is None or not any(c.field in ("export.runtimes", "export.tflite_runtime_python")
-                                             for c in change.applied):
+        if self.exporting is None or not any(
+            c.field in ("export.runtimes", "export.tflite_runtime_python") for c in change.applied
+        ):
             return
         from daemon.export.verification import unavailable
 
@@ -388,8 +407,11 @@ class Daemon:
             self._ping_due = now + watchdog_s / 2  # sd_watchdog_enabled(3): ping at half the interval
             stalls = self.liveness.stalls(now, self.intake, self.training, self.exporting, self.feed)
             if stalls.keys() - self.withholding.keys():  # once per newly stalled part, not every ping
-                log.warning("watchdog: not pinging: %s; systemd restarts Sprout once %.0fs pass without a ping",
-                            "; ".join(stalls.values()), watchdog_s)
+                log.warning(
+                    "watchdog: not pinging: %s; systemd restarts Sprout once %.0fs pass without a ping",
+                    "; ".join(stalls.values()),
+                    watchdog_s,
+                )
             elif self.withholding and not stalls:
                 log.info("watchdog: every part makes progress again; pinging")
             self.withholding = stalls

@@ -104,7 +104,11 @@ class Liveness:
                 self._busy_since = now
 
     def stalls(
-        self, now: float, intake: _Intake | None, training: _Training | None, exporting: _Exporting | None,
+        self,
+        now: float,
+        intake: _Intake | None,
+        training: _Training | None,
+        exporting: _Exporting | None,
         feed: _Feed | None = None,
     ) -> dict[str, str]:
         """What is not making progress: part -> what is wrong; empty when everything is."""

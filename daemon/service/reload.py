@@ -30,20 +30,40 @@ RELOADABLE: dict[str, frozenset[str]] = {
     # Read by the log set-up and the main loop's progress lines.
     "logging": frozenset({"level", "format", "progress_every_s"}),
     # Read by the export thread at every check and every export (an export in flight finishes on the old values).
-    "export": frozenset({
-        "every_examples", "every_seconds", "first_model_examples", "max_drop_pts", "tolerance_pts", "quantization", "runtimes",
-        "tflite_runtime_python", "calibration_examples", "verify_examples", "verify_timeout_s",
-        "skip_lossy_mode_for", "prewarm_process",
-    }),
+    "export": frozenset(
+        {
+            "every_examples",
+            "every_seconds",
+            "first_model_examples",
+            "max_drop_pts",
+            "tolerance_pts",
+            "quantization",
+            "runtimes",
+            "tflite_runtime_python",
+            "calibration_examples",
+            "verify_examples",
+            "verify_timeout_s",
+            "skip_lossy_mode_for",
+            "prewarm_process",
+        }
+    ),
     # Read by the registry at every publish.
     "registry": frozenset({"keep_versions"}),
     # Read by the learner at every step; handed over on its own thread, between two steps.
     "training": frozenset({"replay_ratio", "balance_classes"}),
     # Read by the feed for every message and by intake for every commit.
-    "store": frozenset({
-        "max_image_bytes", "max_image_pixels", "max_full_decode_pixels", "max_label_chars", "commit_max_examples",
-        "commit_linger_ms", "min_free_mb", "max_mb",
-    }),
+    "store": frozenset(
+        {
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_full_decode_pixels",
+            "max_label_chars",
+            "commit_max_examples",
+            "commit_linger_ms",
+            "min_free_mb",
+            "max_mb",
+        }
+    ),
 }
 
 

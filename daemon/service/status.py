@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.learning.curves import Point
 from daemon.distribution.fleet import FleetView
+from daemon.learning.curves import Point
 from daemon.registry.versions import registry_root
 
 
@@ -95,9 +95,13 @@ def snapshot(daemon: Any) -> Status:
     intake_status = None
     if intake is not None:
         since = intake.disk_full_since
-        intake_status = IntakeStatus(intake.stored, intake.duplicates, dict(intake.rejected),
-                                     feed.deliveries.qsize() if feed is not None else 0,
-                                     None if since is None else time.monotonic() - since)
+        intake_status = IntakeStatus(
+            intake.stored,
+            intake.duplicates,
+            dict(intake.rejected),
+            feed.deliveries.qsize() if feed is not None else 0,
+            None if since is None else time.monotonic() - since,
+        )
     training = daemon.training
     learning, curves = None, ()
     if training is not None:

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.learning.curves import Point
 from daemon.distribution.fleet import FleetView
+from daemon.learning.curves import Point
 from daemon.registry.versions import LOG, registry_root
 from daemon.service.status import LearningStatus, Status
 from daemon.service.status import pct as _pct
@@ -33,7 +33,7 @@ def render(status: Status, settings: Any) -> str:
     parts.append(_model(status.model))
     parts.append(_learning(status))
     points = list(status.curves)
-    parts.append('<h2>Learning curves</h2>')
+    parts.append("<h2>Learning curves</h2>")
     parts.append(_chart("accuracy", points, [("prequential", "#2b7bb9"), ("holdout", "#d9822b")], 0.0, 1.0, "%"))
     losses = [p.loss for p in points if p.loss is not None]
     parts.append(_chart("loss", points, [("loss", "#8e44ad")], 0.0, max(losses) * 1.1 if losses else 1.0, ""))
@@ -61,38 +61,49 @@ def _model(manifest: dict | None) -> str:
     return (
         '<section id="model"><h2>Model</h2><table>'
         f'<tr><th>version</th><td id="model-version">{manifest["version"]}</td></tr>'
-        f'<tr><th>published</th><td>{html.escape(str(manifest.get("created_at")))}</td></tr>'
-        f'<tr><th>quantization</th><td>{html.escape(str(manifest.get("quantization")))} ({size / 1e6:.2f} MB)</td></tr>'
-        f'<tr><th>holdout top-1</th><td>{runtimes} (float {_pct(m.get("holdout_top1_float"))})</td></tr>'
-        f'<tr><th>classes</th><td>{len(manifest.get("labels", []))}</td></tr>'
+        f"<tr><th>published</th><td>{html.escape(str(manifest.get('created_at')))}</td></tr>"
+        f"<tr><th>quantization</th><td>{html.escape(str(manifest.get('quantization')))} ({size / 1e6:.2f} MB)</td></tr>"
+        f"<tr><th>holdout top-1</th><td>{runtimes} (float {_pct(m.get('holdout_top1_float'))})</td></tr>"
+        f"<tr><th>classes</th><td>{len(manifest.get('labels', []))}</td></tr>"
         "</table></section>"
     )
 
 
 def _learning(status: Status) -> str:
-    rows = [("examples stored", f'<span id="stored">{status.examples}</span>'),
-            ("rejected", f'<span id="rejected">{status.rejected}</span>')]
+    rows = [
+        ("examples stored", f'<span id="stored">{status.examples}</span>'),
+        ("rejected", f'<span id="rejected">{status.rejected}</span>'),
+    ]
     if (intake := status.intake) is not None:
         since = f" ({intake.duplicates} duplicates, {intake.rejected_total} rejected)"
         rows.append(("stored since start", f'<span id="stored-since-start">{intake.stored}</span>{since}'))
     if (lr := status.learning) is None:
-        return '<section id="learning"><h2>Learning</h2><table>' + "".join(
-            f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table><p>Training is off on this node.</p></section>"
+        return (
+            '<section id="learning"><h2>Learning</h2><table>'
+            + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+            + "</table><p>Training is off on this node.</p></section>"
+        )
     rows += [
         ("examples learned", f'<span id="learned">{lr.learned}</span>'),
         ("backlog", f"{lr.backlog}"),
         ("prequential accuracy", f'<span id="prequential">{_pct(lr.prequential)}</span>'),
-        ("holdout accuracy", f'<span id="holdout">{_pct(lr.holdout)}</span>'
-         + (f' <span class="muted">(at step {lr.holdout_at_step})</span>' if lr.holdout is not None else "")),
+        (
+            "holdout accuracy",
+            f'<span id="holdout">{_pct(lr.holdout)}</span>'
+            + (f' <span class="muted">(at step {lr.holdout_at_step})</span>' if lr.holdout is not None else ""),
+        ),
         ("last loss", "-" if lr.loss is None else f"{lr.loss:.3f}"),
         ("backbone", f"{html.escape(lr.backbone)} ({html.escape(lr.mode)} on {html.escape(lr.device)})"),
     ]
     table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
-    per_class = "".join(
-        f'<tr class="class"><td>{html.escape(label)}</td><td>{_pct(acc)}</td>'
-        f'<td><div class="bar" style="width:{200 * acc:.0f}px"></div></td></tr>'
-        for label, acc in lr.holdout_per_class.items()
-    ) or '<tr><td colspan="3">no holdout evaluation yet</td></tr>'
+    per_class = (
+        "".join(
+            f'<tr class="class"><td>{html.escape(label)}</td><td>{_pct(acc)}</td>'
+            f'<td><div class="bar" style="width:{200 * acc:.0f}px"></div></td></tr>'
+            for label, acc in lr.holdout_per_class.items()
+        )
+        or '<tr><td colspan="3">no holdout evaluation yet</td></tr>'
+    )
     return (
         f'<section id="learning"><h2>Learning</h2><table>{table}</table>'
         f'<h3>Holdout accuracy per class</h3><table id="per-class">{per_class}</table></section>'
@@ -102,34 +113,50 @@ def _learning(status: Status) -> str:
 def _labels(lr: LearningStatus) -> str:
     """The learner's outputs, in order, and what ``sprout labels`` changed: what the next export's labels.txt holds."""
     e = html.escape
-    outputs = "".join(f'<tr class="output"><td>{i}</td><td>{e(label)}</td></tr>' for i, label in enumerate(lr.classes)) \
+    outputs = (
+        "".join(f'<tr class="output"><td>{i}</td><td>{e(label)}</td></tr>' for i, label in enumerate(lr.classes))
         or '<tr><td colspan="2">no class learned yet</td></tr>'
+    )
     notes = ""
     if lr.aliases:
-        notes += '<p id="aliases">Learned as another class (renamed or merged): ' + ", ".join(
-            f"{e(old)} &rarr; {e(now)}" for old, now in sorted(lr.aliases.items())) + "</p>"
+        notes += (
+            '<p id="aliases">Learned as another class (renamed or merged): '
+            + ", ".join(f"{e(old)} &rarr; {e(now)}" for old, now in sorted(lr.aliases.items()))
+            + "</p>"
+        )
     if lr.retired:
-        notes += '<p id="retired">Retired (stored, not learned or exported): ' + ", ".join(
-            e(label) for label in sorted(lr.retired)) + "</p>"
-    return (f'<section id="labels"><h2>Classes</h2><table id="outputs"><tr><th>output</th><th>label</th></tr>'
-            f'{outputs}</table>{notes}<p class="muted">Change them with <code>sprout labels</code>; label changes '
-            f"applied: {lr.label_changes_applied}.</p></section>")
+        notes += (
+            '<p id="retired">Retired (stored, not learned or exported): '
+            + ", ".join(e(label) for label in sorted(lr.retired))
+            + "</p>"
+        )
+    return (
+        f'<section id="labels"><h2>Classes</h2><table id="outputs"><tr><th>output</th><th>label</th></tr>'
+        f'{outputs}</table>{notes}<p class="muted">Change them with <code>sprout labels</code>; label changes '
+        f"applied: {lr.label_changes_applied}.</p></section>"
+    )
 
 
 def _fleet(view: FleetView) -> str:
     """Which versions the devices run (their own word, the last day) and fetch (downloads since the start)."""
-    versions = sorted({*view.devices_by_version, *map(str, view.downloads_by_version)},
-                      key=lambda v: (not v.isdigit(), -int(v) if v.isdigit() else 0))
+    versions = sorted(
+        {*view.devices_by_version, *map(str, view.downloads_by_version)},
+        key=lambda v: (not v.isdigit(), -int(v) if v.isdigit() else 0),
+    )
     if not versions:
-        return ('<section id="fleet"><h2>Devices</h2><p>No device has asked for a model yet (devices that send '
-                'Sprout-Device and Sprout-Version are counted here; docs/devices.md).</p></section>')
+        return (
+            '<section id="fleet"><h2>Devices</h2><p>No device has asked for a model yet (devices that send '
+            "Sprout-Device and Sprout-Version are counted here; docs/devices.md).</p></section>"
+        )
     rows = "".join(
         f"<tr><td>{html.escape(v)}</td><td>{view.devices_by_version.get(v, 0)}</td>"
         f"<td>{view.downloads_by_version.get(int(v), 0) if v.isdigit() else ''}</td></tr>"
         for v in versions
     )
-    return ('<section id="fleet"><h2>Devices</h2><table><tr><th>version</th><th>devices running it (last day)</th>'
-            f'<th>downloads</th></tr>{rows}</table></section>')
+    return (
+        '<section id="fleet"><h2>Devices</h2><table><tr><th>version</th><th>devices running it (last day)</th>'
+        f"<th>downloads</th></tr>{rows}</table></section>"
+    )
 
 
 def _chart(name: str, points: list[Point], series: list[tuple[str, str]], lo: float, hi: float, unit: str) -> str:
@@ -148,8 +175,10 @@ def _chart(name: str, points: list[Point], series: list[tuple[str, str]], lo: fl
     for i, (attr, colour) in enumerate(series):
         coords = [xy(p, getattr(p, attr)) for p in points if getattr(p, attr) is not None]
         if len(coords) >= 2:
-            lines.append(f'<polyline class="series" data-series="{attr}" fill="none" stroke="{colour}" '
-                         f'stroke-width="2" points="{" ".join(coords)}"/>')
+            lines.append(
+                f'<polyline class="series" data-series="{attr}" fill="none" stroke="{colour}" '
+                f'stroke-width="2" points="{" ".join(coords)}"/>'
+            )
         legend.append(f'<text x="{PAD + 130 * i}" y="16" fill="{colour}">{attr}</text>')
     fmt = (lambda v: f"{100 * v:.0f}%") if unit == "%" else (lambda v: f"{v:.2f}")
     axes = (
@@ -159,8 +188,10 @@ def _chart(name: str, points: list[Point], series: list[tuple[str, str]], lo: fl
         f'<text x="{PAD}" y="{CHART_H - 12}">{x0}</text>'
         f'<text x="{CHART_W - PAD - 60}" y="{CHART_H - 12}">{x1} learned</text>'
     )
-    return (f'<svg id="chart-{name}" width="{CHART_W}" height="{CHART_H}" viewBox="0 0 {CHART_W} {CHART_H}" '
-            f'role="img" aria-label="{name} against examples learned">{axes}{"".join(lines)}{"".join(legend)}</svg>')
+    return (
+        f'<svg id="chart-{name}" width="{CHART_W}" height="{CHART_H}" viewBox="0 0 {CHART_W} {CHART_H}" '
+        f'role="img" aria-label="{name} against examples learned">{axes}{"".join(lines)}{"".join(legend)}</svg>'
+    )
 
 
 def _exports(settings: Any, most: int = 10) -> str:
@@ -173,22 +204,27 @@ def _exports(settings: Any, most: int = 10) -> str:
             continue  # a line cut short by a crash
         kind = event.get("event", "?")
         if kind == "published":
-            what = f'version {event.get("version")} ({html.escape(str(event.get("quantization")))}, ' \
-                   f'{event.get("size", 0) / 1e6:.2f} MB)'
+            what = (
+                f"version {event.get('version')} ({html.escape(str(event.get('quantization')))}, "
+                f"{event.get('size', 0) / 1e6:.2f} MB)"
+            )
         elif kind == "rejected":
             candidate = event.get("candidate", {})
-            what = f'{html.escape(str(candidate.get("quantization")))}: ' + "; ".join(
-                html.escape(r) for r in event.get("reasons", []))
+            what = f"{html.escape(str(candidate.get('quantization')))}: " + "; ".join(
+                html.escape(r) for r in event.get("reasons", [])
+            )
         elif kind == "rollback":
-            what = f'back to version {event.get("version")} from {event.get("from")}'
+            what = f"back to version {event.get('version')} from {event.get('from')}"
         elif kind in ("label_renamed", "label_merged"):
-            what = f'{html.escape(str(event.get("label")))} &rarr; {html.escape(str(event.get("into")))}'
+            what = f"{html.escape(str(event.get('label')))} &rarr; {html.escape(str(event.get('into')))}"
         elif kind == "label_deleted":
-            what = f'{html.escape(str(event.get("label")))} retired'
+            what = f"{html.escape(str(event.get('label')))} retired"
         else:
             what = html.escape(json.dumps({k: v for k, v in event.items() if k not in ("event", "time")}))
-        rows.append(f'<tr class="event {html.escape(kind)}"><td>{html.escape(str(event.get("time", "")))}</td>'
-                    f"<td>{html.escape(kind)}</td><td>{what}</td></tr>")
+        rows.append(
+            f'<tr class="event {html.escape(kind)}"><td>{html.escape(str(event.get("time", "")))}</td>'
+            f"<td>{html.escape(kind)}</td><td>{what}</td></tr>"
+        )
     body = "".join(rows) or '<tr><td colspan="3">no exports yet</td></tr>'
     return f'<section id="exports"><h2>Recent exports and label changes</h2><table>{body}</table></section>'
 

@@ -119,7 +119,9 @@ class Store:
                 )
             version = int(self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
         except sqlite3.DatabaseError as err:
-            raise StoreError(f"{self.path}: cannot open the example store: {err} (is it a Sprout state directory?)") from None
+            raise StoreError(
+                f"{self.path}: cannot open the example store: {err} (is it a Sprout state directory?)"
+            ) from None
         except OSError as err:
             raise StoreError(f"{self.path.parent}: cannot create the state directory: {err.strerror}") from None
         if version != SCHEMA_VERSION:
@@ -155,7 +157,8 @@ class Store:
     def commit(self, examples: Iterable[Example], rejections: Iterable[Rejection] = ()) -> CommitResult:
         """Write examples and rejection counts in one transaction; returns once it is on disk (fsynced)."""
         rows = [
-            (e.example_id, e.label, e.split, e.content_type, e.width, e.height, e.received_at, e.image) for e in examples
+            (e.example_id, e.label, e.split, e.content_type, e.width, e.height, e.received_at, e.image)
+            for e in examples
         ]
         reasons: dict[str, int] = {}
         for r in rejections:
@@ -181,8 +184,9 @@ class Store:
     def stats(self) -> dict[str, object]:
         return stats(self._db)
 
-    def change_label(self, action: Action, label: str, into: str | None, max_label_chars: int,
-                     outputs: Iterable[str] = ()) -> LabelChange:
+    def change_label(
+        self, action: Action, label: str, into: str | None, max_label_chars: int, outputs: Iterable[str] = ()
+    ) -> LabelChange:
         """Record a label change (:mod:`daemon.store.labels`), or raise :class:`daemon.store.labels.LabelError` saying why not.
 
         ``outputs``: the learner's classes, which count as known even when retention has deleted all their
@@ -198,7 +202,8 @@ class Store:
                 at = time.time()
                 cursor = self._db.execute(
                     "INSERT INTO label_changes (at, action, label, into_label) VALUES (?, ?, ?, ?)",
-                    (at, action.value, label, into))
+                    (at, action.value, label, into),
+                )
                 self._db.commit()
             except BaseException:
                 self._db.rollback()
@@ -373,15 +378,17 @@ class StoreReader:
             chunk = seqs[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for s, label, split, image in self._db.execute(
-                    f"SELECT seq, label, split, image FROM examples WHERE seq IN ({marks})", chunk):
+                f"SELECT seq, label, split, image FROM examples WHERE seq IN ({marks})", chunk
+            ):
                 found[s] = StoredExample(s, self.labels.name(label), split, image)
         return [found[s] for s in seqs if s in found]
 
     def labels_up_to(self, seq: int, split: str) -> list[tuple[int, str]]:
         """(seq, label) of every example of a split up to seq, retired classes' left out: the index replay
         and holdout sample from."""
-        rows = self._db.execute("SELECT seq, label FROM examples WHERE split = ? AND seq <= ? ORDER BY seq",
-                                (split, seq))
+        rows = self._db.execute(
+            "SELECT seq, label FROM examples WHERE split = ? AND seq <= ? ORDER BY seq", (split, seq)
+        )
         return [(s, name) for s, label in rows if (name := self.labels.resolve(label)) is not None]
 
     def high_water_mark(self) -> int:
@@ -395,15 +402,21 @@ class StoreReader:
         beyond = self.high_water_mark() + 1
         out = {}
         for split in ("train", "holdout"):
-            firsts = [self._db.execute("SELECT MIN(seq) FROM examples WHERE label = ? AND split = ?",
-                                       (label, split)).fetchone()[0] for label in labels]
+            firsts = [
+                self._db.execute(
+                    "SELECT MIN(seq) FROM examples WHERE label = ? AND split = ?", (label, split)
+                ).fetchone()[0]
+                for label in labels
+            ]
             out[split] = min((s for s in firsts if s is not None), default=beyond)
         return out
 
     def seqs_between(self, low: int, high: int) -> list[int]:
         """Stored seqs in [low, high), both splits."""
-        return [row[0] for row in self._db.execute(
-            "SELECT seq FROM examples WHERE seq >= ? AND seq < ? ORDER BY seq", (low, high))]
+        return [
+            row[0]
+            for row in self._db.execute("SELECT seq FROM examples WHERE seq >= ? AND seq < ? ORDER BY seq", (low, high))
+        ]
 
     def close(self) -> None:
         self._db.close()

@@ -132,15 +132,21 @@ class LabelMap:
         if into in self.aliases and self.aliases[into] != label:
             # Examples sent as `into` read as another class: a class of that name would take them over.
             now = self.aliases[into]
-            raise LabelError(f"{into!r} was renamed or merged into {now!r} and its examples read as that: "
-                             + ("pick another name" if action is Action.RENAME else f"merge into {now!r}"))
+            raise LabelError(
+                f"{into!r} was renamed or merged into {now!r} and its examples read as that: "
+                + ("pick another name" if action is Action.RENAME else f"merge into {now!r}")
+            )
         if action is Action.RENAME:
             if into in live:
-                raise LabelError(f"{into!r} is a label already: to fold {label!r} into it, use "
-                                 f"`sprout labels merge {shlex.quote(label)} {shlex.quote(into)}`")
+                raise LabelError(
+                    f"{into!r} is a label already: to fold {label!r} into it, use "
+                    f"`sprout labels merge {shlex.quote(label)} {shlex.quote(into)}`"
+                )
             if not (0 < len(into) <= max_chars and into.isprintable() and into == into.strip()):
-                raise LabelError(f"new label {into!r}: use 1-{max_chars} printable characters without surrounding "
-                                 "spaces (store.max_label_chars)")
+                raise LabelError(
+                    f"new label {into!r}: use 1-{max_chars} printable characters without surrounding "
+                    "spaces (store.max_label_chars)"
+                )
         elif into not in live:
             raise LabelError(f"unknown label {into!r} to merge into; known labels: {_listed(live)}")
 
@@ -148,11 +154,16 @@ class LabelMap:
         if label in live:
             return
         if label in self.retired:
-            raise LabelError(f"{label!r} is retired already" if action is Action.DELETE
-                             else f"{label!r} is retired: it cannot be renamed or merged")
+            raise LabelError(
+                f"{label!r} is retired already"
+                if action is Action.DELETE
+                else f"{label!r} is retired: it cannot be renamed or merged"
+            )
         if label in self.aliases:
-            raise LabelError(f"{label!r} was renamed or merged into {self.aliases[label]!r}: "
-                             f"{action.value} {self.aliases[label]!r} instead")
+            raise LabelError(
+                f"{label!r} was renamed or merged into {self.aliases[label]!r}: "
+                f"{action.value} {self.aliases[label]!r} instead"
+            )
         raise LabelError(f"unknown label {label!r}; known labels: {_listed(live)}")
 
 
@@ -172,5 +183,3 @@ def outputs_after(outputs: list[str], change: LabelChange) -> tuple[list[str], i
 
 def _listed(labels: set[str]) -> str:
     return ", ".join(repr(label) for label in sorted(labels)) or "none yet"
-
-

@@ -59,7 +59,7 @@ def read_idx(path: Path) -> np.ndarray:
         raise DatasetError(
             f"{path} is missing: install Debian's 'dataset-fashion-mnist' package (make setup does)"
         ) from None
-    magic, = struct.unpack(">I", data[:4])
+    (magic,) = struct.unpack(">I", data[:4])
     dtype_code, ndim = (magic >> 8) & 0xFF, magic & 0xFF
     if dtype_code != 0x08:
         raise DatasetError(f"{path}: IDX element type {dtype_code:#x} is not unsigned byte")

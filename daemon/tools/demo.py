@@ -26,16 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from daemon.common import logs
-from edge.atomic import write_atomic
-from daemon.tools.broker import Mosquitto, reachable
-from daemon.tools.datasets import DatasetError, arrange, fashion_mnist_samples, iter_encoded
-from daemon.tools.feeder import FeedReport, Publisher, feed
-from daemon.service.daemon import Daemon
 from daemon.common.settings import Settings
 from daemon.registry.signing import Signer
+from daemon.service.daemon import Daemon
 from daemon.service.status import latest_manifest, learning_status
 from daemon.service.status import pct as _pct
 from daemon.store.examples import open_reader, stats
+from daemon.tools.broker import Mosquitto, reachable
+from daemon.tools.datasets import DatasetError, arrange, fashion_mnist_samples, iter_encoded
+from daemon.tools.feeder import FeedReport, Publisher, feed
+from edge.atomic import write_atomic
 
 log = logging.getLogger("sprout.demo")
 
@@ -138,8 +138,17 @@ class DemoDevice(threading.Thread):
                 self.terminal.say(f"device: refused version {event.version}: {event.reason}")
 
         s = self.settings
-        watch(self.url, s.model.name, self.folder, self.public_key, on_event=on_event, mqtt_url=s.mqtt.broker,
-              topic_prefix=s.mqtt.topic_prefix, interval_s=30.0, stop=self.stop_event)
+        watch(
+            self.url,
+            s.model.name,
+            self.folder,
+            self.public_key,
+            on_event=on_event,
+            mqtt_url=s.mqtt.broker,
+            topic_prefix=s.mqtt.topic_prefix,
+            interval_s=30.0,
+            stop=self.stop_event,
+        )
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -161,7 +170,9 @@ def _device(device: DemoDevice, photos: int = 200) -> dict[str, Any]:
         return {"synced": False, "reason": result.reason}
     model = EdgeModel.load(folder, public_key=public_key)
     samples = arrange(fashion_mnist_samples("t10k"), "iid", None, seed=1, limit=photos)
-    right = sum(model.predict(payload, 1)[0][0] == sample.label for sample, payload, _ in iter_encoded(samples, 224, "jpeg"))
+    right = sum(
+        model.predict(payload, 1)[0][0] == sample.label for sample, payload, _ in iter_encoded(samples, 224, "jpeg")
+    )
     return {
         "synced_from": url,
         "folder": str(folder),
@@ -184,9 +195,11 @@ def _report_exports(d: Daemon, state: dict[str, Any], terminal: Terminal) -> Non
         state["announced"] = published["version"]
         m = published["metrics"]
         on = ", ".join(f"{runtime} {_pct(top1)}" for runtime, top1 in m["holdout_top1"].items())
-        terminal.say(f"demo: published version {published['version']}: {published['quantization']}, "
-                     f"{published['files']['model.tflite']['size'] / 1e6:.2f} MB, {len(published['labels'])} classes, "
-                     f"holdout top-1 {on} (float {_pct(m['holdout_top1_float'])})")
+        terminal.say(
+            f"demo: published version {published['version']}: {published['quantization']}, "
+            f"{published['files']['model.tflite']['size'] / 1e6:.2f} MB, {len(published['labels'])} classes, "
+            f"holdout top-1 {on} (float {_pct(m['holdout_top1_float'])})"
+        )
     if exporting.rejected != state["rejected"] and exporting.last is not None:
         state["rejected"] = exporting.rejected
         terminal.say(f"demo: export refused: {'; '.join(exporting.last.reasons)}")
@@ -216,12 +229,20 @@ def run_demo(args: Any) -> int:
         terminal.say(f"demo: no broker at {settings.mqtt.broker}; started a private Mosquitto at {broker.url}")
         settings = Settings.load(None, {**overrides, "mqtt": {"broker": broker.url}})
     daemon = Daemon(settings)
-    feeder = DemoFeed(settings.mqtt.broker, settings.mqtt.examples_topic(settings.model.name), args.limit, args.rate,
-                      args.order)
+    feeder = DemoFeed(
+        settings.mqtt.broker, settings.mqtt.examples_topic(settings.model.name), args.limit, args.rate, args.order
+    )
     # The key pair now, not at the first publish: the device needs the public key from the start.
     Signer.load_or_create(settings.signing.resolved_key_file(settings.state_dir))
-    state: dict[str, Any] = {"last": 0.0, "stored": 0, "finished": False, "started": time.monotonic(),
-                             "device": None, "announced": None, "rejected": 0}
+    state: dict[str, Any] = {
+        "last": 0.0,
+        "stored": 0,
+        "finished": False,
+        "started": time.monotonic(),
+        "device": None,
+        "announced": None,
+        "rejected": 0,
+    }
 
     def on_tick(d: Daemon) -> None:
         if not feeder.is_alive() and not feeder.done.is_set() and d.feed is not None and d.feed.subscribed.is_set():
@@ -240,7 +261,9 @@ def run_demo(args: Any) -> int:
         r = feeder.report
         rate = (intake.stored - state["stored"]) / (now - state["last"]) if state["last"] else 0.0
         # This run's intake ("new", "again"): the feed's examples, however many the state folder held before.
-        line = f"demo: fed {r.acked}/{args.limit} | stored {intake.stored} new ({rate:.0f}/s), {intake.duplicates} again"
+        line = (
+            f"demo: fed {r.acked}/{args.limit} | stored {intake.stored} new ({rate:.0f}/s), {intake.duplicates} again"
+        )
         if lr is not None:
             line += (
                 f" | learned {lr.learned} (backlog {lr.backlog}) | prequential {_pct(lr.prequential)}"
@@ -279,8 +302,9 @@ def run_demo(args: Any) -> int:
                     "published": d.exporting.published,
                     "rejected": d.exporting.rejected,
                     "latest_version": latest["version"] if latest else None,
-                    "last_export": None if last is None else {
-                        "published": bool(last.published), "rejected_because": last.reasons, "metrics": last.metrics},
+                    "last_export": None
+                    if last is None
+                    else {"published": bool(last.published), "rejected_because": last.reasons, "metrics": last.metrics},
                 }
             if state["device"] is not None:
                 summary["device"] = _device(state["device"])
@@ -320,7 +344,9 @@ def _failure(d: Daemon, summary: dict[str, Any], timed_out: bool, max_seconds: f
         return "no model can be published: training.enabled and export.enabled must both be true"
     if summary.get("export", {}).get("latest_version") is None:  # none in the registry, from this run or before
         why = "; ".join(d.exporting.last.reasons) if d.exporting.last is not None and d.exporting.last.reasons else ""
-        return f"no model was published{late}" + (f" (last export refused: {why})" if why else " (see demo.log in the state folder)")
+        return f"no model was published{late}" + (
+            f" (last export refused: {why})" if why else " (see demo.log in the state folder)"
+        )
     device = summary.get("device")
     if device is None:
         return "no device followed the models: server.enabled must be true"
@@ -348,19 +374,28 @@ def _readable(summary: dict[str, Any], summary_file: Path, log_file: Path) -> li
     ]
     learner = summary.get("learner")
     if learner:
-        lines.append(f"  learned  {learner['learned']} examples in {learner['steps']} steps ({learner['backbone']}, "
-                     f"{learner['mode']} mode): {len(learner['classes'])} classes, holdout top-1 "
-                     f"{_pct(learner['holdout_accuracy'])}, prequential {_pct(learner['prequential_accuracy'])}")
+        lines.append(
+            f"  learned  {learner['learned']} examples in {learner['steps']} steps ({learner['backbone']}, "
+            f"{learner['mode']} mode): {len(learner['classes'])} classes, holdout top-1 "
+            f"{_pct(learner['holdout_accuracy'])}, prequential {_pct(learner['prequential_accuracy'])}"
+        )
     export = summary.get("export")
     if export:
-        earlier = " (this state folder's, from an earlier run: nothing new to learn)" if (
-            export["latest_version"] and not export["published"]) else ""
-        lines.append(f"  models   {export['published']} published, {export['rejected']} refused by the gates; "
-                     f"latest version {export['latest_version'] or '-'}{earlier}")
+        earlier = (
+            " (this state folder's, from an earlier run: nothing new to learn)"
+            if (export["latest_version"] and not export["published"])
+            else ""
+        )
+        lines.append(
+            f"  models   {export['published']} published, {export['rejected']} refused by the gates; "
+            f"latest version {export['latest_version'] or '-'}{earlier}"
+        )
     device = summary.get("device")
     if device and device.get("version"):
-        lines.append(f"  device   version {device['version']} ({device['quantization']}) on {device['runtime']}: "
-                     f"top-1 {_pct(device['top1_on_device'])} on {device['test_photos']} photos it never saw")
+        lines.append(
+            f"  device   version {device['version']} ({device['quantization']}) on {device['runtime']}: "
+            f"top-1 {_pct(device['top1_on_device'])} on {device['test_photos']} photos it never saw"
+        )
         lines.append(f"  try      sprout-edge classify --dir {_shown(Path(device['folder']))} PHOTO.jpg")
     elif device:
         lines.append(f"  device   no verified model: {device.get('reason', 'unknown')}")

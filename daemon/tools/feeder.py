@@ -24,8 +24,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tqdm import tqdm
 
-from daemon.tools.datasets import DatasetError, Sample, arrange, fashion_mnist_samples, folder_samples, iter_encoded
 from daemon.common.settings import StoreSettings
+from daemon.tools.datasets import DatasetError, Sample, arrange, fashion_mnist_samples, folder_samples, iter_encoded
 
 log = logging.getLogger("sprout.feeder")
 
@@ -233,7 +233,9 @@ def feed(
             if delay > 0:
                 time.sleep(delay)
         if not publisher.publish(topic, payload, sample.label, content_type, sample.example_id, split or sample.split):
-            log.warning("skipped %s: %d bytes is over the %d-byte limit", sample.example_id, len(payload), publisher.max_bytes)
+            log.warning(
+                "skipped %s: %d bytes is over the %d-byte limit", sample.example_id, len(payload), publisher.max_bytes
+            )
         done = publisher.report.acked + publisher.report.no_subscribers
         if done > shown:
             bar.update(done - shown)
@@ -257,8 +259,14 @@ def run_feed(args) -> int:
     topic = f"{args.topic_prefix}/{args.model}/examples"
     try:
         with Publisher(args.broker, window=args.window, ca_file=args.ca_file) as publisher:
-            report = feed(publisher, topic, iter_encoded(samples, args.size, args.format), len(samples), args.rate,
-                          split=args.split)
+            report = feed(
+                publisher,
+                topic,
+                iter_encoded(samples, args.size, args.format),
+                len(samples),
+                args.rate,
+                split=args.split,
+            )
     except (ConnectionError, OSError) as err:
         print(f"sprout feed: cannot reach {without_password(args.broker)}: {err}", file=sys.stderr)
         return 69  # EX_UNAVAILABLE

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.learning import checkpoint
-from edge.atomic import TMP_PREFIX
 from daemon.registry.versions import LABELS_FILE, MODEL_FILE, Registry, RegistryError, registry_root
+from edge.atomic import TMP_PREFIX
 from edge.model import EdgeModel, ModelError
 from edge.trust import SignatureError, verify_document, verify_file
 
@@ -107,7 +107,7 @@ def models(state: Path, model: str) -> Models:
             out.refused += 1
             if any(word in reason for reason in e.get("reasons", []) for word in RUNTIME_FAILURE_WORDS):
                 out.refused_by_runtime += 1
-    if any(b <= a for a, b in zip(out.versions_published, out.versions_published[1:])):
+    if any(b <= a for a, b in zip(out.versions_published, out.versions_published[1:], strict=False)):
         out.problems.append(f"published versions are not strictly increasing: {out.versions_published}")
     on_disk = registry.versions()
     if unlogged := sorted(set(on_disk) - set(out.versions_published)):

@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
 from test_learner import colour_jpeg
 
 NO_MATCHING_SUBSCRIBERS = 16

@@ -28,10 +28,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.learning import checkpoint
-from edge.atomic import TMP_PREFIX
-from daemon.tools.broker import Mosquitto
 from helpers import DaemonProcess, stored_ids, wait_for
+
+from daemon.learning import checkpoint
+from daemon.tools.broker import Mosquitto
+from edge.atomic import TMP_PREFIX
 
 from . import audit
 from .feeder import Feeder
@@ -110,10 +111,12 @@ class Chaos:
         # Temporaries outside the state folder (the export processes') go here, to be counted.
         self.tmpdir = root / "tmp"
         self.tmpdir.mkdir(parents=True, exist_ok=True)
-        self.broker = Mosquitto(root / "broker", autosave_interval=AUTOSAVE_INTERVAL_S,
-                                max_queued_messages=MAX_QUEUED_MESSAGES)
-        self.daemon = DaemonProcess(self.broker.url, self.state, model=MODEL,
-                                    env={**DAEMON_ENV, "TMPDIR": str(self.tmpdir)})
+        self.broker = Mosquitto(
+            root / "broker", autosave_interval=AUTOSAVE_INTERVAL_S, max_queued_messages=MAX_QUEUED_MESSAGES
+        )
+        self.daemon = DaemonProcess(
+            self.broker.url, self.state, model=MODEL, env={**DAEMON_ENV, "TMPDIR": str(self.tmpdir)}
+        )
         self.feeder = Feeder(self.broker.url, MODEL, plan.examples, plan.rate)
         self._log_offset = 0
 
@@ -125,8 +128,13 @@ class Chaos:
         self.broker.start()
         self.start_daemon()  # first, so that the broker holds Sprout's session before the feed starts
         self.feeder.start()
-        restart_at = dict(zip(self.rng.sample(range(self.plan.kills), len(self.plan.broker_restarts)),
-                              self.plan.broker_restarts))
+        restart_at = dict(
+            zip(
+                self.rng.sample(range(self.plan.kills), len(self.plan.broker_restarts)),
+                self.plan.broker_restarts,
+                strict=True,
+            )
+        )
         for i in range(self.plan.kills):
             if i in restart_at:
                 self.restart_broker(restart_at[i], daemon_down=self.rng.random() < 0.5)
@@ -177,7 +185,8 @@ class Chaos:
         if window == "checkpoint write":
             folder = self.state / "checkpoints"
             if not wait_exists(folder, 10) or not kill_when_created(
-                    pid, [folder], lambda n: n.startswith(f"{TMP_PREFIX}{checkpoint.CHECKPOINT_NAME}-"), 10):
+                pid, [folder], lambda n: n.startswith(f"{TMP_PREFIX}{checkpoint.CHECKPOINT_NAME}-"), 10
+            ):
                 landed = None
         elif window == "publish":
             folder = self.state / "registry" / MODEL
@@ -199,8 +208,9 @@ class Chaos:
         if self.daemon.proc.poll() is None:
             self.daemon.proc.send_signal(signal.SIGKILL)
         self.daemon.proc.wait(10)
-        assert self.daemon.proc.returncode == -signal.SIGKILL, \
+        assert self.daemon.proc.returncode == -signal.SIGKILL, (
             f"the daemon exited with {self.daemon.proc.returncode} before the kill:\n{self.log_since_start()[-3000:]}"
+        )
         self.tally.kills[landed] += 1
         if audit.temporaries(self.state):
             self.tally.temporaries_left_by_kills += 1
@@ -258,26 +268,36 @@ def wait_exists(path: Path, timeout_s: float) -> bool:
     return True
 
 
-def table(plan: Plan, tally: Tally, examples: audit.Examples, models: audit.Models, temporaries: list[str],
-          outside: list[str]) -> str:
+def table(
+    plan: Plan, tally: Tally, examples: audit.Examples, models: audit.Models, temporaries: list[str], outside: list[str]
+) -> str:
     """The run's figures, one per line, as docs/reliability.md shows them."""
     kills = ", ".join(f"{n} {w}" for w, n in tally.kills.items())
     restarts = ", ".join(f"{n} {s}" for s, n in tally.broker_restarts.items())
     rows = [
         ("seed", plan.seed),
         ("runs (daemon processes started)", tally.runs),
-        ("daemon SIGKILLs", f"{tally.total_kills} ({kills}; {tally.missed_windows} targeted ones missed their "
-                            f"window while the feed ran, {tally.windows_after_feed} came after it and count as anywhere)"),
+        (
+            "daemon SIGKILLs",
+            f"{tally.total_kills} ({kills}; {tally.missed_windows} targeted ones missed their "
+            f"window while the feed ran, {tally.windows_after_feed} came after it and count as anywhere)",
+        ),
         ("kills that left a temporary behind (inside a write)", tally.temporaries_left_by_kills),
-        ("broker restarts", f"{sum(tally.broker_restarts.values())} ({restarts}; "
-                            f"{tally.broker_restarts_daemon_down} while the daemon was down)"),
+        (
+            "broker restarts",
+            f"{sum(tally.broker_restarts.values())} ({restarts}; "
+            f"{tally.broker_restarts_daemon_down} while the daemon was down)",
+        ),
         ("published (ids the broker acknowledged)", examples.published),
         ("stored (distinct ids)", examples.stored),
         ("lost", len(examples.lost)),
         ("duplicated", len(examples.duplicated)),
         ("stored but never acknowledged", len(examples.unexpected)),
-        ("versions published", f"{len(models.versions_published)} ({models.recovered} of them finished by the "
-                               f"next start after a kill between the version's rename and the log)"),
+        (
+            "versions published",
+            f"{len(models.versions_published)} ({models.recovered} of them finished by the "
+            f"next start after a kill between the version's rename and the log)",
+        ),
         ("candidates refused by the accuracy gates", models.refused - models.refused_by_runtime),
         ("verification failures", len(models.failing) + models.refused_by_runtime),
         ("temporaries left in the state folder", len(temporaries)),

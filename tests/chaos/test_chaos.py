@@ -14,7 +14,9 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def test_the_broker_runs_with_the_settings_that_docs_broker_md_asks_for(tmp_path):
-    documented = dict(re.findall(r"^(autosave_interval|max_queued_messages) (\d+)", (DOCS / "broker.md").read_text(), re.M))
+    documented = dict(
+        re.findall(r"^(autosave_interval|max_queued_messages) (\d+)", (DOCS / "broker.md").read_text(), re.M)
+    )
     assert int(documented["autosave_interval"]) == AUTOSAVE_INTERVAL_S
     assert int(documented["max_queued_messages"]) == MAX_QUEUED_MESSAGES
     conf = Chaos(tmp_path, Plan(1, [], 0, 1, 1.0)).broker.conf.read_text()

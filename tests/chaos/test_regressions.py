@@ -11,16 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from daemon.export.schedule import Exporting
-from daemon.tools.feeder import Publisher
-from daemon.registry.versions import Registry, registry_root
-from daemon.common.settings import ExportSettings, ModelSettings, Settings, TrainingSettings
-from daemon.registry.signing import Signer
-from daemon.store.examples import Store
-from daemon.learning.training import Training
 from helpers import wait_for
 from test_learner import stream
+
+from daemon.common.settings import ExportSettings, ModelSettings, Settings, TrainingSettings
+from daemon.export.schedule import Exporting
+from daemon.learning.training import Training
+from daemon.registry.signing import Signer
+from daemon.registry.versions import Registry, registry_root
+from daemon.store.examples import Store
+from daemon.tools.feeder import Publisher
 
 from .feeder import example
 from .harness import DAEMON_ENV, MODEL
@@ -36,9 +36,14 @@ from daemon.registry.signing import Signer
 root, model, key, fields = sys.argv[1:]
 Registry(Path(root), model, Signer.load(Path(key))).publish(os.urandom(2000), json.loads(fields))
 """
-FIELDS = {"base": "tiny", "labels": ["healthy", "rust"], "quantization": "int8", "metrics": {},
-          "input": {"shape": [1, 32, 32, 3], "layout": "NHWC", "dtype": "uint8", "range": [0, 255]},
-          "runtimes_verified": [{"name": "ai-edge-litert", "version": "2.3.0"}]}
+FIELDS = {
+    "base": "tiny",
+    "labels": ["healthy", "rust"],
+    "quantization": "int8",
+    "metrics": {},
+    "input": {"shape": [1, 32, 32, 3], "layout": "NHWC", "dtype": "uint8", "range": [0, 255]},
+    "runtimes_verified": [{"name": "ai-edge-litert", "version": "2.3.0"}],
+}
 
 VERSION_FOLDER_TEMPORARY = re.compile(r"^\.tmp-\d+-\d+$")
 
@@ -77,9 +82,12 @@ def test_the_learner_goes_on_learning_beside_an_export(tmp_path):
     store = Store(tmp_path / "examples.db")
     store.commit(stream([0, 1, 2], 2000, seed=5, order="iid"))
     store.close()
-    settings = Settings(state_dir=tmp_path, model=ModelSettings(name=MODEL, backbone="tiny", input_size=32),
-                        training=TrainingSettings(mode="head", device="cpu", batch_size=2, checkpoint_every_s=0.2),
-                        export=ExportSettings(quantization=["none"], runtimes=["ai-edge-litert"]))
+    settings = Settings(
+        state_dir=tmp_path,
+        model=ModelSettings(name=MODEL, backbone="tiny", input_size=32),
+        training=TrainingSettings(mode="head", device="cpu", batch_size=2, checkpoint_every_s=0.2),
+        export=ExportSettings(quantization=["none"], runtimes=["ai-edge-litert"]),
+    )
     training = Training(settings)
     training.start()
     try:
@@ -108,8 +116,9 @@ def test_a_publish_killed_after_its_version_was_complete_is_finished_by_the_next
     registry = Registry(tmp_path / "registry", MODEL, Signer.load_or_create(key))
     registry.publish(os.urandom(2000), FIELDS)
     with Watch([registry.folder]) as watch:
-        child = subprocess.Popen([sys.executable, "-c", PUBLISH_ONE, str(registry.root), MODEL, str(key),
-                                  json.dumps(FIELDS)], cwd=REPO)
+        child = subprocess.Popen(
+            [sys.executable, "-c", PUBLISH_ONE, str(registry.root), MODEL, str(key), json.dumps(FIELDS)], cwd=REPO
+        )
         killed = False
         while not killed and child.poll() is None:
             for name in watch.names(1.0):
