@@ -9,6 +9,8 @@ need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # strace plays the unit's system-call filter around the real daemon in tests/test_systemd.py.
 command -v strace >/dev/null 2>&1 || need+=(strace)
+# systemd-analyze verifies the unit and scores its sandbox in tests/test_systemd.py (no running systemd needed).
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # mosquitto_pub sends the README's example messages in tests/test_readme.py, as a feed in any language would.
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 # The platform classifiers below: MediaPipe's library links EGL and GLES (it runs on the CPU here), the

@@ -66,3 +66,33 @@ def test_the_check_itself_sees_an_upward_import(tmp_path: Path):
 def test_models_import_nothing_of_the_service():
     for path in sorted((REPO / "models").rglob("*.py")):
         assert daemon_imports(path) == set(), f"{path.relative_to(REPO)} imports the daemon"
+
+
+def test_under_ci_a_skip_that_set_up_should_have_prevented_fails_the_run(tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n"
+        "def test_gpu():\n    pytest.skip('CUDA graphs need a CUDA device')\n"
+        "def test_tool():\n    pytest.skip('chromium is not installed')\n"
+    )
+
+    def run(*args: str, ci: bool) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "CI"} | ({"CI": "true"} if ci else {})
+        env["PYTHONPATH"] = str(REPO / "tests")
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "skip_gate", "-p", "no:cacheprovider", *args, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=120,
+        )
+
+    failed = run(ci=True)
+    assert failed.returncode == 1 and "test_skips.py::test_tool: chromium is not installed" in failed.stdout
+    assert "test_gpu" not in failed.stdout.split("set-up should have removed")[1]
+    assert run(ci=False).returncode == 0  # outside CI it only says so
+    assert run("-k", "gpu", ci=True).returncode == 0  # a machine's own limits are expected
