@@ -12,18 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from daemon import __version__
 from daemon.common import logs
-from daemon.common.settings import EX_CONFIG, ConfigError, Settings
+from daemon.common.exits import Exit
+from daemon.common.settings import ConfigError, Settings
 
 if TYPE_CHECKING:  # imported where used: `sprout --help` should not wait for torch
     from daemon.store.examples import LabelCount, StoreReader
     from daemon.store.labels import LabelChange
 
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_NOINPUT = 66
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
-EX_CANTCREAT = 73
 
 log = logging.getLogger("sprout")
 
@@ -80,19 +75,22 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.service.daemon import Daemon
-    from daemon.store.examples import StoreError
+    from daemon.store.examples import StateDirError, StoreError
 
     settings = _settings(args)
     logs.configure(settings.logging.level, settings.logging.format)
     daemon = Daemon(settings)
     try:
         return daemon.leave(daemon.run())
+    except StateDirError as err:  # no state folder it can use, or a store from a newer Sprout
+        log.error("%s", err)
+        return Exit.CONFIG
     except StoreError as err:
         log.error("%s", err)
-        return EX_CONFIG if "state directory" in str(err) else EX_SOFTWARE
+        return Exit.SOFTWARE
     except OSError as err:  # e.g. the HTTP port is taken
         log.error("cannot start: %s", err)
-        return EX_UNAVAILABLE
+        return Exit.UNAVAILABLE
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -113,7 +111,7 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats(db), indent=2, ensure_ascii=False))
     except StoreError as err:
         print(f"sprout store stats: {err}", file=sys.stderr)
-        return EX_NOINPUT
+        return Exit.NOINPUT
     return 0
 
 
@@ -127,16 +125,16 @@ def cmd_store_import(args: argparse.Namespace) -> int:
         report = run_import(args.dir, settings, sys.stderr)
     except DatasetError as err:
         print(f"sprout store import: {err}", file=sys.stderr)
-        return EX_NOINPUT
+        return Exit.NOINPUT
     except StoreError as err:
         print(f"sprout store import: {err}", file=sys.stderr)
-        return EX_CANTCREAT
+        return Exit.CANTCREAT
     except ImportStopped as err:
         print(json.dumps(err.report.as_dict()))
         print(f"sprout store import: stopped: {err}", file=sys.stderr)
-        return EX_CANTCREAT
+        return Exit.CANTCREAT
     print(json.dumps(report.as_dict()))
-    return EX_DATAERR if report.skipped else 0
+    return Exit.DATAERR if report.skipped else 0
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
@@ -169,10 +167,10 @@ def cmd_labels(args: argparse.Namespace) -> int:
             store.close()
     except StoreError as err:
         print(f"{what}: {err}", file=sys.stderr)
-        return EX_NOINPUT
+        return Exit.NOINPUT
     except LabelError as err:
         print(f"{what}: {err}", file=sys.stderr)
-        return EX_DATAERR
+        return Exit.DATAERR
     _record_label_change(settings, change)
     print(_label_change_done(change, counts, outputs))
     return 0
@@ -283,7 +281,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         outcome = export_once(settings)
     except NothingToExport as err:
         print(f"sprout export: nothing to export: {err}", file=sys.stderr)
-        return EX_NOINPUT
+        return Exit.NOINPUT
     print(
         json.dumps(
             {
@@ -306,7 +304,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return run_demo(args)
     except OSError as err:  # e.g. the HTTP port is taken by another Sprout
         log.error("cannot start: %s (server.http / SPROUT_SERVER__HTTP picks another address)", err)
-        return EX_UNAVAILABLE
+        return Exit.UNAVAILABLE
 
 
 def _version(text: str) -> int | str:
@@ -336,7 +334,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             return 0
         if args.version == "latest":
             print(f"{what}: give a version number", file=sys.stderr)
-            return EX_USAGE
+            return Exit.USAGE
         registry = Registry.from_settings(settings, create_key=False)
         if args.models_command == "rollback":
             before = reader.latest()
@@ -352,13 +350,13 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     except NoRegistryError as err:
         print(f"{what}: {err}", file=sys.stderr)
-        return EX_NOINPUT
+        return Exit.NOINPUT
     except SigningKeyError as err:
         print(f"{what}: {err}", file=sys.stderr)
-        return EX_CONFIG
+        return Exit.CONFIG
     except RegistryError as err:  # unknown version, damaged version
         print(f"{what}: {err}", file=sys.stderr)
-        return EX_DATAERR
+        return Exit.DATAERR
 
 
 def _models_list(reader: Any, as_json: bool) -> int:
@@ -386,10 +384,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         private, public = generate(args.out)
     except SigningKeyError as err:
         print(f"sprout keygen: {err}", file=sys.stderr)
-        return EX_CANTCREAT
+        return Exit.CANTCREAT
     except OSError as err:
         print(f"sprout keygen: cannot write to {args.out}: {err.strerror}", file=sys.stderr)
-        return EX_CANTCREAT
+        return Exit.CANTCREAT
     print(f"private key: {private}  (mode 0600; set signing.key_file to it)")
     print(f"public key:  {public}  (give it to your devices)")
     signer = Signer.load(private)
@@ -584,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except ConfigError as err:
         print(f"sprout: bad configuration:\n{err}", file=sys.stderr)
-        return EX_CONFIG
+        return Exit.CONFIG
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

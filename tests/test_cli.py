@@ -83,3 +83,20 @@ def test_every_command_on_a_models_state_takes_model_and_config():
         assert "--model" in out.stdout and "--config" in out.stdout and "--state" in out.stdout, args
     for args in (["run"], ["export"], ["demo"], ["feed"]):
         assert "--log-level" in sprout(*args, "--help").stdout, args
+
+
+def test_a_store_that_cannot_work_stops_the_restart_loop_and_a_dead_part_does_not(tmp_path: Path):
+    """Exit codes by exception type (daemon/common/exits.py): 78 tells systemd not to restart (a state folder
+    Sprout cannot use, a store from a newer Sprout), where a restart could not help."""
+    import sqlite3
+
+    garbage, newer = tmp_path / "garbage", tmp_path / "newer"
+    garbage.mkdir()
+    (garbage / "examples.db").write_bytes(b"not a database, " * 512)
+    newer.mkdir()
+    with sqlite3.connect(newer / "examples.db") as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        db.execute("INSERT INTO meta VALUES ('schema_version', '999')")
+    for state, says in ((garbage, "cannot open the example store"), (newer, "store schema 999")):
+        out = sprout("run", "--state", str(state), "--broker", "mqtt://127.0.0.1:9", "--http", "127.0.0.1:0")
+        assert out.returncode == 78 and says in out.stderr, out.stderr

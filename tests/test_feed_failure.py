@@ -17,8 +17,9 @@ import urllib.request
 import pytest
 from helpers import jpeg, stored_ids, wait_for
 
+from daemon.common.exits import Exit
 from daemon.common.settings import Settings
-from daemon.service.daemon import EX_SOFTWARE, Daemon
+from daemon.service.daemon import Daemon
 from daemon.tools.feeder import Publisher
 
 
@@ -82,7 +83,7 @@ def test_a_network_thread_killed_from_inside_is_seen_everywhere_and_exits_70(bro
     assert "feed" in d.liveness.stalls(time.monotonic(), d.intake, d.training, d.exporting, d.feed)
     assert "FAILED (the MQTT network thread has ended)" in d.status_line()
     started = time.monotonic()
-    assert d.main_loop(None) == EX_SOFTWARE
+    assert d.main_loop(None) == Exit.SOFTWARE
     assert time.monotonic() - started < 2
 
 
@@ -103,4 +104,4 @@ def test_a_failure_inside_sprouts_own_callback_marks_the_feed_failed(broker, dae
     metrics = get(d, "/metrics")[1].decode()
     assert "sprout_mqtt_callback_errors_total 1.0" in metrics
     assert 'sprout_part_healthy{part="feed"} 0.0' in metrics
-    assert d.main_loop(None) == EX_SOFTWARE
+    assert d.main_loop(None) == Exit.SOFTWARE

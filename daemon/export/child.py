@@ -48,13 +48,13 @@ from pathlib import Path
 from typing import Any
 
 import daemon
+from daemon.common.exits import Exit
 from daemon.common.parent_death import die_with_parent
 from daemon.common.settings import Settings
 
 log = logging.getLogger("sprout.export")
 
 PROJECT_ROOT = Path(daemon.__file__).resolve().parent.parent  # the folder holding daemon/, for PYTHONPATH
-EX_SOFTWARE = 70  # sysexits.h: the export raised; its traceback is in the log
 TMP_PREFIX = "sprout-export-"  # + the daemon's pid: a child's temporaries, in the system's temporary folder
 
 
@@ -251,7 +251,7 @@ class ExportChild:
 
 
 def main(argv: list[str]) -> int:
-    die_with_parent(int(argv[0]), EX_SOFTWARE)  # an orphan must not publish beside a new daemon
+    die_with_parent(int(argv[0]), Exit.SOFTWARE)  # an orphan must not publish beside a new daemon
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # litert-torch and ai-edge-quantizer print to stdout; only the outcome goes there
 
@@ -276,11 +276,11 @@ def main(argv: list[str]) -> int:
     except OSError as err:
         if not is_disk_full(err):
             log.exception("export failed: %s", err)
-            return EX_SOFTWARE
+            return Exit.SOFTWARE
         doc = {"disk_full": {"errno": err.errno, "strerror": err.strerror, "filename": err.filename}}
     except Exception as err:
         log.exception("export failed: %s", err)
-        return EX_SOFTWARE
+        return Exit.SOFTWARE
     else:
         doc = {
             "outcome": {

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from daemon.common import logs, state_owner
+from daemon.common.exits import Exit
 from daemon.common.settings import ConfigError, Settings
 from daemon.distribution.http import DownloadApi, HttpServer
 from daemon.distribution.notice import Notice
@@ -40,9 +41,6 @@ from daemon.store.examples import Store
 
 log = logging.getLogger("sprout.daemon")
 
-EX_OK = 0
-EX_FAILURE = 1
-EX_SOFTWARE = 70  # an internal part died; systemd's Restart=on-failure brings us back
 # The whole shutdown, intake's last commit first, then the learner's step and checkpoint; systemd's
 # TimeoutStopSec (30 s in systemd/sprout.service) must exceed it, or SIGKILL ends a clean stop.
 SHUTDOWN_BOUND_S = 20.0
@@ -190,27 +188,27 @@ class Daemon:
         while not self.should_exit.wait(0.1):
             if self.feed is not None and (problem := self.feed.problem()) is not None:
                 log.error("feed failed (%s); exiting so the service manager restarts Sprout", problem)
-                return EX_SOFTWARE
+                return Exit.SOFTWARE
             if self.intake is not None and not self.intake.is_alive():
                 log.error("intake thread died (%s); exiting so the service manager restarts Sprout", self.intake.error)
-                return EX_SOFTWARE
+                return Exit.SOFTWARE
             if self.notice is not None and not self.notice.is_alive():
                 log.error("notice thread died (%s); exiting so the service manager restarts Sprout", self.notice.error)
-                return EX_SOFTWARE
+                return Exit.SOFTWARE
             if self.training is not None and not self.training.is_alive():
                 log.error(
                     "learner thread died (%s); exiting so the service manager restarts Sprout", self.training.error
                 )
-                return EX_SOFTWARE
+                return Exit.SOFTWARE
             if self.exporting is not None and not self.exporting.is_alive():
                 log.error(
                     "export thread died (%s); exiting so the service manager restarts Sprout", self.exporting.error
                 )
-                return EX_SOFTWARE
+                return Exit.SOFTWARE
             for server in (self.http, self.admin):
                 if server is not None and server.error is not None:
                     log.error("HTTP server stopped: %s", server.error)
-                    return EX_SOFTWARE
+                    return Exit.SOFTWARE
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
@@ -218,7 +216,7 @@ class Daemon:
             self._report(time.monotonic())
             if on_tick is not None:
                 on_tick(self)
-        return EX_OK
+        return Exit.OK
 
     def leave(self, code: int) -> int:
         """``code``, once the export thread has ended (its stop request killed any export process)."""

@@ -96,6 +96,11 @@ class StoreError(Exception):
     """The store cannot be opened or written; the message says what to check."""
 
 
+class StateDirError(StoreError):
+    """The state folder cannot hold a store (missing rights, not Sprout's) or holds a newer Sprout's:
+    restarting cannot fix it (the daemon exits 78, daemon/common/exits.py)."""
+
+
 class Store:
     """One writer (the intake thread); readers open their own connections with :meth:`open_reader`.
 
@@ -119,13 +124,15 @@ class Store:
                 )
             version = int(self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
         except sqlite3.DatabaseError as err:
-            raise StoreError(
+            raise StateDirError(
                 f"{self.path}: cannot open the example store: {err} (is it a Sprout state directory?)"
             ) from None
         except OSError as err:
-            raise StoreError(f"{self.path.parent}: cannot create the state directory: {err.strerror}") from None
+            raise StateDirError(f"{self.path.parent}: cannot create the state directory: {err.strerror}") from None
         if version != SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: store schema {version}, this Sprout reads {SCHEMA_VERSION}: upgrade Sprout")
+            raise StateDirError(
+                f"{self.path}: store schema {version}, this Sprout reads {SCHEMA_VERSION}: upgrade Sprout"
+            )
         self._lock = threading.Lock()
         self.pruned = 0  # examples deleted by retention since this process opened the store
         self.used = self.used_bytes()  # as of the last commit's prune: what the metrics show

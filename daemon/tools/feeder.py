@@ -24,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tqdm import tqdm
 
+from daemon.common.exits import Exit
 from daemon.common.settings import StoreSettings
 from daemon.tools.datasets import DatasetError, Sample, arrange, fashion_mnist_samples, folder_samples, iter_encoded
 
@@ -255,7 +256,7 @@ def run_feed(args) -> int:
         samples = arrange(samples, args.order, classes, args.seed, args.limit)
     except DatasetError as err:
         print(f"sprout feed: {err}", file=sys.stderr)
-        return 66  # EX_NOINPUT
+        return Exit.NOINPUT
     topic = f"{args.topic_prefix}/{args.model}/examples"
     try:
         with Publisher(args.broker, window=args.window, ca_file=args.ca_file) as publisher:
@@ -269,10 +270,10 @@ def run_feed(args) -> int:
             )
     except (ConnectionError, OSError) as err:
         print(f"sprout feed: cannot reach {without_password(args.broker)}: {err}", file=sys.stderr)
-        return 69  # EX_UNAVAILABLE
+        return Exit.UNAVAILABLE
     except ValueError as err:  # a bad broker URL or a CA file for a plaintext broker
         print(f"sprout feed: {err}", file=sys.stderr)
-        return 64  # EX_USAGE
+        return Exit.USAGE
     print(json.dumps(report.as_dict()))
     if report.no_subscribers:
         print(
