@@ -23,6 +23,7 @@ edge.manifest.ManifestError: manifest schema 3 is a breaking change this sprout-
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 from typing import Any
@@ -31,6 +32,27 @@ from typing import Any
 # still read: the registry that serves them signs their bytes (daemon/registry/versions.py).
 SCHEMA = 2
 MODEL_FILE = "model.tflite"
+
+
+class Quantization(str, enum.Enum):  # noqa: UP042 - enum.StrEnum is 3.11; sprout-edge runs on 3.10
+    """How a model's weights (and, for int8, activations) are stored: the manifest's ``quantization``.
+
+    Informative for a device (every mode takes uint8 pixels and gives float32 probabilities), so a
+    client does not refuse a mode it does not know. The exporter's modes and the settings' choices are
+    these very members. A str: it compares, formats and serialises as its value.
+    """
+
+    INT8 = "int8"  # full-integer, calibrated; ~30% of float's size
+    DYNAMIC = "dynamic"  # int8 weights, float activations
+    FP16 = "fp16"  # half-size float weights
+    NONE = "none"  # float32
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__  # f"{mode}" is "int8", on every Python the device may run
+
+
 INPUT_DTYPES = ("uint8", "float32")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -22,9 +22,10 @@ from daemon.export.pipeline import export_once
 from daemon.export.verification import EDGE_ROOT, default_tflite_runtime_python
 from daemon.registry.signing import Signer
 from daemon.registry.versions import Registry, registry_root
+from edge.manifest import Quantization
 from edge.model import EdgeModel
 
-MODES = ["int8", "dynamic", "fp16", "none"]
+MODES = [q.value for q in Quantization]
 SIZE = 32
 REPO = Path(__file__).resolve().parents[1]
 TASKS_PYTHON = Path(sys.prefix + "-tasks") / "bin" / "python"  # scripts/test-tools.sh makes it

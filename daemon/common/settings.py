@@ -35,6 +35,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from edge.manifest import Quantization
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -363,8 +365,8 @@ class ExportSettings(Section):
         description="Most holdout top-1 points a new version may fall below the published one (holdout noise); "
         "0 ships only improvements.",
     )
-    quantization: list[Literal["int8", "dynamic", "fp16", "none"]] = Field(
-        ["int8", "fp16"],
+    quantization: list[Quantization] = Field(
+        [Quantization.INT8, Quantization.FP16],
         min_length=1,
         description="Modes to try, in order; the first whose candidate passes every gate is published. int8: "
         "full-integer, uint8 input, ~30% of float's size, fastest on ai-edge-litert, calibrated on stored "

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge.manifest import Quantization
 from models.zoo import Preprocessing
 
-MODES = ("int8", "dynamic", "fp16", "none")
+MODES = tuple(q.value for q in Quantization)
 
 
 def input_dtype(mode: str) -> str:

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 from daemon.registry.signing import SIGNATURE_SUFFIX, SignatureError, Signer, verify, verify_file
 from daemon.store.labels import EVENTS, LabelChange
 from edge.atomic import TMP_PREFIX, fsync_dir, write_atomic, write_new
-from edge.manifest import INPUT_DTYPES, is_image_shape
+from edge.manifest import INPUT_DTYPES, Quantization, is_image_shape
 
 if TYPE_CHECKING:
     from daemon.common.settings import Settings
@@ -67,7 +67,7 @@ log = logging.getLogger("sprout.registry")
 
 # 2: the signature left the manifest for manifest.json.sig (a schema-1 reader cannot check it).
 SCHEMA = 2
-QUANTIZATIONS = ("int8", "dynamic", "fp16", "none")
+QUANTIZATIONS = tuple(q.value for q in Quantization)
 # What publish() takes from the exporter; the registry sets the rest (schema, model, version,
 # created_at, files, signing_key_id) so that no caller can get them wrong.
 FIELDS = ("base", "labels", "input", "quantization", "metrics", "runtimes_verified")
