@@ -48,7 +48,8 @@ class DaemonProcess:
         )
 
     def metrics(self) -> dict[str, float]:
-        """The unlabelled samples of /metrics by name, counters without their ``_total`` ({} if the scrape fails)."""
+        """The samples of /metrics by name, counters without their ``_total`` ({} if the scrape fails); a labelled
+        sample's key carries its labels as exposed, e.g. ``sprout_exports{outcome="published"}``."""
         try:
             with urllib.request.urlopen(f"http://{self.http}/metrics", timeout=5) as r:
                 text = r.read().decode()
@@ -56,8 +57,8 @@ class DaemonProcess:
             return {}
         out = {}
         for line in text.splitlines():
-            if m := re.match(r"^([a-zA-Z_:]+) ([0-9.eE+-]+|NaN)$", line):
-                out[m.group(1).removesuffix("_total")] = float(m.group(2))
+            if m := re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})? ([0-9.eE+-]+|NaN)$", line):
+                out[m.group(1).removesuffix("_total") + (m.group(2) or "")] = float(m.group(3))
         return out
 
     def rss_mb(self) -> float:

@@ -103,8 +103,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
                     "tree_rss_mb": round(daemon.tree_rss_mb(), 1),
                     "learned": m.get("sprout_examples_learned", 0.0),
                     "stored": m.get("sprout_examples_stored", 0.0),
-                    "published": m.get("sprout_exports_published", 0.0),
-                    "exports": m.get("sprout_exports", 0.0),
+                    "published": m.get('sprout_exports{outcome="published"}', 0.0),
+                    "exports": m.get('sprout_exports{outcome="published"}', 0.0)
+                    + m.get('sprout_exports{outcome="rejected"}', 0.0),
                 }
             )
             # Done when every example is stored, the learner has nothing left (the holdout share,

@@ -90,7 +90,7 @@ def test_metrics_and_the_page_report_what_the_daemon_did_and_still_do_after_a_re
         lambda: (
             (m := metrics(d.http_port))
             and m.get(("sprout_learner_backlog", ())) == 0
-            and m.get(("sprout_exports_published_total", ()))
+            and m.get(("sprout_exports_total", (("outcome", "published"),)))
             and m
         ),
         60,
@@ -101,12 +101,18 @@ def test_metrics_and_the_page_report_what_the_daemon_did_and_still_do_after_a_re
     assert 90 <= m[("sprout_examples_learned_total", ())] < 120, m
     assert m[("sprout_examples_rejected_total", (("reason", "missing_label"),))] == 1
     assert m[("sprout_model_version", ())] >= manifest["version"]
-    assert m[("sprout_exports_published_total", ())] >= 1
+    assert m[("sprout_exports_total", (("outcome", "published"),))] >= 1
+    assert m[("sprout_exports_total", (("outcome", "failed"),))] == 0
     assert m[("sprout_training_steps_total", ())] > 0 and m[("sprout_classes", ())] == 3
     assert m[("sprout_training_steps_nonfinite_total", ())] == 0 and m[("sprout_divergence_restores_total", ())] == 0
-    assert 0.0 <= m[("sprout_prequential_accuracy", ())] <= 1.0
+    assert 0.0 <= m[("sprout_prequential_accuracy_ratio", ())] <= 1.0
     assert m[("sprout_broker_connected", ())] == 1.0
-    assert m[("sprout_export_seconds_total", ())] > 0
+    exported = m[("sprout_export_duration_seconds_count", ())]
+    assert exported >= 1 and m[("sprout_export_duration_seconds_sum", ())] > 0
+    assert m[("sprout_export_duration_seconds_bucket", (("le", "+Inf"),))] == exported
+    build = [labels for name, labels in m if name == "sprout_build_info"]
+    assert len(build) == 1 and dict(build[0])["torch"].startswith("2.13.0"), build
+    assert m[("process_resident_memory_bytes", ())] > 0 and m[("process_cpu_seconds_total", ())] > 0
     assert m[("sprout_store_examples", ())] == 120
 
     # A restart on the same state: totals come from the store; the learner's figures, its last holdout
@@ -135,14 +141,14 @@ def test_metrics_and_the_page_report_what_the_daemon_did_and_still_do_after_a_re
     for name in (
         "sprout_examples_learned_total",
         "sprout_training_steps_total",
-        "sprout_holdout_accuracy",
-        "sprout_prequential_accuracy",
+        "sprout_holdout_accuracy_ratio",
+        "sprout_prequential_accuracy_ratio",
         "sprout_training_loss",
     ):
         assert again[(name, ())] == m[(name, ())], name
     assert (
-        again[("sprout_holdout_accuracy_per_class", (("label", "colour-0"),))]
-        == m[("sprout_holdout_accuracy_per_class", (("label", "colour-0"),))]
+        again[("sprout_holdout_class_accuracy_ratio", (("label", "colour-0"),))]
+        == m[("sprout_holdout_class_accuracy_ratio", (("label", "colour-0"),))]
     )
 
 

@@ -28,6 +28,37 @@ from daemon.registry.versions import Registry, RegistryError, registry_root
 log = logging.getLogger("sprout.export")
 
 
+# Upper bounds (s) of the export duration histogram: a tiny model exports in seconds, EfficientNet in int8
+# on 2 cores in about a minute, a large backbone in minutes.
+DURATION_BUCKETS_S = (5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class Durations:
+    """Counts of durations at or below each bound, their sum and count: a Prometheus histogram's data."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)  # per bucket, not cumulative
+        self.total_s = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if seconds <= bound:
+                self.counts[i] += 1
+                break
+        self.total_s += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, count) pairs as Prometheus wants them, ending with +Inf."""
+        out, running = [], 0
+        for bound, n in zip(self.bounds, self.counts, strict=True):
+            running += n
+            out.append((repr(bound), running))
+        return [*out, ("+Inf", self.count)]
+
+
 class Exporting(threading.Thread):
     def __init__(self, settings: Settings, learned: Callable[[], int], request_checkpoint: Callable[[], None]):
         super().__init__(name="sprout-export", daemon=True)
@@ -41,6 +72,10 @@ class Exporting(threading.Thread):
         self.exports = 0
         self.failed = 0  # exports whose process ended without an outcome (raised, crashed, killed)
         self.last: Outcome | None = None
+        # Every export by how it ended (published, rejected, failed, disk_full, nothing_new): one counter
+        # with an outcome label; and the durations of those that ran, in DURATION_BUCKETS_S.
+        self.outcomes: dict[str, int] = {}
+        self.durations = Durations(DURATION_BUCKETS_S)
         self.latest_published: dict | None = None  # the manifest this process last published
         self.busy = False  # an export is converting or verifying right now
         self.error: BaseException | None = None
@@ -111,18 +146,21 @@ class Exporting(threading.Thread):
             return None
         except ExportFailed as err:
             # A converter crash or a bug in one export is no reason to restart the learner: it is logged
-            # and counted (sprout_exports_failed), and the export is tried again when the next one is due.
+            # and counted (sprout_exports_total{outcome="failed"}), and the export is tried again when the next one is due.
             self.failed += 1
+            self._ended("failed")
             log.error("export failed: %s; retrying in %.0fs", err, self.settings.export.every_seconds)
             self._retry_at = time.monotonic() + self.settings.export.every_seconds
             return None
         if "nothing" in doc:
             log.info("export skipped: %s", doc["nothing"])
+            self._ended("nothing_new")
             outcome = None
         elif "disk_full" in doc:
             # Publishing writes a temporary folder and renames it, so nothing half-written is left
             # and latest still names a complete version. Tried again when the next export is due.
             err = OSError(doc["disk_full"]["errno"], doc["disk_full"]["strerror"], doc["disk_full"]["filename"])
+            self._ended("disk_full")
             log.error(
                 "export failed, disk full: %s; the registry keeps its latest version, retrying when the "
                 "next export is due (free space under %s)",
@@ -158,9 +196,14 @@ class Exporting(threading.Thread):
             self.exports += 1
             self.seconds_total += outcome.seconds
             self.last = outcome
+            self._ended("published" if outcome.published else "rejected")
+            self.durations.observe(outcome.seconds)
         self._exported_at = time.monotonic()
         self._exported_learned = max(self._exported_learned, learned)
         return outcome
+
+    def _ended(self, how: str) -> None:
+        self.outcomes[how] = self.outcomes.get(how, 0) + 1
 
     def _registry_learned(self) -> int:
         """Examples learned as of the last export that finished: published, or refused by the gates."""

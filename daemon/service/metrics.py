@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from daemon import __version__ as daemon_version
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -150,27 +152,35 @@ class DaemonCollector(Collector):
             for name, help_, value in (
                 ("sprout_training_loss", "Loss of the last step.", lr.loss),
                 (
-                    "sprout_prequential_accuracy",
-                    "Accuracy on examples before training on them (recent window).",
+                    "sprout_prequential_accuracy_ratio",
+                    "Accuracy (0-1) on examples before training on them (recent window).",
                     lr.prequential,
                 ),
-                ("sprout_holdout_accuracy", "Accuracy on the holdout examples at the last evaluation.", lr.holdout),
+                (
+                    "sprout_holdout_accuracy_ratio",
+                    "Accuracy (0-1) on the holdout examples at the last evaluation.",
+                    lr.holdout,
+                ),
             ):
                 if value is not None:
                     yield GaugeMetricFamily(name, help_, value=value)
             per_class = GaugeMetricFamily(
-                "sprout_holdout_accuracy_per_class", "Holdout accuracy by class.", labels=["label"]
+                "sprout_holdout_class_accuracy_ratio", "Holdout accuracy (0-1) by class.", labels=["label"]
             )
             for label, acc in lr.holdout_per_class.items():
                 per_class.add_metric([label], acc)
             yield per_class
             yield from _gpu_memory(lr.device)
         if exporting is not None:
-            yield CounterMetricFamily("sprout_exports_published", "Versions published.", value=exporting.published)
-            refused = CounterMetricFamily(
-                "sprout_exports_rejected", "Exports that published nothing.", value=exporting.rejected
+            outcomes = CounterMetricFamily(
+                "sprout_exports",
+                "Exports since the start, by how they ended: published, rejected (by the gates), failed (the "
+                "export process raised, crashed or was killed), disk_full, nothing_new.",
+                labels=["outcome"],
             )
-            yield refused
+            for how in ("published", "rejected", "failed", "disk_full", "nothing_new"):
+                outcomes.add_metric([how], exporting.outcomes.get(how, 0))
+            yield outcomes
             reasons = CounterMetricFamily(
                 "sprout_export_rejection_reasons",
                 "Reasons given for refused candidates, by kind (a mode and runtime each).",
@@ -179,21 +189,13 @@ class DaemonCollector(Collector):
             for kind, n in sorted(exporting.rejected_by_reason.items()):
                 reasons.add_metric([kind], n)
             yield reasons
-            yield CounterMetricFamily(
-                "sprout_export_seconds",
-                "Time spent exporting (convert, verify, publish).",
-                value=exporting.seconds_total,
+            durations = exporting.durations
+            yield HistogramMetricFamily(
+                "sprout_export_duration_seconds",
+                "How long exports that ran took (the process's start, convert, verify, publish).",
+                buckets=durations.cumulative(),
+                sum_value=durations.total_s,
             )
-            yield CounterMetricFamily("sprout_exports", "Exports run.", value=exporting.exports)
-            yield CounterMetricFamily(
-                "sprout_exports_failed",
-                "Exports whose process ended without an outcome (raised, crashed or was killed; its log says why).",
-                value=exporting.failed,
-            )
-            if exporting.last is not None:
-                yield GaugeMetricFamily(
-                    "sprout_export_last_seconds", "Duration of the last export.", value=exporting.last.seconds
-                )
         if (version := status.model_version) is not None:
             yield GaugeMetricFamily("sprout_model_version", "The latest published model version.", value=version)
 
@@ -215,8 +217,33 @@ def exposition(registry: CollectorRegistry) -> bytes:
 
 
 def registry_for(daemon: Any) -> CollectorRegistry:
-    # Its own registry, not the process-global one: nothing else (no default process metrics of
-    # another library) leaks in, and tests can build several.
+    # Its own registry, not the process-global one: nothing another library registers leaks in, and
+    # tests can build several. The process's own figures (CPU seconds, resident memory, open files,
+    # start time) and the Python build come from prometheus_client's collectors.
     registry = CollectorRegistry(auto_describe=True)
     registry.register(DaemonCollector(daemon))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    registry.register(_BuildInfo())
     return registry
+
+
+class _BuildInfo:
+    """``sprout_build_info``: 1, labelled with what this daemon runs, so a dashboard can tell versions apart."""
+
+    def collect(self):
+        from importlib.metadata import PackageNotFoundError, version
+
+        def of(distribution: str) -> str:
+            try:
+                return version(distribution)
+            except PackageNotFoundError:
+                return "none"
+
+        info = GaugeMetricFamily(
+            "sprout_build_info",
+            "What this daemon runs: Sprout's version and its pinned parts'.",
+            labels=["version", "torch", "litert_torch", "paho_mqtt"],
+        )
+        info.add_metric([daemon_version, of("torch"), of("litert-torch"), of("paho-mqtt")], 1)
+        yield info
