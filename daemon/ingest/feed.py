@@ -134,7 +134,6 @@ class Feed:
         self._ack_lock = threading.Lock()
         self._connect_failure: str | None = None  # the last reason a connection attempt failed, logged once
         self._connect_failure_logged_at = 0.0
-        mqttfast.install()  # paho's property decoder was the intake's hot spot
         self._client = self._make_client(client_id)
 
     def _make_client(self, client_id: str) -> mqtt.Client:

@@ -27,7 +27,7 @@ from daemon.common.exits import Exit
 from daemon.common.settings import ConfigError, Settings
 from daemon.distribution.http import DownloadApi, HttpServer
 from daemon.distribution.notice import Notice
-from daemon.ingest import wire
+from daemon.ingest import mqttfast, wire
 from daemon.ingest.feed import Feed
 from daemon.ingest.intake import Intake
 from daemon.registry.versions import registry_root
@@ -96,6 +96,9 @@ class Daemon:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         state_owner.claim(s.state_dir, s.model.name)  # another model's folder is refused, naming both
         self.store = Store(s.state_dir / "examples.db")
+        # Once, at start-up, for the whole process: paho's property decoder was the intake's hot spot
+        # (daemon/ingest/mqttfast.py checks the paho release it patches and says so when it differs).
+        mqttfast.install()
         self.feed = Feed(
             s.mqtt, s.model.name, s.client_id, wire.limits(s), s.store.backlog_max, s.store.backlog_max_mb * 1024 * 1024
         )
