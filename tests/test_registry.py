@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 from helpers import SPROUT, wait_for
 
+from daemon.registry.layout import MANIFEST_KEYS
 from daemon.registry.signing import SignatureError, Signer, SigningKeyError, generate, verify, verify_file
-from daemon.registry.versions import MANIFEST_KEYS, NoRegistryError, Registry, RegistryError, UnknownVersionError
+from daemon.registry.versions import NoRegistryError, Registry, RegistryError, UnknownVersionError
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((REPO / "docs" / "manifest.schema.json").read_text())

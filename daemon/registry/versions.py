@@ -1,15 +1,4 @@
-"""The model registry: numbered, signed, never-changing versions of one model on disk.
-
-Layout of ``<state_dir>/registry/<model>/``::
-
-    <version>/model.tflite, labels.txt, manifest.json, manifest.json.sig   one folder per version
-    latest      a byte copy of the latest version's manifest: the pointer and the document served
-    latest.sig  a byte copy of that version's manifest.json.sig
-    versions    JSON list of {version, created_at, quantization, pinned}, newest first
-    pins        JSON list of pinned versions (retention never deletes them)
-    log.jsonl   the model's history, one event per line with its time: published, rejected, rollback, pin,
-                unpin, deleted, repaired, cleaned, signed, and label_renamed, label_merged, label_deleted
-                (``sprout labels``, timed when the change was made)
+"""The model registry: numbered, signed, never-changing versions of one model on disk (files: layout.py).
 
 Each manifest.json is signed as the bytes it is (Ed25519, detached: the 64
 bytes of manifest.json.sig), so a device verifies what it received, as it
@@ -46,143 +35,48 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.registry.signing import SIGNATURE_SUFFIX, SignatureError, Signer, verify, verify_file
+from daemon.registry.fields import check_fields
+from daemon.registry.layout import (
+    LABELS_FILE,
+    LATEST,
+    LATEST_SIGNATURE,
+    LOCK,
+    LOG,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    MODEL_NAME,
+    PINS,
+    SCHEMA,
+    SIGNATURE_FILE,
+    VERSION_DIR,
+    VERSIONS,
+    NoRegistryError,
+    RegistryError,
+    UnknownVersionError,
+    dump,
+    jsonable,
+    parse,
+    registry_root,
+    utc_now,
+    utc_time,
+)
+from daemon.registry.repair import recover
+from daemon.registry.signing import SignatureError, Signer, verify, verify_file
 from daemon.store.labels import EVENTS, LabelChange
 from edge.atomic import TMP_PREFIX, fsync_dir, write_atomic, write_new
-from edge.manifest import INPUT_DTYPES, Quantization, is_image_shape
 
 if TYPE_CHECKING:
     from daemon.common.settings import Settings
 
 log = logging.getLogger("sprout.registry")
 
-# 2: the signature left the manifest for manifest.json.sig (a schema-1 reader cannot check it).
-SCHEMA = 2
-QUANTIZATIONS = tuple(q.value for q in Quantization)
-# What publish() takes from the exporter; the registry sets the rest (schema, model, version,
-# created_at, files, signing_key_id) so that no caller can get them wrong.
-FIELDS = ("base", "labels", "input", "quantization", "metrics", "runtimes_verified")
-MANIFEST_KEYS = (
-    "schema", "model", "version", "created_at", "base", "labels", "input", "quantization",
-    "files", "metrics", "runtimes_verified", "signing_key_id",
-)  # fmt: skip
-MODEL_FILE, LABELS_FILE, MANIFEST_FILE = "model.tflite", "labels.txt", "manifest.json"
-SIGNATURE_FILE = MANIFEST_FILE + SIGNATURE_SUFFIX
-LATEST, VERSIONS, PINS, LOG, LOCK = "latest", "versions", "pins", "log.jsonl", ".lock"
-LATEST_SIGNATURE = LATEST + SIGNATURE_SUFFIX
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_VERSION_DIR = re.compile(r"^[1-9][0-9]*$")
-
-
-class RegistryError(Exception):
-    """A registry operation that cannot be done; the message says what to do."""
-
-
-class NoRegistryError(RegistryError):
-    """Nothing was ever published for this model here."""
-
-
-class UnknownVersionError(RegistryError, LookupError):
-    """The version asked for is not (or no longer) on disk."""
-
-
-def registry_root(state_dir: Path) -> Path:
-    return Path(state_dir) / "registry"
-
-
-def utc_now() -> str:
-    """RFC 3339 UTC with milliseconds, e.g. ``2026-05-09T07:35:25.123Z``."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def utc_time(at: float) -> str:
-    """Unix time ``at`` as :func:`utc_now` writes times."""
-    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    """A JSON-clean copy of the exporter's ``fields``, or :class:`RegistryError` listing every problem."""
-    if not isinstance(fields, dict):
-        raise RegistryError(f"publish: fields must be a dict with {', '.join(FIELDS)}")
-    missing = [k for k in FIELDS if k not in fields]
-    extra = sorted(set(fields) - set(FIELDS))
-    if missing or extra:
-        raise RegistryError(
-            f"publish: fields missing {missing}, unexpected {extra}; the exporter gives exactly {list(FIELDS)} "
-            "(the registry sets schema, model, version, created_at, files and signing_key_id)"
-        )
-    try:
-        body = json.loads(json.dumps(fields, allow_nan=False))
-    except ValueError:
-        raise RegistryError(
-            "publish: fields contain NaN or Infinity (a metric?); the gates should reject such a model"
-        ) from None
-    except TypeError as err:
-        raise RegistryError(f"publish: fields must be plain JSON data: {err}") from None
-
-    problems = []
-    if not isinstance(body["base"], str) or not body["base"]:
-        problems.append("base must be the backbone's name")
-    labels = body["labels"]
-    if (
-        not isinstance(labels, list)
-        or not labels
-        or not all(isinstance(x, str) and x and not set(x) & {"\n", "\r"} for x in labels)
-    ):
-        problems.append("labels must be a non-empty list of class names without line breaks (index = output index)")
-    elif len(set(labels)) != len(labels):
-        problems.append("labels must be unique")
-    problems += _input_problems(body["input"])
-    if body["quantization"] not in QUANTIZATIONS:
-        problems.append(f"quantization must be one of {list(QUANTIZATIONS)}, not {body['quantization']!r}")
-    if not isinstance(body["metrics"], dict):
-        problems.append("metrics must be an object")
-    runtimes = body["runtimes_verified"]
-    if (
-        not isinstance(runtimes, list)
-        or not runtimes
-        or not all(
-            isinstance(r, dict) and set(r) == {"name", "version"} and all(isinstance(v, str) and v for v in r.values())
-            for r in runtimes
-        )
-    ):
-        problems.append("runtimes_verified must list at least one {name, version} (both non-empty strings)")
-    if problems:
-        raise RegistryError("publish: " + "; ".join(problems))
-    return body
-
-
-def _input_problems(spec: Any) -> list[str]:
-    wanted = {"shape", "layout", "dtype", "range"}
-    if not isinstance(spec, dict) or set(spec) != wanted:
-        return [f"input must be an object with exactly {sorted(wanted)}"]
-    problems = []
-    shape = spec["shape"]
-    if not is_image_shape(shape):
-        problems.append(f"input.shape must be [1, H, W, 3], not {shape!r}")
-    if spec["layout"] != "NHWC":
-        problems.append("input.layout must be 'NHWC'")
-    if spec["dtype"] not in INPUT_DTYPES:
-        problems.append(f"input.dtype must be one of {list(INPUT_DTYPES)}")
-    rng = spec["range"]
-    if not (
-        isinstance(rng, list)
-        and len(rng) == 2
-        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rng)
-        and rng[0] < rng[1]
-    ):
-        problems.append("input.range must be [low, high], e.g. [0, 255]")
-    return problems
+__all__ = ["NoRegistryError", "Registry", "RegistryError", "UnknownVersionError", "registry_root", "utc_time"]
 
 
 class Registry:
@@ -191,7 +85,7 @@ class Registry:
     def __init__(
         self, root: Path, model: str, signer: Signer | None = None, keep_versions: int = 10, *, readonly: bool = False
     ):
-        if not _NAME.match(model):
+        if not MODEL_NAME.match(model):
             raise RegistryError(f"model name {model!r}: use letters, digits, '.', '_' or '-' (at most 64)")
         if keep_versions < 1:
             raise RegistryError(f"keep_versions must be at least 1, not {keep_versions}")
@@ -207,7 +101,7 @@ class Registry:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         with self._locked():
-            self._recover()
+            recover(self)
 
     @classmethod
     def open_readonly(cls, root: Path, model: str) -> Registry:
@@ -232,7 +126,7 @@ class Registry:
             names = os.listdir(self.folder)
         except FileNotFoundError:
             return []
-        return sorted(int(n) for n in names if _VERSION_DIR.match(n) and (self.folder / n).is_dir())
+        return sorted(int(n) for n in names if VERSION_DIR.match(n) and (self.folder / n).is_dir())
 
     def manifest(self, version: int) -> dict[str, Any]:
         path = self._dir(version) / MANIFEST_FILE
@@ -240,7 +134,7 @@ class Registry:
             data = path.read_bytes()
         except FileNotFoundError:
             raise self._unknown(version) from None
-        return _parse(data, path)
+        return parse(data, path)
 
     def model_path(self, version: int) -> Path:
         path = self._dir(version) / MODEL_FILE
@@ -266,14 +160,14 @@ class Registry:
         """The latest manifest, or None before the first publish."""
         path = self.folder / LATEST
         try:
-            return _parse(path.read_bytes(), path)
+            return parse(path.read_bytes(), path)
         except FileNotFoundError:
             return None
 
     def pins(self) -> list[int]:
         path = self.folder / PINS
         try:
-            return sorted(int(v) for v in _parse(path.read_bytes(), path))
+            return sorted(int(v) for v in parse(path.read_bytes(), path))
         except FileNotFoundError:
             return []
 
@@ -351,7 +245,7 @@ class Registry:
                 # Informative only: which key to check with, said before a device has checked anything.
                 "signing_key_id": self.signer.key_id,
             }
-            document = _dump(manifest)
+            document = dump(manifest)
             signature = self.signer.sign(document)
             labels_txt = "".join(f"{label}\n" for label in body["labels"]).encode("utf-8")
 
@@ -391,9 +285,7 @@ class Registry:
         """Log a candidate the gates refused; nothing else is kept."""
         self._writable()
         with self._locked():
-            self._append_log(
-                {"event": "rejected", "reasons": [str(r) for r in reasons], "candidate": _jsonable(fields)}
-            )
+            self._append_log({"event": "rejected", "reasons": [str(r) for r in reasons], "candidate": jsonable(fields)})
 
     def record_label_changes(self, changes: Iterable[LabelChange]) -> list[LabelChange]:
         """Log the label changes the log lacks, each timed when it was made; returns those it logged.
@@ -515,11 +407,11 @@ class Registry:
             os.close(fd)
 
     def _set_pins(self, pins: list[int]) -> None:
-        write_atomic(self.folder / PINS, _dump(sorted(set(pins))))
+        write_atomic(self.folder / PINS, dump(sorted(set(pins))))
         self._write_versions()
 
     def _write_versions(self) -> None:
-        write_atomic(self.folder / VERSIONS, _dump(self.index()))
+        write_atomic(self.folder / VERSIONS, dump(self.index()))
 
     def _apply_retention(self) -> None:
         versions = self.versions()
@@ -540,155 +432,3 @@ class Registry:
         if doomed:
             fsync_dir(self.folder)
             self._write_versions()
-
-    def _recover(self) -> None:
-        """Undo what a killed writer left: temporaries, a missing or dangling ``latest``, a stale ``versions``."""
-        stale = sorted(p.name for p in self.folder.iterdir() if p.name.startswith(TMP_PREFIX))
-        for name in stale:
-            path = self.folder / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        if stale:
-            self._append_log({"event": "cleaned", "removed": stale})
-            log.warning("registry %s: removed %d leftovers of an interrupted write: %s", self.folder, len(stale), stale)
-
-        self._sign_unsigned_versions()
-        problem = self._latest_problem()
-        if problem is not None:
-            self._repair_latest(problem)
-        self._finish_interrupted_publish()
-
-        current = self.index()
-        try:
-            on_disk = json.loads((self.folder / VERSIONS).read_bytes())
-        except (FileNotFoundError, ValueError):
-            on_disk = None
-        if on_disk != current and (on_disk is not None or current):
-            write_atomic(self.folder / VERSIONS, _dump(current))
-
-    def _sign_unsigned_versions(self) -> None:
-        """Give each version that lacks manifest.json.sig one, over its manifest's bytes as they are.
-
-        Registries written before signatures were detached (schema 1) carried the signature inside
-        the manifest; this Sprout's devices check only manifest.json.sig. Without a signing key
-        (a read-only command) nothing is signed and such versions stay unservable.
-        """
-        if self.signer is None:
-            return
-        for version in self.versions():
-            where = self._dir(version)
-            if (where / SIGNATURE_FILE).exists() or not (where / MANIFEST_FILE).is_file():
-                continue
-            write_atomic(where / SIGNATURE_FILE, self.signer.sign((where / MANIFEST_FILE).read_bytes()))
-            self._append_log(
-                {
-                    "event": "signed",
-                    "version": version,
-                    "key_id": self.signer.key_id,
-                    "reason": "manifest.json.sig was missing (a registry from before detached signatures)",
-                }
-            )
-            log.info("registry %s: signed version %d's manifest as it is (manifest.json.sig)", self.folder, version)
-
-    def _finish_interrupted_publish(self) -> None:
-        """Complete a publish killed after its version folder was renamed into place (that rename commits it).
-
-        Without this, a kill between the rename and the log left a verified version on disk that was
-        never made latest (or was served as latest) and that the log did not know of.
-        """
-        events = self.events()
-        logged = {e.get("version") for e in events if e.get("event") == "published"}
-        newest_known = max((e["version"] for e in events if isinstance(e.get("version"), int)), default=0)
-        for version in self.versions():
-            if version in logged:
-                continue
-            try:
-                manifest = self.manifest(version)
-                tflite = self.model_path(version).read_bytes()
-                verify_file(manifest, tflite)
-            except (RegistryError, SignatureError):
-                continue  # not one of ours to finish: left as it is, never made latest
-            latest = self._latest_or_none()
-            # Newer than anything the log knows, rollbacks included: it was meant to be latest.
-            if version > newest_known and (latest is None or latest.get("version") != version):
-                self._point_latest(version)
-            self._append_log(
-                {
-                    "event": "published",
-                    "version": version,
-                    "sha256": hashlib.sha256(tflite).hexdigest(),
-                    "size": len(tflite),
-                    "quantization": manifest.get("quantization"),
-                    "recovered": "the publishing process stopped after the version was complete",
-                }
-            )
-            log.warning("registry %s: finished the interrupted publish of version %d", self.folder, version)
-
-    def _latest_problem(self) -> str | None:
-        path = self.folder / LATEST
-        if not path.exists():
-            return None if not self.versions() else "latest is missing"
-        try:
-            document = path.read_bytes()
-            latest = _parse(document, path)
-            version = latest["version"]
-            verify_file(latest, self.model_path(version).read_bytes())
-            if document != (self._dir(version) / MANIFEST_FILE).read_bytes():
-                return f"latest is not a copy of version {version}'s manifest"
-            if not (self._dir(version) / SIGNATURE_FILE).exists() and self.signer is None:
-                return None  # a schema-1 registry opened without its key: the daemon signs it, not us
-            if (self.folder / LATEST_SIGNATURE).read_bytes() != self.signature(version):
-                return f"latest.sig is not version {version}'s signature"
-        except FileNotFoundError as err:
-            return f"{Path(err.filename).name} is missing"
-        except (RegistryError, SignatureError, KeyError, TypeError) as err:
-            return f"latest is unusable: {err}"
-        return None
-
-    def _repair_latest(self, problem: str) -> None:
-        # The version latest names first (a rollback stays a rollback), then the newest complete one.
-        named = self._latest_or_none()
-        named = named.get("version") if isinstance(named, dict) else None
-        versions = self.versions()
-        for version in [v for v in versions if v == named] + [v for v in reversed(versions) if v != named]:
-            try:
-                manifest = self.manifest(version)
-                verify_file(manifest, self.model_path(version).read_bytes())
-                if self.signer is not None:
-                    self.signature(version)
-            except (RegistryError, SignatureError):
-                continue
-            self._point_latest(version)
-            self._append_log({"event": "repaired", "version": version, "reason": problem})
-            log.warning("registry %s: %s; latest is now version %d", self.folder, problem, version)
-            return
-        (self.folder / LATEST).unlink(missing_ok=True)
-        (self.folder / LATEST_SIGNATURE).unlink(missing_ok=True)
-        self._append_log({"event": "repaired", "version": None, "reason": f"{problem}; no complete version left"})
-        log.error("registry %s: %s and no complete version is left; nothing is served", self.folder, problem)
-
-
-def _parse(data: bytes, path: Path) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError as err:
-        raise RegistryError(f"{path}: not valid JSON ({err}); the registry's writer repairs it on start") from None
-
-
-def _dump(value: Any) -> bytes:
-    return (json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as strict JSON for the log: a rejected candidate may well carry a NaN metric."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)

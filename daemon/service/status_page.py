@@ -19,7 +19,8 @@ from typing import Any
 
 from daemon.distribution.fleet import FleetView
 from daemon.learning.curves import Point
-from daemon.registry.versions import LOG, registry_root
+from daemon.registry.layout import LOG
+from daemon.registry.versions import registry_root
 from daemon.service.status import LearningStatus, Status
 from daemon.service.status import pct as _pct
 

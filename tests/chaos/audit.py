@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.learning import checkpoint
-from daemon.registry.versions import LABELS_FILE, MODEL_FILE, Registry, RegistryError, registry_root
+from daemon.registry.layout import LABELS_FILE, MODEL_FILE
+from daemon.registry.versions import Registry, RegistryError, registry_root
 from edge.atomic import TMP_PREFIX
 from edge.model import EdgeModel, ModelError
 from edge.trust import SignatureError, verify_document, verify_file
