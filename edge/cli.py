@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from edge import __version__
 from edge.runtime import RUNTIMES
@@ -171,7 +172,8 @@ def run_classify(args: argparse.Namespace) -> int:
         return EXIT_NO_MODEL
     except (ModelError, RuntimeUnavailable) as err:
         return _fail(str(err))
-    results, failed = [], False
+    results: list[dict[str, Any]] = []
+    failed = False
     for image in args.images:
         try:
             top = model.predict(image, args.top)

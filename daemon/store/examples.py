@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from daemon.store.labels import Action, LabelChange, LabelMap
 from daemon.store.records import Example, Rejection
@@ -215,7 +216,7 @@ class Store:
             except BaseException:
                 self._db.rollback()
                 raise
-        return LabelChange(cursor.lastrowid, at, action, label, into)
+        return LabelChange(cast(int, cursor.lastrowid), at, action, label, into)  # an INSERT sets lastrowid
 
     def used_bytes(self) -> int:
         """Bytes of pages holding data (the file's size less its free pages, which commits reuse)."""

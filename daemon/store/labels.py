@@ -178,7 +178,8 @@ def outputs_after(outputs: list[str], change: LabelChange) -> tuple[list[str], i
     index = outputs.index(change.label)
     if change.action is Action.DELETE or change.into in outputs:
         return outputs[:index] + outputs[index + 1 :], index
-    return [change.into if label == change.label else label for label in outputs], None
+    into = change.into if change.into is not None else change.label  # a rename or a merge always names it
+    return [into if label == change.label else label for label in outputs], None
 
 
 def _listed(labels: set[str]) -> str:

@@ -136,6 +136,8 @@ def encode(sample: Sample, size: int, fmt: str, quality: int = 90) -> tuple[byte
     """The bytes and content type to publish: files as they are, arrays as RGB ``size`` x ``size`` JPEG or PNG."""
     if sample.encoded is not None:
         return sample.encoded, sample.content_type or "application/octet-stream"
+    if sample.pixels is None:
+        raise DatasetError("a sample has neither encoded bytes nor pixels")
     img = Image.fromarray(sample.pixels).convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
