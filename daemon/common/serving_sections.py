@@ -1,0 +1,225 @@
+"""The settings sections of what goes out and how the service runs: export, registry, server, signing, logging.
+
+Each part receives its own section (daemon/common/settings.py composes them into one object).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+from daemon.common.learning_sections import Section
+from edge.manifest import Quantization
+
+
+class ExportSettings(Section):
+    enabled: bool = Field(
+        True, description="Export and publish models while learning; off = only `sprout export` does."
+    )
+    every_examples: int = Field(
+        2000,
+        ge=1,
+        description="Newly learned examples that trigger an export; lower is fresher, each export costs CPU.",
+    )
+    every_seconds: float = Field(
+        600.0, gt=0, description="Seconds after which anything newly learned is exported even below every_examples."
+    )
+    first_model_examples: int = Field(
+        200,
+        ge=1,
+        description="Until this model has a published version, an export is tried every this many newly learned "
+        "examples (and after every_seconds), and the gates decide whether it ships: a new daemon publishes its first "
+        "model once it knows enough for them to judge one. Lower tries sooner, each refused try costs an export's CPU.",
+    )
+    max_drop_pts: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="Most holdout top-1 points the .tflite may lose against the float model; lower ships only "
+        "faithful conversions, higher tolerates lossier quantisation.",
+    )
+    tolerance_pts: float = Field(
+        0.5,
+        ge=0.0,
+        le=100.0,
+        description="Most holdout top-1 points a new version may fall below the published one (holdout noise); "
+        "0 ships only improvements.",
+    )
+    quantization: list[Quantization] = Field(
+        [Quantization.INT8, Quantization.FP16],
+        min_length=1,
+        description="Modes to try, in order; the first whose candidate passes every gate is published. int8: "
+        "full-integer, uint8 input, ~30% of float's size, fastest on ai-edge-litert, calibrated on stored "
+        "examples; dynamic: int8 weights, float activations, ai-edge-litert only; fp16: half-size float weights, "
+        "float accuracy; none: float32. Each failed mode costs one more conversion.",
+    )
+    skip_lossy_mode_for: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="Exports to skip a mode for after its candidate lost more than max_drop_pts against float "
+        "(quantisation loss persists from one export to the next); never the last mode. 0 tries every mode at "
+        "every export; each skip saves that mode's conversion and verification (half of an export when int8 "
+        "is refused), at the cost of shipping the next mode a little longer once the lossy one would pass.",
+    )
+    prewarm_process: bool = Field(
+        True,
+        description="Start the next export's process as soon as an export ends, so that it has imported torch "
+        "and litert-torch (~5 s of CPU on 2 cores) before it is due: each model ships that much sooner, for "
+        "~0.5 GB held between exports. False starts it when the export is due.",
+    )
+    runtimes: list[Literal["ai-edge-litert", "tflite-runtime"]] = Field(
+        ["ai-edge-litert", "tflite-runtime"],
+        min_length=1,
+        description="Interpreters every candidate must load and pass the gates on before it ships: the ones your "
+        "devices run. Each adds a verification run to every export.",
+    )
+    tflite_runtime_python: Path | None = Field(
+        None,
+        description="Python of the virtualenv holding tflite-runtime 2.14 (it needs numpy<2); empty = "
+        "<this venv>-tflite/bin/python, which scripts/setup.sh creates.",
+    )
+    calibration_examples: int = Field(
+        100,
+        ge=8,
+        le=10_000,
+        description="Stored training examples (class-balanced) an int8 export calibrates on; more gives steadier "
+        "activation ranges, each costs ~30 ms of export time at 128 px.",
+    )
+    verify_examples: int = Field(
+        400,
+        ge=10,
+        le=100_000,
+        description="Most recent holdout examples each runtime scores a candidate on; more makes the gates less "
+        "noisy, each costs up to ~30 ms on tflite-runtime (int8, 128 px).",
+    )
+    verify_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds a runtime may take to verify a candidate before it counts as failed."
+    )
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _one_mode(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # quantization = "int8" means just that mode
+
+    @field_validator("quantization", "runtimes")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("name each one once")
+        return value
+
+
+class RegistrySettings(Section):
+    keep_versions: int = Field(
+        10,
+        ge=1,
+        le=10_000,
+        description="Published versions kept on disk, beyond which the oldest are deleted (never the latest or a "
+        "pinned one). More allows rollbacks further back, at one model file of disk each.",
+    )
+
+
+class ServerSettings(Section):
+    http: str = Field(
+        "127.0.0.1:8080",
+        description="HOST:PORT for the HTTP API; 0.0.0.0 serves every interface, port 0 picks a free one.",
+    )
+    admin_http: str = Field(
+        "127.0.0.1:8081",
+        description="HOST:PORT for the operator's pages (/ status, /metrics, /healthz) when `http` is not a "
+        "loopback address: phones reach the model API on `http` and never see class names, metrics or health. "
+        "While `http` is loopback (the default) both are served there and this is unused.",
+    )
+    enabled: bool = Field(True, description="Serve HTTP at all; off for a pure ingest node.")
+    token: SecretStr | None = Field(
+        None, description="Bearer token every /v1 download must carry; unset = downloads are open. Prefer token_file."
+    )
+    token_file: Path | None = Field(None, description="File whose first line is the bearer token.")
+    tls_cert_file: Path | None = Field(
+        None, description="Certificate chain (PEM) to serve HTTPS with; unset = plain HTTP (put a TLS proxy in front)."
+    )
+    tls_key_file: Path | None = Field(None, description="Private key (PEM) of tls_cert_file.")
+    request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client may take to send a request's head and body before the connection is closed; "
+        "lower frees slow-loris connections sooner, higher tolerates slower links.",
+    )
+
+    @model_validator(mode="after")
+    def _pairs(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        return self
+
+    def resolved_token(self) -> str | None:
+        if self.token is not None:
+            return self.token.get_secret_value() or None
+        if self.token_file is not None:
+            lines = self.token_file.read_text().splitlines()
+            return lines[0].strip() or None if lines else None
+        return None
+
+    @field_validator("http", "admin_http")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65_535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.http.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.http.rpartition(":")[2])
+
+    @property
+    def admin_host(self) -> str:
+        return self.admin_http.rpartition(":")[0].strip("[]")
+
+    @property
+    def admin_port(self) -> int:
+        return int(self.admin_http.rpartition(":")[2])
+
+    @property
+    def admin_apart(self) -> bool:
+        """Whether the operator's pages get their own listener: `http` is reachable from other machines."""
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host != "localhost"  # a host name: assume it faces the network
+
+
+class SigningSettings(Section):
+    key_file: Path | None = Field(
+        None,
+        description="Ed25519 private key (PKCS8 PEM, mode 0600) that signs every manifest; unset = "
+        "<state_dir>/signing/signing.key, created on first use. A key outside state_dir survives wiping it; "
+        "a new key means every device needs the new public key.",
+    )
+
+    def resolved_key_file(self, state_dir: Path) -> Path:
+        return self.key_file if self.key_file is not None else Path(state_dir) / "signing" / "signing.key"
+
+
+class LoggingSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Least severe level written.")
+    format: Literal["text", "json"] = Field(
+        "text",
+        description="'text' for terminals and journald (no timestamp of its own under systemd), 'json' lines for collectors.",
+    )
+    progress_every_s: float = Field(10.0, gt=0, description="Seconds between progress lines; lower is chattier.")
