@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_sync(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from edge.fetch import ModelServer
-    from edge.sync import sync, watch
+    from edge.sync import sync
     from edge.trust import SignatureError, load_public_key
+    from edge.watch import watch
 
     if not args.watch and (args.mqtt or args.interval is not None):
         parser.error("--mqtt and --interval apply to --watch")

@@ -123,7 +123,8 @@ class DemoDevice(threading.Thread):
         self.stop_event = threading.Event()
 
     def run(self) -> None:
-        from edge.sync import COMPLETED, FAILED, watch
+        from edge.sync import COMPLETED, FAILED
+        from edge.watch import watch
 
         said = {"waiting": False}
 
@@ -202,7 +203,7 @@ def _report_exports(d: Daemon, state: dict[str, Any], terminal: Terminal) -> Non
         )
     if exporting.rejected != state["rejected"] and exporting.last is not None:
         state["rejected"] = exporting.rejected
-        terminal.say(f"demo: export refused: {'; '.join(exporting.last.reasons)}")
+        terminal.say(f"demo: export refused: {'; '.join(str(r) for r in exporting.last.reasons)}")
 
 
 def run_demo(args: Any) -> int:
@@ -304,7 +305,11 @@ def run_demo(args: Any) -> int:
                     "latest_version": latest["version"] if latest else None,
                     "last_export": None
                     if last is None
-                    else {"published": bool(last.published), "rejected_because": last.reasons, "metrics": last.metrics},
+                    else {
+                        "published": bool(last.published),
+                        "rejected_because": [str(r) for r in last.reasons],
+                        "metrics": last.metrics,
+                    },
                 }
             if state["device"] is not None:
                 summary["device"] = _device(state["device"])
