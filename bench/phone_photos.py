@@ -55,7 +55,7 @@ def make(case: str) -> tuple[bytes, str]:
 
 def measure_once(case: str, what: str, path: Path) -> dict:
     """In this (fresh) process: one decode's seconds and peak RSS growth."""
-    from daemon.ingest.wire import inspect_image
+    from daemon.ingest.image_checks import inspect_image
     from edge.preprocess import load_rgb
 
     data = path.read_bytes()

@@ -35,7 +35,8 @@ from daemon.common import state_owner
 from daemon.common.settings import Settings, StoreSettings
 from daemon.ingest import wire
 from daemon.ingest.folders import IMAGE_SUFFIXES, DatasetError, FolderFile, content_id, folder_files
-from daemon.ingest.wire import Example, Limits, Reason, Rejection, parse, sniffed_content_type
+from daemon.ingest.image_checks import sniffed_content_type
+from daemon.ingest.wire import Example, Limits, Reason, Rejection, parse
 from daemon.store.examples import Store, StoreError, is_disk_full
 
 MB = 1024 * 1024
@@ -137,7 +138,7 @@ def run_import(root: Path, settings: Settings, stderr: TextIO) -> ImportReport:
     store = Store(settings.state_dir / "examples.db")
     try:
         print(f"sprout store import: {total} image files from {root} into {store.path}", file=stderr, flush=True)
-        return import_folder(root, store, settings.store, wire.limits(settings), Progress(stderr, total))
+        return import_folder(root, store, settings.store, wire.limits(settings.store), Progress(stderr, total))
     finally:
         store.close()
 
