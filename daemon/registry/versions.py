@@ -227,44 +227,18 @@ class Registry:
             version = self._next_version()
             if stamp is not None:
                 tflite = bytes(stamp(tflite, version))
-            digest = hashlib.sha256(tflite).hexdigest()
-            manifest = {
-                "schema": SCHEMA,
-                "model": self.model,
-                "version": version,
-                "created_at": utc_now(),
-                "base": body["base"],
-                "labels": body["labels"],
-                "input": body["input"],
-                "quantization": body["quantization"],
-                "files": {
-                    MODEL_FILE: {"sha256": digest, "size": len(tflite), "path": f"versions/{version}/{MODEL_FILE}"}
-                },
-                "metrics": body["metrics"],
-                "runtimes_verified": body["runtimes_verified"],
-                # Informative only: which key to check with, said before a device has checked anything.
-                "signing_key_id": self.signer.key_id,
-            }
+            manifest = self._manifest(version, body, tflite)
             document = dump(manifest)
-            signature = self.signer.sign(document)
             labels_txt = "".join(f"{label}\n" for label in body["labels"]).encode("utf-8")
-
-            tmp = self.folder / f"{TMP_PREFIX}{version}-{os.getpid()}"
-            tmp.mkdir()
-            try:
-                for name, data in (
-                    (MODEL_FILE, tflite),
-                    (LABELS_FILE, labels_txt),
-                    (MANIFEST_FILE, document),
-                    (SIGNATURE_FILE, signature),
-                ):
-                    write_new(tmp / name, data)
-                fsync_dir(tmp)
-                os.rename(tmp, self._dir(version))
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            fsync_dir(self.folder)
+            self._write_version(
+                version,
+                {
+                    MODEL_FILE: tflite,
+                    LABELS_FILE: labels_txt,
+                    MANIFEST_FILE: document,
+                    SIGNATURE_FILE: self.signer.sign(document),
+                },
+            )
             # From here the version is complete on disk; switching latest is two renames (signature first).
             self._point_latest(version)
             self._write_versions()
@@ -272,7 +246,7 @@ class Registry:
                 {
                     "event": "published",
                     "version": version,
-                    "sha256": digest,
+                    "sha256": manifest["files"][MODEL_FILE]["sha256"],
                     "size": len(tflite),
                     "quantization": body["quantization"],
                 }
@@ -349,6 +323,44 @@ class Registry:
         return True
 
     # Internals; the callers hold the lock.
+
+    def _manifest(self, version: int, body: dict[str, Any], tflite: bytes) -> dict[str, Any]:
+        assert self.signer is not None  # publish() refused a registry without a key
+        return {
+            "schema": SCHEMA,
+            "model": self.model,
+            "version": version,
+            "created_at": utc_now(),
+            "base": body["base"],
+            "labels": body["labels"],
+            "input": body["input"],
+            "quantization": body["quantization"],
+            "files": {
+                MODEL_FILE: {
+                    "sha256": hashlib.sha256(tflite).hexdigest(),
+                    "size": len(tflite),
+                    "path": f"versions/{version}/{MODEL_FILE}",
+                }
+            },
+            "metrics": body["metrics"],
+            "runtimes_verified": body["runtimes_verified"],
+            # Informative only: which key to check with, said before a device has checked anything.
+            "signing_key_id": self.signer.key_id,
+        }
+
+    def _write_version(self, version: int, files: dict[str, bytes]) -> None:
+        """The version's folder, built under a temporary name and renamed whole: it exists complete or not at all."""
+        tmp = self.folder / f"{TMP_PREFIX}{version}-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            for name, data in files.items():
+                write_new(tmp / name, data)
+            fsync_dir(tmp)
+            os.rename(tmp, self._dir(version))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(self.folder)
 
     def _dir(self, version: int) -> Path:
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
