@@ -14,10 +14,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge import __version__
 from edge.runtime import RUNTIMES
+
+if TYPE_CHECKING:
+    from edge.sync import SyncResult
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -29,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sprout-edge", description="Sprout on a phone or edge device (no torch needed).")
     p.add_argument("--version", action="version", version=f"sprout-edge {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{sync,classify}")
+    _add_sync(sub)
+    _add_classify(sub)
+    return p
 
+
+def _add_sync(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "sync",
         help="install the latest verified model (once, or keep doing so with --watch)",
@@ -72,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--quiet", action="store_true", help="log only warnings and errors")
 
+
+def _add_classify(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "classify",
         help="top-k labels with scores for images, with the installed model",
@@ -88,7 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="interpreter to run on (default: ai-edge-litert if installed, else tflite-runtime)",
     )
     c.add_argument("--threads", type=_positive_int, default=2, help="interpreter threads (default 2)")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,14 +137,9 @@ def run_sync(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         key = load_public_key(args.public_key) if args.public_key else None
     except SignatureError as err:
         return _fail(f"--public-key {args.public_key}: {err}")
-    token = None
-    if args.token_file:
-        try:
-            token = args.token_file.read_text(encoding="utf-8").strip()
-        except OSError as err:
-            return _fail(f"--token-file {args.token_file}: {err.strerror}")
-        if not token:
-            return _fail(f"--token-file {args.token_file} is empty: put the server's bearer token in it")
+    token = _token(args.token_file) if args.token_file else None
+    if isinstance(token, int):
+        return token
     runtime = None if args.runtime == "none" else args.runtime
     common = dict(url=args.url, model=args.model, dir=args.dir, public_key=key, token=token, runtime=runtime)
 
@@ -150,15 +154,28 @@ def run_sync(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         except ValueError as err:  # a malformed --mqtt URL
             parser.error(str(err))
         return EXIT_OK
-    result = sync(**common)
+    return _said(sync(**common), args.model)
+
+
+def _said(result: SyncResult, model: str) -> int:
+    """One line on stdout for a sync that worked; its exit code."""
     if not result.ok:
         return EXIT_FAILURE  # the reason was logged to stderr by the sync
     if result.status == "installed":
         was = f" (was {result.previous})" if result.previous is not None else ""
-        print(f"{args.model}: version {result.current} installed{was}, {result.downloaded} bytes downloaded")
+        print(f"{model}: version {result.current} installed{was}, {result.downloaded} bytes downloaded")
     else:
-        print(f"{args.model}: version {result.current} is current")
+        print(f"{model}: version {result.current} is current")
     return EXIT_OK
+
+
+def _token(path: Path) -> str | int:
+    """The bearer token in ``path``, or the exit code after saying what is wrong with the file."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as err:
+        return _fail(f"--token-file {path}: {err.strerror}")
+    return token or _fail(f"--token-file {path} is empty: put the server's bearer token in it")
 
 
 def run_classify(args: argparse.Namespace) -> int:
