@@ -100,7 +100,7 @@ def main() -> None:
             learner.cache.put({seq_of[i]: saved[i.replace("/", "_")] for i in seq_of})
     started = time.perf_counter()
     while batch := reader.after(learner.high_water_mark, 32):
-        learner.learn(batch)
+        learner.learn_many(batch)
     print(f"head trained on {learner.trained} examples in {time.perf_counter() - started:.0f} s", flush=True)
 
     images = np.stack([load_rgb(jpeg(test_images[i]), args.input_size) for i, _ in test])
@@ -119,8 +119,8 @@ def main() -> None:
         calibration = []
         if mode == "int8":  # class-balanced, drawn from the stored training examples as the daemon draws them
             per_class = max(1, args.calibration // len(learner.labels))
-            for label in sorted(learner.replay_index):
-                seqs = list(learner.replay_index[label])
+            for label in sorted(learner.replay.index):
+                seqs = list(learner.replay.index[label])
                 picked = np.random.default_rng(0).choice(len(seqs), size=min(per_class, len(seqs)), replace=False)
                 calibration += [
                     load_rgb(e.image, args.input_size) for e in reader.by_seq([seqs[i] for i in sorted(picked)])

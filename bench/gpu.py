@@ -378,7 +378,7 @@ def run_child_compiled(args: argparse.Namespace) -> None:
     """The compile child: READY once loaded, WARM <s> once compiled and warmed up, then RESULT <json>."""
     device = torch.device(args.device)
     batch = args.child_compiled
-    model = make_model(zoo.load_backbone(BACKBONE, pretrained=True), device, channels_last=True)
+    model = make_model(zoo.build_starting_network(BACKBONE), device, channels_last=True)
     x, y = make_batch(batch, args.input_size, device, channels_last=True)
     step = compiled_step(model, x, y)
     print("READY", flush=True)
@@ -395,7 +395,7 @@ def run_child_compiled(args: argparse.Namespace) -> None:
 
 def training_section(args: argparse.Namespace) -> dict:
     batches = [int(b) for b in args.batches.split(",")]
-    template = zoo.load_backbone(BACKBONE, pretrained=True)
+    template = zoo.build_starting_network(BACKBONE)
     cells: dict[str, dict[str, dict]] = {v: {} for v in VARIANTS}
     for batch in batches:
         for variant in VARIANTS[:3]:

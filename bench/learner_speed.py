@@ -58,10 +58,10 @@ def measure(backbone: str, size: int, mode: str, batches: int, threads: int, dat
     reader = StoreReader(workdir / "examples.db")
     training = TrainingSettings(mode=mode, device="cpu", cpu_threads=threads)
     learner = Learner(ModelSettings(backbone=backbone, input_size=size), training, workdir, reader)
-    learner.learn(reader.after(0, training.batch_size))  # warm-up: allocations, first replay pool
+    learner.learn_many(reader.after(0, training.batch_size))  # warm-up: allocations, first replay pool
     started, learned = time.perf_counter(), learner.trained
     for _ in range(batches):
-        learner.learn(reader.after(learner.high_water_mark, training.batch_size))
+        learner.learn_many(reader.after(learner.high_water_mark, training.batch_size))
     return (learner.trained - learned) / (time.perf_counter() - started)
 
 

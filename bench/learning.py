@@ -96,7 +96,7 @@ class Embedder:
                 StoredExample(-(start + i + 1), "x", "train", images[start + i])
                 for i in range(min(64, len(ids) - start))
             ]
-            emb, ok = self.learner._embeddings(chunk, grad=False)
+            emb, ok = self.learner.inputs.embeddings(chunk, grad=False)
             assert all(ok)
             for i, vector in enumerate(emb):
                 self.vectors[ids[start + i]] = vector.numpy()
@@ -146,7 +146,7 @@ def run_stream(
         batch = reader.after(learner.high_water_mark, min(training.batch_size, max(1, next_boundary - learner.trained)))
         if not batch:
             break
-        learner.learn(batch)
+        learner.learn_many(batch)
         learning_s += time.perf_counter() - tick
         if learner.trained >= next_eval:
             curve.append((learner.trained, learner.evaluate_holdout().accuracy))

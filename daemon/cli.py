@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(settings.logging.level, settings.logging.format)
     daemon = Daemon(settings)
     try:
-        return daemon.leave(daemon.run())
+        return daemon.run()
     except StateDirError as err:  # no state folder it can use, or a store from a newer Sprout
         log.error("%s", err)
         return Exit.CONFIG
@@ -183,14 +183,14 @@ def _learner_outputs(settings: Settings, reader: StoreReader) -> list[str] | Non
     from daemon.store.labels import outputs_after
 
     try:
-        payload = checkpoint.load(settings.state_dir / "checkpoints")
+        saved = checkpoint.load(settings.state_dir / "checkpoints")
     except checkpoint.CheckpointError as err:
         log.warning("%s: the learner's outputs are unknown", err)
         return None
-    if payload is None:
+    if saved is None:
         return None
-    outputs = list(payload["labels"])
-    for change in reader.label_changes(payload.get("label_change", 0)):
+    outputs = list(saved.labels)
+    for change in reader.label_changes(saved.label_change):
         outputs, _ = outputs_after(outputs, change)
     return outputs
 
@@ -282,18 +282,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except NothingToExport as err:
         print(f"sprout export: nothing to export: {err}", file=sys.stderr)
         return Exit.NOINPUT
-    print(
-        json.dumps(
-            {
-                "published": outcome.published["version"] if outcome.published else None,
-                "rejected_because": outcome.reasons,
-                "skipped_modes": outcome.skipped,
-                "metrics": outcome.metrics,
-                "seconds": round(outcome.seconds, 1),
-            },
-            indent=2,
-        )
-    )
+    print(json.dumps(outcome.summary(), indent=2))
     return 0 if outcome.published else 1
 
 

@@ -19,7 +19,16 @@ from torch import nn
 from models import efficientnet_lite, mobilenet_v2
 from models.layers import Backbone, ConvBNAct
 
-__all__ = ["Backbone", "BackboneSpec", "Preprocessing", "get", "load_backbone", "load_weights", "names"]
+__all__ = [
+    "Backbone",
+    "BackboneSpec",
+    "Preprocessing",
+    "build_starting_network",
+    "get",
+    "load_backbone",
+    "load_weights",
+    "names",
+]
 
 KeyMap = Callable[[str], tuple[str, str] | None]
 
@@ -94,6 +103,26 @@ def load_backbone(name: str, pretrained: bool = True) -> Backbone:
     backbone = spec.build()
     if pretrained and spec.pretrained is not None:
         backbone.load_state_dict(spec.pretrained(), strict=True)
+    return backbone
+
+
+def build_starting_network(name: str, *, weights_file: str | Path | None = None, seed: int | None = None) -> Backbone:
+    """The backbone learning starts from: ``name`` with its shipped weights, then ``weights_file`` over them.
+
+    Built under ``seed`` (inside ``fork_rng``, so the caller's random state is untouched): a backbone without
+    shipped weights ("tiny") gets the same random init wherever it is built. The learner builds it at its
+    start and when it falls back to it; an export rebuilds it for a checkpoint that stores only the head.
+
+    >>> a, b = build_starting_network("tiny", seed=1), build_starting_network("tiny", seed=1)
+    >>> all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    True
+    """
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        backbone = load_backbone(name)
+    if weights_file is not None:
+        load_weights(backbone, weights_file)
     return backbone
 
 

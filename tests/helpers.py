@@ -1,4 +1,9 @@
-"""Helpers shared by the tests: small real images, a QoS 1 publisher, the daemon as a real process."""
+"""Helpers shared by the tests: small real images, a QoS 1 publisher, waiting on a condition, the daemon and
+sprout-edge as real processes, and the fast learning settings the daemon tests share.
+
+Test modules never import one another (tests/test_architecture.py checks it): what two of them share lives here,
+in learning_helpers.py (the learner in-process), registry_helpers.py, systemd_socket.py, or as a fixture in
+conftest.py."""
 
 from __future__ import annotations
 
@@ -12,19 +17,36 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.store.examples import open_reader
 from daemon.tools.broker import free_port
 from daemon.tools.feeder import Publisher
 
+REPO = Path(__file__).resolve().parents[1]
 SPROUT = [sys.executable, "-m", "daemon.cli"]
+TFLITE_VENV = REPO / ".venv-tflite"  # sprout-edge on tflite-runtime, without torch (scripts/setup.sh makes it)
+
+# The learner on, fast: small batches, a high learning rate, frequent checkpoints and holdout scores. Exports stay
+# off (each costs CPU for seconds); a test that wants them turns them on with "SPROUT_EXPORT__ENABLED": "true".
+LEARNING = {
+    "SPROUT_TRAINING__ENABLED": "true",
+    "SPROUT_TRAINING__BATCH_SIZE": "8",
+    "SPROUT_TRAINING__LEARNING_RATE": "0.1",
+    "SPROUT_TRAINING__CHECKPOINT_EVERY_S": "0.3",
+    "SPROUT_TRAINING__HOLDOUT_EVERY_STEPS": "5",
+    "SPROUT_EXPORT__ENABLED": "false",
+}
+
+# Distinct colours per class: random conv features of the tiny backbone separate them.
+PALETTE = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 210), (40, 210, 210)]
 
 
 def jpeg(seed: int, size: int = 32, quality: int = 85) -> bytes:
@@ -42,21 +64,52 @@ def png(seed: int, size: int = 16) -> bytes:
     return buf.getvalue()
 
 
-def publish_examples(url: str, model: str, ids: list[str], labels: list[str], rate: float = 0.0) -> Publisher:
-    """Publish one small JPEG per id at QoS 1 and wait until the broker acked them all."""
+def colour_jpeg(class_index: int, seed: int, size: int = 32) -> bytes:
+    """A photo of one colour of ``PALETTE`` with noise: what the tests' classes look like."""
+    rng = np.random.default_rng(seed)
+    base = np.array(PALETTE[class_index], dtype=np.float32)
+    pixels = np.clip(base + rng.normal(0, 35, (size, size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def publish_examples(
+    url: str,
+    model: str,
+    ids: list[str],
+    labels: list[str],
+    rate: float = 0.0,
+    images: Iterable[bytes] | None = None,
+) -> Publisher:
+    """Publish one example per id at QoS 1, ``rate`` a second (0: as fast as the window allows), and wait until the
+    broker acked them all. ``images`` gives each id's photo; by default a small noise JPEG seeded by the id."""
+    if images is None:
+        images = (jpeg(zlib.crc32(example_id.encode())) for example_id in ids)
     with Publisher(url, window=128) as pub:
         started = time.monotonic()
-        for i, (example_id, label) in enumerate(zip(ids, labels, strict=True)):
+        for i, (example_id, label, image) in enumerate(zip(ids, labels, images, strict=True)):
             if rate:
                 delay = started + i / rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-            pub.publish(
-                f"sprout/{model}/examples", jpeg(zlib.crc32(example_id.encode())), label, "image/jpeg", example_id
-            )
+            pub.publish(f"sprout/{model}/examples", image, label, "image/jpeg", example_id)
         assert pub.wait_all_acked(30.0), pub.report
     assert pub.report.acked == len(ids), pub.report.as_dict()
     return pub
+
+
+def publish_colours(url: str, n: int, rate: float = 0.0, first: int = 0) -> Publisher:
+    """Examples ``c-<i>`` for i from ``first``: a photo of colour i % 3, labelled ``colour-<i % 3>``."""
+    seeds = range(first, first + n)
+    return publish_examples(
+        url,
+        "leaves",
+        [f"c-{i}" for i in seeds],
+        [f"colour-{i % 3}" for i in seeds],
+        rate,
+        (colour_jpeg(i % 3, i) for i in seeds),
+    )
 
 
 @contextmanager
@@ -85,6 +138,28 @@ def stored_ids(state: Path) -> list[str]:
         return [row[0] for row in db.execute("SELECT example_id FROM examples ORDER BY seq")]
     finally:
         db.close()
+
+
+def metrics(port: int) -> dict[tuple[str, tuple], float]:
+    """The daemon's /metrics, parsed: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def last_checkpoint(d: DaemonProcess) -> dict | None:
+    """The learner's last checkpoint in the daemon's state folder, or None while there is none."""
+    from daemon.learning import checkpoint  # torch: only for the tests that read one
+
+    try:
+        return checkpoint.load(d.state / "checkpoints")
+    except checkpoint.CheckpointError:
+        return None
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
@@ -185,3 +260,32 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+
+def sprout_edge(*args) -> list[str]:
+    """The device client's command line, run on this interpreter (ai-edge-litert)."""
+    return [sys.executable, "-m", "edge.cli", *map(str, args)]
+
+
+class Watching:
+    """``sprout-edge sync --watch`` as a child process, its log in a file."""
+
+    def __init__(self, log: Path, *args):
+        self.log = log
+        self.out = open(log, "w")
+        self.proc = subprocess.Popen(
+            sprout_edge("sync", "--watch", *args), stdout=self.out, stderr=subprocess.STDOUT, cwd=REPO, text=True
+        )
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(15)
+        finally:
+            self.out.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.out.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +62,50 @@ def test_the_check_itself_sees_an_upward_import(tmp_path: Path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from daemon.service.daemon import Daemon\nfrom daemon import logs\n")
     assert daemon_imports(module) == {"service", "logs"}
+
+
+def imported_test_modules(path: Path) -> set[str]:
+    """The test modules (``test_*``) that ``path`` imports, at any depth, relative imports and the scripts it hands
+    a child Python in a string (``"from test_x import y"``) included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module] if node.module else [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = re.findall(r"^\s*(?:from|import)\s+(test_\w+)", node.value, re.M)
+        else:
+            continue
+        found |= {name.split(".")[0] for name in names if name.split(".")[0].startswith("test_")}
+    return found
+
+
+def test_no_test_module_imports_another():
+    """What test modules share lives in helper modules (tests/helpers.py, learning_helpers.py, ...) and in
+    conftest.py's fixtures: importing a test module runs its import-time work, shares its module-scoped state and
+    puts its fixtures in a second module, where pytest runs them again."""
+    tests = REPO / "tests"
+    offenders = [
+        f"{path.relative_to(REPO)} imports {', '.join(sorted(imported))}"
+        for path in sorted(tests.rglob("*.py"))
+        if (imported := imported_test_modules(path))
+    ]
+    assert offenders == [], "move what they share into a helper module or a conftest.py fixture:\n" + "\n".join(
+        offenders
+    )
+
+
+def test_the_check_itself_sees_a_test_module_imported(tmp_path: Path):
+    module = tmp_path / "test_m.py"
+    source = (
+        "from helpers import wait_for\n"
+        "def test_f():\n    from TEST_learner import stream\n"
+        "from .TEST_chaos import x\n"
+        "SCRIPT = 'import os\\nimport TEST_decoding as d\\n'\n"
+    )
+    module.write_text(source.replace("TEST_", "test_"))  # spelled apart: this file must pass the check itself
+    assert imported_test_modules(module) == {"test_learner", "test_chaos", "test_decoding"}
 
 
 def test_models_import_nothing_of_the_service():

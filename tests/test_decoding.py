@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import wait_for
-from test_learner import colour_jpeg, make_learner, stream
+from helpers import LEARNING, colour_jpeg, last_checkpoint, metrics, publish_colours, wait_for
+from learning_helpers import drive, make_learner, stream
 
 from daemon.common.settings import ModelSettings, TrainingSettings
 from daemon.learning import checkpoint
@@ -69,7 +69,7 @@ def test_the_learner_input_is_the_normalised_image_and_decoder_processes_change_
     """uint8 to the device, normalised there: the same float32 values as (pixels / 255 - mean) / std in numpy."""
     learner, reader = make_learner(tmp_path, stream([0, 1], 5, seed=51))
     rgb = np.stack([load_rgb(d, 32) for d in images(4)])
-    x = learner._network_input(rgb)
+    x = learner.inputs.network_input(rgb)
     mean = np.asarray(learner.spec.preprocessing.mean, np.float32).reshape(3, 1, 1)
     std = np.asarray(learner.spec.preprocessing.std, np.float32).reshape(3, 1, 1)
     want = (rgb.astype(np.float32).transpose(0, 3, 1, 2) / 255.0 - mean) / std
@@ -84,9 +84,9 @@ def test_the_learner_input_is_the_normalised_image_and_decoder_processes_change_
         reader,
     )
     try:
-        assert in_processes.decode_pool.in_processes and not learner.decode_pool.in_processes
-        a, ok_a = learner._embeddings(examples, grad=False)
-        b, ok_b = in_processes._embeddings(examples, grad=False)
+        assert in_processes.inputs.decode_pool.in_processes and not learner.inputs.decode_pool.in_processes
+        a, ok_a = learner.inputs.embeddings(examples, grad=False)
+        b, ok_b = in_processes.inputs.embeddings(examples, grad=False)
     finally:
         in_processes.close()
     assert ok_a == ok_b == [True] * 8 and torch.equal(a, b)
@@ -147,20 +147,6 @@ def test_workers_killed_at_any_moment_never_hang_the_learner():
     assert hung is None, f"trial {hung}: the pool hung after its workers were killed"
 
 
-def drive(learner: Learner, reader, batch_size: int, read_ahead: bool) -> int:
-    """The learner's loop as daemon.learning.training runs it; returns how many images the read-aheads should hold
-    (without replay: the next batch's train examples, after every step that learned something)."""
-    expected = 0
-    batch = reader.after(learner.high_water_mark, batch_size)
-    while batch:
-        upcoming = reader.after(batch[-1].seq, batch_size)
-        learner.learn(batch, upcoming if read_ahead else ())
-        if read_ahead and any(e.split == "train" for e in batch):
-            expected += sum(e.split == "train" for e in upcoming)
-        batch = upcoming
-    return expected
-
-
 def weights(learner: Learner) -> list[torch.Tensor]:
     return [p.detach().clone() for p in [*learner.head.parameters(), *learner.backbone.parameters()]]
 
@@ -179,7 +165,7 @@ def test_reading_ahead_decodes_the_next_step_beside_this_one_and_learns_exactly_
     assert not in_thread.reads_ahead
     drive(in_thread, reader, 4, read_ahead=False)
     assert ahead.trained == in_thread.trained == sum(e.split == "train" for e in examples)
-    assert expected > 0 and ahead.read_ahead_decoded == expected and in_thread.read_ahead_decoded == 0
+    assert expected > 0 and ahead.inputs.read_ahead_decoded == expected and in_thread.inputs.read_ahead_decoded == 0
     assert all(torch.equal(a, b) for a, b in zip(weights(ahead), weights(in_thread), strict=True))
     assert ahead.prequential.state() == in_thread.prequential.state()
 
@@ -193,9 +179,9 @@ def test_reading_ahead_with_replay_learns_every_example_once_and_decodes_replay_
         learner.close()
     train = sum(e.split == "train" for e in examples)
     assert learner.trained == train and learner.high_water_mark == len(examples)
-    assert learner.replayed > 0 and learner.undecodable == 0
+    assert learner.replayed > 0 and learner.inputs.undecodable == 0
     # Every new example but the first step's came decoded, and replayed ones with them.
-    assert learner.read_ahead_decoded > train - 4
+    assert learner.inputs.read_ahead_decoded > train - 4
 
 
 def test_the_learners_thread_tops_up_a_short_read_ahead_and_learns_every_example_once(tmp_path):
@@ -215,7 +201,7 @@ def test_the_learners_thread_tops_up_a_short_read_ahead_and_learns_every_example
             "training": {"device": "cpu", "batch_size": 4, "decode_workers": 2},
         },
     )
-    training = Training(settings)
+    training = Training(settings.model, settings.training, settings.state_dir)
     try:
         assert training.learner.reads_ahead
         batch = training._next_batch(4)
@@ -231,10 +217,10 @@ def test_the_learners_thread_tops_up_a_short_read_ahead_and_learns_every_example
         while training.learner.high_water_mark < len(examples) and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        assert training.stop(10)
+        assert training.stop(time.monotonic() + 10)
     assert training.error is None
     assert training.learner.trained == sum(e.split == "train" for e in examples)
-    assert training.learner.read_ahead_decoded > 0
+    assert training.learner.inputs.read_ahead_decoded > 0
 
 
 def test_shared_slots_come_back_after_each_result_and_a_request_too_large_is_decoded_in_the_thread():
@@ -285,9 +271,9 @@ def test_decoder_processes_and_their_shared_memory_go_with_a_killed_learner(tmp_
     script = (
         "import os, signal\n"
         "from daemon.learning.decoding import DecodePool\n"
-        "from test_decoding import images\n"
+        "from helpers import colour_jpeg\n"
         "pool = DecodePool(32, workers=2, slots=16)\n"
-        "pool.rgb(images(16))\n"
+        "pool.rgb([colour_jpeg(i % 3, 1000 + i) for i in range(16)])\n"
         "print(pool._slab.shm.name, *pool._pool._processes, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
@@ -341,7 +327,7 @@ def test_a_learner_with_steps_smaller_than_a_chunk_still_gets_its_decoder_proces
         tmp_path, examples, mode="full", replay_ratio=0.0, decode_workers=1, batch_size=batch_size
     )
     try:
-        assert learner.decode_pool.in_processes and len(learner.decode_pool._slab.free) == 8
+        assert learner.inputs.decode_pool.in_processes and len(learner.inputs.decode_pool._slab.free) == 8
         drive(learner, reader, batch_size, read_ahead=True)
         assert learner.trained == sum(e.split == "train" for e in examples)
     finally:
@@ -352,12 +338,12 @@ def test_a_read_ahead_that_no_step_uses_gives_its_shared_slots_back(tmp_path):
     examples = stream([0, 1], 10, seed=64)
     learner, reader = make_learner(tmp_path, examples, mode="full", replay_ratio=0.0, decode_workers=1)
     try:
-        slots = len(learner.decode_pool._slab.free)
+        slots = len(learner.inputs.decode_pool._slab.free)
         batch = reader.after(0, 4)
-        learner.learn(batch, reader.after(batch[-1].seq, 4))
-        assert learner._ahead is not None and len(learner.decode_pool._slab.free) < slots
-        learner.learn([])  # not the batch it was read for
-        assert learner._ahead is None and len(learner.decode_pool._slab.free) == slots
+        learner.learn_many(batch, reader.after(batch[-1].seq, 4))
+        assert learner.inputs._ahead is not None and len(learner.inputs.decode_pool._slab.free) < slots
+        learner.learn_many([])  # not the batch it was read for
+        assert learner.inputs._ahead is None and len(learner.inputs.decode_pool._slab.free) == slots
     finally:
         learner.close()
 
@@ -380,9 +366,6 @@ def decoder_processes(daemon_pid: int) -> list[int]:
 def test_decoder_processes_killed_in_a_learning_daemon_cost_no_example(broker, daemon_factory):
     """The real daemon, full fine-tuning with two decoder processes, its workers SIGKILLed twice under a
     steady feed (as the kernel's OOM killer would): it keeps learning, every train example exactly once."""
-    from test_daemon_learning import LEARNING, last_checkpoint, publish_colours
-    from test_status import metrics
-
     env = {**LEARNING, "SPROUT_TRAINING__MODE": "full", "SPROUT_TRAINING__DECODE_WORKERS": "2"}
     d = daemon_factory(broker.url, env=env).start()
     n = 480
@@ -397,13 +380,13 @@ def test_decoder_processes_killed_in_a_learning_daemon_cost_no_example(broker, d
         wait_for(lambda k=kill: f"(restart {k} of 3)" in d.log(), 30, f"the pool's restart after kill {kill}")
     assert feeder.is_alive(), "the stream ended before the second kill; slow the feed"
     feeder.join(60)
-    wait_for(lambda: (c := last_checkpoint(d)) and c["high_water_mark"] >= n and c, 60, "the learner to catch up")
+    wait_for(lambda: (c := last_checkpoint(d)) and c.high_water_mark >= n and c, 60, "the learner to catch up")
     counts = metrics(d.http_port)
     assert d.stop() == 0
     final = checkpoint.load(d.state / "checkpoints")
     db = sqlite3.connect(d.state / "examples.db")
     train = db.execute("SELECT COUNT(*) FROM examples WHERE split = 'train'").fetchone()[0]
-    assert final["trained"] == train and final["prequential"]["seen"] == train
+    assert final.trained == train and final.prequential["seen"] == train
     assert counts[("sprout_decoder_fallbacks_total", ())] >= 2  # each kill cost at least one batch in the thread
     assert counts[("sprout_images_decoded_ahead_total", ())] > 0
     assert d.log().count("a decoder process died") == 2 and "decoding stays in the learner's thread" not in d.log()

@@ -15,11 +15,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from helpers import jpeg, wait_for
-from test_lifecycle import systemd  # noqa: F401  (the fixture: a service manager's notify socket)
-from test_status import metrics
-
-from daemon.tools.feeder import Publisher
+from helpers import jpeg, metrics, publish_examples, wait_for
 
 DISK_MB = 8
 FLOOR_MB = 1
@@ -76,18 +72,16 @@ def small_disk(tmp_path: Path):
 
 def publish_photos(url: str, ids: list[str]) -> None:
     """13 KB JPEGs: enough of them fill the small disk."""
-    with Publisher(url, window=128) as pub:
-        for i, example_id in enumerate(ids):
-            image = jpeg(zlib.crc32(example_id.encode()), size=128, quality=85)
-            pub.publish("sprout/leaves/examples", image, ("rust", "blight", "healthy")[i % 3], "image/jpeg", example_id)
-        assert pub.wait_all_acked(30.0), pub.report
+    labels = [("rust", "blight", "healthy")[i % 3] for i in range(len(ids))]
+    photos = (jpeg(zlib.crc32(example_id.encode()), size=128, quality=85) for example_id in ids)
+    publish_examples(url, "leaves", ids, labels, images=photos)
 
 
 def test_a_full_disk_pauses_intake_unacked_and_it_resumes_when_space_returns(
     broker,
     daemon_factory,
     small_disk,
-    systemd,  # noqa: F811 - the fixture imported above
+    systemd,
 ):
     env = {"SPROUT_STORE__MIN_FREE_MB": str(FLOOR_MB), **systemd.env(watchdog_s=1.0)}
     d = daemon_factory(broker.url, state=small_disk.mountpoint, env=env, prefix=small_disk.enter).start()

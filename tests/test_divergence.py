@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from test_learner import stream
+from learning_helpers import stream
 
 from daemon.common.settings import Settings
+from daemon.export.job import ExportJob
 from daemon.export.pipeline import _restored
 from daemon.learning import checkpoint
 from daemon.learning.learner import Learner
@@ -16,12 +17,8 @@ from daemon.learning.training import Training
 from daemon.store.examples import Store
 
 
-def training_on(tmp_path: Path, examples, **training) -> Training:
-    """The learner's thread, not started: its steps run on the test's thread, one at a time."""
-    store = Store(tmp_path / "examples.db")
-    store.commit(examples)
-    store.close()
-    settings = Settings.load(
+def settings_for(tmp_path: Path, **training) -> Settings:
+    return Settings.load(
         None,
         {
             "state_dir": str(tmp_path),
@@ -29,11 +26,19 @@ def training_on(tmp_path: Path, examples, **training) -> Training:
             "training": {"mode": "head", "device": "cpu", "batch_size": 4, "learning_rate": 0.1, **training},
         },
     )
-    return Training(settings)
+
+
+def training_on(tmp_path: Path, examples, **training) -> Training:
+    """The learner's thread, not started: its steps run on the test's thread, one at a time."""
+    store = Store(tmp_path / "examples.db")
+    store.commit(examples)
+    store.close()
+    settings = settings_for(tmp_path, **training)
+    return Training(settings.model, settings.training, settings.state_dir)
 
 
 def step(training: Training) -> None:
-    training.learn(training.reader.after(training.learner.high_water_mark, training.settings.training.batch_size))
+    training.learn(training.reader.after(training.learner.high_water_mark, training.settings.batch_size))
 
 
 def poison_learning_rate(learner: Learner) -> None:
@@ -50,20 +55,20 @@ def test_non_finite_weights_after_a_step_go_back_to_the_checkpoint_bit_for_bit(t
     assert training.save() is not None
     saved = checkpoint.load(training.checkpoints)
     step(training)
-    assert not torch.equal(learner.head.weight.detach(), saved["head"]["weight"])  # it moved on since
+    assert not torch.equal(learner.head.weight.detach(), saved.head["weight"])  # it moved on since
     poison_learning_rate(learner)
     batch = training.reader.after(learner.high_water_mark, 4)
     training.learn(batch)
     assert learner.nonfinite_skipped == 0  # the loss was finite: the guard is on the weights
     assert learner.divergence_restores == 1 and learner.diverged is None
     state = learner.state()
-    assert state["labels"][: len(saved["labels"])] == saved["labels"]
-    for name, tensor in saved["head"].items():
-        assert torch.equal(state["head"][name][: len(tensor)], tensor), name  # the very numbers, bit for bit
-    moments = [s["exp_avg"] for s in saved["optimizer"]["state"].values()]
+    assert state.labels[: len(saved.labels)] == saved.labels
+    for name, tensor in saved.head.items():
+        assert torch.equal(state.head[name][: len(tensor)], tensor), name  # the very numbers, bit for bit
+    moments = [s["exp_avg"] for s in saved.optimizer["state"].values()]
     assert all(
         torch.equal(a[: len(b)], b)
-        for a, b in zip((s["exp_avg"] for s in state["optimizer"]["state"].values()), moments, strict=True)
+        for a, b in zip((s["exp_avg"] for s in state.optimizer["state"].values()), moments, strict=True)
     )
     assert all(g["lr"] == 0.1 for g in learner.optimizer.param_groups)  # the poisoned rate went with it
     # The stream position does not go back: the batch that diverged is not learned again.
@@ -80,7 +85,7 @@ def test_repeated_non_finite_losses_go_back_to_the_checkpoint(tmp_path: Path):
     training.save()
     saved = checkpoint.load(training.checkpoints)
     step(training)
-    assert not torch.equal(learner.head.weight.detach(), saved["head"]["weight"])
+    assert not torch.equal(learner.head.weight.detach(), saved.head["weight"])
     # A frozen backbone weight gone NaN: every new example's embedding (and so every loss) is NaN, while
     # the weights the learner trains stay finite. Nothing but the streak can tell.
     conv = next(p for p in learner.backbone.parameters() if p.dim() == 4)
@@ -90,11 +95,11 @@ def test_repeated_non_finite_losses_go_back_to_the_checkpoint(tmp_path: Path):
     for skipped in (1, 2):
         step(training)
         assert learner.nonfinite_skipped == skipped and learner.divergence_restores == 0
-    assert not torch.equal(learner.head.weight.detach(), saved["head"]["weight"])  # skips leave the weights alone
+    assert not torch.equal(learner.head.weight.detach(), saved.head["weight"])  # skips leave the weights alone
     step(training)
     assert learner.nonfinite_skipped == 3 and learner.divergence_restores == 1
-    assert torch.equal(learner.head.weight.detach(), saved["head"]["weight"])
-    assert torch.equal(learner.head.bias.detach(), saved["head"]["bias"])
+    assert torch.equal(learner.head.weight.detach(), saved.head["weight"])
+    assert torch.equal(learner.head.bias.detach(), saved.head["bias"])
     with torch.no_grad():
         conv.copy_(good)
     position = learner.high_water_mark
@@ -129,16 +134,17 @@ def test_a_non_finite_state_is_never_checkpointed_so_never_exported(tmp_path: Pa
     path = training.save()
     written = path.read_bytes()
     poison_learning_rate(learner)
-    learner.learn(training.reader.after(learner.high_water_mark, 4))  # the learner alone: nothing recovers yet
+    learner.learn_many(training.reader.after(learner.high_water_mark, 4))  # the learner alone: nothing recovers yet
     assert learner.diverged is not None and not learner.finite()
     assert training.save() is None
     assert path.read_bytes() == written  # the last good checkpoint, untouched
-    snapshot = _restored(training.settings, training.reader)  # what an export would convert
+    # What an export would convert.
+    snapshot = _restored(ExportJob.from_settings(settings_for(tmp_path)), training.reader)
     assert all(torch.isfinite(p).all() for p in snapshot.head.parameters())
     assert snapshot.high_water_mark < learner.high_water_mark
     learner.recover(checkpoint.load(training.checkpoints))
     assert training.save() is not None  # good again: checkpoints resume, with the position moved on
-    assert checkpoint.load(training.checkpoints)["high_water_mark"] == learner.high_water_mark
+    assert checkpoint.load(training.checkpoints).high_water_mark == learner.high_water_mark
 
 
 def test_restores_are_counted_across_a_restart(tmp_path: Path):
@@ -149,5 +155,6 @@ def test_restores_are_counted_across_a_restart(tmp_path: Path):
     step(training)
     training.save()
     training.reader.close()
-    again = Training(training.settings)
+    settings = settings_for(tmp_path)
+    again = Training(settings.model, settings.training, settings.state_dir)
     assert again.learner.divergence_restores == 1

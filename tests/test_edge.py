@@ -10,9 +10,7 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +20,8 @@ import paho.mqtt.publish as mqtt_publish
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from faulty_link import FaultyLink
-from helpers import wait_for
-from test_learner import colour_jpeg, learn_all, make_learner, stream
+from helpers import REPO, TFLITE_VENV, Watching, colour_jpeg, sprout_edge, wait_for
+from learning_helpers import learn_all, make_learner, stream
 
 from daemon.registry.signing import Signer
 from daemon.registry.versions import Registry
@@ -34,9 +32,7 @@ from edge.runtime import classify
 from edge.sync import sync
 from edge.trust import SignatureError, key_id, load_public_key, verify_document, verify_file
 
-REPO = Path(__file__).resolve().parents[1]
-TFLITE_VENV = REPO / ".venv-tflite"
-MODEL = "leaves"
+MODEL = "leaves"  # the registry fixture's (conftest.py)
 SIZE = 32
 
 
@@ -83,18 +79,8 @@ def publish(registry: Registry, tiny: TinyModels, which: str = "first") -> dict:
 
 
 @pytest.fixture
-def keys(tmp_path: Path) -> Signer:
-    return Signer.load_or_create(tmp_path / "keys" / "signing.key")
-
-
-@pytest.fixture
-def public_key(keys: Signer) -> Path:
-    return keys.path.with_suffix(".pub")
-
-
-@pytest.fixture
-def registry(tmp_path: Path, keys: Signer) -> Registry:
-    return Registry(tmp_path / "registry", MODEL, keys, keep_versions=10)
+def public_key(signer: Signer) -> Path:
+    return signer.path.with_suffix(".pub")
 
 
 @pytest.fixture
@@ -445,10 +431,6 @@ def test_classify_cli_runs_on_tflite_runtime_without_torch(registry, link, tiny,
 # -- The sync command, once and watching ----------------------------------------------------------------------
 
 
-def sprout_edge(*args) -> list[str]:
-    return [sys.executable, "-m", "edge.cli", *map(str, args)]
-
-
 def test_sync_cli_exit_codes(registry, link, tiny, public_key, device, tmp_path):
     publish(registry, tiny)
     ok = subprocess.run(
@@ -491,30 +473,6 @@ def test_sync_cli_exit_codes(registry, link, tiny, public_key, device, tmp_path)
         cwd=REPO,
     )
     assert usage.returncode == 2 and "--watch" in usage.stderr
-
-
-class Watching:
-    """``sprout-edge sync --watch`` as a child process, its log in a file."""
-
-    def __init__(self, log: Path, *args):
-        self.log = log
-        self.out = open(log, "w")
-        self.proc = subprocess.Popen(
-            sprout_edge("sync", "--watch", *args), stdout=self.out, stderr=subprocess.STDOUT, cwd=REPO, text=True
-        )
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(15)
-        finally:
-            self.out.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.out.close()
 
 
 def test_watch_polls_and_picks_up_a_newer_version_then_stops_on_sigterm(
@@ -643,7 +601,7 @@ def test_the_test_vector_in_docs_devices_md_is_right():
             nacl.signing.VerifyKey(raw).verify(changed, signature)
 
 
-def test_an_installed_client_ignores_an_added_manifest_field_and_refuses_a_breaking_schema(keys, public_key):
+def test_an_installed_client_ignores_an_added_manifest_field_and_refuses_a_breaking_schema(signer, public_key):
     """A publisher adds informative fields within schema 2; only a breaking change raises the schema."""
     from edge.manifest import SCHEMA, ManifestError, parse
 
@@ -651,10 +609,10 @@ def test_an_installed_client_ignores_an_added_manifest_field_and_refuses_a_break
     manifest = json.loads(re.search(r"<!-- test-vector: manifest.json -->\n```json\n(.*?)```", text, re.S).group(1))
     manifest["model"] = MODEL
     added = json.dumps({**manifest, "devices_hint": {"min_ram_mb": 512}}).encode()  # a field this client never heard of
-    verify_document(added, keys.sign(added), public_key)
+    verify_document(added, signer.sign(added), public_key)
     assert parse(added, MODEL)["devices_hint"] == {"min_ram_mb": 512}
     breaking = json.dumps({**manifest, "schema": SCHEMA + 1}).encode()
-    verify_document(breaking, keys.sign(breaking), public_key)
+    verify_document(breaking, signer.sign(breaking), public_key)
     with pytest.raises(ManifestError, match=f"schema {SCHEMA + 1} is a breaking change .* upgrade sprout-edge"):
         parse(breaking, MODEL)
 

@@ -7,14 +7,16 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from helpers import wait_for
-from test_learner import learn_all, make_learner, stream
+from learning_helpers import learn_all, make_learner, stream
 
 from daemon.common.settings import ExportSettings, ModelSettings, Settings, TrainingSettings
 from daemon.export.child import TMP_PREFIX, ExportChild, ExportStopped, remove_orphaned_temporaries
+from daemon.export.outcome import ExportOutcome
 from daemon.export.schedule import Exporting
 from daemon.learning import checkpoint
 
@@ -42,7 +44,7 @@ def test_an_export_in_a_child_publishes_and_reports_back(tmp_path: Path, caplog)
         with caplog.at_level(logging.INFO):
             outcome = exporting.export()
     finally:
-        exporting.stop()
+        exporting.stop(time.monotonic())
     # Every log record of the child comes back through its stderr and is logged again here, in order: none is
     # lost to another reader of the pipe (Popen.communicate once read it too, and kept what it got).
     child_lines = [r.getMessage() for r in caplog.records if r.name in ("sprout.export", "sprout.registry")]
@@ -66,7 +68,7 @@ def test_an_export_that_raises_is_logged_counted_and_retried_later_without_killi
     exporting = Exporting(settings_for(tmp_path), lambda: trained, lambda: None)
     with caplog.at_level(logging.ERROR, "sprout.export"):
         assert exporting.export() is None
-    exporting.stop()
+    exporting.stop(time.monotonic())
     assert exporting.failed == 1 and exporting.exports == 0
     assert "export failed: the export process ended without an outcome (exit code 70" in caplog.text
     assert not exporting.due()  # not again at once: after export.every_seconds
@@ -138,13 +140,13 @@ def test_the_next_exports_process_waits_with_its_imports_done_and_the_next_expor
     child = ExportChild()
     try:
         assert child.spare_pid is None  # the first export after a start pays the imports
-        assert "outcome" in child.run(settings)
+        assert isinstance(child.run(settings), ExportOutcome)
         spare = child.spare_pid
         assert spare is not None and child.pid is None
         wait_for(lambda: _waiting_on_stdin(spare), 60, "the spare to finish its imports and wait")
         assert len(list(tmp.iterdir())) == 1  # the spare's folder only: the export's went with it
         second = child.run(settings)  # a second version, published by the spare
-        assert second["outcome"]["published"]["version"] == 2, second
+        assert isinstance(second, ExportOutcome) and second.published["version"] == 2, second
         assert not Path(f"/proc/{spare}").exists()  # used, ended and reaped
         assert child.spare_pid not in (None, spare)
     finally:
@@ -158,7 +160,7 @@ def test_without_prewarming_no_process_waits_between_exports(tmp_path: Path):
     settings.export.prewarm_process = False
     child = ExportChild()
     try:
-        assert "outcome" in child.run(settings)
+        assert isinstance(child.run(settings), ExportOutcome)
         assert child.spare_pid is None
     finally:
         child.stop()
@@ -174,7 +176,7 @@ def test_a_spare_killed_while_it_waits_is_replaced_by_a_fresh_process(tmp_path: 
         os.kill(spare, signal.SIGKILL)
         wait_for(lambda: child.spare_pid is None, 10, "the spare to be seen dead")
         with caplog.at_level(logging.WARNING, "sprout.export"):
-            assert "outcome" in child.run(settings)
+            assert isinstance(child.run(settings), ExportOutcome)
         assert "the waiting export process ended (exit code -9); starting another" in caplog.text
     finally:
         child.stop()

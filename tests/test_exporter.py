@@ -9,32 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_learner import learn_all, make_learner, stream
 
 from daemon.common.settings import Settings
 from daemon.export.converter import ExportError, convert, float_probabilities, snapshot
-from daemon.export.pipeline import gate
-from daemon.export.verification import default_tflite_runtime_python, verify
-from edge.preprocess import load_rgb
+from daemon.export.gates import gate
+from daemon.export.verification import RuntimeFault, default_tflite_runtime_python, verify
 from models.zoo import get
 
 TINY = get("tiny").preprocessing
 BOTH = ["ai-edge-litert", "tflite-runtime"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny classifier trained on three colours, and labelled holdout images as an app would send them."""
-    tmp = tmp_path_factory.mktemp("export")
-    examples = stream([0, 1, 2], 40, seed=21, order="iid")
-    learner, reader = make_learner(tmp, examples)
-    learn_all(learner, reader)
-    holdout = [e for e in examples if e.split == "holdout"]
-    images = np.stack([load_rgb(e.image, 32) for e in holdout])
-    labels = np.array([learner.labels.index(e.label) for e in holdout])
-    calibration = [load_rgb(e.image, 32) for e in examples if e.split == "train"][:32]
-    model = snapshot(learner.backbone, learner.head, learner.spec.preprocessing)
-    return model, images, labels, calibration
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +52,7 @@ def test_each_mode_runs_on_both_interpreters_and_agrees_with_pytorch(trained, fl
         assert report.agreement >= (1.0 if mode != "int8" else 0.9)
         assert report.input_dtype == "uint8"  # one input contract in every mode: an update never changes it
     assert reports[0].version.startswith("2.3") and reports[1].version == "2.14.0"
-    assert gate(reports, float((reference.argmax(1) == labels).mean()), None, Settings.load(None)) == []
+    assert gate(reports, float((reference.argmax(1) == labels).mean()), None, Settings.load(None).export) == []
     assert_takes_uint8_rgb(tflite, 32)
     if mode == "fp16":
         assert len(tflite) < 0.8 * float_size  # the tiny net: graph overhead is a large share
@@ -87,7 +70,10 @@ def test_dynamic_runs_on_litert_and_is_refused_by_tflite_runtime_2_14(trained):
     assert litert.input_dtype == "uint8"
     assert_takes_uint8_rgb(tflite, 32)
     assert old.error is not None and "FULLY_CONNECTED" in old.error
-    reasons = gate([litert, old], float((reference.argmax(1) == labels).mean()), None, Settings.load(None))
+    reasons = [
+        str(r)
+        for r in gate([litert, old], float((reference.argmax(1) == labels).mean()), None, Settings.load(None).export)
+    ]
     assert any(
         r.startswith("tflite-runtime could not load or run the model: ValueError: Didn't find op") for r in reasons
     )
@@ -109,7 +95,10 @@ def test_a_model_that_loads_but_computes_wrong_numbers_on_tflite_runtime_is_refu
     litert, old = verify(tflite, images, labels, reference, BOTH)
     assert litert.error is None and litert.agreement == 1.0
     assert old.error is None and old.agreement < 0.7  # it loads and runs: only the comparison shows it
-    reasons = gate([litert, old], float((reference.argmax(1) == labels).mean()), None, Settings.load(None))
+    reasons = [
+        str(r)
+        for r in gate([litert, old], float((reference.argmax(1) == labels).mean()), None, Settings.load(None).export)
+    ]
     assert len(reasons) == 1 and reasons[0].startswith("holdout top-1 on tflite-runtime 2.14.0 is")
 
 
@@ -130,7 +119,9 @@ def test_a_damaged_candidate_is_refused_on_every_runtime(trained):
         w.copy_(w.flatten()[torch.randperm(w.numel(), generator=generator)].view_as(w))
     reports = verify(convert(damaged, "none", 32), images, labels, reference, BOTH)
     assert all(r.error is None and r.agreement < 0.7 for r in reports)
-    reasons = gate(reports, float((reference.argmax(1) == labels).mean()), None, Settings.load(None))
+    reasons = [
+        str(r) for r in gate(reports, float((reference.argmax(1) == labels).mean()), None, Settings.load(None).export)
+    ]
     assert [r.split(" ")[3] for r in reasons] == BOTH  # "holdout top-1 on <runtime> ..." once per runtime
     assert all("points below the float model" in r for r in reasons)
 
@@ -142,7 +133,7 @@ def test_nan_output_is_refused(trained):
         broken.head.bias.fill_(float("nan"))
     reports = verify(convert(broken, "none", 32), images, labels, float_probabilities(model, images), BOTH)
     assert all(r.nonfinite for r in reports)
-    reasons = gate(reports, 1.0, None, Settings.load(None))
+    reasons = [str(r) for r in gate(reports, 1.0, None, Settings.load(None).export)]
     assert sum("NaN" in r for r in reasons) == 2
 
 
@@ -155,7 +146,8 @@ def test_a_crashing_or_missing_runtime_is_a_reason_not_a_crash(trained, tmp_path
     reference = float_probabilities(model, images)
     (crashed,) = verify(tflite, images, labels, reference, ["tflite-runtime"], {"tflite-runtime": crasher})
     assert crashed.error == "crashed (signal 11) while loading or running the model"
+    assert crashed.fault is RuntimeFault.CRASHED
     (missing,) = verify(tflite, images, labels, reference, ["tflite-runtime"], {"tflite-runtime": tmp_path / "nope"})
-    assert "run scripts/setup.sh" in missing.error
-    reasons = gate([crashed, missing], 1.0, None, Settings.load(None))
+    assert "run scripts/setup.sh" in missing.error and missing.fault is RuntimeFault.UNAVAILABLE
+    reasons = [str(r) for r in gate([crashed, missing], 1.0, None, Settings.load(None).export)]
     assert len(reasons) == 2 and all("could not load or run the model" in r for r in reasons)

@@ -15,12 +15,11 @@ import urllib.error
 import urllib.request
 
 import pytest
-from helpers import jpeg, stored_ids, wait_for
+from helpers import publish_examples, stored_ids, wait_for
 
 from daemon.common.exits import Exit
 from daemon.common.settings import Settings
 from daemon.service.daemon import Daemon
-from daemon.tools.feeder import Publisher
 
 
 @pytest.fixture
@@ -56,9 +55,7 @@ def broker_connected(d: Daemon) -> float:
 
 
 def publish(url: str, example_id: str) -> None:
-    with Publisher(url) as pub:
-        pub.publish("sprout/leaves/examples", jpeg(len(example_id)), "rust", "image/jpeg", example_id)
-        assert pub.wait_all_acked(10)
+    publish_examples(url, "leaves", [example_id], ["rust"])
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the kill, on purpose

@@ -27,8 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from helpers import SPROUT, DaemonProcess, jpeg, stored_ids, wait_for
-from test_fuzz import (
+from fuzz_messages import (
     DAEMON_LIMITS,
     GENERATORS,
     IMAGE_FAULTS,
@@ -40,6 +39,7 @@ from test_fuzz import (
     oversized_message,
     verdict_matches,
 )
+from helpers import SPROUT, DaemonProcess, jpeg, stored_ids, wait_for
 
 from daemon.ingest.wire import Example, Reason, Rejection, parse
 from daemon.store.examples import open_reader

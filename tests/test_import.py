@@ -12,10 +12,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from helpers import SPROUT, jpeg, png, stored_ids, wait_for
-from test_daemon_learning import LEARNING
-from test_learner import colour_jpeg
-from test_status import metrics
+from helpers import LEARNING, SPROUT, colour_jpeg, jpeg, metrics, png, stored_ids, wait_for
 
 from daemon import cli
 from daemon.common.settings import Settings
@@ -165,8 +162,7 @@ def test_retention_applies_to_imports(tmp_path, capsys, monkeypatch):
 
 def test_import_while_the_daemon_runs_and_learns(broker, daemon_factory, tmp_path):
     """Both writers at once, neither fails the other; the learner learns the imported examples too."""
-    env = {**LEARNING, "SPROUT_EXPORT__ENABLED": "false"}
-    d = daemon_factory(broker.url, env=env).start()
+    d = daemon_factory(broker.url, env=LEARNING).start()
     photos = tmp_path / "photos"
     imported = set()
     for i in range(240):
@@ -248,7 +244,7 @@ def test_memory_stays_flat_however_many_files(tmp_path):
     tracemalloc.start()
     try:
         report = import_folder(
-            tmp_path / "photos", store, settings.store, wire.limits(settings), Progress(io.StringIO(), 300)
+            tmp_path / "photos", store, settings.store, wire.limits(settings.store), Progress(io.StringIO(), 300)
         )
         peak = tracemalloc.get_traced_memory()[1]
     finally:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SPROUT, wait_for
-from test_daemon_learning import LEARNING, last_checkpoint
-from test_learner import colour_jpeg, stream
+from helpers import LEARNING, SPROUT, colour_jpeg, last_checkpoint, publish_examples, wait_for
+from learning_helpers import stream
 
 import daemon.store.labels
 from daemon.cli import main
 from daemon.common.settings import Settings
+from daemon.export.job import ExportJob
 from daemon.export.pipeline import _restored
 from daemon.ingest.wire import Example
 from daemon.learning import checkpoint
@@ -32,7 +32,6 @@ from daemon.registry.signing import Signer
 from daemon.registry.versions import Registry, registry_root, utc_time
 from daemon.store.examples import LabelCount, Store, StoreReader, stats
 from daemon.store.labels import Action, LabelChange, LabelError, LabelMap, outputs_after
-from daemon.tools.feeder import Publisher
 from models import zoo
 
 TYPO = "class 1"  # sent for class-1's pictures by a misconfigured phone
@@ -45,10 +44,8 @@ def with_typo(examples: list[Example], every: int = 2) -> list[Example]:
     return [replace(e, label=TYPO) if e.example_id in typos else e for e in examples]
 
 
-def training_on(state: Path, examples: list[Example]) -> Training:
-    """The learner's thread, not started: the test runs its loop's parts one at a time."""
-    commit(state, examples)
-    settings = Settings.load(
+def settings_for(state: Path) -> Settings:
+    return Settings.load(
         None,
         {
             "state_dir": str(state),
@@ -56,7 +53,13 @@ def training_on(state: Path, examples: list[Example]) -> Training:
             "training": {"mode": "head", "device": "cpu", "batch_size": 4, "learning_rate": 0.1},
         },
     )
-    return Training(settings)
+
+
+def training_on(state: Path, examples: list[Example]) -> Training:
+    """The learner's thread, not started: the test runs its loop's parts one at a time."""
+    commit(state, examples)
+    settings = settings_for(state)
+    return Training(settings.model, settings.training, settings.state_dir)
 
 
 def learn_all(training: Training) -> None:
@@ -84,7 +87,7 @@ def embeddings_of(training: Training) -> torch.Tensor:
     learner = training.learner
     seqs = [seq for seq, _ in training.reader.labels_up_to(learner.high_water_mark, "train")]
     examples = training.reader.by_seq(seqs)
-    vectors, ok = learner._embeddings(examples, grad=False)
+    vectors, ok = learner.inputs.embeddings(examples, grad=False)
     assert all(ok)
     return vectors
 
@@ -253,12 +256,12 @@ def test_a_rename_keeps_the_output_and_its_weights_bit_for_bit(tmp_path: Path):
     learn_all(training)
     weights = learner.head.weight.detach().clone()
     index = learner.labels.index("class-1")
-    replayed = list(learner.replay_index["class-1"])
+    replayed = list(learner.replay.index["class-1"])
     change(tmp_path, Action.RENAME, "class-1", "rust")
     assert [c.id for c in learner.apply_label_changes()] == [1]
     assert learner.labels[index] == "rust" and "class-1" not in learner.labels
     assert torch.equal(learner.head.weight.detach(), weights)
-    assert list(learner.replay_index["rust"]) == replayed and "class-1" not in learner.replay_index
+    assert list(learner.replay.index["rust"]) == replayed and "class-1" not in learner.replay.index
     assert "rust" in learner.prequential.per_class_seen and "class-1" not in learner.prequential.per_class_seen
     assert {label for _, label in learner.holdout_index} == {"class-0", "rust", "class-2"}
     assert "rust" in learner.evaluate_holdout().per_class
@@ -276,7 +279,7 @@ def test_a_merge_shrinks_the_head_by_one_and_leaves_the_other_classes_prediction
     typo = learner.labels.index(TYPO)
     others = [i for i in range(len(learner.labels)) if i != typo]
     trained = learner.trained
-    ones = len(learner.replay_index["class-1"]) + len(learner.replay_index[TYPO])
+    ones = len(learner.replay.index["class-1"]) + len(learner.replay.index[TYPO])
 
     change(tmp_path, Action.MERGE, TYPO, "class-1")
     learner.apply_label_changes()
@@ -286,8 +289,8 @@ def test_a_merge_shrinks_the_head_by_one_and_leaves_the_other_classes_prediction
     assert torch.allclose(after, logits[:, others], rtol=0, atol=1e-6)  # the same input, the same scores
     assert torch.equal(after.argmax(1), logits[:, others].argmax(1))
     assert learner.optimizer.state[learner.head.weight]["exp_avg"].shape == learner.head.weight.shape
-    merged = list(learner.replay_index["class-1"])
-    assert len(merged) == ones and merged == sorted(merged) and TYPO not in learner.replay_index
+    merged = list(learner.replay.index["class-1"])
+    assert len(merged) == ones and merged == sorted(merged) and TYPO not in learner.replay.index
     assert TYPO not in {label for _, label in learner.holdout_index}
     assert TYPO not in learner.prequential.per_class_seen and TYPO not in learner.holdout.per_class
 
@@ -298,7 +301,7 @@ def test_a_merge_shrinks_the_head_by_one_and_leaves_the_other_classes_prediction
     )
     learn_all(training)
     assert learner.head.num_classes == 3 and TYPO not in learner.labels
-    assert learner.trained == trained + 6 and len(learner.replay_index["class-1"]) == ones + 6
+    assert learner.trained == trained + 6 and len(learner.replay.index["class-1"]) == ones + 6
 
 
 def test_a_deleted_class_leaves_the_head_and_its_later_examples_are_stored_but_not_learned(tmp_path: Path):
@@ -308,7 +311,7 @@ def test_a_deleted_class_leaves_the_head_and_its_later_examples_are_stored_but_n
     change(tmp_path, Action.DELETE, "class-2")
     learner.apply_label_changes()
     assert sorted(learner.labels) == ["class-0", "class-1"] and learner.head.num_classes == 2
-    assert "class-2" not in learner.replay_index
+    assert "class-2" not in learner.replay.index
     trained, hwm = learner.trained, learner.high_water_mark
     commit(
         tmp_path,
@@ -334,29 +337,29 @@ def test_the_thread_applies_a_change_before_its_next_step_and_checkpoints_it_and
 
     training.start()
     saved = wait_for(
-        lambda: (c := checkpoint.load(training.checkpoints)) and c["label_change"] == 1 and c,
+        lambda: (c := checkpoint.load(training.checkpoints)) and c.label_change == 1 and c,
         30,
         "the thread to apply the change and checkpoint it",
     )
-    assert training.stop(10) and training.error is None
-    assert TYPO not in saved["labels"] and len(saved["labels"]) == 3
-    assert saved["head"]["weight"].shape[0] == 3
+    assert training.stop(time.monotonic() + 10) and training.error is None
+    assert TYPO not in saved.labels and len(saved.labels) == 3
+    assert saved.head["weight"].shape[0] == 3
 
     # A restart from the checkpoint after the change: the same network and labels.
     again = training_on(tmp_path / "again", [])
     again.learner.reader = StoreReader(tmp_path / "examples.db")
-    assert again.learner.restore(saved) and again.learner.label_change == 1
-    assert again.learner.labels == saved["labels"] and again.learner.apply_label_changes() == []
-    assert torch.equal(again.learner.head.weight.detach(), saved["head"]["weight"])
+    assert again.learner.load_state(saved) and again.learner.label_change == 1
+    assert again.learner.labels == list(saved.labels) and again.learner.apply_label_changes() == []
+    assert torch.equal(again.learner.head.weight.detach(), saved.head["weight"])
     # A restart from the checkpoint before it (a daemon stopped when the command ran) applies it at start.
     late = training_on(tmp_path / "late", [])
     late.learner.reader = StoreReader(tmp_path / "examples.db")
-    assert late.learner.restore(before) and late.learner.label_change == 0
+    assert late.learner.load_state(before) and late.learner.label_change == 0
     assert TYPO in late.learner.labels
     late.learner.apply_label_changes()
-    assert late.learner.labels == saved["labels"]
-    assert torch.equal(late.learner.head.weight.detach(), saved["head"]["weight"])
-    assert set(late.learner.replay_index) == {"class-0", "class-1", "class-2"}
+    assert late.learner.labels == list(saved.labels)
+    assert torch.equal(late.learner.head.weight.detach(), saved.head["weight"])
+    assert set(late.learner.replay.index) == {"class-0", "class-1", "class-2"}
 
 
 def test_an_export_from_a_checkpoint_made_before_a_change_applies_it_to_the_snapshot(tmp_path: Path):
@@ -368,7 +371,7 @@ def test_an_export_from_a_checkpoint_made_before_a_change_applies_it_to_the_snap
     change(tmp_path, Action.MERGE, TYPO, "class-1")
     reader = StoreReader(tmp_path / "examples.db")
     reader.labels = LabelMap.replay(reader.label_changes())
-    snap = _restored(training.settings, reader)
+    snap = _restored(ExportJob.from_settings(settings_for(tmp_path)), reader)
     assert snap.labels == [label for label in training.learner.labels if label != TYPO]
     assert torch.equal(snap.head.weight.detach(), torch.cat([weights[:typo], weights[typo + 1 :]]))
 
@@ -398,7 +401,7 @@ def test_the_command_on_a_stopped_state_folder(tmp_path: Path, capsys):
     training = training_on(state, with_typo(stream([0, 1], 10, seed=11)))
     learn_all(training)
     training.save()
-    Registry.from_settings(training.settings)  # a registry exists: the command writes its history too
+    Registry.from_settings(settings_for(state))  # a registry exists: the command writes its history too
     assert main(["labels", "list", "--json", *flags]) == 0
     rows = {r["label"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows[TYPO] == {
@@ -442,11 +445,9 @@ DAEMON_TYPO = "colour 1"
 
 def publish(url: str, first: int, n: int) -> None:
     """Two colours; colour 1's pictures labelled with a typo of its name one time in two."""
-    with Publisher(url) as pub:
-        for i in range(first, first + n):
-            label = DAEMON_TYPO if i % 4 == 1 else f"colour-{i % 2}"
-            pub.publish("sprout/leaves/examples", colour_jpeg(i % 2, i), label, "image/jpeg", f"e-{i}")
-        assert pub.wait_all_acked(30)
+    seeds = range(first, first + n)
+    labels = [DAEMON_TYPO if i % 4 == 1 else f"colour-{i % 2}" for i in seeds]
+    publish_examples(url, "leaves", [f"e-{i}" for i in seeds], labels, images=(colour_jpeg(i % 2, i) for i in seeds))
 
 
 def latest(state: Path) -> dict | None:
@@ -462,6 +463,7 @@ def test_a_merge_on_a_running_daemon_reaches_the_next_published_labels_txt_the_h
 ):
     env = {
         **LEARNING,
+        "SPROUT_EXPORT__ENABLED": "true",
         "SPROUT_EXPORT__EVERY_EXAMPLES": "100",
         "SPROUT_EXPORT__EVERY_SECONDS": "3600",
         "SPROUT_EXPORT__QUANTIZATION": '["fp16"]',
@@ -469,7 +471,7 @@ def test_a_merge_on_a_running_daemon_reaches_the_next_published_labels_txt_the_h
     }
     d = daemon_factory(broker.url, env=env).start()
     publish(broker.url, 0, 60)  # fewer learned than an export waits for
-    wait_for(lambda: (c := last_checkpoint(d)) and DAEMON_TYPO in c["labels"], 60, "the learner to learn the typo")
+    wait_for(lambda: (c := last_checkpoint(d)) and DAEMON_TYPO in c.labels, 60, "the learner to learn the typo")
 
     before = time.time()
     done = subprocess.run(
@@ -482,9 +484,9 @@ def test_a_merge_on_a_running_daemon_reaches_the_next_published_labels_txt_the_h
     assert done.returncode == 0, done.stderr
     assert "merged 'colour 1' into 'colour-1'" in done.stdout and "A running daemon applies it" in done.stdout
     saved = wait_for(
-        lambda: (c := last_checkpoint(d)) and c["label_change"] == 1 and c, 30, "the running learner to apply the merge"
+        lambda: (c := last_checkpoint(d)) and c.label_change == 1 and c, 30, "the running learner to apply the merge"
     )
-    assert sorted(saved["labels"]) == ["colour-0", "colour-1"]
+    assert sorted(saved.labels) == ["colour-0", "colour-1"]
     assert latest(d.state) is None  # the version to come is the first after the change
 
     publish(broker.url, 60, 120)  # the typo still in the stream: enough learned for an export
@@ -509,5 +511,5 @@ def test_a_merge_on_a_running_daemon_reaches_the_next_published_labels_txt_the_h
     assert page.count(f"{DAEMON_TYPO} &rarr; colour-1") == 2  # learned as colour-1; the change in the history
     assert d.stop() == 0
     final = checkpoint.load(d.state / "checkpoints")
-    assert sorted(final["labels"]) == ["colour-0", "colour-1"]
-    assert final["prequential"]["seen"] == final["trained"] > 100
+    assert sorted(final.labels) == ["colour-0", "colour-1"]
+    assert final.prequential["seen"] == final.trained > 100

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -13,53 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from learning_helpers import learn_all, make_learner, stream
 
 from daemon.common.settings import ModelSettings, TrainingSettings
 from daemon.ingest.wire import Example
 from daemon.learning import checkpoint
+from daemon.learning.embeddings import EmbeddingCache
 from daemon.learning.head import GrowingHead
 from daemon.learning.learner import Learner
 from daemon.store.examples import Store, StoreReader
-
-# Distinct colours per class: random conv features of the tiny backbone separate them.
-PALETTE = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 210), (40, 210, 210)]
-
-
-def colour_jpeg(class_index: int, seed: int, size: int = 32) -> bytes:
-    rng = np.random.default_rng(seed)
-    base = np.array(PALETTE[class_index], dtype=np.float32)
-    pixels = np.clip(base + rng.normal(0, 35, (size, size, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def stream(classes: list[int], per_class: int, seed: int, order: str = "class-incremental") -> list[Example]:
-    items = [(c, i) for c in classes for i in range(per_class)]
-    rng = np.random.default_rng(seed)
-    if order == "iid":
-        items = [items[i] for i in rng.permutation(len(items))]
-    out = []
-    for c, i in items:
-        split = "holdout" if i % 5 == 0 else "train"
-        data = colour_jpeg(c, seed * 100_000 + c * 1000 + i)
-        out.append(Example(f"s{seed}-c{c}-{i}", f"class-{c}", split, "image/jpeg", 32, 32, data, 0.0))
-    return out
-
-
-def make_learner(tmp_path: Path, examples: list[Example], **training) -> tuple[Learner, StoreReader]:
-    store = Store(tmp_path / "examples.db")
-    store.commit(examples)
-    store.close()
-    reader = StoreReader(tmp_path / "examples.db")
-    settings = TrainingSettings(**{"mode": "head", "device": "cpu", "batch_size": 4, "learning_rate": 0.1, **training})
-    return Learner(ModelSettings(backbone="tiny", input_size=32), settings, tmp_path, reader), reader
-
-
-def learn_all(learner: Learner, reader: StoreReader, batch_size: int = 4) -> None:
-    while batch := reader.after(learner.high_water_mark, batch_size):
-        learner.learn(batch)
 
 
 def test_growing_keeps_old_outputs_and_optimizer_state():
@@ -92,10 +53,10 @@ def test_prequential_matches_a_hand_written_predict_then_learn_loop(tmp_path: Pa
     hits = seen = 0
     while batch := reader.after(learner.high_water_mark, 8):
         train = [e for e in batch if e.split == "train"]
-        predictions = learner.predict(train)
+        predictions = learner.predict_many(train)
         hits += sum(p == e.label for p, e in zip(predictions, train, strict=True))
         seen += len(train)
-        learner.learn(batch)
+        learner.learn_many(batch)
     assert learner.prequential.seen == seen == 72
     assert learner.prequential.correct == hits
     assert learner.prequential.correct > 36  # and it did learn
@@ -131,10 +92,10 @@ def test_head_mode_computes_each_embedding_once(tmp_path: Path):
 
 def test_non_finite_loss_skips_the_step(tmp_path: Path):
     learner, reader = make_learner(tmp_path, stream([0, 1], 10, seed=6))
-    learner.learn(reader.after(0, 4))
+    learner.learn_many(reader.after(0, 4))
     weights = learner.head.weight.detach().clone()
     learner.backbone.forward = lambda x: torch.full((len(x), 32), float("nan"))
-    learner.learn(reader.after(learner.high_water_mark, 4))
+    learner.learn_many(reader.after(learner.high_water_mark, 4))
     assert learner.nonfinite_skipped == 1
     assert torch.equal(learner.head.weight.detach()[: len(weights)], weights)
 
@@ -144,7 +105,7 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path: Path):
     learner, reader = make_learner(tmp_path, examples)
     batches = 0
     while batches < 4 and (batch := reader.after(learner.high_water_mark, 8)):
-        learner.learn(batch)
+        learner.learn_many(batch)
         batches += 1
     checkpoint.save(tmp_path / "checkpoints", learner.state())
     learn_all(learner, reader)
@@ -152,7 +113,7 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path: Path):
 
     resumed, reader2 = make_learner(tmp_path / "again", [])
     resumed.reader = StoreReader(tmp_path / "examples.db")
-    assert resumed.restore(checkpoint.load(tmp_path / "checkpoints"))
+    assert resumed.load_state(checkpoint.load(tmp_path / "checkpoints"))
     assert resumed.step == 4 and resumed.labels
     learn_all(resumed, resumed.reader)
     assert resumed.trained == learner.trained
@@ -168,7 +129,7 @@ folder = Path(sys.argv[1])
 i = 0
 while True:
     i += 1
-    checkpoint.save(folder, {"step": i, "weights": torch.full((256, 1024), float(i))})
+    checkpoint.save_payload(folder, {"step": i, "weights": torch.full((256, 1024), float(i))})
 """
 
 
@@ -184,7 +145,7 @@ def test_sigkill_during_checkpoint_writes_never_leaves_an_unloadable_one(tmp_pat
         time.sleep(rng.uniform(0.05, 0.5))  # a different point of the write loop each time
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        payload = checkpoint.load(folder)
+        payload = checkpoint.load_payload(folder)
         assert payload is not None
         assert torch.all(payload["weights"] == payload["step"])  # complete, not torn
         assert payload["step"] >= 1
@@ -204,7 +165,7 @@ def test_a_checkpoint_for_another_network_is_not_resumed(tmp_path: Path):
         tmp_path / "other",
         reader,
     )
-    assert not other.restore(state)
+    assert not other.load_state(state)
     assert other.step == 0
 
 
@@ -214,16 +175,16 @@ def test_an_image_that_does_not_decode_is_skipped_and_counted(tmp_path: Path, ba
     broken = Example("broken", "class-0", "train", "image/jpeg", 32, 32, bad, 0.0)
     learner, reader = make_learner(tmp_path, [*good, broken])
     learn_all(learner, reader)
-    assert learner.undecodable == 1
+    assert learner.inputs.undecodable == 1
     assert learner.trained == sum(e.split == "train" for e in good)
 
 
 def test_reading_a_checkpoint_never_disturbs_a_write_in_progress(tmp_path: Path):
     folder = tmp_path / "checkpoints"
-    checkpoint.save(folder, {"step": 1})
+    checkpoint.save_payload(folder, {"step": 1})
     in_progress = folder / f".tmp-{checkpoint.CHECKPOINT_NAME}-12345"
     in_progress.write_bytes(b"half a checkpoint")
-    assert checkpoint.load(folder)["step"] == 1
+    assert checkpoint.load_payload(folder)["step"] == 1
     assert in_progress.exists()  # a reader (export, a test) must leave the writer's file alone
     assert checkpoint.remove_stale_temporaries(folder) == 1
 
@@ -240,7 +201,7 @@ def test_the_learner_pauses_while_intake_has_examples_waiting(tmp_path: Path):
         {"state_dir": str(tmp_path), "model": {"backbone": "tiny", "input_size": 32}, "training": {"batch_size": 4}},
     )
     waiting = [YIELD_AT_BACKLOG]
-    training = Training(settings, intake_backlog=lambda: waiting[0])
+    training = Training(settings.model, settings.training, settings.state_dir, intake_backlog=lambda: waiting[0])
     training.start()
     try:
         time.sleep(0.5)
@@ -251,4 +212,63 @@ def test_the_learner_pauses_while_intake_has_examples_waiting(tmp_path: Path):
             time.sleep(0.05)
         assert training.learner.trained == 32  # the burst is over: it catches up
     finally:
-        assert training.stop(10)
+        assert training.stop(time.monotonic() + 10)
+
+
+# -- retention: the learner around the examples the store pruned ----------------------------------------------
+
+
+def test_the_learner_replays_around_pruned_examples(tmp_path: Path):
+    """Replay samples seqs it learned; after retention deleted the oldest, it skips and forgets them."""
+    learner, reader = make_learner(tmp_path, stream([0, 1], 20, seed=3), mode="full")  # no embedding cache
+    learn_all(learner, reader)
+    train = [seq for seq, _ in reader.labels_up_to(learner.high_water_mark, "train")]
+    cutoff = train[len(train) // 2]
+    store = Store(tmp_path / "examples.db")
+    with store._db:  # what Store.prune does to train examples: the oldest go
+        store._db.execute("DELETE FROM examples WHERE split = 'train' AND seq <= ?", (cutoff,))
+    replay = learner.replay.sample(40, learner.inputs.with_images)
+    assert replay and all(e.image and e.seq > cutoff for e in replay)
+    assert all(seq > cutoff for seqs in learner.replay.index.values() for seq in seqs)
+    store.commit([Example("new-1", "class-0", "train", "image/jpeg", 32, 32, reader.by_seq([train[-1]])[0].image, 1.0)])
+    learn_all(learner, reader)
+    assert learner.inputs.undecodable == 0  # a pruned example is not mistaken for a broken one
+
+
+def test_the_embedding_cache_forgets_what_retention_deleted_looking_at_each_seq_once(tmp_path: Path):
+    cache = EmbeddingCache(tmp_path / "embeddings.db", "net", 4)
+    cache.put({seq: np.full(4, seq, np.float32) for seq in range(1, 21)})
+    asked: list[tuple[int, int]] = []
+
+    def stored_between(low: int, high: int, stored=(3, 8)) -> list[int]:
+        asked.append((low, high))
+        return [s for s in stored if low <= s < high]
+
+    # Train kept from 11 on; holdout from 3 on, of which 3 and 8 are still stored below 11.
+    assert cache.forget_pruned({"train": 11, "holdout": 3}, stored_between) == 8  # 1, 2 and 4-7, 9, 10
+    assert sorted(cache.get(list(range(1, 21)))) == [3, 8, *range(11, 21)]
+    assert cache.forget_pruned({"train": 11, "holdout": 3}, stored_between) == 0
+    assert asked == [(3, 11)]  # nothing new to look at: the store is not asked again
+    # The holdout's oldest went too (3, 8): below both frontiers now, one range delete.
+    assert cache.forget_pruned({"train": 11, "holdout": 13}, lambda lo, hi: [11, 12]) == 2
+    assert sorted(cache.get(list(range(1, 21)))) == list(range(11, 21))
+
+
+def test_a_head_learner_drops_the_vectors_of_pruned_examples(tmp_path: Path):
+    learner, reader = make_learner(tmp_path, stream([0, 1], 20, seed=4))  # head mode: the cache fills
+    learn_all(learner, reader)
+    learner.evaluate_holdout()
+    everything = list(range(1, learner.high_water_mark + 1))
+    cached = set(learner.cache.get(everything))
+    assert len(cached) == learner.high_water_mark  # train learned, holdout scored: every vector cached
+    train = [seq for seq, _ in reader.labels_up_to(learner.high_water_mark, "train")]
+    holdout = [seq for seq, _ in reader.labels_up_to(learner.high_water_mark, "holdout")]
+    store = Store(tmp_path / "examples.db")
+    with store._db:  # what Store.prune does: each split's oldest go
+        store._db.execute("DELETE FROM examples WHERE split = 'train' AND seq <= ?", (train[len(train) // 2],))
+        store._db.execute("DELETE FROM examples WHERE split = 'holdout' AND seq <= ?", (holdout[1],))
+    stored = set(reader.seqs_between(0, learner.high_water_mark + 1))
+    assert 0 < len(stored) < len(cached)
+    assert learner.forget_pruned() == len(cached) - len(stored)
+    assert set(learner.cache.get(everything)) == stored
+    assert learner.forget_pruned() == 0

@@ -13,91 +13,18 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import sqlite3
-import tempfile
 import threading
 import time
 import uuid
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-from helpers import jpeg, publish_examples, stored_ids, wait_for
+from helpers import LEARNING, publish_examples, stored_ids, wait_for
+from systemd_socket import SystemdSocket
 
 from daemon.service.daemon import SHUTDOWN_BOUND_S
 from daemon.service.systemd import Notifier, watchdog_usec
-from daemon.tools.feeder import Publisher
-
-LEARNING = {
-    "SPROUT_TRAINING__ENABLED": "true",
-    "SPROUT_TRAINING__BATCH_SIZE": "8",
-    "SPROUT_EXPORT__ENABLED": "false",  # exports are the exporter's tests; here they would only cost CPU
-}
-
-
-class SystemdSocket:
-    """The service manager's end of sd_notify: a bound datagram socket and every message it received, timed."""
-
-    def __init__(self, address: str):
-        self.address = address  # as NOTIFY_SOCKET names it: a path, or @name for the abstract namespace
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, dict[str, str]]] = []
-        self._closed = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while not self._closed.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            self.messages.append((time.monotonic(), fields))
-
-    def env(self, watchdog_s: float | None = None) -> dict[str, str]:
-        out = {"NOTIFY_SOCKET": self.address}
-        if watchdog_s is not None:
-            out["WATCHDOG_USEC"] = str(int(watchdog_s * 1e6))
-        return out
-
-    def times(self, key: str, since: float = 0.0, until: float = float("inf")) -> list[float]:
-        return [t for t, m in list(self.messages) if key in m and since <= t <= until]
-
-    def statuses(self, since: float = 0.0) -> list[str]:
-        return [m["STATUS"] for t, m in list(self.messages) if "STATUS" in m and t >= since]
-
-    def wait(self, key: str, value: str | None = None, since: float = 0.0, timeout_s: float = 30.0) -> float:
-        """When the first message with ``key`` (= ``value``) at or after ``since`` arrived."""
-
-        def arrived():
-            return next(
-                (t for t, m in list(self.messages) if t >= since and key in m and value in (None, m[key])), None
-            )
-
-        return wait_for(arrived, timeout_s, f"{key}={value or '*'} on the notify socket")
-
-    def close(self) -> None:
-        self._closed.set()
-        self.sock.close()
-        self._reader.join(2)
-
-
-@pytest.fixture
-def systemd():
-    # A path socket in a short folder: AF_UNIX paths end at 108 bytes, and pytest's tmp_path can be longer.
-    folder = Path(tempfile.mkdtemp(prefix="sprout-notify-", dir="/tmp"))
-    s = SystemdSocket(str(folder / "notify"))
-    yield s
-    s.close()
-    (folder / "notify").unlink(missing_ok=True)
-    folder.rmdir()
 
 
 @contextmanager
@@ -163,7 +90,7 @@ def test_ready_after_subscribing_then_status_and_watchdog_and_stopping_on_sigter
     publish(broker.url, "more", 20)
     wait_for(
         lambda: any(s.startswith("21 stored") and "backlog 0" in s for s in systemd.statuses()),
-        20,
+        60,
         "a STATUS line counting 21 stored, all learned",
     )
     steady = time.monotonic()  # the learner's first steps (torch warming up) are behind us
@@ -175,7 +102,7 @@ def test_ready_after_subscribing_then_status_and_watchdog_and_stopping_on_sigter
     sent = time.monotonic()
     d.signal(signal.SIGTERM)
     assert d.proc.wait(SHUTDOWN_BOUND_S) == 0
-    stopping = systemd.wait("STOPPING", "1", since=sent, timeout_s=1)
+    stopping = systemd.wait("STOPPING", "1", since=sent, timeout_s=5)  # sent before it exited: only read late
     assert not systemd.times("WATCHDOG", since=stopping + 0.01)  # no pings once shutdown began
     assert "stopped in" in d.log()
 
@@ -196,7 +123,7 @@ def test_sigterm_while_examples_flow_and_the_learner_learns_exits_0_within_the_b
     assert feeder.is_alive(), "the stream ended before the stop; make it longer"
     assert code == 0, d.log()[-2000:]
     assert took < SHUTDOWN_BOUND_S, took
-    systemd.wait("STOPPING", "1", since=sent, timeout_s=1)
+    systemd.wait("STOPPING", "1", since=sent, timeout_s=5)  # sent before it exited: only read late
     log = d.log()
     assert "stopping: committing" in log and "did not finish in time" not in log
     # The learner checkpointed on the way out, and nothing the broker accepted is lost.
@@ -298,7 +225,7 @@ def test_a_stalled_learner_stops_the_watchdog_while_intake_goes_on(broker, daemo
     publish(broker.url, "warm", 30)
     wait_for(
         lambda: any(s.startswith("30 stored") and "backlog 0" in s for s in systemd.statuses()),
-        20,
+        60,
         "the learner to catch up",
     )
     steady = time.monotonic()
@@ -307,21 +234,22 @@ def test_a_stalled_learner_stops_the_watchdog_while_intake_goes_on(broker, daemo
 
     with write_lock(d.state / "embeddings.db"):
         locked = time.monotonic()
+        unlock = locked + 4.0  # before the cache's 5 s busy wait ends
         publish(broker.url, "stuck", 20)  # new work: the learner embeds it and waits to cache it
-        wait_for(lambda: len(stored_ids(d.state)) == 50, 3, "intake to store during the stall")  # intake unaffected
-        time.sleep(max(0.0, locked + 4.0 - time.monotonic()))
+        # Intake is unaffected: it stores them while the learner waits (any time before the lock goes).
+        wait_for(lambda: len(stored_ids(d.state)) == 50, unlock - time.monotonic(), "intake to store during the stall")
+        time.sleep(max(0.0, unlock - time.monotonic()))
         assert d.proc.poll() is None and d.health()[0] == 200  # alive and healthy by /healthz's standard
         released = time.monotonic()
-    resumed = systemd.wait("WATCHDOG", "1", since=released, timeout_s=5)
+    systemd.wait("WATCHDOG", "1", since=released, timeout_s=10)  # pings resume once the step goes on
 
     pings = systemd.times("WATCHDOG", since=locked - 1.0)
     silent = max(gaps(pings))
     assert silent > 1.0, f"systemd (WatchdogSec=1s) would have restarted Sprout; largest gap {silent:.2f}s"
     # The main loop ran throughout: it kept reporting, and said what was stalled.
     during = systemd.times("STATUS", since=locked, until=released)
-    assert max(gaps([locked, *during, released])) < 2.5
+    assert max(gaps([locked, *during, released])) < 3.5  # a STATUS every 2 s, one of them late on a busy machine
     assert any("STALLED" in s and "learner" in s for s in systemd.statuses(since=locked))
-    assert resumed - released < 5
     log = d.log()
     assert log.count("watchdog: not pinging: the learner has made no progress") == 1  # said once, not every ping
     assert "every part makes progress again" in log
@@ -339,14 +267,12 @@ def test_a_stalled_intake_stops_the_watchdog(broker, daemon_factory, systemd):
     assert max(gaps(systemd.times("WATCHDOG", since=steady))) < 1.0
     with write_lock(d.state / "examples.db"):
         locked = time.monotonic()
-        with Publisher(broker.url) as pub:
-            for i in range(10):
-                pub.publish("sprout/leaves/examples", jpeg(zlib.crc32(b"x%d" % i)), "rust", "image/jpeg", f"held-{i}")
-            assert pub.wait_all_acked(10)
-        time.sleep(max(0.0, locked + 3.5 - time.monotonic()))
+        publish(broker.url, "held", 10)  # the broker acks them: it holds them for Sprout's session
+        # Five times the watchdog's 1 s, well inside intake's 30 s busy wait: the stall is seen even when busy.
+        time.sleep(max(0.0, locked + 5.0 - time.monotonic()))
         assert len(stored_ids(d.state)) == 10 and d.proc.poll() is None
         released = time.monotonic()
-    systemd.wait("WATCHDOG", "1", since=released, timeout_s=5)
+    systemd.wait("WATCHDOG", "1", since=released, timeout_s=10)
     assert max(gaps(systemd.times("WATCHDOG", since=locked - 1.0))) > 1.0
     assert any("STALLED" in s and "intake has committed nothing" in s for s in systemd.statuses(since=locked))
     wait_for(lambda: len(stored_ids(d.state)) == 20, 10, "the held examples, committed once the lock went")
@@ -356,7 +282,7 @@ def test_a_stalled_intake_stops_the_watchdog(broker, daemon_factory, systemd):
 def test_a_second_sigint_cuts_the_wait_for_a_stuck_learner_short(broker, daemon_factory):
     d = daemon_factory(broker.url, env=LEARNING).start()
     publish(broker.url, "warm", 10)
-    wait_for(lambda: (d.state / "embeddings.db").exists(), 20, "the learner's cache")
+    wait_for(lambda: (d.state / "embeddings.db").exists(), 60, "the learner's cache")
     with write_lock(d.state / "embeddings.db"):
         locked = time.monotonic()
         publish(broker.url, "stuck", 10)
@@ -394,8 +320,8 @@ def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(broker, daemon
     )
     sent = time.monotonic()
     d.signal(signal.SIGHUP)
-    reloading = systemd.wait("RELOADING", "1", since=sent, timeout_s=5)
-    systemd.wait("READY", "1", since=reloading, timeout_s=5)
+    reloading = systemd.wait("RELOADING", "1", since=sent, timeout_s=10)
+    systemd.wait("READY", "1", since=reloading, timeout_s=10)
     wait_for(lambda: " DEBUG sprout.daemon: status:" in d.log(), 10, "DEBUG lines after the reload")
     log = d.log()
     assert "reload: logging.level 'INFO' -> 'DEBUG'" in log
@@ -411,8 +337,8 @@ def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(broker, daemon
     refusal = next(line for line in d.log().splitlines() if "reload refused" in line)
     assert "export.max_drop_pts" in refusal and "greater than or equal to 0" in refusal
     mark = len(d.log())
-    time.sleep(2.5)  # a STATUS line (every 2 s) is logged at DEBUG only if DEBUG is still the level
-    assert " DEBUG sprout.daemon: status:" in d.log()[mark:]
+    # A STATUS line (every 2 s) is logged at DEBUG only if DEBUG is still the level.
+    wait_for(lambda: " DEBUG sprout.daemon: status:" in d.log()[mark:], 10, "a DEBUG status line after the refusal")
     assert d.proc.poll() is None and d.health()[0] == 200
     publish(broker.url, "after", 5)
     wait_for(lambda: len(stored_ids(d.state)) == 5, 10, "intake working after the refused reload")

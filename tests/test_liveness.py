@@ -8,9 +8,7 @@ from daemon.service.liveness import COMPILE_BOUND_S, Liveness
 
 
 def training(last_progress: float, compiling_since: float | None = None) -> SimpleNamespace:
-    return SimpleNamespace(
-        last_progress=last_progress, backlog=5, compiling_since=compiling_since, is_alive=lambda: True
-    )
+    return SimpleNamespace(last_progress=last_progress, backlog=5, compiling_since=compiling_since, alive=lambda: True)
 
 
 def test_a_first_step_compiling_the_backbone_may_take_minutes_but_not_forever():

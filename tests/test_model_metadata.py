@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from learning_helpers import learned_state
 from PIL import Image
-from test_exporter import trained  # noqa: F401 - the module's fixture: one tiny classifier, trained once
-from test_publishing import learned_state
 
 from daemon.common.settings import Settings
 from daemon.export.converter import convert
@@ -33,7 +32,7 @@ CONSUMERS = ["mediapipe", "task-library"]
 
 
 @pytest.fixture(scope="module")
-def candidates(trained):  # noqa: F811
+def candidates(trained):
     """Each mode's converted bytes, before and after :func:`describe`, and the labels."""
     model, _, _, calibration = trained
     labels = ["class-0", "class-1", "class-2"]
@@ -137,7 +136,7 @@ def test_metadata_is_absent_from_the_converters_output(candidates):
 @pytest.mark.parametrize("mode", MODES)
 def test_described_and_stamped_files_compute_what_the_converter_made_on_both_interpreters(
     candidates,
-    trained,  # noqa: F811
+    trained,
     mode,
     tmp_path,
 ):
@@ -200,7 +199,7 @@ def test_describe_keeps_every_field_the_converter_wrote(candidates, mode):
     assert_only_metadata_added(*candidates[0][mode])
 
 
-def test_weights_stored_after_the_flatbuffer_are_moved_inside_and_still_compute_the_same(trained, tmp_path):  # noqa: F811
+def test_weights_stored_after_the_flatbuffer_are_moved_inside_and_still_compute_the_same(trained, tmp_path):
     """ai-edge-quantizer stores fp16 weights after the flatbuffer once they pass 256 KB (EfficientNet-Lite0 does):
     here a 4,096-class head. The described file keeps every weight (inside the flatbuffer now), computes the same
     on both interpreters, and loads on the Task Library, whose TFLite could not read the converter's file."""
@@ -269,7 +268,7 @@ def published(candidates, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def photos(trained, tmp_path_factory) -> list[Path]:  # noqa: F811
+def photos(trained, tmp_path_factory) -> list[Path]:
     """Two holdout photos of each class, at the model's input size and lossless: every reader sees the same pixels."""
     _, images, labels, _ = trained
     folder = tmp_path_factory.mktemp("photos")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from helpers import SPROUT
-from test_learner import colour_jpeg, learn_all, make_learner, stream
+from helpers import SPROUT, colour_jpeg
+from learning_helpers import learn_all, learned_state, make_learner, stream
 
 from daemon.common.settings import Settings
 from daemon.export.pipeline import export_once
@@ -18,14 +18,6 @@ from daemon.learning import checkpoint
 from daemon.registry.signing import verify, verify_file
 from daemon.registry.versions import Registry, registry_root
 from daemon.store.examples import Store
-
-
-def learned_state(tmp_path: Path) -> Path:
-    """A state directory as the daemon leaves it: a store and a checkpoint of a learner trained on colours."""
-    learner, reader = make_learner(tmp_path, stream([0, 1, 2], 40, seed=31, order="iid"))
-    learn_all(learner, reader)
-    checkpoint.save(tmp_path / "checkpoints", learner.state())
-    return tmp_path
 
 
 def export(state: Path, **env: str) -> tuple[int, dict, str]:
@@ -81,9 +73,9 @@ def test_a_worse_candidate_is_rejected_with_reasons_and_not_published(tmp_path: 
     state = learned_state(tmp_path)
     assert export(state)[0] == 0
     payload = checkpoint.load(state / "checkpoints")
-    weight = payload["head"]["weight"]
+    weight = payload.head["weight"]
     generator = torch.Generator().manual_seed(5)
-    payload["head"]["weight"] = weight.flatten()[torch.randperm(weight.numel(), generator=generator)].view_as(weight)
+    payload.head["weight"] = weight.flatten()[torch.randperm(weight.numel(), generator=generator)].view_as(weight)
     checkpoint.save(state / "checkpoints", payload)
     code, result, _ = export(state)
     assert code == 1
@@ -148,20 +140,25 @@ def test_float_export_on_one_runtime_when_configured(tmp_path: Path):
 
 
 def test_gate_refuses_nan_and_a_large_drop_and_a_regression_per_runtime():
-    from daemon.export.pipeline import Baseline, gate
+    from daemon.export.gates import Baseline, RefusalKind, gate
     from daemon.export.verification import RuntimeReport
 
     settings = Settings.load(None)
     report = RuntimeReport("ai-edge-litert", "2.3.0", 0.80, 0.9, 1.0, True, "float32")
-    reasons = gate([report], 0.90, None, settings)
-    assert any("NaN" in r for r in reasons)
-    assert any("10.0 points below the float model" in r for r in reasons)
+    reasons = gate([report], 0.90, None, settings.export)
+    assert [r.kind for r in reasons] == [RefusalKind.NONFINITE, RefusalKind.ACCURACY_DROP]
+    assert any("NaN" in str(r) for r in reasons)
+    assert any("10.0 points below the float model" in str(r) for r in reasons)
+    assert (reasons[1].top1, reasons[1].float_top1, reasons[1].limit_pts) == (0.80, 0.90, settings.export.max_drop_pts)
     fine = RuntimeReport("ai-edge-litert", "2.3.0", 0.895, 1.0, 1.0, False, "float32")
     old = RuntimeReport("tflite-runtime", "2.14.0", 0.895, 1.0, 30.0, False, "float32")
-    assert gate([fine, old], 0.90, None, settings) == []
+    assert gate([fine, old], 0.90, None, settings.export) == []
     published = Baseline(4, {"ai-edge-litert": 0.89, "tflite-runtime": 0.91})
-    reasons = gate([fine, old], 0.90, published, settings)
-    assert reasons == [
+    reasons = gate([fine, old], 0.90, published, settings.export)
+    assert [(r.kind, r.runtime, r.published_version) for r in reasons] == [
+        (RefusalKind.REGRESSION, "tflite-runtime", 4)
+    ]
+    assert [str(r) for r in reasons] == [
         "holdout top-1 on tflite-runtime 2.14.0 is 89.5%, below the published version 4's 91.0% "
         "on the same images by more than export.tolerance_pts = 0.5 points"
     ]
@@ -234,13 +231,13 @@ def test_a_mode_refused_for_its_accuracy_drop_rests_for_some_exports(tmp_path: P
     rest.refused_for_accuracy("int8", settings.export.skip_lossy_mode_for)
     rest.save()
     first = export_once(settings)
-    assert first.skipped == ["int8"] and first.published["quantization"] == "fp16"
+    assert first.skipped == ("int8",) and first.published["quantization"] == "fp16"
     assert LossyModes(state).resting("int8") == 1
     second = export_once(settings)
-    assert second.skipped == ["int8"] and second.published["quantization"] == "fp16"
+    assert second.skipped == ("int8",) and second.published["quantization"] == "fp16"
     assert LossyModes(state).resting("int8") == 0
     third = export_once(settings)  # rested: tried again, and it passes
-    assert third.skipped == [] and third.published["quantization"] == "int8"
+    assert third.skipped == () and third.published["quantization"] == "int8"
     events = Registry.open_readonly(registry_root(state), "plant-disease").events()
     assert [e["quantization"] for e in events if e.get("event") == "published"] == ["fp16", "fp16", "int8"]
 

@@ -6,8 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from helpers import SPROUT, jpeg, wait_for
-from test_edge import TFLITE_VENV
+from helpers import SPROUT, TFLITE_VENV, colour_jpeg, jpeg, wait_for
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -76,8 +75,6 @@ def test_your_own_photos_end_to_end_as_the_readme_walks_it(broker, tmp_path: Pat
     import json
     import os
     import urllib.request
-
-    from test_learner import colour_jpeg
 
     from daemon.registry.versions import Registry, registry_root
     from daemon.tools.broker import free_port

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from helpers import SPROUT, wait_for
+from registry_helpers import fields
 
 from daemon.registry.layout import MANIFEST_KEYS
 from daemon.registry.signing import SignatureError, Signer, SigningKeyError, generate, verify, verify_file
@@ -26,44 +27,7 @@ from daemon.registry.versions import NoRegistryError, Registry, RegistryError, U
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((REPO / "docs" / "manifest.schema.json").read_text())
-MODEL = "maize"
-
-
-def fields(labels: list[str] | None = None, **changes: Any) -> dict[str, Any]:
-    out = {
-        "base": "tiny",
-        "labels": labels or ["healthy", "rust", "blight"],
-        "input": {"shape": [1, 96, 96, 3], "layout": "NHWC", "dtype": "uint8", "range": [0, 255]},
-        "quantization": "int8",
-        "metrics": {
-            "holdout_top1_float": 0.91,
-            "holdout_top1": {"ai-edge-litert": 0.9, "tflite-runtime": 0.9},
-            "holdout_examples": 200,
-            "examples_trained": 1800,
-            "high_water_mark": 2000,
-        },
-        "runtimes_verified": [
-            {"name": "ai-edge-litert", "version": "2.3.0"},
-            {"name": "tflite-runtime", "version": "2.14.0"},
-        ],
-    }
-    out.update(changes)
-    return out
-
-
-@pytest.fixture
-def key_path(tmp_path: Path) -> Path:
-    return tmp_path / "signing" / "signing.key"
-
-
-@pytest.fixture
-def signer(key_path: Path) -> Signer:
-    return Signer.load_or_create(key_path)
-
-
-@pytest.fixture
-def registry(tmp_path: Path, signer: Signer) -> Registry:
-    return Registry(tmp_path / "registry", MODEL, signer, keep_versions=3)
+MODEL = "leaves"  # the registry fixture's (conftest.py)
 
 
 def publish(reg: Registry, n: int = 1, size: int = 2048) -> list[dict[str, Any]]:
@@ -143,9 +107,9 @@ def test_publish_twice_gives_versions_1_and_2_with_consistent_files(registry: Re
     assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_signature_covers_the_served_bytes_and_any_change_fails(registry: Registry, key_path: Path, tmp_path: Path):
+def test_signature_covers_the_served_bytes_and_any_change_fails(registry: Registry, signer: Signer, tmp_path: Path):
     (m,) = publish(registry)
-    public = key_path.with_suffix(".pub")
+    public = signer.path.with_suffix(".pub")
     document, signature = registry.document(1), registry.signature(1)
     assert len(signature) == 64 and json.loads(document) == m
     verify(document, signature, public)
@@ -308,13 +272,13 @@ def test_retention_keeps_the_newest_and_the_pinned_and_versions_only_go_up(regis
     assert publish(again)[0]["version"] == 7
 
 
-def test_rollback_moves_latest_is_logged_and_numbering_continues(registry: Registry, key_path: Path):
+def test_rollback_moves_latest_is_logged_and_numbering_continues(registry: Registry, signer: Signer):
     publish(registry, 3)
     before = (registry.folder / "1" / "manifest.json").read_bytes()
     m = registry.rollback(1)
     assert m["version"] == 1 and registry.latest()["version"] == 1
     assert (registry.folder / "latest").read_bytes() == before  # unchanged, still validly signed
-    verify(before, (registry.folder / "latest.sig").read_bytes(), key_path.with_suffix(".pub"))
+    verify(before, (registry.folder / "latest.sig").read_bytes(), signer.path.with_suffix(".pub"))
     event = registry.events()[-1]
     assert (event["event"], event["version"], event["from"]) == ("rollback", 1, 3)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT.*Z", event["time"])
@@ -383,14 +347,14 @@ while True:
 """
 
 
-def test_sigkill_during_publish_leaves_a_valid_latest(registry: Registry, key_path: Path):
+def test_sigkill_during_publish_leaves_a_valid_latest(registry: Registry, signer: Signer):
     """A publisher killed at random moments: every restart finds a complete, signed latest."""
-    public = key_path.with_suffix(".pub")
+    public = signer.path.with_suffix(".pub")
     rng = random.Random()
     last_seen = 0
     for round_ in range(6):
         proc = subprocess.Popen(
-            [sys.executable, "-c", _PUBLISHER, str(registry.root), MODEL, str(key_path), json.dumps(fields())],
+            [sys.executable, "-c", _PUBLISHER, str(registry.root), MODEL, str(signer.path), json.dumps(fields())],
             cwd=REPO,
             stderr=subprocess.PIPE,
         )

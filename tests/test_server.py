@@ -18,26 +18,19 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from helpers import SPROUT, wait_for
-from test_registry import fields
+from registry_helpers import fields
 
 from daemon.distribution.http import DownloadApi, HttpServer
 from daemon.registry.signing import Signer, verify
 from daemon.registry.versions import Registry, registry_root
 
-MODEL = "leaves"
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    return Registry(
-        registry_root(tmp_path / "state"), MODEL, Signer.load_or_create(tmp_path / "keys" / "signing.key"), 5
-    )
+MODEL = "leaves"  # the registry fixture's (conftest.py)
 
 
 def serve(root: Path, token: str | None = None, **options) -> tuple[HttpServer, str]:
     server = HttpServer("127.0.0.1", 0, lambda: {"feed": True}, DownloadApi(root, token), **options)
-    address = server.start()
-    return server, f"{server.scheme}://{address}"
+    server.start()
+    return server, f"{server.scheme}://{server.address}"
 
 
 @pytest.fixture
@@ -45,7 +38,7 @@ def api(registry: Registry):
     server, base = serve(registry.root)
     with httpx.Client(base_url=f"{base}/v1/models/{MODEL}", timeout=10) as client:
         yield client
-    server.stop()
+    server.stop(time.monotonic() + 5)
 
 
 def test_latest_and_versions_with_etags_and_304(api: httpx.Client, registry: Registry):
@@ -153,7 +146,7 @@ def test_a_configured_token_guards_downloads_but_not_health(registry: Registry):
         assert httpx.get(url, headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
         assert httpx.get(f"{base}/healthz").status_code == 200
     finally:
-        server.stop()
+        server.stop(time.monotonic() + 5)
 
 
 @pytest.mark.parametrize("path", [f"/v1/models/{MODEL}/latest/", "/healthz/"])
@@ -165,7 +158,7 @@ def test_a_trailing_slash_gets_the_json_404_not_a_redirect_built_from_the_host_h
         assert r.status_code == 404 and "location" not in r.headers
         assert r.json() == {"error": f"no such path: {path} (the API is in docs/devices.md)"}
     finally:
-        server.stop()
+        server.stop(time.monotonic() + 5)
 
 
 def closed_by_server(sock: socket.socket, deadline: float) -> bool:
@@ -230,7 +223,7 @@ def test_a_request_not_sent_in_time_is_cut_off_but_keep_alive_and_downloads_are_
     finally:
         for sock in sockets:
             sock.close()
-        server.stop()
+        server.stop(time.monotonic() + 5)
 
 
 def test_https_with_the_configured_certificate(registry: Registry, tmp_path: Path):
@@ -267,7 +260,7 @@ def test_https_with_the_configured_certificate(registry: Registry, tmp_path: Pat
         r = httpx.get(f"{base}/v1/models/{MODEL}/latest", verify=ssl.create_default_context(cafile=str(cert_file)))
         assert r.status_code == 200 and r.json()["version"] == 1
     finally:
-        server.stop()
+        server.stop(time.monotonic() + 5)
 
 
 class NoticeListener:
@@ -302,9 +295,9 @@ def test_every_publish_and_rollback_is_announced_retained(broker, daemon_factory
     device = NoticeListener(broker.url, topic)
     try:
         registry.publish(os.urandom(2048), fields())
-        wait_for(lambda: device.versions == [1], 10, "the notice of version 1")
+        wait_for(lambda: device.versions == [1], 30, "the notice of version 1")
         registry.publish(os.urandom(2048), fields())
-        wait_for(lambda: device.versions == [1, 2], 10, "the notice of version 2")
+        wait_for(lambda: device.versions == [1, 2], 30, "the notice of version 2")
         # A rollback from the CLI, another process: announced all the same.
         out = subprocess.run(
             [*SPROUT, "models", "rollback", "1", "--state", str(state)],
@@ -314,7 +307,7 @@ def test_every_publish_and_rollback_is_announced_retained(broker, daemon_factory
             env={**os.environ, "SPROUT_MODEL__NAME": MODEL},
         )
         assert out.returncode == 0, out.stderr
-        wait_for(lambda: device.versions == [1, 2, 1], 10, "the notice of the rollback")
+        wait_for(lambda: device.versions == [1, 2, 1], 30, "the notice of the rollback")
         with httpx.Client() as http:
             latest = http.get(f"http://127.0.0.1:{daemon.http_port}/v1/models/{MODEL}/latest").json()
         assert latest["version"] == 1
@@ -322,7 +315,7 @@ def test_every_publish_and_rollback_is_announced_retained(broker, daemon_factory
         device.close()
     late = NoticeListener(broker.url, topic)  # a device that connects later gets the latest at once
     try:
-        wait_for(lambda: late.versions == [1] and late.retained == [True], 10, "the retained notice")
+        wait_for(lambda: late.versions == [1] and late.retained == [True], 30, "the retained notice")
     finally:
         late.close()
     assert daemon.stop() == 0
@@ -389,7 +382,7 @@ def test_the_fleet_view_counts_versions_run_and_downloads_without_keeping_a_devi
     registry.publish(os.urandom(8192), fields())
     server, base = serve(registry.root)
     try:
-        key = tmp_path / "keys" / "signing.pub"
+        key = registry.signer.path.with_suffix(".pub")
         phone_a, phone_b = tmp_path / "phone-a", tmp_path / "phone-b"
         assert sync(base, MODEL, phone_a, public_key=key, runtime=None).status == "installed"  # runs none yet
         assert sync(base, MODEL, phone_a, public_key=key, runtime=None).status == "unchanged"  # now runs 1
@@ -407,7 +400,7 @@ def test_the_fleet_view_counts_versions_run_and_downloads_without_keeping_a_devi
             client.get(f"/v1/models/{MODEL}/latest")
         assert fleet.view().devices_by_version == {"1": 1, "none": 1}
     finally:
-        server.stop()
+        server.stop(time.monotonic() + 5)
 
 
 def test_a_device_not_heard_from_for_a_day_no_longer_counts_and_memory_is_bounded():

@@ -10,13 +10,14 @@ import copy
 
 import pytest
 import torch
-from test_learner import learn_all, make_learner, stream
+from learning_helpers import drive, learn_all, make_learner, stream
 
 from daemon.common.settings import ModelSettings, TrainingSettings
 from daemon.learning import checkpoint
 from daemon.learning.head import GrowingHead
 from daemon.learning.learner import Learner
 from daemon.learning.static_step import StaticStep
+from daemon.learning.step import CapturedStep, EagerStep
 from models import zoo
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -112,7 +113,7 @@ def test_a_checkpoint_of_a_graphed_learner_resumes_on_the_cpu(tmp_path):
     learner, reader = make_learner(tmp_path, stream([0, 1], 8, seed=63, order="iid"), mode="full")
     learn_all(learner, reader)
     payload = learner.state()
-    for group in payload["optimizer"]["param_groups"]:
+    for group in payload.optimizer["param_groups"]:
         group.update(capturable=True, foreach=True)  # as written on CUDA
     checkpoint.save(tmp_path / "checkpoints", payload)
     again = Learner(
@@ -121,7 +122,7 @@ def test_a_checkpoint_of_a_graphed_learner_resumes_on_the_cpu(tmp_path):
         tmp_path,
         reader,
     )
-    assert again.restore(checkpoint.load(tmp_path / "checkpoints"))
+    assert again.load_state(checkpoint.load(tmp_path / "checkpoints"))
     assert all(not g["capturable"] for g in again.optimizer.param_groups)
     store_more = stream([0, 1], 4, seed=64)
     from daemon.store.examples import Store
@@ -163,7 +164,7 @@ def test_the_captured_step_replays_the_eager_step_on_cuda():
 def test_a_cuda_learner_captures_once_per_head_size(tmp_path):
     learner, reader = make_learner(tmp_path, stream([0, 1, 2], 12, seed=65), mode="full", device="cuda")
     learn_all(learner, reader)
-    assert learner._captures == 3  # class-incremental: one capture per head size
+    assert learner.update.captures == 3  # class-incremental: one capture per head size
     assert learner.finite() and learner.trained > 0
 
 
@@ -223,7 +224,7 @@ def test_a_compiled_backbone_takes_the_same_step_and_a_new_class_does_not_compil
 
 def test_compiling_the_backbone_is_for_the_graphed_step_only(tmp_path, caplog):
     learner, _ = make_learner(tmp_path, stream([0, 1], 3, seed=66), mode="full", compile_backbone=True)
-    assert learner._compiled is None
+    assert isinstance(learner.update, EagerStep)
     assert "compile_backbone applies to the CUDA-graphed step only" in caplog.text
 
 
@@ -232,9 +233,9 @@ def test_a_cuda_learner_with_a_compiled_backbone_learns_with_one_compilation(tmp
     learner, reader = make_learner(
         tmp_path, stream([0, 1, 2], 12, seed=67), mode="full", device="cuda", compile_backbone=True
     )
-    assert learner._compiled is not None
+    assert learner.update.compiled is not None
     learn_all(learner, reader)
-    assert learner._captures == 3 and learner.finite() and learner.trained > 0
+    assert learner.update.captures == 3 and learner.finite() and learner.trained > 0
 
 
 def test_the_step_checks_its_weights_and_moments_itself_and_changes_none():
@@ -269,11 +270,11 @@ def test_the_step_checks_its_weights_and_moments_itself_and_changes_none():
 def test_a_graphed_learner_sees_a_poisoned_moment_from_inside_its_step(tmp_path):
     learner, reader = make_learner(tmp_path, stream([0, 1], 12, seed=68), mode="full", device="cuda")
     batch_ = reader.after(0, 4)
-    learner.learn(batch_)
-    assert learner.diverged is None and learner._static is not None
-    param = next(p for p in learner._trainable if p in learner.optimizer.state)
+    learner.learn_many(batch_)
+    assert learner.diverged is None and learner.update.static is not None
+    param = next(p for p in learner.backbone.parameters() if p in learner.optimizer.state)
     learner.optimizer.state[param]["exp_avg_sq"].view(-1)[0] = float("nan")
-    learner.learn(reader.after(learner.high_water_mark, 4))
+    learner.learn_many(reader.after(learner.high_water_mark, 4))
     assert learner.diverged == "non-finite weights or optimizer state"
 
 
@@ -281,20 +282,19 @@ def test_the_learners_graphed_path_learns_what_its_eager_path_learns(tmp_path):
     """The learner's side of the fixed-shape step (targets, class weights, padding, the prequential from the
     step's logits, launch and finish with the read-ahead between, one step per head size), run on the CPU
     without a graph: it ends where the eager path ends, weight for weight within float rounding."""
-    from test_decoding import drive
-
     examples = stream([0, 1, 2], 8, seed=69)
     results = []
     for name, graphed in (("eager", False), ("graphed", True)):
         learner, reader = make_learner(tmp_path / name, examples, mode="full", replay_ratio=1.0, decode_workers=2)
-        learner._graphed = graphed  # what CUDA sets; StaticStep then runs without a graph here
+        if graphed:  # what CUDA chooses; StaticStep then runs without a graph here
+            learner.update = CapturedStep(learner.inputs, learner.backbone, learner.placement, rows=8, input_size=32)
         try:
             drive(learner, reader, 4, read_ahead=True)
         finally:
             learner.close()
         results.append(learner)
     eager, graphed = results
-    assert eager._static is None and graphed._static is not None and graphed._captures == 3
+    assert isinstance(eager.update, EagerStep) and graphed.update.static is not None and graphed.update.captures == 3
     assert graphed.trained == eager.trained > 0 and graphed.replayed == eager.replayed > 0
     assert graphed.prequential.state() == eager.prequential.state()
     assert graphed.diverged is None and graphed.last_loss == pytest.approx(eager.last_loss, rel=1e-4)

@@ -13,11 +13,9 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.publish as mqtt_publish
 import pytest
-from helpers import wait_for
+from helpers import LEARNING, metrics, publish_colours, wait_for
+from learning_helpers import stream
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
-from test_daemon_learning import LEARNING, publish_colours
-from test_learner import stream
 
 import daemon.learning.curves
 import daemon.service.status
@@ -28,17 +26,6 @@ from daemon.registry.versions import Registry, registry_root
 from daemon.store.examples import Store
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-
-
-def metrics(port: int) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = r.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def page(port: int) -> str:
@@ -59,6 +46,7 @@ def chart(html: str, name: str) -> str:
 def learning_daemon(broker, daemon_factory):
     env = {
         **LEARNING,
+        "SPROUT_EXPORT__ENABLED": "true",
         "SPROUT_EXPORT__EVERY_EXAMPLES": "60",
         "SPROUT_EXPORT__EVERY_SECONDS": "3600",
         "SPROUT_EXPORT__QUANTIZATION": '["fp16"]',
@@ -157,39 +145,39 @@ def test_an_evaluation_between_steps_and_the_curves_reach_the_checkpoint_and_old
     store.commit(stream([0, 1, 2], 10, seed=5, order="iid"))
     store.close()
     # The learner's thread, not started: its steps run here, one at a time.
-    training = Training(
-        Settings.load(
-            None,
-            {
-                "state_dir": str(tmp_path),
-                "model": {"backbone": "tiny", "input_size": 32},
-                "training": {"mode": "head", "device": "cpu", "batch_size": 4, "holdout_every_steps": 1000},
-            },
-        )
+    settings = Settings.load(
+        None,
+        {
+            "state_dir": str(tmp_path),
+            "model": {"backbone": "tiny", "input_size": 32},
+            "training": {"mode": "head", "device": "cpu", "batch_size": 4, "holdout_every_steps": 1000},
+        },
     )
+    training = Training(settings.model, settings.training, settings.state_dir)
     training.observe()  # as the learner's loop does: a point before learning, one after
     for _ in range(5):
         training.learn(training.reader.after(training.learner.high_water_mark, 4))
     assert training.learner.holdout_index
     training.observe(force=True)
     assert training.save() is not None
-    assert checkpoint.load(training.checkpoints)["holdout"]["accuracy"] is None  # not evaluated in a step
+    assert checkpoint.load(training.checkpoints).holdout["accuracy"] is None  # not evaluated in a step
     # What the demo's summary does before it stops the daemon: an evaluation between two steps.
     training.learner.evaluate_holdout()
     assert training.save() is not None
     saved = checkpoint.load(training.checkpoints)
-    assert saved["holdout"]["accuracy"] == training.learner.holdout.accuracy is not None
-    assert len(saved["curves"]) == 2
+    assert saved.holdout["accuracy"] == training.learner.holdout.accuracy is not None
+    assert len(saved.curves) == 2
     assert training.save() is None  # nothing new: no write
-    resumed = Training(training.settings)
+    resumed = Training(settings.model, settings.training, settings.state_dir)
     assert resumed.learner.holdout.state() == training.learner.holdout.state()
     assert resumed.learner.last_loss == training.learner.last_loss is not None
     assert resumed.curves.points() == training.curves.points()
     # A checkpoint written before the curves and the last loss were saved in it.
-    del saved["curves"], saved["last_loss"]
-    checkpoint.save(training.checkpoints, saved)
-    older = Training(training.settings)
-    assert older.learner.step == 5 and older.learner.holdout.accuracy == saved["holdout"]["accuracy"]
+    payload = saved.to_payload()
+    del payload["curves"], payload["last_loss"]
+    checkpoint.save_payload(training.checkpoints, payload)
+    older = Training(settings.model, settings.training, settings.state_dir)
+    assert older.learner.step == 5 and older.learner.holdout.accuracy == saved.holdout["accuracy"]
     assert older.curves.points() == () and older.learner.last_loss is None
 
 

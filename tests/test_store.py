@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from daemon.ingest.wire import Example, Reason, Rejection
@@ -111,65 +110,3 @@ def test_a_store_under_its_limit_is_not_touched(tmp_path: Path):
     store = Store(tmp_path / "examples.db")
     store.commit([photo(i) for i in range(50)])
     assert store.prune(2**30) == 0 and store.stats()["total"] == 50 and store.pruned == 0
-
-
-def test_the_learner_replays_around_pruned_examples(tmp_path: Path):
-    """Replay samples seqs it learned; after retention deleted the oldest, it skips and forgets them."""
-    from test_learner import learn_all, make_learner, stream
-
-    learner, reader = make_learner(tmp_path, stream([0, 1], 20, seed=3), mode="full")  # no embedding cache
-    learn_all(learner, reader)
-    train = [seq for seq, _ in reader.labels_up_to(learner.high_water_mark, "train")]
-    cutoff = train[len(train) // 2]
-    store = Store(tmp_path / "examples.db")
-    with store._db:  # what Store.prune does to train examples: the oldest go
-        store._db.execute("DELETE FROM examples WHERE split = 'train' AND seq <= ?", (cutoff,))
-    replay = learner._replay_sample(40)
-    assert replay and all(e.image and e.seq > cutoff for e in replay)
-    assert all(seq > cutoff for seqs in learner.replay_index.values() for seq in seqs)
-    store.commit([Example("new-1", "class-0", "train", "image/jpeg", 32, 32, reader.by_seq([train[-1]])[0].image, 1.0)])
-    learn_all(learner, reader)
-    assert learner.undecodable == 0  # a pruned example is not mistaken for a broken one
-
-
-def test_the_embedding_cache_forgets_what_retention_deleted_looking_at_each_seq_once(tmp_path: Path):
-    from daemon.learning.embeddings import EmbeddingCache
-
-    cache = EmbeddingCache(tmp_path / "embeddings.db", "net", 4)
-    cache.put({seq: np.full(4, seq, np.float32) for seq in range(1, 21)})
-    asked: list[tuple[int, int]] = []
-
-    def stored_between(low: int, high: int, stored=(3, 8)) -> list[int]:
-        asked.append((low, high))
-        return [s for s in stored if low <= s < high]
-
-    # Train kept from 11 on; holdout from 3 on, of which 3 and 8 are still stored below 11.
-    assert cache.forget_pruned({"train": 11, "holdout": 3}, stored_between) == 8  # 1, 2 and 4-7, 9, 10
-    assert sorted(cache.get(list(range(1, 21)))) == [3, 8, *range(11, 21)]
-    assert cache.forget_pruned({"train": 11, "holdout": 3}, stored_between) == 0
-    assert asked == [(3, 11)]  # nothing new to look at: the store is not asked again
-    # The holdout's oldest went too (3, 8): below both frontiers now, one range delete.
-    assert cache.forget_pruned({"train": 11, "holdout": 13}, lambda lo, hi: [11, 12]) == 2
-    assert sorted(cache.get(list(range(1, 21)))) == list(range(11, 21))
-
-
-def test_a_head_learner_drops_the_vectors_of_pruned_examples(tmp_path: Path):
-    from test_learner import learn_all, make_learner, stream
-
-    learner, reader = make_learner(tmp_path, stream([0, 1], 20, seed=4))  # head mode: the cache fills
-    learn_all(learner, reader)
-    learner.evaluate_holdout()
-    everything = list(range(1, learner.high_water_mark + 1))
-    cached = set(learner.cache.get(everything))
-    assert len(cached) == learner.high_water_mark  # train learned, holdout scored: every vector cached
-    train = [seq for seq, _ in reader.labels_up_to(learner.high_water_mark, "train")]
-    holdout = [seq for seq, _ in reader.labels_up_to(learner.high_water_mark, "holdout")]
-    store = Store(tmp_path / "examples.db")
-    with store._db:  # what Store.prune does: each split's oldest go
-        store._db.execute("DELETE FROM examples WHERE split = 'train' AND seq <= ?", (train[len(train) // 2],))
-        store._db.execute("DELETE FROM examples WHERE split = 'holdout' AND seq <= ?", (holdout[1],))
-    stored = set(reader.seqs_between(0, learner.high_water_mark + 1))
-    assert 0 < len(stored) < len(cached)
-    assert learner.forget_pruned() == len(cached) - len(stored)
-    assert set(learner.cache.get(everything)) == stored
-    assert learner.forget_pruned() == 0

@@ -12,8 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
-from test_learner import colour_jpeg
+from helpers import colour_jpeg, wait_for
 
 from daemon.export.verification import default_tflite_runtime_python
 from daemon.tools.broker import free_port

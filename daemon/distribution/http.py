@@ -32,7 +32,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import h11
@@ -43,6 +43,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from daemon.common.lifecycle import left
 from daemon.distribution.fleet import Fleet
 
 log = logging.getLogger("sprout.server")
@@ -174,22 +175,31 @@ def build_app(
     """The routes given: the phone-facing API (``api``) and the operator's (``health``, ``metrics``,
     ``status``), together on one listener or apart on two (daemon/service/daemon.py decides)."""
 
-    async def healthz(request: Request) -> JSONResponse:
-        parts = health()
-        return JSONResponse(parts, status_code=200 if all(parts.values()) else 503)
+    def healthz(parts_of: Health) -> Callable[[Request], Awaitable[JSONResponse]]:
+        async def answer(request: Request) -> JSONResponse:
+            parts = parts_of()
+            return JSONResponse(parts, status_code=200 if all(parts.values()) else 503)
 
-    async def prometheus(request: Request) -> Response:
-        return Response(metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return answer
 
-    async def page(request: Request) -> HTMLResponse:
-        return HTMLResponse(status(), headers={"Cache-Control": "no-cache"})
+    def prometheus(text: Callable[[], bytes]) -> Callable[[Request], Awaitable[Response]]:
+        async def answer(request: Request) -> Response:
+            return Response(text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+        return answer
+
+    def page(html: Callable[[], str]) -> Callable[[Request], Awaitable[HTMLResponse]]:
+        async def answer(request: Request) -> HTMLResponse:
+            return HTMLResponse(html(), headers={"Cache-Control": "no-cache"})
+
+        return answer
 
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
         return _error(404, f"no such path: {request.url.path} (the API is in docs/devices.md)")
 
-    routes = [*([Route("/healthz", healthz)] if health else []), *(api.routes() if api else [])]
-    routes += [Route("/metrics", prometheus)] if metrics else []
-    routes += [Route("/", page)] if status else []
+    routes = [*([Route("/healthz", healthz(health))] if health else []), *(api.routes() if api else [])]
+    routes += [Route("/metrics", prometheus(metrics))] if metrics else []
+    routes += [Route("/", page(status))] if status else []
     app = Starlette(routes=routes, exception_handlers={404: not_found})
     # Starlette would answer "/healthz/" with a redirect whose Location is built from the client's Host
     # header (an open redirect), and before the /v1 token check; a path is served as written or not at all.
@@ -240,6 +250,8 @@ class RequestTimeoutProtocol(H11Protocol):
 
 
 class HttpServer:
+    """One listener on its own thread: a part of the daemon (:class:`daemon.common.lifecycle.Part`) named ``name``."""
+
     def __init__(
         self,
         host: str,
@@ -251,7 +263,9 @@ class HttpServer:
         metrics: Callable[[], bytes] | None = None,
         status: Callable[[], str] | None = None,
         request_timeout_s: float = 10.0,
+        name: str = "http",
     ):
+        self.name = name
         # A class of this server's own: uvicorn builds the protocol itself, from the class alone.
         protocol = type("RequestTimeoutProtocol", (RequestTimeoutProtocol,), {"request_timeout_s": request_timeout_s})
         config = uvicorn.Config(
@@ -270,6 +284,7 @@ class HttpServer:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._serve, name="sprout-http", daemon=True)
         self.error: BaseException | None = None
+        self.address: str | None = None  # host:port once started (the port chosen, with port 0)
 
     def _serve(self) -> None:
         try:
@@ -277,8 +292,8 @@ class HttpServer:
         except BaseException as err:  # uvicorn exits via SystemExit when it cannot bind
             self.error = err
 
-    def start(self, timeout_s: float = 10.0) -> str:
-        """Start serving; returns the bound address (useful with port 0)."""
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start serving; raises OSError when it cannot (a port taken). ``address`` is then the bound one."""
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:
@@ -286,8 +301,14 @@ class HttpServer:
                 raise OSError(f"HTTP server did not start on {self._server.config.host}:{self._server.config.port}")
             time.sleep(0.02)
         host, port = self._server.servers[0].sockets[0].getsockname()[:2]
-        return f"{host}:{port}"
+        self.address = f"{host}:{port}"
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, deadline: float) -> bool:
+        """Close the listener and the connections (uvicorn waits for requests in flight); True once it has."""
         self._server.should_exit = True
-        self._thread.join(timeout_s)
+        if self._thread.ident is not None:
+            self._thread.join(left(deadline))
+        return not self.alive()

@@ -17,21 +17,25 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from daemon.common.lifecycle import left
+
 log = logging.getLogger("sprout.notice")
 
 Publish = Callable[[str, bytes], bool]  # (topic, payload) -> True once the broker acknowledged it
 
 
-class Notice(threading.Thread):
+class Notice:
+    name = "notice"
+
     def __init__(self, latest_file: Path, topic: str, publish: Publish, poll_s: float = 1.0):
-        super().__init__(name="sprout-notice", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="sprout-notice", daemon=True)
         self.latest_file = latest_file
         self.topic = topic
         self._publish = publish
         self.poll_s = poll_s
         self.announced: bytes | None = None  # the document the broker last acknowledged
         self.announcements = 0
-        self.error: str | None = None  # why the thread ended, when it ended by an exception
+        self.error: BaseException | None = None  # why the thread ended, when it ended by an exception
         self._stop_event = threading.Event()
         self._seen: tuple[int, int] | None = None
 
@@ -53,7 +57,7 @@ class Notice(threading.Thread):
                     failing = str(err)
                 self._stop_event.wait(self.poll_s)
         except Exception as err:
-            self.error = f"{type(err).__name__}: {err}"
+            self.error = err
             log.exception("the model notice failed")
 
     def _look(self) -> None:
@@ -71,6 +75,15 @@ class Notice(threading.Thread):
             if document == self.announced:
                 self._seen = stamp
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def start(self) -> None:
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, deadline: float) -> bool:
+        """End after the announcement in hand (a publish waits 10 s for the broker at most)."""
         self._stop_event.set()
-        self.join(timeout_s)
+        if self._thread.ident is not None:
+            self._thread.join(left(deadline))
+        return not self.alive()

@@ -14,9 +14,12 @@ Why a process and not a thread of the daemon:
   the daemon stops at once during an export and leaves no C++ thread behind.
 
 Protocol: the child imports what an export needs (Python, torch,
-litert-torch: ~5 s of CPU on a 2-core host), then waits for the daemon's
-pickled ``Settings`` on its stdin; it runs ``export_once`` and writes one
-JSON document, the outcome, to its stdout, which is its own. Its stderr is
+litert-torch: ~5 s of CPU on a 2-core host), then waits for its
+:class:`~daemon.export.job.ExportJob` (the settings sections an export needs,
+as JSON) on its stdin; it runs ``export_once`` and writes one JSON document,
+its report (daemon/export/outcome.py: an ``ExportOutcome``, or why nothing
+was exported), to its stdout, which is its own. The daemon validates it: a
+malformed report is a failed export, like a crash. Its stderr is
 a pipe that the daemon reads (``ChildLog``): the child's log records come as
 JSON lines and are logged again by the daemon, Sprout's at their level,
 other libraries' below ERROR at DEBUG; anything else printed there (the
@@ -36,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -51,6 +53,8 @@ import daemon
 from daemon.common.exits import Exit
 from daemon.common.parent_death import die_with_parent
 from daemon.common.settings import Settings
+from daemon.export.job import ExportJob
+from daemon.export.outcome import DiskFull, ExportOutcome, MalformedReport, NothingExported, read_report, write_report
 
 log = logging.getLogger("sprout.export")
 
@@ -203,9 +207,13 @@ class ExportChild:
             running.proc.kill()
             return True
 
-    def run(self, settings: Settings) -> dict[str, Any]:
-        """``export_once(settings)`` in a child (the spare if one waits): its outcome as a JSON document
-        (see ``main``). Afterwards, with ``export.prewarm_process``, the next export's child is started."""
+    def run(self, settings: Settings) -> ExportOutcome | NothingExported | DiskFull:
+        """``export_once`` in a child (the spare if one waits), given only its :class:`ExportJob`: its report.
+
+        Afterwards, with ``export.prewarm_process``, the next export's child is started. Raises
+        :class:`ExportFailed` when the child ends without a readable report, :class:`ExportStopped` on a stop.
+        """
+        job = ExportJob.from_settings(settings).model_dump_json().encode()
         with self._lock:
             if self._stopped:
                 raise ExportStopped("the daemon is stopping")
@@ -220,7 +228,7 @@ class ExportChild:
             # lines (each reader got some, and communicate's share was lost).
             proc = self._running.proc
             try:
-                proc.stdin.write(pickle.dumps(settings))
+                proc.stdin.write(job)
                 proc.stdin.close()
             except BrokenPipeError:
                 pass  # the child ended already; its exit code says how
@@ -245,9 +253,9 @@ class ExportChild:
                 + (f"; it printed: {printed}" if printed else "")
             )
         try:
-            return json.loads(out)
-        except ValueError as err:
-            raise ExportFailed(f"the export process wrote no readable outcome: {err}") from err
+            return read_report(out)
+        except MalformedReport as err:
+            raise ExportFailed(f"{err} (the export process wrote {len(out)} bytes)") from err
 
 
 def main(argv: list[str]) -> int:
@@ -263,35 +271,26 @@ def main(argv: list[str]) -> int:
     from daemon.export.pipeline import NothingToExport, export_once
     from daemon.store.examples import is_disk_full
 
-    try:
-        settings: Settings = pickle.load(sys.stdin.buffer)
-    except EOFError:  # the daemon discarded this spare without using it
+    document = sys.stdin.buffer.read()
+    if not document:  # the daemon discarded this spare without using it
         return 0
+    job = ExportJob.model_validate_json(document)
     # JSON lines whatever the daemon's format: the daemon reads them and logs them again (ChildLog).
-    logs.configure(settings.logging.level, "json")
+    logs.configure(job.log_level, "json")
+    report: ExportOutcome | NothingExported | DiskFull
     try:
-        outcome = export_once(settings)
+        report = export_once(job)
     except NothingToExport as err:
-        doc: dict[str, Any] = {"nothing": str(err)}
+        report = NothingExported(why=str(err))
     except OSError as err:
         if not is_disk_full(err):
             log.exception("export failed: %s", err)
             return Exit.SOFTWARE
-        doc = {"disk_full": {"errno": err.errno, "strerror": err.strerror, "filename": err.filename}}
+        report = DiskFull.of(err)
     except Exception as err:
         log.exception("export failed: %s", err)
         return Exit.SOFTWARE
-    else:
-        doc = {
-            "outcome": {
-                "published": outcome.published,
-                "reasons": [{"text": str(r), "kind": getattr(r, "kind", "other")} for r in outcome.reasons],
-                "metrics": outcome.metrics,
-                "seconds": outcome.seconds,
-                "skipped": outcome.skipped,
-            }
-        }
-    json.dump(doc, result, default=str)
+    result.write(write_report(report))
     result.close()
     return 0
 

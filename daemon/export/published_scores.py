@@ -1,7 +1,7 @@
 """What the published version predicted on each holdout example, per runtime: scored once, not at every export.
 
 The gates compare a candidate with the published version on the candidate's
-holdout (daemon/export/pipeline.py). Running the published model over 400 images
+holdout (:func:`published_baseline`, daemon/export/gates.py). Running the published model over 400 images
 on both runtimes took 10-25 s of every export at 128 px, most of it
 tflite-runtime's int8 kernels, and gave the same answers each time: a
 stored example never changes and the interpreters run one thread,
@@ -19,10 +19,20 @@ round differently). Written by rename, so a kill leaves the old file whole.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+
+from daemon.export.gates import Baseline
+from daemon.export.job import ExportJob
+from daemon.export.verification import RuntimeReport, pythons, verify
+from daemon.registry.versions import Registry
+
+log = logging.getLogger("sprout.export")
 
 CACHE = "export-cache"
 
@@ -106,3 +116,87 @@ def remove_temporaries(root: Path) -> int:
         except OSError:
             pass
     return removed
+
+
+def published_baseline(
+    registry: Registry, job: ExportJob, seqs: list[int], images: np.ndarray, names: list[str]
+) -> Baseline | None:
+    """The latest published version's top-1 on the candidate's holdout images, on every runtime.
+
+    Its top-1 at publish time was measured on the holdout of that day; the holdout grows and shifts (new
+    classes, new examples), so only a score on the same images says whether the candidate is worse.
+    A class the published model does not know counts as a miss for it. Only holdout examples it has not
+    been run on yet are run.
+    """
+    latest = registry.latest()
+    if latest is None:
+        return None
+    size = job.model.input_size
+    if list(latest["input"]["shape"][1:3]) != [size, size]:
+        log.info(
+            "published version %d takes %s input, this config %d px: no comparison with it",
+            latest["version"],
+            latest["input"]["shape"],
+            size,
+        )
+        return None
+    scores = PublishedScores(job.state_dir, latest["version"])
+    rescored = _score_missing(scores, registry, latest, job, seqs, images)
+    try:
+        scores.save()
+    except OSError as err:  # a cache: the comparison stands, the next export scores these examples again
+        log.warning("could not keep version %d's holdout predictions: %s", latest["version"], err)
+    top1 = {r: t for r in job.export.runtimes if (t := scores.top1(r, seqs, names)) is not None}
+    return Baseline(latest["version"], top1, rescored)
+
+
+def _score_missing(
+    scores: PublishedScores, registry: Registry, latest: dict, job: ExportJob, seqs: list[int], images: np.ndarray
+) -> int:
+    """Run the published version on the holdout examples ``scores`` lacks; how many were run."""
+    at = {seq: i for i, seq in enumerate(seqs)}
+    rescored: set[int] = set()
+    failed: set[str] = set()
+    # A second pass only when an interpreter reports another version than the one that made the kept
+    # predictions (an upgrade): those are dropped and every example is run on it again.
+    for _ in range(2):
+        runtimes = [r for r in job.export.runtimes if r not in failed]
+        missing = sorted({s for r in runtimes for s in scores.missing(r, seqs)})
+        if not missing:
+            break
+        model = registry.model_path(latest["version"]).read_bytes()
+        cfg = job.export
+        reports = verify(
+            model,
+            images[[at[s] for s in missing]],
+            None,
+            None,
+            runtimes,
+            pythons(cfg.tflite_runtime_python),
+            cfg.verify_timeout_s,
+        )
+        rescored.update(missing)
+        for r in reports:
+            if r.error is not None or r.predicted is None:
+                failed.add(r.runtime)
+                log.warning(
+                    "published version %d could not be scored on %s (%s): no comparison there",
+                    latest["version"],
+                    r.runtime,
+                    r.error,
+                )
+                continue
+            scores.add(r.runtime, r.version, missing, [latest["labels"][i] for i in r.predicted])
+    return len(rescored)
+
+
+def remember(job: ExportJob, version: int, reports: list[RuntimeReport], seqs: list[int], labels: list[str]) -> None:
+    """The new version's predictions on the holdout it was just verified on: the next export's baseline."""
+    scores = PublishedScores(job.state_dir, version)
+    for r in reports:
+        if r.error is None and r.predicted is not None:
+            scores.add(r.runtime, r.version, seqs, [labels[i] for i in r.predicted])
+    try:
+        scores.save()
+    except OSError as err:  # published all the same; the next export scores this version itself
+        log.warning("could not keep version %d's holdout predictions: %s", version, err)

@@ -18,9 +18,10 @@ import threading
 import time
 from collections.abc import Callable
 
+from daemon.common.lifecycle import left
 from daemon.common.settings import Settings
 from daemon.export.child import ExportChild, ExportFailed, ExportStopped, remove_orphaned_temporaries
-from daemon.export.pipeline import Outcome, Reason
+from daemon.export.outcome import DiskFull, ExportOutcome, NothingExported
 from daemon.export.published_scores import remove_temporaries
 from daemon.learning import checkpoint
 from daemon.registry.versions import Registry, RegistryError, registry_root
@@ -59,19 +60,24 @@ class Durations:
         return [*out, ("+Inf", self.count)]
 
 
-class Exporting(threading.Thread):
+class Exporting:
+    """The export thread, a part of the daemon. It takes the whole ``settings``: each export's process runs the
+    pipeline with them (the model, the learner's and the export's sections, the registry, signing, logging)."""
+
+    name = "exporter"
+
     def __init__(self, settings: Settings, learned: Callable[[], int], request_checkpoint: Callable[[], None]):
-        super().__init__(name="sprout-export", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="sprout-export", daemon=True)
         self.settings = settings
         self.learned = learned  # examples learned so far (the learner's counter)
         self.request_checkpoint = request_checkpoint
         self.published = 0
         self.rejected = 0
-        self.rejected_by_reason: dict[str, int] = {}  # Reason.kind -> reasons given for refused candidates
+        self.rejected_by_reason: dict[str, int] = {}  # RefusalKind value -> reasons given for refused candidates
         self.seconds_total = 0.0  # time spent exporting, for the mean export duration
         self.exports = 0
         self.failed = 0  # exports whose process ended without an outcome (raised, crashed, killed)
-        self.last: Outcome | None = None
+        self.last: ExportOutcome | None = None
         # Every export by how it ended (published, rejected, failed, disk_full, nothing_new): one counter
         # with an outcome label; and the durations of those that ran, in DURATION_BUCKETS_S.
         self.outcomes: dict[str, int] = {}
@@ -93,11 +99,27 @@ class Exporting(threading.Thread):
         if removed:
             log.info("removed %d temporaries left by exports that were killed", removed)
 
-    def stop(self) -> None:
-        self._stop_requested.set()
-        pid = self.child.pid
-        if self.child.stop():
-            log.info("stopping: export process %d killed; the export is dropped and redone after the next start", pid)
+    def start(self) -> None:
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, deadline: float) -> bool:
+        """Kill the export in flight (publishing is atomic: the next start exports again) and end.
+
+        The thread may be waiting for the learner's checkpoint: it ends once the learner has written it.
+        """
+        if not self._stop_requested.is_set():
+            self._stop_requested.set()
+            pid = self.child.pid
+            if self.child.stop():
+                log.info(
+                    "stopping: export process %d killed; the export is dropped and redone after the next start", pid
+                )
+        if self._thread.ident is not None:
+            self._thread.join(left(deadline))
+        return not self.alive()
 
     def due(self) -> bool:
         e = self.settings.export
@@ -123,14 +145,14 @@ class Exporting(threading.Thread):
         """Examples learned as of the last export's checkpoint."""
         return self._exported_learned
 
-    def export(self) -> Outcome | None:
+    def export(self) -> ExportOutcome | None:
         self.busy = True
         try:
             return self._export()
         finally:
             self.busy = False
 
-    def _export(self) -> Outcome | None:
+    def _export(self) -> ExportOutcome | None:
         self.request_checkpoint()
         learned = self._checkpoint_learned()
         log.info(
@@ -141,7 +163,7 @@ class Exporting(threading.Thread):
         )
         began = time.monotonic()
         try:
-            doc = self.child.run(self.settings)
+            report = self.child.run(self.settings)
         except ExportStopped:
             return None
         except ExportFailed as err:
@@ -152,55 +174,49 @@ class Exporting(threading.Thread):
             log.error("export failed: %s; retrying in %.0fs", err, self.settings.export.every_seconds)
             self._retry_at = time.monotonic() + self.settings.export.every_seconds
             return None
-        if "nothing" in doc:
-            log.info("export skipped: %s", doc["nothing"])
+        if isinstance(report, NothingExported):
+            log.info("export skipped: %s", report.why)
             self._ended("nothing_new")
             outcome = None
-        elif "disk_full" in doc:
+        elif isinstance(report, DiskFull):
             # Publishing writes a temporary folder and renames it, so nothing half-written is left
             # and latest still names a complete version. Tried again when the next export is due.
-            err = OSError(doc["disk_full"]["errno"], doc["disk_full"]["strerror"], doc["disk_full"]["filename"])
             self._ended("disk_full")
             log.error(
                 "export failed, disk full: %s; the registry keeps its latest version, retrying when the "
                 "next export is due (free space under %s)",
-                err,
+                report.error(),
                 self.settings.state_dir,
             )
             self._retry_at = time.monotonic() + self.settings.export.every_seconds
             return None
         else:
-            got = doc["outcome"]
             # The process's own start (Python, torch, litert-torch imports) is part of what an export costs.
-            outcome = Outcome(
-                got["published"],
-                [Reason(r["text"], r["kind"]) for r in got["reasons"]],
-                got["metrics"],
-                time.monotonic() - began,
-                got["skipped"],
-            )
+            outcome = report.model_copy(update={"seconds": time.monotonic() - began})
             log.info(
                 "export process: %.1fs in all, %.1fs before the export began (start and imports)",
                 outcome.seconds,
-                outcome.seconds - got["seconds"],
+                outcome.seconds - report.seconds,
             )
-            if outcome.published:
-                self.published += 1
-                self._has_published = True
-                self.latest_published = outcome.published
-            else:
-                self.rejected += 1
-            for reason in outcome.reasons:
-                kind = getattr(reason, "kind", "other")
-                self.rejected_by_reason[kind] = self.rejected_by_reason.get(kind, 0) + 1
-            self.exports += 1
-            self.seconds_total += outcome.seconds
-            self.last = outcome
-            self._ended("published" if outcome.published else "rejected")
-            self.durations.observe(outcome.seconds)
+            self._count(outcome)
         self._exported_at = time.monotonic()
         self._exported_learned = max(self._exported_learned, learned)
         return outcome
+
+    def _count(self, outcome: ExportOutcome) -> None:
+        if outcome.published:
+            self.published += 1
+            self._has_published = True
+            self.latest_published = outcome.published
+        else:
+            self.rejected += 1
+        for reason in outcome.reasons:
+            self.rejected_by_reason[reason.kind.value] = self.rejected_by_reason.get(reason.kind.value, 0) + 1
+        self.exports += 1
+        self.seconds_total += outcome.seconds
+        self.last = outcome
+        self._ended("published" if outcome.published else "rejected")
+        self.durations.observe(outcome.seconds)
 
     def _ended(self, how: str) -> None:
         self.outcomes[how] = self.outcomes.get(how, 0) + 1
@@ -224,7 +240,7 @@ class Exporting(threading.Thread):
 
     def _checkpoint_learned(self) -> int:
         try:
-            payload = checkpoint.load(self.settings.state_dir / "checkpoints")
+            saved = checkpoint.load(self.settings.state_dir / "checkpoints")
         except checkpoint.CheckpointError:
             return 0
-        return payload["trained"] if payload else 0
+        return saved.trained if saved else 0

@@ -8,12 +8,14 @@ The runtimes run side by side, one thread each: tflite-runtime 2.14 is the
 slow one (no XNNPACK path for these int8 graphs, ~30 ms an image at 128 px)
 and sets the pace.
 
-A runtime that cannot load or run the model is a report with ``error`` set;
-the gate (daemon/export/pipeline.py) turns every report into reasons.
+A runtime that cannot load or run the model is a report with ``error`` set
+(what it said) and ``fault`` (a :class:`RuntimeFault`); the gates
+(daemon/export/gates.py) turn every report into typed refusals.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import subprocess
@@ -29,6 +31,16 @@ import edge
 EDGE_ROOT = Path(edge.__file__).resolve().parent.parent  # the folder holding edge/, for PYTHONPATH
 
 
+class RuntimeFault(enum.StrEnum):
+    """How a runtime failed a model: the kind behind a report's ``error`` sentence."""
+
+    UNAVAILABLE = "unavailable"  # no Python with that runtime here
+    TIMED_OUT = "timed_out"  # export.verify_timeout_s passed
+    CRASHED = "crashed"  # killed by a signal while loading or running the model
+    REFUSED = "refused"  # the interpreter exited with its own reason (an op it lacks, a bad file)
+    WRONG_OUTPUT = "wrong_output"  # ran, but outputs of the wrong shape
+
+
 @dataclass(frozen=True)
 class RuntimeReport:
     runtime: str
@@ -40,6 +52,7 @@ class RuntimeReport:
     input_dtype: str | None
     error: str | None = None  # why the runtime could not load or run the model
     predicted: tuple[int, ...] | None = field(default=None, repr=False)  # top-1 index per image
+    fault: RuntimeFault | None = None  # with ``error``: how it failed
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "predicted"}
@@ -55,6 +68,11 @@ def python_for(runtime: str, tflite_runtime_python: Path | None = None) -> Path:
     if runtime == "tflite-runtime":
         return Path(tflite_runtime_python) if tflite_runtime_python else default_tflite_runtime_python()
     return Path(sys.executable)
+
+
+def pythons(tflite_runtime_python: Path | None) -> dict[str, Path] | None:
+    """The ``pythons`` argument of :func:`verify` for ``export.tflite_runtime_python``: None keeps the defaults."""
+    return {"tflite-runtime": Path(tflite_runtime_python)} if tflite_runtime_python else None
 
 
 def unavailable(runtimes: list[str] | tuple[str, ...], tflite_runtime_python: Path | None = None) -> list[str]:
@@ -94,8 +112,10 @@ def verify(
         for runtime in runtimes:
             python = pythons.get(runtime)
             if not Path(python).exists():
-                started[runtime] = (
-                    unavailable([runtime], python)[0] if runtime == "tflite-runtime" else f"no Python at {python}"
+                started[runtime] = _failed(
+                    runtime,
+                    unavailable([runtime], python)[0] if runtime == "tflite-runtime" else f"no Python at {python}",
+                    RuntimeFault.UNAVAILABLE,
                 )
                 continue
             out = Path(tmp) / f"{runtime}.npz"
@@ -128,17 +148,20 @@ def verify(
 def _report(
     runtime: str, job, labels: np.ndarray | None, reference: np.ndarray | None, timeout_s: float
 ) -> RuntimeReport:
-    if isinstance(job, str):
-        return _failed(runtime, job)
+    if isinstance(job, RuntimeReport):
+        return job
     out, proc = job
     try:
         _, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        return _failed(runtime, f"did not finish within {timeout_s:.0f} s (export.verify_timeout_s)")
+        return _failed(
+            runtime, f"did not finish within {timeout_s:.0f} s (export.verify_timeout_s)", RuntimeFault.TIMED_OUT
+        )
     if proc.returncode != 0:
-        return _failed(runtime, _why(proc.returncode, stderr))
+        fault = RuntimeFault.CRASHED if proc.returncode < 0 else RuntimeFault.REFUSED
+        return _failed(runtime, _why(proc.returncode, stderr), fault)
     with np.load(out) as saved:
         probabilities = saved["probabilities"]
         latencies = saved["latencies_ms"]
@@ -148,6 +171,7 @@ def _report(
         return _failed(
             runtime,
             f"returned outputs of shape {probabilities.shape}, expected {expected}",
+            RuntimeFault.WRONG_OUTPUT,
             meta.get("version", "unknown"),
         )
     predicted = probabilities.argmax(1)
@@ -165,8 +189,8 @@ def _report(
     )
 
 
-def _failed(runtime: str, error: str, version: str = "unknown") -> RuntimeReport:
-    return RuntimeReport(runtime, version, None, None, None, False, None, error)
+def _failed(runtime: str, error: str, fault: RuntimeFault, version: str = "unknown") -> RuntimeReport:
+    return RuntimeReport(runtime, version, None, None, None, False, None, error, fault=fault)
 
 
 def _why(returncode: int, stderr: str) -> str:

@@ -13,6 +13,10 @@ comes back); any other failure in a callback is logged with its traceback and
 marks the feed failed (:meth:`Feed.problem`), which /healthz, the watchdog,
 the metrics and the main loop read, so that the daemon exits 70 and its
 service manager restarts it.
+
+The feed is one of the daemon's parts (:class:`daemon.common.lifecycle.Part`):
+it is started before intake and stopped after it, since intake acks on its
+session; intake's stop pauses it first (:meth:`Feed.pause`).
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from daemon.common.settings import MqttSettings
-from daemon.ingest import mqttfast
-from daemon.ingest.wire import Example, Limits, Rejection, Unchecked, parse
+from daemon.common.lifecycle import left
+from daemon.common.settings import MqttSettings, StoreSettings
+from daemon.ingest import mqttfast, wire
+from daemon.ingest.wire import Example, Rejection, Unchecked, parse
 
 log = logging.getLogger("sprout.feed")
 
@@ -52,6 +57,7 @@ def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
             self.callback_errors += 1
             if self.failure is None:
                 self.failure = f"{callback.__name__.strip('_')} failed: {type(err).__name__}: {err}"
+                self._failed_with = err
             log.exception("MQTT callback %s failed; the feed is marked failed", callback.__name__.strip("_"))
 
     return run
@@ -100,26 +106,23 @@ class ByteBudget:
 
 
 class Feed:
-    def __init__(
-        self,
-        settings: MqttSettings,
-        model: str,
-        client_id: str,
-        limits: Limits,
-        backlog_max: int,
-        backlog_max_bytes: int = 512 * 1024 * 1024,
-    ):
+    """The MQTT session; from ``store`` it takes the checks (reloadable, :meth:`reconfigure`) and the backlog's bounds."""
+
+    name = "feed"
+
+    def __init__(self, settings: MqttSettings, store: StoreSettings, model: str, client_id: str):
         self.settings = settings
         self.model = model
-        self.limits = limits
-        self.deliveries: queue.Queue[Delivery] = queue.Queue(maxsize=backlog_max)
-        self.budget = ByteBudget(backlog_max_bytes)
+        self.limits = wire.limits(store)
+        self.deliveries: queue.Queue[Delivery] = queue.Queue(maxsize=store.backlog_max)
+        self.budget = ByteBudget(store.backlog_max_mb * 1024 * 1024)
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # set once the broker confirmed the subscription (SUBACK)
         self.received = 0
         self.connects = 0
         self.callback_errors = 0
         self.failure: str | None = None  # set by the first callback that failed; the feed does not recover
+        self._failed_with: BaseException | None = None  # that callback's exception
         self._network: threading.Thread | None = None  # paho's network thread, once started
         # When paho's network loop last turned (it turns at least once a second while connected), and
         # whether the thread is waiting for room in the deliveries queue (backpressure: intake's to judge).
@@ -188,6 +191,22 @@ class Feed:
         self._client.loop_start()
         self._network = self._client._thread  # paho clears its own reference when the thread ends
 
+    def reconfigure(self, store: StoreSettings) -> None:
+        """Check every message from now on against ``store``'s limits (a reload); the backlog keeps its bounds."""
+        self.limits = wire.limits(store)
+
+    def alive(self) -> bool:
+        """Started, and able to receive (or to reconnect by itself): no callback failed, paho's thread lives."""
+        return self._network is not None and not self._stopping and self.problem() is None
+
+    @property
+    def error(self) -> BaseException | None:
+        """What ended the feed for good: the first failed callback's exception, or the end of paho's thread."""
+        if self._failed_with is not None:
+            return self._failed_with
+        problem = self.problem()
+        return ConnectionError(problem) if problem is not None else None
+
     def problem(self) -> str | None:
         """Why the feed cannot receive, when it cannot and will not recover by itself; None otherwise."""
         if self.failure is not None:
@@ -204,15 +223,23 @@ class Feed:
         """Stop taking new messages; they stay un-acked in the broker's session for the next start."""
         self._accepting = False
 
-    def stop(self) -> None:
-        """Disconnect cleanly; the session (and anything un-acked) stays on the broker for session_expiry_s."""
-        self._stopping = True
-        self._accepting = False
-        self._client.disconnect()
-        self._client.loop_stop()
-        logging.getLogger("sprout.paho").removeFilter(self._quiet_stop)
-        self.connected.clear()
-        self.subscribed.clear()
+    def stop(self, deadline: float) -> bool:
+        """Disconnect cleanly; the session (and anything un-acked) stays on the broker for session_expiry_s.
+
+        paho's thread ends within one turn of its loop (a second at most); True once it has.
+        """
+        if not self._stopping:
+            self._stopping = True
+            self._accepting = False
+            self._client.disconnect()
+            self._client.loop_stop()
+            logging.getLogger("sprout.paho").removeFilter(self._quiet_stop)
+            self.connected.clear()
+            self.subscribed.clear()
+        network = self._network
+        if network is not None:
+            network.join(left(deadline))
+        return network is None or not network.is_alive()
 
     # -- used by intake ------------------------------------------------------------------------
 

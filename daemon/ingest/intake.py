@@ -16,6 +16,10 @@ Before a batch is committed, the bodies of its images are decoded
 GIL, so the checks of one batch run on every core while the network thread
 goes on receiving the next. An image that does not decode is a rejection,
 counted and acked like any other.
+
+Stopping (:meth:`Intake.stop`, the first part the daemon stops) pauses the
+feed, so that new messages stay un-acked on the broker, then commits and acks
+what had arrived, and ends.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from daemon.common.lifecycle import left
 from daemon.common.settings import StoreSettings
 from daemon.ingest.feed import Delivery, Feed
 from daemon.ingest.wire import Example, Rejection, Unchecked, check_body
@@ -42,9 +47,11 @@ COMMIT_MAX_BYTES = 64 * MB  # of images in one commit: ~10 phone photos, hundred
 DISK_RETRY_MAX_S = 5.0
 
 
-class Intake(threading.Thread):
+class Intake:
+    name = "intake"
+
     def __init__(self, feed: Feed, store: Store, settings: StoreSettings):
-        super().__init__(name="sprout-intake", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="sprout-intake", daemon=True)
         self.feed = feed
         self.store = store
         self.settings = settings
@@ -56,7 +63,7 @@ class Intake(threading.Thread):
         self.failing_since: float | None = None  # set while the store refuses writes (disk full, ...)
         self.disk_full_since: float | None = None  # set while paused for a full disk: waiting, not hung
         self._stop_requested = threading.Event()
-        self.error: str | None = None  # why the thread ended, when it ended by an exception
+        self.error: BaseException | None = None  # why the thread ended, when it ended by an exception
         # One decoder per core: a batch's checks then take 1/cores of the time the network thread saved.
         self._checkers = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="sprout-check")
 
@@ -64,11 +71,28 @@ class Intake(threading.Thread):
     def rejected_total(self) -> int:
         return sum(self.rejected.values())
 
-    def stop(self, timeout_s: float) -> bool:
-        """Commit and ack what was received, then end; False if that took longer than timeout_s."""
-        self._stop_requested.set()
-        self.join(timeout_s)
-        return not self.is_alive()
+    def reconfigure(self, settings: StoreSettings) -> None:
+        """Commit, prune and check free space by ``settings`` from the next batch on (a reload)."""
+        self.settings = settings
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, deadline: float) -> bool:
+        """Pause the feed, commit and ack what it had received, then end; False if not done by ``deadline``."""
+        if self._thread.ident is None:  # never started: nothing received, nothing to commit
+            self._checkers.shutdown(wait=False)
+            return True
+        if not self._stop_requested.is_set():
+            self.feed.pause()  # new messages stay un-acked in the broker's session
+            self._stop_requested.set()
+            if self.alive():
+                log.info("stopping: committing %d received examples", self.feed.deliveries.qsize())
+        self._thread.join(left(deadline))
+        return not self.alive()
 
     def run(self) -> None:
         try:
@@ -79,7 +103,7 @@ class Intake(threading.Thread):
                 elif self._stop_requested.is_set():
                     return
         except Exception as err:  # nothing acked is lost: what was not committed comes back from the broker
-            self.error = f"{type(err).__name__}: {err}"
+            self.error = err
             log.exception("intake failed")
         finally:
             self._checkers.shutdown(wait=False)

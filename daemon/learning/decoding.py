@@ -19,7 +19,7 @@ the thread for good, with an error in the log.
 Decoding beside the step is what takes it off the critical path: the
 learner submits the next step's images (read ahead from the store) before it
 runs this step, and collects them when that next step comes
-(``Learner.learn(batch, upcoming)``). A step of 64 new and 256 replayed
+(``Learner.learn_many(batch, upcoming)``). A step of 64 new and 256 replayed
 224 px images is ~0.5 s of one core's decoding, and well under 0.1 s of a
 GPU's step.
 

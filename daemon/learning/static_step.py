@@ -8,7 +8,7 @@ one launch, but only for the shapes and memory it was captured with. So:
 
 - every step has ``rows`` rows (new examples plus replay at most): a smaller
   step is padded, and padding rows weigh 0 in the loss;
-- the class-balanced weights (daemon/learning/learner.py ``_balanced_loss``) are
+- the class-balanced weights (daemon/learning/step.py ``balanced_loss``) are
   computed on the host and copied into a fixed buffer with the targets;
 - a new class grows the head (new tensors): the step is captured again on
   its next use. Classes arrive a handful of times in a model's life; a
@@ -22,7 +22,7 @@ one launch, but only for the shapes and memory it was captured with. So:
   is still finite runs inside the step too, as one fused multi-tensor kernel
   (the one torch.amp's GradScaler checks gradients with), instead of two small
   kernels per tensor and a read back each step in the learner
-  (``Learner.finite``: ~600 tensors for EfficientNet-Lite0 in full mode, its
+  (``EagerStep.state_finite``: ~600 tensors for EfficientNet-Lite0 in full mode, its
   149 trained weights with their two moments and step count each).
 
 Without a graph (``graph=False``) the same function runs eagerly: that is how

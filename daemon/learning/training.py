@@ -21,10 +21,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from daemon.common.settings import Settings
+from daemon.common.lifecycle import left
+from daemon.common.settings import ModelSettings, TrainingSettings
 from daemon.learning import checkpoint
 from daemon.learning.curves import Curves, Point
 from daemon.learning.learner import Learner
@@ -37,7 +39,6 @@ log = logging.getLogger("sprout.learner")
 # ~2,600/s; pausing at 64 ~2,800/s. Low enough to catch a burst early, high enough that a trickle
 # of examples does not stop learning.
 YIELD_AT_BACKLOG = 64
-CURVES = "curves"  # the checkpoint's key for the learning curves (daemon.curves), beside the learner's state
 
 
 class _Marks(NamedTuple):
@@ -51,22 +52,32 @@ class _Marks(NamedTuple):
     last_point: Point | None
 
 
-class Training(threading.Thread):
-    def __init__(self, settings: Settings, intake_backlog: Callable[[], int] | None = None):
-        super().__init__(name="sprout-learner", daemon=True)
+class Training:
+    """The learner of ``model``, trained by ``settings`` on the store in ``state_dir``; a part of the daemon."""
+
+    name = "learner"
+
+    def __init__(
+        self,
+        model: ModelSettings,
+        settings: TrainingSettings,
+        state_dir: Path,
+        intake_backlog: Callable[[], int] | None = None,
+    ):
+        self._thread = threading.Thread(target=self.run, name="sprout-learner", daemon=True)
         self.settings = settings
         self.intake_backlog = intake_backlog
         self.yields = 0  # pauses made for intake
-        self.checkpoints = settings.state_dir / "checkpoints"
-        self.reader = StoreReader(settings.state_dir / "examples.db")
-        self.learner = Learner(settings.model, settings.training, settings.state_dir, self.reader)
+        self.checkpoints = state_dir / "checkpoints"
+        self.reader = StoreReader(state_dir / "examples.db")
+        self.learner = Learner(model, settings, state_dir, self.reader)
         if removed := checkpoint.remove_stale_temporaries(self.checkpoints):
             log.info("removed %d checkpoint temporaries left by an interrupted write", removed)
-        payload = checkpoint.load(self.checkpoints)
+        saved = checkpoint.load(self.checkpoints)
         self.curves = Curves()
-        if payload is not None and self.learner.restore(payload):
+        if saved is not None and self.learner.load_state(saved):
             # Only with the learner it belongs to: a fresh learner starts its chart at 0 learned.
-            self.curves = Curves.from_state(payload.get(CURVES))  # absent from checkpoints older than the curves
+            self.curves = Curves.from_state(saved.curves)  # None in checkpoints older than the curves
             log.info(
                 "resumed at step %d, example %d, %d classes",
                 self.learner.step,
@@ -94,14 +105,39 @@ class Training(threading.Thread):
         """Stored examples not yet learned."""
         return max(0, self.store_high_water_mark - self.learner.high_water_mark)
 
-    def stop(self, timeout_s: float) -> bool:
-        """Finish the current step, checkpoint, end; False if that took longer than timeout_s."""
-        self._stop_requested.set()
-        self.join(timeout_s)
-        return not self.is_alive()
+    def start(self) -> None:
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, deadline: float) -> bool:
+        """Finish the current step, checkpoint, end; False if not done by ``deadline``."""
+        if self._thread.ident is None:  # never started: release the decoders and the store's connection
+            self.learner.close()
+            self.reader.close()
+            return True
+        if not self._stop_requested.is_set():
+            self._stop_requested.set()
+            if self.alive():
+                log.info("stopping: waiting for the learner to finish its step and checkpoint")
+        self._thread.join(left(deadline))
+        return not self.alive()
+
+    def reconfigure(self, settings: TrainingSettings) -> None:
+        """Learn by ``settings`` from the next step on: handed over on the learner's thread, between two steps.
+
+        Not awaited: the request stays queued and runs after the current step, however long that takes.
+        """
+
+        def hand_over() -> None:
+            self.settings = self.learner.settings = settings
+            log.info("reload: the learner uses the new training settings from this step on")
+
+        self.on_learner_thread(hand_over, timeout_s=0)
 
     def run(self) -> None:
-        t = self.settings.training
+        t = self.settings
         try:
             while not self._stop_requested.is_set():
                 if self.learner.apply_label_changes():
@@ -150,15 +186,15 @@ class Training(threading.Thread):
 
     def learn(self, batch: list[StoredExample], upcoming: list[StoredExample] | None = None) -> None:
         """One step; after a divergence, back to the last checkpoint before anything can save or score it."""
-        self.learner.learn(batch, upcoming or ())
+        self.learner.learn_many(batch, upcoming or ())
         if self.learner.diverged is not None:
             self.learner.recover(checkpoint.load(self.checkpoints))
-        if self.learner.step % self.settings.training.holdout_every_steps == 0 and self.learner.holdout_index:
+        if self.learner.step % self.settings.holdout_every_steps == 0 and self.learner.holdout_index:
             self.learner.evaluate_holdout()
 
     def on_learner_thread(self, fn: Callable[[], Any], timeout_s: float = 60.0) -> tuple[bool, Any]:
         """Run ``fn`` on the learner's thread between two steps; (False, None) if it did not happen in time."""
-        if not self.is_alive():
+        if not self.alive():
             return False, None
         done, result = threading.Event(), []
         self._requests.put((fn, done, result))
@@ -201,7 +237,7 @@ class Training(threading.Thread):
         started = time.monotonic()
         try:
             marks = self._checkpointed()
-            path = checkpoint.save(self.checkpoints, {**self.learner.state(), CURVES: self.curves.state()})
+            path = checkpoint.save(self.checkpoints, replace(self.learner.state(), curves=self.curves.state()))
         except OSError as err:
             # A full disk, say: the write is atomic, so the last checkpoint stays whole. Learning goes
             # on and the save is tried again after checkpoint_every_s; a restart resumes from the old one.
@@ -211,7 +247,7 @@ class Training(threading.Thread):
                 self.learner.step,
                 self.checkpoints,
                 err,
-                self.settings.training.checkpoint_every_s,
+                self.settings.checkpoint_every_s,
             )
             return None
         self._saved = marks

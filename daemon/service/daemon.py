@@ -1,15 +1,24 @@
 """The Daemon: one object that owns start-up, the main loop and an ordered, bounded shutdown.
 
-Signal handlers only set flags; the loop notices. Shutdown stops intake first
-(new messages stay un-acked on the broker), commits and acks what arrived,
-then disconnects, so a stop loses nothing and re-reads nothing needlessly.
-A second SIGINT cuts the waiting short. SIGHUP reloads the configuration
-(:mod:`daemon.service.reload`).
+Every part it runs shares one protocol (:class:`daemon.common.lifecycle.Part`:
+start, stop by a deadline, alive, error). They start in dependency order:
+the HTTP listeners, the feed (the MQTT session), the model notice, the
+learner, the exporter, and last intake, whose consumption lets the feed's
+messages flow. One loop watches them all: a part that dies ends the process
+(exit 70) for the service manager to restart. They stop in reverse order
+against one deadline (``SHUTDOWN_BOUND_S``): intake first, pausing the feed
+(new messages stay un-acked on the broker) and committing, then acking, what
+arrived; then the export in flight is killed, the learner finishes its step
+and checkpoints, and the feed disconnects; the store closes last. So a stop
+loses nothing and re-reads nothing needlessly. A second SIGINT cuts the
+waiting short. SIGHUP reloads the configuration (:mod:`daemon.service.reload`),
+handing each running part its new section.
 
-Under systemd (``Type=notify``) the loop also reports: READY=1 once the
-model is loaded and the feed subscribed, a one-line STATUS every few
+Signal handlers only set flags; the loop notices. Under systemd
+(``Type=notify``) the loop also reports (:mod:`daemon.service.report`): READY=1
+once the model is loaded and the feed subscribed, a one-line STATUS every few
 seconds, WATCHDOG=1 only while every part makes progress
-(:mod:`daemon.service.liveness`), RELOADING=1 ... READY=1 around a reload, and
+(:mod:`daemon.service.liveness`); around a reload RELOADING=1 ... READY=1, and
 STOPPING=1 when shutdown begins.
 """
 
@@ -20,14 +29,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from daemon.common import logs, state_owner
 from daemon.common.exits import Exit
-from daemon.common.settings import ConfigError, Settings
+from daemon.common.lifecycle import Part, describe
+from daemon.common.settings import ConfigError, ServerSettings, Settings
 from daemon.distribution.http import DownloadApi, HttpServer
 from daemon.distribution.notice import Notice
-from daemon.ingest import mqttfast, wire
+from daemon.ingest import mqttfast
 from daemon.ingest.feed import Feed
 from daemon.ingest.intake import Intake
 from daemon.registry.versions import registry_root
@@ -35,7 +47,8 @@ from daemon.service import preflight
 from daemon.service.liveness import Liveness, export_stall_after_s
 from daemon.service.reload import Plan as ReloadPlan
 from daemon.service.reload import plan as plan_reload
-from daemon.service.status import Status, fraction, snapshot
+from daemon.service.report import Reporter
+from daemon.service.status import Status, snapshot
 from daemon.service.systemd import Notifier
 from daemon.store.examples import Store
 
@@ -44,7 +57,16 @@ log = logging.getLogger("sprout.daemon")
 # The whole shutdown, intake's last commit first, then the learner's step and checkpoint; systemd's
 # TimeoutStopSec (30 s in systemd/sprout.service) must exceed it, or SIGKILL ends a clean stop.
 SHUTDOWN_BOUND_S = 20.0
-STATUS_EVERY_S = 2.0  # how often `systemctl status` gets a fresh line (one datagram; nothing to save)
+STOP_SLICE_S = 0.1  # parts are stopped in waits this short: a second SIGINT is noticed between them
+# What a part that has not stopped by the deadline leaves behind; the process exits without it.
+LEFT_BEHIND = {
+    "intake": "un-acked examples come back on restart",
+    "exporter": "the export is redone after the next start",
+    "learner": "it resumes from its last checkpoint",
+}
+
+
+P = TypeVar("P", bound=Part)
 
 
 class Daemon:
@@ -54,26 +76,38 @@ class Daemon:
         self.force_exit = False
         self.reload_requested = threading.Event()
         self.notifier = notifier if notifier is not None else Notifier.from_environment()
-        self.ready = False  # READY=1 sent: the model is loaded and the feed subscribed
         # Without a watchdog, no part is ever judged stalled (there is nobody to tell).
         self.liveness = Liveness(self.notifier.watchdog_s or float("inf"), _export_bound(settings))
-        self.withholding: dict[str, str] = {}  # part -> why the watchdog is not pinged, while it is not
-        self.http_address: str | None = None
+        self.reporter = Reporter(self, self.notifier, self.liveness, settings.logging)
+        self.parts: list[Part] = []  # in start order; stopped in reverse
         self.store: Store | None = None
         self.feed: Feed | None = None
         self.intake: Intake | None = None
-        self.training = None  # daemon.training.Training when training.enabled
-        self.exporting = None  # daemon.exporting.Exporting when export.enabled too
+        self.training = None  # daemon.learning.training.Training when training.enabled
+        self.exporting = None  # daemon.export.schedule.Exporting when export.enabled too
         self.http: HttpServer | None = None  # the model API (and the operator's pages while it is loopback)
         self.admin: HttpServer | None = None  # the operator's pages, when `server.http` faces the network
         self.api: DownloadApi | None = None  # the model API: its fleet counts go to /metrics and the page
-        self.admin_address: str | None = None
         self.notice: Notice | None = None
         self._old_handlers: dict[int, object] = {}
-        self._progress_at = 0.0
-        self._progress_stored = 0
-        self._status_due = 0.0
-        self._ping_due = 0.0
+
+    @property
+    def http_address(self) -> str | None:
+        return self.http.address if self.http is not None else None
+
+    @property
+    def admin_address(self) -> str | None:
+        return self.admin.address if self.admin is not None else self.http_address
+
+    @property
+    def ready(self) -> bool:
+        """READY=1 sent: the model is loaded and the feed subscribed."""
+        return self.reporter.ready
+
+    @property
+    def withholding(self) -> dict[str, str]:
+        """Part -> why the watchdog is not pinged, while it is not."""
+        return self.reporter.withholding
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -95,179 +129,138 @@ class Daemon:
         preflight.check(s)  # what `sprout check-config` checks too: files, the signing key, the runtimes
         s.state_dir.mkdir(parents=True, exist_ok=True)
         state_owner.claim(s.state_dir, s.model.name)  # another model's folder is refused, naming both
+        # The store is no part (no thread of its own): opened before every part and closed after all have
+        # stopped, as intake commits into it until its stop and the status reads it until the end.
         self.store = Store(s.state_dir / "examples.db")
         # Once, at start-up, for the whole process: paho's property decoder was the intake's hot spot
         # (daemon/ingest/mqttfast.py checks the paho release it patches and says so when it differs).
         mqttfast.install()
-        self.feed = Feed(
-            s.mqtt, s.model.name, s.client_id, wire.limits(s), s.store.backlog_max, s.store.backlog_max_mb * 1024 * 1024
-        )
-        self.intake = Intake(self.feed, self.store, s.store)
-        if s.training.enabled:
-            from daemon.learning.checkpoint import CheckpointError  # these import torch: only when this node learns
-            from daemon.learning.training import Training
-
-            try:
-                self.training = Training(s, intake_backlog=self.feed.deliveries.qsize)
-            except (ValueError, FileNotFoundError, CheckpointError) as err:
-                # A weights file that does not fit the backbone, an unreadable checkpoint: restarting
-                # cannot help, so this is a configuration error (exit 78), not a crash.
-                raise ConfigError(f"model / training: {err}") from None
-            learner = self.training.learner
-            log.info(
-                "learner: %s at %d px, mode %s on %s, %d classes, resuming after example %d",
-                learner.spec.name,
-                s.model.input_size,
-                learner.mode,
-                learner.device,
-                len(learner.labels),
-                learner.high_water_mark,
-            )
-        self.intake.start()
-        if self.training is not None:
-            self.training.start()
-            if s.export.enabled:
-                from daemon.export.schedule import Exporting
-
-                training = self.training
-                self.exporting = Exporting(s, lambda: training.learner.trained, training.checkpoint_now)
-                self.exporting.start()
-        if s.server.enabled:
-            try:
-                token = s.server.resolved_token()
-            except OSError as err:
-                raise ConfigError(f"server.token_file: cannot read {s.server.token_file}: {err.strerror}") from None
-            api = self.api = DownloadApi(registry_root(s.state_dir), token)
-            from daemon.service import metrics, status_page  # the page and /metrics read this object's status()
-
-            scrape = metrics.registry_for(self)
-            operator = dict(
-                health=self.health,
-                metrics=lambda: metrics.exposition(scrape),
-                status=lambda: status_page.render(self.status(), self.settings),
-            )
-            tls = dict(
-                tls_cert_file=s.server.tls_cert_file,
-                tls_key_file=s.server.tls_key_file,
-                request_timeout_s=s.server.request_timeout_s,
-            )
-            if s.server.admin_apart:
-                # `http` faces the network (the phones): the status page's class names, the metrics and
-                # the health of each part stay on the operator's own address.
-                self.http = HttpServer(s.server.host, s.server.port, None, api, **tls)
-                self.admin = HttpServer(s.server.admin_host, s.server.admin_port, api=None, **operator, **tls)
-                self.admin_address = self.admin.start()
-            else:
-                self.http = HttpServer(s.server.host, s.server.port, api=api, **operator, **tls)
-            self.http_address = self.http.start()
-            self.admin_address = self.admin_address or self.http_address
+        self._build(s)  # every part before any starts: a weights file that does not fit starts nothing
+        for part in self.parts:
+            part.start()
+        if self.http is not None:
             log.info(
                 "serving the model API on %s://%s%s, the status page, /metrics and /healthz on %s://%s",
                 self.http.scheme,
                 self.http_address,
-                " (downloads need the bearer token)" if token else "",
+                " (downloads need the bearer token)" if self.api is not None and self.api.token else "",
                 self.http.scheme,
                 self.admin_address,
             )
-        self.feed.start()
+        log.info("model %s, state %s, broker %s, client id %s", s.model.name, s.state_dir, s.mqtt.broker, s.client_id)
+        self.reporter.begin()
+
+    def _build(self, s: Settings) -> None:
+        """Every part, each given its own settings section, into ``self.parts`` in start order."""
+        if s.server.enabled:
+            self._servers(s.server, s.state_dir)
+        self.feed = self._add(Feed(s.mqtt, s.store, s.model.name, s.client_id))
         # Announce whatever the registry's latest is, now and on every change, on the feed's session.
-        self.notice = Notice(
-            registry_root(s.state_dir) / s.model.name / "latest",
-            s.mqtt.notice_topic(s.model.name),
-            self.feed.publish_retained,
-        )
-        self.notice.start()
+        latest = registry_root(s.state_dir) / s.model.name / "latest"
+        self.notice = self._add(Notice(latest, s.mqtt.notice_topic(s.model.name), self.feed.publish_retained))
+        if s.training.enabled:
+            training = self.training = self._add(self._learner(s))
+            if s.export.enabled:
+                from daemon.export.schedule import Exporting
+
+                self.exporting = self._add(Exporting(s, lambda: training.learner.trained, training.checkpoint_now))
+        # Last to start, first to stop: the feed's messages flow once intake takes them.
+        self.intake = self._add(Intake(self.feed, self.store, s.store))
+
+    def _add(self, part: P) -> P:
+        self.parts.append(part)
+        return part
+
+    def _learner(self, s: Settings):
+        from daemon.learning.checkpoint import CheckpointError  # these import torch: only when this node learns
+        from daemon.learning.training import Training
+
+        try:
+            training = Training(s.model, s.training, s.state_dir, intake_backlog=self.feed.deliveries.qsize)
+        except (ValueError, FileNotFoundError, CheckpointError) as err:
+            # A weights file that does not fit the backbone, an unreadable checkpoint: restarting
+            # cannot help, so this is a configuration error (exit 78), not a crash.
+            raise ConfigError(f"model / training: {err}") from None
+        learner = training.learner
         log.info(
-            "model %s, state %s, broker %s, client id %s",
-            s.model.name,
-            s.state_dir,
-            s.mqtt.broker,
-            s.client_id,
+            "learner: %s at %d px, mode %s on %s, %d classes, resuming after example %d",
+            learner.spec.name,
+            s.model.input_size,
+            learner.mode,
+            learner.device,
+            len(learner.labels),
+            learner.high_water_mark,
         )
-        self._progress_at = time.monotonic()
+        return training
+
+    def _servers(self, server: ServerSettings, state_dir: Path) -> None:
+        try:
+            token = server.resolved_token()
+        except OSError as err:
+            raise ConfigError(f"server.token_file: cannot read {server.token_file}: {err.strerror}") from None
+        api = self.api = DownloadApi(registry_root(state_dir), token)
+        from daemon.service import metrics, status_page  # the page and /metrics read this object's status()
+
+        scrape = metrics.registry_for(self)
+        operator = dict(
+            health=self.health,
+            metrics=lambda: metrics.exposition(scrape),
+            status=lambda: status_page.render(self.status(), self.settings),
+        )
+        tls = dict(
+            tls_cert_file=server.tls_cert_file,
+            tls_key_file=server.tls_key_file,
+            request_timeout_s=server.request_timeout_s,
+        )
+        if server.admin_apart:
+            # `http` faces the network (the phones): the status page's class names, the metrics and
+            # the health of each part stay on the operator's own address.
+            self.admin = self._add(
+                HttpServer(server.admin_host, server.admin_port, api=None, name="admin", **operator, **tls)
+            )
+            self.http = self._add(HttpServer(server.host, server.port, None, api, **tls))
+        else:
+            self.http = self._add(HttpServer(server.host, server.port, api=api, **operator, **tls))
 
     def main_loop(self, on_tick: Callable[[Daemon], None] | None) -> int:
         self.notifier.status(f"connecting to {self.settings.mqtt.broker}")
         while not self.should_exit.wait(0.1):
-            if self.feed is not None and (problem := self.feed.problem()) is not None:
-                log.error("feed failed (%s); exiting so the service manager restarts Sprout", problem)
-                return Exit.SOFTWARE
-            if self.intake is not None and not self.intake.is_alive():
-                log.error("intake thread died (%s); exiting so the service manager restarts Sprout", self.intake.error)
-                return Exit.SOFTWARE
-            if self.notice is not None and not self.notice.is_alive():
-                log.error("notice thread died (%s); exiting so the service manager restarts Sprout", self.notice.error)
-                return Exit.SOFTWARE
-            if self.training is not None and not self.training.is_alive():
-                log.error(
-                    "learner thread died (%s); exiting so the service manager restarts Sprout", self.training.error
-                )
-                return Exit.SOFTWARE
-            if self.exporting is not None and not self.exporting.is_alive():
-                log.error(
-                    "export thread died (%s); exiting so the service manager restarts Sprout", self.exporting.error
-                )
-                return Exit.SOFTWARE
-            for server in (self.http, self.admin):
-                if server is not None and server.error is not None:
-                    log.error("HTTP server stopped: %s", server.error)
+            for part in self.parts:
+                if not part.alive():
+                    log.error(
+                        "%s failed: %s; exiting so the service manager restarts Sprout", part.name, describe(part.error)
+                    )
                     return Exit.SOFTWARE
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
-            self._progress()
-            self._report(time.monotonic())
+            self.reporter.tick(time.monotonic())
             if on_tick is not None:
                 on_tick(self)
         return Exit.OK
-
-    def leave(self, code: int) -> int:
-        """``code``, once the export thread has ended (its stop request killed any export process)."""
-        if self.exporting is not None:
-            self.exporting.join(2.0)
-        if self.exporting is not None and self.exporting.is_alive():
-            # Waiting on the learner for a checkpoint, say; it holds nothing durable: a daemon thread ends with us.
-            log.info("exiting while the export thread waits; the export is redone after the next start")
-        return code
 
     def shutdown(self) -> None:
         started = time.monotonic()
         deadline = started + SHUTDOWN_BOUND_S
         waiting = self.feed.deliveries.qsize() if self.feed else 0
         self.notifier.stopping(f"stopping: committing {waiting} received examples, then checkpointing")
-        if self.feed is not None:
-            self.feed.pause()
-        if self.intake is not None and self.intake.is_alive():
-            log.info("stopping: committing %d received examples", waiting)
-            self.intake.stop(timeout_s=0)
-            if not self._await(self.intake, deadline):
-                log.warning("stopping: intake did not finish in time; un-acked examples come back on restart")
-        if self.exporting is not None:
-            self.exporting.stop()  # kills an export in flight: a publish is atomic, the next start exports again
-        if self.training is not None and self.training.is_alive():
-            log.info("stopping: waiting for the learner to finish its step and checkpoint")
-            self.training.stop(timeout_s=0)
-            if not self._await(self.training, deadline):
-                log.warning("stopping: the learner did not finish in time; it resumes from its last checkpoint")
-        if self.notice is not None:
-            self.notice.stop()
-        if self.feed is not None:
-            self.feed.stop()
-        for server in (self.http, self.admin):
-            if server is not None:
-                server.stop()
+        for part in reversed(self.parts):
+            if not self._stop(part, deadline):
+                left = LEFT_BEHIND.get(part.name, "it ends with the process")
+                log.warning("stopping: the %s did not finish in time; %s", part.name, left)
         if self.store is not None:
             self.store.close()
         log.info("stopped in %.2fs%s", time.monotonic() - started, " (forced)" if self.force_exit else "")
 
-    def _await(self, part: threading.Thread, deadline: float) -> bool:
-        """Wait for a stopping part until the deadline, or not at all once a second SIGINT forces the exit."""
-        while part.is_alive():
-            left = deadline - time.monotonic()
-            if left <= 0 or self.force_exit:
+    def _stop(self, part: Part, deadline: float) -> bool:
+        """Stop one part by the deadline, in short waits: once a second SIGINT forces the exit, none at all."""
+        while True:
+            if self.force_exit:
+                deadline = time.monotonic()  # still asked to stop, no longer waited for
+            if part.stop(min(deadline, time.monotonic() + STOP_SLICE_S)):
+                return True
+            if time.monotonic() >= deadline:
                 return False
-            part.join(min(0.1, left))  # short joins: the signal handler runs between them
-        return True
 
     # -- reload (SIGHUP) ---------------------------------------------------------------------
 
@@ -315,23 +308,16 @@ class Daemon:
         before, self.settings = self.settings, applied
         if applied.logging != before.logging:
             logs.configure(applied.logging.level, applied.logging.format)
-        if self.feed is not None and applied.store != before.store:
-            self.feed.limits = wire.limits(applied)
-            if self.intake is not None:
-                self.intake.settings = applied.store
+        self.reporter.settings = applied.logging
+        if applied.store != before.store:
+            for part in (self.feed, self.intake):
+                if part is not None:
+                    part.reconfigure(applied.store)
         if self.exporting is not None:
-            self.exporting.settings = applied
+            self.exporting.settings = applied  # the whole: each export's process is handed them
         self.liveness.export_stall_after_s = _export_bound(applied)
         if self.training is not None and applied.training != before.training:
-            learner = self.training.learner
-
-            def hand_over() -> None:
-                learner.settings = applied.training
-                log.info("reload: the learner uses the new training settings from this step on")
-
-            # On the learner's own thread, between two steps. Not awaited (timeout 0): the request stays
-            # queued and runs after the current step, however long that takes.
-            self.training.on_learner_thread(hand_over, timeout_s=0)
+            self.training.reconfigure(applied.training)  # between two steps, on the learner's thread
 
     # -- state for health, progress and callers --------------------------------------------------
 
@@ -343,109 +329,20 @@ class Daemon:
         parts = {
             # Subscribed and still receiving: a failed callback or a dead network thread is not a feed.
             "feed": bool(self.feed and self.feed.receiving()),
-            "intake": bool(self.intake and self.intake.is_alive() and self.intake.failing_since is None),
+            "intake": bool(self.intake and self.intake.alive() and self.intake.failing_since is None),
             # False while intake waits for disk space (store.min_free_mb): says why intake is false.
             "disk": not (self.intake and self.intake.disk_full_since is not None),
-            "notice": bool(self.notice is None or self.notice.is_alive()),
+            "notice": bool(self.notice is None or self.notice.alive()),
         }
         if self.settings.training.enabled:
-            parts["learner"] = bool(self.training and self.training.is_alive())
+            parts["learner"] = bool(self.training and self.training.alive())
             if self.settings.export.enabled:
-                parts["exporter"] = bool(self.exporting and self.exporting.is_alive())
+                parts["exporter"] = bool(self.exporting and self.exporting.alive())
         return parts
-
-    def _progress(self) -> None:
-        now = time.monotonic()
-        elapsed = now - self._progress_at
-        if elapsed < self.settings.logging.progress_every_s or self.intake is None or self.feed is None:
-            return
-        status = self.status()
-        intake = status.intake
-        assert intake is not None
-        # The ingest line counts this run's intake: its rate is what the broker delivers now.
-        log.info(
-            "ingest: %d stored (%.1f/s), %d duplicates, %d rejected, backlog %d, broker %s",
-            intake.stored,
-            (intake.stored - self._progress_stored) / elapsed,
-            intake.duplicates,
-            intake.rejected_total,
-            intake.waiting,
-            status.broker,
-        )
-        if (lr := status.learning) is not None:
-            log.info(
-                "learn: step %d, %d learned, loss %s, prequential %s, holdout %s, %d classes, backlog %d",
-                lr.steps,
-                lr.learned,
-                fraction(lr.loss),
-                fraction(lr.prequential),
-                fraction(lr.holdout),
-                len(lr.classes),
-                lr.backlog,
-            )
-        self._progress_at = now
-        self._progress_stored = intake.stored
-
-    def _report(self, now: float) -> None:
-        """Tell systemd: READY=1 once, then STATUS every few seconds and WATCHDOG=1 while all makes progress."""
-        self.liveness.observe(now, self.intake, self._uncommitted(), self.exporting)
-        if not self.ready:
-            if self.feed is None or not self.feed.subscribed.is_set():
-                return
-            self.ready = True
-            status = self.status_line()
-            self.notifier.ready(status)
-            log.info("ready: %s", status)
-            self._status_due = now + STATUS_EVERY_S
-            self._ping_due = now
-        if now >= self._status_due:
-            status = self.status_line()
-            self.notifier.status(status)
-            log.debug("status: %s", status)
-            self._status_due = now + STATUS_EVERY_S
-        watchdog_s = self.notifier.watchdog_s
-        if watchdog_s and now >= self._ping_due:
-            self._ping_due = now + watchdog_s / 2  # sd_watchdog_enabled(3): ping at half the interval
-            stalls = self.liveness.stalls(now, self.intake, self.training, self.exporting, self.feed)
-            if stalls.keys() - self.withholding.keys():  # once per newly stalled part, not every ping
-                log.warning(
-                    "watchdog: not pinging: %s; systemd restarts Sprout once %.0fs pass without a ping",
-                    "; ".join(stalls.values()),
-                    watchdog_s,
-                )
-            elif self.withholding and not stalls:
-                log.info("watchdog: every part makes progress again; pinging")
-            self.withholding = stalls
-            if stalls:
-                self.notifier.status(self.status_line())
-            else:
-                self.notifier.watchdog()
-
-    def _uncommitted(self) -> int:
-        """Examples received and not yet committed: in the feed's queue or in intake's batch in hand."""
-        if self.feed is None or self.intake is None:
-            return 0
-        done = self.intake.stored + self.intake.duplicates + self.intake.rejected_total
-        return max(0, self.feed.received - done)
 
     def status_line(self) -> str:
         """One line for `systemctl status`: what is stored, learned and published, and what is wrong."""
-        status = self.status()
-        intake = status.intake
-        # This run's intake beside the store's total: "since start" tells the two apart, and a restart
-        # that stores nothing new still shows what the store holds.
-        parts = [f"{intake.stored if intake else 0} stored since start ({status.examples} in the store)"]
-        if (lr := status.learning) is not None:
-            parts.append(f"{lr.learned} learned (backlog {lr.backlog}), holdout {fraction(lr.holdout)}")
-        version = status.model_version
-        parts.append(f"model v{version}" if version is not None else "no model published")
-        if status.broker != "connected":
-            parts.append(f"broker {self.settings.mqtt.broker} {status.broker}")
-        if intake is not None and intake.disk_full_for_s is not None:
-            parts.append(f"DISK FULL: intake paused for {intake.disk_full_for_s:.0f}s")
-        if status.stalled:
-            parts.append("STALLED: " + "; ".join(status.stalled.values()))
-        return ", ".join(parts)
+        return self.reporter.status_line()
 
     # -- signals -----------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ class _Intake(Protocol):
     failing_since: float | None
     disk_full_since: float | None
 
-    def is_alive(self) -> bool: ...
+    def alive(self) -> bool: ...
 
 
 class _Feed(Protocol):
@@ -64,13 +64,13 @@ class _Training(Protocol):
     backlog: int
     compiling_since: float | None
 
-    def is_alive(self) -> bool: ...
+    def alive(self) -> bool: ...
 
 
 class _Exporting(Protocol):
     busy: bool
 
-    def is_alive(self) -> bool: ...
+    def alive(self) -> bool: ...
 
 
 def export_stall_after_s(quantization_modes: int, verify_timeout_s: float) -> float:
@@ -120,7 +120,7 @@ class Liveness:
             elif feed.connected.is_set() and not feed.waiting_for_intake and now - feed.last_loop > bound:
                 out["feed"] = f"the MQTT network loop has not turned for {now - feed.last_loop:.0f}s while connected"
         if intake is not None:
-            if not intake.is_alive():
+            if not intake.alive():
                 out["intake"] = "intake thread is dead"
             elif intake.disk_full_since is not None:
                 pass  # paused for disk space, logged as an error and shown on /healthz and /metrics
@@ -129,7 +129,7 @@ class Liveness:
             elif self._waiting_since is not None and now - self._waiting_since > bound:
                 out["intake"] = f"intake has committed nothing for {now - self._waiting_since:.0f}s while examples wait"
         if training is not None:
-            if not training.is_alive():
+            if not training.alive():
                 out["learner"] = "learner thread is dead"
             elif training.compiling_since is not None:
                 if now - training.compiling_since > COMPILE_BOUND_S:
@@ -140,7 +140,7 @@ class Liveness:
                     f"(inside one step, evaluation or checkpoint; backlog {training.backlog})"
                 )
         if exporting is not None:
-            if not exporting.is_alive():
+            if not exporting.alive():
                 out["exporter"] = "export thread is dead"
             elif self._busy_since is not None and now - self._busy_since > self.export_stall_after_s:
                 out["exporter"] = f"one export has run for {now - self._busy_since:.0f}s"

@@ -339,7 +339,7 @@ def run_demo(args: Any) -> int:
         # The loop did not reach its end: say why in one line, and let a script (or CI) see it.
         terminal.say(f"demo: FAILED: {state['failure']}")
         code = 1
-    return daemon.leave(code)
+    return code
 
 
 def _failure(d: Daemon, summary: dict[str, Any], timed_out: bool, max_seconds: float) -> str | None:

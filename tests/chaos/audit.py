@@ -18,7 +18,7 @@ from edge.model import EdgeModel, ModelError
 from edge.trust import SignatureError, verify_document, verify_file
 
 # Reasons in the registry's log that mean an interpreter could not load or run a candidate, or gave NaN,
-# as opposed to an accuracy gate doing its job (accuracy_drop, regression): daemon/export/pipeline.py.
+# as opposed to an accuracy gate doing its job (accuracy_drop, regression): daemon/export/gates.py.
 RUNTIME_FAILURE_WORDS = ("could not load or run", "NaN or infinite", "no runtime verified")
 
 
@@ -70,10 +70,10 @@ def learner(state: Path) -> list[str]:
     finally:
         db.close()
     problems = []
-    if payload["high_water_mark"] != max_seq:
-        problems.append(f"checkpoint high-water mark {payload['high_water_mark']}, store {max_seq}: not caught up")
-    if payload["trained"] != train:
-        problems.append(f"checkpoint says {payload['trained']} examples trained, the store holds {train} for training")
+    if payload.high_water_mark != max_seq:
+        problems.append(f"checkpoint high-water mark {payload.high_water_mark}, store {max_seq}: not caught up")
+    if payload.trained != train:
+        problems.append(f"checkpoint says {payload.trained} examples trained, the store holds {train} for training")
     return problems
 
 

@@ -15,9 +15,9 @@ import uuid
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+from helpers import colour_jpeg
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from test_learner import colour_jpeg
 
 NO_MATCHING_SUBSCRIBERS = 16
 CLASSES = 3

@@ -162,7 +162,7 @@ class Chaos:
             payload = checkpoint.load(self.state / "checkpoints")
         except checkpoint.CheckpointError:
             return False
-        return payload is not None and payload["high_water_mark"] >= audit.store_high_water_mark(self.state)
+        return payload is not None and payload.high_water_mark >= audit.store_high_water_mark(self.state)
 
     def close(self) -> None:
         """Whatever happened, leave no process behind."""

@@ -8,11 +8,12 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from helpers import wait_for
-from test_learner import stream
+from learning_helpers import stream
 
 from daemon.common.settings import ExportSettings, ModelSettings, Settings, TrainingSettings
 from daemon.export.schedule import Exporting
@@ -88,7 +89,7 @@ def test_the_learner_goes_on_learning_beside_an_export(tmp_path):
         training=TrainingSettings(mode="head", device="cpu", batch_size=2, checkpoint_every_s=0.2),
         export=ExportSettings(quantization=["none"], runtimes=["ai-edge-litert"]),
     )
-    training = Training(settings)
+    training = Training(settings.model, settings.training, settings.state_dir)
     training.start()
     try:
         wait_for(lambda: len(training.learner.labels) == 3, 30, "the learner to see every class")
@@ -100,9 +101,9 @@ def test_the_learner_goes_on_learning_beside_an_export(tmp_path):
         assert outcome is not None and outcome.published is not None, outcome
         assert training.error is None, training.error
     finally:
-        training.stop(30)
+        training.stop(time.monotonic() + 30)
         if "exporting" in locals():
-            exporting.stop()  # its spare process
+            exporting.stop(time.monotonic())  # its spare process
     assert training.error is None, training.error
     assert steps > 10, f"learner steps during the export: {steps}"  # it learned on, not waiting
 

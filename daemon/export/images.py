@@ -1,0 +1,54 @@
+"""The stored images an export scores and calibrates on, read once per export at the model's input size.
+
+The holdout is what every gate scores (daemon/export/gates.py); calibration
+is what int8's activation ranges are measured on (daemon/export/converter.py).
+Both read up to the checkpoint's ``high_water_mark``, so an export scores the
+examples its model could have learned from, no later ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from daemon.export.outcome import NothingToExport
+from daemon.store.examples import StoreReader
+from edge.preprocess import load_rgb
+
+
+def holdout(
+    reader: StoreReader, labels: list[str], high_water_mark: int, size: int, most: int
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The most recent holdout examples of known ``labels``: their seqs, uint8 RGB at ``size``, label indices."""
+    known = {label: i for i, label in enumerate(labels)}
+    pairs = [(seq, label) for seq, label in reader.labels_up_to(high_water_mark, "holdout") if label in known][-most:]
+    seqs, images, indices = [], [], []
+    for e in reader.by_seq([seq for seq, _ in pairs]):
+        rgb = load_rgb(e.image, size)
+        if rgb is not None:
+            seqs.append(e.seq)
+            images.append(rgb)
+            indices.append(known[e.label])
+    if not images:
+        raise NothingToExport("no holdout examples of the known classes yet: the gates need some to score the model")
+    return seqs, np.stack(images), np.array(indices)
+
+
+def calibration(reader: StoreReader, high_water_mark: int, size: int, most: int, seed: int) -> list[np.ndarray]:
+    """A class-balanced sample of stored training examples, as uint8 RGB: what int8 ranges are measured on.
+
+    Balanced, so a class with few examples still sets the ranges its features need; drawn across the whole
+    history with a fixed seed, so two exports of the same checkpoint calibrate alike.
+    """
+    by_label: dict[str, list[int]] = {}
+    for seq, label in reader.labels_up_to(high_water_mark, "train"):
+        by_label.setdefault(label, []).append(seq)
+    rng = np.random.default_rng(seed)
+    per_label = max(1, most // max(1, len(by_label)))
+    seqs = []
+    for label in sorted(by_label):
+        pool = by_label[label]
+        seqs += [pool[i] for i in sorted(rng.choice(len(pool), size=min(per_label, len(pool)), replace=False))]
+    images = [rgb for e in reader.by_seq(seqs) if (rgb := load_rgb(e.image, size)) is not None]
+    if not images:
+        raise NothingToExport("no stored training examples to calibrate the int8 model on yet")
+    return images

@@ -1,0 +1,58 @@
+"""What one export needs of the settings: its own sections, and no more, sent to the export process as JSON.
+
+The export process (daemon/export/child.py) reads an :class:`ExportJob` on its
+stdin: the export and model sections, the registry's and the signing key's
+(it publishes), and the two figures of the training section an export uses.
+The broker's password, the HTTP token and the learner's knobs stay in the
+daemon.
+
+>>> from daemon.common.settings import Settings
+>>> job = ExportJob.from_settings(Settings.load(None, {"model": {"name": "maize"}}))
+>>> ExportJob.model_validate_json(job.model_dump_json()) == job, job.model.name
+(True, 'maize')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from daemon.common.settings import ExportSettings, ModelSettings, RegistrySettings, SigningSettings
+from daemon.registry.signing import Signer
+from daemon.registry.versions import Registry, registry_root
+
+if TYPE_CHECKING:
+    from daemon.common.settings import Settings
+
+
+class ExportJob(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    state_dir: Path  # absolute: the export process runs in a folder of its own
+    model: ModelSettings
+    export: ExportSettings
+    registry: RegistrySettings
+    signing: SigningSettings
+    seed: int  # training.seed: a backbone without shipped weights is rebuilt as the learner built it
+    checkpoint_every_s: float  # training.checkpoint_every_s, quoted while there is no checkpoint yet
+    log_level: str = "INFO"  # logging.level; the export process logs JSON lines whatever the daemon's format
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ExportJob:
+        return cls(
+            state_dir=settings.state_dir,
+            model=settings.model,
+            export=settings.export,
+            registry=settings.registry,
+            signing=settings.signing,
+            seed=settings.training.seed,
+            checkpoint_every_s=settings.training.checkpoint_every_s,
+            log_level=settings.logging.level,
+        )
+
+    def open_registry(self) -> Registry:
+        """The model's registry, for writing (as ``Registry.from_settings`` opens the daemon's)."""
+        signer = Signer.load_or_create(self.signing.resolved_key_file(self.state_dir))
+        return Registry(registry_root(self.state_dir), self.model.name, signer, self.registry.keep_versions)
