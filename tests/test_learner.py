@@ -62,20 +62,25 @@ def test_prequential_matches_a_hand_written_predict_then_learn_loop(tmp_path: Pa
     assert learner.prequential.correct > 36  # and it did learn
 
 
-def holdout_accuracy(tmp_path: Path, replay_ratio: float) -> tuple[float, Learner]:
+def holdout_accuracy(tmp_path: Path, replay_ratio: float, seed: int) -> tuple[float, Learner]:
     examples = stream([0, 1], 40, seed=2) + stream([2, 3], 40, seed=3) + stream([4, 5], 40, seed=4)
-    learner, reader = make_learner(tmp_path, examples, replay_ratio=replay_ratio)
+    learner, reader = make_learner(tmp_path, examples, replay_ratio=replay_ratio, seed=seed)
     learn_all(learner, reader)
     return learner.evaluate_holdout().accuracy, learner
 
 
 def test_replay_beats_naive_fine_tuning_on_a_class_incremental_stream(tmp_path: Path):
-    naive, _ = holdout_accuracy(tmp_path / "naive", replay_ratio=0.0)
-    replay, learner = holdout_accuracy(tmp_path / "replay", replay_ratio=2.0)
-    assert len(learner.labels) == 6
-    assert replay >= 0.8, replay
-    assert replay - naive >= 0.25, (replay, naive)
-    assert learner.holdout.average_forgetting is not None
+    # Three seeds, not one: on 48 holdout images one seed's accuracy moves by a few points with the head's
+    # random start (0.79-0.98 over seeds 0-5; naive fine-tuning 0.17-0.33), and the claim is about the method.
+    replays = []
+    for seed in (0, 1, 2):
+        naive, _ = holdout_accuracy(tmp_path / f"naive-{seed}", replay_ratio=0.0, seed=seed)
+        replay, learner = holdout_accuracy(tmp_path / f"replay-{seed}", replay_ratio=2.0, seed=seed)
+        assert len(learner.labels) == 6
+        assert replay - naive >= 0.25, (seed, replay, naive)
+        assert learner.holdout.average_forgetting is not None
+        replays.append(replay)
+    assert sum(replays) / len(replays) >= 0.8, replays
 
 
 def test_head_mode_computes_each_embedding_once(tmp_path: Path):
