@@ -39,7 +39,8 @@ from daemon.export.metadata import describe  # noqa: E402
 from daemon.export.verification import verify  # noqa: E402
 from daemon.ingest.wire import Example  # noqa: E402
 from daemon.learning.learner import Learner  # noqa: E402
-from daemon.store.examples import Store, StoreReader  # noqa: E402
+from daemon.store.examples import Store  # noqa: E402
+from daemon.store.reader import StoreReader  # noqa: E402
 from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
 from edge.preprocess import load_rgb  # noqa: E402
 

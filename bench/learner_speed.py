@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from daemon.common.settings import ModelSettings, TrainingSettings  # noqa: E402
 from daemon.ingest.wire import Example  # noqa: E402
 from daemon.learning.learner import Learner  # noqa: E402
-from daemon.store.examples import Store, StoreReader  # noqa: E402
+from daemon.store.examples import Store  # noqa: E402
+from daemon.store.reader import StoreReader  # noqa: E402
 from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
 
 

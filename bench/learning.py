@@ -43,7 +43,8 @@ from daemon.common.settings import ModelSettings, TrainingSettings  # noqa: E402
 from daemon.ingest.wire import Example  # noqa: E402
 from daemon.learning.head import GrowingHead  # noqa: E402
 from daemon.learning.learner import Learner  # noqa: E402
-from daemon.store.examples import Store, StoreReader  # noqa: E402
+from daemon.store.examples import Store  # noqa: E402
+from daemon.store.reader import StoreReader  # noqa: E402
 from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
 
 
@@ -89,7 +90,7 @@ class Embedder:
         self.vectors: dict[str, np.ndarray] = {}
 
     def add(self, ids: list[str], images: list[bytes]) -> None:
-        from daemon.store.examples import StoredExample
+        from daemon.store.reader import StoredExample
 
         for start in range(0, len(ids), 64):
             chunk = [

@@ -16,8 +16,8 @@ from daemon.common.exits import Exit
 from daemon.common.settings import ConfigError, Settings
 
 if TYPE_CHECKING:  # imported where used: `sprout --help` should not wait for torch
-    from daemon.store.examples import LabelCount, StoreReader
     from daemon.store.labels import LabelChange
+    from daemon.store.reader import LabelCount, StoreReader
 
 
 log = logging.getLogger("sprout")
@@ -75,7 +75,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.service.daemon import Daemon
-    from daemon.store.examples import StateDirError, StoreError
+    from daemon.store.errors import StateDirError, StoreError
 
     settings = _settings(args)
     logs.configure(settings.logging.level, settings.logging.format)
@@ -103,7 +103,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_store_stats(args: argparse.Namespace) -> int:
-    from daemon.store.examples import StoreError, open_reader, stats
+    from daemon.store.errors import StoreError
+    from daemon.store.reader import open_reader, stats
 
     settings = _settings(args)
     try:
@@ -118,7 +119,7 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
 def cmd_store_import(args: argparse.Namespace) -> int:
     from daemon.ingest.folders import DatasetError
     from daemon.ingest.importer import ImportStopped, run_import
-    from daemon.store.examples import StoreError
+    from daemon.store.errors import StoreError
 
     settings = _settings(args)
     try:
@@ -138,8 +139,10 @@ def cmd_store_import(args: argparse.Namespace) -> int:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from daemon.store.examples import Store, StoreError, StoreReader
+    from daemon.store.errors import StoreError
+    from daemon.store.examples import Store
     from daemon.store.labels import Action, LabelError, LabelMap
+    from daemon.store.reader import StoreReader
 
     settings = _settings(args)
     what = f"sprout labels {args.labels_command}"

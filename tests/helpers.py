@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.store.examples import open_reader
+from daemon.store.reader import open_reader
 from daemon.tools.broker import free_port
 from daemon.tools.feeder import Publisher
 

@@ -12,7 +12,8 @@ from daemon.common.settings import ModelSettings, TrainingSettings
 from daemon.ingest.wire import Example
 from daemon.learning import checkpoint
 from daemon.learning.learner import Learner
-from daemon.store.examples import Store, StoreReader
+from daemon.store.examples import Store
+from daemon.store.reader import StoreReader
 
 
 def stream(classes: list[int], per_class: int, seed: int, order: str = "class-incremental") -> list[Example]:

@@ -19,7 +19,7 @@ from daemon.common.settings import ModelSettings, TrainingSettings
 from daemon.learning import checkpoint
 from daemon.learning.decoding import DecodePool, auto_workers
 from daemon.learning.learner import Learner
-from daemon.store.examples import StoredExample
+from daemon.store.reader import StoredExample
 from edge.preprocess import load_rgb
 
 

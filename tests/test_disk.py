@@ -128,7 +128,8 @@ def test_a_full_disk_pauses_intake_unacked_and_it_resumes_when_space_returns(
 STORE_ON_A_FULL_DISK = """
 import os, subprocess, sys
 from pathlib import Path
-from daemon.store.examples import Store, is_disk_full
+from daemon.store.errors import is_disk_full
+from daemon.store.examples import Store
 from daemon.ingest.wire import Example
 
 state = Path(sys.argv[1])

@@ -42,7 +42,7 @@ from fuzz_messages import (
 from helpers import SPROUT, DaemonProcess, jpeg, stored_ids, wait_for
 
 from daemon.ingest.wire import Example, Reason, Rejection, parse
-from daemon.store.examples import open_reader
+from daemon.store.reader import open_reader
 from daemon.tools.feeder import Publisher
 
 MESSAGES = int(os.environ.get("SPROUT_FUZZ_MESSAGES", "300"))

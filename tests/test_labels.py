@@ -30,8 +30,9 @@ from daemon.learning.static_step import StaticStep
 from daemon.learning.training import Training
 from daemon.registry.signing import Signer
 from daemon.registry.versions import Registry, registry_root, utc_time
-from daemon.store.examples import LabelCount, Store, StoreReader, stats
+from daemon.store.examples import Store
 from daemon.store.labels import Action, LabelChange, LabelError, LabelMap, outputs_after
+from daemon.store.reader import LabelCount, StoreReader, stats
 from models import zoo
 
 TYPO = "class 1"  # sent for class-1's pictures by a misconfigured phone

@@ -20,7 +20,8 @@ from daemon.learning import checkpoint
 from daemon.learning.embeddings import EmbeddingCache
 from daemon.learning.head import GrowingHead
 from daemon.learning.learner import Learner
-from daemon.store.examples import Store, StoreReader
+from daemon.store.examples import Store
+from daemon.store.reader import StoreReader
 
 
 def test_growing_keeps_old_outputs_and_optimizer_state():

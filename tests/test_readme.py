@@ -21,7 +21,7 @@ def block_after(marker: str) -> str:
 
 def test_the_readmes_example_messages_are_stored_as_sent(broker, daemon_factory, tmp_path: Path):
     """The mosquitto_pub lines a feed in any language would copy: MQTT v5 properties, and the JSON fallback."""
-    from daemon.store.examples import open_reader
+    from daemon.store.reader import open_reader
 
     d = daemon_factory(broker.url, model="plant-disease").start()
     (tmp_path / "leaf.jpg").write_bytes(jpeg(7, size=64))

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from daemon.ingest.wire import Example, Reason, Rejection
-from daemon.store.examples import Store, StoreError, open_reader, stats
+from daemon.store.errors import StoreError
+from daemon.store.examples import Store
+from daemon.store.reader import open_reader, stats
 
 
 def example(i: int, label: str = "healthy", split: str = "train") -> Example:

@@ -269,7 +269,7 @@ def main(argv: list[str]) -> int:
 
     from daemon.common import logs
     from daemon.export.pipeline import NothingToExport, export_once
-    from daemon.store.examples import is_disk_full
+    from daemon.store.errors import is_disk_full
 
     document = sys.stdin.buffer.read()
     if not document:  # the daemon discarded this spare without using it

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from daemon.export.outcome import NothingToExport
-from daemon.store.examples import StoreReader
+from daemon.store.reader import StoreReader
 from edge.preprocess import load_rgb
 
 

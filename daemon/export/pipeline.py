@@ -40,8 +40,8 @@ from daemon.export.verification import RuntimeReport, pythons, verify
 from daemon.learning import checkpoint
 from daemon.learning.head import GrowingHead
 from daemon.registry.versions import Registry
-from daemon.store.examples import StoreReader
 from daemon.store.labels import LabelChange, LabelMap, outputs_after
+from daemon.store.reader import StoreReader
 from models import zoo
 
 __all__ = ["ExportJob", "ExportOutcome", "NothingToExport", "export_once"]

@@ -37,7 +37,8 @@ from daemon.ingest import wire
 from daemon.ingest.folders import IMAGE_SUFFIXES, DatasetError, FolderFile, content_id, folder_files
 from daemon.ingest.image_checks import sniffed_content_type
 from daemon.ingest.wire import Example, Limits, Reason, Rejection, parse
-from daemon.store.examples import Store, StoreError, is_disk_full
+from daemon.store.errors import StoreError, is_disk_full
+from daemon.store.examples import Store
 
 MB = 1024 * 1024
 # commit_max_examples alone would let 512 phone photos (2-6 MB each) wait in memory for one commit;

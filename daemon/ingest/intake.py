@@ -36,7 +36,8 @@ from daemon.common.lifecycle import left
 from daemon.common.settings import StoreSettings
 from daemon.ingest.feed import Delivery, Feed
 from daemon.ingest.wire import Example, Rejection, Unchecked, check_body
-from daemon.store.examples import Store, is_disk_full
+from daemon.store.errors import is_disk_full
+from daemon.store.examples import Store
 
 log = logging.getLogger("sprout.intake")
 

@@ -29,7 +29,7 @@ from torch import nn
 from daemon.learning.decoding import CHUNK, DecodePool, Decoding, auto_workers
 from daemon.learning.embeddings import EmbeddingCache
 from daemon.learning.placement import Placement
-from daemon.store.examples import StoredExample, StoreReader
+from daemon.store.reader import StoredExample, StoreReader
 from models.zoo import BackboneSpec
 
 log = logging.getLogger("sprout.learner")

@@ -35,8 +35,8 @@ from daemon.learning.placement import Placement, choose_device, choose_mode, net
 from daemon.learning.replay import Replay
 from daemon.learning.scores import Holdout, Prequential
 from daemon.learning.step import load_optimizer, make_optimizer, make_step
-from daemon.store.examples import StoredExample, StoreReader
 from daemon.store.labels import LabelChange, LabelMap, outputs_after
+from daemon.store.reader import StoredExample, StoreReader
 from models import zoo
 
 log = logging.getLogger("sprout.learner")

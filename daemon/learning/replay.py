@@ -22,7 +22,7 @@ from array import array
 from collections.abc import Callable, Iterable
 from itertools import chain
 
-from daemon.store.examples import StoredExample
+from daemon.store.reader import StoredExample
 
 
 class Replay:

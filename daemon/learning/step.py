@@ -33,7 +33,7 @@ from daemon.learning.divergence import state_is_finite
 from daemon.learning.inputs import Inputs
 from daemon.learning.placement import Placement
 from daemon.learning.static_step import StaticStep
-from daemon.store.examples import StoredExample
+from daemon.store.reader import StoredExample
 
 log = logging.getLogger("sprout.learner")
 

@@ -30,7 +30,7 @@ from daemon.common.settings import ModelSettings, TrainingSettings
 from daemon.learning import checkpoint
 from daemon.learning.curves import Curves, Point
 from daemon.learning.learner import Learner
-from daemon.store.examples import StoredExample, StoreReader
+from daemon.store.reader import StoredExample, StoreReader
 
 log = logging.getLogger("sprout.learner")
 

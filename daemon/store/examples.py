@@ -21,15 +21,13 @@ another writer (``sprout store import``) added.
 
 Label changes (``sprout labels``, :mod:`daemon.store.labels`) are rows of
 ``label_changes``; examples keep the label they were sent with, and every
-reader here returns it resolved through the changes (:class:`StoreReader`
-with the changes its learner has applied, :func:`stats` with all of them).
+reader returns it resolved through the changes (daemon/store/reader.py).
 The table came after schema 1 without changing it: the writer creates it
 where missing, and a reader finding none reads a store with no change.
 """
 
 from __future__ import annotations
 
-import errno
 import sqlite3
 import threading
 import time
@@ -38,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from daemon.store.errors import StateDirError
 from daemon.store.labels import Action, LabelChange, LabelMap
+from daemon.store.reader import read_label_changes, stats
 from daemon.store.records import Example, Rejection
 
 SCHEMA_VERSION = 1
@@ -91,15 +91,6 @@ class CommitResult:
 class StoreTotals:
     examples: int  # stored now: every writer's, less what retention deleted
     rejected: int  # messages rejected, ever
-
-
-class StoreError(Exception):
-    """The store cannot be opened or written; the message says what to check."""
-
-
-class StateDirError(StoreError):
-    """The state folder cannot hold a store (missing rights, not Sprout's) or holds a newer Sprout's:
-    restarting cannot fix it (the daemon exits 78, daemon/common/exits.py)."""
 
 
 class Store:
@@ -204,7 +195,7 @@ class Store:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                labels = LabelMap.replay(_label_changes(self._db, 0))
+                labels = LabelMap.replay(read_label_changes(self._db, 0))
                 stored = {labels.name(row[0]) for row in self._db.execute("SELECT DISTINCT label FROM examples")}
                 labels.check(action, label, into, stored | set(outputs), max_label_chars)
                 at = time.time()
@@ -282,45 +273,6 @@ class Store:
             self._db.close()
 
 
-def open_reader(path: Path) -> sqlite3.Connection:
-    """A read-only connection for another thread or process (stats, the learner)."""
-    if not Path(path).exists():
-        raise StoreError(f"{path}: no example store here (check --state / state_dir)")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
-    db.execute("PRAGMA busy_timeout = 30000")
-    return db
-
-
-def stats(db: sqlite3.Connection) -> dict[str, object]:
-    """Totals as JSON-ready data: examples, per label (as named now: ``sprout labels``), per split, rejected by reason."""
-    labels = LabelMap.replay(_label_changes(db, 0))
-    per_label: dict[str, int] = {}
-    per_split: dict[str, int] = {"train": 0, "holdout": 0}
-    total = 0
-    for label, split, count in db.execute("SELECT label, split, COUNT(*) FROM examples GROUP BY label, split"):
-        label = labels.name(label)
-        per_label[label] = per_label.get(label, 0) + count
-        per_split[split] += count
-        total += count
-    rejected = dict(db.execute("SELECT reason, count FROM rejections ORDER BY reason").fetchall())
-    return {
-        "total": total,
-        "per_label": dict(sorted(per_label.items())),
-        "per_split": per_split,
-        "rejected": rejected,
-        "rejected_total": sum(rejected.values()),
-    }
-
-
-def _label_changes(db: sqlite3.Connection, after: int) -> list[LabelChange]:
-    """The label changes after id ``after``, in order. A read-only connection to a store that no Sprout with
-    label changes has opened yet has no such table: no change was ever made there."""
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'label_changes'").fetchone() is None:
-        return []
-    rows = db.execute("SELECT id, at, action, label, into_label FROM label_changes WHERE id > ? ORDER BY id", (after,))
-    return [LabelChange(id_, at, Action(action), label, into) for id_, at, action, label, into in rows]
-
-
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=30.0, check_same_thread=False)
     # Images are tens of kB: 64 KiB pages keep most of one in a page instead of a chain of
@@ -331,107 +283,3 @@ def _connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous = FULL")
     db.execute("PRAGMA busy_timeout = 30000")
     return db
-
-
-@dataclass(frozen=True, slots=True)
-class StoredExample:
-    seq: int
-    label: str
-    split: str
-    image: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class LabelCount:
-    train: int = 0
-    holdout: int = 0
-
-
-class StoreReader:
-    """The learner's read-only view of the store, on its own connection (WAL lets it read while intake writes).
-
-    Labels come back as :attr:`labels` resolves them: the learner advances it as it applies label changes,
-    so every row it reads agrees with its outputs, whatever a ``sprout labels`` command commits meanwhile.
-    """
-
-    def __init__(self, path: Path):
-        self._db = open_reader(path)
-        self.labels = LabelMap()
-
-    def label_changes(self, after: int = 0) -> list[LabelChange]:
-        """The label changes recorded after id ``after``, oldest first."""
-        return _label_changes(self._db, after)
-
-    def label_counts(self) -> dict[str, LabelCount]:
-        """Stored examples per class (retired ones included), by split."""
-        counts: dict[str, dict[str, int]] = {}
-        for label, split, n in self._db.execute("SELECT label, split, COUNT(*) FROM examples GROUP BY label, split"):
-            by_split = counts.setdefault(self.labels.name(label), {})
-            by_split[split] = by_split.get(split, 0) + n
-        return {label: LabelCount(**by_split) for label, by_split in sorted(counts.items())}
-
-    def after(self, seq: int, limit: int) -> list[StoredExample]:
-        """The next examples in commit order, both splits, retired classes' too (the learner moves past them)."""
-        rows = self._db.execute(
-            "SELECT seq, label, split, image FROM examples WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
-        ).fetchall()
-        return [StoredExample(seq, self.labels.name(label), split, image) for seq, label, split, image in rows]
-
-    def by_seq(self, seqs: list[int]) -> list[StoredExample]:
-        """Examples by seq, in the order asked (replay, holdout)."""
-        if not seqs:
-            return []
-        found: dict[int, StoredExample] = {}
-        for start in range(0, len(seqs), 500):  # SQLite's bound-parameter limit
-            chunk = seqs[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for s, label, split, image in self._db.execute(
-                f"SELECT seq, label, split, image FROM examples WHERE seq IN ({marks})", chunk
-            ):
-                found[s] = StoredExample(s, self.labels.name(label), split, image)
-        return [found[s] for s in seqs if s in found]
-
-    def labels_up_to(self, seq: int, split: str) -> list[tuple[int, str]]:
-        """(seq, label) of every example of a split up to seq, retired classes' left out: the index replay
-        and holdout sample from."""
-        rows = self._db.execute(
-            "SELECT seq, label FROM examples WHERE split = ? AND seq <= ? ORDER BY seq", (split, seq)
-        )
-        return [(s, name) for s, label in rows if (name := self.labels.resolve(label)) is not None]
-
-    def high_water_mark(self) -> int:
-        return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM examples").fetchone()[0]
-
-    def retention_frontiers(self) -> dict[str, int]:
-        """Per split, the oldest seq still stored: retention deletes each split oldest first, so every
-        example of that split below it is gone and every one from it on is stored. A split with nothing
-        stored gives the next seq (all of it is gone). Read from the (label, split) index, label by label."""
-        labels = [row[0] for row in self._db.execute("SELECT DISTINCT label FROM examples")]
-        beyond = self.high_water_mark() + 1
-        out = {}
-        for split in ("train", "holdout"):
-            firsts = [
-                self._db.execute(
-                    "SELECT MIN(seq) FROM examples WHERE label = ? AND split = ?", (label, split)
-                ).fetchone()[0]
-                for label in labels
-            ]
-            out[split] = min((s for s in firsts if s is not None), default=beyond)
-        return out
-
-    def seqs_between(self, low: int, high: int) -> list[int]:
-        """Stored seqs in [low, high), both splits."""
-        return [
-            row[0]
-            for row in self._db.execute("SELECT seq FROM examples WHERE seq >= ? AND seq < ? ORDER BY seq", (low, high))
-        ]
-
-    def close(self) -> None:
-        self._db.close()
-
-
-def is_disk_full(err: BaseException) -> bool:
-    """SQLite's "database or disk is full", or a file write that hit ENOSPC / a quota."""
-    if isinstance(err, sqlite3.Error):
-        return (getattr(err, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL  # primary code of an extended one
-    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)

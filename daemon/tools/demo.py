@@ -31,7 +31,7 @@ from daemon.registry.signing import Signer
 from daemon.service.daemon import Daemon
 from daemon.service.status import latest_manifest, learning_status
 from daemon.service.status import pct as _pct
-from daemon.store.examples import open_reader, stats
+from daemon.store.reader import open_reader, stats
 from daemon.tools.broker import Mosquitto, reachable
 from daemon.tools.datasets import DatasetError, arrange, fashion_mnist_samples, iter_encoded
 from daemon.tools.feeder import FeedReport, Publisher, feed
