@@ -16,6 +16,7 @@ from learning_helpers import learn_all, make_learner, stream
 
 from daemon.common.settings import ExportSettings, ModelSettings, Settings, TrainingSettings
 from daemon.export.child import TMP_PREFIX, ExportChild, ExportStopped, remove_orphaned_temporaries
+from daemon.export.job import ExportJob
 from daemon.export.outcome import ExportOutcome
 from daemon.export.schedule import Exporting
 from daemon.learning import checkpoint
@@ -39,7 +40,7 @@ def learned(state: Path) -> int:
 
 def test_an_export_in_a_child_publishes_and_reports_back(tmp_path: Path, caplog):
     trained = learned(tmp_path)
-    exporting = Exporting(settings_for(tmp_path), lambda: trained, lambda: None)
+    exporting = Exporting(ExportJob.from_settings(settings_for(tmp_path)), lambda: trained, lambda: None)
     try:
         with caplog.at_level(logging.INFO):
             outcome = exporting.export()
@@ -65,7 +66,7 @@ def test_an_export_in_a_child_publishes_and_reports_back(tmp_path: Path, caplog)
 def test_an_export_that_raises_is_logged_counted_and_retried_later_without_killing_the_thread(tmp_path: Path, caplog):
     trained = learned(tmp_path)
     (tmp_path / "checkpoints" / checkpoint.CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
-    exporting = Exporting(settings_for(tmp_path), lambda: trained, lambda: None)
+    exporting = Exporting(ExportJob.from_settings(settings_for(tmp_path)), lambda: trained, lambda: None)
     with caplog.at_level(logging.ERROR, "sprout.export"):
         assert exporting.export() is None
     exporting.stop(time.monotonic())
@@ -85,7 +86,7 @@ def test_a_stop_kills_the_running_child_and_removes_its_temporaries(tmp_path: Pa
 
     def run() -> None:
         try:
-            child.run(settings_for(tmp_path))
+            child.run(ExportJob.from_settings(settings_for(tmp_path)))
         except BaseException as err:
             result.append(err)
 
@@ -98,7 +99,7 @@ def test_a_stop_kills_the_running_child_and_removes_its_temporaries(tmp_path: Pa
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "the export process to be gone")
     assert list(tmp.iterdir()) == []
     with pytest.raises(ExportStopped):  # a stopped handle starts no more
-        child.run(settings_for(tmp_path))
+        child.run(ExportJob.from_settings(settings_for(tmp_path)))
 
 
 def test_temporaries_of_a_daemon_that_is_gone_are_removed_and_a_living_ones_kept(tmp_path: Path, monkeypatch):
@@ -140,12 +141,12 @@ def test_the_next_exports_process_waits_with_its_imports_done_and_the_next_expor
     child = ExportChild()
     try:
         assert child.spare_pid is None  # the first export after a start pays the imports
-        assert isinstance(child.run(settings), ExportOutcome)
+        assert isinstance(child.run(ExportJob.from_settings(settings)), ExportOutcome)
         spare = child.spare_pid
         assert spare is not None and child.pid is None
         wait_for(lambda: _waiting_on_stdin(spare), 60, "the spare to finish its imports and wait")
         assert len(list(tmp.iterdir())) == 1  # the spare's folder only: the export's went with it
-        second = child.run(settings)  # a second version, published by the spare
+        second = child.run(ExportJob.from_settings(settings))  # a second version, published by the spare
         assert isinstance(second, ExportOutcome) and second.published["version"] == 2, second
         assert not Path(f"/proc/{spare}").exists()  # used, ended and reaped
         assert child.spare_pid not in (None, spare)
@@ -160,7 +161,7 @@ def test_without_prewarming_no_process_waits_between_exports(tmp_path: Path):
     settings.export.prewarm_process = False
     child = ExportChild()
     try:
-        assert isinstance(child.run(settings), ExportOutcome)
+        assert isinstance(child.run(ExportJob.from_settings(settings)), ExportOutcome)
         assert child.spare_pid is None
     finally:
         child.stop()
@@ -171,12 +172,12 @@ def test_a_spare_killed_while_it_waits_is_replaced_by_a_fresh_process(tmp_path: 
     settings = settings_for(tmp_path)
     child = ExportChild()
     try:
-        child.run(settings)
+        child.run(ExportJob.from_settings(settings))
         spare = child.spare_pid
         os.kill(spare, signal.SIGKILL)
         wait_for(lambda: child.spare_pid is None, 10, "the spare to be seen dead")
         with caplog.at_level(logging.WARNING, "sprout.export"):
-            assert isinstance(child.run(settings), ExportOutcome)
+            assert isinstance(child.run(ExportJob.from_settings(settings)), ExportOutcome)
         assert "the waiting export process ended (exit code -9); starting another" in caplog.text
     finally:
         child.stop()

@@ -52,7 +52,6 @@ from typing import Any
 import daemon
 from daemon.common.exits import Exit
 from daemon.common.parent_death import die_with_parent
-from daemon.common.settings import Settings
 from daemon.export.job import ExportJob
 from daemon.export.outcome import DiskFull, ExportOutcome, MalformedReport, NothingExported, read_report, write_report
 
@@ -207,13 +206,13 @@ class ExportChild:
             running.proc.kill()
             return True
 
-    def run(self, settings: Settings) -> ExportOutcome | NothingExported | DiskFull:
+    def run(self, job: ExportJob) -> ExportOutcome | NothingExported | DiskFull:
         """``export_once`` in a child (the spare if one waits), given only its :class:`ExportJob`: its report.
 
         Afterwards, with ``export.prewarm_process``, the next export's child is started. Raises
         :class:`ExportFailed` when the child ends without a readable report, :class:`ExportStopped` on a stop.
         """
-        job = ExportJob.from_settings(settings).model_dump_json().encode()
+        request = job.model_dump_json().encode()
         with self._lock:
             if self._stopped:
                 raise ExportStopped("the daemon is stopping")
@@ -227,8 +226,9 @@ class ExportChild:
             # Not communicate(): it would read stderr too, racing the ChildLog thread for the child's log
             # lines (each reader got some, and communicate's share was lost).
             proc = self._running.proc
+            assert proc.stdin is not None and proc.stdout is not None  # _Process opens both as pipes
             try:
-                proc.stdin.write(job)
+                proc.stdin.write(request)
                 proc.stdin.close()
             except BrokenPipeError:
                 pass  # the child ended already; its exit code says how
@@ -238,7 +238,7 @@ class ExportChild:
             with self._lock:
                 done, self._running = self._running, None
                 done.discard()
-                if settings.export.prewarm_process and not self._stopped:
+                if job.export.prewarm_process and not self._stopped:
                     try:
                         self._spare = _Process()
                     except OSError as err:  # no room for its folder, no process: the next export starts one

@@ -58,6 +58,9 @@ class ExportError(Exception):
 class Deployable(nn.Module):
     """Pixels 0-255 in (NCHW here; the converter makes the graph's input NHWC), class probabilities out."""
 
+    scale: torch.Tensor  # buffers, registered in __init__
+    shift: torch.Tensor
+
     def __init__(self, backbone: nn.Module, head: nn.Module, preprocessing: Preprocessing):
         super().__init__()
         self.backbone = backbone

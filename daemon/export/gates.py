@@ -132,7 +132,7 @@ def _refusals(
             )
         )
     previous = baseline.top1.get(report.runtime) if baseline is not None else None
-    if previous is not None and 100 * (previous - top1) > limits.tolerance_pts:
+    if baseline is not None and previous is not None and 100 * (previous - top1) > limits.tolerance_pts:
         refusals.append(
             Refusal(
                 kind=RefusalKind.REGRESSION,

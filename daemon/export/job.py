@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict
 
 from daemon.common.settings import ExportSettings, ModelSettings, RegistrySettings, SigningSettings
-from daemon.registry.signing import Signer
-from daemon.registry.versions import Registry, registry_root
+from daemon.registry.versions import Registry
 
 if TYPE_CHECKING:
     from daemon.common.settings import Settings
@@ -53,6 +52,5 @@ class ExportJob(BaseModel):
         )
 
     def open_registry(self) -> Registry:
-        """The model's registry, for writing (as ``Registry.from_settings`` opens the daemon's)."""
-        signer = Signer.load_or_create(self.signing.resolved_key_file(self.state_dir))
-        return Registry(registry_root(self.state_dir), self.model.name, signer, self.registry.keep_versions)
+        """The model's registry, for writing."""
+        return Registry.of_model(self.state_dir, self.model.name, self.registry, self.signing)

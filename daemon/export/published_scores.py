@@ -146,7 +146,7 @@ def published_baseline(
         scores.save()
     except OSError as err:  # a cache: the comparison stands, the next export scores these examples again
         log.warning("could not keep version %d's holdout predictions: %s", latest["version"], err)
-    top1 = {r: t for r in job.export.runtimes if (t := scores.top1(r, seqs, names)) is not None}
+    top1: dict[str, float] = {r: t for r in job.export.runtimes if (t := scores.top1(r, seqs, names)) is not None}
     return Baseline(latest["version"], top1, rescored)
 
 

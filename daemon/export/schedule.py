@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 
 from daemon.common.lifecycle import left
-from daemon.common.settings import Settings
 from daemon.export.child import ExportChild, ExportFailed, ExportStopped, remove_orphaned_temporaries
+from daemon.export.job import ExportJob
 from daemon.export.outcome import DiskFull, ExportOutcome, NothingExported
 from daemon.export.published_scores import remove_temporaries
 from daemon.learning import checkpoint
@@ -61,14 +61,14 @@ class Durations:
 
 
 class Exporting:
-    """The export thread, a part of the daemon. It takes the whole ``settings``: each export's process runs the
-    pipeline with them (the model, the learner's and the export's sections, the registry, signing, logging)."""
+    """The export thread, a part of the daemon. It takes the :class:`ExportJob` (the sections an export uses),
+    which it hands each export's process; a reload hands it a new one."""
 
     name = "exporter"
 
-    def __init__(self, settings: Settings, learned: Callable[[], int], request_checkpoint: Callable[[], None]):
+    def __init__(self, job: ExportJob, learned: Callable[[], int], request_checkpoint: Callable[[], None]):
         self._thread = threading.Thread(target=self.run, name="sprout-export", daemon=True)
-        self.settings = settings
+        self.job = job
         self.learned = learned  # examples learned so far (the learner's counter)
         self.request_checkpoint = request_checkpoint
         self.published = 0
@@ -90,12 +90,10 @@ class Exporting:
         # From the registry, not the checkpoint: an export cut short by a kill or a stop left no trace
         # there, so the next start redoes it instead of waiting for more examples to arrive.
         self._exported_learned = self._registry_learned()
-        self._has_published = (
-            Registry.open_readonly(registry_root(settings.state_dir), settings.model.name).latest() is not None
-        )
+        self._has_published = Registry.open_readonly(registry_root(job.state_dir), job.model.name).latest() is not None
         self._retry_at = 0.0  # after an export failed (full disk, crash): not before then
         self.child = ExportChild()
-        removed = remove_orphaned_temporaries() + remove_temporaries(settings.state_dir)
+        removed = remove_orphaned_temporaries() + remove_temporaries(job.state_dir)
         if removed:
             log.info("removed %d temporaries left by exports that were killed", removed)
 
@@ -122,7 +120,7 @@ class Exporting:
         return not self.alive()
 
     def due(self) -> bool:
-        e = self.settings.export
+        e = self.job.export
         new = self.learned() - self._exported_learned
         if new <= 0 or time.monotonic() < self._retry_at:
             return False
@@ -159,11 +157,11 @@ class Exporting:
             "exporting: %d examples learned, %d since the last export (modes %s)",
             learned,
             learned - self._exported_learned,
-            ", ".join(self.settings.export.quantization),
+            ", ".join(self.job.export.quantization),
         )
         began = time.monotonic()
         try:
-            report = self.child.run(self.settings)
+            report = self.child.run(self.job)
         except ExportStopped:
             return None
         except ExportFailed as err:
@@ -171,8 +169,8 @@ class Exporting:
             # and counted (sprout_exports_total{outcome="failed"}), and the export is tried again when the next one is due.
             self.failed += 1
             self._ended("failed")
-            log.error("export failed: %s; retrying in %.0fs", err, self.settings.export.every_seconds)
-            self._retry_at = time.monotonic() + self.settings.export.every_seconds
+            log.error("export failed: %s; retrying in %.0fs", err, self.job.export.every_seconds)
+            self._retry_at = time.monotonic() + self.job.export.every_seconds
             return None
         if isinstance(report, NothingExported):
             log.info("export skipped: %s", report.why)
@@ -186,9 +184,9 @@ class Exporting:
                 "export failed, disk full: %s; the registry keeps its latest version, retrying when the "
                 "next export is due (free space under %s)",
                 report.error(),
-                self.settings.state_dir,
+                self.job.state_dir,
             )
-            self._retry_at = time.monotonic() + self.settings.export.every_seconds
+            self._retry_at = time.monotonic() + self.job.export.every_seconds
             return None
         else:
             # The process's own start (Python, torch, litert-torch imports) is part of what an export costs.
@@ -225,7 +223,7 @@ class Exporting:
         """Examples learned as of the last export that finished: published, or refused by the gates."""
         # Opened for writing, as the registry's writer: that removes what a killed publish left behind
         # (a .tmp-* version folder) and repairs latest now, not at the next publish.
-        registry = Registry.from_settings(self.settings)
+        registry = self.job.open_registry()
         learned = [0]
         for version in registry.versions():
             try:
@@ -240,7 +238,7 @@ class Exporting:
 
     def _checkpoint_learned(self) -> int:
         try:
-            saved = checkpoint.load(self.settings.state_dir / "checkpoints")
+            saved = checkpoint.load(self.job.state_dir / "checkpoints")
         except checkpoint.CheckpointError:
             return 0
         return saved.trained if saved else 0

@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,9 @@ class RuntimeReport:
         return {k: v for k, v in asdict(self).items() if k != "predicted"}
 
 
+_Running = tuple[Path, "subprocess.Popen[str]"]  # a probe under way: where it writes, the process
+
+
 def default_tflite_runtime_python() -> Path:
     """``<venv>-tflite/bin/python`` beside the virtualenv this daemon runs in (scripts/setup.sh makes it)."""
     return Path(sys.prefix + "-tflite") / "bin" / "python"
@@ -75,7 +79,7 @@ def pythons(tflite_runtime_python: Path | None) -> dict[str, Path] | None:
     return {"tflite-runtime": Path(tflite_runtime_python)} if tflite_runtime_python else None
 
 
-def unavailable(runtimes: list[str] | tuple[str, ...], tflite_runtime_python: Path | None = None) -> list[str]:
+def unavailable(runtimes: Sequence[str], tflite_runtime_python: Path | None = None) -> list[str]:
     """What is missing for each runtime that cannot run here, with what to do; empty when all can."""
     problems = []
     for runtime in runtimes:
@@ -93,7 +97,7 @@ def verify(
     images: np.ndarray,
     labels: np.ndarray | None,
     reference: np.ndarray | None,
-    runtimes: list[str] | tuple[str, ...],
+    runtimes: Sequence[str],
     pythons: dict[str, Path] | None = None,
     timeout_s: float = 300.0,
 ) -> list[RuntimeReport]:
@@ -108,10 +112,10 @@ def verify(
         model = Path(tmp) / "candidate.tflite"
         model.write_bytes(tflite)
         np.save(Path(tmp) / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
-        started = {}
+        started: dict[str, RuntimeReport | _Running] = {}
         for runtime in runtimes:
-            python = pythons.get(runtime)
-            if not Path(python).exists():
+            python = pythons[runtime]
+            if not python.exists():
                 started[runtime] = _failed(
                     runtime,
                     unavailable([runtime], python)[0] if runtime == "tflite-runtime" else f"no Python at {python}",
@@ -146,7 +150,11 @@ def verify(
 
 
 def _report(
-    runtime: str, job, labels: np.ndarray | None, reference: np.ndarray | None, timeout_s: float
+    runtime: str,
+    job: RuntimeReport | _Running,
+    labels: np.ndarray | None,
+    reference: np.ndarray | None,
+    timeout_s: float,
 ) -> RuntimeReport:
     if isinstance(job, RuntimeReport):
         return job

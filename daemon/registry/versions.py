@@ -72,7 +72,7 @@ from daemon.store.labels import EVENTS, LabelChange
 from edge.atomic import TMP_PREFIX, fsync_dir, write_atomic, write_new
 
 if TYPE_CHECKING:
-    from daemon.common.settings import Settings
+    from daemon.common.settings import RegistrySettings, Settings, SigningSettings
 
 log = logging.getLogger("sprout.registry")
 
@@ -111,12 +111,24 @@ class Registry:
     @classmethod
     def from_settings(cls, settings: Settings, *, create_key: bool = True) -> Registry:
         """The daemon's registry; ``create_key=False`` signs nothing new and never creates a key."""
-        key_path = settings.signing.resolved_key_file(settings.state_dir)
+        return cls.of_model(settings.state_dir, settings.model.name, settings.registry, settings.signing, create_key)
+
+    @classmethod
+    def of_model(
+        cls,
+        state_dir: Path,
+        model: str,
+        registry: RegistrySettings,
+        signing: SigningSettings,
+        create_key: bool = True,
+    ) -> Registry:
+        """``model``'s registry in ``state_dir`` from the two sections it needs (what an export process has)."""
+        key_path = signing.resolved_key_file(state_dir)
         if create_key:
             signer: Signer | None = Signer.load_or_create(key_path)
         else:
             signer = Signer.load(key_path) if key_path.exists() else None
-        return cls(registry_root(settings.state_dir), settings.model.name, signer, settings.registry.keep_versions)
+        return cls(registry_root(state_dir), model, signer, registry.keep_versions)
 
     # Reading: never writes, safe beside a writer in another process.
 

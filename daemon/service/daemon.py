@@ -39,6 +39,7 @@ from daemon.common.lifecycle import Part, describe
 from daemon.common.settings import ConfigError, ServerSettings, Settings
 from daemon.distribution.http import DownloadApi, HttpServer
 from daemon.distribution.notice import Notice
+from daemon.export.job import ExportJob
 from daemon.ingest import mqttfast
 from daemon.ingest.feed import Feed
 from daemon.ingest.intake import Intake
@@ -163,7 +164,9 @@ class Daemon:
             if s.export.enabled:
                 from daemon.export.schedule import Exporting
 
-                self.exporting = self._add(Exporting(s, lambda: training.learner.trained, training.checkpoint_now))
+                self.exporting = self._add(
+                    Exporting(ExportJob.from_settings(s), lambda: training.learner.trained, training.checkpoint_now)
+                )
         # Last to start, first to stop: the feed's messages flow once intake takes them.
         self.intake = self._add(Intake(self.feed, self.store, s.store))
 
@@ -314,7 +317,7 @@ class Daemon:
                 if part is not None:
                     part.reconfigure(applied.store)
         if self.exporting is not None:
-            self.exporting.settings = applied  # the whole: each export's process is handed them
+            self.exporting.job = ExportJob.from_settings(applied)  # what each export's process is handed
         self.liveness.export_stall_after_s = _export_bound(applied)
         if self.training is not None and applied.training != before.training:
             self.training.reconfigure(applied.training)  # between two steps, on the learner's thread

@@ -16,6 +16,7 @@ from helpers import wait_for
 from learning_helpers import stream
 
 from daemon.common.settings import ExportSettings, ModelSettings, Settings, TrainingSettings
+from daemon.export.job import ExportJob
 from daemon.export.schedule import Exporting
 from daemon.learning.training import Training
 from daemon.registry.signing import Signer
@@ -93,7 +94,9 @@ def test_the_learner_goes_on_learning_beside_an_export(tmp_path):
     training.start()
     try:
         wait_for(lambda: len(training.learner.labels) == 3, 30, "the learner to see every class")
-        exporting = Exporting(settings, lambda: training.learner.trained, training.checkpoint_now)
+        exporting = Exporting(
+            ExportJob.from_settings(settings), lambda: training.learner.trained, training.checkpoint_now
+        )
         assert training.backlog > 1000, "the learner ran out of examples before the export: nothing to race"
         before = training.learner.step
         outcome = exporting.export()
