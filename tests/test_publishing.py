@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from helpers import SPROUT, colour_jpeg
-from learning_helpers import learn_all, learned_state, make_learner, stream
+from learning_helpers import learn_all, learned_state, make_learner, saved_checkpoint, stream
+from registry_helpers import latest_manifest
 
 from daemon.common.settings import Settings
 from daemon.export.pipeline import export_once
@@ -47,7 +48,7 @@ def test_export_publishes_a_signed_verified_version(tmp_path: Path):
     assert all(top1 >= metrics["holdout_top1_float"] - 0.01 for top1 in metrics["holdout_top1"].values())
     assert metrics["calibration_examples"] == 30  # 10 of each of the three classes: class-balanced
     registry = Registry.open_readonly(registry_root(state), "plant-disease")
-    manifest = registry.latest()
+    manifest = latest_manifest(registry)
     assert manifest["version"] == 1 and manifest["quantization"] == "int8"  # the default mode
     assert sorted(manifest["labels"]) == ["class-0", "class-1", "class-2"]
     assert manifest["input"] == {"shape": [1, 32, 32, 3], "layout": "NHWC", "dtype": "uint8", "range": [0, 255]}
@@ -72,7 +73,7 @@ def test_export_publishes_a_signed_verified_version(tmp_path: Path):
 def test_a_worse_candidate_is_rejected_with_reasons_and_not_published(tmp_path: Path):
     state = learned_state(tmp_path)
     assert export(state)[0] == 0
-    payload = checkpoint.load(state / "checkpoints")
+    payload = saved_checkpoint(state / "checkpoints")
     weight = payload.head["weight"]
     generator = torch.Generator().manual_seed(5)
     payload.head["weight"] = weight.flatten()[torch.randperm(weight.numel(), generator=generator)].view_as(weight)
@@ -90,6 +91,10 @@ def test_a_worse_candidate_is_rejected_with_reasons_and_not_published(tmp_path: 
     assert [f"{e['candidate']['quantization']}: {r}" for e in rejected for r in e["reasons"]] == result[
         "rejected_because"
     ]
+    # Beside each sentence, the refusal as data: its kind and the figures that tripped it.
+    refusals = [r for e in rejected for r in e["refusals"]]
+    assert {r["kind"] for r in refusals} == {"regression"}
+    assert all(r["published_version"] == 1 and r["top1"] < r["published_top1"] for r in refusals)
 
 
 def test_the_published_version_is_rescored_on_the_candidates_holdout(tmp_path: Path):
@@ -132,7 +137,7 @@ def test_float_export_on_one_runtime_when_configured(tmp_path: Path):
     )
     assert code == 0, err
     assert result["metrics"]["holdout_top1"] == {"ai-edge-litert": result["metrics"]["holdout_top1_float"]}
-    manifest = Registry.open_readonly(registry_root(state), "plant-disease").latest()
+    manifest = latest_manifest(Registry.open_readonly(registry_root(state), "plant-disease"))
     assert (
         manifest["quantization"] == "none" and manifest["input"]["dtype"] == "uint8"
     )  # the one input contract, float model too
@@ -210,7 +215,7 @@ def test_a_burst_of_flipped_labels_does_not_get_a_worse_model_published(tmp_path
     kinds = {r.kind for r in second.reasons}
     assert "regression" in kinds and kinds <= {"regression", "accuracy_drop"}, second.reasons
     registry = Registry.open_readonly(registry_root(tmp_path), "plant-disease")
-    assert registry.versions() == [1] and registry.latest()["version"] == 1
+    assert registry.versions() == [1] and latest_manifest(registry)["version"] == 1
 
 
 def test_a_mode_refused_for_its_accuracy_drop_rests_for_some_exports(tmp_path: Path):
@@ -231,13 +236,16 @@ def test_a_mode_refused_for_its_accuracy_drop_rests_for_some_exports(tmp_path: P
     rest.refused_for_accuracy("int8", settings.export.skip_lossy_mode_for)
     rest.save()
     first = export_once(settings)
-    assert first.skipped == ("int8",) and first.published["quantization"] == "fp16"
+    assert first.skipped == ("int8",) and first.published is not None
+    assert first.published["quantization"] == "fp16"
     assert LossyModes(state).resting("int8") == 1
     second = export_once(settings)
-    assert second.skipped == ("int8",) and second.published["quantization"] == "fp16"
+    assert second.skipped == ("int8",) and second.published is not None
+    assert second.published["quantization"] == "fp16"
     assert LossyModes(state).resting("int8") == 0
     third = export_once(settings)  # rested: tried again, and it passes
-    assert third.skipped == () and third.published["quantization"] == "int8"
+    assert third.skipped == () and third.published is not None
+    assert third.published["quantization"] == "int8"
     events = Registry.open_readonly(registry_root(state), "plant-disease").events()
     assert [e["quantization"] for e in events if e.get("event") == "published"] == ["fp16", "fp16", "int8"]
 

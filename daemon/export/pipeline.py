@@ -143,7 +143,9 @@ class _Export:
         self.skipped.append(str(mode))
 
     def _refused(self, registry: Registry, c: Candidate) -> None:
-        registry.record_rejection(c.fields, [str(r) for r in c.refusals])
+        registry.record_rejection(
+            c.fields, [str(r) for r in c.refusals], [r.model_dump(mode="json", exclude_none=True) for r in c.refusals]
+        )
         self.reasons += [r.in_mode(c.mode) for r in c.refusals]
         # The gates at work, not a fault while another mode is left to try; refusing the last is news.
         last = c.mode == self.cfg.quantization[-1]

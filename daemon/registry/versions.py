@@ -267,11 +267,16 @@ class Registry:
         log.info("published %s version %d (%s, %d bytes)", self.model, version, body["quantization"], len(tflite))
         return manifest
 
-    def record_rejection(self, fields: dict[str, Any], reasons: list[str]) -> None:
-        """Log a candidate the gates refused; nothing else is kept."""
+    def record_rejection(
+        self, fields: dict[str, Any], reasons: list[str], refusals: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Log a candidate the gates refused: the sentences, and each refusal's kind and figures; nothing else is kept."""
         self._writable()
+        event = {"event": "rejected", "reasons": [str(r) for r in reasons], "candidate": jsonable(fields)}
+        if refusals is not None:
+            event["refusals"] = jsonable(refusals)
         with self._locked():
-            self._append_log({"event": "rejected", "reasons": [str(r) for r in reasons], "candidate": jsonable(fields)})
+            self._append_log(event)
 
     def record_label_changes(self, changes: Iterable[LabelChange]) -> list[LabelChange]:
         """Log the label changes the log lacks, each timed when it was made; returns those it logged.
