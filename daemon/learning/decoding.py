@@ -9,7 +9,7 @@ one core's decoding would cap the learner near 600 images/s: there a pool of
 
 Workers return uint8 RGB (H, W, 3) at the input size, a quarter of the bytes
 of normalised float32; normalisation happens in torch on the learner's
-device (``Learner._network_input``), the same float32 arithmetic as a device's.
+device (``Inputs.network_input``, daemon/learning/inputs.py), the same float32 arithmetic as a device's.
 The workers are spawned (not forked: the learner's process runs torch's
 threads) and import only Pillow and numpy. A worker that dies (killed, out of
 memory) breaks the pool: that batch is decoded in the learner's thread, the
@@ -40,6 +40,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -93,11 +94,13 @@ def _decode_into(size: int, images: Sequence[bytes], slots: Sequence[int]) -> li
     """Decode into the shared slots; only one flag per image goes back through the pipe (see the module's
     docstring: a result this small is written atomically, so a worker killed while writing it loses all
     of it, never half)."""
+    pixels = _pixels
+    assert pixels is not None  # mapped by _start_worker, the pool's initializer
     ok = []
     for data, slot in zip(images, slots, strict=True):
         rgb = load_rgb(data, size)
         if rgb is not None:
-            _pixels[slot] = rgb
+            pixels[slot] = rgb
         ok.append(rgb is not None)
     return ok
 
@@ -134,30 +137,31 @@ class _Slab:
         self.shm.unlink()
 
 
-class Decoding:
-    """Images on their way through the pool; ``result()`` waits for them (or, without futures, decodes them)."""
+@dataclass(frozen=True)
+class _Sent:
+    """Images handed to the workers: a future per chunk, the pool that has them, the slots they decode into."""
 
-    def __init__(
-        self,
-        pool: DecodePool,
-        images: Sequence[bytes],
-        futures: list[Future] | None,
-        executor: ProcessPoolExecutor | None,
-        slots: list[int] | None = None,
-    ):
+    futures: list[Future[list[bool]]]
+    executor: ProcessPoolExecutor
+    slab: _Slab
+    slots: list[int]
+
+
+class Decoding:
+    """Images on their way through the pool; ``result()`` waits for them (or, when not sent, decodes them)."""
+
+    def __init__(self, pool: DecodePool, images: Sequence[bytes], sent: _Sent | None):
         self._pool = pool
         self._images = images
-        self._futures = futures
-        self._executor = executor
-        self._slots = slots
+        self._sent = sent
         self._result: list[np.ndarray | None] | None = None
 
     def result(self) -> list[np.ndarray | None]:
         if self._result is None:
-            self._result = self._pool._collect(self._images, self._futures, self._executor, self._slots)
-            if self._slots is not None:
-                self._pool._slab.give(self._slots)  # copied out, or their pool's workers are gone: free again
-            self._slots = None
+            self._result = self._pool._collect(self._images, self._sent)
+            if self._sent is not None:
+                self._sent.slab.give(self._sent.slots)  # copied out, or their pool's workers are gone: free again
+            self._sent = None
         return self._result
 
 
@@ -195,10 +199,9 @@ class DecodePool:
                 slots * input_size * input_size * 3 // 2**20,
             )
             return
-        self._start()
+        self._start(self._slab)
 
-    def _start(self) -> None:
-        slab = self._slab
+    def _start(self, slab: _Slab) -> None:
         self._pool = ProcessPoolExecutor(
             self.workers,
             mp_context=multiprocessing.get_context("spawn"),
@@ -213,9 +216,10 @@ class DecodePool:
     def rgb(self, images: Sequence[bytes]) -> list[np.ndarray | None]:
         """Decode and wait. More images than free slots (a holdout evaluation beside a read-ahead) go in
         pieces that fit them."""
-        if self._pool is None or len(images) <= 1:
+        slab = self._slab  # set whenever a pool runs
+        if self._pool is None or slab is None or len(images) <= 1:
             return self.submit(images).result()
-        free = len(self._slab.free)
+        free = len(slab.free)
         if len(images) <= free or free < CHUNK:
             return self.submit(images).result()
         out: list[np.ndarray | None] = []
@@ -224,42 +228,36 @@ class DecodePool:
         return out
 
     def submit(self, images: Sequence[bytes]) -> Decoding:
-        if self._pool is None or len(images) <= 1:
-            return Decoding(self, images, None, None)
-        slots = self._slab.take(len(images))
+        executor, slab = self._pool, self._slab  # a pool runs only with its slab
+        if executor is None or slab is None or len(images) <= 1:
+            return Decoding(self, images, None)
+        slots = slab.take(len(images))
         if slots is None:
             self.short += len(images)
-            return Decoding(self, images, None, None)
-        executor = self._pool
+            return Decoding(self, images, None)
         try:
             futures = [
                 executor.submit(_decode_into, self.size, images[i : i + CHUNK], slots[i : i + CHUNK])
                 for i in range(0, len(images), CHUNK)
             ]
         except BrokenProcessPool as err:
-            self._slab.give(slots)
-            self._broken(executor, err)
-            return Decoding(self, images, None, None)
-        return Decoding(self, images, futures, executor, slots)
+            slab.give(slots)
+            self._broken(executor, slab, err)
+            return Decoding(self, images, None)
+        return Decoding(self, images, _Sent(futures, executor, slab, slots))
 
-    def _collect(
-        self,
-        images: Sequence[bytes],
-        futures: list[Future] | None,
-        executor: ProcessPoolExecutor | None,
-        slots: list[int] | None,
-    ) -> list[np.ndarray | None]:
-        if futures is None:
+    def _collect(self, images: Sequence[bytes], sent: _Sent | None) -> list[np.ndarray | None]:
+        if sent is None:
             return _decode_here(self.size, images)
         try:
-            done = [item for f in futures for item in f.result()]
+            done = [item for f in sent.futures for item in f.result()]
         except BrokenProcessPool as err:
-            self._broken(executor, err)
+            self._broken(sent.executor, sent.slab, err)
             return _decode_here(self.size, images)
-        block = self._slab.pixels[slots]  # one copy out of the slots (fancy indexing copies)
+        block = sent.slab.pixels[sent.slots]  # one copy out of the slots (fancy indexing copies)
         return [block[i] if ok else None for i, ok in enumerate(done)]
 
-    def _broken(self, executor: ProcessPoolExecutor | None, err: BaseException) -> None:
+    def _broken(self, executor: ProcessPoolExecutor, slab: _Slab, err: BaseException) -> None:
         """A worker died: the caller decodes in its thread; the pool starts afresh unless that happened already.
 
         Images submitted before the break (a read-ahead) find their pool broken too: they are decoded in
@@ -283,7 +281,7 @@ class DecodePool:
                 self.restarts,
                 MAX_RESTARTS,
             )
-            self._start()
+            self._start(slab)
         else:
             log.error(
                 "decoder processes died %d times: decoding stays in the learner's thread (slower on "
