@@ -21,10 +21,12 @@ test: setup
 	bash scripts/test-tools.sh $(VENV)
 	$(BIN)/python -m pytest
 
-# The code gate CI runs before the tests: ruff's lint (pyflakes, import order, bugbear) and its formatter.
+# The code gate CI runs before the tests: ruff's lint (pyflakes, import order, bugbear), its formatter, and
+# mypy's type check of daemon, models, edge, bench and tests (pyproject.toml [tool.mypy]).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The full fuzzing run: 10,000 inputs per parser test and 20,000 messages through a running daemon (CI runs 300
 # of each); prints what was accepted and rejected, and why.

@@ -45,6 +45,14 @@ from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: 
 from edge.preprocess import load_rgb  # noqa: E402
 
 
+def rgb(data: bytes, size: int) -> np.ndarray:
+    """What an app hands the exported model (``edge.preprocess.load_rgb``); this benchmark's own JPEGs decode."""
+    pixels = load_rgb(data, size)
+    if pixels is None:
+        raise SystemExit(f"a JPEG of {len(data)} bytes from the benchmark's own data did not decode")
+    return pixels
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input-size", type=int, default=128)
@@ -95,6 +103,7 @@ def main() -> None:
         / "out"
         / f"embeddings-{args.backbone}-{args.input_size}-{args.train_per_class}-{args.eval_per_class}-0.npz"
     )
+    assert learner.cache is not None  # head mode caches embeddings
     if cache.exists():  # computed by bench/learning.py: same images, same frozen backbone
         with np.load(cache) as saved:
             seq_of = dict(reader._db.execute("SELECT example_id, seq FROM examples"))
@@ -104,7 +113,7 @@ def main() -> None:
         learner.learn_many(batch)
     print(f"head trained on {learner.trained} examples in {time.perf_counter() - started:.0f} s", flush=True)
 
-    images = np.stack([load_rgb(jpeg(test_images[i]), args.input_size) for i, _ in test])
+    images = np.stack([rgb(jpeg(test_images[i]), args.input_size) for i, _ in test])
     labels = np.array([learner.labels.index(FASHION_MNIST_CLASSES[c]) for _, c in test])
     model = snapshot(learner.backbone, learner.head, learner.spec.preprocessing)
     reference = float_probabilities(model, images)
@@ -123,9 +132,7 @@ def main() -> None:
             for label in sorted(learner.replay.index):
                 seqs = list(learner.replay.index[label])
                 picked = np.random.default_rng(0).choice(len(seqs), size=min(per_class, len(seqs)), replace=False)
-                calibration += [
-                    load_rgb(e.image, args.input_size) for e in reader.by_seq([seqs[i] for i in sorted(picked)])
-                ]
+                calibration += [rgb(e.image, args.input_size) for e in reader.by_seq([seqs[i] for i in sorted(picked)])]
         sample_s = time.perf_counter() - t0
         plain = convert(model, mode, args.input_size, calibration)
         convert_s = time.perf_counter() - t0 - sample_s
@@ -181,6 +188,7 @@ def main() -> None:
             if r.error:
                 print(f"    {r.runtime} {r.version}: FAILED {r.error}", flush=True)
             else:
+                assert r.top1 is not None and r.agreement is not None  # scored on labels against the float model
                 print(
                     f"    {r.runtime} {r.version}: top-1 {100 * r.top1:.1f}%, agreement {100 * r.agreement:.1f}%, "
                     f"{r.latency_ms:.2f} ms/image (1 thread)",

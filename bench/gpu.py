@@ -156,7 +156,8 @@ def make_model(template: nn.Module, device: torch.device, channels_last: bool) -
     torch.manual_seed(0)
     model = Classifier(copy.deepcopy(template), zoo.get(BACKBONE).embedding_size).to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format (documented, handled at run time), but torch's stubs leave it out.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     for p in model.parameters():
         p.requires_grad_(True)
     # Eval mode, as the learner: BatchNorm statistics stay frozen (batches of 16-32 are too small to
@@ -174,7 +175,11 @@ def make_batch(batch: int, size: int, device: torch.device, channels_last: bool)
 
 
 def loss_of(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, autocast_cache: bool = True
+    model: Callable[[torch.Tensor], torch.Tensor],  # a module, or what torch.compile made of one
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bf16: bool,
+    autocast_cache: bool = True,
 ) -> torch.Tensor:
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=autocast_cache):
         logits = model(x)
@@ -343,9 +348,11 @@ def measure_compiled(batch: int, args: argparse.Namespace) -> dict:
 def _line_queue(proc: subprocess.Popen) -> queue.Queue:
     """The child's stdout lines as they come, then None at its end (read in a thread, to wait with a timeout)."""
     lines: queue.Queue = queue.Queue()
+    stdout = proc.stdout
+    assert stdout is not None, "the child's stdout is not a pipe"
 
     def pump() -> None:
-        for line in proc.stdout:
+        for line in stdout:
             lines.put(line.strip())
         lines.put(None)
 
@@ -415,8 +422,8 @@ def training_section(args: argparse.Namespace) -> dict:
         cells["compiled"][str(batch)] = cell
         _progress("compiled", batch, cell)
     for variant in VARIANTS:
-        for batch in map(str, batches):
-            base, cell = cells[BASELINE][batch]["images_per_second"], cells[variant][batch]
+        for key in map(str, batches):
+            base, cell = cells[BASELINE][key]["images_per_second"], cells[variant][key]
             cell["speedup_vs_eager_fp32"] = cell["images_per_second"] / base if cell["images_per_second"] else None
     return {
         "backbone": BACKBONE,
@@ -532,7 +539,7 @@ class LearnedCounter:
         while time.monotonic() < deadline:
             m = self.scrape()
             now = (m.get("sprout_examples_learned"), m.get("sprout_learner_backlog"))
-            if now == last and now[1] == 0:
+            if now == last and now[1] == 0 and now[0] is not None:
                 return now[0]
             last = now
             time.sleep(quiet_s)

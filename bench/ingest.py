@@ -124,7 +124,8 @@ def wait_stored(db: Path, prefix: str, n: int, timeout_s: float = 300, poll_s: f
 
 class Daemon:
     def __init__(self, url: str, state: Path, learner: bool):
-        self.url, self.state, self.proc, self.learner = url, state, None, learner
+        self.url, self.state, self.learner = url, state, learner
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = {**os.environ, "SPROUT_LOGGING__LEVEL": "WARNING", "SPROUT_TRAINING__ENABLED": str(self.learner).lower()}
@@ -151,6 +152,7 @@ class Daemon:
         wait_subscribed(broker.url, TOPIC, PROBE, timeout_s)
 
     def stop(self) -> None:
+        assert self.proc is not None, "stop() before start()"
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(60)
 
@@ -182,6 +184,7 @@ def run_once(jpegs, n: int, mode: str, workdir: Path, publisher: str, learner: b
             feeder = ctx.Process(target=publish_all, args=(broker.url, jpegs, n, mode, started_at, done_at, publisher))
             feeder.start()
             if PROFILE:
+                assert daemon.proc is not None  # started above
                 spy = subprocess.Popen(
                     [
                         str(Path(sys.executable).parent / "py-spy"),

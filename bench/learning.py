@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +57,9 @@ def jpeg(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+Key = TypeVar("Key")  # what names an example: its id, or its index in the data set
+
+
 def pick(images: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> list[tuple[int, int]]:
     rng = np.random.default_rng(seed)
     out = []
@@ -65,7 +69,8 @@ def pick(images: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> l
     return out
 
 
-def order(items: list[tuple[str, int]], kind: str, seed: int) -> list[tuple[str, int]]:
+def order(items: list[tuple[Key, int]], kind: str, seed: int) -> list[tuple[Key, int]]:
+    """``items`` (key, class) shuffled: "iid", or "class-incremental" (tasks of two classes in turn)."""
     rng = random.Random(seed)
     items = list(items)
     rng.shuffle(items)
@@ -134,6 +139,7 @@ def run_stream(
     )
     learner = Learner(model, training, workdir, reader)
     seq_of = dict(reader._db.execute("SELECT example_id, seq FROM examples"))
+    assert learner.cache is not None  # head mode caches embeddings
     learner.cache.put({seq_of[i]: embedder.vectors[i] for i in seq_of})
     curve = []
     boundaries: list[dict[str, float]] = []  # per-class accuracy at the end of each fifth of the stream
@@ -283,7 +289,8 @@ def embed(
         embedder.add(ids, [images[i] for i in ids])
         embed_s = time.perf_counter() - t0
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, **{i.replace("/", "_"): v for i, v in embedder.vectors.items()})
+        # Plain float arrays: no pickle needed, and np.load (above) reads them back without it.
+        np.savez(cache, allow_pickle=False, **{i.replace("/", "_"): v for i, v in embedder.vectors.items()})
         print(
             f"embedded {len(ids)} images with {model.backbone} at {model.input_size} px in {embed_s:.0f} s "
             f"({len(ids) / embed_s:.0f}/s, {threads} threads)",

@@ -118,8 +118,8 @@ def accuracy_at(retrains: list[dict], seen: int) -> float | None:
 def summary(sprout: dict, retrains: list[dict]) -> dict:
     last = retrains[-1]
     # Along the stream, wherever the baseline has a model to compare with.
-    pairs = [(acc, accuracy_at(retrains, n)) for n, acc in sprout["curve"]]
-    pairs = [(a, b) for a, b in pairs if b is not None]
+    along = [(acc, accuracy_at(retrains, n)) for n, acc in sprout["curve"]]
+    pairs = [(a, b) for a, b in along if b is not None]
     out = {
         "sprout_accuracy": sprout["accuracy"],
         "retrain_accuracy": last["accuracy"],

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -39,9 +40,8 @@ class Benchmark:
     script: str
     full: list[str]
     quick: list[str]
-    render: Callable[
-        [dict], tuple[str, list[tuple[str, str, str, bool | None]]]
-    ]  # (table, [(figure, goal, measured, met)])
+    # The script's JSON (an object, or for some a list of rows) -> (table, [(figure, goal, measured, met)]).
+    render: Callable[[Any], tuple[str, list[tuple[str, str, str, bool | None]]]]
 
 
 def _ingest(d: dict) -> tuple[str, list]:

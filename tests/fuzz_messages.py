@@ -15,7 +15,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
@@ -250,6 +250,7 @@ def verdict_matches(msg: Message, result: Example | Rejection) -> bool:
 
 
 def mismatch(msg: Message, result: Example | Rejection) -> str:
+    assert msg.expect is not None, "a message the rules cannot judge matches any outcome"
     wanted = "accepted" if msg.expect == ACCEPTED else "rejected for " + "/".join(sorted(r.value for r in msg.expect))
     if isinstance(result, Example):
         got = (
@@ -706,9 +707,11 @@ def property_combination(c: Chooser) -> Message:
     properties, or as the JSON form (with or without user properties beside it)."""
     occurrences = [(key, _field_value(c, key)) for key in PROPERTY_KEYS for _ in range(c.integer(0, 2))]
     form = c.choice(("v5", "v5", "json", "json beside properties"))
+    props: list[tuple[str, str]] | None
+    expect: frozenset[Reason] | None
     if form == "v5":
         props = [(key, mqtt_safe(value)) for key, value in _shuffled(c, occurrences)]
-        first = {}
+        first: dict[str, str] = {}
         for key, value in props:
             first.setdefault(key, value)  # MQTT allows repeats; the README's parser takes the first
         content_type = c.choice((None, *CONTENT_TYPE_VALUES))
@@ -727,19 +730,19 @@ def property_combination(c: Chooser) -> Message:
             first.get("label"),
             first.get("example_id"),
         )
-    members = _shuffled(c, occurrences)
+    members: list[tuple[str, Any]] = _shuffled(c, occurrences)  # the image member may be any JSON value
     last = dict(members)  # JSON allows repeated keys too; Python's json keeps the last
     image, image_verdict = _payload_image(c, last.get("content_type"))
     encoded = c.choice(("base64", "base64", "base64 with newlines", "no padding", "absent", "not a string"))
     if encoded != "absent":
         b64 = base64.b64encode(image).decode()
-        value = {
+        image_value = {
             "base64": b64,
             "base64 with newlines": base64.encodebytes(image).decode(),
             "no padding": b64.rstrip("="),
             "not a string": [len(image)],
         }[encoded]
-        members.insert(c.integer(0, len(members)), ("image", value))
+        members.insert(c.integer(0, len(members)), ("image", image_value))
     ascii_only = c.choice((True, False))
     text = "{" + ", ".join(json.dumps(k) + ": " + json.dumps(v, ensure_ascii=ascii_only) for k, v in members) + "}"
     payload = text.encode("utf-8", "surrogatepass")  # a lone surrogate, unescaped, is not UTF-8: refused

@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -29,6 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon.store.reader import open_reader
 from daemon.tools.broker import free_port
 from daemon.tools.feeder import Publisher
+
+if TYPE_CHECKING:
+    from daemon.learning.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SPROUT = [sys.executable, "-m", "daemon.cli"]
@@ -152,7 +156,7 @@ def metrics(port: int) -> dict[tuple[str, tuple], float]:
     }
 
 
-def last_checkpoint(d: DaemonProcess) -> dict | None:
+def last_checkpoint(d: DaemonProcess) -> Checkpoint | None:
     """The learner's last checkpoint in the daemon's state folder, or None while there is none."""
     from daemon.learning import checkpoint  # torch: only for the tests that read one
 
@@ -204,7 +208,7 @@ class DaemonProcess:
         }
         self.proc: subprocess.Popen[str] | None = None
         self.log_path = state.parent / f"{state.name}-daemon.log"
-        self._log = None
+        self._log: TextIO | None = None
 
     def start(self, wait_ready: bool = True) -> DaemonProcess:
         args = [
@@ -244,6 +248,7 @@ class DaemonProcess:
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
+        assert self.proc is not None
         self.proc.wait(10)
 
     def signal(self, sig: int) -> None:
@@ -255,6 +260,7 @@ class DaemonProcess:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout_s)
+        assert self._log is not None  # start() opened it with the process
         self._log.close()
         return code
 

@@ -68,3 +68,10 @@ def learned_state(tmp_path: Path) -> Path:
     learn_all(learner, reader)
     checkpoint.save(tmp_path / "checkpoints", learner.state())
     return tmp_path
+
+
+def saved_checkpoint(folder: Path) -> checkpoint.Checkpoint:
+    """The checkpoint saved in ``folder``; the test fails here if there is none."""
+    saved = checkpoint.load(folder)
+    assert saved is not None, f"{folder}: no checkpoint saved"
+    return saved

@@ -1,8 +1,14 @@
-"""What the tests publish into a registry: a manifest's fields as the export pipeline hands them over."""
+"""What the tests publish into a registry (a manifest's fields as the export pipeline hands them over), and what
+they read back from one."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from daemon.registry.signing import Signer
+    from daemon.registry.versions import Registry
 
 
 def fields(labels: list[str] | None = None, **changes: Any) -> dict[str, Any]:
@@ -26,3 +32,22 @@ def fields(labels: list[str] | None = None, **changes: Any) -> dict[str, Any]:
     }
     out.update(changes)
     return out
+
+
+def latest_manifest(registry: Registry) -> dict[str, Any]:
+    """The registry's latest manifest; the test fails here if nothing is published."""
+    manifest = registry.latest()
+    assert manifest is not None, f"{registry.folder}: no published version"
+    return manifest
+
+
+def public_key_file(signer: Signer) -> Path:
+    """The public half of a signing key loaded from a file: ``<key>.pub`` beside it."""
+    assert signer.path is not None, "this signer was made from a key in memory, not loaded from a file"
+    return signer.path.with_suffix(".pub")
+
+
+def registry_signer(registry: Registry) -> Signer:
+    """The key a writable registry signs with (a read-only one has none)."""
+    assert registry.signer is not None, f"{registry.folder}: opened read-only, no signing key"
+    return registry.signer

@@ -21,7 +21,7 @@ RANKS = {
     "distribution": 3,
     "service": 4,
     "tools": 5,
-    "cli": 6,
+    "cli": 6,  # daemon/cli/: the command line
 }
 
 

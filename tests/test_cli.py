@@ -44,6 +44,7 @@ def test_check_config_into_a_reader_that_went_away_exits_quietly(tmp_path: Path)
         text=True,
         cwd=Path(__file__).parent.parent,
     )
+    assert proc.stdout is not None and proc.stderr is not None  # both piped
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(60) == 0 and err == "", err

@@ -59,6 +59,7 @@ def small_disk(tmp_path: Path):
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert holder.stdout is not None and holder.stderr is not None  # both piped
     if holder.stdout.readline().strip() != "mounted":
         holder.wait(5)
         pytest.skip(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from learning_helpers import stream
+from learning_helpers import saved_checkpoint, stream
 
 from daemon.common.settings import Settings
 from daemon.export.job import ExportJob
@@ -53,7 +53,7 @@ def test_non_finite_weights_after_a_step_go_back_to_the_checkpoint_bit_for_bit(t
     for _ in range(3):
         step(training)
     assert training.save() is not None
-    saved = checkpoint.load(training.checkpoints)
+    saved = saved_checkpoint(training.checkpoints)
     step(training)
     assert not torch.equal(learner.head.weight.detach(), saved.head["weight"])  # it moved on since
     poison_learning_rate(learner)
@@ -83,7 +83,7 @@ def test_repeated_non_finite_losses_go_back_to_the_checkpoint(tmp_path: Path):
     for _ in range(3):
         step(training)
     training.save()
-    saved = checkpoint.load(training.checkpoints)
+    saved = saved_checkpoint(training.checkpoints)
     step(training)
     assert not torch.equal(learner.head.weight.detach(), saved.head["weight"])
     # A frozen backbone weight gone NaN: every new example's embedding (and so every loss) is NaN, while
@@ -106,6 +106,7 @@ def test_repeated_non_finite_losses_go_back_to_the_checkpoint(tmp_path: Path):
     step(training)
     assert learner.high_water_mark > position and learner.nonfinite_skipped == 3  # finite again, moving on
     # The NaN embeddings were never cached: replaying those examples now computes them afresh.
+    assert learner.cache is not None
     assert all(torch.isfinite(torch.from_numpy(v)).all() for v in learner.cache.get(list(range(1, 61))).values())
 
 
@@ -132,6 +133,7 @@ def test_a_non_finite_state_is_never_checkpointed_so_never_exported(tmp_path: Pa
     for _ in range(3):
         step(training)
     path = training.save()
+    assert path is not None
     written = path.read_bytes()
     poison_learning_rate(learner)
     learner.learn_many(training.reader.after(learner.high_water_mark, 4))  # the learner alone: nothing recovers yet
@@ -144,7 +146,7 @@ def test_a_non_finite_state_is_never_checkpointed_so_never_exported(tmp_path: Pa
     assert snapshot.high_water_mark < learner.high_water_mark
     learner.recover(checkpoint.load(training.checkpoints))
     assert training.save() is not None  # good again: checkpoints resume, with the position moved on
-    assert checkpoint.load(training.checkpoints).high_water_mark == learner.high_water_mark
+    assert saved_checkpoint(training.checkpoints).high_water_mark == learner.high_water_mark
 
 
 def test_restores_are_counted_across_a_restart(tmp_path: Path):

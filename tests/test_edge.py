@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from faulty_link import FaultyLink
 from helpers import REPO, TFLITE_VENV, Watching, colour_jpeg, sprout_edge, wait_for
 from learning_helpers import learn_all, make_learner, stream
+from registry_helpers import public_key_file
 
 from daemon.registry.signing import Signer
 from daemon.registry.versions import Registry
@@ -80,7 +81,7 @@ def publish(registry: Registry, tiny: TinyModels, which: str = "first") -> dict:
 
 @pytest.fixture
 def public_key(signer: Signer) -> Path:
-    return signer.path.with_suffix(".pub")
+    return public_key_file(signer)
 
 
 @pytest.fixture

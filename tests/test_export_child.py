@@ -57,7 +57,7 @@ def test_an_export_in_a_child_publishes_and_reports_back(tmp_path: Path, caplog)
     ]
     took = [i for i, m in enumerate(child_lines) if m.startswith("export took")]
     assert registry and published and took and registry[0] < published[0] < took[0], child_lines
-    assert outcome is not None and outcome.published["version"] == 1, outcome
+    assert outcome is not None and outcome.published is not None and outcome.published["version"] == 1, outcome
     assert outcome.published["quantization"] == "none" and outcome.metrics["examples_trained"] == trained
     assert (exporting.published, exporting.exports, exporting.failed) == (1, 1, 0)
     assert exporting.exported_learned == trained
@@ -174,6 +174,7 @@ def test_a_spare_killed_while_it_waits_is_replaced_by_a_fresh_process(tmp_path: 
     try:
         child.run(ExportJob.from_settings(settings))
         spare = child.spare_pid
+        assert spare is not None, "no spare process waiting"
         os.kill(spare, signal.SIGKILL)
         wait_for(lambda: child.spare_pid is None, 10, "the spare to be seen dead")
         with caplog.at_level(logging.WARNING, "sprout.export"):

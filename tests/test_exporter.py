@@ -148,6 +148,7 @@ def test_a_crashing_or_missing_runtime_is_a_reason_not_a_crash(trained, tmp_path
     assert crashed.error == "crashed (signal 11) while loading or running the model"
     assert crashed.fault is RuntimeFault.CRASHED
     (missing,) = verify(tflite, images, labels, reference, ["tflite-runtime"], {"tflite-runtime": tmp_path / "nope"})
-    assert "run scripts/setup.sh" in missing.error and missing.fault is RuntimeFault.UNAVAILABLE
+    assert missing.error is not None and "run scripts/setup.sh" in missing.error
+    assert missing.fault is RuntimeFault.UNAVAILABLE
     reasons = [str(r) for r in gate([crashed, missing], 1.0, None, Settings.load(None).export)]
     assert len(reasons) == 2 and all("could not load or run the model" in r for r in reasons)

@@ -21,7 +21,7 @@ def encode(size: tuple[int, int], fmt: str, mode: str = "RGB", **options) -> byt
     return buf.getvalue()
 
 
-CASES = [
+CASES: list[tuple[str, str, dict[str, object]]] = [  # format, mode, Pillow's save options
     ("JPEG", "RGB", {}),
     ("JPEG", "L", {}),
     ("JPEG", "RGB", {"progressive": True}),

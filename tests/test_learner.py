@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from learning_helpers import learn_all, make_learner, stream
+from learning_helpers import learn_all, make_learner, saved_checkpoint, stream
 
 from daemon.common.settings import ModelSettings, TrainingSettings
 from daemon.ingest.wire import Example
@@ -67,7 +67,9 @@ def holdout_accuracy(tmp_path: Path, replay_ratio: float, seed: int) -> tuple[fl
     examples = stream([0, 1], 40, seed=2) + stream([2, 3], 40, seed=3) + stream([4, 5], 40, seed=4)
     learner, reader = make_learner(tmp_path, examples, replay_ratio=replay_ratio, seed=seed)
     learn_all(learner, reader)
-    return learner.evaluate_holdout().accuracy, learner
+    accuracy = learner.evaluate_holdout().accuracy
+    assert accuracy is not None, "no holdout examples to score"
+    return accuracy, learner
 
 
 def test_replay_beats_naive_fine_tuning_on_a_class_incremental_stream(tmp_path: Path):
@@ -84,23 +86,28 @@ def test_replay_beats_naive_fine_tuning_on_a_class_incremental_stream(tmp_path: 
     assert sum(replays) / len(replays) >= 0.8, replays
 
 
-def test_head_mode_computes_each_embedding_once(tmp_path: Path):
+def test_head_mode_computes_each_embedding_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     learner, reader = make_learner(tmp_path, stream([0, 1], 20, seed=5))
     calls = []
     original = learner.backbone.forward
-    learner.backbone.forward = lambda x: (calls.append(len(x)), original(x))[1]
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return original(x)
+
+    monkeypatch.setattr(learner.backbone, "forward", counted)
     learn_all(learner, reader)
     learner.evaluate_holdout()
     learner.evaluate_holdout()
     assert sum(calls) == 40  # 32 train + 8 holdout, despite replay and two evaluations
-    assert len(learner.cache) == 40
+    assert learner.cache is not None and len(learner.cache) == 40
 
 
-def test_non_finite_loss_skips_the_step(tmp_path: Path):
+def test_non_finite_loss_skips_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     learner, reader = make_learner(tmp_path, stream([0, 1], 10, seed=6))
     learner.learn_many(reader.after(0, 4))
     weights = learner.head.weight.detach().clone()
-    learner.backbone.forward = lambda x: torch.full((len(x), 32), float("nan"))
+    monkeypatch.setattr(learner.backbone, "forward", lambda x: torch.full((len(x), 32), float("nan")))
     learner.learn_many(reader.after(learner.high_water_mark, 4))
     assert learner.nonfinite_skipped == 1
     assert torch.equal(learner.head.weight.detach()[: len(weights)], weights)
@@ -119,7 +126,7 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path: Path):
 
     resumed, reader2 = make_learner(tmp_path / "again", [])
     resumed.reader = StoreReader(tmp_path / "examples.db")
-    assert resumed.load_state(checkpoint.load(tmp_path / "checkpoints"))
+    assert resumed.load_state(saved_checkpoint(tmp_path / "checkpoints"))
     assert resumed.step == 4 and resumed.labels
     learn_all(resumed, resumed.reader)
     assert resumed.trained == learner.trained
@@ -190,7 +197,8 @@ def test_reading_a_checkpoint_never_disturbs_a_write_in_progress(tmp_path: Path)
     checkpoint.save_payload(folder, {"step": 1})
     in_progress = folder / f".tmp-{checkpoint.CHECKPOINT_NAME}-12345"
     in_progress.write_bytes(b"half a checkpoint")
-    assert checkpoint.load_payload(folder)["step"] == 1
+    payload = checkpoint.load_payload(folder)
+    assert payload is not None and payload["step"] == 1
     assert in_progress.exists()  # a reader (export, a test) must leave the writer's file alone
     assert checkpoint.remove_stale_temporaries(folder) == 1
 
@@ -265,6 +273,7 @@ def test_a_head_learner_drops_the_vectors_of_pruned_examples(tmp_path: Path):
     learn_all(learner, reader)
     learner.evaluate_holdout()
     everything = list(range(1, learner.high_water_mark + 1))
+    assert learner.cache is not None
     cached = set(learner.cache.get(everything))
     assert len(cached) == learner.high_water_mark  # train learned, holdout scored: every vector cached
     train = [seq for seq, _ in reader.labels_up_to(learner.high_water_mark, "train")]

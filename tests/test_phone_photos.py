@@ -13,7 +13,7 @@ import io
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +35,14 @@ ROTATED_FOR_EXIF_6 = Image.Transpose.ROTATE_90  # how a phone held upright store
 
 def daemon_limits(**changes: int) -> Limits:
     s = StoreSettings()
-    fields = dict(
+    defaults = Limits(
         max_image_bytes=s.max_image_bytes,
         max_image_pixels=s.max_image_pixels,
         max_full_decode_pixels=s.max_full_decode_pixels,
         max_label_chars=s.max_label_chars,
         holdout_fraction=s.holdout_fraction,
     )
-    return Limits(**(fields | changes))
+    return replace(defaults, **changes)
 
 
 def red_over_blue(width: int, height: int, seed: int, grain: int) -> Image.Image:

@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 from helpers import SPROUT, wait_for
-from registry_helpers import fields
+from registry_helpers import fields, latest_manifest, public_key_file, registry_signer
 
 from daemon.registry.layout import MANIFEST_KEYS
+from daemon.registry.retention import apply_retention
 from daemon.registry.signing import SignatureError, Signer, SigningKeyError, generate, verify, verify_file
 from daemon.registry.versions import NoRegistryError, Registry, RegistryError, UnknownVersionError
 
@@ -109,18 +110,19 @@ def test_publish_twice_gives_versions_1_and_2_with_consistent_files(registry: Re
 
 def test_signature_covers_the_served_bytes_and_any_change_fails(registry: Registry, signer: Signer, tmp_path: Path):
     (m,) = publish(registry)
-    public = signer.path.with_suffix(".pub")
+    public = public_key_file(signer)
     document, signature = registry.document(1), registry.signature(1)
     assert len(signature) == 64 and json.loads(document) == m
     verify(document, signature, public)
     verify(document, signature, public.read_bytes())
-    verify(document, signature, registry.signer.public_key)
+    verify(document, signature, registry_signer(registry).public_key)
     # latest and latest.sig are byte copies of the version's pair: what a device checks is what was signed.
     folder = registry.folder
     assert (folder / "latest").read_bytes() == document and (folder / "latest.sig").read_bytes() == signature
     data = registry.model_path(1).read_bytes()
     verify_file(m, data)
-    assert m["signing_key_id"] == registry.signer.key_id and re.fullmatch(r"[0-9a-f]{16}", registry.signer.key_id)
+    key_id = registry_signer(registry).key_id
+    assert m["signing_key_id"] == key_id and re.fullmatch(r"[0-9a-f]{16}", key_id)
 
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x01
@@ -170,7 +172,8 @@ def test_a_registry_from_before_detached_signatures_is_signed_as_it_is(
     (folder / "latest").write_bytes(old_documents[2])
     (folder / "latest.sig").unlink()
 
-    assert Registry.open_readonly(registry.root, registry.model).latest()["schema"] == 1  # reading changes nothing
+    reader = Registry.open_readonly(registry.root, registry.model)
+    assert latest_manifest(reader)["schema"] == 1  # reading changes nothing
     assert not (folder / "latest.sig").exists()
     reopened = Registry(registry.root, registry.model, signer)
     for v in (1, 2):
@@ -187,10 +190,10 @@ def test_a_stale_or_missing_latest_signature_is_repaired_to_the_same_version(reg
     folder = registry.folder
     (folder / "latest.sig").write_bytes(registry.signature(3))  # a copy cut between the two renames
     Registry(registry.root, registry.model, signer)
-    assert (folder / "latest.sig").read_bytes() == registry.signature(2) and registry.latest()["version"] == 2
+    assert (folder / "latest.sig").read_bytes() == registry.signature(2) and latest_manifest(registry)["version"] == 2
     (folder / "latest.sig").unlink()
     Registry(registry.root, registry.model, signer)
-    assert (folder / "latest.sig").read_bytes() == registry.signature(2) and registry.latest()["version"] == 2
+    assert (folder / "latest.sig").read_bytes() == registry.signature(2) and latest_manifest(registry)["version"] == 2
     assert [e.get("reason") for e in registry.events() if e["event"] == "repaired"] == [
         "latest.sig is not version 2's signature",
         "latest.sig is missing",
@@ -204,7 +207,7 @@ def test_manifests_conform_to_the_schema(registry: Registry):
     for m in (registry.manifest(1), registry.latest()):
         assert schema_errors(m, SCHEMA) == []
     # The walker can fail: a missing field, a wrong type, an unknown quantization, an extra field.
-    m = registry.latest()
+    m = latest_manifest(registry)
     assert schema_errors({k: v for k, v in m.items() if k != "labels"}, SCHEMA) == ["$.labels: missing"]
     assert schema_errors({**m, "version": "2"}, SCHEMA) == ["$.version: expected integer, got str"]
     assert schema_errors({**m, "quantization": "int4"}, SCHEMA)
@@ -234,7 +237,7 @@ def test_publish_refuses_bad_fields_and_keeps_nothing(registry: Registry):
     event = registry.events()[-1]
     assert event["event"] == "rejected" and event["reasons"] == ["NaN in output", "drop 0.09 > 0.05"]
     assert event["candidate"]["metrics"] == {"holdout_top1": "nan"}  # the log stays strict JSON
-    assert registry.versions() == [1] and registry.latest()["version"] == 1
+    assert registry.versions() == [1] and latest_manifest(registry)["version"] == 1
     assert publish(registry)[0]["version"] == 2  # a rejection uses up no version
 
 
@@ -256,7 +259,8 @@ def test_retention_keeps_the_newest_and_the_pinned_and_versions_only_go_up(regis
     # latest is kept even when it is not among the newest (after a rollback).
     registry.rollback(3)
     small = Registry(registry.root, MODEL, registry.signer, keep_versions=1)
-    small._apply_retention()  # what the next publish would do, without making a new latest
+    with small._locked():
+        apply_retention(small)  # what the next publish would do, without making a new latest
     assert small.versions() == [1, 3, 5]
 
     assert registry.unpin(1) is True and registry.unpin(1) is False
@@ -276,9 +280,9 @@ def test_rollback_moves_latest_is_logged_and_numbering_continues(registry: Regis
     publish(registry, 3)
     before = (registry.folder / "1" / "manifest.json").read_bytes()
     m = registry.rollback(1)
-    assert m["version"] == 1 and registry.latest()["version"] == 1
+    assert m["version"] == 1 and latest_manifest(registry)["version"] == 1
     assert (registry.folder / "latest").read_bytes() == before  # unchanged, still validly signed
-    verify(before, (registry.folder / "latest.sig").read_bytes(), signer.path.with_suffix(".pub"))
+    verify(before, (registry.folder / "latest.sig").read_bytes(), public_key_file(signer))
     event = registry.events()[-1]
     assert (event["event"], event["version"], event["from"]) == ("rollback", 1, 3)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT.*Z", event["time"])
@@ -293,7 +297,7 @@ def test_rollback_refuses_a_damaged_version(registry: Registry):
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(RegistryError, match="version 1 cannot become latest"):
         registry.rollback(1)
-    assert registry.latest()["version"] == 2
+    assert latest_manifest(registry)["version"] == 2
 
 
 def test_construction_removes_leftovers_and_repairs_latest(registry: Registry, signer: Signer):
@@ -307,16 +311,16 @@ def test_construction_removes_leftovers_and_repairs_latest(registry: Registry, s
 
     reopened = Registry(registry.root, MODEL, signer, keep_versions=3)
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".tmp-")]
-    assert reopened.latest()["version"] == 3
+    assert latest_manifest(reopened)["version"] == 3
     assert [e["event"] for e in reopened.events()][-2:] == ["cleaned", "repaired"]
 
     # latest naming a version whose folder is gone, then a latest cut short: both repaired.
     shutil.rmtree(folder / "3")
     reopened = Registry(registry.root, MODEL, signer, keep_versions=3)
-    assert reopened.latest()["version"] == 2
+    assert latest_manifest(reopened)["version"] == 2
     assert [r["version"] for r in json.loads((folder / "versions").read_text())] == [2, 1]
     (folder / "latest").write_bytes((folder / "latest").read_bytes()[:40])
-    assert Registry(registry.root, MODEL, signer).latest()["version"] == 2
+    assert latest_manifest(Registry(registry.root, MODEL, signer))["version"] == 2
     assert publish(reopened)[0]["version"] == 4
 
 
@@ -349,7 +353,7 @@ while True:
 
 def test_sigkill_during_publish_leaves_a_valid_latest(registry: Registry, signer: Signer):
     """A publisher killed at random moments: every restart finds a complete, signed latest."""
-    public = signer.path.with_suffix(".pub")
+    public = public_key_file(signer)
     rng = random.Random()
     last_seen = 0
     for round_ in range(6):
@@ -369,7 +373,7 @@ def test_sigkill_during_publish_leaves_a_valid_latest(registry: Registry, signer
 
         # What a reader (the HTTP server, a static mirror) sees before any writer tidies up.
         reader = Registry.open_readonly(registry.root, MODEL)
-        seen = reader.latest()
+        seen = latest_manifest(reader)
         document = (reader.folder / "latest").read_bytes()
         assert document == reader.document(seen["version"])
         verify(document, reader.signature(seen["version"]), public)
@@ -430,7 +434,9 @@ def test_keygen_cli(tmp_path: Path):
     # The raw key an app ships: it checks what this key signed (PyNaCl, independent of the daemon's library).
     import nacl.signing
 
-    raw = base64.b64decode(re.search(r"raw public key \(base64, for apps\): (\S+)", out.stdout).group(1))
+    found = re.search(r"raw public key \(base64, for apps\): (\S+)", out.stdout)
+    assert found, out.stdout
+    raw = base64.b64decode(found.group(1))
     nacl.signing.VerifyKey(raw).verify(b"manifest", Signer.load(private).sign(b"manifest"))
     again = run_cli("keygen", "--out", str(tmp_path / "keys"))
     assert again.returncode == 73 and "already exists" in again.stderr
@@ -462,7 +468,7 @@ def test_models_cli(tmp_path: Path):
     rolled = run_cli("models", "rollback", "2", "--state", str(state))
     assert rolled.returncode == 0, rolled.stderr
     assert "latest is now version 2 (was 3)" in rolled.stdout
-    assert reg.latest()["version"] == 2
+    assert latest_manifest(reg)["version"] == 2
     assert run_cli("models", "pin", "1", "--state", str(state)).returncode == 0
     assert reg.pins() == [1]
     table = run_cli("models", "list", "--state", str(state)).stdout.splitlines()

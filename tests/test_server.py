@@ -18,7 +18,7 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from helpers import SPROUT, wait_for
-from registry_helpers import fields
+from registry_helpers import fields, public_key_file, registry_signer
 
 from daemon.distribution.http import DownloadApi, HttpServer
 from daemon.registry.signing import Signer, verify
@@ -66,15 +66,16 @@ def test_the_detached_signatures_are_served_and_verify_the_bytes_served(api: htt
     assert signature.status_code == 200 and len(signature.content) == 64
     assert signature.headers["content-type"] == "application/octet-stream"
     assert signature.headers["cache-control"] == "no-cache"
-    verify(document.content, signature.content, registry.signer.public_key)
+    public_key = registry_signer(registry).public_key
+    verify(document.content, signature.content, public_key)
     assert api.get("/latest.sig", headers={"If-None-Match": signature.headers["etag"]}).status_code == 304
     for v in (1, 2):
         pair = api.get(f"/versions/{v}/manifest.json"), api.get(f"/versions/{v}/manifest.json.sig")
         assert pair[1].headers["cache-control"] == "public, max-age=31536000, immutable"
-        verify(pair[0].content, pair[1].content, registry.signer.public_key)
+        verify(pair[0].content, pair[1].content, public_key)
     assert api.get("/versions/2/manifest.json").content == document.content
     registry.rollback(1)
-    verify(api.get("/latest").content, api.get("/latest.sig").content, registry.signer.public_key)
+    verify(api.get("/latest").content, api.get("/latest.sig").content, public_key)
     assert api.get("/latest.sig").content == api.get("/versions/1/manifest.json.sig").content
 
 
@@ -181,7 +182,9 @@ def status_of(sock: socket.socket) -> int:
         got += (more := sock.recv(65_536))
         assert more, "the server closed the connection"
     head, _, body = got.partition(b"\r\n\r\n")
-    length = int(re.search(rb"(?im)^content-length: *(\d+)", head)[1])
+    found = re.search(rb"(?im)^content-length: *(\d+)", head)
+    assert found, head
+    length = int(found[1])
     while len(body) < length:
         body += (more := sock.recv(65_536))
         assert more, "the server closed the connection"
@@ -382,11 +385,12 @@ def test_the_fleet_view_counts_versions_run_and_downloads_without_keeping_a_devi
     registry.publish(os.urandom(8192), fields())
     server, base = serve(registry.root)
     try:
-        key = registry.signer.path.with_suffix(".pub")
+        key = public_key_file(registry_signer(registry))
         phone_a, phone_b = tmp_path / "phone-a", tmp_path / "phone-b"
         assert sync(base, MODEL, phone_a, public_key=key, runtime=None).status == "installed"  # runs none yet
         assert sync(base, MODEL, phone_a, public_key=key, runtime=None).status == "unchanged"  # now runs 1
         assert sync(base, MODEL, phone_b, public_key=key, runtime=None).status == "installed"
+        assert server.api is not None
         fleet = server.api.fleet
         view = fleet.view()
         assert view.devices_by_version == {"1": 1, "none": 1}  # a, last heard running 1; b, before its install

@@ -14,7 +14,7 @@ import numpy as np
 import paho.mqtt.publish as mqtt_publish
 import pytest
 from helpers import LEARNING, metrics, publish_colours, wait_for
-from learning_helpers import stream
+from learning_helpers import saved_checkpoint, stream
 from PIL import Image
 
 import daemon.learning.curves
@@ -35,11 +35,15 @@ def page(port: int) -> str:
 
 def shown(html: str, element_id: str) -> str:
     """The text of the page's element with this id."""
-    return re.search(f'id="{element_id}">([^<]*)<', html).group(1)
+    found = re.search(f'id="{element_id}">([^<]*)<', html)
+    assert found, f"no element with id {element_id!r} on the page"
+    return found.group(1)
 
 
 def chart(html: str, name: str) -> str:
-    return re.search(f'<(svg|p) id="chart-{name}".*?</(svg|p)>', html, re.DOTALL).group(0)
+    found = re.search(f'<(svg|p) id="chart-{name}".*?</(svg|p)>', html, re.DOTALL)
+    assert found, f"no chart {name!r} on the page"
+    return found.group(0)
 
 
 @pytest.fixture
@@ -160,13 +164,13 @@ def test_an_evaluation_between_steps_and_the_curves_reach_the_checkpoint_and_old
     assert training.learner.holdout_index
     training.observe(force=True)
     assert training.save() is not None
-    assert checkpoint.load(training.checkpoints).holdout["accuracy"] is None  # not evaluated in a step
+    assert saved_checkpoint(training.checkpoints).holdout["accuracy"] is None  # not evaluated in a step
     # What the demo's summary does before it stops the daemon: an evaluation between two steps.
     training.learner.evaluate_holdout()
     assert training.save() is not None
-    saved = checkpoint.load(training.checkpoints)
+    saved = saved_checkpoint(training.checkpoints)
     assert saved.holdout["accuracy"] == training.learner.holdout.accuracy is not None
-    assert len(saved.curves) == 2
+    assert saved.curves is not None and len(saved.curves) == 2
     assert training.save() is None  # nothing new: no write
     resumed = Training(settings.model, settings.training, settings.state_dir)
     assert resumed.learner.holdout.state() == training.learner.holdout.state()

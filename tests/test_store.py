@@ -88,7 +88,9 @@ def test_retention_prunes_the_oldest_train_examples_and_the_file_stops_growing(t
     assert (
         train == [i for i in range(train[0], n) if i % 10] and train[0] > 0
     )  # a window of the newest: oldest went first
-    assert f"p-{n - 1}" in ids and store.stats()["total"] + store.pruned == n
+    total = store.stats()["total"]
+    assert isinstance(total, int)
+    assert f"p-{n - 1}" in ids and total + store.pruned == n
 
 
 def test_retention_keeps_holdout_while_train_remains_within_its_share(tmp_path: Path):
@@ -99,13 +101,15 @@ def test_retention_keeps_holdout_while_train_remains_within_its_share(tmp_path: 
         store.commit([photo(i) for i in range(start, start + 100)])
         store.prune(cap)
     assert store.pruned > 0
-    assert store.stats()["per_split"]["holdout"] == 40  # only train was pruned
+    per_split = store.stats()["per_split"]
+    assert isinstance(per_split, dict) and per_split["holdout"] == 40  # only train was pruned
     # Holdout alone past its share: its oldest go too, down to a quarter of the pruned store.
     store.commit([photo(i, "holdout") for i in range(2000, 2400)])
     store.prune(cap)
     holdout = [r[0] for r in store._db.execute("SELECT example_id FROM examples WHERE split = 'holdout' ORDER BY seq")]
     assert 0 < len(holdout) * 5000 <= 0.25 * 0.9 * cap and holdout[-1] == "p-2399" and "p-0" not in holdout
-    assert store.stats()["per_split"]["train"] > 0
+    per_split = store.stats()["per_split"]
+    assert isinstance(per_split, dict) and per_split["train"] > 0
 
 
 def test_a_store_under_its_limit_is_not_touched(tmp_path: Path):

@@ -97,7 +97,9 @@ def test_every_drop_in_in_the_deploy_guide_verifies_and_keeps_the_score(tmp_path
             text=True,
             timeout=60,
         )
-        score = float(re.search(r"Overall exposure level for sprout\.service: (\d+\.\d+)", out.stdout).group(1))
+        found = re.search(r"Overall exposure level for sprout\.service: (\d+\.\d+)", out.stdout)
+        assert found, f"{name}: {out.stdout[-2000:]}"
+        score = float(found.group(1))
         assert score <= EXPOSURE_LIMIT, f"{name}: {score}"
 
 
@@ -308,8 +310,8 @@ def test_the_daemon_learns_exports_reloads_and_stops_inside_the_units_sandbox(br
     finally:
         if sandbox.poll() is None:
             sandbox.kill()
-    log = log_path.read_text()
-    assert "tflite-runtime" in log and "Traceback" not in log
+    logged = log_path.read_text()
+    assert "tflite-runtime" in logged and "Traceback" not in logged
     assert (writable / "state" / "registry" / "leaves" / "latest").exists()
     # Refused and survived, on this machine: sched_setaffinity (torch probing CPUs), mbind (a NUMA hint on
     # large allocations), fchown (SQLite matching a new WAL file's owner, only when running as root).

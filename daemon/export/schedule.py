@@ -66,7 +66,7 @@ class Exporting:
 
     name = "exporter"
 
-    def __init__(self, job: ExportJob, learned: Callable[[], int], request_checkpoint: Callable[[], None]):
+    def __init__(self, job: ExportJob, learned: Callable[[], int], request_checkpoint: Callable[[], object]):
         self._thread = threading.Thread(target=self.run, name="sprout-export", daemon=True)
         self.job = job
         self.learned = learned  # examples learned so far (the learner's counter)

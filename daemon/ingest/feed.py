@@ -165,7 +165,8 @@ class Feed:
                 keyfile=str(s.tls_key_file) if s.tls_key_file else None,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
-        client.reconnect_delay_set(min_delay=s.reconnect_min_s, max_delay=s.reconnect_max_s)
+        # paho annotates the delays int but sleeps any number of seconds; ours may be fractions of one.
+        client.reconnect_delay_set(min_delay=s.reconnect_min_s, max_delay=s.reconnect_max_s)  # type: ignore[arg-type]
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -341,8 +342,10 @@ class Feed:
         content_type = getattr(props, "ContentType", None)
         # Never raises. The body's decode is left to intake's threads (wire.check_body): here it would
         # cost the network thread 10-20 times the rest of the parse.
-        item = parse(message.payload, user_properties, content_type, self.limits, decode=False)
-        size = len(message.payload) if isinstance(item, Unchecked) else 0  # a rejection keeps no image
+        payload = message.payload
+        assert isinstance(payload, bytes), "paho decodes a received payload as bytes (bytearray is for sending)"
+        item = parse(payload, user_properties, content_type, self.limits, decode=False)
+        size = len(payload) if isinstance(item, Unchecked) else 0  # a rejection keeps no image
         delivery = Delivery(message.mid, message.qos, self._connection, item, size)
         self.received += 1
         # Backpressure: when intake falls behind, in examples or in bytes, stop reading the socket; the

@@ -37,7 +37,7 @@ from daemon.common.settings import StoreSettings
 from daemon.ingest.feed import Delivery, Feed
 from daemon.ingest.wire import Example, Rejection, Unchecked, check_body
 from daemon.store.errors import is_disk_full
-from daemon.store.examples import Store
+from daemon.store.examples import CommitResult, Store
 
 log = logging.getLogger("sprout.intake")
 
@@ -146,15 +146,34 @@ class Intake:
         return batch
 
     def _commit(self, batch: list[Delivery]) -> None:
+        """Commit the batch, then ack each of its messages; when stopping before the store took it, ack none."""
         examples = [d.item for d in batch if isinstance(d.item, Example)]
         rejections = [d.item for d in batch if isinstance(d.item, Rejection)]
+        result = self._commit_or_wait(batch, examples, rejections)
+        if result is None:  # stopping: un-acked, the batch comes back from the broker
+            self.feed.budget.give_back(sum(d.size for d in batch))
+            return
+        self._resumed()
+        for delivery in batch:
+            self.feed.ack(delivery)
+        self.feed.budget.give_back(sum(d.size for d in batch))  # on disk now: the network thread may read more
+        self._count(rejections, result)
+        try:
+            self._prune()
+        except Exception as err:  # retention is retried after the next commit; intake goes on
+            log.warning("retention: pruning %s failed: %s; retried after the next commit", self.store.path, err)
+
+    def _commit_or_wait(
+        self, batch: list[Delivery], examples: list[Example], rejections: list[Rejection]
+    ) -> CommitResult | None:
+        """The store's result once it took the batch (trying again while the disk is full or the store
+        refuses it), or None when intake is told to stop first."""
         delay = 0.5
         while True:
             full = self._disk_full(examples)
             if full is None:
                 try:
-                    result = self.store.commit(examples, rejections)
-                    break
+                    return self.store.commit(examples, rejections)
                 except Exception as err:  # disk full, I/O error, locked database: nothing acked, keep the batch, retry
                     if is_disk_full(err):
                         full = f"SQLite: {err}"
@@ -166,23 +185,7 @@ class Intake:
                             err,
                             delay,
                         )
-            now = time.monotonic()
-            if self.failing_since is None:
-                self.failing_since = now
-            if full is not None and self.disk_full_since is None:
-                self.disk_full_since = now
-                log.error(
-                    "intake paused, disk full: %s; nothing is committed or acked (the broker keeps the examples). "
-                    "Free space under %s, or lower store.max_mb so retention prunes the store (systemctl reload "
-                    "applies it); intake resumes by itself",
-                    full,
-                    self.store.path.parent,
-                )
-            if full is not None:
-                try:  # a lowered store.max_mb (reload) frees pages for this commit
-                    self._prune()
-                except Exception as err:
-                    log.debug("pruning on a full disk failed: %s", err)
+            self._failing(full)
             if self._stop_requested.wait(delay):
                 # Stopping: do not wait for the disk. Un-acked, these come back from the broker.
                 log.warning(
@@ -190,9 +193,31 @@ class Intake:
                     len(batch),
                     full or "the store refuses writes",
                 )
-                self.feed.budget.give_back(sum(d.size for d in batch))
-                return
+                return None
             delay = min(delay * 2, 30.0 if full is None else DISK_RETRY_MAX_S)
+
+    def _failing(self, full: str | None) -> None:
+        """Note that a commit failed; ``full`` says why the disk is full, when it is, and intake pauses for it."""
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        if full is not None and self.disk_full_since is None:
+            self.disk_full_since = now
+            log.error(
+                "intake paused, disk full: %s; nothing is committed or acked (the broker keeps the examples). "
+                "Free space under %s, or lower store.max_mb so retention prunes the store (systemctl reload "
+                "applies it); intake resumes by itself",
+                full,
+                self.store.path.parent,
+            )
+        if full is not None:
+            try:  # a lowered store.max_mb (reload) frees pages for this commit
+                self._prune()
+            except Exception as err:
+                log.debug("pruning on a full disk failed: %s", err)
+
+    def _resumed(self) -> None:
+        """A commit went through: the store takes writes again (and says so after a pause for the disk)."""
         if self.disk_full_since is not None:
             log.info(
                 "intake resumed: %s has %.0f MB free again after a pause of %.0fs",
@@ -202,9 +227,8 @@ class Intake:
             )
             self.disk_full_since = None
         self.failing_since = None
-        for delivery in batch:
-            self.feed.ack(delivery)
-        self.feed.budget.give_back(sum(d.size for d in batch))  # on disk now: the network thread may read more
+
+    def _count(self, rejections: list[Rejection], result: CommitResult) -> None:
         for rejection in rejections:
             self.rejected[rejection.reason.value] = self.rejected.get(rejection.reason.value, 0) + 1
             log.info("rejected %s: %s", rejection.example_id or "(no id)", rejection.detail)
@@ -213,10 +237,6 @@ class Intake:
         self.duplicates += result.duplicates
         self.commits += 1
         self.last_commit = time.monotonic()
-        try:
-            self._prune()
-        except Exception as err:  # retention is retried after the next commit; intake goes on
-            log.warning("retention: pruning %s failed: %s; retried after the next commit", self.store.path, err)
 
     def _prune(self) -> None:
         max_mb = self.settings.max_mb

@@ -75,9 +75,7 @@ class Checkpoint:
     def from_payload(cls, payload: dict[str, Any]) -> Checkpoint:
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.name not in payload  # type: ignore[misc]
+            f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in payload
         ]
         if missing:
             raise CheckpointError(f"checkpoint lacks {', '.join(missing)}; move it away to start learning afresh")

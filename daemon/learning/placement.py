@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from daemon.common.settings import ModelSettings
+from models.layers import Backbone
 from models.zoo import BackboneSpec
 
 
@@ -50,7 +51,7 @@ def network_key(model: ModelSettings, spec: BackboneSpec) -> str:
     return f"{spec.name}:{digest}:{model.input_size}"
 
 
-def select_trainable(backbone: nn.Module, mode: str, last_blocks: int) -> list[nn.Parameter]:
+def select_trainable(backbone: Backbone, mode: str, last_blocks: int) -> list[nn.Parameter]:
     """Freeze the backbone, then unfreeze what ``mode`` trains; returns those parameters (none in head mode)."""
     for p in backbone.parameters():
         p.requires_grad_(False)
@@ -82,4 +83,5 @@ def put_on(backbone: nn.Module, device: torch.device) -> None:
     layout of cuDNN's fastest bf16 convolutions."""
     backbone.to(device).eval()
     if device.type == "cuda":
-        backbone.to(memory_format=torch.channels_last)
+        # torch's stubs lack Module.to's memory_format keyword, which it documents and takes.
+        backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

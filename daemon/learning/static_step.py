@@ -37,6 +37,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from daemon.learning.head import GrowingHead
+
 WARMUP_STEPS = 3  # on a side stream before capture, as PyTorch's CUDA graph notes ask (cuDNN autotuning, allocator)
 
 
@@ -44,7 +46,7 @@ class StaticStep:
     def __init__(
         self,
         backbone: nn.Module,
-        head: nn.Module,
+        head: GrowingHead,
         optimizer: torch.optim.Optimizer,
         rows: int,
         input_size: int,

@@ -30,6 +30,7 @@ from torch import nn
 
 from daemon.common.settings import TrainingSettings
 from daemon.learning.divergence import state_is_finite
+from daemon.learning.head import GrowingHead
 from daemon.learning.inputs import Inputs
 from daemon.learning.placement import Placement
 from daemon.learning.static_step import StaticStep
@@ -177,7 +178,7 @@ class CapturedStep:
 
     def __call__(
         self,
-        head: nn.Module,
+        head: GrowingHead,
         optimizer: torch.optim.Optimizer,
         examples: Sequence[StoredExample],
         classes: dict[str, int],
@@ -187,7 +188,7 @@ class CapturedStep:
         """None when none of the examples decoded (each one counted in ``Inputs.undecodable``)."""
         static = self._static_for(head, optimizer)
         x, ok = self.inputs.decoded(examples)
-        if not any(ok):
+        if x is None:  # none of them decoded
             return None
         targets = targets_of(examples, ok, classes, self.placement.device)
         n = static.launch(x, targets, example_weights(targets, len(classes), balance))
@@ -199,7 +200,7 @@ class CapturedStep:
         """Checked inside the step, on the device, as of its last run."""
         return self.static is None or self.static.state_finite
 
-    def _static_for(self, head: nn.Module, optimizer: torch.optim.Optimizer) -> StaticStep:
+    def _static_for(self, head: GrowingHead, optimizer: torch.optim.Optimizer) -> StaticStep:
         if self.static is not None and self.static.matches(head, optimizer):
             return self.static
         started = time.monotonic()

@@ -196,7 +196,8 @@ class Training:
         """Run ``fn`` on the learner's thread between two steps; (False, None) if it did not happen in time."""
         if not self.alive():
             return False, None
-        done, result = threading.Event(), []
+        done = threading.Event()
+        result: list[Any] = []  # fn's return value, put there by the learner's thread
         self._requests.put((fn, done, result))
         if not done.wait(timeout_s):
             return False, None

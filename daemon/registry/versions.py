@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -41,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.registry import history
 from daemon.registry.fields import check_fields
 from daemon.registry.layout import (
     LABELS_FILE,
@@ -67,6 +67,7 @@ from daemon.registry.layout import (
     utc_time,
 )
 from daemon.registry.repair import recover
+from daemon.registry.retention import apply_retention
 from daemon.registry.signing import SignatureError, Signer, verify, verify_file
 from daemon.store.labels import EVENTS, LabelChange
 from edge.atomic import TMP_PREFIX, fsync_dir, write_atomic, write_new
@@ -204,19 +205,7 @@ class Registry:
 
     def events(self) -> list[dict[str, Any]]:
         """The log, oldest first; a line cut short by a crash is skipped."""
-        try:
-            lines = (self.folder / LOG).read_bytes().splitlines()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                out.append(event)
-        return out
+        return history.read(self.folder / LOG)
 
     # Writing: each change holds the lock.
 
@@ -263,7 +252,7 @@ class Registry:
                     "quantization": body["quantization"],
                 }
             )
-            self._apply_retention()
+            apply_retention(self)
         log.info("published %s version %d (%s, %d bytes)", self.model, version, body["quantization"], len(tflite))
         return manifest
 
@@ -424,16 +413,7 @@ class Registry:
             return None
 
     def _append_log(self, event: dict[str, Any]) -> None:
-        line = json.dumps({"time": utc_now(), **event}, ensure_ascii=False, allow_nan=False)
-        fd = os.open(self.folder / LOG, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            # A writer killed mid-line left no newline: start afresh rather than glue two events together.
-            prefix = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
-            os.write(fd, prefix + line.encode("utf-8") + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        history.append(self.folder / LOG, {"time": utc_now(), **event})
 
     def _set_pins(self, pins: list[int]) -> None:
         write_atomic(self.folder / PINS, dump(sorted(set(pins))))
@@ -441,23 +421,3 @@ class Registry:
 
     def _write_versions(self) -> None:
         write_atomic(self.folder / VERSIONS, dump(self.index()))
-
-    def _apply_retention(self) -> None:
-        versions = self.versions()
-        latest = self._latest_or_none()
-        keep = set(versions[-self.keep_versions :]) | set(self.pins())
-        if latest is not None and isinstance(latest.get("version"), int):
-            keep.add(latest["version"])
-        doomed = [v for v in versions if v not in keep]
-        for v in doomed:
-            # Renamed out of sight first, so no reader ever sees a half-deleted version;
-            # a kill during rmtree leaves a .tmp-* folder that the next writer removes.
-            trash = self.folder / f"{TMP_PREFIX}deleted-{v}-{os.getpid()}"
-            os.rename(self._dir(v), trash)
-            self._append_log(
-                {"event": "deleted", "version": v, "reason": f"retention: keep_versions={self.keep_versions}"}
-            )
-            shutil.rmtree(trash, ignore_errors=True)
-        if doomed:
-            fsync_dir(self.folder)
-            self._write_versions()

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from daemon.common import logs, state_owner
 from daemon.common.exits import Exit
@@ -53,6 +53,10 @@ from daemon.service.status import Status, snapshot
 from daemon.service.systemd import Notifier
 from daemon.store.examples import Store
 
+if TYPE_CHECKING:  # they import torch: imported where used, only when this node learns
+    from daemon.export.schedule import Exporting
+    from daemon.learning.training import Training
+
 log = logging.getLogger("sprout.daemon")
 
 # The whole shutdown, intake's last commit first, then the learner's step and checkpoint; systemd's
@@ -68,6 +72,8 @@ LEFT_BEHIND = {
 
 
 P = TypeVar("P", bound=Part)
+# What signal.signal returns and takes: a function, SIG_DFL / SIG_IGN, or None (set outside Python).
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class Daemon:
@@ -84,13 +90,13 @@ class Daemon:
         self.store: Store | None = None
         self.feed: Feed | None = None
         self.intake: Intake | None = None
-        self.training = None  # daemon.learning.training.Training when training.enabled
-        self.exporting = None  # daemon.export.schedule.Exporting when export.enabled too
+        self.training: Training | None = None  # when training.enabled
+        self.exporting: Exporting | None = None  # when export.enabled too
         self.http: HttpServer | None = None  # the model API (and the operator's pages while it is loopback)
         self.admin: HttpServer | None = None  # the operator's pages, when `server.http` faces the network
         self.api: DownloadApi | None = None  # the model API: its fleet counts go to /metrics and the page
         self.notice: Notice | None = None
-        self._old_handlers: dict[int, object] = {}
+        self._old_handlers: dict[int, SignalHandler] = {}
 
     @property
     def http_address(self) -> str | None:
@@ -132,11 +138,11 @@ class Daemon:
         state_owner.claim(s.state_dir, s.model.name)  # another model's folder is refused, naming both
         # The store is no part (no thread of its own): opened before every part and closed after all have
         # stopped, as intake commits into it until its stop and the status reads it until the end.
-        self.store = Store(s.state_dir / "examples.db")
+        store = self.store = Store(s.state_dir / "examples.db")
         # Once, at start-up, for the whole process: paho's property decoder was the intake's hot spot
         # (daemon/ingest/mqttfast.py checks the paho release it patches and says so when it differs).
         mqttfast.install()
-        self._build(s)  # every part before any starts: a weights file that does not fit starts nothing
+        self._build(s, store)  # every part before any starts: a weights file that does not fit starts nothing
         for part in self.parts:
             part.start()
         if self.http is not None:
@@ -151,16 +157,16 @@ class Daemon:
         log.info("model %s, state %s, broker %s, client id %s", s.model.name, s.state_dir, s.mqtt.broker, s.client_id)
         self.reporter.begin()
 
-    def _build(self, s: Settings) -> None:
+    def _build(self, s: Settings, store: Store) -> None:
         """Every part, each given its own settings section, into ``self.parts`` in start order."""
         if s.server.enabled:
             self._servers(s.server, s.state_dir)
-        self.feed = self._add(Feed(s.mqtt, s.store, s.model.name, s.client_id))
+        feed = self.feed = self._add(Feed(s.mqtt, s.store, s.model.name, s.client_id))
         # Announce whatever the registry's latest is, now and on every change, on the feed's session.
         latest = registry_root(s.state_dir) / s.model.name / "latest"
-        self.notice = self._add(Notice(latest, s.mqtt.notice_topic(s.model.name), self.feed.publish_retained))
+        self.notice = self._add(Notice(latest, s.mqtt.notice_topic(s.model.name), feed.publish_retained))
         if s.training.enabled:
-            training = self.training = self._add(self._learner(s))
+            training = self.training = self._add(self._learner(s, feed))
             if s.export.enabled:
                 from daemon.export.schedule import Exporting
 
@@ -168,18 +174,18 @@ class Daemon:
                     Exporting(ExportJob.from_settings(s), lambda: training.learner.trained, training.checkpoint_now)
                 )
         # Last to start, first to stop: the feed's messages flow once intake takes them.
-        self.intake = self._add(Intake(self.feed, self.store, s.store))
+        self.intake = self._add(Intake(feed, store, s.store))
 
     def _add(self, part: P) -> P:
         self.parts.append(part)
         return part
 
-    def _learner(self, s: Settings):
+    def _learner(self, s: Settings, feed: Feed) -> Training:
         from daemon.learning.checkpoint import CheckpointError  # these import torch: only when this node learns
         from daemon.learning.training import Training
 
         try:
-            training = Training(s.model, s.training, s.state_dir, intake_backlog=self.feed.deliveries.qsize)
+            training = Training(s.model, s.training, s.state_dir, intake_backlog=feed.deliveries.qsize)
         except (ValueError, FileNotFoundError, CheckpointError) as err:
             # A weights file that does not fit the backbone, an unreadable checkpoint: restarting
             # cannot help, so this is a configuration error (exit 78), not a crash.
@@ -205,25 +211,29 @@ class Daemon:
         from daemon.service import metrics, status_page  # the page and /metrics read this object's status()
 
         scrape = metrics.registry_for(self)
-        operator = dict(
-            health=self.health,
-            metrics=lambda: metrics.exposition(scrape),
-            status=lambda: status_page.render(self.status(), self.settings),
-        )
-        tls = dict(
-            tls_cert_file=server.tls_cert_file,
-            tls_key_file=server.tls_key_file,
-            request_timeout_s=server.request_timeout_s,
-        )
+
+        def listener(host: str, port: int, api: DownloadApi | None, operator: bool, name: str = "http") -> HttpServer:
+            """With ``operator``, the operator's pages too: health, /metrics and the status page."""
+            return HttpServer(
+                host,
+                port,
+                health=self.health if operator else None,
+                api=api,
+                tls_cert_file=server.tls_cert_file,
+                tls_key_file=server.tls_key_file,
+                metrics=(lambda: metrics.exposition(scrape)) if operator else None,
+                status=(lambda: status_page.render(self.status(), self.settings)) if operator else None,
+                request_timeout_s=server.request_timeout_s,
+                name=name,
+            )
+
         if server.admin_apart:
             # `http` faces the network (the phones): the status page's class names, the metrics and
             # the health of each part stay on the operator's own address.
-            self.admin = self._add(
-                HttpServer(server.admin_host, server.admin_port, api=None, name="admin", **operator, **tls)
-            )
-            self.http = self._add(HttpServer(server.host, server.port, None, api, **tls))
+            self.admin = self._add(listener(server.admin_host, server.admin_port, None, operator=True, name="admin"))
+            self.http = self._add(listener(server.host, server.port, api, operator=False))
         else:
-            self.http = self._add(HttpServer(server.host, server.port, api=api, **operator, **tls))
+            self.http = self._add(listener(server.host, server.port, api, operator=True))
 
     def main_loop(self, on_tick: Callable[[Daemon], None] | None) -> int:
         self.notifier.status(f"connecting to {self.settings.mqtt.broker}")

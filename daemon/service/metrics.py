@@ -11,13 +11,22 @@ across restarts is a gauge, ``sprout_store_examples``.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from daemon import __version__ as daemon_version
+
+if TYPE_CHECKING:
+    from daemon.distribution.fleet import FleetView
+    from daemon.export.schedule import Exporting
+    from daemon.ingest.feed import Feed
+    from daemon.service.status import IntakeStatus, LearningStatus
+    from daemon.store.examples import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -28,179 +37,205 @@ class DaemonCollector(Collector):
     def __init__(self, daemon: Any):
         self.daemon = daemon
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
+        # By subject, in the order a scrape has always listed them; a part not running has no metrics.
         d = self.daemon
         status = d.status()
-        intake, lr = status.intake, status.learning
-        feed, exporting = d.feed, d.exporting
-        healthy = GaugeMetricFamily(
-            "sprout_part_healthy",
-            "1 while the part works, 0 when it failed or stalled (what /healthz and the watchdog report).",
-            labels=["part"],
-        )
-        stalled = status.stalled
-        for part, ok in sorted(d.health().items()):
-            healthy.add_metric([part], float(ok and part not in stalled))
-        yield healthy
-        if (fleet := status.fleet) is not None:
-            devices = GaugeMetricFamily(
-                "sprout_fleet_devices",
-                "Devices heard from in the last day, by the version "
-                "they report running (Sprout-Version header; 'none': nothing installed).",
-                labels=["version"],
-            )
-            for version, n in fleet.devices_by_version.items():
-                devices.add_metric([version], n)
-            yield devices
-            downloads = CounterMetricFamily(
-                "sprout_model_downloads",
-                "Downloads of each version's model file begun (resumes not counted again).",
-                labels=["version"],
-            )
-            for version, n in fleet.downloads_by_version.items():
-                downloads.add_metric([str(version)], n)
-            yield downloads
-        if intake is not None:
-            yield CounterMetricFamily(
-                "sprout_examples_stored",
-                "Examples committed to the store (and acked) by this process's intake since it started.",
-                value=intake.stored,
-            )
-            yield CounterMetricFamily(
-                "sprout_examples_duplicate",
-                "Redelivered examples already stored, since the start.",
-                value=intake.duplicates,
-            )
-            rejected = CounterMetricFamily(
-                "sprout_examples_rejected", "Messages rejected since the start, by reason.", labels=["reason"]
-            )
-            for reason, n in sorted(intake.rejected.items()):
-                rejected.add_metric([reason], n)
-            yield rejected
-            yield GaugeMetricFamily(
-                "sprout_store_disk_full",
-                "1 while intake waits for disk space (store.min_free_mb); nothing is acked.",
-                value=float(intake.disk_full_for_s is not None),
-            )
+        yield _part_health(d.health(), status.stalled)
+        if status.fleet is not None:
+            yield from _fleet(status.fleet)
+        if status.intake is not None:
+            yield from _intake(status.intake)
         if d.store is not None:
-            yield GaugeMetricFamily(
-                "sprout_store_examples",
-                "Examples in the store now, from every run and `sprout store import`, less what retention deleted.",
-                value=status.examples,
-            )
-            yield CounterMetricFamily(
-                "sprout_examples_pruned", "Examples deleted by retention (store.max_mb).", value=d.store.pruned
-            )
-            yield GaugeMetricFamily(
-                "sprout_store_bytes", "Bytes of the example store's pages in use.", value=d.store.used
-            )
-        if feed is not None:
-            yield GaugeMetricFamily(
-                "sprout_intake_backlog",
-                "Received examples waiting for their commit.",
-                value=intake.waiting if intake is not None else feed.deliveries.qsize(),
-            )
-            yield GaugeMetricFamily(
-                "sprout_intake_held_bytes",
-                "Bytes of received images in memory until committed (store.backlog_max_mb).",
-                value=feed.budget.used,
-            )
-            yield GaugeMetricFamily(
-                "sprout_intake_held_bytes_peak", "The most bytes of images ever held at once.", value=feed.budget.peak
-            )
-            yield GaugeMetricFamily(
-                "sprout_broker_connected",
-                "1 while the MQTT session is up, subscribed and receiving.",
-                value=float(feed.receiving()),
-            )
-            yield CounterMetricFamily(
-                "sprout_mqtt_callback_errors",
-                "MQTT callbacks that failed (each marks the feed failed).",
-                value=feed.callback_errors,
-            )
-        if lr is not None:
-            # The learner's counters come from its checkpoint: they go on across restarts.
-            yield CounterMetricFamily("sprout_training_steps", "Optimizer steps taken.", value=lr.steps)
-            yield CounterMetricFamily(
-                "sprout_examples_learned", "Examples the learner has trained on.", value=lr.learned
-            )
-            yield CounterMetricFamily(
-                "sprout_training_steps_nonfinite", "Steps skipped for a non-finite loss.", value=lr.nonfinite_skipped
-            )
-            yield CounterMetricFamily(
-                "sprout_divergence_restores",
-                "Returns to the last checkpoint (or the starting weights) after a divergence.",
-                value=lr.divergence_restores,
-            )
-            yield CounterMetricFamily(
-                "sprout_images_decoded_ahead",
-                "Images decoded by decoder processes while an earlier step ran.",
-                value=lr.decoded_ahead,
-            )
-            yield CounterMetricFamily(
-                "sprout_decoder_fallbacks",
-                "Batches decoded in the learner's thread because a decoder process died.",
-                value=lr.decoder_fallbacks,
-            )
-            yield CounterMetricFamily(
-                "sprout_images_decoded_short_of_slots",
-                "Images decoded in the learner's thread because the decoder processes' shared memory was all taken.",
-                value=lr.decoded_short_of_slots,
-            )
-            yield GaugeMetricFamily("sprout_learner_backlog", "Stored examples not learned yet.", value=lr.backlog)
-            yield GaugeMetricFamily("sprout_classes", "Classes the model knows.", value=len(lr.classes))
-            for name, help_, value in (
-                ("sprout_training_loss", "Loss of the last step.", lr.loss),
-                (
-                    "sprout_prequential_accuracy_ratio",
-                    "Accuracy (0-1) on examples before training on them (recent window).",
-                    lr.prequential,
-                ),
-                (
-                    "sprout_holdout_accuracy_ratio",
-                    "Accuracy (0-1) on the holdout examples at the last evaluation.",
-                    lr.holdout,
-                ),
-            ):
-                if value is not None:
-                    yield GaugeMetricFamily(name, help_, value=value)
-            per_class = GaugeMetricFamily(
-                "sprout_holdout_class_accuracy_ratio", "Holdout accuracy (0-1) by class.", labels=["label"]
-            )
-            for label, acc in lr.holdout_per_class.items():
-                per_class.add_metric([label], acc)
-            yield per_class
-            yield from _gpu_memory(lr.device)
-        if exporting is not None:
-            outcomes = CounterMetricFamily(
-                "sprout_exports",
-                "Exports since the start, by how they ended: published, rejected (by the gates), failed (the "
-                "export process raised, crashed or was killed), disk_full, nothing_new.",
-                labels=["outcome"],
-            )
-            for how in ("published", "rejected", "failed", "disk_full", "nothing_new"):
-                outcomes.add_metric([how], exporting.outcomes.get(how, 0))
-            yield outcomes
-            reasons = CounterMetricFamily(
-                "sprout_export_rejection_reasons",
-                "Reasons given for refused candidates, by kind (a mode and runtime each).",
-                labels=["kind"],
-            )
-            for kind, n in sorted(exporting.rejected_by_reason.items()):
-                reasons.add_metric([kind], n)
-            yield reasons
-            durations = exporting.durations
-            yield HistogramMetricFamily(
-                "sprout_export_duration_seconds",
-                "How long exports that ran took (the process's start, convert, verify, publish).",
-                buckets=durations.cumulative(),
-                sum_value=durations.total_s,
-            )
+            yield from _store(d.store, status.examples)
+        if d.feed is not None:
+            yield from _feed(d.feed, status.intake)
+        if status.learning is not None:
+            yield from _learning_counts(status.learning)
+            yield from _learning_figures(status.learning)
+            yield from _gpu_memory(status.learning.device)
+        if d.exporting is not None:
+            yield from _exports(d.exporting)
         if (version := status.model_version) is not None:
             yield GaugeMetricFamily("sprout_model_version", "The latest published model version.", value=version)
 
 
-def _gpu_memory(name: str):
+def _part_health(health: dict[str, bool], stalled: dict[str, str]) -> Metric:
+    healthy = GaugeMetricFamily(
+        "sprout_part_healthy",
+        "1 while the part works, 0 when it failed or stalled (what /healthz and the watchdog report).",
+        labels=["part"],
+    )
+    for part, ok in sorted(health.items()):
+        healthy.add_metric([part], float(ok and part not in stalled))
+    return healthy
+
+
+def _fleet(fleet: FleetView) -> Iterator[Metric]:
+    devices = GaugeMetricFamily(
+        "sprout_fleet_devices",
+        "Devices heard from in the last day, by the version "
+        "they report running (Sprout-Version header; 'none': nothing installed).",
+        labels=["version"],
+    )
+    for version, n in fleet.devices_by_version.items():
+        devices.add_metric([version], n)
+    yield devices
+    downloads = CounterMetricFamily(
+        "sprout_model_downloads",
+        "Downloads of each version's model file begun (resumes not counted again).",
+        labels=["version"],
+    )
+    for number, n in fleet.downloads_by_version.items():
+        downloads.add_metric([str(number)], n)
+    yield downloads
+
+
+def _intake(intake: IntakeStatus) -> Iterator[Metric]:
+    yield CounterMetricFamily(
+        "sprout_examples_stored",
+        "Examples committed to the store (and acked) by this process's intake since it started.",
+        value=intake.stored,
+    )
+    yield CounterMetricFamily(
+        "sprout_examples_duplicate",
+        "Redelivered examples already stored, since the start.",
+        value=intake.duplicates,
+    )
+    rejected = CounterMetricFamily(
+        "sprout_examples_rejected", "Messages rejected since the start, by reason.", labels=["reason"]
+    )
+    for reason, n in sorted(intake.rejected.items()):
+        rejected.add_metric([reason], n)
+    yield rejected
+    yield GaugeMetricFamily(
+        "sprout_store_disk_full",
+        "1 while intake waits for disk space (store.min_free_mb); nothing is acked.",
+        value=float(intake.disk_full_for_s is not None),
+    )
+
+
+def _store(store: Store, examples: int) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "sprout_store_examples",
+        "Examples in the store now, from every run and `sprout store import`, less what retention deleted.",
+        value=examples,
+    )
+    yield CounterMetricFamily(
+        "sprout_examples_pruned", "Examples deleted by retention (store.max_mb).", value=store.pruned
+    )
+    yield GaugeMetricFamily("sprout_store_bytes", "Bytes of the example store's pages in use.", value=store.used)
+
+
+def _feed(feed: Feed, intake: IntakeStatus | None) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "sprout_intake_backlog",
+        "Received examples waiting for their commit.",
+        value=intake.waiting if intake is not None else feed.deliveries.qsize(),
+    )
+    yield GaugeMetricFamily(
+        "sprout_intake_held_bytes",
+        "Bytes of received images in memory until committed (store.backlog_max_mb).",
+        value=feed.budget.used,
+    )
+    yield GaugeMetricFamily(
+        "sprout_intake_held_bytes_peak", "The most bytes of images ever held at once.", value=feed.budget.peak
+    )
+    yield GaugeMetricFamily(
+        "sprout_broker_connected",
+        "1 while the MQTT session is up, subscribed and receiving.",
+        value=float(feed.receiving()),
+    )
+    yield CounterMetricFamily(
+        "sprout_mqtt_callback_errors",
+        "MQTT callbacks that failed (each marks the feed failed).",
+        value=feed.callback_errors,
+    )
+
+
+def _learning_counts(lr: LearningStatus) -> Iterator[Metric]:
+    # The learner's counters come from its checkpoint: they go on across restarts.
+    yield CounterMetricFamily("sprout_training_steps", "Optimizer steps taken.", value=lr.steps)
+    yield CounterMetricFamily("sprout_examples_learned", "Examples the learner has trained on.", value=lr.learned)
+    yield CounterMetricFamily(
+        "sprout_training_steps_nonfinite", "Steps skipped for a non-finite loss.", value=lr.nonfinite_skipped
+    )
+    yield CounterMetricFamily(
+        "sprout_divergence_restores",
+        "Returns to the last checkpoint (or the starting weights) after a divergence.",
+        value=lr.divergence_restores,
+    )
+    yield CounterMetricFamily(
+        "sprout_images_decoded_ahead",
+        "Images decoded by decoder processes while an earlier step ran.",
+        value=lr.decoded_ahead,
+    )
+    yield CounterMetricFamily(
+        "sprout_decoder_fallbacks",
+        "Batches decoded in the learner's thread because a decoder process died.",
+        value=lr.decoder_fallbacks,
+    )
+    yield CounterMetricFamily(
+        "sprout_images_decoded_short_of_slots",
+        "Images decoded in the learner's thread because the decoder processes' shared memory was all taken.",
+        value=lr.decoded_short_of_slots,
+    )
+
+
+def _learning_figures(lr: LearningStatus) -> Iterator[Metric]:
+    yield GaugeMetricFamily("sprout_learner_backlog", "Stored examples not learned yet.", value=lr.backlog)
+    yield GaugeMetricFamily("sprout_classes", "Classes the model knows.", value=len(lr.classes))
+    for name, help_, value in (
+        ("sprout_training_loss", "Loss of the last step.", lr.loss),
+        (
+            "sprout_prequential_accuracy_ratio",
+            "Accuracy (0-1) on examples before training on them (recent window).",
+            lr.prequential,
+        ),
+        (
+            "sprout_holdout_accuracy_ratio",
+            "Accuracy (0-1) on the holdout examples at the last evaluation.",
+            lr.holdout,
+        ),
+    ):
+        if value is not None:
+            yield GaugeMetricFamily(name, help_, value=value)
+    per_class = GaugeMetricFamily(
+        "sprout_holdout_class_accuracy_ratio", "Holdout accuracy (0-1) by class.", labels=["label"]
+    )
+    for label, acc in lr.holdout_per_class.items():
+        per_class.add_metric([label], acc)
+    yield per_class
+
+
+def _exports(exporting: Exporting) -> Iterator[Metric]:
+    outcomes = CounterMetricFamily(
+        "sprout_exports",
+        "Exports since the start, by how they ended: published, rejected (by the gates), failed (the "
+        "export process raised, crashed or was killed), disk_full, nothing_new.",
+        labels=["outcome"],
+    )
+    for how in ("published", "rejected", "failed", "disk_full", "nothing_new"):
+        outcomes.add_metric([how], exporting.outcomes.get(how, 0))
+    yield outcomes
+    reasons = CounterMetricFamily(
+        "sprout_export_rejection_reasons",
+        "Reasons given for refused candidates, by kind (a mode and runtime each).",
+        labels=["kind"],
+    )
+    for kind, n in sorted(exporting.rejected_by_reason.items()):
+        reasons.add_metric([kind], n)
+    yield reasons
+    durations = exporting.durations
+    yield HistogramMetricFamily(
+        "sprout_export_duration_seconds",
+        "How long exports that ran took (the process's start, convert, verify, publish).",
+        buckets=durations.cumulative(),
+        sum_value=durations.total_s,
+    )
+
+
+def _gpu_memory(name: str) -> Iterator[Metric]:
     if not name.startswith("cuda"):
         return
     import torch
@@ -231,7 +266,7 @@ def registry_for(daemon: Any) -> CollectorRegistry:
 class _BuildInfo:
     """``sprout_build_info``: 1, labelled with what this daemon runs, so a dashboard can tell versions apart."""
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from importlib.metadata import PackageNotFoundError, version
 
         def of(distribution: str) -> str:

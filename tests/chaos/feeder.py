@@ -35,6 +35,7 @@ class Feeder(threading.Thread):
     def __init__(self, broker_url: str, model: str, count: int, rate: float, resend_after_s: float = 5.0):
         super().__init__(name="chaos-feeder", daemon=True)
         parts = urlsplit(broker_url)
+        assert parts.hostname is not None and parts.port is not None, f"{broker_url}: no host and port"
         self.host, self.port = parts.hostname, parts.port
         self.topic = f"sprout/{model}/examples"
         self.ids = [f"chaos-{n:06d}" for n in range(count)]
@@ -60,7 +61,8 @@ class Feeder(threading.Thread):
             protocol=mqtt.MQTTv5,
         )
         self._client.max_inflight_messages_set(64)
-        self._client.reconnect_delay_set(0.1, 1.0)
+        # paho annotates whole seconds, but only adds the delays to time.monotonic(): fractions work.
+        self._client.reconnect_delay_set(0.1, 1.0)  # type: ignore[arg-type]
         self._client.on_connect = self._on_connect
         self._client.on_publish = self._on_publish
 

@@ -66,7 +66,7 @@ _REGISTRY_TEMPORARY = re.compile(rf"^{re.escape(TMP_PREFIX)}(\d+|latest|latest\.
 @dataclass
 class Plan:
     kills: int
-    broker_restarts: list[int]  # signals, in order
+    broker_restarts: list[signal.Signals]  # in order
     seed: int
     examples: int
     rate: float  # examples per second
@@ -180,8 +180,10 @@ class Chaos:
         self.tally.runs += 1
 
     def kill_daemon(self, window: str) -> None:
-        pid = self.daemon.proc.pid
-        landed = window
+        proc = self.daemon.proc
+        assert proc is not None, "the daemon was never started"
+        pid = proc.pid
+        landed: str | None = window
         if window == "checkpoint write":
             folder = self.state / "checkpoints"
             if not wait_exists(folder, 10) or not kill_when_created(
@@ -205,11 +207,11 @@ class Chaos:
             else:
                 self.tally.missed_windows += 1
             landed = "anywhere"
-        if self.daemon.proc.poll() is None:
-            self.daemon.proc.send_signal(signal.SIGKILL)
-        self.daemon.proc.wait(10)
-        assert self.daemon.proc.returncode == -signal.SIGKILL, (
-            f"the daemon exited with {self.daemon.proc.returncode} before the kill:\n{self.log_since_start()[-3000:]}"
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert proc.returncode == -signal.SIGKILL, (
+            f"the daemon exited with {proc.returncode} before the kill:\n{self.log_since_start()[-3000:]}"
         )
         self.tally.kills[landed] += 1
         if audit.temporaries(self.state):
@@ -221,7 +223,7 @@ class Chaos:
 
         def wanted(name: str) -> bool:
             m = _REGISTRY_TEMPORARY.match(name)
-            return bool(m) and (m.group(1) == target or (target == "version" and m.group(1).isdigit()))
+            return m is not None and (m.group(1) == target or (target == "version" and m.group(1).isdigit()))
 
         return wanted
 
