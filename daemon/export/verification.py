@@ -123,30 +123,20 @@ def verify(
                 )
                 continue
             out = Path(tmp) / f"{runtime}.npz"
-            env = {**os.environ, "PYTHONPATH": str(EDGE_ROOT), "OMP_NUM_THREADS": "1"}
-            started[runtime] = (
-                out,
-                subprocess.Popen(
-                    [
-                        str(python),
-                        "-m",
-                        "edge.probe",
-                        "--runtime",
-                        runtime,
-                        "--threads",
-                        "1",
-                        str(model),
-                        str(Path(tmp) / "images.npy"),
-                        str(out),
-                    ],
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                ),
-            )
+            started[runtime] = (out, _probe(python, runtime, model, Path(tmp) / "images.npy", out))
         return [_report(runtime, job, labels, reference, timeout_s) for runtime, job in started.items()]
+
+
+def _probe(python: Path, runtime: str, model: Path, images: Path, out: Path) -> subprocess.Popen[str]:
+    """edge/probe.py in ``python``, on one thread (as a phone runs it): its outputs go to ``out``."""
+    return subprocess.Popen(
+        [str(python), "-m", "edge.probe", "--runtime", runtime, "--threads", "1", str(model), str(images), str(out)],
+        env={**os.environ, "PYTHONPATH": str(EDGE_ROOT), "OMP_NUM_THREADS": "1"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _report(
