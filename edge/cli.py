@@ -163,7 +163,8 @@ def _said(result: SyncResult, model: str) -> int:
         return EXIT_FAILURE  # the reason was logged to stderr by the sync
     if result.status == "installed":
         was = f" (was {result.previous})" if result.previous is not None else ""
-        print(f"{model}: version {result.current} installed{was}, {result.downloaded} bytes downloaded")
+        how = f" ({result.kind})" if result.kind else ""  # full, or delta: a patch to the version it held
+        print(f"{model}: version {result.current} installed{was}, {result.downloaded} bytes downloaded{how}")
     else:
         print(f"{model}: version {result.current} is current")
     return EXIT_OK

@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import re
+from dataclasses import dataclass
 from typing import Any, TypeGuard
+
+log = logging.getLogger("sprout.edge.manifest")
 
 # Schema 2 moved the signature out of the manifest into manifest.json.sig. Schema-1 documents are
 # still read: the registry that serves them signs their bytes (daemon/registry/versions.py).
@@ -145,6 +149,57 @@ def _check_input(spec: Any) -> None:
 def input_size(manifest: dict[str, Any]) -> int:
     """The side of the square image the model takes."""
     return int(manifest["input"]["shape"][1])
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A download delta to this version's model file from ``base`` (edge/delta.py applies it)."""
+
+    base: int
+    path: str  # relative to /v1/models/<model>/
+    size: int
+    sha256: str
+
+
+DELTA_FORMAT = "zstd-patch"
+
+
+def delta_from(manifest: dict[str, Any], base: int) -> Delta | None:
+    """The manifest's delta from version ``base``, or None when it lists none usable.
+
+    Optional and only an optimisation: a malformed entry (a publisher bug, a newer format) is logged
+    and ignored, and the device downloads the full file, which :func:`check` vouched for.
+    """
+    listed = manifest["files"][MODEL_FILE].get("deltas")
+    if listed is None:
+        return None
+    version = manifest["version"]
+    entry = listed.get(str(base)) if isinstance(listed, dict) else None
+    if entry is None:
+        if not isinstance(listed, dict):
+            log.warning("version %s: files.model.tflite.deltas is not an object; ignored, full download", version)
+        return None
+    why = _delta_problem(entry, version, base)
+    if why is not None:
+        log.warning("version %s: the delta from %d is unusable (%s); ignored, full download", version, base, why)
+        return None
+    return Delta(base, entry["path"], entry["size"], entry["sha256"])
+
+
+def _delta_problem(entry: Any, version: int, base: int) -> str | None:
+    if not isinstance(entry, dict):
+        return "not an object"
+    if entry.get("format") != DELTA_FORMAT:
+        return f"format {entry.get('format')!r} is not {DELTA_FORMAT!r}"
+    size = entry.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return f"size {size!r} is not a positive byte count"
+    if not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
+        return "sha256 is not 64 lowercase hex digits"
+    # Like the model file's path: this version's own folder, so a manifest cannot point elsewhere.
+    if entry.get("path") != f"versions/{version}/from-{base}.zst":
+        return f"path {entry.get('path')!r} is not versions/{version}/from-{base}.zst"
+    return None
 
 
 def file_entry(manifest: dict[str, Any]) -> tuple[str, int, str]:

@@ -7,6 +7,7 @@ Layout of ``<dir>``::
                       manifest.json.sig (its signature; absent when installed with --insecure), labels.txt
     etag              {"etag", "version"}: the ETag of the ``latest`` document that made <version> current
     .partial-<v>      a download of version v cut short; the next sync resumes it with a Range request
+    .partial-<v>.from-<b>  the same for the delta from version b (edge/delta.py) to version v
     .tmp-*            what an install cut short left (power loss, kill); the next sync removes it
     .lock             held by the one sync that may change the folder
 
@@ -87,6 +88,21 @@ class ModelDir:
     def partial(self, version: int) -> Path:
         return self.root / f"{PARTIAL_PREFIX}{version}"
 
+    def delta_partial(self, version: int, base: int) -> Path:
+        """Where the delta from ``base`` to ``version`` downloads to (and resumes from)."""
+        return self.root / f"{PARTIAL_PREFIX}{version}.from-{base}"
+
+    def intact_model(self, version: int) -> Path | None:
+        """``versions/<version>/model.tflite`` when it still has the size and sha256 its stored manifest names."""
+        folder = self.version_dir(version)
+        try:
+            entry = json.loads((folder / MANIFEST_FILE).read_bytes())["files"][MODEL_FILE]
+            if file_sha256(folder / MODEL_FILE) == (entry["size"], entry["sha256"]):
+                return folder / MODEL_FILE
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
     def installed(self) -> list[int]:
         """Version folders on disk, oldest first."""
         try:
@@ -149,7 +165,9 @@ class ModelDir:
         resumable = self.partial(downloading).name if downloading is not None else None
         for folder in (self.root, self.versions_dir):
             for entry in os.listdir(folder):
-                if entry.startswith(TMP_PREFIX) or (entry.startswith(PARTIAL_PREFIX) and entry != resumable):
+                # The resumable download is the version's full file or a delta to it (``.partial-<v>.from-<b>``).
+                kept = resumable is not None and (entry == resumable or entry.startswith(f"{resumable}.from-"))
+                if entry.startswith(TMP_PREFIX) or (entry.startswith(PARTIAL_PREFIX) and not kept):
                     _remove(folder / entry)
 
     def device_id(self) -> str:

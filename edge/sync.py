@@ -11,7 +11,11 @@ One :func:`sync` is, in order (docs/devices.md tells app developers the same):
    model asked for, and that its file path is its own version's.
 3. Already installed (the same version, or the previous one after a rollback
    by the publisher): point ``current`` at it, nothing to download.
-4. Download ``model.tflite`` into ``.partial-<v>``, resuming with ``Range``.
+4. When the manifest lists a delta from the installed version (and the installed
+   file still matches its manifest), download that instead (resumable too),
+   check its sha256, apply it with the installed file as dictionary into
+   ``.partial-<v>`` (edge/delta.py); on any failure, say why and fall back to:
+   download ``model.tflite`` into ``.partial-<v>``, resuming with ``Range``.
 5. Check its size and sha256 against the signed manifest, and that it loads
    and runs on this device's interpreter with the tensors the manifest names.
 6. Install it whole under ``versions/<v>`` and swap ``current`` (edge/modeldir.py).
@@ -23,6 +27,7 @@ at once when a retained MQTT notice announces another version.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -31,8 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge.delta import DeltaError, apply
 from edge.fetch import FetchError, Latest, ModelServer, Stopped
-from edge.manifest import ManifestError, check, file_entry
+from edge.manifest import Delta, ManifestError, check, delta_from, file_entry
 from edge.model import EdgeModel, ModelError
 from edge.modeldir import FolderBusy, ModelDir, NoModelInstalled
 from edge.runtime import RuntimeUnavailable
@@ -44,6 +50,8 @@ log = logging.getLogger("sprout.edge.sync")
 STARTED, PROGRESS, COMPLETED, FAILED = "started", "progress", "completed", "failed"
 # Result statuses.
 INSTALLED, UNCHANGED, REFUSED, STOPPED = "installed", "unchanged", "failed", "stopped"
+# How the new model file came: whole, or as a delta applied to the installed one.
+FULL, DELTA = "full", "delta"
 PROGRESS_LOG_EVERY_S = 2.0
 # Pairs of latest + latest.sig read before a mismatch is taken for a bad signature rather than a publish
 # between the two requests (one publish every few seconds at most: two reads nearly always suffice).
@@ -55,9 +63,11 @@ class Event:
     kind: str  # started | progress | completed | failed
     model: str
     version: int | None  # the version being installed; None when the manifest was not read
-    received: int = 0  # bytes of model.tflite on disk so far
+    received: int = 0  # bytes of the file being downloaded on disk so far (model.tflite, or its delta)
     total: int = 0  # its size, from the manifest
     reason: str | None = None  # why it failed
+    transfer: str | None = None  # full | delta: what is (started, progress) or was (completed) downloaded
+    downloaded: int = 0  # completed: bytes that came over the network for this version
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,8 @@ class SyncResult:
     current: int | None  # the version current when the sync ended
     previous: int | None = None  # the version current before, when one was installed
     reason: str | None = None  # why it failed or stopped
-    downloaded: int = 0  # bytes that came over the network
+    downloaded: int = 0  # bytes that came over the network (a failed delta's included)
+    kind: str | None = None  # installed from a download: full (the whole file) or delta
 
     @property
     def ok(self) -> bool:
@@ -174,9 +185,15 @@ def _sync(
 
     folder.tidy(downloading=version)
     partial = folder.partial(version)
-    emit.started(version, size, partial.stat().st_size if partial.exists() else 0)
+    kind, downloaded = FULL, 0
     try:
-        transfer = server.download(path, partial, size, emit.progress(version), should_stop)
+        delta = _usable_delta(folder, manifest, current) if not partial.exists() else None
+        if delta is not None:  # a full download under way is resumed instead: its bytes are already here
+            patched, downloaded = _patch(server, folder, manifest, delta, emit, should_stop)
+            kind = DELTA if patched else FULL
+        if kind == FULL:
+            emit.started(version, size, partial.stat().st_size if partial.exists() else 0)
+            downloaded += server.download(path, partial, size, emit.progress(version), should_stop).received
         received, digest = file_sha256(partial)
         try:
             check_digest(manifest, received, digest)
@@ -190,8 +207,75 @@ def _sync(
         raise _Refused(f"version {version}: {err}", version) from None
     except OSError as err:
         raise _Refused(f"version {version}: cannot write {folder.root}: {err}", version) from None
-    emit.completed(version, previous, transfer.received, size)
-    return SyncResult(INSTALLED, version, previous, downloaded=transfer.received)
+    emit.completed(version, previous, downloaded, size, kind)
+    return SyncResult(INSTALLED, version, previous, downloaded=downloaded, kind=kind)
+
+
+def _usable_delta(folder: ModelDir, manifest: dict[str, Any], current: int | None) -> Delta | None:
+    """The manifest's delta from the installed version, when it lists one and the installed file is intact."""
+    if current is None:
+        return None
+    delta = delta_from(manifest, current)
+    if delta is None:
+        return None
+    if folder.intact_model(current) is None:
+        log.warning(
+            "model %s: version %d's installed file does not match its manifest: no delta, full download",
+            manifest["model"],
+            current,
+        )
+        return None
+    return delta
+
+
+def _patch(
+    server: ModelServer, folder: ModelDir, manifest: dict[str, Any], delta: Delta, emit: _Emitter, should_stop
+) -> tuple[bool, int]:
+    """Download ``delta`` and apply it into the version's partial file; (whether it did, bytes received).
+
+    Every failure is said at WARNING and ends with no partial file, for the full download to start
+    clean; only a stop (SIGTERM) propagates, leaving the delta's partial file to resume.
+    """
+    version = manifest["version"]
+    _, size, sha256 = file_entry(manifest)
+    staging = folder.delta_partial(version, delta.base)
+    partial = folder.partial(version)
+    resumed_from = staging.stat().st_size if staging.exists() else 0
+    emit.started(version, delta.size, resumed_from, DELTA)
+    received = 0
+    try:
+        transfer = server.download(delta.path, staging, delta.size, emit.progress(version, DELTA), should_stop)
+        received = transfer.received
+        if file_sha256(staging) != (delta.size, delta.sha256):
+            raise DeltaError("its sha256 is not the one the signed manifest lists")
+        old = folder.intact_model(delta.base)
+        if old is None:
+            raise DeltaError(f"version {delta.base}'s installed file changed meanwhile")
+        new = apply(old.read_bytes(), staging.read_bytes(), size)
+        if hashlib.sha256(new).hexdigest() != sha256:
+            raise DeltaError("the patched file's sha256 is not the model file's in the signed manifest")
+        with open(partial, "wb") as f:
+            f.write(new)
+    except Stopped:
+        raise  # the delta's partial file stays: the next sync resumes it
+    except (FetchError, DeltaError, OSError) as err:
+        log.warning(
+            "model %s: the delta from version %d to %d failed (%s); downloading the full file",
+            manifest["model"],
+            delta.base,
+            version,
+            err,
+        )
+        if not received and staging.exists():  # a download that failed part-way still used the network
+            received = max(0, staging.stat().st_size - resumed_from)
+        partial.unlink(missing_ok=True)
+        staging.unlink(missing_ok=True)
+        return False, received
+    staging.unlink(missing_ok=True)
+    log.info(
+        "model %s: version %d from a %d-byte delta of version %d", manifest["model"], version, delta.size, delta.base
+    )
+    return True, received
 
 
 def _signed(server: ModelServer, latest: Latest, key) -> tuple[Latest, bytes | None]:
@@ -269,14 +353,15 @@ class _Emitter:
         if self.on_event is not None:
             self.on_event(event)
 
-    def started(self, version: int, total: int, resume_at: int) -> None:
+    def started(self, version: int, total: int, resume_at: int, kind: str = FULL) -> None:
+        what = "the delta to version" if kind == DELTA else "version"
         if resume_at:
-            log.info("model %s: resuming version %d at byte %d of %d", self.model, version, resume_at, total)
+            log.info("model %s: resuming %s %d at byte %d of %d", self.model, what, version, resume_at, total)
         else:
-            log.info("model %s: downloading version %d (%d bytes)", self.model, version, total)
-        self._send(Event(STARTED, self.model, version, resume_at, total))
+            log.info("model %s: downloading %s %d (%d bytes)", self.model, what, version, total)
+        self._send(Event(STARTED, self.model, version, resume_at, total, transfer=kind))
 
-    def progress(self, version: int) -> Callable[[int, int], None]:
+    def progress(self, version: int, kind: str = FULL) -> Callable[[int, int], None]:
         last_logged = time.monotonic()
 
         def report(received: int, total: int) -> None:
@@ -284,16 +369,24 @@ class _Emitter:
             if time.monotonic() - last_logged >= PROGRESS_LOG_EVERY_S:
                 last_logged = time.monotonic()
                 log.info("model %s: version %d: %d of %d bytes", self.model, version, received, total)
-            self._send(Event(PROGRESS, self.model, version, received, total))
+            self._send(Event(PROGRESS, self.model, version, received, total, transfer=kind))
 
         return report
 
-    def completed(self, version: int, previous: int | None, downloaded: int, total: int) -> None:
+    def completed(
+        self, version: int, previous: int | None, downloaded: int, total: int, kind: str | None = None
+    ) -> None:
         was = f"was {previous}" if previous is not None else "the first"
+        how = f" ({kind})" if kind else ""
         log.info(
-            "model %s: version %d installed and current (%s); %d bytes downloaded", self.model, version, was, downloaded
+            "model %s: version %d installed and current (%s); %d bytes downloaded%s",
+            self.model,
+            version,
+            was,
+            downloaded,
+            how,
         )
-        self._send(Event(COMPLETED, self.model, version, total, total))
+        self._send(Event(COMPLETED, self.model, version, total, total, transfer=kind, downloaded=downloaded))
 
     def waiting(self, reason: str, current: int | None) -> SyncResult:
         """Nothing published yet: said at INFO (a new deployment is not an error); still not a success."""

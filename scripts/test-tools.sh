@@ -13,6 +13,8 @@ command -v strace >/dev/null 2>&1 || need+=(strace)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # mosquitto_pub sends the README's example messages in tests/test_readme.py, as a feed in any language would.
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+# zstd applies the registry's delta downloads in tests/test_deltas.py, as the C library an iOS app links does.
+command -v zstd >/dev/null 2>&1 || need+=(zstd)
 # The platform classifiers below: MediaPipe's library links EGL and GLES (it runs on the CPU here), the
 # Task Library's links libusb-1.0.
 for package in libegl1 libgles2 libusb-1.0-0; do

@@ -41,7 +41,8 @@ class FaultyLink:
         self.before: dict[str, Callable[[], object]] = {}
         self.requests: list[dict[str, Any]] = []
         self.url = ""  # known once started
-        self.app = build_app(None, DownloadApi(registry_root, token))
+        self.api = DownloadApi(registry_root, token)  # its fleet counts what was downloaded
+        self.app = build_app(None, self.api)
         config = uvicorn.Config(
             self,
             host="127.0.0.1",

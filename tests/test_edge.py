@@ -150,9 +150,11 @@ def test_a_newer_version_replaces_it_keeps_the_previous_and_a_rollback_needs_no_
 ):
     publish(registry, tiny)
     assert sync(link.url, MODEL, device, public_key).current == 1
-    publish(registry, tiny, "second")
+    delta = publish(registry, tiny, "second")["files"]["model.tflite"]["deltas"]["1"]
     result = sync(link.url, MODEL, device, public_key)
-    assert (result.status, result.current, result.previous, result.downloaded) == ("installed", 2, 1, len(tiny.second))
+    # From version 1's file and the registry's delta (tests/test_deltas.py): fewer bytes than the file.
+    assert (result.status, result.current, result.previous, result.kind) == ("installed", 2, 1, "delta")
+    assert result.downloaded == delta["size"] < len(tiny.second)
     assert ModelDir(device).installed() == [1, 2]
     assert EdgeModel.load(device).manifest["quantization"] == "fp16"
 
@@ -255,6 +257,8 @@ def serve_no_signature(registry, link, tmp_path, tiny):
 def test_a_bad_update_is_refused_and_the_device_keeps_its_model(
     registry, link, tiny, public_key, device, tmp_path, fault
 ):
+    # These faults are the full file's; a delta's faults, and its fallback to the full file, are tests/test_deltas.py's.
+    registry.delta_from_versions = 0
     publish(registry, tiny)
     assert sync(link.url, MODEL, device, public_key).current == 1
     why = fault(registry, link, tmp_path, tiny)
@@ -442,7 +446,7 @@ def test_sync_cli_exit_codes(registry, link, tiny, public_key, device, tmp_path)
         cwd=REPO,
     )
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.strip() == f"{MODEL}: version 1 installed, {len(tiny.first)} bytes downloaded"
+    assert ok.stdout.strip() == f"{MODEL}: version 1 installed, {len(tiny.first)} bytes downloaded (full)"
     forger = Signer.load_or_create(tmp_path / "forger" / "signing.key")
     refused = subprocess.run(
         sprout_edge(

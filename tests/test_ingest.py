@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -346,6 +347,12 @@ def test_demo_runs_the_main_job(broker, tmp_path):
     assert device["test_photos"] == 200 and device["top1_on_device"] > 0.3
     assert "demo: status page at http://" in out.stderr and "demo: published version 1" in out.stderr
     assert "device: installed version" in out.stderr
+    # Each line says what came over the network: the whole file, or a delta to the version held.
+    installs = re.findall(
+        r"device: installed version \d+ \((full file, [\d.]+ MB|a [\d.]+ kB delta for [\d.]+ MB)\)", out.stderr
+    )
+    assert installs and installs[0].startswith("full file"), out.stderr[-2000:]
+    assert re.search(r"demo: published version 1: \w+, [\d.]+ MB full, ", out.stderr)
     # A newcomer runs it again in the same folder: everything is stored and learned already, nothing new
     # is published, and the device still ends with the verified model: a success, not "no model".
     again = subprocess.run(

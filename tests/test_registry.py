@@ -25,6 +25,7 @@ from daemon.registry.layout import MANIFEST_KEYS
 from daemon.registry.retention import apply_retention
 from daemon.registry.signing import SignatureError, Signer, SigningKeyError, generate, verify, verify_file
 from daemon.registry.versions import NoRegistryError, Registry, RegistryError, UnknownVersionError
+from edge.delta import apply
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((REPO / "docs" / "manifest.schema.json").read_text())
@@ -91,8 +92,11 @@ def test_publish_twice_gives_versions_1_and_2_with_consistent_files(registry: Re
     for m in (first, second):
         v = m["version"]
         data = registry.model_path(v).read_bytes()
-        entry = m["files"]["model.tflite"]
+        entry = dict(m["files"]["model.tflite"])
+        deltas = entry.pop("deltas", None)
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": 5000, "path": f"versions/{v}/model.tflite"}
+        # Random bytes share nothing, so no delta is smaller than the file and none is kept (tests/test_deltas.py).
+        assert deltas is None
         assert json.loads((folder / str(v) / "manifest.json").read_bytes()) == m == registry.manifest(v)
         assert (folder / str(v) / "labels.txt").read_text().splitlines() == m["labels"]
         assert list(m) == list(MANIFEST_KEYS)
@@ -346,8 +350,12 @@ from daemon.registry.versions import Registry
 from daemon.registry.signing import Signer
 reg = Registry(Path(sys.argv[1]), sys.argv[2], Signer.load(Path(sys.argv[3])), keep_versions=3)
 fields = json.loads(sys.argv[4])
+model = bytearray(os.urandom(4 << 20))
 while True:
-    reg.publish(os.urandom(4 << 20), fields)
+    # Each version differs from the last in a few KB (a new head): the registry writes deltas from earlier ones.
+    at = int.from_bytes(os.urandom(3)) % (len(model) - 4096)
+    model[at : at + 4096] = os.urandom(4096)
+    reg.publish(bytes(model), fields)
 """
 
 
@@ -355,7 +363,7 @@ def test_sigkill_during_publish_leaves_a_valid_latest(registry: Registry, signer
     """A publisher killed at random moments: every restart finds a complete, signed latest."""
     public = public_key_file(signer)
     rng = random.Random()
-    last_seen = 0
+    last_seen = deltas_seen = 0
     for round_ in range(6):
         proc = subprocess.Popen(
             [sys.executable, "-c", _PUBLISHER, str(registry.root), MODEL, str(signer.path), json.dumps(fields())],
@@ -390,6 +398,13 @@ def test_sigkill_during_publish_leaves_a_valid_latest(registry: Registry, signer
             m = reg.manifest(version)
             verify(reg.document(version), reg.signature(version), public)
             verify_file(m, reg.model_path(version).read_bytes())
+            for base, entry in m["files"]["model.tflite"].get("deltas", {}).items():  # and so are its deltas
+                delta = (reg.folder / str(version) / f"from-{base}.zst").read_bytes()
+                assert (len(delta), hashlib.sha256(delta).hexdigest()) == (entry["size"], entry["sha256"])
+                deltas_seen += 1
+                if int(base) in reg.versions():
+                    old = reg.model_path(int(base)).read_bytes()
+                    assert apply(old, delta, m["files"]["model.tflite"]["size"]) == reg.model_path(version).read_bytes()
         assert v >= last_seen
         last_seen = v
     # A kill between latest.sig's rename and latest's leaves the pair apart until a writer opens the
@@ -399,6 +414,7 @@ def test_sigkill_during_publish_leaves_a_valid_latest(registry: Registry, signer
     published = [e["version"] for e in registry.events() if e["event"] == "published"]
     assert published == sorted(set(published)), "a version number was handed out twice"
     assert len(published) >= 3
+    assert deltas_seen > 0, "no version carried a delta: the kills tested nothing of them"
 
 
 def test_key_is_created_0600_and_a_readable_key_is_refused(tmp_path: Path):

@@ -13,6 +13,9 @@ on disk, so a static mirror of that folder serves the same bytes
   immutable once published. ``model.tflite``'s ETag is its sha256 (from the
   manifest); ``If-None-Match`` gives 304 and ``Range`` 206, so a download cut
   off in a field resumes where it stopped.
+- ``GET /v1/models/<model>/versions/<v>/from-<base>.zst``: the download delta from version
+  ``base`` (daemon/registry/deltas.py), served as model.tflite is: its ETag the sha256 the
+  manifest lists, 304, Range, immutable. Downloads are counted by version and kind (full, delta).
 
 Model names and versions are checked against what the registry can hold
 before any path is built, so no request reaches outside it. With a bearer
@@ -44,7 +47,8 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from daemon.common.lifecycle import left
-from daemon.distribution.fleet import Fleet
+from daemon.distribution.fleet import DELTA, FULL, Fleet
+from daemon.registry.deltas import DELTA_FILE
 
 log = logging.getLogger("sprout.server")
 
@@ -138,32 +142,40 @@ class DownloadApi:
         version, name = request.path_params["version"], request.path_params["name"]
         if not _VERSION.match(version):
             return _error(400, "versions are positive integers")
-        if name not in _FILES:
-            return _error(404, f"a version holds {', '.join(_FILES)}")
+        delta = DELTA_FILE.match(name)
+        if name not in _FILES and delta is None:
+            return _error(404, f"a version holds {', '.join(_FILES)} and from-<version>.zst deltas")
         folder = self.root / request.path_params["model"] / version
         if not (folder / "manifest.json").is_file():
             return _error(404, f"version {version} is not published (or was removed by retention)")
         if name in ("manifest.json", "manifest.json.sig"):
             return _document(request, folder / name, IMMUTABLE)
-        etag = (
-            f'"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}"'
-            if name == "labels.txt"
-            else self._model_etag(folder)
-        )
+        if delta is not None and not (folder / name).is_file():
+            return _error(404, f"version {version} has no delta from version {delta.group(1)}: fetch model.tflite")
+        if name == "labels.txt":
+            etag = f'"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}"'
+        else:
+            etag = self._file_etag(folder, name, delta.group(1) if delta else None)
         headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
         if _etag_matches(request, etag):
             return Response(status_code=304, headers=headers)
-        if name == "model.tflite" and request.headers.get("range", "bytes=0-").startswith("bytes=0-"):
-            self.fleet.downloaded(int(version))  # a download begun; its resumes are not counted again
+        if (name == "model.tflite" or delta) and request.headers.get("range", "bytes=0-").startswith("bytes=0-"):
+            # A download begun; its resumes are not counted again.
+            self.fleet.downloaded(int(version), DELTA if delta else FULL)
         # Starlette's FileResponse answers Range with 206 (and If-Range against this ETag).
-        return FileResponse(folder / name, media_type=_FILES[name], headers=headers)
+        return FileResponse(folder / name, media_type=_FILES.get(name, "application/zstd"), headers=headers)
 
     @staticmethod
-    def _model_etag(folder: Path) -> str:
-        # The manifest's sha256 of the file: the registry verified it at publish, and hashing
+    def _file_etag(folder: Path, name: str, base: str | None) -> str:
+        # The manifest's sha256 of the file: the registry made it at publish, and hashing
         # megabytes on every conditional GET would be waste.
-        manifest = json.loads((folder / "manifest.json").read_bytes())
-        return f'"{manifest["files"]["model.tflite"]["sha256"]}"'
+        entry = json.loads((folder / "manifest.json").read_bytes())["files"]["model.tflite"]
+        if base is not None:
+            listed = entry.get("deltas", {}).get(base) if isinstance(entry.get("deltas"), dict) else None
+            if not isinstance(listed, dict) or not isinstance(listed.get("sha256"), str):
+                return f'"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}"'  # on disk, yet not listed
+            return f'"{listed["sha256"]}"'
+        return f'"{entry["sha256"]}"'
 
 
 def build_app(

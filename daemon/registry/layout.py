@@ -3,6 +3,7 @@
 Layout of ``<state_dir>/registry/<model>/``::
 
     <version>/model.tflite, labels.txt, manifest.json, manifest.json.sig   one folder per version
+    <version>/from-<base>.zst   download deltas from recent earlier versions (deltas.py), listed in the manifest
     latest      a byte copy of the latest version's manifest: the pointer and the document served
     latest.sig  a byte copy of that version's manifest.json.sig
     versions    JSON list of {version, created_at, quantization, pinned}, newest first

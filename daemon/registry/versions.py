@@ -7,7 +7,7 @@ the two across a publish sees a mismatch, reads ``latest`` again and finds it
 changed (docs/devices.md).
 
 A SIGKILL at any instant leaves ``latest`` naming a complete, signed version:
-a version folder is built under ``.tmp-<version>-<pid>`` and renamed whole,
+a version folder, with its download deltas (deltas.py), is built under ``.tmp-<version>-<pid>`` and renamed whole,
 every other file is written under a ``.tmp-*`` name, fsynced and renamed, and
 the constructor removes what a killed writer left and finishes a publish
 killed after its version folder was in place. Writers take an flock on
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.registry import history
+from daemon.registry.deltas import make_deltas
 from daemon.registry.fields import check_fields
 from daemon.registry.layout import (
     LABELS_FILE,
@@ -84,7 +85,14 @@ class Registry:
     """The versions of one model under ``root/<model>``; see the module docstring for the layout."""
 
     def __init__(
-        self, root: Path, model: str, signer: Signer | None = None, keep_versions: int = 10, *, readonly: bool = False
+        self,
+        root: Path,
+        model: str,
+        signer: Signer | None = None,
+        keep_versions: int = 10,
+        *,
+        readonly: bool = False,
+        delta_from_versions: int = 3,
     ):
         if not MODEL_NAME.match(model):
             raise RegistryError(f"model name {model!r}: use letters, digits, '.', '_' or '-' (at most 64)")
@@ -95,6 +103,9 @@ class Registry:
         self.folder = self.root / model
         self.signer = signer
         self.keep_versions = keep_versions
+        if delta_from_versions < 0:
+            raise RegistryError(f"delta_from_versions must be 0 or more, not {delta_from_versions}")
+        self.delta_from_versions = delta_from_versions
         self.readonly = readonly
         if readonly:
             if not self.folder.is_dir():
@@ -129,7 +140,13 @@ class Registry:
             signer: Signer | None = Signer.load_or_create(key_path)
         else:
             signer = Signer.load(key_path) if key_path.exists() else None
-        return cls(registry_root(state_dir), model, signer, registry.keep_versions)
+        return cls(
+            registry_root(state_dir),
+            model,
+            signer,
+            registry.keep_versions,
+            delta_from_versions=registry.delta_from_versions,
+        )
 
     # Reading: never writes, safe beside a writer in another process.
 
@@ -228,7 +245,11 @@ class Registry:
             version = self._next_version()
             if stamp is not None:
                 tflite = bytes(stamp(tflite, version))
+            # Made before the folder is renamed into place and written into it: complete with its deltas, or absent.
+            deltas = make_deltas(self, version, tflite, self.delta_from_versions)
             manifest = self._manifest(version, body, tflite)
+            if deltas.entries:
+                manifest["files"][MODEL_FILE]["deltas"] = deltas.entries
             document = dump(manifest)
             labels_txt = "".join(f"{label}\n" for label in body["labels"]).encode("utf-8")
             self._write_version(
@@ -238,6 +259,7 @@ class Registry:
                     LABELS_FILE: labels_txt,
                     MANIFEST_FILE: document,
                     SIGNATURE_FILE: self.signer.sign(document),
+                    **deltas.files,
                 },
             )
             # From here the version is complete on disk; switching latest is two renames (signature first).
@@ -250,10 +272,18 @@ class Registry:
                     "sha256": manifest["files"][MODEL_FILE]["sha256"],
                     "size": len(tflite),
                     "quantization": body["quantization"],
+                    "deltas": {base: e["size"] for base, e in deltas.entries.items()},
                 }
             )
             apply_retention(self)
-        log.info("published %s version %d (%s, %d bytes)", self.model, version, body["quantization"], len(tflite))
+        log.info(
+            "published %s version %d (%s, %d bytes; deltas: %s)",
+            self.model,
+            version,
+            body["quantization"],
+            len(tflite),
+            ", ".join(f"from {base} {e['size']} bytes" for base, e in deltas.entries.items()) or "none",
+        )
         return manifest
 
     def record_rejection(

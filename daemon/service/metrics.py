@@ -83,11 +83,12 @@ def _fleet(fleet: FleetView) -> Iterator[Metric]:
     yield devices
     downloads = CounterMetricFamily(
         "sprout_model_downloads",
-        "Downloads of each version's model file begun (resumes not counted again).",
-        labels=["version"],
+        "Downloads of each version's model file begun (resumes not counted again), by kind: "
+        "full (the whole file) or delta (from an earlier version the device held).",
+        labels=["version", "kind"],
     )
-    for number, n in fleet.downloads_by_version.items():
-        downloads.add_metric([str(number)], n)
+    for (number, kind), n in fleet.downloads_by_kind.items():
+        downloads.add_metric([str(number), kind], n)
     yield downloads
 
 

@@ -48,7 +48,7 @@ RELOADABLE: dict[str, frozenset[str]] = {
         }
     ),
     # Read by the registry at every publish.
-    "registry": frozenset({"keep_versions"}),
+    "registry": frozenset({"keep_versions", "delta_from_versions"}),
     # Read by the learner at every step; handed over on its own thread, between two steps.
     "training": frozenset({"replay_ratio", "balance_classes"}),
     # Read by the feed for every message and by intake for every commit.

@@ -151,13 +151,18 @@ def _fleet(view: FleetView) -> str:
         )
     rows = "".join(
         f"<tr><td>{html.escape(v)}</td><td>{view.devices_by_version.get(v, 0)}</td>"
-        f"<td>{view.downloads_by_version.get(int(v), 0) if v.isdigit() else ''}</td></tr>"
+        f"<td>{_downloads(view, int(v)) if v.isdigit() else ''}</td></tr>"
         for v in versions
     )
     return (
         '<section id="fleet"><h2>Devices</h2><table><tr><th>version</th><th>devices running it (last day)</th>'
         f"<th>downloads</th></tr>{rows}</table></section>"
     )
+
+
+def _downloads(view: FleetView, version: int) -> str:
+    full, delta = view.downloads_by_kind.get((version, "full"), 0), view.downloads_by_kind.get((version, "delta"), 0)
+    return f"{full + delta} ({delta} as delta)" if delta else str(full)
 
 
 def _chart(name: str, points: list[Point], series: list[tuple[str, str]], lo: float, hi: float, unit: str) -> str:

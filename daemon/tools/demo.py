@@ -6,8 +6,8 @@ Fashion-MNIST class-incrementally (one class after another) while a device,
 sprout-edge's watch, follows the published models over the daemon's HTTP API
 and MQTT notice. Prints the status page's address, a progress line (fed,
 stored, learned, prequential and holdout accuracy; redrawn every second on a
-terminal, every 10 s into a pipe), a line per published version (size,
-accuracy) and per installed one on the device, and, once the learner and the
+terminal, every 10 s into a pipe), a line per published version (full and delta
+size, accuracy) and per installed one on the device, and, once the learner and the
 last export have caught up with the feed (or after ``--max-seconds``), a
 summary that ends with the device's top-1 on test photos the daemon never
 saw. The daemon's log goes to STATE/demo.log; only its warnings and errors
@@ -203,9 +203,13 @@ class Demo:
             self.announced = published["version"]
             m = published["metrics"]
             on = ", ".join(f"{runtime} {_pct(top1)}" for runtime, top1 in m["holdout_top1"].items())
+            model_file = published["files"]["model.tflite"]
+            # What a phone one version behind downloads instead of the whole file (daemon/registry/deltas.py).
+            delta = (model_file.get("deltas") or {}).get(str(published["version"] - 1))
+            update = f", delta from {published['version'] - 1} {delta['size'] / 1e3:.1f} kB" if delta else ""
             self.terminal.say(
                 f"demo: published version {published['version']}: {published['quantization']}, "
-                f"{published['files']['model.tflite']['size'] / 1e6:.2f} MB, {len(published['labels'])} classes, "
+                f"{model_file['size'] / 1e6:.2f} MB full{update}, {len(published['labels'])} classes, "
                 f"holdout top-1 {on} (float {_pct(m['holdout_top1_float'])})"
             )
         if exporting.rejected != self.rejected and exporting.last is not None:

@@ -23,14 +23,20 @@ class DemoDevice(threading.Thread):
         self.stop_event = threading.Event()
 
     def run(self) -> None:
-        from edge.sync import COMPLETED, FAILED
+        from edge.sync import COMPLETED, DELTA, FAILED, FULL
         from edge.watch import watch
 
         said = {"waiting": False}
 
         def on_event(event: Any) -> None:
             if event.kind == COMPLETED:
-                self.say(f"device: installed version {event.version} ({event.total / 1e6:.2f} MB), verified")
+                if event.transfer == DELTA:
+                    how = f"a {event.downloaded / 1e3:.1f} kB delta for {event.total / 1e6:.2f} MB"
+                elif event.transfer == FULL:
+                    how = f"full file, {event.downloaded / 1e6:.2f} MB"
+                else:  # kept from before (a rollback): nothing downloaded
+                    how = f"{event.total / 1e6:.2f} MB, already here"
+                self.say(f"device: installed version {event.version} ({how}), verified")
             elif event.kind == FAILED and event.version is None:
                 if not said["waiting"]:  # before the first publish every poll fails alike: say it once
                     said["waiting"] = True
