@@ -1,11 +1,12 @@
-"""What the exporter hands ``Registry.publish``: checked whole, every problem named at once."""
+"""What the exporter hands ``Registry.publish``, checked whole (every problem named at once), and the manifest made of it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
-from daemon.registry.layout import FIELDS, QUANTIZATIONS, RegistryError
+from daemon.registry.layout import FIELDS, MODEL_FILE, QUANTIZATIONS, SCHEMA, RegistryError, utc_now
 from edge.manifest import INPUT_DTYPES, is_image_shape
 
 
@@ -82,3 +83,28 @@ def _input_problems(spec: Any) -> list[str]:
     ):
         problems.append("input.range must be [low, high], e.g. [0, 255]")
     return problems
+
+
+def manifest_of(model: str, version: int, body: dict[str, Any], tflite: bytes, key_id: str) -> dict[str, Any]:
+    """The manifest of ``version``: the exporter's checked ``body`` and what the registry sets itself."""
+    return {
+        "schema": SCHEMA,
+        "model": model,
+        "version": version,
+        "created_at": utc_now(),
+        "base": body["base"],
+        "labels": body["labels"],
+        "input": body["input"],
+        "quantization": body["quantization"],
+        "files": {
+            MODEL_FILE: {
+                "sha256": hashlib.sha256(tflite).hexdigest(),
+                "size": len(tflite),
+                "path": f"versions/{version}/{MODEL_FILE}",
+            }
+        },
+        "metrics": body["metrics"],
+        "runtimes_verified": body["runtimes_verified"],
+        # Informative only: which key to check with, said before a device has checked anything.
+        "signing_key_id": key_id,
+    }

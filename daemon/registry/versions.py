@@ -7,7 +7,8 @@ the two across a publish sees a mismatch, reads ``latest`` again and finds it
 changed (docs/devices.md).
 
 A SIGKILL at any instant leaves ``latest`` naming a complete, signed version:
-a version folder, with its download deltas (deltas.py), is built under ``.tmp-<version>-<pid>`` and renamed whole,
+a version folder (with its download deltas, deltas.py) is built under
+``.tmp-<version>-<pid>`` and renamed whole,
 every other file is written under a ``.tmp-*`` name, fsynced and renamed, and
 the constructor removes what a killed writer left and finishes a publish
 killed after its version folder was in place. Writers take an flock on
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.registry import history
 from daemon.registry.deltas import make_deltas
-from daemon.registry.fields import check_fields
+from daemon.registry.fields import check_fields, manifest_of
 from daemon.registry.layout import (
     LABELS_FILE,
     LATEST,
@@ -53,7 +53,6 @@ from daemon.registry.layout import (
     MODEL_FILE,
     MODEL_NAME,
     PINS,
-    SCHEMA,
     SIGNATURE_FILE,
     VERSION_DIR,
     VERSIONS,
@@ -247,7 +246,7 @@ class Registry:
                 tflite = bytes(stamp(tflite, version))
             # Made before the folder is renamed into place and written into it: complete with its deltas, or absent.
             deltas = make_deltas(self, version, tflite, self.delta_from_versions)
-            manifest = self._manifest(version, body, tflite)
+            manifest = manifest_of(self.model, version, body, tflite, self.signer.key_id)
             if deltas.entries:
                 manifest["files"][MODEL_FILE]["deltas"] = deltas.entries
             document = dump(manifest)
@@ -359,30 +358,6 @@ class Registry:
         return True
 
     # Internals; the callers hold the lock.
-
-    def _manifest(self, version: int, body: dict[str, Any], tflite: bytes) -> dict[str, Any]:
-        assert self.signer is not None  # publish() refused a registry without a key
-        return {
-            "schema": SCHEMA,
-            "model": self.model,
-            "version": version,
-            "created_at": utc_now(),
-            "base": body["base"],
-            "labels": body["labels"],
-            "input": body["input"],
-            "quantization": body["quantization"],
-            "files": {
-                MODEL_FILE: {
-                    "sha256": hashlib.sha256(tflite).hexdigest(),
-                    "size": len(tflite),
-                    "path": f"versions/{version}/{MODEL_FILE}",
-                }
-            },
-            "metrics": body["metrics"],
-            "runtimes_verified": body["runtimes_verified"],
-            # Informative only: which key to check with, said before a device has checked anything.
-            "signing_key_id": self.signer.key_id,
-        }
 
     def _write_version(self, version: int, files: dict[str, bytes]) -> None:
         """The version's folder, built under a temporary name and renamed whole: it exists complete or not at all."""
