@@ -344,19 +344,25 @@ def test_readers_write_nothing(tmp_path: Path, registry: Registry):
 
 
 _PUBLISHER = """
-import json, os, sys
+import json, os, random, sys
 from pathlib import Path
 from daemon.registry.versions import Registry
 from daemon.registry.signing import Signer
 reg = Registry(Path(sys.argv[1]), sys.argv[2], Signer.load(Path(sys.argv[3])), keep_versions=3)
 fields = json.loads(sys.argv[4])
-model = bytearray(os.urandom(4 << 20))
+# The same starting bytes in every round's process: a version differs from those before it, whichever
+# process published them, by a few heads, so deltas are written even when a round publishes only one.
+model = bytearray(random.Random(1).randbytes(4 << 20))
 while True:
     # Each version differs from the last in a few KB (a new head): the registry writes deltas from earlier ones.
     at = int.from_bytes(os.urandom(3)) % (len(model) - 4096)
     model[at : at + 4096] = os.urandom(4096)
     reg.publish(bytes(model), fields)
 """
+
+
+def _published(registry: Registry) -> int:
+    return sum(e.get("event") == "published" for e in registry.events())
 
 
 def test_sigkill_during_publish_leaves_a_valid_latest(registry: Registry, signer: Signer):
@@ -371,8 +377,10 @@ def test_sigkill_during_publish_leaves_a_valid_latest(registry: Registry, signer
             stderr=subprocess.PIPE,
         )
         try:
-            if round_ == 0:
-                wait_for(lambda: (registry.folder / "latest").exists(), 30, "the first version")
+            # At least one publish per round, however slowly a loaded machine starts the process; then a
+            # kill at a random instant of the publishes that follow.
+            before = _published(registry)
+            wait_for(lambda b=before: _published(registry) > b, 60, f"a version published in round {round_}")
             time.sleep(rng.uniform(0.05, 0.6))
         finally:
             proc.send_signal(signal.SIGKILL)
@@ -413,7 +421,7 @@ def test_sigkill_during_publish_leaves_a_valid_latest(registry: Registry, signer
     assert [r for r in repairs if not r.startswith("latest.sig is not")] == [], "a kill left latest broken"
     published = [e["version"] for e in registry.events() if e["event"] == "published"]
     assert published == sorted(set(published)), "a version number was handed out twice"
-    assert len(published) >= 3
+    assert len(published) >= 6  # one a round at least
     assert deltas_seen > 0, "no version carried a delta: the kills tested nothing of them"
 
 
