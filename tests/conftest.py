@@ -7,7 +7,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from faulty_link import FaultyLink
 from helpers import DaemonProcess
+from registry_helpers import public_key_file
 from systemd_socket import SystemdSocket
 
 from daemon.registry.signing import Signer
@@ -87,3 +89,22 @@ def trained(tmp_path_factory):
     calibration = [load_rgb(e.image, 32) for e in examples if e.split == "train"][:32]
     model = snapshot(learner.backbone, learner.head, learner.spec.preprocessing)
     return model, images, labels, calibration
+
+
+# The device side's fixtures: the publisher's public key as a file, the real download API over the
+# `registry` behind a link that can cut, slow or alter answers (tests/faulty_link.py), and a device folder.
+@pytest.fixture
+def public_key(signer: Signer) -> Path:
+    return public_key_file(signer)
+
+
+@pytest.fixture
+def link(registry: Registry):
+    m = FaultyLink(registry.root).start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Path:
+    return tmp_path / "device"

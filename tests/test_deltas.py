@@ -17,10 +17,8 @@ from pathlib import Path
 import pytest
 from faulty_link import FaultyLink
 from learning_helpers import learn_all, make_learner, stream
-from registry_helpers import public_key_file
 
 from daemon.registry.deltas import DELTA_FILE
-from daemon.registry.signing import Signer
 from daemon.registry.versions import Registry
 from daemon.service.metrics import _fleet
 from daemon.service.status_page import _fleet as fleet_section
@@ -68,23 +66,6 @@ def fields(versions: Versions) -> dict:
         "metrics": {},
         "runtimes_verified": [{"name": "ai-edge-litert", "version": "2.3.0"}],
     }
-
-
-@pytest.fixture
-def public_key(signer: Signer) -> Path:
-    return public_key_file(signer)
-
-
-@pytest.fixture
-def link(registry: Registry):
-    m = FaultyLink(registry.root).start()
-    yield m
-    m.stop()
-
-
-@pytest.fixture
-def device(tmp_path: Path) -> Path:
-    return tmp_path / "device"
 
 
 def requested(link: FaultyLink) -> list[str]:

@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from faulty_link import FaultyLink
 from helpers import REPO, TFLITE_VENV, Watching, colour_jpeg, sprout_edge, wait_for
 from learning_helpers import learn_all, make_learner, stream
-from registry_helpers import public_key_file
 
 from daemon.registry.signing import Signer
 from daemon.registry.versions import Registry
@@ -77,23 +76,6 @@ def fields(tiny: TinyModels, quantization: str) -> dict:
 
 def publish(registry: Registry, tiny: TinyModels, which: str = "first") -> dict:
     return registry.publish(getattr(tiny, which), fields(tiny, "none" if which == "first" else "fp16"))
-
-
-@pytest.fixture
-def public_key(signer: Signer) -> Path:
-    return public_key_file(signer)
-
-
-@pytest.fixture
-def link(registry: Registry):
-    m = FaultyLink(registry.root).start()
-    yield m
-    m.stop()
-
-
-@pytest.fixture
-def device(tmp_path: Path) -> Path:
-    return tmp_path / "device"
 
 
 def image_files(folder: Path) -> list[Path]:
