@@ -80,7 +80,9 @@ class TinyBackbone(Backbone):
     GAIN = 10.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) * self.GAIN
+        # Before the pooling, not after: the converter folds a constant multiply after it into the classifier's
+        # weights, and the export then could not write a new head into the file (daemon/export/head_patch.py).
+        return (self.features(x) * self.GAIN).mean(dim=(2, 3))
 
 
 def names() -> list[str]:

@@ -47,6 +47,7 @@ def test_export_publishes_a_signed_verified_version(tmp_path: Path):
     assert set(metrics["holdout_top1"]) == {"ai-edge-litert", "tflite-runtime"}
     assert all(top1 >= metrics["holdout_top1_float"] - 0.01 for top1 in metrics["holdout_top1"].values())
     assert metrics["calibration_examples"] == 30  # 10 of each of the three classes: class-balanced
+    assert metrics["conversion"] == "full"  # the first: nothing to reuse
     registry = Registry.open_readonly(registry_root(state), "plant-disease")
     manifest = latest_manifest(registry)
     assert manifest["version"] == 1 and manifest["quantization"] == "int8"  # the default mode
@@ -57,6 +58,7 @@ def test_export_publishes_a_signed_verified_version(tmp_path: Path):
     verify_file(manifest, registry.model_path(1).read_bytes())
     code, result, _ = export(state)
     assert code == 0 and result["published"] == 2  # as good as the published one: within the tolerance
+    assert result["metrics"]["conversion"] == "patched"  # head mode: the backbone is the one converted for v1
     # Version 1 was run on this holdout when it was verified: the comparison reused its predictions.
     assert result["metrics"]["published_top1_same_holdout"]["version"] == 1
     assert result["metrics"]["published_rescored_examples"] == 0
@@ -64,8 +66,8 @@ def test_export_publishes_a_signed_verified_version(tmp_path: Path):
     assert [p.name for p in kept.glob("published-v*.json")] == ["published-v2.json"]  # only the latest's
     # Predictions that cannot be read are made anew, and the comparison comes out the same.
     (kept / "published-v2.json").write_text('{"model_version": 2, "runtimes": {"ai-edge-litert": [')
-    code, again, _ = export(state)
-    assert code == 0 and again["published"] == 3
+    code, again, _ = export(state, SPROUT_EXPORT__FULL_CONVERSION_EVERY="1")
+    assert code == 0 and again["published"] == 3 and again["metrics"]["conversion"] == "full"
     assert again["metrics"]["published_rescored_examples"] == again["metrics"]["holdout_examples"]
     assert again["metrics"]["published_top1_same_holdout"] == {**result["metrics"]["holdout_top1"], "version": 2}
 

@@ -126,11 +126,10 @@ def convert(model: Deployable, mode: str, input_size: int, calibration: Sequence
     return _fp16_weights(flat) if mode == "fp16" else flat
 
 
-def _convert_int8(litert_torch, nhwc: nn.Module, sample: tuple[torch.Tensor], calibration: Sequence[np.ndarray]):
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-    from litert_torch.quantize.quant_config import QuantConfig
+def int8_config():
+    """The PT2E quantization config of int8 exports; head_patch.py quantises a new head with its observers."""
+    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e.observer import MinMaxObserver
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     config = get_symmetric_quantization_config(is_per_channel=True)
     # Min-max activation ranges instead of the default histogram search: on EfficientNet-Lite0 they lost
@@ -138,8 +137,15 @@ def _convert_int8(litert_torch, nhwc: nn.Module, sample: tuple[torch.Tensor], ca
     minmax = dataclasses.replace(
         config.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12)
     )
-    config = dataclasses.replace(config, input_activation=minmax, output_activation=minmax)
-    quantizer = PT2EQuantizer().set_global(config)
+    return dataclasses.replace(config, input_activation=minmax, output_activation=minmax)
+
+
+def _convert_int8(litert_torch, nhwc: nn.Module, sample: tuple[torch.Tensor], calibration: Sequence[np.ndarray]):
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = PT2EQuantizer().set_global(int8_config())
     prepared = prepare_pt2e(torch.export.export(nhwc, sample).module(), quantizer)
     with torch.no_grad():
         for image in calibration:

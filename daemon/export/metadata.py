@@ -45,7 +45,7 @@ import numpy as np
 UNPUBLISHED = "unpublished"  # the version until the registry numbers it; its length is the room for the number
 LABELS_FILE = "labels.txt"  # the registry's name for the same lines (daemon/registry/versions.py), and the devices'
 METADATA_NAME = b"TFLITE_METADATA"  # the model's metadata entry naming the buffer, where every reader looks
-MODEL_IDENTIFIER, METADATA_IDENTIFIER = b"TFL3", b"M001"  # flatbuffer file identifiers of the two schemas
+METADATA_IDENTIFIER = b"M001"  # the metadata schema's flatbuffer file identifier
 # ModelMetadata.version is field 2 of metadata_schema.fbs (name 4, description 6, version 8 in the vtable);
 # a field's slot never moves while the schema evolves.
 _VERSION_SLOT = 8
@@ -59,7 +59,9 @@ def describe(tflite: bytes, *, name: str, labels: list[str], input_size: int, ba
     """
     from ai_edge_litert import schema_py_generated as schema  # the converter's generation of the TFLite schema
 
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(tflite, 0))
+    from daemon.export.flatbuffer import read_model, write_model
+
+    model = read_model(tflite)
     graph = model.subgraphs[0]
     types = [graph.tensors[i].type for i in graph.inputs], [graph.tensors[i].type for i in graph.outputs]
     if types != ([schema.TensorType.UINT8], [schema.TensorType.FLOAT32]):
@@ -67,19 +69,13 @@ def describe(tflite: bytes, *, name: str, labels: list[str], input_size: int, ba
             f"describe: expected one uint8 input and one float32 output, the model has {types[0]} "
             f"and {types[1]} (TFLite TensorType numbers)"
         )
-    for buffer in model.buffers:
-        if buffer.offset > 1:  # stored after the flatbuffer (TFLite: an offset above 1 is one): moved inside
-            buffer.data = np.frombuffer(tflite, np.uint8, buffer.size, buffer.offset)
-            buffer.offset = buffer.size = 0
     metadata = schema.BufferT()
     metadata.data = np.frombuffer(_metadata(name, labels, input_size, base, quantization), np.uint8)
     model.buffers.append(metadata)
     entry = schema.MetadataT()
     entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
     model.metadata = [m for m in model.metadata or [] if m.name != METADATA_NAME] + [entry]
-    builder = flatbuffers.Builder(len(tflite) + 4096)
-    builder.Finish(model.Pack(builder), MODEL_IDENTIFIER)
-    described = io.BytesIO(builder.Output())
+    described = io.BytesIO(write_model(model))
     described.seek(0, io.SEEK_END)
     # Appending to a file that is not a zip archive starts one after it: where the populator puts the files.
     with zipfile.ZipFile(described, "a") as archive:

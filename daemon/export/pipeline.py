@@ -29,7 +29,8 @@ from torch import nn
 
 from daemon.common.settings import Settings
 from daemon.export import images as stored
-from daemon.export.converter import Deployable, convert, float_probabilities, input_dtype, snapshot
+from daemon.export.conversions import Conversions
+from daemon.export.converter import Deployable, float_probabilities, input_dtype, snapshot
 from daemon.export.gates import Baseline, Refusal, RefusalKind, gate
 from daemon.export.job import ExportJob
 from daemon.export.lossy_modes import LossyModes
@@ -245,10 +246,14 @@ def _candidate(
     """Convert in ``mode``, verify on every runtime and judge: the candidate with the gates' refusals."""
     cfg, size, snap = job.export, job.model.input_size, inputs.snap
     converted = time.perf_counter()
+    conversion = Conversions(job.state_dir, cfg.full_conversion_every).convert(
+        model, mode, size, inputs.calibration if mode == "int8" else []
+    )
+    log.info("%s: %s conversion (%s)", mode, conversion.how, conversion.why)
     # With its TFLite Model Metadata (labels.txt, input description) before verification: every runtime
     # checks the file devices and platform classifiers get (daemon/export/metadata.py).
     tflite = describe(
-        convert(model, mode, size, inputs.calibration if mode == "int8" else []),
+        conversion.tflite,
         name=job.model.name,
         labels=list(snap.labels),
         input_size=size,
@@ -266,6 +271,7 @@ def _candidate(
         cfg.verify_timeout_s,
     )
     fields = _fields(job, inputs, mode, reports, float_top1, baseline, len(tflite), convert_s)
+    fields["metrics"]["conversion"] = conversion.how
     return Candidate(mode, fields, tflite, reports, gate(reports, float_top1, baseline, cfg))
 
 
