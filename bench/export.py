@@ -11,7 +11,14 @@ spends: calibration sample decoding, conversion, TFLite Model Metadata
 (daemon/export/metadata.py: its bytes and milliseconds are in each row),
 verification on both.
 
-Usage: python bench/export.py [--input-size 128] [--calibration 100] [--modes int8,dynamic,fp16,none]
+Then the head learns ``--more`` further training examples (held back until
+now) and each mode is exported again as the daemon does when only the head
+changed: the new head written into that mode's conversion above
+(daemon/export/head_patch.py), described and verified; and, for comparison,
+converted in full. Both are run on every evaluation image: their top-1 and
+the share of identical predictions.
+
+Usage: python bench/export.py [--input-size 128] [--calibration 100] [--modes int8,dynamic,fp16,none] [--more 500]
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from learning import jpeg, order, pick  # noqa: E402
 
 from daemon.common.settings import ModelSettings, TrainingSettings  # noqa: E402
 from daemon.export.converter import convert, float_probabilities, snapshot  # noqa: E402
+from daemon.export.head_patch import head_of, patch_head  # noqa: E402
+from daemon.export.head_verification import Embeddings, keep_embeddings, verify_patched  # noqa: E402
 from daemon.export.metadata import describe  # noqa: E402
 from daemon.export.verification import verify  # noqa: E402
 from daemon.ingest.wire import Example  # noqa: E402
@@ -67,6 +76,12 @@ def main() -> None:
         "export.verify_examples); accuracy is also reported on all evaluation images",
     )
     ap.add_argument("--modes", default="int8,dynamic,fp16,none")
+    ap.add_argument(
+        "--more",
+        type=int,
+        default=500,
+        help="training examples learned after the first exports, for the head-only (patched) ones; 0: none",
+    )
     ap.add_argument("--runtimes", default="ai-edge-litert,tflite-runtime")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backbone", default="efficientnet_lite0", help="tiny: an untrained small net, for smoke runs")
@@ -109,7 +124,7 @@ def main() -> None:
             seq_of = dict(reader._db.execute("SELECT example_id, seq FROM examples"))
             learner.cache.put({seq_of[i]: saved[i.replace("/", "_")] for i in seq_of})
     started = time.perf_counter()
-    while batch := reader.after(learner.high_water_mark, 32):
+    while learner.trained < len(train) - args.more and (batch := reader.after(learner.high_water_mark, 32)):
         learner.learn_many(batch)
     print(f"head trained on {learner.trained} examples in {time.perf_counter() - started:.0f} s", flush=True)
 
@@ -123,18 +138,24 @@ def main() -> None:
     if args.save_models:
         args.save_models.mkdir(parents=True, exist_ok=True)
         np.save(args.save_models / "images.npy", images)
-    rows = []
-    for mode in args.modes.split(","):
-        t0 = time.perf_counter()
-        calibration = []
+
+    def sample(mode: str) -> list[np.ndarray]:
+        calibration: list[np.ndarray] = []
         if mode == "int8":  # class-balanced, drawn from the stored training examples as the daemon draws them
             per_class = max(1, args.calibration // len(learner.labels))
             for label in sorted(learner.replay.index):
                 seqs = list(learner.replay.index[label])
                 picked = np.random.default_rng(0).choice(len(seqs), size=min(per_class, len(seqs)), replace=False)
                 calibration += [rgb(e.image, args.input_size) for e in reader.by_seq([seqs[i] for i in sorted(picked)])]
+        return calibration
+
+    rows = []
+    plains = {}
+    for mode in args.modes.split(","):
+        t0 = time.perf_counter()
+        calibration = sample(mode)
         sample_s = time.perf_counter() - t0
-        plain = convert(model, mode, args.input_size, calibration)
+        plain = plains[mode] = convert(model, mode, args.input_size, calibration)
         convert_s = time.perf_counter() - t0 - sample_s
         t0 = time.perf_counter()
         tflite = describe(
@@ -194,6 +215,16 @@ def main() -> None:
                     f"{r.latency_ms:.2f} ms/image (1 thread)",
                     flush=True,
                 )
+    if args.more:
+        while batch := reader.after(learner.high_water_mark, 32):
+            learner.learn_many(batch)
+        print(f"head trained on {args.more} more, {learner.trained} in all", flush=True)
+        model = snapshot(learner.backbone, learner.head, learner.spec.preprocessing)
+        reference = float_probabilities(model, images)
+        for mode in args.modes.split(","):
+            rows.append(
+                head_only(args, mode, plains[mode], model, sample, images, labels, reference, runtimes, learner)
+            )
     meta = {
         "machine": f"{args.threads} threads, {platform.machine()}, torch {torch.__version__}",
         "input_size": args.input_size,
@@ -204,6 +235,84 @@ def main() -> None:
     }
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+def head_only(args, mode, base, model, sample, images, labels, reference, runtimes, learner) -> dict:
+    """One mode's export after the head alone changed, as the daemon makes it: the head written into ``base``
+    (daemon/export/head_patch.py) and verified on the embeddings each runtime computed
+    (daemon/export/head_verification.py), the first time (none kept yet) and the next; beside it, the same
+    network converted in full. Both files are then run on every evaluation image."""
+    described = {
+        "name": "bench",
+        "labels": list(learner.labels),
+        "input_size": args.input_size,
+        "base": args.backbone,
+        "quantization": mode,
+    }
+    t0 = time.perf_counter()
+    calibration = sample(mode)
+    sample_s = time.perf_counter() - t0
+    patched = describe(patch_head(base, head_of(model, calibration), mode), **described)
+    patch_s = time.perf_counter() - t0 - sample_s
+    n, seqs = args.verify, list(range(args.verify))
+    embeddings = Embeddings(Path(tempfile.mkdtemp(prefix="sprout-embeddings-")), mode)
+    verify_s = []
+    for _ in ("first", "next"):
+        t0 = time.perf_counter()
+        reports = verify_patched(
+            patched, "bench", embeddings, seqs, images[:n], labels[:n], reference[:n], runtimes, None, 600
+        )
+        verify_s.append(time.perf_counter() - t0)
+        if reports is None:
+            raise SystemExit(f"{mode}: the patched file could not be verified on kept embeddings")
+        keep_embeddings(embeddings, "bench", reports, seqs)
+    t0 = time.perf_counter()
+    full = describe(convert(model, mode, args.input_size, calibration), **described)
+    full_convert_s = time.perf_counter() - t0 + sample_s
+    t0 = time.perf_counter()
+    verify(full, images[:n], labels[:n], reference[:n], runtimes)
+    full_verify_s = time.perf_counter() - t0
+    ran = {
+        "patched": verify(patched, images, labels, reference, runtimes),
+        "full": verify(full, images, labels, reference, runtimes),
+    }
+    row: dict = {
+        "mode": f"{mode} head only",
+        "sample_s": sample_s,
+        "patch_s": patch_s,
+        "verify_first_s": verify_s[0],
+        "verify_next_s": verify_s[1],
+        "export_s": sample_s + patch_s + verify_s[1],
+        "full_export_s": full_convert_s + full_verify_s,
+        "size_bytes": len(patched),
+        "runtimes": {},
+    }
+    print(
+        f"{mode:7s} head only: export {row['export_s']:4.1f} s (sample {sample_s:.1f}, patch {patch_s:.2f}, verify on "
+        f"kept embeddings {verify_s[1]:.1f}; {verify_s[0]:.1f} the first time); the same network converted in full "
+        f"{row['full_export_s']:.1f} s (convert {full_convert_s:.1f}, verify {full_verify_s:.1f})",
+        flush=True,
+    )
+    for p, f in zip(ran["patched"], ran["full"], strict=True):
+        if p.error or f.error:
+            print(f"    {p.runtime}: patched {p.error or 'ran'}, full {f.error or 'ran'}", flush=True)
+            continue
+        assert p.predicted is not None and f.predicted is not None and p.top1 is not None and f.top1 is not None
+        assert p.probabilities is not None and f.probabilities is not None
+        same = float(np.mean(np.array(p.predicted) == np.array(f.predicted)))
+        gap = float(np.abs(p.probabilities - f.probabilities).max())
+        row["runtimes"][p.runtime] = {
+            "top1_patched": p.top1,
+            "top1_full": f.top1,
+            "same_top1": same,
+            "max_probability_difference": gap,
+        }
+        print(
+            f"    {p.runtime} {p.version}: top-1 patched {100 * p.top1:.1f}%, full {100 * f.top1:.1f}%, "
+            f"same prediction on {100 * same:.1f}% of {len(images)}, probabilities within {gap:.1e}",
+            flush=True,
+        )
+    return row
 
 
 if __name__ == "__main__":

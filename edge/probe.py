@@ -17,10 +17,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from edge.runtime import RUNTIMES, classify
+from edge.runtime import RUNTIMES, Session
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,23 +30,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--runtime", choices=sorted(RUNTIMES), default="tflite-runtime")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--keep-output", type=int, default=None, help="position of a further output whose values to save (as kept)"
+    )
+    ap.add_argument(
+        "--tensors", action="store_true", help="IMAGES holds the input tensors as the model takes them, not pixels"
+    )
     ap.add_argument("model", type=Path, help=".tflite file")
     ap.add_argument("images", type=Path, help=".npy of uint8 (N, H, W, 3) RGB images")
-    ap.add_argument("out", type=Path, help=".npz to write: probabilities, latencies_ms, meta (JSON)")
+    ap.add_argument("out", type=Path, help=".npz to write: probabilities, latencies_ms, meta (JSON)[, kept]")
     args = ap.parse_args(argv)
     try:
-        run = classify(args.model.read_bytes(), np.load(args.images), args.runtime, args.threads)
+        session = Session(args.model.read_bytes(), args.runtime, args.threads, keep_output=args.keep_output)
+        images = np.load(args.images)
+        probabilities, latencies, kept = session.run(images if args.tensors else session.inputs(images))
     except Exception as e:
         print(f"{type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    scale, zero_point = session.input_quantization
     meta = {
-        "runtime": run.runtime,
-        "version": run.version,
-        "input_dtype": run.input_dtype,
-        "input_scale": run.input_scale,
-        "input_zero_point": run.input_zero_point,
+        "runtime": session.runtime,
+        "version": session.version,
+        "input_dtype": session.input_dtype,
+        "input_scale": scale,
+        "input_zero_point": zero_point,
     }
-    np.savez(args.out, probabilities=run.probabilities, latencies_ms=run.latencies_ms, meta=np.array(json.dumps(meta)))
+    arrays: dict[str, Any] = {
+        "probabilities": probabilities,
+        "latencies_ms": latencies,
+        "meta": np.array(json.dumps(meta)),
+    }
+    if kept is not None:
+        arrays["kept"] = kept
+    np.savez(args.out, **arrays)
     return 0
 
 

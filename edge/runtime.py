@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,13 +86,19 @@ class Session:
     Not thread-safe: an Interpreter holds its tensors; give each thread its own Session.
     """
 
-    def __init__(self, tflite: bytes, runtime: str = "ai-edge-litert", threads: int = 2):
+    def __init__(
+        self, tflite: bytes, runtime: str = "ai-edge-litert", threads: int = 2, keep_output: int | None = None
+    ):
+        """``keep_output``: the position of a further output whose raw values :meth:`run` returns too (the
+        exporter's verification models expose the embedding so)."""
         interpreter_cls, self.version = interpreter_class(runtime)
         self.runtime = runtime
         self._interpreter = interpreter_cls(model_content=tflite, num_threads=threads)
         self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]
-        self._output = self._interpreter.get_output_details()[0]
+        outputs = self._interpreter.get_output_details()
+        self._output = outputs[0]
+        self._kept = outputs[keep_output] if keep_output is not None else None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -113,18 +120,30 @@ class Session:
 
     def probabilities(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """((N, classes) float32 probabilities, (N,) invoke latencies in ms) for uint8 (N, H, W, 3) images."""
+        probabilities, latencies, _ = self.run(self.inputs(images))
+        return probabilities, latencies
+
+    def inputs(self, images: np.ndarray) -> Iterator[np.ndarray]:
+        """Each of uint8 (N, H, W, 3) ``images`` as the input tensor takes it (without the batch axis)."""
         expected = self.input_shape[1:]
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images of shape {tuple(images.shape)} do not fit the model's input (N, {expected})")
-        probabilities, latencies = [], []
-        for image in images:
-            self._interpreter.set_tensor(self._input["index"], to_input(image[None], self._input))
+        return (to_input(image[None], self._input)[0] for image in images)
+
+    def run(self, inputs: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(probabilities, latencies in ms, the kept output's values or None) for input tensors as the model takes
+        them (one per invoke, without the batch axis)."""
+        probabilities, latencies, kept = [], [], []
+        for one in inputs:
+            self._interpreter.set_tensor(self._input["index"], one[None])
             started = time.perf_counter()
             self._interpreter.invoke()
             latencies.append((time.perf_counter() - started) * 1000)
             probabilities.append(dequantize(self._interpreter.get_tensor(self._output["index"]), self._output)[0])
+            if self._kept is not None:
+                kept.append(self._interpreter.get_tensor(self._kept["index"])[0].copy())
         out = np.stack(probabilities).astype(np.float32) if probabilities else np.zeros((0, 0), np.float32)
-        return out, np.array(latencies, dtype=np.float64)
+        return out, np.array(latencies, dtype=np.float64), np.stack(kept) if kept else None
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from daemon.export.conversions import Conversions
-from daemon.export.converter import Deployable, convert
+from daemon.export.converter import Deployable, convert, float_probabilities
 from daemon.export.flatbuffer import read_model, write_model
 from daemon.export.head_patch import PatchUnsupported, classifier_difference, head_of, patch_head
+from daemon.export.head_verification import Embeddings, keep_embeddings, verify_patched
 from daemon.export.verification import verify
 from daemon.learning.head import GrowingHead
 
@@ -148,3 +149,47 @@ def test_a_conversion_that_does_not_hold_the_trained_head_is_never_patched(train
     again = conversions.convert(changed(folded, 1), "none", 32)
     assert again.how == "full" and "does not hold the head as trained" in again.why
     assert "weights differ" in again.why
+
+
+def test_a_patched_candidate_verified_on_kept_embeddings_scores_as_on_every_image(trained, tmp_path: Path):
+    model, images, labels, calibration = trained
+    conversions, embeddings = Conversions(tmp_path, full_every=10), Embeddings(tmp_path, "int8")
+    conversions.convert(model, "int8", 32, calibration)
+    runtimes = ["ai-edge-litert", "tflite-runtime"]
+    seqs = np.arange(100, 100 + len(images))
+    everyone, rolled = np.arange(len(images)), np.roll(np.arange(len(images)), -5)
+    # No embedding kept yet (every image runs on the file, its embedding out); all kept; five new examples (the
+    # same pixels under new seqs) replacing the five oldest.
+    rounds = [(everyone, seqs), (everyone, seqs), (rolled, np.concatenate([seqs[5:], np.arange(900, 905)]))]
+    for seed, (shown, holdout) in enumerate(rounds):
+        new = changed(model, seed)
+        patched = conversions.convert(new, "int8", 32, calibration)
+        assert patched.how == "patched"
+        reference = float_probabilities(new, images[shown])
+        args = (images[shown], labels[shown], reference, runtimes)
+        quick = verify_patched(patched.tflite, patched.base, embeddings, list(holdout), *args, None, 120)
+        assert quick is not None
+        keep_embeddings(embeddings, patched.base, quick, list(holdout))
+        assert all(set(by_seq) == set(holdout) for by_seq in embeddings.load(patched.base).values())
+        for q, w in zip(quick, verify(patched.tflite, *args), strict=True):
+            assert (q.runtime, q.predicted, q.top1, q.agreement, q.nonfinite) == (
+                w.runtime,
+                w.predicted,
+                w.top1,
+                w.agreement,
+                w.nonfinite,
+            )
+            assert q.probabilities is not None and w.probabilities is not None
+            assert np.abs(q.probabilities - w.probabilities).max() <= MAX_PROBABILITY_DIFFERENCE
+    # Embeddings that are not what the backbone computes (another backbone's, a damaged file): the sample run
+    # on the file disagrees, they are dropped, and the caller verifies every image on the file.
+    kept = embeddings.load(patched.base)
+    embeddings.save(
+        patched.base, {r: {s: v // 2 + 7 for s, v in by_seq.items()} for r, by_seq in kept.items()}, list(holdout)
+    )
+    assert verify_patched(patched.tflite, patched.base, embeddings, list(holdout), *args, None, 120) is None
+    assert embeddings.load(patched.base) == {}
+    # Embeddings kept for another conversion are not used.
+    assert quick is not None
+    keep_embeddings(embeddings, "another", quick, list(holdout))
+    assert embeddings.load(patched.base) == {}

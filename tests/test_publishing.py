@@ -47,7 +47,7 @@ def test_export_publishes_a_signed_verified_version(tmp_path: Path):
     assert set(metrics["holdout_top1"]) == {"ai-edge-litert", "tflite-runtime"}
     assert all(top1 >= metrics["holdout_top1_float"] - 0.01 for top1 in metrics["holdout_top1"].values())
     assert metrics["calibration_examples"] == 30  # 10 of each of the three classes: class-balanced
-    assert metrics["conversion"] == "full"  # the first: nothing to reuse
+    assert metrics["conversion"] == "full" and metrics["verification"] == "every_image"  # the first: nothing to reuse
     registry = Registry.open_readonly(registry_root(state), "plant-disease")
     manifest = latest_manifest(registry)
     assert manifest["version"] == 1 and manifest["quantization"] == "int8"  # the default mode
@@ -59,6 +59,7 @@ def test_export_publishes_a_signed_verified_version(tmp_path: Path):
     code, result, _ = export(state)
     assert code == 0 and result["published"] == 2  # as good as the published one: within the tolerance
     assert result["metrics"]["conversion"] == "patched"  # head mode: the backbone is the one converted for v1
+    assert result["metrics"]["verification"] == "kept_embeddings"
     # Version 1 was run on this holdout when it was verified: the comparison reused its predictions.
     assert result["metrics"]["published_top1_same_holdout"]["version"] == 1
     assert result["metrics"]["published_rescored_examples"] == 0

@@ -56,6 +56,7 @@ class Converted:
     tflite: bytes
     how: Literal["full", "patched"]
     why: str  # why a full conversion ran, or which conversion the patch reused
+    base: str  # sha256 of the full conversion this file's backbone comes from
 
 
 def frozen_fingerprint(model: Deployable, mode: str, input_size: int) -> str:
@@ -101,10 +102,11 @@ class Conversions:
                     self._save(mode, None, state)
                 except OSError as err:  # the count stays behind: a full conversion comes one export later
                     log.warning("could not count the patched %s export: %s", mode, err)
-                return Converted(patched, "patched", f"head written into the full conversion of {state['converted']}")
+                why = f"head written into the full conversion of {state['converted']}"
+                return Converted(patched, "patched", why, state["sha256"])
         tflite = convert(model, mode, input_size, calibration)
         self._keep(mode, frozen, tflite, model, calibration)
-        return Converted(tflite, "full", why)
+        return Converted(tflite, "full", why, hashlib.sha256(tflite).hexdigest())
 
     def _kept(self, mode: str, frozen: str) -> tuple[tuple[bytes, dict] | None, str]:
         """(the kept file and its state, "") when a patch may reuse it, else (None, why not)."""

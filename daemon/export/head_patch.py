@@ -307,3 +307,62 @@ def _quantization(tensor) -> tuple:
     if q is None or q.scale is None:
         return ((), ())
     return tuple(float(s) for s in q.scale), tuple(int(z) for z in (q.zeroPoint if q.zeroPoint is not None else ()))
+
+
+def with_embedding_output(tflite: bytes) -> bytes:
+    """``tflite`` with the tensor its classifier reads (the backbone's embedding) as a second output.
+
+    The same ops on the same constants: an interpreter computes the same probabilities, and hands out the
+    embedding (an inner tensor of a delegated graph is not kept otherwise). PatchUnsupported in another graph.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    from daemon.export.flatbuffer import read_model, write_model
+
+    model = read_model(tflite)
+    graph = model.subgraphs[0]
+    graph.outputs = [int(graph.outputs[0]), int(_classifier(model, graph, schema).inputs[0])]
+    model.signatureDefs = []  # they name one output
+    return write_model(model)
+
+
+def classifier_only(tflite: bytes) -> bytes:
+    """The model's classifier alone: the embedding tensor in (as the model holds it), the probabilities out.
+
+    Its ops are the model's own (FULLY_CONNECTED, the DEQUANTIZEs, SOFTMAX) on the same constants, so an
+    interpreter fed the embeddings it computed inside the whole model returns what the whole model returns.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    from daemon.export.flatbuffer import read_model, write_model
+
+    model = read_model(tflite)
+    graph = model.subgraphs[0]
+    fc = _classifier(model, graph, schema)
+    kept = [op for op in graph.operators if op is fc or _feeds(graph, op, fc) or _after(graph, fc, op)]
+    graph.operators = kept
+    graph.inputs = [int(fc.inputs[0])]
+    used = {int(i) for op in kept for i in (*op.inputs, *op.outputs) if i >= 0} | set(graph.inputs)
+    needed = {graph.tensors[i].buffer for i in used}
+    for index, buffer in enumerate(model.buffers):  # the backbone's weights: not read, not written
+        if index not in needed:
+            buffer.data = None
+    model.signatureDefs = []  # they name the image input
+    model.metadata = []
+    return write_model(model)
+
+
+def _feeds(graph, op, fc) -> bool:
+    """``op`` computes one of the classifier's constants (fp16's DEQUANTIZE of the weights)."""
+    return any(int(o) in [int(i) for i in fc.inputs[1:]] for o in op.outputs)
+
+
+def _after(graph, fc, op) -> bool:
+    """``op`` is on the way from the classifier to the output."""
+    frontier = {int(fc.outputs[0])}
+    for candidate in graph.operators:
+        if any(int(i) in frontier for i in candidate.inputs):
+            if candidate is op:
+                return True
+            frontier |= {int(o) for o in candidate.outputs}
+    return False

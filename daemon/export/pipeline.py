@@ -29,9 +29,10 @@ from torch import nn
 
 from daemon.common.settings import Settings
 from daemon.export import images as stored
-from daemon.export.conversions import Conversions
+from daemon.export.conversions import Conversions, Converted
 from daemon.export.converter import Deployable, float_probabilities, input_dtype, snapshot
 from daemon.export.gates import Baseline, Refusal, RefusalKind, gate
+from daemon.export.head_verification import Embeddings, keep_embeddings, verify_patched
 from daemon.export.job import ExportJob
 from daemon.export.lossy_modes import LossyModes
 from daemon.export.metadata import describe, stamp_version
@@ -261,18 +262,41 @@ def _candidate(
         quantization=mode,
     )
     convert_s = time.perf_counter() - converted
-    reports = verify(
-        tflite,
-        inputs.images,
-        inputs.labels,
-        reference,
-        cfg.runtimes,
-        pythons(cfg.tflite_runtime_python),
-        cfg.verify_timeout_s,
-    )
+    reports, verification = _verified(job, inputs, mode, conversion, tflite, reference)
     fields = _fields(job, inputs, mode, reports, float_top1, baseline, len(tflite), convert_s)
     fields["metrics"]["conversion"] = conversion.how
+    fields["metrics"]["verification"] = verification
     return Candidate(mode, fields, tflite, reports, gate(reports, float_top1, baseline, cfg))
+
+
+def _verified(
+    job: ExportJob, inputs: Inputs, mode: str, conversion: Converted, tflite: bytes, reference: np.ndarray
+) -> tuple[list[RuntimeReport], str]:
+    """Every runtime's report on the holdout, and how it was made: "kept_embeddings" for a patched file
+    (head_verification.py), "every_image" (the file run on each) otherwise."""
+    cfg = job.export
+    python_of = pythons(cfg.tflite_runtime_python)
+    if conversion.how == "patched":
+        embeddings = Embeddings(job.state_dir, mode)
+        started = time.perf_counter()
+        reports = verify_patched(
+            tflite,
+            conversion.base,
+            embeddings,
+            inputs.seqs,
+            inputs.images,
+            inputs.labels,
+            reference,
+            cfg.runtimes,
+            python_of,
+            cfg.verify_timeout_s,
+        )
+        if reports is not None:
+            log.info("%s: verified on kept embeddings in %.1fs", mode, time.perf_counter() - started)
+            keep_embeddings(embeddings, conversion.base, reports, inputs.seqs)
+            return reports, "kept_embeddings"
+    reports = verify(tflite, inputs.images, inputs.labels, reference, cfg.runtimes, python_of, cfg.verify_timeout_s)
+    return reports, "every_image"
 
 
 def _fields(

@@ -54,9 +54,11 @@ class RuntimeReport:
     error: str | None = None  # why the runtime could not load or run the model
     predicted: tuple[int, ...] | None = field(default=None, repr=False)  # top-1 index per image
     fault: RuntimeFault | None = None  # with ``error``: how it failed
+    probabilities: np.ndarray | None = field(default=None, repr=False, compare=False)  # (N, classes)
+    kept: np.ndarray | None = field(default=None, repr=False, compare=False)  # keep_output's values, one per image
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "predicted"}
+        return {k: v for k, v in asdict(self).items() if k not in ("predicted", "probabilities", "kept")}
 
 
 _Running = tuple[Path, "subprocess.Popen[str]"]  # a probe under way: where it writes, the process
@@ -107,11 +109,27 @@ def verify(
 
     ``pythons`` maps a runtime to the interpreter that has it installed; by default :func:`python_for`.
     """
+    return run_each(tflite, {runtime: images for runtime in runtimes}, labels, reference, pythons, timeout_s)
+
+
+def run_each(
+    tflite: bytes,
+    inputs: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    reference: np.ndarray | None,
+    pythons: dict[str, Path] | None = None,
+    timeout_s: float = 300.0,
+    keep_output: int | None = None,
+    tensors: bool = False,
+) -> list[RuntimeReport]:
+    """:func:`verify` with each runtime's own ``inputs``: uint8 images, or (``tensors``) the input tensors as the
+    model takes them; ``keep_output``: the position of a further output whose values per image each report
+    carries (``kept``)."""
+    runtimes = list(inputs)
     pythons = {runtime: python_for(runtime) for runtime in runtimes} | (pythons or {})
     with tempfile.TemporaryDirectory(prefix="sprout-verify-") as tmp:
         model = Path(tmp) / "candidate.tflite"
         model.write_bytes(tflite)
-        np.save(Path(tmp) / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
         started: dict[str, RuntimeReport | _Running] = {}
         for runtime in runtimes:
             python = pythons[runtime]
@@ -122,15 +140,34 @@ def verify(
                     RuntimeFault.UNAVAILABLE,
                 )
                 continue
-            out = Path(tmp) / f"{runtime}.npz"
-            started[runtime] = (out, _probe(python, runtime, model, Path(tmp) / "images.npy", out))
+            out, images = Path(tmp) / f"{runtime}.npz", Path(tmp) / f"{runtime}-inputs.npy"
+            given = inputs[runtime]
+            np.save(images, np.ascontiguousarray(given if tensors else given.astype(np.uint8, copy=False)))
+            options = (["--keep-output", str(keep_output)] if keep_output is not None else []) + (
+                ["--tensors"] if tensors else []
+            )
+            started[runtime] = (out, _probe(python, runtime, model, images, out, options))
         return [_report(runtime, job, labels, reference, timeout_s) for runtime, job in started.items()]
 
 
-def _probe(python: Path, runtime: str, model: Path, images: Path, out: Path) -> subprocess.Popen[str]:
+def _probe(
+    python: Path, runtime: str, model: Path, images: Path, out: Path, options: Sequence[str] = ()
+) -> subprocess.Popen[str]:
     """edge/probe.py in ``python``, on one thread (as a phone runs it): its outputs go to ``out``."""
     return subprocess.Popen(
-        [str(python), "-m", "edge.probe", "--runtime", runtime, "--threads", "1", str(model), str(images), str(out)],
+        [
+            str(python),
+            "-m",
+            "edge.probe",
+            "--runtime",
+            runtime,
+            "--threads",
+            "1",
+            *options,
+            str(model),
+            str(images),
+            str(out),
+        ],
         env={**os.environ, "PYTHONPATH": str(EDGE_ROOT), "OMP_NUM_THREADS": "1"},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -164,26 +201,43 @@ def _report(
         probabilities = saved["probabilities"]
         latencies = saved["latencies_ms"]
         meta = json.loads(str(saved["meta"]))
+        kept = saved["kept"] if "kept" in saved else None
+    return scored(runtime, meta["version"], meta["input_dtype"], probabilities, latencies, labels, reference, kept)
+
+
+def scored(
+    runtime: str,
+    version: str,
+    input_dtype: str,
+    probabilities: np.ndarray,
+    latencies: np.ndarray,
+    labels: np.ndarray | None,
+    reference: np.ndarray | None,
+    kept: np.ndarray | None = None,
+) -> RuntimeReport:
+    """The report of a runtime that returned ``probabilities`` (N, classes) for the images of ``labels``."""
     expected = reference.shape if reference is not None else (len(labels),) if labels is not None else None
     if expected is not None and probabilities.shape[: len(expected)] != expected:
         return _failed(
             runtime,
             f"returned outputs of shape {probabilities.shape}, expected {expected}",
             RuntimeFault.WRONG_OUTPUT,
-            meta.get("version", "unknown"),
+            version,
         )
     predicted = probabilities.argmax(1)
     return RuntimeReport(
         runtime=runtime,
-        version=meta["version"],
+        version=version,
         top1=float((predicted == labels).mean()) if labels is not None and len(labels) else None,
         agreement=float((predicted == reference.argmax(1)).mean())
         if reference is not None and len(reference)
         else None,
         latency_ms=float(np.median(latencies)) if len(latencies) else None,
         nonfinite=bool(not np.all(np.isfinite(probabilities))),
-        input_dtype=meta["input_dtype"],
+        input_dtype=input_dtype,
         predicted=tuple(int(i) for i in predicted),
+        probabilities=probabilities,
+        kept=kept,
     )
 
 
