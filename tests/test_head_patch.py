@@ -17,6 +17,7 @@ from torch import nn
 from daemon.export.conversions import Conversions
 from daemon.export.converter import Deployable, convert, float_probabilities
 from daemon.export.flatbuffer import read_model, write_model
+from daemon.export.float_reference import float_reference
 from daemon.export.head_patch import PatchUnsupported, classifier_difference, head_of, patch_head
 from daemon.export.head_verification import Embeddings, keep_embeddings, verify_patched
 from daemon.export.verification import verify
@@ -193,3 +194,21 @@ def test_a_patched_candidate_verified_on_kept_embeddings_scores_as_on_every_imag
     assert quick is not None
     keep_embeddings(embeddings, "another", quick, list(holdout))
     assert embeddings.load(patched.base) == {}
+
+
+def test_the_float_reference_runs_the_backbone_only_on_images_new_to_the_holdout(trained, tmp_path: Path):
+    model, images, _, _ = trained
+    seqs = list(range(len(images)))
+    expected = float_probabilities(model, images)
+    first = float_reference(model, seqs, images, tmp_path)
+    assert np.abs(first - expected).max() <= MAX_PROBABILITY_DIFFERENCE
+    # Kept: blank images under the same seqs give the same reference; a new seq is computed from its image.
+    blank = np.zeros_like(images)
+    again = float_reference(changed(model, 1), [*seqs[1:], 999], np.concatenate([blank[1:], images[:1]]), tmp_path)
+    assert np.abs(again - float_probabilities(changed(model, 1), np.roll(images, -1, axis=0))).max() <= 1e-5
+    # Another backbone (last_blocks mode learned it) does not use them.
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        next(moved.backbone.parameters()).mul_(1.5)
+    fresh = float_reference(moved, seqs, blank, tmp_path)
+    assert np.abs(fresh - float_probabilities(moved, blank)).max() <= MAX_PROBABILITY_DIFFERENCE

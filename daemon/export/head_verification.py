@@ -47,10 +47,11 @@ TOLERANCE = 1e-4  # most a probability may differ between the classifier alone a
 
 
 class Embeddings:
-    """Each runtime's embedding of each holdout image (by store seq), for one mode's kept conversion."""
+    """Each runtime's embedding of each holdout image (by store seq), for one network: ``name``'s kept
+    conversion (a mode), or the float model (float_reference.py)."""
 
-    def __init__(self, state_dir: Path, mode: str):
-        self.path = state_dir / CACHE / "embeddings" / f"{mode}.npz"
+    def __init__(self, state_dir: Path, name: str):
+        self.path = state_dir / CACHE / "embeddings" / f"{name}.npz"
 
     def load(self, base: str) -> dict[str, dict[int, np.ndarray]]:
         """runtime -> seq -> embedding, of the conversion whose sha256 is ``base``; empty for another one."""

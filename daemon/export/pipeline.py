@@ -30,7 +30,8 @@ from torch import nn
 from daemon.common.settings import Settings
 from daemon.export import images as stored
 from daemon.export.conversions import Conversions, Converted
-from daemon.export.converter import Deployable, float_probabilities, input_dtype, snapshot
+from daemon.export.converter import Deployable, input_dtype, snapshot
+from daemon.export.float_reference import float_reference
 from daemon.export.gates import Baseline, Refusal, RefusalKind, gate
 from daemon.export.head_verification import Embeddings, keep_embeddings, verify_patched
 from daemon.export.job import ExportJob
@@ -113,7 +114,7 @@ class _Export:
         inputs = _read(self.job, with_calibration="int8" in modes)
         self.clock.lap("data")
         model = snapshot(inputs.snap.backbone, inputs.snap.head, inputs.snap.spec.preprocessing)
-        reference = float_probabilities(model, inputs.images)
+        reference = float_reference(model, inputs.seqs, inputs.images, self.job.state_dir)
         float_top1 = float((reference.argmax(1) == inputs.labels).mean())
         self.clock.lap("float")
         registry = self.job.open_registry()
