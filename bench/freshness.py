@@ -14,7 +14,7 @@ The export settings decide most of it: a version is exported once
 passed, and then conversion and verification on every runtime take their
 time. The command line passes them through, so the trade-off can be measured.
 
-Usage: python bench/freshness.py [--seconds 240] [--rate 20] [--every-examples 500] [--every-seconds 30] [--quantization fp16] [--no-prewarm] [--json out.json]
+Usage: python bench/freshness.py [--seconds 240] [--rate 20] [--every-examples 500] [--every-seconds 30] [--quantization fp16] [--no-prewarm] [--full-conversion-every 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def run(
     settle_s: float,
     quantization: str | None = None,
     prewarm: bool = True,
+    full_conversion_every: int | None = None,
 ) -> dict:
     jpegs = make_jpegs(500)
     broker = Mosquitto(workdir / "broker").start()
@@ -76,6 +77,8 @@ def run(
     }
     if quantization:
         env["SPROUT_EXPORT__QUANTIZATION"] = json.dumps(quantization.split(","))
+    if full_conversion_every is not None:
+        env["SPROUT_EXPORT__FULL_CONVERSION_EVERY"] = str(full_conversion_every)
     daemon = DaemonProcess(broker.url, MODEL, state, env, log)
     sent: dict[str, float] = {}
     try:
@@ -186,6 +189,11 @@ def main() -> None:
         action="store_true",
         help="export.prewarm_process = false: each export starts its process when due",
     )
+    ap.add_argument(
+        "--full-conversion-every",
+        type=int,
+        help="export.full_conversion_every for the run (1: every export converts the whole network)",
+    )
     ap.add_argument("--log", type=Path, help="write the daemon's log here")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -202,6 +210,7 @@ def main() -> None:
         args.settle_s,
         args.quantization,
         not args.no_prewarm,
+        args.full_conversion_every,
     )
     summary = {
         "machine": machine(),
@@ -209,6 +218,7 @@ def main() -> None:
         "input_size": args.input_size,
         "quantization": args.quantization or "the daemon's default",
         "prewarm_process": not args.no_prewarm,
+        "full_conversion_every": args.full_conversion_every or "the daemon's default",
         "rate_per_s": args.rate,
         "seconds": args.seconds,
         "every_examples": args.every_examples,

@@ -168,8 +168,10 @@ def test_a_patched_candidate_verified_on_kept_embeddings_scores_as_on_every_imag
         assert patched.how == "patched"
         reference = float_probabilities(new, images[shown])
         args = (images[shown], labels[shown], reference, runtimes)
-        quick = verify_patched(patched.tflite, patched.base, embeddings, list(holdout), *args, None, 120)
-        assert quick is not None
+        verified = verify_patched(patched.tflite, patched.base, embeddings, list(holdout), *args, None, 120)
+        assert verified is not None
+        quick, reused = verified
+        assert reused == [0, len(images), len(images) - 5][seed]
         keep_embeddings(embeddings, patched.base, quick, list(holdout))
         assert all(set(by_seq) == set(holdout) for by_seq in embeddings.load(patched.base).values())
         for q, w in zip(quick, verify(patched.tflite, *args), strict=True):
@@ -191,7 +193,6 @@ def test_a_patched_candidate_verified_on_kept_embeddings_scores_as_on_every_imag
     assert verify_patched(patched.tflite, patched.base, embeddings, list(holdout), *args, None, 120) is None
     assert embeddings.load(patched.base) == {}
     # Embeddings kept for another conversion are not used.
-    assert quick is not None
     keep_embeddings(embeddings, "another", quick, list(holdout))
     assert embeddings.load(patched.base) == {}
 

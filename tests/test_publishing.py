@@ -268,3 +268,33 @@ def test_lossy_mode_bookkeeping(tmp_path: Path):
     assert again.resting("int8") == 0
     (root / "export-cache" / "lossy-modes.json").write_text("{not json")
     assert LossyModes(root).resting("int8") == 0  # unreadable: every mode is tried
+
+
+def test_a_patched_int8_candidate_that_loses_accuracy_is_converted_again_in_full(tmp_path: Path):
+    """A kept int8 conversion whose activation ranges no longer fit (calibrated on a first model's few examples)
+    costs one refused patched candidate, not the mode: the same export converts in full and ships int8."""
+    import hashlib
+
+    from daemon.export.flatbuffer import read_model, write_model
+
+    state = learned_state(tmp_path)
+    code, first, err = export(state)
+    assert code == 0 and first["published"] == 1 and first["metrics"]["conversion"] == "full", err
+    kept = state / "export-cache" / "conversions"
+    model = read_model((kept / "int8.tflite").read_bytes())
+    for tensor in model.subgraphs[0].tensors:  # every activation's range 50 times too narrow: saturated
+        q = tensor.quantization
+        if model.buffers[tensor.buffer].data is None and q is not None and q.scale is not None and len(q.scale) == 1:
+            q.scale = [float(q.scale[0]) / 50]
+    narrowed = write_model(model)
+    (kept / "int8.tflite").write_bytes(narrowed)
+    doc = json.loads((kept / "int8.json").read_text())
+    (kept / "int8.json").write_text(json.dumps({**doc, "sha256": hashlib.sha256(narrowed).hexdigest()}))
+    code, second, err = export(state)
+    assert code == 0 and second["published"] == 2, second.get("rejected_because", err)
+    assert second["metrics"]["conversion"] == "full"
+    registry = Registry.open_readonly(registry_root(state), "plant-disease")
+    assert latest_manifest(registry)["quantization"] == "int8"
+    rejected = [e for e in registry.events() if e.get("event") == "rejected"]
+    assert [e["candidate"]["metrics"]["conversion"] for e in rejected] == ["patched"]
+    assert {r["kind"] for r in rejected[0]["refusals"]} >= {"accuracy_drop"}

@@ -85,11 +85,17 @@ class Conversions:
         self.full_every = full_every
 
     def convert(
-        self, model: Deployable, mode: str, input_size: int, calibration: Sequence[np.ndarray] = ()
+        self,
+        model: Deployable,
+        mode: str,
+        input_size: int,
+        calibration: Sequence[np.ndarray] = (),
+        full: str | None = None,
     ) -> Converted:
-        """``model`` in ``mode``: patched into the kept conversion when that is sound, converted in full otherwise."""
+        """``model`` in ``mode``: patched into the kept conversion when that is sound, converted in full otherwise
+        (and whenever ``full`` gives a reason)."""
         frozen = frozen_fingerprint(model, mode, input_size)
-        kept, why = self._kept(mode, frozen)
+        kept, why = (None, full) if full else self._kept(mode, frozen)
         if kept is not None:
             tflite, state = kept
             try:

@@ -113,10 +113,10 @@ def verify_patched(
     runtimes: Sequence[str],
     pythons: dict[str, Path] | None,
     timeout_s: float,
-) -> list[RuntimeReport] | None:
-    """The reports of a whole-holdout verification of the patched ``tflite``, computed as above; None when it
-    cannot be (a graph without the converter's classifier, a runtime failed, the sample disagreed): then verify
-    the file on every image."""
+) -> tuple[list[RuntimeReport], int] | None:
+    """(the reports of a whole-holdout verification of ``tflite``, computed as above; how many images came from
+    kept embeddings), or None when it cannot be (a graph without the converter's classifier, a runtime failed,
+    the sample disagreed): then verify the file on every image."""
     try:
         exposing = with_embedding_output(tflite)
         head = classifier_only(tflite)
@@ -187,4 +187,4 @@ def verify_patched(
                 np.stack(kept) if all(k is not None for k in kept) else None,  # type: ignore[arg-type]
             )
         )
-    return reports
+    return reports, len(cached)

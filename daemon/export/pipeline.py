@@ -127,6 +127,12 @@ class _Export:
                 self._rest(mode)
                 continue
             c = _candidate(self.job, inputs, model, mode, reference, float_top1, baseline)
+            if _stale(c):
+                # The kept conversion's int8 ranges were calibrated on the examples of its day (a first model's
+                # few hundred): convert in full on today's before blaming the mode.
+                self._refused(registry, c, retrying=True)
+                full = "the patched candidate lost accuracy: recalibrating on today's examples"
+                c = _candidate(self.job, inputs, model, mode, reference, float_top1, baseline, full=full)
             self.metrics = c.fields["metrics"]
             self.clock.lap(mode)
             if not c.refusals:
@@ -145,11 +151,16 @@ class _Export:
         self.lossy.skipped(mode)
         self.skipped.append(str(mode))
 
-    def _refused(self, registry: Registry, c: Candidate) -> None:
+    def _refused(self, registry: Registry, c: Candidate, retrying: bool = False) -> None:
         registry.record_rejection(
             c.fields, [str(r) for r in c.refusals], [r.model_dump(mode="json", exclude_none=True) for r in c.refusals]
         )
         self.reasons += [r.in_mode(c.mode) for r in c.refusals]
+        if retrying:
+            log.info(
+                "%s patched export rejected: %s; converting in full", c.mode, "; ".join(str(r) for r in c.refusals)
+            )
+            return
         # The gates at work, not a fault while another mode is left to try; refusing the last is news.
         last = c.mode == self.cfg.quantization[-1]
         log.log(
@@ -244,12 +255,14 @@ def _candidate(
     reference: np.ndarray,
     float_top1: float,
     baseline: Baseline | None,
+    full: str | None = None,
 ) -> Candidate:
-    """Convert in ``mode``, verify on every runtime and judge: the candidate with the gates' refusals."""
+    """Convert in ``mode`` (in ``full``, for that reason, when given), verify on every runtime and judge: the
+    candidate with the gates' refusals."""
     cfg, size, snap = job.export, job.model.input_size, inputs.snap
     converted = time.perf_counter()
     conversion = Conversions(job.state_dir, cfg.full_conversion_every).convert(
-        model, mode, size, inputs.calibration if mode == "int8" else []
+        model, mode, size, inputs.calibration if mode == "int8" else [], full=full
     )
     log.info("%s: %s conversion (%s)", mode, conversion.how, conversion.why)
     # With its TFLite Model Metadata (labels.txt, input description) before verification: every runtime
@@ -270,32 +283,45 @@ def _candidate(
     return Candidate(mode, fields, tflite, reports, gate(reports, float_top1, baseline, cfg))
 
 
+def _stale(c: Candidate) -> bool:
+    """A patched int8 candidate refused for its accuracy: its kept conversion's calibration may be what lost it."""
+    patched = c.mode == "int8" and c.fields["metrics"].get("conversion") == "patched"
+    return patched and any(r.kind is RefusalKind.ACCURACY_DROP for r in c.refusals)
+
+
 def _verified(
     job: ExportJob, inputs: Inputs, mode: str, conversion: Converted, tflite: bytes, reference: np.ndarray
 ) -> tuple[list[RuntimeReport], str]:
-    """Every runtime's report on the holdout, and how it was made: "kept_embeddings" for a patched file
-    (head_verification.py), "every_image" (the file run on each) otherwise."""
+    """Every runtime's report on the holdout, and how it was made: "kept_embeddings" when the classifier ran on
+    embeddings kept from an earlier verification of the same backbone (head_verification.py), "every_image"
+    when every holdout image went through the whole network (keeping its embeddings for the next export)."""
     cfg = job.export
     python_of = pythons(cfg.tflite_runtime_python)
-    if conversion.how == "patched":
-        embeddings = Embeddings(job.state_dir, mode)
-        started = time.perf_counter()
-        reports = verify_patched(
-            tflite,
-            conversion.base,
-            embeddings,
-            inputs.seqs,
-            inputs.images,
-            inputs.labels,
-            reference,
-            cfg.runtimes,
-            python_of,
-            cfg.verify_timeout_s,
+    embeddings = Embeddings(job.state_dir, mode)
+    started = time.perf_counter()
+    verified = verify_patched(
+        tflite,
+        conversion.base,
+        embeddings,
+        inputs.seqs,
+        inputs.images,
+        inputs.labels,
+        reference,
+        cfg.runtimes,
+        python_of,
+        cfg.verify_timeout_s,
+    )
+    if verified is not None:
+        reports, reused = verified
+        keep_embeddings(embeddings, conversion.base, reports, inputs.seqs)
+        log.info(
+            "%s: verified in %.1fs, %d of %d holdout images from kept embeddings",
+            mode,
+            time.perf_counter() - started,
+            reused,
+            len(inputs.seqs),
         )
-        if reports is not None:
-            log.info("%s: verified on kept embeddings in %.1fs", mode, time.perf_counter() - started)
-            keep_embeddings(embeddings, conversion.base, reports, inputs.seqs)
-            return reports, "kept_embeddings"
+        return reports, "kept_embeddings" if reused else "every_image"
     reports = verify(tflite, inputs.images, inputs.labels, reference, cfg.runtimes, python_of, cfg.verify_timeout_s)
     return reports, "every_image"
 

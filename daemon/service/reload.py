@@ -44,6 +44,7 @@ RELOADABLE: dict[str, frozenset[str]] = {
             "verify_examples",
             "verify_timeout_s",
             "skip_lossy_mode_for",
+            "full_conversion_every",
             "prewarm_process",
         }
     ),
