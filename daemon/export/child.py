@@ -13,8 +13,9 @@ Why a process and not a thread of the daemon:
 - A conversion cannot be interrupted from Python; a child can be killed, so
   the daemon stops at once during an export and leaves no C++ thread behind.
 
-Protocol: the child imports what an export needs (Python, torch,
-litert-torch: ~5 s of CPU on a 2-core host), then waits for its
+Protocol: the child imports what an export needs (Python, torch, and
+litert-torch unless its export is already due: ~9 s of CPU on a 2-core host
+in all), then waits for its
 :class:`~daemon.export.job.ExportJob` (the settings sections an export needs,
 as JSON) on its stdin; it runs ``export_once`` and writes one JSON document,
 its report (daemon/export/outcome.py: an ``ExportOutcome``, or why nothing
@@ -39,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -263,13 +265,16 @@ def main(argv: list[str]) -> int:
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # litert-torch and ai-edge-quantizer print to stdout; only the outcome goes there
 
-    # Everything an export imports, before waiting: a spare child is ready when its export is due.
-    import litert_torch  # noqa: F401 - imported for its cost, used by daemon.exporter
-    from litert_torch.quantize import pt2e_quantizer, quant_config  # noqa: F401 - int8's converter
-
+    # What every export imports (torch), then, unless its export is already due, litert-torch (~6 s of
+    # CPU): a full conversion needs it, an export that only writes a new head does not (conversions.py),
+    # and such an export is often due before a spare child has imported everything.
     from daemon.common import logs
     from daemon.export.pipeline import NothingToExport, export_once
     from daemon.store.errors import is_disk_full
+
+    if not select.select([sys.stdin], [], [], 0)[0]:
+        import litert_torch  # noqa: F401 - imported for its cost, used by daemon.export.converter
+        from litert_torch.quantize import pt2e_quantizer, quant_config  # noqa: F401 - int8's converter
 
     document = sys.stdin.buffer.read()
     if not document:  # the daemon discarded this spare without using it
