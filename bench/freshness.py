@@ -119,11 +119,15 @@ def run(
     ]
     seqs = _seqs(state, list(sent))
     fresh: list[float] = []
+    late: list[float] = []  # examples sent in the feed's second half: a daemon past its first model and conversions
+    midpoint = min(sent.values()) + seconds / 2 if sent else 0.0
     for example_id, sent_at in sent.items():
         seq = seqs.get(example_id)
         covering = [created for hwm, created, _ in versions if seq is not None and hwm >= seq]
         if covering:
             fresh.append(min(covering) - sent_at)
+            if sent_at >= midpoint:
+                late.append(fresh[-1])
     if not fresh:
         raise SystemExit(f"no version covered any example ({len(versions)} versions; see the daemon log)")
     gaps = [b[1] - a[1] for a, b in zip(versions, versions[1:], strict=False)]
@@ -136,6 +140,8 @@ def run(
         "freshness_s_median": round(statistics.median(fresh), 1),
         "freshness_s_p90": round(percentile(fresh, 0.9), 1),
         "freshness_s_max": round(max(fresh), 1),
+        "second_half_freshness_s_median": round(statistics.median(late), 1) if late else None,
+        "second_half_freshness_s_p90": round(percentile(late, 0.9), 1) if late else None,
         "seconds_between_versions_median": round(statistics.median(gaps), 1) if gaps else None,
     }
 
