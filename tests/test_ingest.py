@@ -352,7 +352,7 @@ def test_demo_runs_the_main_job(broker, tmp_path):
         r"device: installed version \d+ \((full file, [\d.]+ MB|a [\d.]+ kB delta for [\d.]+ MB)\)", out.stderr
     )
     assert installs and installs[0].startswith("full file"), out.stderr[-2000:]
-    assert re.search(r"demo: published version 1: \w+, [\d.]+ MB full, ", out.stderr)
+    assert re.search(r"demo: published version 1: \w+ \(converted in full( in \d+ s)?\), [\d.]+ MB full, ", out.stderr)
     # A newcomer runs it again in the same folder: everything is stored and learned already, nothing new
     # is published, and the device still ends with the verified model: a success, not "no model".
     again = subprocess.run(

@@ -207,8 +207,16 @@ class Demo:
             # What a phone one version behind downloads instead of the whole file (daemon/registry/deltas.py).
             delta = (model_file.get("deltas") or {}).get(str(published["version"] - 1))
             update = f", delta from {published['version'] - 1} {delta['size'] / 1e3:.1f} kB" if delta else ""
+            # A new head written into the kept conversion (daemon/export/head_patch.py), or the whole network.
+            how = "head patched in" if m.get("conversion") == "patched" else "converted in full"
+            last = exporting.last
+            took = (
+                f" in {last.seconds:.0f} s"
+                if last is not None and last.published and last.published["version"] == published["version"]
+                else ""
+            )
             self.terminal.say(
-                f"demo: published version {published['version']}: {published['quantization']}, "
+                f"demo: published version {published['version']}: {published['quantization']} ({how}{took}), "
                 f"{model_file['size'] / 1e6:.2f} MB full{update}, {len(published['labels'])} classes, "
                 f"holdout top-1 {on} (float {_pct(m['holdout_top1_float'])})"
             )
