@@ -102,6 +102,9 @@ class Conversions:
                 patched = patch_head(tflite, head_of(model, calibration if mode == "int8" else ()), mode)
             except PatchUnsupported as err:
                 why = f"the kept conversion could not take the new head ({err})"
+            except Exception as err:  # a fault of the patch, not of the model: the full conversion still ships it
+                log.warning("%s: writing the new head into the kept conversion failed: %r", mode, err)
+                why = f"writing the new head failed ({err!r})"
             else:
                 state["patched_since"] = int(state.get("patched_since", 0)) + 1
                 try:

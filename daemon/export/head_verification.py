@@ -157,6 +157,9 @@ def verify_patched(
             return None  # the whole verification says what failed, in its own words
         on_file = ran["file"]
         assert on_file.probabilities is not None
+        classes = {r.probabilities.shape[1:] for r in ran.values() if r.probabilities is not None}
+        if len(classes) != 1:  # the classifier alone and the file disagree on the outputs: not this shortcut's case
+            return None
         probabilities = np.zeros((len(seqs), on_file.probabilities.shape[1]), np.float32)
         kept: list[np.ndarray | None] = [known.get(runtime, {}).get(s) for s in seqs]
         if cached:
