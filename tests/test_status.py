@@ -227,5 +227,11 @@ def test_the_status_page_renders_in_chromium_with_numbers_and_charts(learning_da
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     # Something was drawn: a blank or error page is one colour; the chart's lines are blue.
     assert pixels.std() > 10
-    blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 100) & (pixels[..., 1] > 90) & (pixels[..., 1] < 160)
-    assert blue.sum() > 50, "no chart line in the screenshot"  # the prequential line; the bars are green
+    # The accuracy chart's lines: prequential blue, holdout orange, drawn over it where both are the same
+    # (both reach 100% on three colours, and then the blue is hidden). The per-class bars are green.
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    blue = (b > 150) & (r < 100) & (g > 90) & (g < 160)
+    orange = (r > 180) & (g > 100) & (g < 160) & (b < 90)
+    # Early in learning the lines are short: the chart's x axis starts at the history's first point, before
+    # any prediction was scored (a 2-point line at the right edge measured 19 blue and 20 orange pixels).
+    assert blue.sum() + orange.sum() > 25, "no chart line in the screenshot"
