@@ -97,6 +97,8 @@ def main() -> None:
     train_images, train_labels = fashion_mnist("train")
     test_images, test_labels = fashion_mnist("t10k")
     train = order([(i, c) for i, c in pick(train_images, train_labels, args.train_per_class, 0)], "iid", 0)
+    if not 0 <= args.more < len(train):
+        ap.error(f"--more {args.more}: must be at least 0 and under the {len(train)} training examples (--train-per-class)")
     test = pick(test_images, test_labels, args.eval_per_class, 0)
     workdir = Path(tempfile.mkdtemp(prefix="sprout-export-"))
     store = Store(workdir / "examples.db")

@@ -245,6 +245,8 @@ BENCHMARKS = [
             "20",
             "--verify",
             "50",
+            "--more",
+            "100",
             "--modes",
             "int8,fp16,none",
             "--save-models",
