@@ -24,6 +24,7 @@ Usage: python bench/export.py [--input-size 128] [--calibration 100] [--modes in
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from learning import jpeg, order, pick  # noqa: E402
 
 from daemon.common.settings import ModelSettings, TrainingSettings  # noqa: E402
+from daemon.export.bias_correction import KeptErrors, correct_int8  # noqa: E402
 from daemon.export.converter import convert, float_probabilities, snapshot  # noqa: E402
 from daemon.export.head_patch import head_of, patch_head  # noqa: E402
 from daemon.export.head_verification import Embeddings, keep_embeddings, verify_patched  # noqa: E402
@@ -50,7 +52,7 @@ from daemon.ingest.wire import Example  # noqa: E402
 from daemon.learning.learner import Learner  # noqa: E402
 from daemon.store.examples import Store  # noqa: E402
 from daemon.store.reader import StoreReader  # noqa: E402
-from daemon.tools.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
+from daemon.tools.datasets import DIGITS_CLASSES, FASHION_MNIST_CLASSES, digits, fashion_mnist  # noqa: E402
 from edge.preprocess import load_rgb  # noqa: E402
 
 
@@ -82,6 +84,18 @@ def main() -> None:
         default=500,
         help="training examples learned after the first exports, for the head-only (patched) ones; 0: none",
     )
+    ap.add_argument(
+        "--dataset",
+        choices=["fashion-mnist", "digits"],
+        default="fashion-mnist",
+        help="digits: scikit-learn's 8x8 handwritten digits (half of each class to train, half to evaluate: at "
+        "most 87 per class each)",
+    )
+    ap.add_argument(
+        "--no-bias-correction",
+        action="store_true",
+        help="int8 as converted, without the daemon's bias correction (export.int8_bias_correction)",
+    )
     ap.add_argument("--runtimes", default="ai-edge-litert,tflite-runtime")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backbone", default="efficientnet_lite0", help="tiny: an untrained small net, for smoke runs")
@@ -94,17 +108,22 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    train_images, train_labels = fashion_mnist("train")
-    test_images, test_labels = fashion_mnist("t10k")
+    load, classes = (
+        (fashion_mnist, FASHION_MNIST_CLASSES) if args.dataset == "fashion-mnist" else (digits, DIGITS_CLASSES)
+    )
+    train_images, train_labels = load("train")
+    test_images, test_labels = load("t10k")
     train = order([(i, c) for i, c in pick(train_images, train_labels, args.train_per_class, 0)], "iid", 0)
     if not 0 <= args.more < len(train):
-        ap.error(f"--more {args.more}: must be at least 0 and under the {len(train)} training examples (--train-per-class)")
+        ap.error(
+            f"--more {args.more}: must be at least 0 and under the {len(train)} training examples (--train-per-class)"
+        )
     test = pick(test_images, test_labels, args.eval_per_class, 0)
     workdir = Path(tempfile.mkdtemp(prefix="sprout-export-"))
     store = Store(workdir / "examples.db")
     store.commit(
         [
-            Example(f"train/{i}", FASHION_MNIST_CLASSES[c], "train", "image/jpeg", 224, 224, jpeg(train_images[i]), 0.0)
+            Example(f"train/{i}", classes[c], "train", "image/jpeg", 224, 224, jpeg(train_images[i]), 0.0)
             for i, c in train
         ]
     )
@@ -118,7 +137,8 @@ def main() -> None:
         ROOT
         / "bench"
         / "out"
-        / f"embeddings-{args.backbone}-{args.input_size}-{args.train_per_class}-{args.eval_per_class}-0.npz"
+        / f"embeddings-{'' if args.dataset == 'fashion-mnist' else 'digits-'}{args.backbone}-{args.input_size}-"
+        f"{args.train_per_class}-{args.eval_per_class}-0.npz"
     )
     assert learner.cache is not None  # head mode caches embeddings
     if cache.exists():  # computed by bench/learning.py: same images, same frozen backbone
@@ -129,9 +149,15 @@ def main() -> None:
     while learner.trained < len(train) - args.more and (batch := reader.after(learner.high_water_mark, 32)):
         learner.learn_many(batch)
     print(f"head trained on {learner.trained} examples in {time.perf_counter() - started:.0f} s", flush=True)
+    if not cache.exists() and not args.more:  # for the next run (bench/learning.py writes the Fashion-MNIST one)
+        seq_of = dict(reader._db.execute("SELECT example_id, seq FROM examples"))
+        vectors = learner.cache.get(list(seq_of.values()))
+        if len(vectors) == len(seq_of):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, **{i.replace("/", "_"): vectors[seq] for i, seq in seq_of.items()})  # type: ignore[arg-type]
 
     images = np.stack([rgb(jpeg(test_images[i]), args.input_size) for i, _ in test])
-    labels = np.array([learner.labels.index(FASHION_MNIST_CLASSES[c]) for _, c in test])
+    labels = np.array([learner.labels.index(classes[c]) for _, c in test])
     model = snapshot(learner.backbone, learner.head, learner.spec.preprocessing)
     reference = float_probabilities(model, images)
     float_top1 = float((reference.argmax(1) == labels).mean())
@@ -159,9 +185,20 @@ def main() -> None:
         sample_s = time.perf_counter() - t0
         plain = plains[mode] = convert(model, mode, args.input_size, calibration)
         convert_s = time.perf_counter() - t0 - sample_s
+        shipped, correction_s = plain, 0.0
+        if mode == "int8" and not args.no_bias_correction:  # as the daemon ships int8 (bias_correction.py)
+            t0 = time.perf_counter()
+            kept = KeptErrors(
+                Path(tempfile.mkdtemp(prefix="sprout-error-"))
+            )  # none kept: measured, as after a full one
+            sha = hashlib.sha256(plain).hexdigest()
+            head = head_of(model, calibration)
+            shipped, correction = correct_int8(plain, sha, head, calibration, kept, runtimes[0], None, 600)
+            correction_s = time.perf_counter() - t0
+            convert_s += correction_s
         t0 = time.perf_counter()
         tflite = describe(
-            plain,
+            shipped,
             name="bench",
             labels=list(learner.labels),
             input_size=args.input_size,
@@ -185,12 +222,16 @@ def main() -> None:
             "verify_s": verify_s,
             "export_s": sample_s + convert_s + verify_s,
             "size_bytes": len(tflite),
-            "metadata_bytes": len(tflite) - len(plain),
+            "metadata_bytes": len(tflite) - len(shipped),
             "metadata_ms": round(1000 * metadata_s, 1),
             "float_top1": float_top1,
             "runtimes": {},
             "top1_on_verify_sample": {r.runtime: r.top1 for r in gated},
         }
+        if shipped is not plain:
+            row |= corrected_against_converted(plain, full, images, labels, reference, runtimes)
+            row["bias_correction_s"] = correction_s
+            row["bias_correction_logits"] = correction.logit_shift
         for r in full:
             row["runtimes"][r.runtime] = {
                 "version": r.version,
@@ -204,7 +245,7 @@ def main() -> None:
         print(
             f"{mode:7s}: export {row['export_s']:5.1f} s (sample {sample_s:.1f}, convert {convert_s:.1f}, verify on "
             f"{n} x {len(runtimes)} runtimes {verify_s:.1f}), {len(tflite) / 1e6:5.2f} MB (metadata "
-            f"{len(tflite) - len(plain):+,} B, {1000 * metadata_s:.0f} ms), float top-1 {100 * float_top1:.1f}%",
+            f"{len(tflite) - len(shipped):+,} B, {1000 * metadata_s:.0f} ms), float top-1 {100 * float_top1:.1f}%",
             flush=True,
         )
         for r in full:
@@ -215,6 +256,14 @@ def main() -> None:
                 print(
                     f"    {r.runtime} {r.version}: top-1 {100 * r.top1:.1f}%, agreement {100 * r.agreement:.1f}%, "
                     f"{r.latency_ms:.2f} ms/image (1 thread)",
+                    flush=True,
+                )
+            if r.runtime in row.get("uncorrected", {}):
+                u = row["uncorrected"][r.runtime]
+                print(
+                    f"      as converted (no bias correction): top-1 {100 * u['top1']:.1f}%, agreement "
+                    f"{100 * u['agreement']:.1f}%; the correction made {u['made_right']} images right and "
+                    f"{u['made_wrong']} wrong",
                     flush=True,
                 )
     if args.more:
@@ -236,6 +285,26 @@ def main() -> None:
     }
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+def corrected_against_converted(plain, corrected, images, labels, reference, runtimes) -> dict:
+    """The int8 file as converted, run on every evaluation image beside the bias-corrected one (``corrected``:
+    its reports): top-1 of each, and the images the correction made right and made wrong."""
+    converted = verify(plain, images, labels, reference, runtimes)
+    out: dict = {"uncorrected": {}}
+    for before, after in zip(converted, corrected, strict=True):
+        if before.probabilities is None or after.probabilities is None:
+            out["uncorrected"][before.runtime] = {"error": before.error or after.error}
+            continue
+        right_before = before.probabilities.argmax(1) == labels
+        right_after = after.probabilities.argmax(1) == labels
+        out["uncorrected"][before.runtime] = {
+            "top1": before.top1,
+            "agreement": before.agreement,
+            "made_right": int((right_after & ~right_before).sum()),
+            "made_wrong": int((right_before & ~right_after).sum()),
+        }
+    return out
 
 
 def head_only(args, mode, base, model, sample, images, labels, reference, runtimes, learner) -> dict:

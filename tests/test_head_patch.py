@@ -213,3 +213,12 @@ def test_the_float_reference_runs_the_backbone_only_on_images_new_to_the_holdout
         next(moved.backbone.parameters()).mul_(1.5)
     fresh = float_reference(moved, seqs, blank, tmp_path)
     assert np.abs(fresh - float_probabilities(moved, blank)).max() <= MAX_PROBABILITY_DIFFERENCE
+
+
+def test_kept_embeddings_cut_short_are_run_again_not_an_error(tmp_path: Path):
+    embeddings = Embeddings(tmp_path, "int8")
+    embeddings.save("sha", {"ai-edge-litert": {1: np.ones(4, np.int8)}}, [1])
+    assert embeddings.load("sha")["ai-edge-litert"][1].tolist() == [1, 1, 1, 1]
+    whole = embeddings.path.read_bytes()
+    embeddings.path.write_bytes(whole[: len(whole) // 2])  # a zip without its directory: BadZipFile
+    assert embeddings.load("sha") == {}

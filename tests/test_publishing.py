@@ -48,6 +48,7 @@ def test_export_publishes_a_signed_verified_version(tmp_path: Path):
     assert all(top1 >= metrics["holdout_top1_float"] - 0.01 for top1 in metrics["holdout_top1"].values())
     assert metrics["calibration_examples"] == 30  # 10 of each of the three classes: class-balanced
     assert metrics["conversion"] == "full" and metrics["verification"] == "every_image"  # the first: nothing to reuse
+    assert metrics["int8_bias_correction_logits"] > 0  # on by default: int8's classifier bias corrected
     registry = Registry.open_readonly(registry_root(state), "plant-disease")
     manifest = latest_manifest(registry)
     assert manifest["version"] == 1 and manifest["quantization"] == "int8"  # the default mode
@@ -67,8 +68,11 @@ def test_export_publishes_a_signed_verified_version(tmp_path: Path):
     assert [p.name for p in kept.glob("published-v*.json")] == ["published-v2.json"]  # only the latest's
     # Predictions that cannot be read are made anew, and the comparison comes out the same.
     (kept / "published-v2.json").write_text('{"model_version": 2, "runtimes": {"ai-edge-litert": [')
-    code, again, _ = export(state, SPROUT_EXPORT__FULL_CONVERSION_EVERY="1")
+    code, again, _ = export(
+        state, SPROUT_EXPORT__FULL_CONVERSION_EVERY="1", SPROUT_EXPORT__INT8_BIAS_CORRECTION="false"
+    )
     assert code == 0 and again["published"] == 3 and again["metrics"]["conversion"] == "full"
+    assert "int8_bias_correction_logits" not in again["metrics"]  # switched off: the classifier as converted
     assert again["metrics"]["published_rescored_examples"] == again["metrics"]["holdout_examples"]
     assert again["metrics"]["published_top1_same_holdout"] == {**result["metrics"]["holdout_top1"], "version": 2}
 

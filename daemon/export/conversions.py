@@ -31,8 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -41,8 +39,9 @@ from typing import Literal
 
 import numpy as np
 
+from daemon.common.files import write_replacing
 from daemon.export.converter import Deployable, convert
-from daemon.export.head_patch import PatchUnsupported, classifier_difference, head_of, patch_head
+from daemon.export.head_patch import Head, PatchUnsupported, classifier_difference, head_of, patch_head
 from daemon.export.published_scores import CACHE
 
 log = logging.getLogger("sprout.export")
@@ -91,15 +90,18 @@ class Conversions:
         input_size: int,
         calibration: Sequence[np.ndarray] = (),
         full: str | None = None,
+        head: Head | None = None,
     ) -> Converted:
         """``model`` in ``mode``: patched into the kept conversion when that is sound, converted in full otherwise
-        (and whenever ``full`` gives a reason)."""
+        (and whenever ``full`` gives a reason). ``head``: ``model``'s, as :func:`head_of` gives it for this mode's
+        calibration images, when the caller has it already."""
         frozen = frozen_fingerprint(model, mode, input_size)
+        head = head if head is not None else head_of(model, calibration if mode == "int8" else ())
         kept, why = (None, full) if full else self._kept(mode, frozen)
         if kept is not None:
             tflite, state = kept
             try:
-                patched = patch_head(tflite, head_of(model, calibration if mode == "int8" else ()), mode)
+                patched = patch_head(tflite, head, mode)
             except PatchUnsupported as err:
                 why = f"the kept conversion could not take the new head ({err})"
             except Exception as err:  # a fault of the patch, not of the model: the full conversion still ships it
@@ -114,7 +116,7 @@ class Conversions:
                 why = f"head written into the full conversion of {state['converted']}"
                 return Converted(patched, "patched", why, state["sha256"])
         tflite = convert(model, mode, input_size, calibration)
-        self._keep(mode, frozen, tflite, model, calibration)
+        self._keep(mode, frozen, tflite, head)
         return Converted(tflite, "full", why, hashlib.sha256(tflite).hexdigest())
 
     def _kept(self, mode: str, frozen: str) -> tuple[tuple[bytes, dict] | None, str]:
@@ -136,9 +138,7 @@ class Conversions:
             return None, f"every {self.full_every} exports convert in full (export.full_conversion_every)"
         return (tflite, state), ""
 
-    def _keep(
-        self, mode: str, frozen: str, tflite: bytes, model: Deployable, calibration: Sequence[np.ndarray]
-    ) -> None:
+    def _keep(self, mode: str, frozen: str, tflite: bytes, head: Head) -> None:
         """Keep a full conversion, after checking that a patch gives back its own classifier."""
         state: dict = {
             "frozen": frozen,
@@ -148,7 +148,7 @@ class Conversions:
             "patchable": True,
         }
         try:
-            again = patch_head(tflite, head_of(model, calibration if mode == "int8" else ()), mode)
+            again = patch_head(tflite, head, mode)
             difference = classifier_difference(again, tflite)
             if difference is not None:
                 raise PatchUnsupported(f"{difference} from the trained head's (a constant folded into them?)")
@@ -163,19 +163,8 @@ class Conversions:
     def _save(self, mode: str, tflite: bytes | None, state: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         if tflite is not None:
-            _write(self.root / f"{mode}.tflite", tflite)
-        _write(self.root / f"{mode}.json", json.dumps(state).encode())
-
-
-def _write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            write_replacing(self.root / f"{mode}.tflite", tflite)
+        write_replacing(self.root / f"{mode}.json", json.dumps(state).encode())
 
 
 def _now() -> str:

@@ -45,11 +45,13 @@ class PatchUnsupported(Exception):
 @dataclass(frozen=True)
 class Head:
     """The float classifier to write: weights (classes, embedding_size), bias (classes,), and for int8 the logits
-    of the calibration images (N, classes), whose range sets the classifier's output scale."""
+    of the calibration images (N, classes), whose range sets the classifier's output scale, and their float
+    embeddings (N, embedding_size), which int8's bias correction compares with the int8 backbone's."""
 
     weight: np.ndarray
     bias: np.ndarray
     calibration_logits: np.ndarray | None = None
+    calibration_embeddings: np.ndarray | None = None
 
     @property
     def classes(self) -> int:
@@ -241,18 +243,33 @@ def head_of(model: Any, calibration: Sequence[np.ndarray] = ()) -> Head:
     ``calibration`` images when given (int8 needs them)."""
     import torch
 
-    logits = None
+    logits = embeddings = None
     if len(calibration):
         out = []
         with torch.no_grad():
             for start in range(0, len(calibration), 64):
                 pixels = np.stack(calibration[start : start + 64]).astype(np.float32)
                 x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
-                out.append(model.head(model.backbone(x * model.scale - model.shift)).numpy())
-        logits = np.concatenate(out)
+                out.append(model.backbone(x * model.scale - model.shift))
+            embedded = torch.cat(out)
+            logits, embeddings = model.head(embedded).numpy(), embedded.numpy()
     weight = model.head.weight.detach().cpu().numpy().astype(np.float32)
     bias = model.head.bias.detach().cpu().numpy().astype(np.float32)
-    return Head(weight, bias, logits)
+    return Head(weight, bias, logits, embeddings)
+
+
+def embedding_quantization(tflite: bytes) -> tuple[float, int] | None:
+    """(scale, zero point) of the embedding the classifier takes, or None where it is float."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from daemon.export.flatbuffer import read_model
+
+    model = read_model(tflite)
+    graph = model.subgraphs[0]
+    tensor = graph.tensors[_classifier(model, graph, schema).inputs[0]]
+    if tensor.type == schema.TensorType.FLOAT32 or tensor.quantization is None:
+        return None
+    return float(np.asarray(tensor.quantization.scale)[0]), int(np.asarray(tensor.quantization.zeroPoint)[0])
 
 
 def classifier_difference(a: bytes, b: bytes) -> str | None:

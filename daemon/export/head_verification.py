@@ -27,8 +27,7 @@ images were 12 s of every export; the classifier alone takes microseconds.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from daemon.common.files import replacing
 from daemon.export.head_patch import PatchUnsupported, classifier_only, with_embedding_output
 from daemon.export.published_scores import CACHE
 from daemon.export.verification import RuntimeReport, run_each, scored
@@ -64,7 +64,7 @@ class Embeddings:
                     seqs, values = saved[f"{runtime}/seqs"], saved[f"{runtime}/values"]
                     found[runtime] = {int(s): v for s, v in zip(seqs, values, strict=True)}
                 return found
-        except (OSError, KeyError, ValueError) as err:
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:  # a cut .npz is a BadZipFile
             if not isinstance(err, FileNotFoundError):
                 log.info("kept embeddings unreadable (%s): the whole holdout is run on the file", err)
             return {}
@@ -80,15 +80,8 @@ class Embeddings:
             seqs = sorted(s for s in by_seq if s in wanted)
             arrays[f"{runtime}/seqs"] = np.array(seqs, dtype=np.int64)
             arrays[f"{runtime}/values"] = np.stack([by_seq[s] for s in seqs]) if seqs else np.zeros((0,))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replacing(self.path) as f:
+            np.savez(f, **arrays)
 
 
 def keep_embeddings(embeddings: Embeddings, base: str, reports: list[RuntimeReport], seqs: Sequence[int]) -> None:

@@ -17,10 +17,9 @@ count. A file that cannot be read means no mode rests.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from daemon.common.files import replacing
 from daemon.export.published_scores import CACHE
 
 
@@ -51,12 +50,5 @@ class LossyModes:
         self.rest.pop(mode, None)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.rest, f)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replacing(self.path, "w") as f:
+            json.dump(self.rest, f)

@@ -29,10 +29,12 @@ from torch import nn
 
 from daemon.common.settings import Settings
 from daemon.export import images as stored
+from daemon.export.bias_correction import KeptErrors, correct_int8
 from daemon.export.conversions import Conversions, Converted
 from daemon.export.converter import Deployable, input_dtype, snapshot
 from daemon.export.float_reference import float_reference
 from daemon.export.gates import Baseline, Refusal, RefusalKind, gate
+from daemon.export.head_patch import Head, head_of
 from daemon.export.head_verification import Embeddings, keep_embeddings, verify_patched
 from daemon.export.job import ExportJob
 from daemon.export.lossy_modes import LossyModes
@@ -261,14 +263,19 @@ def _candidate(
     candidate with the gates' refusals."""
     cfg, size, snap = job.export, job.model.input_size, inputs.snap
     converted = time.perf_counter()
+    calibration = inputs.calibration if mode == "int8" else []
+    head = head_of(model, calibration)
     conversion = Conversions(job.state_dir, cfg.full_conversion_every).convert(
-        model, mode, size, inputs.calibration if mode == "int8" else [], full=full
+        model, mode, size, calibration, full=full, head=head
     )
     log.info("%s: %s conversion (%s)", mode, conversion.how, conversion.why)
+    plain, bias_shift = conversion.tflite, None
+    if mode == "int8" and cfg.int8_bias_correction:
+        plain, bias_shift = _bias_corrected(job, conversion, head, calibration)
     # With its TFLite Model Metadata (labels.txt, input description) before verification: every runtime
     # checks the file devices and platform classifiers get (daemon/export/metadata.py).
     tflite = describe(
-        conversion.tflite,
+        plain,
         name=job.model.name,
         labels=list(snap.labels),
         input_size=size,
@@ -280,7 +287,40 @@ def _candidate(
     fields = _fields(job, inputs, mode, reports, float_top1, baseline, len(tflite), convert_s)
     fields["metrics"]["conversion"] = conversion.how
     fields["metrics"]["verification"] = verification
+    if bias_shift is not None:
+        fields["metrics"]["int8_bias_correction_logits"] = round(bias_shift, 4)
     return Candidate(mode, fields, tflite, reports, gate(reports, float_top1, baseline, cfg))
+
+
+def _bias_corrected(
+    job: ExportJob, conversion: Converted, head: Head, calibration: list[np.ndarray]
+) -> tuple[bytes, float | None]:
+    """The int8 file with its classifier's bias corrected for the int8 backbone's mean embedding error
+    (bias_correction.py), and the largest logit it moved; the file as converted when that could not be done."""
+    cfg = job.export
+    started = time.perf_counter()
+    try:
+        corrected, correction = correct_int8(
+            conversion.tflite,
+            conversion.base,
+            head,
+            calibration,
+            KeptErrors(job.state_dir),
+            cfg.runtimes[0],
+            pythons(cfg.tflite_runtime_python),
+            cfg.verify_timeout_s,
+        )
+    except Exception as err:  # the correction's fault, not the model's: the file as converted is still judged
+        log.warning("int8: bias correction failed (%s); verifying the file as converted", err)
+        return conversion.tflite, None
+    log.info(
+        "int8: bias corrected in %.1fs for the embedding error measured on %d calibration images "
+        "(logits moved by up to %.3f)",
+        time.perf_counter() - started,
+        correction.error.images,
+        correction.logit_shift,
+    )
+    return corrected, correction.logit_shift
 
 
 def _stale(c: Candidate) -> bool:

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from daemon.common.files import replacing
 from daemon.export.gates import Baseline
 from daemon.export.job import ExportJob
 from daemon.export.verification import RuntimeReport, pythons, verify
@@ -88,14 +87,8 @@ class PublishedScores:
                 for name, r in self.runtimes.items()
             },
         }
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replacing(self.path, "w") as f:
+            json.dump(doc, f)
         wanted = {self.path.name} | {f"published-v{v}.json" for v in (keep or set())}
         for old in folder.glob("published-v*.json"):
             if old.name not in wanted:

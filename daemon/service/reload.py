@@ -45,6 +45,7 @@ RELOADABLE: dict[str, frozenset[str]] = {
             "verify_timeout_s",
             "skip_lossy_mode_for",
             "full_conversion_every",
+            "int8_bias_correction",
             "prewarm_process",
         }
     ),

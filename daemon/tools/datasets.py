@@ -36,6 +36,9 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
+# The UCI handwritten digits scikit-learn ships (1,797 images of 8 x 8, 16 grey levels): the benchmarks'
+# second data set, small and unlike Fashion-MNIST.
+DIGITS_CLASSES = tuple(f"digit-{d}" for d in range(10))
 CONTENT_TYPE_OF_FORMAT = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "HEIF": "image/heic"}
 
 
@@ -74,6 +77,26 @@ def fashion_mnist(part: str = "train", root: Path = FASHION_MNIST_DIR) -> tuple[
     if len(images) != len(labels):
         raise DatasetError(f"{root}: {len(images)} images but {len(labels)} labels in part {part!r}")
     return images, labels
+
+
+def digits(part: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """(images N x 8 x 8 uint8 in 0-255, labels N uint8) of scikit-learn's digits: 'train' is a seeded half of
+    each class, 't10k' the other half (the data set has no split of its own)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DatasetError(
+            "the digits data set comes with scikit-learn: pip install -e '.[bench]' (make bench does)"
+        ) from None
+    data = load_digits()
+    images = np.clip(data.images * 16, 0, 255).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    chosen = []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(data.target == c))
+        chosen += list(idx[: len(idx) // 2] if part == "train" else idx[len(idx) // 2 :])
+    order = np.array(sorted(chosen))
+    return images[order], data.target[order].astype(np.uint8)
 
 
 def fashion_mnist_samples(part: str = "train", root: Path = FASHION_MNIST_DIR) -> list[Sample]:
