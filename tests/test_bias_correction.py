@@ -87,7 +87,7 @@ def test_an_int8_file_is_corrected_by_its_own_backbones_mean_error(trained, int8
     session = Session(with_embedding_output(int8_base), "ai-edge-litert", threads=1, keep_output=1)
     _, _, exposed = session.run(session.inputs(np.stack(calibration)))
     quantization = embedding_quantization(int8_base)
-    assert exposed is not None and quantization is not None
+    assert exposed is not None and quantization is not None and head.calibration_embeddings is not None
     scale, zero_point = quantization
     error = ((exposed.astype(np.float64) - zero_point) * scale - head.calibration_embeddings).mean(axis=0)
     expected = head.bias - head.weight.astype(np.float64) @ error
