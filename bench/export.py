@@ -42,10 +42,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 from learning import jpeg, order, pick  # noqa: E402
 
 from daemon.common.settings import ModelSettings, TrainingSettings  # noqa: E402
-from daemon.export.bias_correction import KeptErrors, correct_int8  # noqa: E402
+from daemon.export import images as stored  # noqa: E402
+from daemon.export.bias_correction import KeptErrors, apply, correct_int8  # noqa: E402
+from daemon.export.conversions import frozen_fingerprint  # noqa: E402
 from daemon.export.converter import convert, float_probabilities, snapshot  # noqa: E402
 from daemon.export.head_patch import head_of, patch_head  # noqa: E402
 from daemon.export.head_verification import Embeddings, keep_embeddings, verify_patched  # noqa: E402
+from daemon.export.int8_fit import MIN_DISTILLATION_EXAMPLES, float_embeddings  # noqa: E402
+from daemon.export.int8_head import distillation_sample, distilled  # noqa: E402
 from daemon.export.metadata import describe  # noqa: E402
 from daemon.export.verification import verify  # noqa: E402
 from daemon.ingest.wire import Example  # noqa: E402
@@ -94,7 +98,14 @@ def main() -> None:
     ap.add_argument(
         "--no-bias-correction",
         action="store_true",
-        help="int8 as converted, without the daemon's bias correction (export.int8_bias_correction)",
+        help="int8 as converted, without the daemon's bias correction (export.int8_bias_correction) and distillation",
+    )
+    ap.add_argument(
+        "--distillation-examples",
+        type=int,
+        default=1000,
+        help="stored training examples int8's classifier is distilled on (export.int8_distillation_examples); "
+        f"below {MIN_DISTILLATION_EXAMPLES}, only the bias is corrected",
     )
     ap.add_argument("--runtimes", default="ai-edge-litert,tflite-runtime")
     ap.add_argument("--threads", type=int, default=2)
@@ -193,8 +204,29 @@ def main() -> None:
             )  # none kept: measured, as after a full one
             sha = hashlib.sha256(plain).hexdigest()
             head = head_of(model, calibration)
-            shipped, correction = correct_int8(plain, sha, head, calibration, kept, runtimes[0], None, 600)
+            corrected_file, correction = correct_int8(plain, sha, head, calibration, kept, runtimes[0], None, 600)
             correction_s = time.perf_counter() - t0
+            shipped, variants = corrected_file, {"as converted": plain}
+            seqs = stored.distillation_sample(reader, reader.high_water_mark(), args.distillation_examples)
+            if len(seqs) >= MIN_DISTILLATION_EXAMPLES:  # as the daemon fits int8's classifier (int8_fit.py)
+                t0 = time.perf_counter()
+                embedded = distillation_sample(
+                    seqs,
+                    lambda wanted: stored.decoded(reader, wanted, args.input_size),
+                    lambda pixels: float_embeddings(model, pixels),
+                    frozen_fingerprint(model, "float", args.input_size),
+                    plain,
+                    sha,
+                    Path(tempfile.mkdtemp(prefix="sprout-distillation-")),
+                    runtimes[0],
+                    None,
+                    600,
+                )
+                shipped = apply(plain, distilled(head, correction.head, embedded))
+                variants["bias corrected"] = corrected_file
+                distillation_s = time.perf_counter() - t0
+                print(f"int8 classifier distilled on {len(seqs)} examples in {distillation_s:.1f} s", flush=True)
+                correction_s += distillation_s
             convert_s += correction_s
         t0 = time.perf_counter()
         tflite = describe(
@@ -229,8 +261,11 @@ def main() -> None:
             "top1_on_verify_sample": {r.runtime: r.top1 for r in gated},
         }
         if shipped is not plain:
-            row |= corrected_against_converted(plain, full, images, labels, reference, runtimes)
-            row["bias_correction_s"] = correction_s
+            row["variants"] = {
+                name: against_shipped(variant, full, images, labels, reference, runtimes)
+                for name, variant in variants.items()
+            }
+            row["fit_s"] = correction_s  # bias correction and distillation, paid at a full conversion
             row["bias_correction_logits"] = correction.logit_shift
         for r in full:
             row["runtimes"][r.runtime] = {
@@ -258,12 +293,13 @@ def main() -> None:
                     f"{r.latency_ms:.2f} ms/image (1 thread)",
                     flush=True,
                 )
-            if r.runtime in row.get("uncorrected", {}):
-                u = row["uncorrected"][r.runtime]
+            for name, by_runtime in row.get("variants", {}).items():
+                u = by_runtime.get(r.runtime, {})
+                if u.get("top1") is None:
+                    continue
                 print(
-                    f"      as converted (no bias correction): top-1 {100 * u['top1']:.1f}%, agreement "
-                    f"{100 * u['agreement']:.1f}%; the correction made {u['made_right']} images right and "
-                    f"{u['made_wrong']} wrong",
+                    f"      {name}: top-1 {100 * u['top1']:.1f}%, agreement {100 * u['agreement']:.1f}%; the file "
+                    f"shipped makes {u['made_right']} images right and {u['made_wrong']} wrong against it",
                     flush=True,
                 )
     if args.more:
@@ -287,18 +323,18 @@ def main() -> None:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
-def corrected_against_converted(plain, corrected, images, labels, reference, runtimes) -> dict:
-    """The int8 file as converted, run on every evaluation image beside the bias-corrected one (``corrected``:
-    its reports): top-1 of each, and the images the correction made right and made wrong."""
-    converted = verify(plain, images, labels, reference, runtimes)
-    out: dict = {"uncorrected": {}}
-    for before, after in zip(converted, corrected, strict=True):
+def against_shipped(variant, shipped, images, labels, reference, runtimes) -> dict:
+    """An int8 file the daemon did not ship (as converted, or with the bias correction alone), run on every
+    evaluation image: its top-1 per runtime, and the images the shipped file (``shipped``: its reports) made
+    right and made wrong against it."""
+    out: dict = {}
+    for before, after in zip(verify(variant, images, labels, reference, runtimes), shipped, strict=True):
         if before.probabilities is None or after.probabilities is None:
-            out["uncorrected"][before.runtime] = {"error": before.error or after.error}
+            out[before.runtime] = {"error": before.error or after.error}
             continue
         right_before = before.probabilities.argmax(1) == labels
         right_after = after.probabilities.argmax(1) == labels
-        out["uncorrected"][before.runtime] = {
+        out[before.runtime] = {
             "top1": before.top1,
             "agreement": before.agreement,
             "made_right": int((right_after & ~right_before).sum()),

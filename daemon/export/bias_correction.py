@@ -109,10 +109,10 @@ def int8_embeddings(
     return ((report.kept.astype(np.float32) - zero_point) * scale).reshape(len(images), -1)
 
 
-def apply(tflite: bytes, correction: Correction) -> bytes:
-    """``tflite`` (an int8 file without metadata) with the corrected head written in."""
+def apply(tflite: bytes, head: Head) -> bytes:
+    """``tflite`` (an int8 file without metadata) with a corrected ``head`` written in."""
     try:
-        return patch_head(tflite, correction.head, "int8")
+        return patch_head(tflite, head, "int8")
     except PatchUnsupported as err:
         raise CorrectionFailed(f"the corrected head could not be written: {err}") from err
 
@@ -162,4 +162,4 @@ def correct_int8(
         except OSError as err:  # this export is corrected all the same; the next one measures again
             log.warning("could not keep the int8 embedding error: %s", err)
     correction = corrected(head, error)
-    return apply(tflite, correction), correction
+    return apply(tflite, correction.head), correction

@@ -52,3 +52,29 @@ def calibration(reader: StoreReader, high_water_mark: int, size: int, most: int,
     if not images:
         raise NothingToExport("no stored training examples to calibrate the int8 model on yet")
     return images
+
+
+def distillation_sample(reader: StoreReader, high_water_mark: int, most: int) -> list[int]:
+    """Up to ``most`` stored training examples, class-balanced, each class's chosen by a hash of their seq: a
+    sample that stays put as the store grows (a new example enters only in place of one whose hash is larger),
+    so the embeddings kept for it (int8_head.py) stay of use from one export to the next."""
+    if most <= 0:
+        return []
+    by_label: dict[str, list[int]] = {}
+    for seq, label in reader.labels_up_to(high_water_mark, "train"):
+        by_label.setdefault(label, []).append(seq)
+    per_label = max(1, most // max(1, len(by_label)))
+    chosen: list[int] = []
+    for label in sorted(by_label):
+        chosen += sorted(by_label[label], key=_rank)[:per_label]
+    return sorted(chosen)
+
+
+def decoded(reader: StoreReader, seqs: list[int], size: int) -> dict[int, np.ndarray]:
+    """seq -> uint8 RGB at ``size`` of the stored examples ``seqs``; one that no longer decodes is left out."""
+    return {e.seq: rgb for e in reader.by_seq(seqs) if (rgb := load_rgb(e.image, size)) is not None}
+
+
+def _rank(seq: int) -> int:
+    # Fibonacci hashing: a fixed, well-spread order of the seqs, cheap for a store of millions.
+    return (seq * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF

@@ -29,13 +29,13 @@ from torch import nn
 
 from daemon.common.settings import Settings
 from daemon.export import images as stored
-from daemon.export.bias_correction import KeptErrors, correct_int8
 from daemon.export.conversions import Conversions, Converted
 from daemon.export.converter import Deployable, input_dtype, snapshot
 from daemon.export.float_reference import float_reference
 from daemon.export.gates import Baseline, Refusal, RefusalKind, gate
-from daemon.export.head_patch import Head, head_of
+from daemon.export.head_patch import head_of
 from daemon.export.head_verification import Embeddings, keep_embeddings, verify_patched
+from daemon.export.int8_fit import fitted_int8
 from daemon.export.job import ExportJob
 from daemon.export.lossy_modes import LossyModes
 from daemon.export.metadata import describe, stamp_version
@@ -76,6 +76,7 @@ class Inputs:
     images: np.ndarray  # uint8 (N, H, W, 3) at the model's input size
     labels: np.ndarray  # label index per holdout image
     calibration: list[np.ndarray]  # empty unless int8 is tried
+    distillation_seqs: list[int]  # the training examples int8's classifier is distilled on; empty unless int8
 
 
 @dataclass
@@ -239,14 +240,13 @@ def _read(job: ExportJob, with_calibration: bool) -> Inputs:
         reader.labels = LabelMap.replay(changes)
         snap = _restored(job, reader)
         seqs, images, labels = stored.holdout(reader, snap.labels, snap.high_water_mark, size, cfg.verify_examples)
-        calibration = (
-            stored.calibration(reader, snap.high_water_mark, size, cfg.calibration_examples, job.seed)
-            if with_calibration
-            else []
-        )
+        calibration, distillation = [], []
+        if with_calibration:
+            calibration = stored.calibration(reader, snap.high_water_mark, size, cfg.calibration_examples, job.seed)
+            distillation = stored.distillation_sample(reader, snap.high_water_mark, cfg.int8_distillation_examples)
     finally:
         reader.close()
-    return Inputs(changes, snap, seqs, images, labels, calibration)
+    return Inputs(changes, snap, seqs, images, labels, calibration, distillation)
 
 
 def _candidate(
@@ -269,9 +269,9 @@ def _candidate(
         model, mode, size, calibration, full=full, head=head
     )
     log.info("%s: %s conversion (%s)", mode, conversion.how, conversion.why)
-    plain, bias_shift = conversion.tflite, None
-    if mode == "int8" and cfg.int8_bias_correction:
-        plain, bias_shift = _bias_corrected(job, conversion, head, calibration)
+    plain, int8_metrics = conversion.tflite, dict[str, Any]()
+    if mode == "int8":
+        plain, int8_metrics = fitted_int8(job, model, conversion, head, calibration, inputs.distillation_seqs)
     # With its TFLite Model Metadata (labels.txt, input description) before verification: every runtime
     # checks the file devices and platform classifiers get (daemon/export/metadata.py).
     tflite = describe(
@@ -287,40 +287,8 @@ def _candidate(
     fields = _fields(job, inputs, mode, reports, float_top1, baseline, len(tflite), convert_s)
     fields["metrics"]["conversion"] = conversion.how
     fields["metrics"]["verification"] = verification
-    if bias_shift is not None:
-        fields["metrics"]["int8_bias_correction_logits"] = round(bias_shift, 4)
+    fields["metrics"].update(int8_metrics)
     return Candidate(mode, fields, tflite, reports, gate(reports, float_top1, baseline, cfg))
-
-
-def _bias_corrected(
-    job: ExportJob, conversion: Converted, head: Head, calibration: list[np.ndarray]
-) -> tuple[bytes, float | None]:
-    """The int8 file with its classifier's bias corrected for the int8 backbone's mean embedding error
-    (bias_correction.py), and the largest logit it moved; the file as converted when that could not be done."""
-    cfg = job.export
-    started = time.perf_counter()
-    try:
-        corrected, correction = correct_int8(
-            conversion.tflite,
-            conversion.base,
-            head,
-            calibration,
-            KeptErrors(job.state_dir),
-            cfg.runtimes[0],
-            pythons(cfg.tflite_runtime_python),
-            cfg.verify_timeout_s,
-        )
-    except Exception as err:  # the correction's fault, not the model's: the file as converted is still judged
-        log.warning("int8: bias correction failed (%s); verifying the file as converted", err)
-        return conversion.tflite, None
-    log.info(
-        "int8: bias corrected in %.1fs for the embedding error measured on %d calibration images "
-        "(logits moved by up to %.3f)",
-        time.perf_counter() - started,
-        correction.error.images,
-        correction.logit_shift,
-    )
-    return corrected, correction.logit_shift
 
 
 def _stale(c: Candidate) -> bool:

@@ -46,6 +46,7 @@ RELOADABLE: dict[str, frozenset[str]] = {
             "skip_lossy_mode_for",
             "full_conversion_every",
             "int8_bias_correction",
+            "int8_distillation_examples",
             "prewarm_process",
         }
     ),
