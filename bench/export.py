@@ -207,7 +207,7 @@ def main() -> None:
             corrected_file, correction = correct_int8(plain, sha, head, calibration, kept, runtimes[0], None, 600)
             correction_s = time.perf_counter() - t0
             shipped, variants = corrected_file, {"as converted": plain}
-            seqs = stored.distillation_sample(reader, reader.high_water_mark(), args.distillation_examples)
+            seqs = stored.distillation_sample(reader, learner.high_water_mark, args.distillation_examples)
             if len(seqs) >= MIN_DISTILLATION_EXAMPLES:  # as the daemon fits int8's classifier (int8_fit.py)
                 t0 = time.perf_counter()
                 embedded = distillation_sample(

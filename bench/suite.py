@@ -238,7 +238,7 @@ BENCHMARKS = [
         [
             *TINY,
             "--train-per-class",
-            "20",
+            "40",
             "--eval-per-class",
             "10",
             "--calibration",

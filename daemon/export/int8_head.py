@@ -14,8 +14,8 @@ The data are a stable sample of stored training examples (images.py
 ``distillation_sample``): their float embeddings are kept per frozen
 backbone, their int8 ones per full conversion (``<state>/export-cache/
 embeddings/distillation-float.npz``, ``distillation-int8.npz``), so a full
-conversion pays for decoding and running both backbones once (~13 s for
-1,000 images at 128 px on 2 cores) and the patched exports after it only
+conversion pays for decoding and running both backbones once (~23 s for
+1,000 images at 128 px on 2 busy cores) and the patched exports after it only
 for examples new to the sample. docs/quantization.md records what it gained.
 """
 
