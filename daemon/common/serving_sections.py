@@ -93,7 +93,7 @@ class ExportSettings(Section):
         description="Stored training examples an int8 file's classifier is distilled on: refitted to give, on "
         "the int8 backbone's embeddings, the float head's outputs (docs/quantization.md). More follow the float "
         "model more closely; each costs decoding and both backbones once per full conversion (~23 ms at 128 px "
-        "on 2 cores), patched exports reuse them. Below 300 examples only the bias is corrected; 0: no "
+        "on 2 cores; at every export in last_blocks and full modes), patched exports reuse them. Below 300 examples only the bias is corrected; 0: no "
         "distillation.",
     )
     prewarm_process: bool = Field(
