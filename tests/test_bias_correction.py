@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.export.bias_correction import CorrectionFailed, KeptErrors, correct_int8, corrected, embedding_error
+from daemon.export.bias_correction import (
+    CorrectionFailed,
+    KeptErrors,
+    apply,
+    corrected,
+    correction_for,
+    embedding_error,
+)
 from daemon.export.converter import convert
 from daemon.export.flatbuffer import read_model
 from daemon.export.head_patch import Head, embedding_quantization, head_of, with_embedding_output
@@ -82,7 +89,8 @@ def test_an_int8_file_is_corrected_by_its_own_backbones_mean_error(trained, int8
     model, images, _, calibration = trained
     head = head_of(model, calibration)
     kept = KeptErrors(tmp_path)
-    fixed, correction = correct_int8(int8_base, "base-sha", head, calibration, kept, "ai-edge-litert", None, 120)
+    correction = correction_for(int8_base, "base-sha", head, calibration, kept, "ai-edge-litert", None, 120)
+    fixed = apply(int8_base, correction.head)
     # The int8 embeddings, measured here on the interpreter: the file with its embedding as a second output.
     session = Session(with_embedding_output(int8_base), "ai-edge-litert", threads=1, keep_output=1)
     _, _, exposed = session.run(session.inputs(np.stack(calibration)))
@@ -107,10 +115,8 @@ def test_an_int8_file_is_corrected_by_its_own_backbones_mean_error(trained, int8
     assert saved is not None and np.array_equal(saved.mean, correction.error.mean) and saved.images == len(calibration)
     assert kept.load("another-conversion") is None
     no_interpreter = {"ai-edge-litert": tmp_path / "no-python"}
-    again_file, again_correction = correct_int8(
-        int8_base, "base-sha", head, calibration, kept, "ai-edge-litert", no_interpreter, 60
-    )
-    assert again_file == fixed and again_correction.logit_shift == correction.logit_shift
+    reused = correction_for(int8_base, "base-sha", head, calibration, kept, "ai-edge-litert", no_interpreter, 60)
+    assert apply(int8_base, reused.head) == fixed and reused.logit_shift == correction.logit_shift
     (tmp_path / "export-cache" / "int8-embedding-error.npz").write_bytes(b"PK\x03\x04 cut short")
     assert kept.load("base-sha") is None  # unreadable: measured again
 
@@ -121,8 +127,8 @@ def test_a_correction_that_cannot_be_measured_says_why(trained, int8_base: bytes
     missing = {"ai-edge-litert": tmp_path / "no-python"}
     kept = KeptErrors(tmp_path)
     with pytest.raises(CorrectionFailed, match="could not run the calibration images"):
-        correct_int8(int8_base, "sha", head, calibration, kept, "ai-edge-litert", missing, 60)
+        correction_for(int8_base, "sha", head, calibration, kept, "ai-edge-litert", missing, 60)
     fp16 = convert(model, "fp16", 32)
     with pytest.raises(CorrectionFailed, match="not an int8 file"):
-        correct_int8(fp16, "sha", head, calibration, kept, "ai-edge-litert", None, 60)
+        correction_for(fp16, "sha", head, calibration, kept, "ai-edge-litert", None, 60)
     assert kept.load("sha") is None  # nothing measured, nothing kept

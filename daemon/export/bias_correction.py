@@ -141,7 +141,7 @@ class KeptErrors:
             np.savez(f, base=np.array(base), mean=error.mean, images=np.array(error.images))
 
 
-def correct_int8(
+def correction_for(
     tflite: bytes,
     base: str,
     head: Head,
@@ -150,10 +150,10 @@ def correct_int8(
     runtime: str,
     pythons: dict[str, Path] | None,
     timeout_s: float,
-) -> tuple[bytes, Correction]:
-    """``tflite`` (an int8 file holding ``head``, from the full conversion whose sha256 is ``base``) with the
-    bias-corrected head written in. The embedding error is ``base``'s kept one, or measured on ``images`` (the
-    calibration images ``head``'s calibration embeddings are of) and kept."""
+) -> Correction:
+    """``head`` bias-corrected for ``tflite`` (an int8 file from the full conversion whose sha256 is ``base``).
+    The embedding error is ``base``'s kept one, or measured on ``images`` (the calibration images ``head``'s
+    calibration embeddings are of) and kept."""
     error = kept.load(base)
     if error is None:
         error = embedding_error(head, int8_embeddings(tflite, images, runtime, pythons, timeout_s))
@@ -161,5 +161,5 @@ def correct_int8(
             kept.save(base, error)
         except OSError as err:  # this export is corrected all the same; the next one measures again
             log.warning("could not keep the int8 embedding error: %s", err)
-    correction = corrected(head, error)
-    return apply(tflite, correction.head), correction
+    return corrected(head, error)
+

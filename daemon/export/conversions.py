@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -91,17 +91,19 @@ class Conversions:
         calibration: Sequence[np.ndarray] = (),
         full: str | None = None,
         head: Head | None = None,
+        fit: Callable[[bytes, str, bool], Head] | None = None,
     ) -> Converted:
         """``model`` in ``mode``: patched into the kept conversion when that is sound, converted in full otherwise
         (and whenever ``full`` gives a reason). ``head``: ``model``'s, as :func:`head_of` gives it for this mode's
-        calibration images, when the caller has it already."""
+        calibration images, when the caller has it already. ``fit``: the head to ship instead, fitted to the
+        conversion it goes into (its bytes, its sha256, whether it was converted just now); it must not raise."""
         frozen = frozen_fingerprint(model, mode, input_size)
         head = head if head is not None else head_of(model, calibration if mode == "int8" else ())
         kept, why = (None, full) if full else self._kept(mode, frozen)
         if kept is not None:
             tflite, state = kept
             try:
-                patched = patch_head(tflite, head, mode)
+                patched = patch_head(tflite, fit(tflite, state["sha256"], False) if fit else head, mode)
             except PatchUnsupported as err:
                 why = f"the kept conversion could not take the new head ({err})"
             except Exception as err:  # a fault of the patch, not of the model: the full conversion still ships it
@@ -117,7 +119,15 @@ class Conversions:
                 return Converted(patched, "patched", why, state["sha256"])
         tflite = convert(model, mode, input_size, calibration)
         self._keep(mode, frozen, tflite, head)
-        return Converted(tflite, "full", why, hashlib.sha256(tflite).hexdigest())
+        sha = hashlib.sha256(tflite).hexdigest()
+        if fit is not None:
+            try:
+                return Converted(patch_head(tflite, fit(tflite, sha, True), mode), "full", why, sha)
+            except Exception as err:  # the fitted head's fault: the conversion ships with the head as trained
+                log.warning(
+                    "%s: writing the fitted head into the conversion failed (%r); shipping it as converted", mode, err
+                )
+        return Converted(tflite, "full", why, sha)
 
     def _kept(self, mode: str, frozen: str) -> tuple[tuple[bytes, dict] | None, str]:
         """(the kept file and its state, "") when a patch may reuse it, else (None, why not)."""

@@ -2,7 +2,9 @@
 
 The steps (bias_correction.py, int8_head.py) each fall back to the one
 before: a fault in either is logged and the file ships with the classifier
-it had, still verified and gated like any other.
+it had, still verified and gated like any other. The head is written into
+the conversion once (conversions.py ``fit``): each patch of EfficientNet-
+Lite0's int8 file costs ~1.7 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import numpy as np
 import torch
 
 from daemon.export import images as stored
-from daemon.export.bias_correction import KeptErrors, apply, correct_int8
-from daemon.export.conversions import Converted, frozen_fingerprint
+from daemon.export.bias_correction import KeptErrors, correction_for
+from daemon.export.conversions import frozen_fingerprint
 from daemon.export.converter import Deployable
 from daemon.export.head_patch import Head
 from daemon.export.int8_head import distillation_sample, distilled
@@ -32,74 +34,97 @@ log = logging.getLogger("sprout.export")
 MIN_DISTILLATION_EXAMPLES = 300
 
 
-def fitted_int8(
-    job: ExportJob,
-    model: Deployable,
-    conversion: Converted,
-    head: Head,
-    calibration: list[np.ndarray],
-    distillation_seqs: Sequence[int],
-) -> tuple[bytes, dict[str, Any]]:
-    """The int8 file with its classifier fitted (per ``export.int8_bias_correction`` and
-    ``export.int8_distillation_examples``), and the manifest metrics that say how."""
-    cfg = job.export
-    if not cfg.int8_bias_correction:
-        return conversion.tflite, {}
-    runtime, python_of = cfg.runtimes[0], pythons(cfg.tflite_runtime_python)
-    started = time.perf_counter()
-    try:
-        corrected_file, correction = correct_int8(
-            conversion.tflite,
-            conversion.base,
-            head,
-            calibration,
-            KeptErrors(job.state_dir),
-            runtime,
-            python_of,
-            cfg.verify_timeout_s,
+class Int8Fit:
+    """The head to write into an int8 conversion, fitted to it (per ``export.int8_bias_correction`` and
+    ``export.int8_distillation_examples``): called with the conversion's bytes, its sha256 and whether it was
+    converted just now; :attr:`metrics` then says how, for the manifest. Never raises: a step that fails is
+    logged and the one before it ships."""
+
+    def __init__(
+        self,
+        job: ExportJob,
+        model: Deployable,
+        head: Head,
+        calibration: list[np.ndarray],
+        distillation_seqs: Sequence[int],
+    ):
+        self.job, self.model, self.head = job, model, head
+        self.calibration, self.distillation_seqs = calibration, list(distillation_seqs)
+        self.metrics: dict[str, Any] = {}
+
+    def __call__(self, tflite: bytes, base: str, converted_now: bool) -> Head:
+        self.metrics = {}
+        cfg = self.job.export
+        if not cfg.int8_bias_correction:
+            return self.head
+        started = time.perf_counter()
+        try:
+            correction = correction_for(
+                tflite,
+                base,
+                self.head,
+                self.calibration,
+                KeptErrors(self.job.state_dir),
+                cfg.runtimes[0],
+                pythons(cfg.tflite_runtime_python),
+                cfg.verify_timeout_s,
+            )
+        except Exception as err:  # the correction's fault, not the model's: the head as trained is still judged
+            log.warning("int8: bias correction failed (%s); the head as trained is verified", err)
+            return self.head
+        self.metrics["int8_bias_correction_logits"] = round(correction.logit_shift, 4)
+        log.info(
+            "int8: bias corrected in %.1fs for the embedding error measured on %d calibration images "
+            "(logits moved by up to %.3f)",
+            time.perf_counter() - started,
+            correction.error.images,
+            correction.logit_shift,
         )
-    except Exception as err:  # the correction's fault, not the model's: the file as converted is still judged
-        log.warning("int8: bias correction failed (%s); verifying the file as converted", err)
-        return conversion.tflite, {}
-    metrics: dict[str, Any] = {"int8_bias_correction_logits": round(correction.logit_shift, 4)}
-    log.info(
-        "int8: bias corrected in %.1fs for the embedding error measured on %d calibration images "
-        "(logits moved by up to %.3f)",
-        time.perf_counter() - started,
-        correction.error.images,
-        correction.logit_shift,
-    )
-    if len(distillation_seqs) < MIN_DISTILLATION_EXAMPLES:
-        return corrected_file, metrics
-    started = time.perf_counter()
-    reader = StoreReader(job.state_dir / "examples.db")
-    try:
-        sample = distillation_sample(
-            distillation_seqs,
-            lambda seqs: stored.decoded(reader, seqs, job.model.input_size),
-            lambda pixels: float_embeddings(model, pixels),
-            frozen_fingerprint(model, "float", job.model.input_size),
-            conversion.tflite,
-            conversion.base,
-            job.state_dir,
-            runtime,
-            python_of,
-            cfg.verify_timeout_s,
+        if len(self.distillation_seqs) < MIN_DISTILLATION_EXAMPLES:
+            return correction.head
+        try:
+            fitted, used = self._distilled(tflite, base, correction.head, converted_now)
+        except Exception as err:  # the distillation's fault: the bias-corrected head ships
+            log.warning("int8: distilling the classifier failed (%s); the bias-corrected one is verified", err)
+            return correction.head
+        if fitted is None:
+            return correction.head
+        self.metrics["int8_distillation_examples"] = used
+        return fitted
+
+    def _distilled(self, tflite: bytes, base: str, start: Head, converted_now: bool) -> tuple[Head | None, int]:
+        """The distilled head and the examples it saw; (None, 0) when too few are at hand. Only a conversion
+        made now pays for embedding the sample: a patched export distils on the embeddings kept for its
+        conversion (a probe process and the float backbone would cost it seconds of freshness)."""
+        cfg, size = self.job.export, self.job.model.input_size
+        started = time.perf_counter()
+        reader = StoreReader(self.job.state_dir / "examples.db")
+        try:
+            sample = distillation_sample(
+                self.distillation_seqs,
+                (lambda seqs: stored.decoded(reader, seqs, size)) if converted_now else (lambda seqs: {}),
+                lambda pixels: float_embeddings(self.model, pixels),
+                frozen_fingerprint(self.model, "float", size),
+                tflite,
+                base,
+                self.job.state_dir,
+                cfg.runtimes[0],
+                pythons(cfg.tflite_runtime_python),
+                cfg.verify_timeout_s,
+            )
+        finally:
+            reader.close()
+        if sample is None or len(sample.int8_embeddings) < MIN_DISTILLATION_EXAMPLES:
+            log.info("int8: too few training examples' int8 embeddings kept to distil on; the bias is corrected")
+            return None, 0
+        head = distilled(self.head, start, sample)
+        log.info(
+            "int8: classifier distilled on %d training examples' int8 embeddings in %.1fs (%d run now, the rest kept)",
+            len(sample.int8_embeddings),
+            time.perf_counter() - started,
+            sample.computed,
         )
-        fitted = apply(conversion.tflite, distilled(head, correction.head, sample))
-    except Exception as err:  # the distillation's fault: the bias-corrected classifier ships
-        log.warning("int8: distilling the classifier failed (%s); the bias-corrected one is verified", err)
-        return corrected_file, metrics
-    finally:
-        reader.close()
-    log.info(
-        "int8: classifier distilled on %d training examples' int8 embeddings in %.1fs (%d run now, the rest kept)",
-        len(sample.int8_embeddings),
-        time.perf_counter() - started,
-        sample.computed,
-    )
-    metrics["int8_distillation_examples"] = len(sample.int8_embeddings)
-    return fitted, metrics
+        return head, len(sample.int8_embeddings)
 
 
 @torch.no_grad()

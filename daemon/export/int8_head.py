@@ -84,10 +84,11 @@ def distillation_sample(
     runtime: str,
     pythons: dict[str, Path] | None,
     timeout_s: float,
-) -> DistillationSample:
+) -> DistillationSample | None:
     """Both embeddings of the training examples ``seqs``: kept ones read back (float ones for the ``frozen``
     backbone, int8 ones for the conversion whose sha256 is ``base``), the rest computed from the images
-    ``load`` decodes (seq -> uint8 (H, W, 3); a seq it leaves out is skipped) and kept."""
+    ``load`` decodes (seq -> uint8 (H, W, 3); a seq it leaves out is skipped) and kept. None when none is
+    at hand."""
     kept_float, kept_int8 = Embeddings(state_dir, "distillation-float"), Embeddings(state_dir, "distillation-int8")
     floats = kept_float.load(frozen).get("float", {})
     int8s = kept_int8.load(base).get(runtime, {})
@@ -105,5 +106,5 @@ def distillation_sample(
             log.warning("could not keep the distillation sample's embeddings: %s", err)
     usable = [s for s in seqs if s in floats and s in int8s]
     if not usable:
-        raise ValueError("no training example of the distillation sample could be read")
+        return None
     return DistillationSample(np.stack([floats[s] for s in usable]), np.stack([int8s[s] for s in usable]), len(images))

@@ -35,7 +35,7 @@ from daemon.export.float_reference import float_reference
 from daemon.export.gates import Baseline, Refusal, RefusalKind, gate
 from daemon.export.head_patch import head_of
 from daemon.export.head_verification import Embeddings, keep_embeddings, verify_patched
-from daemon.export.int8_fit import fitted_int8
+from daemon.export.int8_fit import Int8Fit
 from daemon.export.job import ExportJob
 from daemon.export.lossy_modes import LossyModes
 from daemon.export.metadata import describe, stamp_version
@@ -265,17 +265,15 @@ def _candidate(
     converted = time.perf_counter()
     calibration = inputs.calibration if mode == "int8" else []
     head = head_of(model, calibration)
+    fit = Int8Fit(job, model, head, calibration, inputs.distillation_seqs) if mode == "int8" else None
     conversion = Conversions(job.state_dir, cfg.full_conversion_every).convert(
-        model, mode, size, calibration, full=full, head=head
+        model, mode, size, calibration, full=full, head=head, fit=fit
     )
     log.info("%s: %s conversion (%s)", mode, conversion.how, conversion.why)
-    plain, int8_metrics = conversion.tflite, dict[str, Any]()
-    if mode == "int8":
-        plain, int8_metrics = fitted_int8(job, model, conversion, head, calibration, inputs.distillation_seqs)
     # With its TFLite Model Metadata (labels.txt, input description) before verification: every runtime
     # checks the file devices and platform classifiers get (daemon/export/metadata.py).
     tflite = describe(
-        plain,
+        conversion.tflite,
         name=job.model.name,
         labels=list(snap.labels),
         input_size=size,
@@ -287,7 +285,8 @@ def _candidate(
     fields = _fields(job, inputs, mode, reports, float_top1, baseline, len(tflite), convert_s)
     fields["metrics"]["conversion"] = conversion.how
     fields["metrics"]["verification"] = verification
-    fields["metrics"].update(int8_metrics)
+    if fit is not None:
+        fields["metrics"].update(fit.metrics)
     return Candidate(mode, fields, tflite, reports, gate(reports, float_top1, baseline, cfg))
 
 
