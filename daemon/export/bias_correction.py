@@ -162,4 +162,3 @@ def correction_for(
         except OSError as err:  # this export is corrected all the same; the next one measures again
             log.warning("could not keep the int8 embedding error: %s", err)
     return corrected(head, error)
-
