@@ -94,15 +94,15 @@ class Int8Fit:
 
     def _distilled(self, tflite: bytes, base: str, start: Head, converted_now: bool) -> tuple[Head | None, int]:
         """The distilled head and the examples it saw; (None, 0) when too few are at hand. Only a conversion
-        made now pays for embedding the sample: a patched export distils on the embeddings kept for its
-        conversion (a probe process and the float backbone would cost it seconds of freshness)."""
+        made now runs the int8 file on the sample (a probe process would cost a patched export seconds of
+        freshness): a patched export distils on the int8 embeddings kept for its conversion."""
         cfg, size = self.job.export, self.job.model.input_size
         started = time.perf_counter()
         reader = StoreReader(self.job.state_dir / "examples.db")
         try:
             sample = distillation_sample(
                 self.distillation_seqs,
-                (lambda seqs: stored.decoded(reader, seqs, size)) if converted_now else (lambda seqs: {}),
+                lambda seqs: stored.decoded(reader, seqs, size),
                 lambda pixels: float_embeddings(self.model, pixels),
                 frozen_fingerprint(self.model, "float", size),
                 tflite,
@@ -111,6 +111,8 @@ class Int8Fit:
                 cfg.runtimes[0],
                 pythons(cfg.tflite_runtime_python),
                 cfg.verify_timeout_s,
+                float_budget=max(MIN_DISTILLATION_EXAMPLES, cfg.int8_distillation_examples // 4),
+                int8_now=converted_now,
             )
         finally:
             reader.close()
@@ -119,7 +121,8 @@ class Int8Fit:
             return None, 0
         head = distilled(self.head, start, sample)
         log.info(
-            "int8: classifier distilled on %d training examples' int8 embeddings in %.1fs (%d run now, the rest kept)",
+            "int8: classifier distilled on %d training examples' int8 embeddings in %.1fs (%d images run now, the "
+            "rest kept)",
             len(sample.int8_embeddings),
             time.perf_counter() - started,
             sample.computed,

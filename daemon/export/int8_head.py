@@ -13,10 +13,12 @@ following the float model the gates compare it with.
 The data are a stable sample of stored training examples (images.py
 ``distillation_sample``): their float embeddings are kept per frozen
 backbone, their int8 ones per full conversion (``<state>/export-cache/
-embeddings/distillation-float.npz``, ``distillation-int8.npz``), so a full
-conversion pays for decoding and running both backbones once (~23 s for
-1,000 images at 128 px on 2 busy cores) and the patched exports after it only
-for examples new to the sample. docs/quantization.md records what it gained.
+embeddings/distillation-float.npz``, ``distillation-int8.npz``). The float
+backbone, the costly part (~15 ms an image at 128 px on 2 cores), runs on at
+most a quarter of the sample per export, so filling it is spread over the
+first exports; the int8 file runs on the sample at a full conversion only
+(~2 ms an image and a probe process). docs/quantization.md records what it
+gained.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ L2 = 1e-3  # towards the float weights: without it the head drifts from the floa
 class DistillationSample:
     float_embeddings: np.ndarray  # (N, embedding_size) of the float backbone
     int8_embeddings: np.ndarray  # (N, embedding_size) of the int8 file's backbone, dequantised
-    computed: int  # of the N, how many were run now (the others were kept)
+    computed: int  # examples whose images were decoded and run now, on one backbone or both
 
 
 def distilled(float_head: Head, start: Head, sample: DistillationSample) -> Head:
@@ -84,21 +86,26 @@ def distillation_sample(
     runtime: str,
     pythons: dict[str, Path] | None,
     timeout_s: float,
+    float_budget: int | None = None,
+    int8_now: bool = True,
 ) -> DistillationSample | None:
     """Both embeddings of the training examples ``seqs``: kept ones read back (float ones for the ``frozen``
-    backbone, int8 ones for the conversion whose sha256 is ``base``), the rest computed from the images
-    ``load`` decodes (seq -> uint8 (H, W, 3); a seq it leaves out is skipped) and kept. None when none is
-    at hand."""
+    backbone, int8 ones for the conversion whose sha256 is ``base``), missing ones computed from the images
+    ``load`` decodes (seq -> uint8 (H, W, 3); a seq it leaves out is skipped) and kept: float ones for at most
+    ``float_budget`` examples (None: all), int8 ones (``int8_now``) for every example with a float one. The
+    examples with both, or None when there are none."""
     kept_float, kept_int8 = Embeddings(state_dir, "distillation-float"), Embeddings(state_dir, "distillation-int8")
     floats = kept_float.load(frozen).get("float", {})
     int8s = kept_int8.load(base).get(runtime, {})
-    missing = [s for s in seqs if s not in floats or s not in int8s]
-    images = load(missing) if missing else {}
+    new_float = [s for s in seqs if s not in floats][:float_budget]
+    new_int8 = [s for s in seqs if s not in int8s and (s in floats or s in new_float)] if int8_now else []
+    images = load(sorted(set(new_float) | set(new_int8))) if new_float or new_int8 else {}
     if images:
-        decoded = sorted(images)
-        pixels = np.stack([images[s] for s in decoded])
-        floats.update(zip(decoded, backbone(pixels), strict=True))
-        int8s.update(zip(decoded, int8_embeddings(tflite, list(pixels), runtime, pythons, timeout_s), strict=True))
+        if ready := [s for s in new_float if s in images]:
+            floats.update(zip(ready, backbone(np.stack([images[s] for s in ready])), strict=True))
+        if ready := [s for s in new_int8 if s in images]:
+            computed = int8_embeddings(tflite, [images[s] for s in ready], runtime, pythons, timeout_s)
+            int8s.update(zip(ready, computed, strict=True))
         try:
             kept_float.save(frozen, {"float": floats}, seqs)
             kept_int8.save(base, {runtime: int8s}, seqs)
