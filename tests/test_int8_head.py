@@ -7,14 +7,12 @@ where a patched export reuses the embeddings kept at the full conversion.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import SPROUT
+from export_helpers import export
 from learning_helpers import learn_all, make_learner, stream
 
 from daemon.export import images as stored
@@ -71,23 +69,10 @@ def test_the_distillation_sample_is_class_balanced_and_stays_put_as_the_store_gr
     store.close()
 
 
-def export(state: Path, **env: str) -> tuple[dict, str]:
-    out = subprocess.run(
-        [*SPROUT, "export", "--state", str(state)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "SPROUT_MODEL__BACKBONE": "tiny",
-            "SPROUT_MODEL__INPUT_SIZE": "32",
-            "SPROUT_TRAINING__MODE": "head",
-            "SPROUT_EXPORT__QUANTIZATION": '["int8"]',
-            **env,
-        },
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout), out.stderr
+def int8_export(state: Path, **env: str) -> tuple[dict, str]:
+    code, result, log = export(state, SPROUT_EXPORT__QUANTIZATION='["int8"]', **env)
+    assert code == 0, log
+    return result, log
 
 
 @pytest.mark.timeout(600)
@@ -95,7 +80,7 @@ def test_an_int8_export_distils_its_classifier_and_a_patched_one_reuses_the_kept
     learner, reader = make_learner(tmp_path, stream([0, 1, 2], 130, seed=8, order="iid"))  # 312 to train on
     learn_all(learner, reader)
     checkpoint.save(tmp_path / "checkpoints", learner.state())
-    first, log = export(tmp_path)
+    first, log = int8_export(tmp_path)
     assert first["published"] == 1
     metrics = first["metrics"]
     # The float backbone runs on at most a quarter of the sample per export, and never on fewer than the
@@ -105,17 +90,17 @@ def test_an_int8_export_distils_its_classifier_and_a_patched_one_reuses_the_kept
     assert "(300 images run now" in log
     kept = tmp_path / "export-cache" / "embeddings"
     assert {p.name for p in kept.glob("distillation-*.npz")} == {"distillation-float.npz", "distillation-int8.npz"}
-    second, log = export(tmp_path)
+    second, log = int8_export(tmp_path)
     # Patched: the float backbone on the 12 left; no int8 run (a probe process), so the 300 kept are used.
     assert second["metrics"]["conversion"] == "patched"
     assert second["metrics"]["int8_distillation_examples"] == 300
     assert "(12 images run now" in log
-    third, log = export(tmp_path, SPROUT_EXPORT__FULL_CONVERSION_EVERY="1")
+    third, log = int8_export(tmp_path, SPROUT_EXPORT__FULL_CONVERSION_EVERY="1")
     # Converted again: the same bytes as the first (same network, same calibration), so the same sha256 and
     # its kept int8 embeddings; the int8 file runs on the 12 it lacked, and the distillation sees all 312.
     assert third["metrics"]["conversion"] == "full" and third["metrics"]["int8_distillation_examples"] == 312
     assert "(12 images run now" in log
     # Off: the bias-corrected classifier alone.
-    fourth, _ = export(tmp_path, SPROUT_EXPORT__INT8_DISTILLATION_EXAMPLES="0")
+    fourth, _ = int8_export(tmp_path, SPROUT_EXPORT__INT8_DISTILLATION_EXAMPLES="0")
     assert "int8_distillation_examples" not in fourth["metrics"]
     assert "int8_bias_correction_logits" in fourth["metrics"]

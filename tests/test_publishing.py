@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
-from helpers import SPROUT, colour_jpeg
+from export_helpers import export
+from helpers import colour_jpeg
 from learning_helpers import learn_all, learned_state, make_learner, saved_checkpoint, stream
 from registry_helpers import latest_manifest
 
@@ -19,23 +19,6 @@ from daemon.learning import checkpoint
 from daemon.registry.signing import verify, verify_file
 from daemon.registry.versions import Registry, registry_root
 from daemon.store.examples import Store
-
-
-def export(state: Path, **env: str) -> tuple[int, dict, str]:
-    out = subprocess.run(
-        [*SPROUT, "export", "--state", str(state)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "SPROUT_MODEL__BACKBONE": "tiny",
-            "SPROUT_MODEL__INPUT_SIZE": "32",
-            "SPROUT_TRAINING__MODE": "head",
-            **env,
-        },
-    )
-    return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {}, out.stderr
 
 
 def test_export_publishes_a_signed_verified_version(tmp_path: Path):
