@@ -94,8 +94,8 @@ class Int8Fit:
 
     def _distilled(self, tflite: bytes, base: str, start: Head, converted_now: bool) -> tuple[Head | None, int]:
         """The distilled head and the examples it saw; (None, 0) when too few are at hand. Only a conversion
-        made now runs the int8 file on the sample (a probe process would cost a patched export seconds of
-        freshness): a patched export distils on the int8 embeddings kept for its conversion."""
+        made now embeds the sample (a quarter of it at most on the float backbone, all on the int8 file): a
+        patched export distils on the embeddings kept for its conversion and runs nothing."""
         cfg, size = self.job.export, self.job.model.input_size
         started = time.perf_counter()
         reader = StoreReader(self.job.state_dir / "examples.db")
@@ -111,7 +111,11 @@ class Int8Fit:
                 cfg.runtimes[0],
                 pythons(cfg.tflite_runtime_python),
                 cfg.verify_timeout_s,
-                float_budget=max(MIN_DISTILLATION_EXAMPLES, cfg.int8_distillation_examples // 4),
+                # Nothing is run in a patched export: the float backbone on a few hundred images cost the
+                # freshness run's patched exports 5-15 s; a full conversion embeds them.
+                float_budget=max(MIN_DISTILLATION_EXAMPLES, cfg.int8_distillation_examples // 4)
+                if converted_now
+                else 0,
                 int8_now=converted_now,
             )
         finally:

@@ -13,11 +13,11 @@ following the float model the gates compare it with.
 The data are a stable sample of stored training examples (images.py
 ``distillation_sample``): their float embeddings are kept per frozen
 backbone, their int8 ones per full conversion (``<state>/export-cache/
-embeddings/distillation-float.npz``, ``distillation-int8.npz``). The float
-backbone, the costly part (~15 ms an image at 128 px on 2 cores), runs on at
-most a quarter of the sample per export, so filling it is spread over the
-first exports; the int8 file runs on the sample at a full conversion only
-(~2 ms an image and a probe process). docs/quantization.md records what it
+embeddings/distillation-float.npz``, ``distillation-int8.npz``). Both run at
+full conversions only: the float backbone, the costly part (~15 ms an image
+at 128 px on 2 cores), on at most a quarter of the sample each time, the
+int8 file (~2 ms an image, in a probe process) on every example with a float
+embedding. A patched export distils on what its conversion kept. docs/quantization.md records what it
 gained.
 """
 
