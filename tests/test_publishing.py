@@ -159,6 +159,74 @@ def test_gate_refuses_nan_and_a_large_drop_and_a_regression_per_runtime():
     ]
 
 
+def _hits(labels: np.ndarray, wrong: list[int]) -> np.ndarray:
+    """Predictions equal to ``labels`` except at ``wrong``."""
+    predicted = labels.copy()
+    predicted[wrong] = (labels[wrong] + 1) % 3
+    return predicted
+
+
+def test_a_drop_past_the_limit_that_is_a_few_images_of_a_small_holdout_is_not_refused():
+    """3 images of 260 are 1.2 points: past max_drop_pts, yet McNemar's p = 1/8, not evidence of a worse model."""
+    from daemon.export.gates import Baseline, Holdout, RefusalKind, judge
+    from daemon.export.verification import RuntimeReport
+
+    limits = Settings.load(None).export
+    labels = np.arange(260) % 3
+    float_predicted = _hits(labels, list(range(0, 30)))  # the float model misses 30
+    holdout = Holdout(labels, float_predicted)
+    float_top1 = float((float_predicted == labels).mean())
+
+    def report(wrong: list[int]) -> RuntimeReport:
+        predicted = _hits(labels, wrong)
+        top1 = float((predicted == labels).mean())
+        return RuntimeReport("tflite-runtime", "2.14.0", top1, None, 1.0, False, "uint8", predicted=tuple(predicted))
+
+    noise = report(list(range(0, 30)) + [100, 101, 102])  # misses the float model's 30 and 3 more
+    verdict = judge([noise], float_top1, None, limits, holdout)
+    assert verdict.refusals == []
+    [passed] = verdict.within_chance
+    assert (passed.kind, passed.lost, passed.gained, round(passed.p_value, 3)) == (
+        RefusalKind.ACCURACY_DROP,
+        3,
+        0,
+        0.125,
+    )
+    assert "within chance at export.refusal_significance = 0.05" in str(passed)
+    # On its point figure alone (significance 1), the same candidate is refused, as it was before the test.
+    strict = limits.model_copy(update={"refusal_significance": 1.0})
+    assert [r.kind for r in judge([noise], float_top1, None, strict, holdout).refusals] == [RefusalKind.ACCURACY_DROP]
+
+    worse = report(list(range(0, 30)) + list(range(100, 108)))  # 8 more misses, none gained: p = 1/256
+    [refusal] = judge([worse], float_top1, None, limits, holdout).refusals
+    assert (refusal.lost, refusal.gained) == (8, 0) and refusal.p_value < 0.005
+    assert "beyond chance" in str(refusal) and "McNemar" in str(refusal)
+    # Against the published version: the same paired evidence on its kept per-image hits.
+    published_right = _hits(labels, list(range(0, 30))) == labels
+    published = Baseline(3, {"tflite-runtime": float(published_right.mean())}, 0, {"tflite-runtime": published_right})
+    verdict = judge([noise], float_top1, published, limits, holdout)
+    assert verdict.refusals == [] and [r.kind for r in verdict.within_chance] == [
+        RefusalKind.ACCURACY_DROP,
+        RefusalKind.REGRESSION,
+    ]
+    assert [r.kind for r in judge([worse], float_top1, published, limits, holdout).refusals] == [
+        RefusalKind.ACCURACY_DROP,
+        RefusalKind.REGRESSION,
+    ]
+    # Swapped gains and losses (as many fixed as broken) never count as evidence.
+    swapped = report(list(range(3, 30)) + [100, 101, 102, 103, 104, 105])
+    assert judge([swapped], float_top1, None, limits, holdout).refusals == []
+
+
+def test_mcnemar_tail_is_the_exact_binomial():
+    from daemon.export.significance import binomial_tail
+
+    assert binomial_tail(0, 5) == 1.0 and binomial_tail(6, 5) == 0.0
+    assert abs(binomial_tail(5, 7) - 29 / 128) < 1e-12
+    assert abs(binomial_tail(10, 11) - 12 / 2048) < 1e-12
+    assert 0.0 < binomial_tail(1600, 3000) < 0.001  # large counts stay finite
+
+
 def test_a_burst_of_flipped_labels_does_not_get_a_worse_model_published(tmp_path: Path):
     """30% of a window mislabelled (every class-0 image in it called class-1): the model learns it, the gates hold it back."""
     # Replay off: the window is all the learner sees, so the burst reliably makes it worse. With replay

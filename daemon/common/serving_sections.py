@@ -53,6 +53,16 @@ class ExportSettings(Section):
         description="Most holdout top-1 points a new version may fall below the published one (holdout noise); "
         "0 ships only improvements.",
     )
+    refusal_significance: float = Field(
+        0.05,
+        gt=0.0,
+        le=1.0,
+        description="A candidate past max_drop_pts or tolerance_pts is refused only when McNemar's exact test on "
+        "the holdout images where it and the other model disagree gives at most this p-value: at most this share "
+        "of candidates no worse than the other are refused for holdout noise (docs/quantization.md). Lower "
+        "refuses fewer candidates for a few images' difference and lets more small real drops through on a small "
+        "holdout; 1 refuses on the point figure alone.",
+    )
     quantization: list[Quantization] = Field(
         [Quantization.INT8, Quantization.FP16],
         min_length=1,

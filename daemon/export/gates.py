@@ -3,7 +3,12 @@
 A candidate ships only when, on every runtime of ``export.runtimes``, it
 loads and runs, no output is NaN, its holdout top-1 is within
 ``export.max_drop_pts`` of the float model's, and not below the published
-model's on the same images minus ``export.tolerance_pts``. :func:`gate` is
+model's on the same images minus ``export.tolerance_pts``. On a holdout of a
+few hundred images a point is a handful of images, so a drop past a limit is
+refused only when it is also more than chance: McNemar's exact test on the
+images where the two models disagree gives p at most
+``export.refusal_significance`` (daemon/export/significance.py; a drop within
+chance is a :class:`Verdict`'s ``within_chance``, logged). :func:`judge` is
 pure: reports and figures in, refusals out. Each refusal reads as the
 sentence the registry's log and the export log print, and carries its
 :class:`RefusalKind` (the metrics' label, what the pipeline decides on) and
@@ -19,11 +24,13 @@ the figures behind it.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from daemon.common.settings import ExportSettings
+from daemon.export.significance import Paired, paired
 from daemon.export.verification import RuntimeFault, RuntimeReport
 
 
@@ -53,6 +60,12 @@ class Refusal(BaseModel):
     published_top1: float | None = None  # regression: the published version's, on the same images
     published_version: int | None = None
     limit_pts: float | None = None  # export.max_drop_pts or export.tolerance_pts, as it was
+    # accuracy_drop, regression: the images the reference got right and the candidate wrong, and the reverse,
+    # and McNemar's one-sided p-value on them, with the export.refusal_significance it was held to
+    lost: int | None = None
+    gained: int | None = None
+    p_value: float | None = None
+    significance: float | None = None
 
     def in_mode(self, mode: str) -> Refusal:
         return self.model_copy(update={"mode": str(mode)})
@@ -85,13 +98,25 @@ def _regression(r: Refusal) -> str:
     )
 
 
+def _chance(r: Refusal, sentence) -> str:
+    """The sentence, with the paired evidence when there was some."""
+    if r.p_value is None:
+        return sentence(r)
+    odds = "beyond" if r.p_value <= (r.significance or 0.0) else "within"
+    return (
+        f"{sentence(r)}; it missed {r.lost} images the other got right and got {r.gained} it missed, "
+        f"p = {r.p_value:.3g} by McNemar's exact test ({odds} chance at export.refusal_significance = "
+        f"{r.significance})"
+    )
+
+
 # The sentences are the registry log's text, which tests/chaos/audit.py reads: change them with it.
 _SENTENCES = {
     RefusalKind.UNVERIFIED: lambda r: "no runtime verified the candidate (export.runtimes is empty)",
     RefusalKind.RUNTIME_FAILED: lambda r: f"{_where(r)} could not load or run the model: {r.error}",
     RefusalKind.NONFINITE: lambda r: f"{_where(r)} returned NaN or infinite outputs",
-    RefusalKind.ACCURACY_DROP: _drop,
-    RefusalKind.REGRESSION: _regression,
+    RefusalKind.ACCURACY_DROP: lambda r: _chance(r, _drop),
+    RefusalKind.REGRESSION: lambda r: _chance(r, _regression),
 }
 
 
@@ -102,25 +127,82 @@ class Baseline:
     version: int
     top1: dict[str, float]  # runtime -> holdout top-1
     rescored: int = 0  # holdout examples the published version had not been run on before this export
+    right: dict[str, np.ndarray] = field(default_factory=dict)  # runtime -> hit per holdout image, in order
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """The holdout's truth and the float model's answers on it, for paired comparisons."""
+
+    labels: np.ndarray  # label index per holdout image
+    float_predicted: np.ndarray  # the float model's top-1 per holdout image
+
+    @property
+    def float_right(self) -> np.ndarray:
+        return np.asarray(self.float_predicted) == np.asarray(self.labels)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the gates decided: the refusals, and the drops past a limit they let through as chance."""
+
+    refusals: list[Refusal]
+    within_chance: list[Refusal]
 
 
 def gate(
-    reports: list[RuntimeReport], float_top1: float, baseline: Baseline | None, limits: ExportSettings
+    reports: list[RuntimeReport],
+    float_top1: float,
+    baseline: Baseline | None,
+    limits: ExportSettings,
+    holdout: Holdout | None = None,
 ) -> list[Refusal]:
     """Why the candidate must not ship, on every runtime; empty when it may."""
+    return judge(reports, float_top1, baseline, limits, holdout).refusals
+
+
+def judge(
+    reports: list[RuntimeReport],
+    float_top1: float,
+    baseline: Baseline | None,
+    limits: ExportSettings,
+    holdout: Holdout | None = None,
+) -> Verdict:
+    """The gates on every runtime. Without ``holdout`` (or a report's per-image answers) a drop past a limit
+    is refused on its point figure alone."""
     if not reports:
-        return [Refusal(kind=RefusalKind.UNVERIFIED)]
-    return [refusal for report in reports for refusal in _refusals(report, float_top1, baseline, limits)]
+        return Verdict([Refusal(kind=RefusalKind.UNVERIFIED)], [])
+    found = [refusal for report in reports for refusal in _refusals(report, float_top1, baseline, limits, holdout)]
+    beyond = [r.p_value is None or r.p_value <= limits.refusal_significance for r in found]
+    return Verdict(
+        [r for r, b in zip(found, beyond, strict=True) if b], [r for r, b in zip(found, beyond, strict=True) if not b]
+    )
+
+
+def _evidence(reference_right: np.ndarray | None, report: RuntimeReport, holdout: Holdout | None, alpha: float):
+    """The paired comparison's fields of a refusal; none when per-image answers are missing."""
+    if holdout is None or report.predicted is None or reference_right is None:
+        return {}
+    candidate_right = np.asarray(report.predicted) == np.asarray(holdout.labels)
+    if candidate_right.shape != np.shape(reference_right):
+        return {}
+    p: Paired = paired(reference_right, candidate_right)
+    return {"lost": p.lost, "gained": p.gained, "p_value": p.p_value, "significance": alpha}
 
 
 def _refusals(
-    report: RuntimeReport, float_top1: float, baseline: Baseline | None, limits: ExportSettings
+    report: RuntimeReport,
+    float_top1: float,
+    baseline: Baseline | None,
+    limits: ExportSettings,
+    holdout: Holdout | None,
 ) -> list[Refusal]:
     where = {"runtime": report.runtime, "runtime_version": report.version}
     if report.error is not None:
         return [Refusal(kind=RefusalKind.RUNTIME_FAILED, fault=report.fault, error=report.error, **where)]
     refusals = [Refusal(kind=RefusalKind.NONFINITE, **where)] if report.nonfinite else []
     top1 = report.top1 or 0.0
+    alpha = limits.refusal_significance
     if 100 * (float_top1 - top1) > limits.max_drop_pts:
         refusals.append(
             Refusal(
@@ -129,6 +211,7 @@ def _refusals(
                 float_top1=float_top1,
                 limit_pts=limits.max_drop_pts,
                 **where,
+                **_evidence(holdout.float_right if holdout is not None else None, report, holdout, alpha),
             )
         )
     previous = baseline.top1.get(report.runtime) if baseline is not None else None
@@ -141,6 +224,7 @@ def _refusals(
                 published_version=baseline.version,
                 limit_pts=limits.tolerance_pts,
                 **where,
+                **_evidence(baseline.right.get(report.runtime), report, holdout, alpha),
             )
         )
     return refusals

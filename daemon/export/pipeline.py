@@ -32,7 +32,7 @@ from daemon.export import images as stored
 from daemon.export.conversions import Conversions, Converted
 from daemon.export.converter import Deployable, input_dtype, snapshot
 from daemon.export.float_reference import float_reference
-from daemon.export.gates import Baseline, Refusal, RefusalKind, gate
+from daemon.export.gates import Baseline, Holdout, Refusal, RefusalKind, judge
 from daemon.export.head_patch import head_of
 from daemon.export.head_verification import Embeddings, keep_embeddings, verify_patched
 from daemon.export.int8_fit import Int8Fit
@@ -287,7 +287,10 @@ def _candidate(
     fields["metrics"]["verification"] = verification
     if fit is not None:
         fields["metrics"].update(fit.metrics)
-    return Candidate(mode, fields, tflite, reports, gate(reports, float_top1, baseline, cfg))
+    verdict = judge(reports, float_top1, baseline, cfg, Holdout(inputs.labels, reference.argmax(1)))
+    for passed in verdict.within_chance:
+        log.info("%s: not refused: %s", mode, passed)
+    return Candidate(mode, fields, tflite, reports, verdict.refusals)
 
 
 def _stale(c: Candidate) -> bool:

@@ -69,12 +69,17 @@ class PublishedScores:
             known = self.runtimes[runtime] = RuntimePredictions(runtime_version)
         known.by_seq.update(zip(seqs, predicted, strict=True))
 
-    def top1(self, runtime: str, seqs: list[int], truth: list[str]) -> float | None:
-        """Share of ``seqs`` predicted as their ``truth`` name; None unless every one was scored."""
+    def right(self, runtime: str, seqs: list[int], truth: list[str]) -> np.ndarray | None:
+        """Whether each of ``seqs`` was predicted as its ``truth`` name; None unless every one was scored."""
         known = self.runtimes.get(runtime)
         if known is None or not seqs or any(s not in known.by_seq for s in seqs):
             return None
-        return sum(known.by_seq[s] == t for s, t in zip(seqs, truth, strict=True)) / len(seqs)
+        return np.array([known.by_seq[s] == t for s, t in zip(seqs, truth, strict=True)], dtype=bool)
+
+    def top1(self, runtime: str, seqs: list[int], truth: list[str]) -> float | None:
+        """Share of ``seqs`` predicted as their ``truth`` name; None unless every one was scored."""
+        right = self.right(runtime, seqs, truth)
+        return None if right is None else float(right.mean())
 
     def save(self, keep: set[int] | None = None) -> None:
         """Write by rename; remove the files of versions other than this one and ``keep``."""
@@ -139,8 +144,10 @@ def published_baseline(
         scores.save()
     except OSError as err:  # a cache: the comparison stands, the next export scores these examples again
         log.warning("could not keep version %d's holdout predictions: %s", latest["version"], err)
-    top1: dict[str, float] = {r: t for r in job.export.runtimes if (t := scores.top1(r, seqs, names)) is not None}
-    return Baseline(latest["version"], top1, rescored)
+    right: dict[str, np.ndarray] = {
+        r: hits for r in job.export.runtimes if (hits := scores.right(r, seqs, names)) is not None
+    }
+    return Baseline(latest["version"], {r: float(hits.mean()) for r, hits in right.items()}, rescored, right)
 
 
 def _score_missing(

@@ -37,6 +37,7 @@ RELOADABLE: dict[str, frozenset[str]] = {
             "first_model_examples",
             "max_drop_pts",
             "tolerance_pts",
+            "refusal_significance",
             "quantization",
             "runtimes",
             "tflite_runtime_python",
