@@ -141,15 +141,23 @@ def test_the_next_exports_process_waits_with_its_imports_done_and_the_next_expor
     child = ExportChild()
     try:
         assert child.spare_pid is None  # the first export after a start pays the imports
-        assert isinstance(child.run(ExportJob.from_settings(settings)), ExportOutcome)
+        first = child.run(ExportJob.from_settings(settings))
+        assert isinstance(first, ExportOutcome) and first.metrics["conversion"] == "full"
         spare = child.spare_pid
         assert spare is not None and child.pid is None
         wait_for(lambda: _waiting_on_stdin(spare), 60, "the spare to finish its imports and wait")
-        assert len(list(tmp.iterdir())) == 1  # the spare's folder only: the export's went with it
+        assert len(list(tmp.iterdir())) == 1  # the spare's folder only: the converting export's went with it
         second = child.run(ExportJob.from_settings(settings))  # a second version, published by the spare
         assert isinstance(second, ExportOutcome) and second.published["version"] == 2, second
-        assert not Path(f"/proc/{spare}").exists()  # used, ended and reaped
-        assert child.spare_pid not in (None, spare)
+        # It only wrote the new head into the kept conversion: it stays, and serves the next export too.
+        assert second.metrics["conversion"] == "patched" and child.spare_pid == spare
+        wait_for(lambda: _waiting_on_stdin(spare), 60, "the process to wait for its next export")
+        settings.export.full_conversion_every = 1  # the next export converts in full, in that same process
+        third = child.run(ExportJob.from_settings(settings))
+        assert isinstance(third, ExportOutcome) and third.published["version"] == 3, third
+        assert third.metrics["conversion"] == "full"
+        assert not Path(f"/proc/{spare}").exists()  # it converted: it ended and was reaped
+        assert child.spare_pid not in (None, spare)  # a fresh process waits for the next
     finally:
         child.stop()
     assert child.spare_pid is None and list(tmp.iterdir()) == []  # the stop discards the spare and its folder

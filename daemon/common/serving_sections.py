@@ -108,9 +108,10 @@ class ExportSettings(Section):
     )
     prewarm_process: bool = Field(
         True,
-        description="Start the next export's process as soon as an export ends, so that it has imported torch "
-        "and litert-torch (~5 s of CPU on 2 cores) before it is due: each model ships that much sooner, for "
-        "~0.5 GB held between exports. False starts it when the export is due.",
+        description="Keep an export process waiting between exports, its imports of torch and litert-torch "
+        "(~5 s of CPU on 2 cores) done: the one that only wrote a new head stays for the next export, one that "
+        "converted is replaced as soon as it ends. Each model ships that much sooner, for ~0.5 GB held between "
+        "exports. False starts a process when an export is due.",
     )
     runtimes: list[Literal["ai-edge-litert", "tflite-runtime"]] = Field(
         ["ai-edge-litert", "tflite-runtime"],

@@ -1,4 +1,4 @@
-"""One export in a child process that exits after it: the daemon's side is :class:`ExportChild`, the child's :func:`main`.
+"""Exports in a child process that exits after a conversion: the daemon's side is :class:`ExportChild`, the child's :func:`main`.
 
 Why a process and not a thread of the daemon:
 
@@ -17,10 +17,11 @@ Protocol: the child imports what an export needs (Python, torch, and
 litert-torch unless its export is already due: ~9 s of CPU on a 2-core host
 in all), then waits for its
 :class:`~daemon.export.job.ExportJob` (the settings sections an export needs,
-as JSON) on its stdin; it runs ``export_once`` and writes one JSON document,
-its report (daemon/export/outcome.py: an ``ExportOutcome``, or why nothing
-was exported), to its stdout, which is its own. The daemon validates it: a
-malformed report is a failed export, like a crash. Its stderr is
+as one line of JSON) on its stdin; it runs ``export_once`` and writes its
+report (daemon/export/outcome.py: an ``ExportOutcome``, or why nothing was
+exported) as one line to its stdout, which is its own, then a line saying
+whether it ``stays`` for the next export or ``ends``. The daemon validates
+the report: a malformed one is a failed export, like a crash. Its stderr is
 a pipe that the daemon reads (``ChildLog``): the child's log records come as
 JSON lines and are logged again by the daemon, Sprout's at their level,
 other libraries' below ERROR at DEBUG; anything else printed there (the
@@ -30,9 +31,13 @@ on the operator's terminal; a failed one says why. The child's temporaries
 live in a folder the daemon removes when the child has ended, however it
 ended.
 
-With ``export.prewarm_process`` the next export's child is started as soon
-as an export ends, and waits, imports done, until it is due: the export
-begins converting at once. The first export after a start pays the imports.
+With ``export.prewarm_process`` the next export never waits for a process's
+imports: a child whose export converted nothing (a new head written into a
+kept conversion, conversions.py) stays and serves the next one, up to
+``MOST_EXPORTS_PER_PROCESS``; after one that converted, the next export's
+child is started as soon as it ends, and waits, imports done, until it is
+due. The first export after a start pays the imports. Without it each export
+starts its own process, and none is held between exports.
 """
 
 from __future__ import annotations
@@ -61,6 +66,11 @@ log = logging.getLogger("sprout.export")
 
 PROJECT_ROOT = Path(daemon.__file__).resolve().parent.parent  # the folder holding daemon/, for PYTHONPATH
 TMP_PREFIX = "sprout-export-"  # + the daemon's pid: a child's temporaries, in the system's temporary folder
+# A process that only wrote new heads into kept conversions serves the next export too, up to this many: a
+# new process cost every export 2 s of imports on 2 cores (docs/benchmarks.md).
+MOST_EXPORTS_PER_PROCESS = 100
+_DUE_SOON_S = 3.0  # after an export, how long a process waits for the next before importing litert-torch
+_STAYS, _ENDS = "stays", "ends"  # the line after each report: whether the process serves the next export
 
 
 def remove_orphaned_temporaries() -> int:
@@ -179,7 +189,7 @@ class ExportChild:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running: _Process | None = None
-        self._spare: _Process | None = None  # started after an export, imports done, waiting for the next
+        self._spare: _Process | None = None  # imports done, waiting for the next export
         self._stopped = False
 
     @property
@@ -211,10 +221,11 @@ class ExportChild:
     def run(self, job: ExportJob) -> ExportOutcome | NothingExported | DiskFull:
         """``export_once`` in a child (the spare if one waits), given only its :class:`ExportJob`: its report.
 
-        Afterwards, with ``export.prewarm_process``, the next export's child is started. Raises
+        Afterwards, with ``export.prewarm_process``, the child waits for the next export if it converted nothing,
+        or the next export's child is started. Raises
         :class:`ExportFailed` when the child ends without a readable report, :class:`ExportStopped` on a stop.
         """
-        request = job.model_dump_json().encode()
+        request = job.model_dump_json().encode() + b"\n"
         with self._lock:
             if self._stopped:
                 raise ExportStopped("the daemon is stopping")
@@ -224,6 +235,7 @@ class ExportChild:
                 child.discard()
                 child = None
             self._running = child if child is not None else _Process()
+        stays = False
         try:
             # Not communicate(): it would read stderr too, racing the ChildLog thread for the child's log
             # lines (each reader got some, and communicate's share was lost).
@@ -231,20 +243,24 @@ class ExportChild:
             assert proc.stdin is not None and proc.stdout is not None  # _Process opens both as pipes
             try:
                 proc.stdin.write(request)
-                proc.stdin.close()
+                proc.stdin.flush()
             except BrokenPipeError:
                 pass  # the child ended already; its exit code says how
-            out = proc.stdout.read()
-            code = proc.wait()
+            out = proc.stdout.readline()
+            stays = proc.stdout.readline().strip().decode("ascii", "replace") == _STAYS
+            code = 0 if stays else proc.wait()
         finally:
             with self._lock:
                 done, self._running = self._running, None
-                done.discard()
-                if job.export.prewarm_process and not self._stopped:
-                    try:
-                        self._spare = _Process()
-                    except OSError as err:  # no room for its folder, no process: the next export starts one
-                        log.warning("could not start the next export's process ahead of time: %s", err)
+                if stays and not self._stopped:
+                    self._spare = done  # it waits for the next export, its imports done
+                else:
+                    done.discard()
+                    if job.export.prewarm_process and not self._stopped:
+                        try:
+                            self._spare = _Process()
+                        except OSError as err:  # no room for its folder, no process: the next export starts one
+                            log.warning("could not start the next export's process ahead of time: %s", err)
         if self._stopped:
             raise ExportStopped("the daemon is stopping")
         if code != 0:
@@ -265,39 +281,49 @@ def main(argv: list[str]) -> int:
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # litert-torch and ai-edge-quantizer print to stdout; only the outcome goes there
 
-    # What every export imports (torch), then, unless its export is already due, litert-torch (~6 s of
-    # CPU): a full conversion needs it, an export that only writes a new head does not (conversions.py),
-    # and such an export is often due before a spare child has imported everything.
+    # What every export imports (torch); litert-torch (~6 s of CPU) only while no export is due: a full
+    # conversion needs it, an export that only writes a new head does not (conversions.py), and such an
+    # export is often due before a waiting process has imported everything.
     from daemon.common import logs
+    from daemon.export.converter import conversions_run
     from daemon.export.pipeline import NothingToExport, export_once
     from daemon.store.errors import is_disk_full
 
-    if not select.select([sys.stdin], [], [], 0)[0]:
-        import litert_torch  # noqa: F401 - imported for its cost, used by daemon.export.converter
-        from litert_torch.quantize import pt2e_quantizer, quant_config  # noqa: F401 - int8's converter
+    served = 0
+    while True:
+        # Right after an export the next is often due within a poll of the daemon's: wait that long first.
+        if not select.select([sys.stdin], [], [], 0 if served == 0 else _DUE_SOON_S)[0]:
+            import litert_torch  # noqa: F401 - imported for its cost, used by daemon.export.converter
+            from litert_torch.quantize import pt2e_quantizer, quant_config  # noqa: F401 - int8's converter
 
-    document = sys.stdin.buffer.read()
-    if not document:  # the daemon discarded this spare without using it
-        return 0
-    job = ExportJob.model_validate_json(document)
-    # JSON lines whatever the daemon's format: the daemon reads them and logs them again (ChildLog).
-    logs.configure(job.log_level, "json")
-    report: ExportOutcome | NothingExported | DiskFull
-    try:
-        report = export_once(job)
-    except NothingToExport as err:
-        report = NothingExported(why=str(err))
-    except OSError as err:
-        if not is_disk_full(err):
+        document = sys.stdin.buffer.readline()
+        if not document.strip():  # the daemon discarded this process without using it (again)
+            return 0
+        job = ExportJob.model_validate_json(document)
+        # JSON lines whatever the daemon's format: the daemon reads them and logs them again (ChildLog).
+        logs.configure(job.log_level, "json")
+        report: ExportOutcome | NothingExported | DiskFull
+        try:
+            report = export_once(job)
+        except NothingToExport as err:
+            report = NothingExported(why=str(err))
+        except OSError as err:
+            if not is_disk_full(err):
+                log.exception("export failed: %s", err)
+                return Exit.SOFTWARE
+            report = DiskFull.of(err)
+        except Exception as err:
             log.exception("export failed: %s", err)
             return Exit.SOFTWARE
-        report = DiskFull.of(err)
-    except Exception as err:
-        log.exception("export failed: %s", err)
-        return Exit.SOFTWARE
-    result.write(write_report(report))
-    result.close()
-    return 0
+        served += 1
+        # It serves the next export too unless it converted (litert-torch keeps tens of MiB after each
+        # conversion) or has served many (anything else that grows stays bounded).
+        stays = job.export.prewarm_process and conversions_run() == 0 and served < MOST_EXPORTS_PER_PROCESS
+        result.write(write_report(report) + "\n" + (_STAYS if stays else _ENDS) + "\n")
+        result.flush()
+        if not stays:
+            result.close()
+            return 0
 
 
 if __name__ == "__main__":

@@ -94,6 +94,14 @@ class _Uint8Pixels(nn.Module):
         return self.model(pixels.to(torch.float32))
 
 
+_conversions_run = 0  # in this process; an export process that converted ends after its export (child.py)
+
+
+def conversions_run() -> int:
+    """Full conversions begun in this process: litert-torch keeps memory after each."""
+    return _conversions_run
+
+
 def convert(model: Deployable, mode: str, input_size: int, calibration: Sequence[np.ndarray] = ()) -> bytes:
     """The .tflite bytes of ``model`` in ``mode``; ``calibration``: uint8 (H, W, 3) images, required for int8.
 
@@ -101,6 +109,8 @@ def convert(model: Deployable, mode: str, input_size: int, calibration: Sequence
     in every thread): a learner stepping beside it in the same process died with KeyError: 'custom'. The
     daemon therefore converts in a process of its own (daemon/export/child.py).
     """
+    global _conversions_run
+    _conversions_run += 1
     # litert-torch draws progress bars on stdout: noise in a daemon's journal, and it would
     # corrupt `sprout export`'s JSON output. An explicit setting by the operator wins.
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")

@@ -238,21 +238,26 @@ def _output_range(logits: np.ndarray) -> tuple[float, int]:
     return float(scale.item()), int(zero_point.item())
 
 
-def head_of(model: Any, calibration: Sequence[np.ndarray] = ()) -> Head:
-    """The classifier of a :class:`~daemon.export.converter.Deployable`, with the logits of the uint8 (H, W, 3)
-    ``calibration`` images when given (int8 needs them)."""
+def head_of(model: Any, calibration: Sequence[np.ndarray] = (), embeddings: np.ndarray | None = None) -> Head:
+    """The classifier of a :class:`~daemon.export.converter.Deployable`, with the logits and float embeddings of
+    the uint8 (H, W, 3) ``calibration`` images when given (int8 needs them); their ``embeddings``, when known
+    (float_reference.float_embeddings), spare running the backbone on them."""
     import torch
 
-    logits = embeddings = None
-    if len(calibration):
+    logits = None
+    if embeddings is None and len(calibration):
         out = []
         with torch.no_grad():
             for start in range(0, len(calibration), 64):
                 pixels = np.stack(calibration[start : start + 64]).astype(np.float32)
                 x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
                 out.append(model.backbone(x * model.scale - model.shift))
-            embedded = torch.cat(out)
-            logits, embeddings = model.head(embedded).numpy(), embedded.numpy()
+        embeddings = torch.cat(out).numpy()
+    if embeddings is not None and len(embeddings):
+        with torch.no_grad():
+            logits = model.head(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))).numpy()
+    else:
+        embeddings = None
     weight = model.head.weight.detach().cpu().numpy().astype(np.float32)
     bias = model.head.bias.detach().cpu().numpy().astype(np.float32)
     return Head(weight, bias, logits, embeddings)

@@ -33,25 +33,28 @@ def holdout(
     return seqs, np.stack(images), np.array(indices)
 
 
-def calibration(reader: StoreReader, high_water_mark: int, size: int, most: int, seed: int) -> list[np.ndarray]:
-    """A class-balanced sample of stored training examples, as uint8 RGB: what int8 ranges are measured on.
+def calibration(
+    reader: StoreReader, high_water_mark: int, size: int, most: int, seed: int
+) -> tuple[list[int], list[np.ndarray]]:
+    """A class-balanced sample of stored training examples, their seqs and uint8 RGB: what int8 ranges are
+    measured on.
 
-    Balanced, so a class with few examples still sets the ranges its features need; drawn across the whole
-    history with a fixed seed, so two exports of the same checkpoint calibrate alike.
+    Balanced, so a class with few examples still sets the ranges its features need; each class's chosen by a
+    hash of their seq salted with ``seed``, so that it is spread across the whole history, two exports of the
+    same checkpoint calibrate alike, and the sample stays put as the store grows (a new example enters only in
+    place of one whose hash is larger): the float embeddings kept for it (float_reference.py) stay of use.
     """
     by_label: dict[str, list[int]] = {}
     for seq, label in reader.labels_up_to(high_water_mark, "train"):
         by_label.setdefault(label, []).append(seq)
-    rng = np.random.default_rng(seed)
     per_label = max(1, most // max(1, len(by_label)))
-    seqs = []
+    chosen: list[int] = []
     for label in sorted(by_label):
-        pool = by_label[label]
-        seqs += [pool[i] for i in sorted(rng.choice(len(pool), size=min(per_label, len(pool)), replace=False))]
-    images = [rgb for e in reader.by_seq(seqs) if (rgb := load_rgb(e.image, size)) is not None]
-    if not images:
+        chosen += sorted(by_label[label], key=lambda seq: _rank(seq ^ seed))[:per_label]
+    pairs = [(e.seq, rgb) for e in reader.by_seq(sorted(chosen)) if (rgb := load_rgb(e.image, size)) is not None]
+    if not pairs:
         raise NothingToExport("no stored training examples to calibrate the int8 model on yet")
-    return images
+    return [seq for seq, _ in pairs], [rgb for _, rgb in pairs]
 
 
 def distillation_sample(reader: StoreReader, high_water_mark: int, most: int) -> list[int]:

@@ -31,7 +31,7 @@ from daemon.common.settings import Settings
 from daemon.export import images as stored
 from daemon.export.conversions import Conversions, Converted
 from daemon.export.converter import Deployable, input_dtype, snapshot
-from daemon.export.float_reference import float_reference
+from daemon.export.float_reference import float_embeddings, float_reference
 from daemon.export.gates import Baseline, Holdout, Refusal, RefusalKind, judge
 from daemon.export.head_patch import head_of
 from daemon.export.head_verification import Embeddings, keep_embeddings, verify_patched
@@ -75,7 +75,8 @@ class Inputs:
     seqs: list[int]  # the holdout examples, by store seq
     images: np.ndarray  # uint8 (N, H, W, 3) at the model's input size
     labels: np.ndarray  # label index per holdout image
-    calibration: list[np.ndarray]  # empty unless int8 is tried
+    calibration_seqs: list[int]  # int8's calibration examples, by store seq; empty unless int8 is tried
+    calibration: list[np.ndarray]  # their uint8 RGB images
     distillation_seqs: list[int]  # the training examples int8's classifier is distilled on; empty unless int8
 
 
@@ -240,13 +241,17 @@ def _read(job: ExportJob, with_calibration: bool) -> Inputs:
         reader.labels = LabelMap.replay(changes)
         snap = _restored(job, reader)
         seqs, images, labels = stored.holdout(reader, snap.labels, snap.high_water_mark, size, cfg.verify_examples)
-        calibration, distillation = [], []
+        calibration_seqs: list[int] = []
+        calibration: list[np.ndarray] = []
+        distillation: list[int] = []
         if with_calibration:
-            calibration = stored.calibration(reader, snap.high_water_mark, size, cfg.calibration_examples, job.seed)
+            calibration_seqs, calibration = stored.calibration(
+                reader, snap.high_water_mark, size, cfg.calibration_examples, job.seed
+            )
             distillation = stored.distillation_sample(reader, snap.high_water_mark, cfg.int8_distillation_examples)
     finally:
         reader.close()
-    return Inputs(changes, snap, seqs, images, labels, calibration, distillation)
+    return Inputs(changes, snap, seqs, images, labels, calibration_seqs, calibration, distillation)
 
 
 def _candidate(
@@ -264,7 +269,13 @@ def _candidate(
     cfg, size, snap = job.export, job.model.input_size, inputs.snap
     converted = time.perf_counter()
     calibration = inputs.calibration if mode == "int8" else []
-    head = head_of(model, calibration)
+    # The calibration images' float embeddings, kept from the exports before for those seen already.
+    embedded = (
+        float_embeddings(model, inputs.calibration_seqs, calibration, job.state_dir, "float-calibration")
+        if calibration
+        else None
+    )
+    head = head_of(model, calibration, embedded)
     fit = Int8Fit(job, model, head, calibration, inputs.distillation_seqs) if mode == "int8" else None
     conversion = Conversions(job.state_dir, cfg.full_conversion_every).convert(
         model, mode, size, calibration, full=full, head=head, fit=fit

@@ -208,7 +208,7 @@ class Demo:
             delta = (model_file.get("deltas") or {}).get(str(published["version"] - 1))
             update = f", delta from {published['version'] - 1} {delta['size'] / 1e3:.1f} kB" if delta else ""
             # A new head written into the kept conversion (daemon/export/head_patch.py), or the whole network.
-            how = "head patched in" if m.get("conversion") == "patched" else "converted in full"
+            how = "new head only" if m.get("conversion") == "patched" else "converted in full"
             last = exporting.last
             took = (
                 f" in {last.seconds:.0f} s"
