@@ -7,6 +7,8 @@ in every quantization mode, with the head changed and with a class added.
 from __future__ import annotations
 
 import copy
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +141,22 @@ def test_exports_reuse_the_kept_conversion_until_the_backbone_changes_or_a_full_
     again = conversions.convert(moved, "fp16", 32)
     assert (again.how, again.why) == ("full", "the kept conversion is incomplete or damaged")
     assert np.array_equal(probabilities(again.tflite, images), probabilities(convert(moved, "fp16", 32), images))
+
+
+def test_a_full_conversion_due_by_count_waits_for_the_minimum_interval(trained, tmp_path: Path):
+    """Exports seconds apart: the cross-check's full conversion comes by time, not every few exports."""
+    model, _, _, _ = trained
+    conversions = Conversions(tmp_path, full_every=2, full_every_min_s=3600)
+    assert conversions.convert(model, "fp16", 32).how == "full"
+    assert [conversions.convert(changed(model, k), "fp16", 32).how for k in (1, 2, 3)] == ["patched"] * 3
+    kept = tmp_path / "export-cache" / "conversions" / "fp16.json"
+    state = json.loads(kept.read_text())
+    kept.write_text(json.dumps({**state, "converted_at": time.time() - 3601}))  # an hour on
+    due = conversions.convert(changed(model, 4), "fp16", 32)
+    assert due.how == "full" and "at least 3600 s apart (export.full_conversion_min_interval_s)" in due.why
+    assert conversions.convert(changed(model, 5), "fp16", 32).how == "patched"
+    # 1 still converts at every export, whatever the interval.
+    assert Conversions(tmp_path, full_every=1, full_every_min_s=3600).convert(model, "fp16", 32).how == "full"
 
 
 def test_a_conversion_that_does_not_hold_the_trained_head_is_never_patched(trained, tmp_path: Path):

@@ -89,6 +89,15 @@ class ExportSettings(Section):
         "of 15-60 s, the same numbers. A full conversion recalibrates int8's activation ranges on today's stored "
         "examples; 1 converts fully at every export.",
     )
+    full_conversion_min_interval_s: float = Field(
+        600.0,
+        ge=0.0,
+        le=604_800.0,
+        description="Seconds a mode's full conversion serves patched exports at least, even past "
+        "full_conversion_every: with exports seconds apart, a full conversion every 10 of them (35-40 s of "
+        "EfficientNet-Lite0 int8 on 2 cores, no model published meanwhile) was 40% of the time. Lower recalibrates "
+        "and cross-checks sooner; 0 counts exports alone.",
+    )
     int8_bias_correction: bool = Field(
         True,
         description="Fit an int8 file's classifier to its int8 backbone: its bias corrected for the mean error "

@@ -10,9 +10,12 @@ calibration included). A full conversion runs instead when:
 - the frozen part changed: a fingerprint of every non-head weight, the mode,
   the input size and the converting libraries' versions (``last_blocks`` and
   ``full`` modes train the backbone: every export of theirs is full);
-- the kept one has served ``export.full_conversion_every - 1`` patched exports:
-  a full conversion recalibrates int8's activation ranges on today's stored
-  examples, which the patched exports reuse;
+- the kept one has served ``export.full_conversion_every - 1`` patched exports
+  and is ``export.full_conversion_min_interval_s`` old: a full conversion
+  recalibrates int8's activation ranges on today's stored examples, which the
+  patched exports reuse, and cross-checks the patches. With exports every few
+  seconds, every 10th converting in full (35-40 s on 2 cores) held new models
+  up for 40% of the time (docs/benchmarks.md);
 - the patch was refused (a graph that does not end as the converter makes it).
 
 Every full conversion is checked at once: its own head written into it must
@@ -31,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -79,9 +83,10 @@ def _version(name: str) -> str:
 
 
 class Conversions:
-    def __init__(self, state_dir: Path, full_every: int):
+    def __init__(self, state_dir: Path, full_every: int, full_every_min_s: float = 0.0):
         self.root = state_dir / CACHE / "conversions"
-        self.full_every = full_every
+        self.full_every = full_every  # export.full_conversion_every
+        self.full_every_min_s = full_every_min_s  # export.full_conversion_min_interval_s
 
     def convert(
         self,
@@ -144,8 +149,16 @@ class Conversions:
             return None, f"the converted file does not hold the head as trained ({state.get('unpatchable', '?')})"
         if state.get("frozen") != frozen:
             return None, "the backbone, the input size or a converting library changed"
-        if int(state.get("patched_since", 0)) >= self.full_every - 1:
-            return None, f"every {self.full_every} exports convert in full (export.full_conversion_every)"
+        if self.full_every <= 1 or (
+            int(state.get("patched_since", 0)) >= self.full_every - 1
+            and time.time() - float(state.get("converted_at", 0.0)) >= self.full_every_min_s
+        ):
+            apart = (
+                f", at least {self.full_every_min_s:g} s apart (export.full_conversion_min_interval_s)"
+                if self.full_every_min_s > 0 and self.full_every > 1
+                else ""
+            )
+            return None, f"every {self.full_every} exports convert in full (export.full_conversion_every){apart}"
         return (tflite, state), ""
 
     def _keep(self, mode: str, frozen: str, tflite: bytes, head: Head) -> None:
@@ -155,6 +168,7 @@ class Conversions:
             "sha256": hashlib.sha256(tflite).hexdigest(),
             "patched_since": 0,
             "converted": _now(),
+            "converted_at": time.time(),
             "patchable": True,
         }
         try:

@@ -277,7 +277,7 @@ def _candidate(
     )
     head = head_of(model, calibration, embedded)
     fit = Int8Fit(job, model, head, calibration, inputs.distillation_seqs) if mode == "int8" else None
-    conversion = Conversions(job.state_dir, cfg.full_conversion_every).convert(
+    conversion = Conversions(job.state_dir, cfg.full_conversion_every, cfg.full_conversion_min_interval_s).convert(
         model, mode, size, calibration, full=full, head=head, fit=fit
     )
     log.info("%s: %s conversion (%s)", mode, conversion.how, conversion.why)

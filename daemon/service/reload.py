@@ -46,6 +46,7 @@ RELOADABLE: dict[str, frozenset[str]] = {
             "verify_timeout_s",
             "skip_lossy_mode_for",
             "full_conversion_every",
+            "full_conversion_min_interval_s",
             "int8_bias_correction",
             "int8_distillation_examples",
             "prewarm_process",
