@@ -119,8 +119,8 @@ class ExportSettings(Section):
         True,
         description="Keep an export process waiting between exports, its imports of torch and litert-torch "
         "(~5 s of CPU on 2 cores) done: the one that only wrote a new head stays for the next export, one that "
-        "converted is replaced as soon as it ends. Each model ships that much sooner, for ~0.5 GB held between "
-        "exports. False starts a process when an export is due.",
+        "converted is replaced as soon as it ends. Each model ships that much sooner, for 0.5-1.0 GB held between "
+        "exports (a fresh process; one that stayed, with its model). False starts a process when an export is due.",
     )
     runtimes: list[Literal["ai-edge-litert", "tflite-runtime"]] = Field(
         ["ai-edge-litert", "tflite-runtime"],
