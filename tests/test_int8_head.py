@@ -104,3 +104,37 @@ def test_an_int8_export_distils_its_classifier_and_a_patched_one_reuses_the_kept
     fourth, _ = int8_export(tmp_path, SPROUT_EXPORT__INT8_DISTILLATION_EXAMPLES="0")
     assert "int8_distillation_examples" not in fourth["metrics"]
     assert "int8_bias_correction_logits" in fourth["metrics"]
+
+
+def test_a_patched_export_distils_on_every_kept_pair_even_as_the_sample_moves(tmp_path: Path):
+    """The sample moved by two examples since the full conversion embedded 300: all 300 pairs still count."""
+    from daemon.export.head_verification import Embeddings
+    from daemon.export.int8_head import distillation_sample
+
+    rng = np.random.default_rng(3)
+    embedded = list(range(300))
+    Embeddings(tmp_path, "distillation-float").save(
+        "frozen", {"float": {s: rng.normal(size=8).astype(np.float32) for s in embedded}}, embedded
+    )
+    Embeddings(tmp_path, "distillation-int8").save(
+        "base", {"ai-edge-litert": {s: rng.normal(size=8).astype(np.float32) for s in embedded}}, embedded
+    )
+
+    def nothing_runs(*_):
+        raise AssertionError("a patched export decodes and runs nothing")
+
+    sample = distillation_sample(
+        list(range(2, 302)),  # two examples left the sample, two new ones entered
+        nothing_runs,
+        nothing_runs,
+        "frozen",
+        b"",
+        "base",
+        tmp_path,
+        "ai-edge-litert",
+        None,
+        10.0,
+        float_budget=0,
+        int8_now=False,
+    )
+    assert sample is not None and len(sample.int8_embeddings) == 300 and sample.computed == 0

@@ -93,7 +93,7 @@ def distillation_sample(
     backbone, int8 ones for the conversion whose sha256 is ``base``), missing ones computed from the images
     ``load`` decodes (seq -> uint8 (H, W, 3); a seq it leaves out is skipped) and kept: float ones for at most
     ``float_budget`` examples (None: all), int8 ones (``int8_now``) for every example with a float one. The
-    examples with both, or None when there are none."""
+    kept examples with both, or None when there are none."""
     kept_float, kept_int8 = Embeddings(state_dir, "distillation-float"), Embeddings(state_dir, "distillation-int8")
     floats = kept_float.load(frozen).get("float", {})
     int8s = kept_int8.load(base).get(runtime, {})
@@ -111,7 +111,10 @@ def distillation_sample(
             kept_int8.save(base, {runtime: int8s}, seqs)
         except OSError as err:  # only a cache: the next export computes them again
             log.warning("could not keep the distillation sample's embeddings: %s", err)
-    usable = [s for s in seqs if s in floats and s in int8s]
+    # Every kept pair, also of examples that have left today's sample since it was embedded (the sample moves a
+    # little as the store grows): distillation needs no label, and a patched export would otherwise fall below
+    # MIN_DISTILLATION_EXAMPLES for want of a few and ship the bias-corrected head until the next full conversion.
+    usable = sorted(s for s in floats if s in int8s)
     if not usable:
         return None
     return DistillationSample(np.stack([floats[s] for s in usable]), np.stack([int8s[s] for s in usable]), len(images))
