@@ -29,13 +29,20 @@ needs_systemd_analyze = pytest.mark.skipif(
 
 
 def local_unit(tmp_path: Path) -> Path:
-    """The unit with ExecStart pointing at this checkout's sprout (verify checks that the binary exists)."""
-    sprout = Path(sys.executable).parent / "sprout"
+    """The unit with PATH leading to this checkout's sprout, so that it runs from here."""
     text = UNIT.read_text()
-    assert "/opt/sprout/.venv/bin/sprout" in text
+    assert "Environment=PATH=/opt/sprout/.venv/bin:" in text
     unit = tmp_path / "sprout.service"
-    unit.write_text(text.replace("/opt/sprout/.venv/bin/sprout", str(sprout)))
+    unit.write_text(text.replace("PATH=/opt/sprout/.venv/bin:", f"PATH={Path(sys.executable).parent}:"))
     return unit
+
+
+@needs_systemd_analyze
+def test_the_unit_as_shipped_verifies_in_any_checkout():
+    """The operator's `systemd-analyze verify systemd/sprout.service` before installing: clean."""
+    out = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert directives(UNIT.read_text())["ExecStart"][0].startswith("/usr/bin/env sprout run ")
 
 
 def directives(text: str) -> dict[str, list[str]]:
