@@ -46,9 +46,10 @@ from daemon.export import images as stored  # noqa: E402
 from daemon.export.bias_correction import KeptErrors, apply, correction_for  # noqa: E402
 from daemon.export.conversions import frozen_fingerprint  # noqa: E402
 from daemon.export.converter import convert, float_probabilities, snapshot  # noqa: E402
+from daemon.export.float_reference import backbone_embeddings  # noqa: E402
 from daemon.export.head_patch import head_of, patch_head  # noqa: E402
 from daemon.export.head_verification import Embeddings, keep_embeddings, verify_patched  # noqa: E402
-from daemon.export.int8_fit import MIN_DISTILLATION_EXAMPLES, float_embeddings  # noqa: E402
+from daemon.export.int8_fit import MIN_DISTILLATION_EXAMPLES  # noqa: E402
 from daemon.export.int8_head import distillation_sample, distilled  # noqa: E402
 from daemon.export.metadata import describe  # noqa: E402
 from daemon.export.verification import verify  # noqa: E402
@@ -216,7 +217,7 @@ def main() -> None:
                 embedded = distillation_sample(
                     seqs,
                     lambda wanted: stored.decoded(reader, wanted, args.input_size),
-                    lambda pixels: float_embeddings(model, pixels),
+                    lambda pixels: backbone_embeddings(model, pixels),
                     frozen_fingerprint(model, "float", args.input_size),
                     plain,
                     sha,

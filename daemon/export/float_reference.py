@@ -53,11 +53,9 @@ def float_embeddings(
     key = frozen_fingerprint(model, "float", size)
     known = kept.load(key).get(_GROUP, {})
     missing = [i for i, seq in enumerate(seqs) if seq not in known]
-    for start in range(0, len(missing), 64):
-        chunk = missing[start : start + 64]
-        pixels = np.stack([images[i] for i in chunk]).astype(np.float32)
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
-        known.update(zip([seqs[i] for i in chunk], model.backbone(x * model.scale - model.shift).numpy(), strict=True))
+    if missing:
+        computed = backbone_embeddings(model, [images[i] for i in missing])
+        known.update(zip([seqs[i] for i in missing], computed, strict=True))
     if not len(seqs):
         return np.zeros((0, 0), np.float32)
     if missing or len(known) != len(seqs):
@@ -66,3 +64,13 @@ def float_embeddings(
         except OSError as err:  # only a cache: the next export computes them again
             log.warning("could not keep the float model's embeddings (%s): %s", name, err)
     return np.stack([known[seq] for seq in seqs]).astype(np.float32)
+
+
+@torch.no_grad()
+def backbone_embeddings(model: Deployable, pixels: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """The float backbone's embeddings of uint8 (H, W, 3) images, (N, embedding_size), 64 at a time."""
+    out = []
+    for start in range(0, len(pixels), 64):
+        x = torch.from_numpy(np.stack(list(pixels[start : start + 64])).astype(np.float32)).permute(0, 3, 1, 2)
+        out.append(model.backbone(x * model.scale - model.shift).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -246,13 +246,11 @@ def head_of(model: Any, calibration: Sequence[np.ndarray] = (), embeddings: np.n
 
     logits = None
     if embeddings is None and len(calibration):
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(calibration), 64):
-                pixels = np.stack(calibration[start : start + 64]).astype(np.float32)
-                x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
-                out.append(model.backbone(x * model.scale - model.shift))
-        embeddings = torch.cat(out).numpy()
+        from daemon.export.float_reference import (
+            backbone_embeddings,
+        )  # here: it imports conversions, which imports this
+
+        embeddings = backbone_embeddings(model, calibration)
     if embeddings is not None and len(embeddings):
         with torch.no_grad():
             logits = model.head(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))).numpy()

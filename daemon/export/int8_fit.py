@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from daemon.export import images as stored
 from daemon.export.bias_correction import KeptErrors, correction_for
 from daemon.export.conversions import frozen_fingerprint
 from daemon.export.converter import Deployable
+from daemon.export.float_reference import backbone_embeddings
 from daemon.export.head_patch import Head
 from daemon.export.int8_head import distillation_sample, distilled
 from daemon.export.job import ExportJob
@@ -103,7 +103,7 @@ class Int8Fit:
             sample = distillation_sample(
                 self.distillation_seqs,
                 lambda seqs: stored.decoded(reader, seqs, size),
-                lambda pixels: float_embeddings(self.model, pixels),
+                lambda pixels: backbone_embeddings(self.model, pixels),
                 frozen_fingerprint(self.model, "float", size),
                 tflite,
                 base,
@@ -132,13 +132,3 @@ class Int8Fit:
             sample.computed,
         )
         return head, len(sample.int8_embeddings)
-
-
-@torch.no_grad()
-def float_embeddings(model: Deployable, pixels: np.ndarray) -> np.ndarray:
-    """The float backbone's embeddings of uint8 (N, H, W, 3) ``pixels``."""
-    out = []
-    for start in range(0, len(pixels), 64):
-        x = torch.from_numpy(pixels[start : start + 64].astype(np.float32)).permute(0, 3, 1, 2)
-        out.append(model.backbone(x * model.scale - model.shift).numpy())
-    return np.concatenate(out)
