@@ -155,14 +155,14 @@ def main() -> None:
     assert learner.cache is not None  # head mode caches embeddings
     if cache.exists():  # computed by bench/learning.py: same images, same frozen backbone
         with np.load(cache) as saved:
-            seq_of = dict(reader._db.execute("SELECT example_id, seq FROM examples"))
+            seq_of: dict[str, int] = dict(reader._db.query("SELECT example_id, seq FROM examples"))
             learner.cache.put({seq_of[i]: saved[i.replace("/", "_")] for i in seq_of})
     started = time.perf_counter()
     while learner.trained < len(train) - args.more and (batch := reader.after(learner.high_water_mark, 32)):
         learner.learn_many(batch)
     print(f"head trained on {learner.trained} examples in {time.perf_counter() - started:.0f} s", flush=True)
     if not cache.exists() and not args.more:  # for the next run (bench/learning.py writes the Fashion-MNIST one)
-        seq_of = dict(reader._db.execute("SELECT example_id, seq FROM examples"))
+        seq_of = dict(reader._db.query("SELECT example_id, seq FROM examples"))
         vectors = learner.cache.get(list(seq_of.values()))
         if len(vectors) == len(seq_of):
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,10 @@ median of repeats:
   the clock runs from the daemon's start to the last example committed (the
   catch-up rate after an outage).
 
-Usage: python bench/ingest.py [--examples 10000] [--repeats 3] [--json out.json]
+``--store both`` runs every repeat on the SQLite store and on a PostgreSQL store (a private server on
+this machine, fsync on, a new database per run), alternating, so that the two are compared in one sitting.
+
+Usage: python bench/ingest.py [--examples 10000] [--repeats 3] [--store sqlite|postgresql|both] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ import os
 import platform
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +45,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 from benchlib import wait_subscribed  # noqa: E402
 from loadgen import LoadGenerator  # noqa: E402
 
+from daemon.store.database import Database  # noqa: E402
+from daemon.store.errors import StoreError, is_database_error  # noqa: E402
+from daemon.store.location import StoreLocation  # noqa: E402
+from daemon.store.reader import open_reader  # noqa: E402
 from daemon.tools.broker import Mosquitto, free_port  # noqa: E402
 from daemon.tools.datasets import fashion_mnist  # noqa: E402
 from daemon.tools.feeder import Publisher  # noqa: E402
+from daemon.tools.postgres import PrivatePostgres  # noqa: E402
 
 MODEL = "bench"
 TOPIC = f"sprout/{MODEL}/examples"
@@ -97,38 +105,83 @@ def publish_all(
             raise SystemExit(f"broker acked {pub.report.acked} of {n}: {pub.report.as_dict()}")
 
 
-def count_stored(db: Path, prefix: str) -> int:
-    """Examples whose id starts with prefix + '-' (a range scan of the unique index)."""
-    if not db.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+class Members:
+    """Several `--role intake` daemons as one: started, stopped and waited for together."""
+
+    def __init__(self, daemons: list[Daemon]):
+        self.daemons = daemons
+        self.proc: subprocess.Popen[bytes] | None = None  # no single process to profile
+
+    def start(self) -> None:
+        for d in self.daemons:
+            d.start()
+
+    def wait_subscribed(self, broker: Mosquitto, timeout_s: float = 30) -> None:
+        for d in self.daemons:
+            d.wait_subscribed(broker, timeout_s)
+
+    def stop(self) -> None:
+        for d in self.daemons:
+            d.stop()
+
+    def kill(self) -> None:
+        for d in self.daemons:
+            if d.proc and d.proc.poll() is None:
+                d.proc.kill()
+
+
+class StoredCount:
+    """Counts examples whose id starts with prefix + '-' (a range scan of the unique index), on one reader
+    connection once the store exists."""
+
+    def __init__(self, store: StoreLocation):
+        self.store = store
+        self.db: Database | None = None
+
+    def __call__(self, prefix: str) -> int:
         try:
+            if self.db is None:
+                self.db = open_reader(self.store)
             sql = "SELECT COUNT(*) FROM examples WHERE example_id >= ? AND example_id < ?"
-            return con.execute(sql, (f"{prefix}-", f"{prefix}.")).fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.OperationalError:
-        return 0
+            return int(self.db.scalar(sql, (f"{prefix}-", f"{prefix}.")))
+        except StoreError:  # not made yet: the daemon is starting
+            return 0
+        except Exception as err:
+            if not is_database_error(err):
+                raise
+            return 0
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
 
 
-def wait_stored(db: Path, prefix: str, n: int, timeout_s: float = 300, poll_s: float = 0.01) -> float:
+def wait_stored(count: StoredCount, prefix: str, n: int, timeout_s: float = 300, poll_s: float = 0.01) -> float:
     """Poll until n examples are committed; returns the time they were (each commit is acked at once)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if count_stored(db, prefix) >= n:
+        if count(prefix) >= n:
             return time.time()
         time.sleep(poll_s)
-    raise SystemExit(f"only {count_stored(db, prefix)} of {n} stored after {timeout_s}s")
+    raise SystemExit(f"only {count(prefix)} of {n} stored after {timeout_s}s")
 
 
 class Daemon:
-    def __init__(self, url: str, state: Path, learner: bool):
-        self.url, self.state, self.learner = url, state, learner
+    def __init__(self, url: str, state: Path, learner: bool, store: StoreLocation, member: str = ""):
+        self.url, self.state, self.learner, self.store = url, state, learner, store
+        self.member = member  # a name: one `--role intake` member of a group
+        self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "SPROUT_LOGGING__LEVEL": "WARNING", "SPROUT_TRAINING__ENABLED": str(self.learner).lower()}
+        env = {
+            **os.environ,
+            "SPROUT_LOGGING__LEVEL": "WARNING",
+            "SPROUT_TRAINING__ENABLED": str(self.learner).lower(),
+            "SPROUT_STORE__URL": self.store.postgres_url or "",
+        }
+        if self.member:
+            env |= {"SPROUT_ROLE": "intake", "SPROUT_MQTT__CLIENT_ID": f"{MODEL}-intake-{self.member}"}
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -142,14 +195,27 @@ class Daemon:
                 "--state",
                 str(self.state),
                 "--http",
-                f"127.0.0.1:{free_port()}",
+                f"127.0.0.1:{self.http_port}",
             ],
             env=env,
             cwd=ROOT,
         )
 
     def wait_subscribed(self, broker: Mosquitto, timeout_s: float = 30) -> None:
-        wait_subscribed(broker.url, TOPIC, PROBE, timeout_s)
+        if not self.member:
+            wait_subscribed(broker.url, TOPIC, PROBE, timeout_s)
+            return
+        # A probe's PUBACK says only that some member subscribed: this one's /healthz says it did.
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit(f"intake member {self.member} did not subscribe within {timeout_s:.0f} s")
 
     def stop(self) -> None:
         assert self.proc is not None, "stop() before start()"
@@ -161,14 +227,19 @@ PROBE = b""
 PROFILE = os.environ.get("SPROUT_BENCH_PROFILE")  # a path: py-spy samples the daemon during the live run
 
 
-def run_once(jpegs, n: int, mode: str, workdir: Path, publisher: str, learner: bool) -> dict[str, float]:
+def run_once(
+    jpegs, n: int, mode: str, workdir: Path, publisher: str, learner: bool, store: StoreLocation, members: int = 0
+) -> dict[str, float]:
+    """One timed run; ``members``: that many `--role intake` daemons on the store instead of one `sprout run`."""
     broker = Mosquitto(workdir / "broker").start()
     state = workdir / "state"
-    daemon = Daemon(broker.url, state, learner)
+    daemon: Daemon | Members = Daemon(broker.url, state, learner, store)
+    if members:
+        daemon = Members([Daemon(broker.url, workdir / f"state-{i}", False, store, str(i)) for i in range(members)])
+    db = StoredCount(store)
     try:
         daemon.start()
         daemon.wait_subscribed(broker)
-        db = state / "examples.db"
         ctx = mp.get_context("spawn")
         started_at, done_at = ctx.Value("d", 0.0), ctx.Value("d", 0.0)
         if mode == "backlog":
@@ -184,7 +255,7 @@ def run_once(jpegs, n: int, mode: str, workdir: Path, publisher: str, learner: b
             feeder = ctx.Process(target=publish_all, args=(broker.url, jpegs, n, mode, started_at, done_at, publisher))
             feeder.start()
             if PROFILE:
-                assert daemon.proc is not None  # started above
+                assert daemon.proc is not None, "profiling takes one daemon, not --members"
                 spy = subprocess.Popen(
                     [
                         str(Path(sys.executable).parent / "py-spy"),
@@ -215,7 +286,10 @@ def run_once(jpegs, n: int, mode: str, workdir: Path, publisher: str, learner: b
             "publish_per_second": n / (done_at.value - started_at.value),
         }
     finally:
-        if daemon.proc and daemon.proc.poll() is None:
+        db.close()
+        if isinstance(daemon, Members):
+            daemon.kill()
+        elif daemon.proc and daemon.proc.poll() is None:
             daemon.proc.kill()
         broker.stop()
 
@@ -234,26 +308,70 @@ def main() -> None:
         default="on",
         help="on: the default daemon, learning beside intake; off: an ingest-only node",
     )
+    ap.add_argument(
+        "--store",
+        choices=["sqlite", "postgresql", "both"],
+        default="sqlite",
+        help="the example store: SQLite (the default), a private PostgreSQL server, or both alternately",
+    )
+    ap.add_argument(
+        "--members",
+        default="",
+        help="comma-separated intake group sizes to run on the PostgreSQL store (`sprout run --role intake` "
+        "members sharing the feed), e.g. 1,2; empty: one `sprout run` per store",
+    )
     args = ap.parse_args()
+    groups = [int(m) for m in args.members.split(",") if m]
+    if groups and args.store == "sqlite":
+        ap.error("--members needs the PostgreSQL store: --store postgresql or both")
     jpegs = make_jpegs(args.distinct)
     PROBE = jpegs[0][1]
     sizes = [len(d) for _, d in jpegs]
     print(f"images: 224x224 JPEG, median {statistics.median(sizes) / 1000:.1f} KB, {args.examples} per run")
-    results: dict[str, list[dict[str, float]]] = {"live": [], "backlog": []}
-    for r in range(args.repeats):
-        for mode in results:
-            workdir = Path(tempfile.mkdtemp(prefix=f"sprout-bench-{mode}-"))
-            try:
-                res = run_once(jpegs, args.examples, mode, workdir, args.publisher, args.learner == "on")
-            finally:
-                shutil.rmtree(workdir, ignore_errors=True)
-            results[mode].append(res)
-            print(f"  run {r + 1} {mode:8s}: {res['per_second']:8.0f} examples/s ({res['seconds']:.2f} s)", flush=True)
+    stores = ["sqlite", "postgresql"] if args.store == "both" else [args.store]
+    # (store, intake members): 0 members = one `sprout run`; intake groups run on PostgreSQL only.
+    setups = [(s, 0) for s in stores if s == "sqlite" or not groups] + [("postgresql", m) for m in groups]
+    server_dir = Path(tempfile.mkdtemp(prefix="sprout-bench-postgres-")) if "postgresql" in stores else None
+    server = PrivatePostgres(server_dir).start() if server_dir is not None else None
+    modes = ("live", "backlog")
+
+    def key_of(mode: str, store: str, members: int) -> str:
+        if len(setups) == 1:
+            return mode
+        return f"{mode}_{store}" + (f"-intake-x{members}" if members else "")
+
+    results: dict[str, list[dict[str, float]]] = {key_of(mode, *setup): [] for setup in setups for mode in modes}
+    try:
+        for r in range(args.repeats):
+            for store_kind, members in setups:
+                for mode in modes:
+                    key = key_of(mode, store_kind, members)
+                    workdir = Path(tempfile.mkdtemp(prefix=f"sprout-bench-{mode}-"))
+                    if server is not None and store_kind == "postgresql":
+                        store = StoreLocation(postgres_url=server.create_database(f"bench_{r}_{mode}_{members}"))
+                    else:
+                        store = StoreLocation.of(workdir / "state", "")
+                    learner = args.learner == "on"
+                    try:
+                        res = run_once(jpegs, args.examples, mode, workdir, args.publisher, learner, store, members)
+                    finally:
+                        shutil.rmtree(workdir, ignore_errors=True)
+                    results[key].append(res)
+                    print(
+                        f"  run {r + 1} {key:28s}: {res['per_second']:8.0f} examples/s ({res['seconds']:.2f} s)",
+                        flush=True,
+                    )
+    finally:
+        if server is not None and server_dir is not None:
+            server.stop()
+            shutil.rmtree(server_dir, ignore_errors=True)
     summary = {
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}",
         "image_kb_median": round(statistics.median(sizes) / 1000, 1),
         "examples_per_run": args.examples,
         "learner": args.learner,
+        "store": args.store,
+        "members": groups,
         "repeats": args.repeats,
         **{
             f"{mode}_per_second_median": round(statistics.median(x["per_second"] for x in runs))

@@ -138,7 +138,7 @@ def run_stream(
         mode="head", device="cpu", replay_ratio=replay_ratio, holdout_max_examples=len(evaluation), seed=seed
     )
     learner = Learner(model, training, workdir, reader)
-    seq_of = dict(reader._db.execute("SELECT example_id, seq FROM examples"))
+    seq_of: dict[str, int] = dict(reader._db.query("SELECT example_id, seq FROM examples"))
     assert learner.cache is not None  # head mode caches embeddings
     learner.cache.put({seq_of[i]: embedder.vectors[i] for i in seq_of})
     curve = []

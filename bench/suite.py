@@ -59,6 +59,21 @@ def _ingest(d: dict) -> tuple[str, list]:
     return "\n".join(rows), [goal]
 
 
+def _ingest_stores(d: dict) -> tuple[str, list]:
+    """SQLite against PostgreSQL, measured alternately in one sitting."""
+    rows = ["| mode | store | median examples/s | runs |", "|---|---|---:|---|"]
+    for key in d["runs"]:
+        mode, _, store = key.partition("_")
+        runs = sorted(r["per_second"] for r in d["runs"][key])
+        rows.append(
+            f"| {mode} | {store} | **{d[f'{key}_per_second_median']:,}** | {' / '.join(f'{r:,.0f}' for r in runs)} |"
+        )
+    live = {key.partition("_")[2]: d[f"{key}_per_second_median"] for key in d["runs"] if key.startswith("live_")}
+    ratios = [f"{store} {value / live['sqlite']:.2f}" for store, value in live.items() if store != "sqlite"]
+    rows.append(f"\nLive, against SQLite's: {', '.join(ratios)}.")
+    return "\n".join(rows), []
+
+
 def _learner(rows_in: list) -> tuple[str, list]:
     sizes = sorted({r["input_size"] for r in rows_in})
     modes = list(dict.fromkeys(r["mode"] for r in rows_in))
@@ -234,6 +249,16 @@ BENCHMARKS = [
         ["--examples", "10000", "--repeats", "3", "--learner", "off"],
         ["--examples", "1000", "--repeats", "1", "--distinct", "50", "--learner", "off"],
         _ingest,
+    ),
+    # SQLite against PostgreSQL, with one and two `--role intake` members on it, alternately in one sitting.
+    Benchmark(
+        "ingest-postgresql",
+        "Ingest without a learner: SQLite store against PostgreSQL store with 1 and 2 intake members",
+        "ingest.py",
+        ["--examples", "10000", "--repeats", "3", "--learner", "off", "--store", "both", "--members", "1,2"],
+        ["--examples", "500", "--repeats", "1", "--distinct", "50", "--learner", "off", "--store", "both"]
+        + ["--members", "1,2"],
+        _ingest_stores,
     ),
     Benchmark(
         "learner",

@@ -13,6 +13,9 @@ command -v strace >/dev/null 2>&1 || need+=(strace)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # mosquitto_pub sends the README's example messages in tests/test_readme.py, as a feed in any language would.
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+# PostgreSQL's server binaries: the tests start a private server (daemon/tools/postgres.py) to run the store's tests
+# against its PostgreSQL backend too. The machine's own server, if any, is neither needed nor touched.
+command -v initdb >/dev/null 2>&1 || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 # zstd applies the registry's delta downloads in tests/test_deltas.py, as the C library an iOS app links does.
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
 # The platform classifiers below: MediaPipe's library links EGL and GLES (it runs on the CPU here), the

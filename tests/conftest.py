@@ -1,9 +1,12 @@
-"""The fixtures the test modules share: a Mosquitto per test on a free port, the daemon as a real process, a service
-manager's notify socket, a signed registry, and one tiny classifier trained for a module."""
+"""The fixtures the test modules share: a Mosquitto per test on a free port, a private PostgreSQL for the session (a
+database per test), the daemon as a real process, a service manager's notify socket, a signed registry, and one tiny
+classifier trained for a module."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,9 @@ from systemd_socket import SystemdSocket
 
 from daemon.registry.signing import Signer
 from daemon.registry.versions import Registry, registry_root
+from daemon.store.location import StoreLocation
 from daemon.tools.broker import Mosquitto
+from daemon.tools.postgres import PostgresError, PrivatePostgres
 
 # Under CI a test skipped for a reason set-up should have removed fails the run (tests/skip_gate.py).
 pytest_plugins = ["skip_gate"]
@@ -25,6 +30,34 @@ def broker(tmp_path: Path):
     b = Mosquitto(tmp_path / "broker").start()
     yield b
     b.kill()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    # Not under pytest's temporary folder: it is private to root, and the server runs as 'postgres'.
+    workdir = Path(tempfile.mkdtemp(prefix="sprout-postgres-"))
+    try:
+        server = PrivatePostgres(workdir).start()
+    except PostgresError as err:
+        shutil.rmtree(workdir, ignore_errors=True)
+        pytest.skip(str(err))
+    yield server
+    server.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_store(postgres_server: PrivatePostgres) -> StoreLocation:
+    """A new, empty PostgreSQL database on the session's server."""
+    return StoreLocation(postgres_url=postgres_server.create_database(f"t_{uuid.uuid4().hex[:12]}"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_location(request, tmp_path: Path) -> StoreLocation:
+    """Each store backend in turn: the tests that take it run against both."""
+    if request.param == "sqlite":
+        return StoreLocation(sqlite_path=tmp_path / "examples.db")
+    return request.getfixturevalue("postgres_store")
 
 
 @pytest.fixture

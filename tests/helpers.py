@@ -139,7 +139,7 @@ def stored_ids(state: Path) -> list[str]:
         return []
     db = open_reader(db_path)
     try:
-        return [row[0] for row in db.execute("SELECT example_id FROM examples ORDER BY seq")]
+        return [row[0] for row in db.query("SELECT example_id FROM examples ORDER BY seq")]
     finally:
         db.close()
 
@@ -175,6 +175,16 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(interval_s)
+
+
+def latest_published(state: Path, model: str = "leaves") -> dict | None:
+    """The registry's latest manifest, or None before the first publish."""
+    from daemon.registry.versions import Registry, registry_root
+
+    try:
+        return Registry.open_readonly(registry_root(state), model).latest()
+    except Exception:
+        return None
 
 
 class DaemonProcess:

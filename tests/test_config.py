@@ -77,6 +77,17 @@ def test_bad_password_is_never_echoed(tmp_path: Path):
     assert "hunter2" not in out.stderr
 
 
+def test_a_check_across_fields_never_echoes_the_section_and_its_password(tmp_path: Path):
+    # The check gets the whole [mqtt] table: echoing it as "(got {...})" would print the password.
+    secret = tmp_path / "secret"
+    secret.write_text("other\n")
+    path = write(tmp_path, f'[mqtt]\npassword = "hunter2-secret"\npassword_file = "{secret}"\n')
+    out = subprocess.run([*SPROUT, "check-config", str(path)], capture_output=True, text=True)
+    assert out.returncode == 78
+    assert "mqtt: set password or password_file, not both" in out.stderr
+    assert "hunter2" not in out.stderr
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [

@@ -15,6 +15,7 @@ from helpers import (
     Watching,
     colour_jpeg,
     last_checkpoint,
+    latest_published,
     publish_colours,
     stored_ids,
     wait_for,
@@ -67,14 +68,8 @@ def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(br
     d = daemon_factory(broker.url, env=env).start()
     assert d.health()[1].get("exporter") is True
 
-    def latest():
-        try:
-            return Registry.open_readonly(registry_root(d.state), "leaves").latest()
-        except Exception:
-            return None
-
     publish_colours(broker.url, 150, 300.0)
-    wait_for(lambda: (m := latest()) and m["version"] >= 1, 120, "a first published version")
+    wait_for(lambda: (m := latest_published(d.state)) and m["version"] >= 1, 120, "a first published version")
     device = tmp_path / "device"
     # The device polls only hourly: version 2 can reach it within the test only through the daemon's notice.
     watcher = Watching(
@@ -93,10 +88,12 @@ def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(br
         broker.url,
     )
     try:
-        first = latest()["version"]
+        first = latest_published(d.state)["version"]
         wait_for(lambda: ModelDir(device).current() == first, 30, f"the device's first model ({watcher.log})")
         publish_colours(broker.url, 150, 300.0, first=150)  # more learning: a second export
-        manifest = wait_for(lambda: (m := latest()) and m["version"] > first and m, 120, "a second published version")
+        manifest = wait_for(
+            lambda: (m := latest_published(d.state)) and m["version"] > first and m, 120, "a second published version"
+        )
         wait_for(
             lambda: ModelDir(device).current() == manifest["version"],
             30,

@@ -129,8 +129,8 @@ class Listener:
 def store_counts(state: Path) -> tuple[int, dict[str, int]]:
     db = open_reader(state / "examples.db")
     try:
-        total = db.execute("SELECT count(*) FROM examples").fetchone()[0]
-        return total, dict(db.execute("SELECT reason, count FROM rejections").fetchall())
+        total = db.scalar("SELECT count(*) FROM examples")
+        return total, dict(db.query("SELECT reason, count FROM rejections"))
     finally:
         db.close()
 
@@ -138,7 +138,7 @@ def store_counts(state: Path) -> tuple[int, dict[str, int]]:
 def stored_rows(state: Path) -> dict[str, tuple]:
     db = open_reader(state / "examples.db")
     try:
-        rows = db.execute("SELECT example_id, label, split, content_type, width, height, image FROM examples")
+        rows = db.query("SELECT example_id, label, split, content_type, width, height, image FROM examples")
         return {r[0]: (*r[1:6], hashlib.sha256(r[6]).hexdigest()) for r in rows}
     finally:
         db.close()

@@ -32,7 +32,8 @@ from daemon.registry.signing import Signer
 from daemon.registry.versions import Registry, registry_root, utc_time
 from daemon.store.examples import Store
 from daemon.store.labels import Action, LabelChange, LabelError, LabelMap, outputs_after
-from daemon.store.reader import LabelCount, StoreReader, stats
+from daemon.store.location import StoreLocation
+from daemon.store.reader import LabelCount, StoreReader, open_reader, stats
 from models import zoo
 
 TYPO = "class 1"  # sent for class-1's pictures by a misconfigured phone
@@ -68,18 +69,23 @@ def learn_all(training: Training) -> None:
         training.learn(batch)
 
 
+def where(state: Path | StoreLocation) -> Path | StoreLocation:
+    """The store of a state folder, or a store given as such (PostgreSQL)."""
+    return state if isinstance(state, StoreLocation) else state / "examples.db"
+
+
 def change(
-    state: Path, action: Action, label: str, into: str | None = None, outputs: tuple[str, ...] = ()
+    state: Path | StoreLocation, action: Action, label: str, into: str | None = None, outputs: tuple[str, ...] = ()
 ) -> LabelChange:
-    store = Store(state / "examples.db")
+    store = Store(where(state))
     try:
         return store.change_label(action, label, into, 128, outputs)
     finally:
         store.close()
 
 
-def commit(state: Path, examples: list[Example]) -> None:
-    store = Store(state / "examples.db")
+def commit(state: Path | StoreLocation, examples: list[Example]) -> None:
+    store = Store(where(state))
     store.commit(examples)
     store.close()
 
@@ -152,33 +158,35 @@ def test_outputs_keep_their_place_on_a_rename_and_lose_it_on_a_merge_or_a_delete
 # -- the store ------------------------------------------------------------------------------------------
 
 
-def test_the_store_records_a_checked_change_and_every_reader_resolves_labels_through_it(tmp_path: Path):
+def test_the_store_records_a_checked_change_and_every_reader_resolves_labels_through_it(
+    store_location: StoreLocation,
+):
     examples = with_typo(stream([0, 1, 2], 10, seed=3))
-    commit(tmp_path, examples)
-    db = tmp_path / "examples.db"
-    before = stats(sqlite3.connect(db))["per_label"]
+    commit(store_location, examples)
+    db = store_location
+    before = stats(open_reader(db))["per_label"]
     assert before == {"class 1": 5, "class-0": 10, "class-1": 5, "class-2": 10}
 
     with pytest.raises(LabelError, match=r"known labels: 'class 1', 'class-0', 'class-1', 'class-2'"):
-        change(tmp_path, Action.MERGE, "class  1", "class-1")
+        change(store_location, Action.MERGE, "class  1", "class-1")
     with pytest.raises(LabelError, match="use `sprout labels merge 'class 1' class-1`"):
-        change(tmp_path, Action.RENAME, TYPO, "class-1")
-    merged = change(tmp_path, Action.MERGE, TYPO, "class-1")
+        change(store_location, Action.RENAME, TYPO, "class-1")
+    merged = change(store_location, Action.MERGE, TYPO, "class-1")
     assert (merged.id, merged.action, merged.label, merged.into) == (1, Action.MERGE, TYPO, "class-1")
     assert abs(merged.at - time.time()) < 60
-    retired = change(tmp_path, Action.DELETE, "class-2")
+    retired = change(store_location, Action.DELETE, "class-2")
     with pytest.raises(LabelError, match="'class-2' is retired already"):
-        change(tmp_path, Action.DELETE, "class-2")
+        change(store_location, Action.DELETE, "class-2")
     # A class the learner has an output for counts even when retention deleted all its examples.
     with pytest.raises(LabelError, match="unknown label 'gone'"):
-        change(tmp_path, Action.DELETE, "gone")
-    assert change(tmp_path, Action.DELETE, "gone", outputs=("class-0", "gone")).id == 3
+        change(store_location, Action.DELETE, "gone")
+    assert change(store_location, Action.DELETE, "gone", outputs=("class-0", "gone")).id == 3
     # Nothing rewritten: the rows keep what the sender said.
-    raw = sqlite3.connect(db).execute("SELECT COUNT(*) FROM examples WHERE label = ?", (TYPO,)).fetchone()[0]
+    raw = open_reader(db).scalar("SELECT COUNT(*) FROM examples WHERE label = ?", (TYPO,))
     assert raw == 5
-    assert stats(sqlite3.connect(db))["per_label"] == {"class-0": 10, "class-1": 10, "class-2": 10}
+    assert stats(open_reader(db))["per_label"] == {"class-0": 10, "class-1": 10, "class-2": 10}
     # A sender that keeps the typo feeds class-1.
-    commit(tmp_path, [Example("late", TYPO, "train", "image/jpeg", 32, 32, colour_jpeg(1, 99), 0.0)])
+    commit(store_location, [Example("late", TYPO, "train", "image/jpeg", 32, 32, colour_jpeg(1, 99), 0.0)])
 
     reader = StoreReader(db)
     assert reader.label_changes()[:2] == [merged, retired] and reader.label_changes(1)[0] == retired
@@ -203,7 +211,7 @@ def test_a_store_from_before_label_changes_opens_and_gets_the_table(tmp_path: Pa
     with sqlite3.connect(db) as raw:  # what a state folder written before label curation holds
         raw.execute("DROP TABLE label_changes")
     assert StoreReader(db).label_changes() == []
-    assert stats(sqlite3.connect(f"file:{db}?mode=ro", uri=True))["total"] == 4
+    assert stats(open_reader(db))["total"] == 4
     assert change(tmp_path, Action.RENAME, "class-0", "zero").id == 1  # the writer adds the table
     assert sqlite3.connect(db).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("1",)
 
@@ -325,7 +333,7 @@ def test_a_deleted_class_leaves_the_head_and_its_later_examples_are_stored_but_n
     assert learner.trained == trained and learner.high_water_mark == hwm + 3  # moved past, learned nothing
     assert "class-2" not in learner.labels
     assert set(learner.evaluate_holdout().per_class) == {"class-0", "class-1"}
-    per_label = stats(sqlite3.connect(tmp_path / "examples.db"))["per_label"]
+    per_label = stats(open_reader(tmp_path / "examples.db"))["per_label"]
     assert isinstance(per_label, dict) and per_label["class-2"] == 13  # nothing lost
 
 

@@ -239,8 +239,8 @@ def test_the_learner_replays_around_pruned_examples(tmp_path: Path):
     train = [seq for seq, _ in reader.labels_up_to(learner.high_water_mark, "train")]
     cutoff = train[len(train) // 2]
     store = Store(tmp_path / "examples.db")
-    with store._db:  # what Store.prune does to train examples: the oldest go
-        store._db.execute("DELETE FROM examples WHERE split = 'train' AND seq <= ?", (cutoff,))
+    with store._db.writing():  # what Store.prune does to train examples: the oldest go
+        store._db.run("DELETE FROM examples WHERE split = 'train' AND seq <= ?", (cutoff,))
     replay = learner.replay.sample(40, learner.inputs.with_images)
     assert replay and all(e.image and e.seq > cutoff for e in replay)
     assert all(seq > cutoff for seqs in learner.replay.index.values() for seq in seqs)
@@ -279,9 +279,9 @@ def test_a_head_learner_drops_the_vectors_of_pruned_examples(tmp_path: Path):
     train = [seq for seq, _ in reader.labels_up_to(learner.high_water_mark, "train")]
     holdout = [seq for seq, _ in reader.labels_up_to(learner.high_water_mark, "holdout")]
     store = Store(tmp_path / "examples.db")
-    with store._db:  # what Store.prune does: each split's oldest go
-        store._db.execute("DELETE FROM examples WHERE split = 'train' AND seq <= ?", (train[len(train) // 2],))
-        store._db.execute("DELETE FROM examples WHERE split = 'holdout' AND seq <= ?", (holdout[1],))
+    with store._db.writing():  # what Store.prune does: each split's oldest go
+        store._db.run("DELETE FROM examples WHERE split = 'train' AND seq <= ?", (train[len(train) // 2],))
+        store._db.run("DELETE FROM examples WHERE split = 'holdout' AND seq <= ?", (holdout[1],))
     stored = set(reader.seqs_between(0, learner.high_water_mark + 1))
     assert 0 < len(stored) < len(cached)
     assert learner.forget_pruned() == len(cached) - len(stored)

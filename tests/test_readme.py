@@ -35,7 +35,7 @@ def test_the_readmes_example_messages_are_stored_as_sent(broker, daemon_factory,
     def stored() -> list[tuple[str, str]]:
         db = open_reader(d.state / "examples.db")
         try:
-            return db.execute("SELECT label, content_type FROM examples").fetchall()
+            return db.query("SELECT label, content_type FROM examples")
         finally:
             db.close()
 
@@ -43,7 +43,7 @@ def test_the_readmes_example_messages_are_stored_as_sent(broker, daemon_factory,
     wait_for(lambda: stored() == [("leaf_rust", "image/jpeg")], 20, f"the README's example (log: {d.log_path})")
     db = open_reader(d.state / "examples.db")
     try:
-        assert db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0] == 0  # neither line was refused
+        assert db.scalar("SELECT COUNT(*) FROM rejections") == 0  # neither line was refused
     finally:
         db.close()
     assert d.stop() == 0

@@ -191,17 +191,24 @@ def test_the_status_and_curves_examples_run():
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="scripts/setup.sh installs Debian's chromium")
+def line_width(page: str, series: str) -> float:
+    """How wide the chart's line of ``series`` is drawn, in px; 0 while it has no line."""
+    found = re.search(f'data-series="{series}"[^>]*points="([^"]*)"', page)
+    if not found:
+        return 0.0
+    xs = [float(pair.split(",")[0]) for pair in found.group(1).split()]
+    return max(xs) - min(xs)
+
+
 def test_the_status_page_renders_in_chromium_with_numbers_and_charts(learning_daemon, tmp_path: Path):
     d, manifest = learning_daemon
     url = f"http://127.0.0.1:{d.http_port}/"
     # Let the history sample a few points (every 5 s) while learning goes on.
     publish_colours(d.broker_url, 60, 100.0, first=120)
     wait_for(
-        lambda: (
-            (page := urllib.request.urlopen(url, timeout=5).read().decode()) and 'data-series="prequential"' in page
-        ),
-        60,
-        "the accuracy chart to have two points",
+        lambda: line_width(urllib.request.urlopen(url, timeout=5).read().decode(), "prequential") >= 60,
+        90,
+        "the accuracy chart's line to span 60 px",
     )
     chromium = [
         "chromium",
@@ -232,6 +239,7 @@ def test_the_status_page_renders_in_chromium_with_numbers_and_charts(learning_da
     r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
     blue = (b > 150) & (r < 100) & (g > 90) & (g < 160)
     orange = (r > 180) & (g > 100) & (g < 160) & (b < 90)
-    # Early in learning the lines are short: the chart's x axis starts at the history's first point, before
-    # any prediction was scored (a 2-point line at the right edge measured 19 blue and 20 orange pixels).
+    # The x axis starts at the history's first point, before any prediction was scored, so an early line is
+    # short (a 2-point line at the right edge measured 19 blue and 20 orange pixels): the wait above lets it
+    # span 60 px first.
     assert blue.sum() + orange.sum() > 25, "no chart line in the screenshot"

@@ -37,6 +37,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["state_dir"] = args.state
     if getattr(args, "http", None):
         out.setdefault("server", {})["http"] = args.http
+    if getattr(args, "role", None):
+        out["role"] = args.role
     if getattr(args, "log_level", None):
         out.setdefault("logging", {})["level"] = args.log_level
     return out

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
 from daemon.cli.flags import config_flags, load_settings
@@ -15,6 +14,7 @@ from daemon.common.settings import Settings
 
 if TYPE_CHECKING:  # imported where used: `sprout --help` should not wait for torch
     from daemon.store.labels import LabelChange
+    from daemon.store.location import StoreLocation
     from daemon.store.reader import LabelCount, StoreReader
 
 log = logging.getLogger("sprout")
@@ -72,13 +72,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_labels(args: argparse.Namespace) -> int:
     from daemon.store.errors import StoreError
     from daemon.store.labels import LabelError, LabelMap
+    from daemon.store.location import StoreLocation
     from daemon.store.reader import StoreReader
 
     settings = load_settings(args)
     what = f"sprout labels {args.labels_command}"
-    path = settings.state_dir / "examples.db"
+    location = StoreLocation.of_settings(settings)
     try:
-        reader = StoreReader(path)  # refuses a missing store: a typo in --state must not create one
+        reader = StoreReader(location)  # refuses a missing store: a typo in --state must not create one
         try:
             reader.labels = LabelMap.replay(reader.label_changes())
             outputs = _learner_outputs(settings, reader)
@@ -87,7 +88,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
             counts = reader.label_counts().get(args.label)
         finally:
             reader.close()
-        change = _change_label(path, args, settings, outputs)
+        change = _change_label(location, args, settings, outputs)
     except StoreError as err:
         print(f"{what}: {err}", file=sys.stderr)
         return Exit.NOINPUT
@@ -99,11 +100,13 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
-def _change_label(path: Path, args: argparse.Namespace, settings: Settings, outputs: list[str] | None) -> LabelChange:
+def _change_label(
+    location: StoreLocation, args: argparse.Namespace, settings: Settings, outputs: list[str] | None
+) -> LabelChange:
     from daemon.store.examples import Store
     from daemon.store.labels import Action
 
-    store = Store(path)
+    store = Store(location, settings.store.migrate_on_start, "sprout-labels")
     try:
         return store.change_label(
             Action(args.labels_command),

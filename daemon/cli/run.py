@@ -50,6 +50,11 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     config_flags(run, long_running=True)
     run.add_argument("--broker", help="broker URL, mqtt://host:port (overrides mqtt.broker)")
     run.add_argument("--http", help="HOST:PORT for the HTTP API (overrides server.http)")
+    run.add_argument(
+        "--role",
+        choices=["all", "intake"],
+        help="'intake': only take examples into the shared store, one member of an intake group (overrides role)",
+    )
     run.set_defaults(func=cmd_run)
 
 
@@ -69,7 +74,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.service.daemon import Daemon
-    from daemon.store.errors import StateDirError, StoreError
+    from daemon.store.errors import StateDirError, StoreError, StoreUnavailable
 
     settings = load_settings(args)
     logs.configure(settings.logging.level, settings.logging.format)
@@ -79,6 +84,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except StateDirError as err:  # no state folder it can use, or a store from a newer Sprout
         log.error("%s", err)
         return Exit.CONFIG
+    except StoreUnavailable as err:  # the store's database server is down: systemd tries again
+        log.error("%s", err)
+        return Exit.UNAVAILABLE
     except StoreError as err:
         log.error("%s", err)
         return Exit.SOFTWARE

@@ -46,19 +46,57 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     config_flags(imp)
     imp.add_argument("dir", type=Path, metavar="DIR", help="folder with one sub-folder of images per label")
     imp.set_defaults(func=cmd_store_import)
+    migrate = store_sub.add_parser(
+        "migrate",
+        help="set up the store, or apply its pending schema migrations (PostgreSQL: once, before the daemons start)",
+        epilog="prints one JSON line: store, applied (versions), schema_version. exit status: 0 done; 69 the "
+        "database server cannot be reached; 78 a store from a newer Sprout, or a user that may not create tables",
+    )
+    config_flags(migrate)
+    migrate.set_defaults(func=cmd_store_migrate)
 
 
 def cmd_store_stats(args: argparse.Namespace) -> int:
     from daemon.store.errors import StoreError
+    from daemon.store.location import StoreLocation
     from daemon.store.reader import open_reader, stats
 
     settings = load_settings(args)
     try:
-        db = open_reader(settings.state_dir / "examples.db")
+        db = open_reader(StoreLocation.of_settings(settings))
         print(json.dumps(stats(db), indent=2, ensure_ascii=False))
     except StoreError as err:
         print(f"sprout store stats: {err}", file=sys.stderr)
         return Exit.NOINPUT
+    return 0
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    from daemon.store.errors import StateDirError, StoreError, StoreUnavailable
+    from daemon.store.examples import Store
+    from daemon.store.location import StoreLocation
+
+    settings = load_settings(args)
+    try:
+        store = Store(StoreLocation.of_settings(settings), migrate=True, application_name="sprout-migrate")
+    except StoreUnavailable as err:
+        print(f"sprout store migrate: {err}", file=sys.stderr)
+        return Exit.UNAVAILABLE
+    except StateDirError as err:
+        print(f"sprout store migrate: {err}", file=sys.stderr)
+        return Exit.CONFIG
+    except StoreError as err:
+        print(f"sprout store migrate: {err}", file=sys.stderr)
+        return Exit.CANTCREAT
+    try:
+        report = {
+            "store": store.where,
+            "applied": [m.version for m in store.applied],
+            "schema_version": store.schema_version,
+        }
+    finally:
+        store.close()
+    print(json.dumps(report))
     return 0
 
 

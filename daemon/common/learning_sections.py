@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -20,6 +20,13 @@ from pydantic import (
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _check_port(parts: SplitResult) -> None:
+    try:
+        _ = parts.port  # reading it is the check: the property raises for a bad port
+    except ValueError as err:
+        raise ValueError(f"bad port: {err}") from None
 
 
 class Section(BaseModel):
@@ -76,10 +83,7 @@ class MqttSettings(Section):
         if parts.username is not None or parts.password is not None:
             # The broker URL is logged and shown by check-config; credentials have their own fields.
             raise ValueError("put the user in mqtt.username and the password in mqtt.password_file, not in the URL")
-        try:
-            _ = parts.port  # reading it is the check: the property raises for a bad port
-        except ValueError as err:
-            raise ValueError(f"bad port: {err}") from None
+        _check_port(parts)
         return value
 
     @field_validator("topic_prefix")
@@ -155,6 +159,22 @@ class MqttSettings(Section):
 
 
 class StoreSettings(Section):
+    url: str = Field(
+        "",
+        description="Where the examples live: empty = the SQLite file <state_dir>/examples.db (one machine); "
+        "postgresql://user@host:port/database = a PostgreSQL database that several intake processes write and "
+        "several machines read (docs/scale.md). No password in the URL: store.password_file, or PGPASSWORD / "
+        "~/.pgpass.",
+    )
+    password_file: Path | None = Field(
+        None, description="File whose first line is the PostgreSQL password of store.url's user."
+    )
+    migrate_on_start: bool = Field(
+        True,
+        description="Apply the store's pending schema migrations when the daemon starts (PostgreSQL: under a lock, "
+        "so nodes may start together). Off = `sprout store migrate` applies them, and a daemon finding one "
+        "pending exits 78.",
+    )
     holdout_fraction: float = Field(
         0.1,
         ge=0.0,
@@ -215,6 +235,31 @@ class StoreSettings(Section):
         description="Largest example store in MB; past it the oldest 'train' examples are deleted (holdout last). "
         "Larger remembers more for replay, costs disk.",
     )
+
+    @field_validator("url")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+            raise ValueError(
+                "must be empty (the SQLite file in state_dir) or look like postgresql://user@host:port/database"
+            )
+        if parts.password is not None:
+            # The URL is logged and shown by check-config; the password has its own field.
+            raise ValueError("put the password in store.password_file (or PGPASSWORD, ~/.pgpass), not in the URL")
+        _check_port(parts)
+        return value
+
+    @model_validator(mode="after")
+    def _password_file(self) -> StoreSettings:
+        if self.password_file is not None:
+            if not self.url:
+                raise ValueError("password_file is for a PostgreSQL store: set store.url too, or remove it")
+            if not self.password_file.is_file():
+                raise ValueError(f"password_file {self.password_file} is not a readable file")
+        return self
 
 
 class ModelSettings(Section):

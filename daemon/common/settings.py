@@ -15,10 +15,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -66,6 +67,12 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(Path("./var"), description="Examples, checkpoints and the model registry live here.")
+    role: Literal["all", "intake"] = Field(
+        "all",
+        description="'all': intake, learner, exporter and server in one process (the default). 'intake': only the "
+        "feed and intake, committing to the shared store (store.url) as one member of the MQTT shared subscription "
+        "mqtt.share_group; add members to take more examples a second (docs/scale.md).",
+    )
     mqtt: MqttSettings = MqttSettings()
     store: StoreSettings = StoreSettings()
     model: ModelSettings = ModelSettings()
@@ -78,6 +85,21 @@ class Settings(BaseSettings):
 
     # Where this object came from (file, CLI overrides), so that a reload (SIGHUP) reads the same.
     _source: tuple[Path | None, dict[str, Any]] = PrivateAttr(default=(None, {}))
+
+    @model_validator(mode="after")
+    def _intake_member(self) -> Settings:
+        if self.role != "intake":
+            return self
+        if not self.store.url:
+            raise ValueError(
+                "role = 'intake' commits to a store that the learning node reads: set store.url to a PostgreSQL "
+                "database (docs/scale.md)"
+            )
+        if not self.mqtt.share_group:  # members of one group share the feed; without one each gets all of it
+            self.mqtt = self.mqtt.model_copy(update={"share_group": "sprout-intake"})
+        # No torch in a member: what a learner, an exporter and their checks would load is left out.
+        self.training = self.training.model_copy(update={"enabled": False})
+        return self
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> Settings:
@@ -151,7 +173,13 @@ class Settings(BaseSettings):
 
     @property
     def client_id(self) -> str:
-        return self.mqtt.client_id or f"sprout-{self.model.name}"
+        if self.mqtt.client_id:
+            return self.mqtt.client_id
+        if self.role == "intake":
+            # Stable across this host's restarts (the broker keeps the member's session and its un-acked
+            # examples for it) and apart from every other host's member; two members on one host set their own.
+            return f"sprout-{self.model.name}-intake-{socket.gethostname()}"
+        return f"sprout-{self.model.name}"
 
     def masked(self) -> dict[str, Any]:
         """The resolved configuration as plain data, secrets shown as '**********'."""
@@ -205,9 +233,11 @@ def describe(err: ValidationError, path: Path | str | None) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling against sprout.example.toml)"
-        # Never echo what may be a secret: a password field, or a URL with credentials in it.
+        # Never echo what may be a secret: a password field, a URL with credentials in it, or a whole section
+        # (a check across fields gets the section's table, which may hold its password).
+        scalar = isinstance(e["input"], str | int | float | bool)
         secret = "password" in field or "token" in field or (isinstance(e["input"], str) and "@" in e["input"])
-        shown = "" if secret or e["type"] == "missing" else f" (got {e['input']!r})"
+        shown = "" if secret or not scalar or e["type"] == "missing" else f" (got {e['input']!r})"
         lines.append(f"{where}{field}: {msg}{shown}")
     return "\n".join(lines)
 

@@ -98,7 +98,7 @@ class Int8Fit:
         patched export distils on the embeddings kept for its conversion and runs nothing."""
         cfg, size = self.job.export, self.job.model.input_size
         started = time.perf_counter()
-        reader = StoreReader(self.job.state_dir / "examples.db")
+        reader = StoreReader(self.job.store)
         try:
             sample = distillation_sample(
                 self.distillation_seqs,

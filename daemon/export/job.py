@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from daemon.common.settings import ExportSettings, ModelSettings, RegistrySettings, SigningSettings
 from daemon.registry.versions import Registry
+from daemon.store.location import StoreLocation
 
 if TYPE_CHECKING:
     from daemon.common.settings import Settings
@@ -30,6 +31,7 @@ class ExportJob(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     state_dir: Path  # absolute: the export process runs in a folder of its own
+    store: StoreLocation  # where the holdout and calibration images are read (the password file's path only)
     model: ModelSettings
     export: ExportSettings
     registry: RegistrySettings
@@ -42,6 +44,7 @@ class ExportJob(BaseModel):
     def from_settings(cls, settings: Settings) -> ExportJob:
         return cls(
             state_dir=settings.state_dir,
+            store=StoreLocation.of_settings(settings),
             model=settings.model,
             export=settings.export,
             registry=settings.registry,

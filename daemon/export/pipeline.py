@@ -235,7 +235,7 @@ class _Stages:
 def _read(job: ExportJob, with_calibration: bool) -> Inputs:
     """The checkpoint's network under today's labels, the holdout, and (for int8) the calibration images."""
     cfg, size = job.export, job.model.input_size
-    reader = StoreReader(job.state_dir / "examples.db")
+    reader = StoreReader(job.store)
     try:
         changes = reader.label_changes()
         reader.labels = LabelMap.replay(changes)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import mimetypes
 import os
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +36,9 @@ from daemon.ingest import wire
 from daemon.ingest.folders import IMAGE_SUFFIXES, DatasetError, FolderFile, content_id, folder_files
 from daemon.ingest.image_checks import sniffed_content_type
 from daemon.ingest.wire import Example, Limits, Reason, Rejection, parse
-from daemon.store.errors import StoreError, is_disk_full
+from daemon.store.errors import StoreError, is_database_error, is_disk_full
 from daemon.store.examples import Store
+from daemon.store.location import StoreLocation
 
 MB = 1024 * 1024
 # commit_max_examples alone would let 512 phone photos (2-6 MB each) wait in memory for one commit;
@@ -136,9 +136,9 @@ def run_import(root: Path, settings: Settings, stderr: TextIO) -> ImportReport:
         state_owner.claim(settings.state_dir, settings.model.name)
     except OSError as err:
         raise StoreError(f"{settings.state_dir}: cannot write the state directory: {err.strerror}") from None
-    store = Store(settings.state_dir / "examples.db")
+    store = Store(StoreLocation.of_settings(settings), settings.store.migrate_on_start, "sprout-import")
     try:
-        print(f"sprout store import: {total} image files from {root} into {store.path}", file=stderr, flush=True)
+        print(f"sprout store import: {total} image files from {root} into {store.where}", file=stderr, flush=True)
         return import_folder(root, store, settings.store, wire.limits(settings.store), Progress(stderr, total))
     finally:
         store.close()
@@ -198,8 +198,9 @@ def _commit(
 ) -> None:
     if not batch:
         return
-    free = _free_bytes(store.path.parent)
-    if free - batch_bytes < settings.min_free_mb * MB:
+    # A PostgreSQL store's disk is the server's: it says when that is full (below).
+    free = _free_bytes(store.path.parent) if store.path is not None else 2**62
+    if store.path is not None and free - batch_bytes < settings.min_free_mb * MB:
         # Intake's floor: an import must not take the room the daemon's intake, checkpoints and exports need.
         raise ImportStopped(
             f"{store.path.parent} has {free / MB:.1f} MB free, below store.min_free_mb = "
@@ -212,9 +213,11 @@ def _commit(
         report.stored += result.stored
         report.duplicates += result.duplicates
         report.pruned += store.prune(settings.max_mb * MB)
-    except sqlite3.Error as err:
-        why = "the disk is full" if is_disk_full(err) else str(err)
-        raise ImportStopped(f"cannot write to {store.path}: {why}; run the import again once fixed", report) from None
+    except Exception as err:
+        if not (is_database_error(err) or isinstance(err, StoreError)):
+            raise
+        why = "the disk is full" if is_disk_full(err) else " ".join(str(err).split())
+        raise ImportStopped(f"cannot write to {store.where}: {why}; run the import again once fixed", report) from None
 
 
 def _free_bytes(folder: Path) -> int:

@@ -31,6 +31,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 from daemon.common.lifecycle import left
 from daemon.common.settings import StoreSettings
@@ -161,7 +162,7 @@ class Intake:
         try:
             self._prune()
         except Exception as err:  # retention is retried after the next commit; intake goes on
-            log.warning("retention: pruning %s failed: %s; retried after the next commit", self.store.path, err)
+            log.warning("retention: pruning %s failed: %s; retried after the next commit", self.store.where, err)
 
     def _commit_or_wait(
         self, batch: list[Delivery], examples: list[Example], rejections: list[Rejection]
@@ -176,12 +177,12 @@ class Intake:
                     return self.store.commit(examples, rejections)
                 except Exception as err:  # disk full, I/O error, locked database: nothing acked, keep the batch, retry
                     if is_disk_full(err):
-                        full = f"SQLite: {err}"
+                        full = f"{self.store.where}: {err}"
                     else:
                         log.error(
                             "cannot commit %d examples to %s: %s; nothing acked, retrying in %.1fs",
                             len(batch),
-                            self.store.path,
+                            self.store.where,
                             err,
                             delay,
                         )
@@ -205,10 +206,10 @@ class Intake:
             self.disk_full_since = now
             log.error(
                 "intake paused, disk full: %s; nothing is committed or acked (the broker keeps the examples). "
-                "Free space under %s, or lower store.max_mb so retention prunes the store (systemctl reload "
+                "Free space %s, or lower store.max_mb so retention prunes the store (systemctl reload "
                 "applies it); intake resumes by itself",
                 full,
-                self.store.path.parent,
+                f"under {self.store.path.parent}" if self.store.path is not None else "on the database server",
             )
         if full is not None:
             try:  # a lowered store.max_mb (reload) frees pages for this commit
@@ -220,9 +221,8 @@ class Intake:
         """A commit went through: the store takes writes again (and says so after a pause for the disk)."""
         if self.disk_full_since is not None:
             log.info(
-                "intake resumed: %s has %.0f MB free again after a pause of %.0fs",
-                self.store.path.parent,
-                self._free_bytes() / MB,
+                "intake resumed: %s takes examples again after a pause of %.0fs for disk space",
+                self.store.where,
                 time.monotonic() - self.disk_full_since,
             )
             self.disk_full_since = None
@@ -247,21 +247,24 @@ class Intake:
                 max_mb,
             )
 
-    def _free_bytes(self) -> int:
-        st = os.statvfs(self.store.path.parent)
+    def _free_bytes(self, folder: Path) -> int:
+        st = os.statvfs(folder)
         return st.f_bavail * st.f_frsize
 
     def _disk_full(self, examples: list[Example]) -> str | None:
         """Why this commit must wait for disk space, or None when there is room for it and the floor."""
         floor_mb = self.settings.min_free_mb
         need = sum(len(e.image) for e in examples)
+        if self.store.path is None:
+            return None  # a PostgreSQL store's disk is the server's: the commit says when it is full
+        folder = self.store.path.parent
         try:
-            free = self._free_bytes()
+            free = self._free_bytes(folder)
         except OSError:
             return None  # cannot tell: let the commit itself find out
         if free - need >= floor_mb * MB:
             return None
         return (
-            f"{self.store.path.parent} has {free / MB:.1f} MB free, below store.min_free_mb = {floor_mb} MB "
+            f"{folder} has {free / MB:.1f} MB free, below store.min_free_mb = {floor_mb} MB "
             f"plus this commit's {need / MB:.1f} MB"
         )

@@ -30,6 +30,7 @@ from daemon.common.settings import ModelSettings, TrainingSettings
 from daemon.learning import checkpoint
 from daemon.learning.curves import Curves, Point
 from daemon.learning.learner import Learner
+from daemon.store.location import StoreLocation
 from daemon.store.reader import StoredExample, StoreReader
 
 log = logging.getLogger("sprout.learner")
@@ -63,13 +64,15 @@ class Training:
         settings: TrainingSettings,
         state_dir: Path,
         intake_backlog: Callable[[], int] | None = None,
+        store: StoreLocation | None = None,
     ):
         self._thread = threading.Thread(target=self.run, name="sprout-learner", daemon=True)
         self.settings = settings
         self.intake_backlog = intake_backlog
         self.yields = 0  # pauses made for intake
         self.checkpoints = state_dir / "checkpoints"
-        self.reader = StoreReader(state_dir / "examples.db")
+        # The store in the state folder unless told (store.url): tests and benchmarks give a folder only.
+        self.reader = StoreReader(store or StoreLocation.of(state_dir, ""))
         self.learner = Learner(model, settings, state_dir, self.reader)
         if removed := checkpoint.remove_stale_temporaries(self.checkpoints):
             log.info("removed %d checkpoint temporaries left by an interrupted write", removed)

@@ -52,6 +52,7 @@ from daemon.service.report import Reporter
 from daemon.service.status import Status, snapshot
 from daemon.service.systemd import Notifier
 from daemon.store.examples import Store
+from daemon.store.location import StoreLocation
 
 if TYPE_CHECKING:  # they import torch: imported where used, only when this node learns
     from daemon.export.schedule import Exporting
@@ -138,7 +139,7 @@ class Daemon:
         state_owner.claim(s.state_dir, s.model.name)  # another model's folder is refused, naming both
         # The store is no part (no thread of its own): opened before every part and closed after all have
         # stopped, as intake commits into it until its stop and the status reads it until the end.
-        store = self.store = Store(s.state_dir / "examples.db")
+        store = self.store = Store(StoreLocation.of_settings(s), s.store.migrate_on_start, f"sprout-{s.model.name}")
         # Once, at start-up, for the whole process: paho's property decoder was the intake's hot spot
         # (daemon/ingest/mqttfast.py checks the paho release it patches and says so when it differs).
         mqttfast.install()
@@ -159,9 +160,18 @@ class Daemon:
 
     def _build(self, s: Settings, store: Store) -> None:
         """Every part, each given its own settings section, into ``self.parts`` in start order."""
+        intake_only = s.role == "intake"  # one member of an intake group: no learner, no registry to serve
         if s.server.enabled:
-            self._servers(s.server, s.state_dir)
+            self._servers(s.server, s.state_dir, models=not intake_only)
         feed = self.feed = self._add(Feed(s.mqtt, s.store, s.model.name, s.client_id))
+        if intake_only:
+            log.info(
+                "role intake: committing %s to %s, no learner or exporter here",
+                s.mqtt.subscription(s.model.name),
+                store.where,
+            )
+            self.intake = self._add(Intake(feed, store, s.store))
+            return
         # Announce whatever the registry's latest is, now and on every change, on the feed's session.
         latest = registry_root(s.state_dir) / s.model.name / "latest"
         self.notice = self._add(Notice(latest, s.mqtt.notice_topic(s.model.name), feed.publish_retained))
@@ -185,7 +195,7 @@ class Daemon:
         from daemon.learning.training import Training
 
         try:
-            training = Training(s.model, s.training, s.state_dir, intake_backlog=feed.deliveries.qsize)
+            training = Training(s.model, s.training, s.state_dir, feed.deliveries.qsize, StoreLocation.of_settings(s))
         except (ValueError, FileNotFoundError, CheckpointError) as err:
             # A weights file that does not fit the backbone, an unreadable checkpoint: restarting
             # cannot help, so this is a configuration error (exit 78), not a crash.
@@ -202,12 +212,13 @@ class Daemon:
         )
         return training
 
-    def _servers(self, server: ServerSettings, state_dir: Path) -> None:
+    def _servers(self, server: ServerSettings, state_dir: Path, models: bool = True) -> None:
+        """The HTTP listeners; ``models``: serve the registry's downloads too (not on an intake member)."""
         try:
             token = server.resolved_token()
         except OSError as err:
             raise ConfigError(f"server.token_file: cannot read {server.token_file}: {err.strerror}") from None
-        api = self.api = DownloadApi(registry_root(state_dir), token)
+        api = self.api = DownloadApi(registry_root(state_dir), token) if models else None
         from daemon.service import metrics, status_page  # the page and /metrics read this object's status()
 
         scrape = metrics.registry_for(self)

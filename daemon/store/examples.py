@@ -1,17 +1,23 @@
-"""The example store: SQLite in WAL mode, one row per example id, durable before anything is acked.
+"""The example store: one row per example id, durable before anything is acked.
+
+SQLite in WAL mode in the state folder by default; a PostgreSQL database with ``store.url``, where
+several intake processes may write and several machines read (docs/scale.md). The same SQL runs on
+both (daemon/store/database.py); the schema is a list of migrations (daemon/store/schema.py).
 
 ``seq`` numbers examples in commit order (strictly increasing, with gaps
 where a duplicate was ignored); the learner reads forward from its high-water
 mark. A redelivered duplicate (same ``example_id``) is ignored, so
 an example is stored exactly once however often the broker sends it.
 
-Retention (:meth:`Store.prune`): past ``store.max_mb`` of used pages, the
+Retention (:meth:`Store.prune`): past ``store.max_mb`` of used pages (PostgreSQL:
+of stored image bytes), the
 oldest ``train`` examples are deleted, down to ``PRUNE_TO`` of the limit so
 that pruning runs in chunks rather than after every commit; holdout examples
 go first only where they exceed ``HOLDOUT_SHARE`` of it, otherwise only when
 no train example is left. Freed pages are reused by later
 commits, so the file stops growing near the limit (no VACUUM: it would
-rewrite the whole file and needs as much free space again). A pruned id is
+rewrite the whole file and needs as much free space again; PostgreSQL's
+autovacuum frees the rows' space for reuse in the same way). A pruned id is
 forgotten: should its sender publish it again, it is stored as a new example.
 
 Totals (:meth:`Store.totals`: examples stored, messages rejected) are the
@@ -22,62 +28,36 @@ another writer (``sprout store import``) added.
 Label changes (``sprout labels``, :mod:`daemon.store.labels`) are rows of
 ``label_changes``; examples keep the label they were sent with, and every
 reader returns it resolved through the changes (daemon/store/reader.py).
-The table came after schema 1 without changing it: the writer creates it
-where missing, and a reader finding none reads a store with no change.
+In SQLite the table came after schema 1 without changing it: the writer
+creates it where missing, and a reader finding none reads a store with no change.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
+from daemon.store import schema
+from daemon.store.database import Database, connect
 from daemon.store.errors import StateDirError
 from daemon.store.labels import Action, LabelChange, LabelMap
+from daemon.store.location import StoreLocation
 from daemon.store.reader import read_label_changes, stats
 from daemon.store.records import Example, Rejection
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
 # Pruning goes down to this share of store.max_mb: one prune frees room for many commits.
 PRUNE_TO = 0.9
 # Most of the pruned store that holdout examples may keep; beyond it their oldest go first.
 HOLDOUT_SHARE = 0.25
 # How stale the totals may be about another process's writes; a count reads the whole (label, split) index.
 RECOUNT_S = 60.0
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS examples (
-    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
-    example_id   TEXT    NOT NULL UNIQUE,
-    label        TEXT    NOT NULL,
-    split        TEXT    NOT NULL CHECK (split IN ('train', 'holdout')),
-    content_type TEXT    NOT NULL,
-    width        INTEGER NOT NULL,
-    height       INTEGER NOT NULL,
-    received_at  REAL    NOT NULL,
-    image        BLOB    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS examples_label_split ON examples (label, split);
-CREATE TABLE IF NOT EXISTS rejections (
-    reason TEXT PRIMARY KEY,
-    count  INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS label_changes (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    at         REAL    NOT NULL,
-    action     TEXT    NOT NULL CHECK (action IN ('rename', 'merge', 'delete')),
-    label      TEXT    NOT NULL,
-    into_label TEXT
-);
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +74,10 @@ class StoreTotals:
 
 
 class Store:
-    """One writer (the intake thread); readers open their own connections with :meth:`open_reader`.
+    """One writer (intake, or an import); readers open their own connections (daemon/store/reader.py).
+
+    ``location``: a :class:`StoreLocation`, or the path of a SQLite file. ``migrate``: apply the schema's
+    pending migrations (daemon/store/schema.py); False refuses a store that has any.
 
     >>> import tempfile, pathlib
     >>> s = Store(pathlib.Path(tempfile.mkdtemp()) / "examples.db")
@@ -104,33 +87,64 @@ class Store:
     StoreTotals(examples=0, rejected=0)
     """
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = _connect(self.path)
-            with self._db:
-                self._db.executescript(_SCHEMA)
-                self._db.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-            version = int(self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
-        except sqlite3.DatabaseError as err:
-            raise StateDirError(
-                f"{self.path}: cannot open the example store: {err} (is it a Sprout state directory?)"
-            ) from None
-        except OSError as err:
-            raise StateDirError(f"{self.path.parent}: cannot create the state directory: {err.strerror}") from None
-        if version != SCHEMA_VERSION:
-            raise StateDirError(
-                f"{self.path}: store schema {version}, this Sprout reads {SCHEMA_VERSION}: upgrade Sprout"
-            )
+    def __init__(self, location: StoreLocation | Path, migrate: bool = True, application_name: str = "sprout"):
+        self.location = location if isinstance(location, StoreLocation) else StoreLocation(sqlite_path=Path(location))
+        self.path = self.location.sqlite_path  # the SQLite file; None when the store is a PostgreSQL database
+        self.where = str(self.location)
+        self._db = self._open(migrate, application_name)
         self._lock = threading.Lock()
         self.pruned = 0  # examples deleted by retention since this process opened the store
-        self.used = self.used_bytes()  # as of the last commit's prune: what the metrics show
+        self.used = self._db.used_bytes()  # as of the last commit's prune: what the metrics show
         self._closed = False
         self._counted_at = -RECOUNT_S
         self._totals = self._count()
+
+    def _open(self, migrate: bool, application_name: str) -> Database:
+        errors: tuple[type[BaseException], ...] = (sqlite3.DatabaseError,)
+        if self.location.is_postgres:
+            import psycopg
+
+            errors = (psycopg.Error,)
+        elif self.path is not None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StateDirError(f"{self.path.parent}: cannot create the state directory: {err.strerror}") from None
+        db: Database | None = None
+        try:
+            db = connect(self.location, application_name=application_name)
+            todo = schema.pending(db)
+            if todo and not migrate:
+                raise StateDirError(
+                    f"{self.where}: the example store lacks schema migration(s) "
+                    f"{', '.join(str(m.version) for m in todo)}: run `sprout store migrate`, "
+                    "or set store.migrate_on_start = true"
+                )
+            self.applied: list[schema.Migration] = schema.migrate(db) if migrate else []
+            for m in self.applied:
+                log.info("store %s: applied schema migration %d (%s)", self.where, m.version, m.summary)
+        except StateDirError:
+            if db is not None:
+                db.close()
+            raise
+        except errors as err:
+            if db is not None:
+                db.close()
+            why = " ".join(str(err).split())
+            if self.location.is_postgres:
+                raise StateDirError(
+                    f"{self.where}: cannot set up the example store: {why} (the store's user needs to own the "
+                    "database, or have CREATE on it: docs/scale.md)"
+                ) from None
+            raise StateDirError(
+                f"{self.where}: cannot open the example store: {why} (is it a Sprout state directory?)"
+            ) from None
+        return db
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return schema.version(self._db)
 
     def totals(self) -> StoreTotals:
         """Examples stored and messages rejected in this store, cheap enough for every status read.
@@ -149,12 +163,12 @@ class Store:
 
     def _count(self) -> StoreTotals:
         self._counted_at = time.monotonic()
-        examples = self._db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
-        rejected = self._db.execute("SELECT COALESCE(SUM(count), 0) FROM rejections").fetchone()[0]
-        return StoreTotals(examples, rejected)
+        examples = self._db.scalar("SELECT COUNT(*) FROM examples")
+        rejected = self._db.scalar("SELECT COALESCE(SUM(count), 0) FROM rejections")
+        return StoreTotals(int(examples), int(rejected))
 
     def commit(self, examples: Iterable[Example], rejections: Iterable[Rejection] = ()) -> CommitResult:
-        """Write examples and rejection counts in one transaction; returns once it is on disk (fsynced)."""
+        """Write examples and rejection counts in one transaction; returns once it is durable (fsynced)."""
         rows = [
             (e.example_id, e.label, e.split, e.content_type, e.width, e.height, e.received_at, e.image)
             for e in examples
@@ -162,26 +176,24 @@ class Store:
         reasons: dict[str, int] = {}
         for r in rejections:
             reasons[r.reason.value] = reasons.get(r.reason.value, 0) + 1
-        with self._lock, self._db:
-            before = self._db.total_changes
-            self._db.executemany(
-                "INSERT OR IGNORE INTO examples "
-                "(example_id, label, split, content_type, width, height, received_at, image) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        with self._lock, self._db.writing():
+            stored = self._db.run_many(
+                "INSERT INTO examples (example_id, label, split, content_type, width, height, received_at, image) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (example_id) DO NOTHING",
                 rows,
             )
-            stored = self._db.total_changes - before
-            self._db.executemany(
+            self._db.run_many(
                 "INSERT INTO rejections (reason, count) VALUES (?, ?) "
-                "ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count",
-                reasons.items(),
+                "ON CONFLICT (reason) DO UPDATE SET count = rejections.count + excluded.count",
+                list(reasons.items()),
             )
             rejected = sum(reasons.values())
-            self._totals = StoreTotals(self._totals.examples + stored, self._totals.rejected + rejected)
+        self._totals = StoreTotals(self._totals.examples + stored, self._totals.rejected + rejected)
         return CommitResult(stored=stored, duplicates=len(rows) - stored, rejected=rejected)
 
     def stats(self) -> dict[str, object]:
-        return stats(self._db)
+        with self._lock:
+            return stats(self._db)
 
     def change_label(
         self, action: Action, label: str, into: str | None, max_label_chars: int, outputs: Iterable[str] = ()
@@ -192,94 +204,81 @@ class Store:
         examples. Checked and written in one write transaction, so two changes at once cannot both pass
         checks that only one of them would pass after the other.
         """
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                labels = LabelMap.replay(read_label_changes(self._db, 0))
-                stored = {labels.name(row[0]) for row in self._db.execute("SELECT DISTINCT label FROM examples")}
-                labels.check(action, label, into, stored | set(outputs), max_label_chars)
-                at = time.time()
-                cursor = self._db.execute(
-                    "INSERT INTO label_changes (at, action, label, into_label) VALUES (?, ?, ?, ?)",
-                    (at, action.value, label, into),
-                )
-                self._db.commit()
-            except BaseException:
-                self._db.rollback()
-                raise
-        return LabelChange(cast(int, cursor.lastrowid), at, action, label, into)  # an INSERT sets lastrowid
+        with self._lock, self._db.writing():
+            labels = LabelMap.replay(read_label_changes(self._db, 0))
+            stored = {labels.name(row[0]) for row in self._db.query("SELECT DISTINCT label FROM examples")}
+            labels.check(action, label, into, stored | set(outputs), max_label_chars)
+            at = time.time()
+            row = self._db.one(
+                "INSERT INTO label_changes (at, action, label, into_label) VALUES (?, ?, ?, ?) RETURNING id",
+                (at, action.value, label, into),
+            )
+        assert row is not None  # an INSERT ... RETURNING gives its row
+        return LabelChange(int(row[0]), at, action, label, into)
 
     def used_bytes(self) -> int:
-        """Bytes of pages holding data (the file's size less its free pages, which commits reuse)."""
-        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
-        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
-        return (pages - free) * self._db.execute("PRAGMA page_size").fetchone()[0]
+        """What ``store.max_mb`` bounds: the SQLite file's pages in use, or PostgreSQL's stored image bytes."""
+        return self._db.used_bytes()
 
     def prune(self, max_bytes: int) -> int:
         """Past ``max_bytes``, delete the oldest examples down to ``PRUNE_TO`` of it; returns how many.
 
         Holdout first only beyond ``HOLDOUT_SHARE`` of the target, then train, oldest first; holdout
         again only when no train example is left. Each round deletes the oldest rows whose images add
-        up to the excess, then measures the pages again: deleting rows frees whole pages only as
-        SQLite merges the emptied ones.
+        up to the excess, then measures again: deleting rows frees whole SQLite pages only as SQLite
+        merges the emptied ones.
         """
         deleted = 0
         with self._lock:
-            used = self.used = self.used_bytes()
+            used = self.used = self._db.used_bytes()
             if used <= max_bytes:
                 return 0
             target = int(max_bytes * PRUNE_TO)
             # Without its own bound the holdout, never pruned while train examples remain, would fill
             # the store in the end; the gates and the learner only use its most recent examples anyway.
-            holdout_bytes = self._db.execute(
-                "SELECT COALESCE(SUM(length(image)), 0) FROM examples WHERE split = 'holdout'"
-            ).fetchone()[0]
-            if holdout_bytes > HOLDOUT_SHARE * target:
-                deleted += self._delete_oldest("holdout", holdout_bytes - int(HOLDOUT_SHARE * target))
-                used = self.used_bytes()
+            holdout_share = int(HOLDOUT_SHARE * target)
+            deleted += self._delete_oldest("holdout", lambda: self._holdout_bytes() - holdout_share)
+            used = self._db.used_bytes()
             while used > target:
-                has_train = self._db.execute("SELECT 1 FROM examples WHERE split = 'train' LIMIT 1").fetchone()
-                n = self._delete_oldest("train" if has_train else "holdout", used - target)
+                has_train = self._db.one("SELECT 1 FROM examples WHERE split = 'train' LIMIT 1")
+                n = self._delete_oldest("train" if has_train else "holdout", lambda: self._db.used_bytes() - target)
                 if n == 0:
                     break  # nothing left to delete: the tables' own pages exceed the limit
                 deleted += n
-                used = self.used_bytes()
+                used = self._db.used_bytes()
             self.pruned += deleted
             self.used = used
             self._totals = StoreTotals(self._totals.examples - deleted, self._totals.rejected)
         return deleted
 
-    def _delete_oldest(self, split: str, nbytes: int) -> int:
-        """Delete the oldest examples of a split whose images add up to ``nbytes`` (at least one)."""
-        last, n = None, 0
-        # length() of a BLOB reads the record header only, not the image.
-        for seq, size in self._db.execute(
-            "SELECT seq, length(image) FROM examples WHERE split = ? ORDER BY seq LIMIT 10000", (split,)
-        ):
-            last, n, nbytes = seq, n + 1, nbytes - size
+    def _holdout_bytes(self) -> int:
+        return int(self._db.scalar("SELECT COALESCE(SUM(length(image)), 0) FROM examples WHERE split = 'holdout'"))
+
+    def _delete_oldest(self, split: str, excess: Callable[[], int]) -> int:
+        """Delete the oldest examples of a split whose images add up to ``excess()`` bytes (none when it is
+        not positive, else at least one). The excess is measured in the deleting transaction: another
+        writer of a shared store may have pruned it meanwhile."""
+        n = 0
+        with self._db.writing():
+            nbytes = excess()
             if nbytes <= 0:
-                break
-        if last is not None:
-            with self._db:
-                self._db.execute("DELETE FROM examples WHERE split = ? AND seq <= ?", (split, last))
+                return 0
+            last = None
+            # length() of a blob reads the record header (SQLite) or the TOAST pointer (PostgreSQL), not the image.
+            for seq, size in self._db.query(
+                "SELECT seq, length(image) FROM examples WHERE split = ? ORDER BY seq LIMIT 10000", (split,)
+            ):
+                last, nbytes = seq, nbytes - size
+                if nbytes <= 0:
+                    break
+            if last is not None:
+                n = self._db.run("DELETE FROM examples WHERE split = ? AND seq <= ?", (split, last))
         return n
 
     def high_water_mark(self) -> int:
-        return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM examples").fetchone()[0]
+        return int(self._db.scalar("SELECT COALESCE(MAX(seq), 0) FROM examples"))
 
     def close(self) -> None:
         with self._lock:
             self._closed = True  # the totals stay readable, as last counted
             self._db.close()
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=30.0, check_same_thread=False)
-    # Images are tens of kB: 64 KiB pages keep most of one in a page instead of a chain of
-    # 4 KiB overflow pages (measured: ~2x faster commits). Takes effect when the file is created.
-    db.execute("PRAGMA page_size = 65536")
-    db.execute("PRAGMA journal_mode = WAL")
-    # FULL: every commit fsyncs the WAL, so an acked example survives power loss, not only a crash.
-    db.execute("PRAGMA synchronous = FULL")
-    db.execute("PRAGMA busy_timeout = 30000")
-    return db

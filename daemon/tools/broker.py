@@ -57,6 +57,18 @@ def reachable(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
+def end_process(proc: subprocess.Popen[bytes] | None, sig: int, timeout_s: float) -> None:
+    """Send ``sig`` and wait for the process to exit; SIGKILL it past ``timeout_s``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def mosquitto_binary() -> str:
     found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
     if found is None:
@@ -114,14 +126,7 @@ class Mosquitto:
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
         """SIGTERM saves the state to disk first; SIGKILL loses up to autosave_interval of it."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_process(self.proc, sig, timeout_s)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)

@@ -31,6 +31,7 @@ from daemon.registry.signing import Signer
 from daemon.service.daemon import Daemon
 from daemon.service.status import IntakeStatus, LearningStatus
 from daemon.service.status import pct as _pct
+from daemon.store.location import StoreLocation
 from daemon.store.reader import open_reader, stats
 from daemon.tools.broker import Mosquitto, reachable
 from daemon.tools.datasets import DatasetError, arrange, fashion_mnist_samples, iter_encoded
@@ -277,7 +278,7 @@ class Demo:
     def _summary(self, d: Daemon, r: FeedReport, now: float) -> dict[str, Any]:
         summary: dict[str, Any] = {
             "feed": r.as_dict(),
-            "store": stats(open_reader(self.settings.state_dir / "examples.db")),
+            "store": stats(open_reader(StoreLocation.of_settings(self.settings))),
         }
         if d.training is not None:
             summary["learner"] = learner_summary(d.training)
