@@ -176,19 +176,21 @@ class Store:
         reasons: dict[str, int] = {}
         for r in rejections:
             reasons[r.reason.value] = reasons.get(r.reason.value, 0) + 1
-        with self._lock, self._db.writing():
-            stored = self._db.run_many(
-                "INSERT INTO examples (example_id, label, split, content_type, width, height, received_at, image) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (example_id) DO NOTHING",
-                rows,
-            )
-            self._db.run_many(
-                "INSERT INTO rejections (reason, count) VALUES (?, ?) "
-                "ON CONFLICT (reason) DO UPDATE SET count = rejections.count + excluded.count",
-                list(reasons.items()),
-            )
+        with self._lock:
+            with self._db.writing():
+                stored = self._db.run_many(
+                    "INSERT INTO examples (example_id, label, split, content_type, width, height, received_at, image) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (example_id) DO NOTHING",
+                    rows,
+                )
+                self._db.run_many(
+                    "INSERT INTO rejections (reason, count) VALUES (?, ?) "
+                    "ON CONFLICT (reason) DO UPDATE SET count = rejections.count + excluded.count",
+                    list(reasons.items()),
+                )
             rejected = sum(reasons.values())
-        self._totals = StoreTotals(self._totals.examples + stored, self._totals.rejected + rejected)
+            # Under the lock: a recount in totals() between the commit and this line would count it twice.
+            self._totals = StoreTotals(self._totals.examples + stored, self._totals.rejected + rejected)
         return CommitResult(stored=stored, duplicates=len(rows) - stored, rejected=rejected)
 
     def stats(self) -> dict[str, object]:
