@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import LEARNING, latest_published, publish_colours, wait_for
+from helpers import LEARNING, colour_jpeg, latest_published, publish_colours, wait_for
 
 from daemon.common.settings import ConfigError, Settings
 from daemon.store import schema
@@ -174,3 +174,24 @@ def test_the_daemon_on_a_postgresql_store_learns_the_feed_and_publishes(
     status = d.health()[1]
     assert status.get("learner") is True and status.get("exporter") is True
     assert d.stop() == 0
+
+
+def test_import_and_label_commands_work_on_a_postgresql_store(
+    postgres_store: StoreLocation, tmp_path: Path, monkeypatch, capsys
+):
+    """An agronomist's folder and a label fix, through the commands, with store.url set."""
+    from daemon.cli import main
+
+    photos = tmp_path / "photos"
+    for label, colour in (("leaf rust", 0), ("healthy", 1)):
+        (photos / label).mkdir(parents=True)
+        for i in range(3):
+            (photos / label / f"{i}.jpg").write_bytes(colour_jpeg(colour, 10 * colour + i))
+    monkeypatch.setenv("SPROUT_STORE__URL", str(postgres_store.postgres_url))
+    flags = ["--state", str(tmp_path / "state"), "--model", "leaves"]
+    assert main(["store", "import", str(photos), *flags]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["stored"] == 6
+    assert main(["labels", "rename", "leaf rust", "leaf_rust", *flags]) == 0
+    assert "renamed 'leaf rust' to 'leaf_rust'" in capsys.readouterr().out
+    assert stats(open_reader(postgres_store))["per_label"] == {"healthy": 3, "leaf_rust": 3}
+    assert not (tmp_path / "state" / "examples.db").exists()
