@@ -79,15 +79,11 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     try:
         store = Store(StoreLocation.of_settings(settings), migrate=True, application_name="sprout-migrate")
-    except StoreUnavailable as err:
+    except StoreError as err:  # the server away (69), a newer schema or no rights (78), else cannot create it
         print(f"sprout store migrate: {err}", file=sys.stderr)
-        return Exit.UNAVAILABLE
-    except StateDirError as err:
-        print(f"sprout store migrate: {err}", file=sys.stderr)
-        return Exit.CONFIG
-    except StoreError as err:
-        print(f"sprout store migrate: {err}", file=sys.stderr)
-        return Exit.CANTCREAT
+        if isinstance(err, StoreUnavailable):
+            return Exit.UNAVAILABLE
+        return Exit.CONFIG if isinstance(err, StateDirError) else Exit.CANTCREAT
     try:
         report = {
             "store": store.where,

@@ -176,7 +176,7 @@ class Daemon:
         latest = registry_root(s.state_dir) / s.model.name / "latest"
         self.notice = self._add(Notice(latest, s.mqtt.notice_topic(s.model.name), feed.publish_retained))
         if s.training.enabled:
-            training = self.training = self._add(self._learner(s, feed))
+            training = self.training = self._add(self._learner(s, feed, store))
             if s.export.enabled:
                 from daemon.export.schedule import Exporting
 
@@ -190,12 +190,12 @@ class Daemon:
         self.parts.append(part)
         return part
 
-    def _learner(self, s: Settings, feed: Feed) -> Training:
+    def _learner(self, s: Settings, feed: Feed, store: Store) -> Training:
         from daemon.learning.checkpoint import CheckpointError  # these import torch: only when this node learns
         from daemon.learning.training import Training
 
         try:
-            training = Training(s.model, s.training, s.state_dir, feed.deliveries.qsize, StoreLocation.of_settings(s))
+            training = Training(s.model, s.training, s.state_dir, feed.deliveries.qsize, store.location)
         except (ValueError, FileNotFoundError, CheckpointError) as err:
             # A weights file that does not fit the backbone, an unreadable checkpoint: restarting
             # cannot help, so this is a configuration error (exit 78), not a crash.
