@@ -52,8 +52,9 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--http", help="HOST:PORT for the HTTP API (overrides server.http)")
     run.add_argument(
         "--role",
-        choices=["all", "intake"],
-        help="'intake': only take examples into the shared store, one member of an intake group (overrides role)",
+        choices=["all", "intake", "trainer"],
+        help="'intake': only take examples into the shared store, one member of an intake group; 'trainer': one "
+        "rank of a trainer group, started by torchrun (overrides role; docs/scale.md)",
     )
     run.set_defaults(func=cmd_run)
 

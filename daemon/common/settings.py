@@ -67,11 +67,13 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(Path("./var"), description="Examples, checkpoints and the model registry live here.")
-    role: Literal["all", "intake"] = Field(
+    role: Literal["all", "intake", "trainer"] = Field(
         "all",
         description="'all': intake, learner, exporter and server in one process (the default). 'intake': only the "
         "feed and intake, committing to the shared store (store.url) as one member of the MQTT shared subscription "
-        "mqtt.share_group; add members to take more examples a second (docs/scale.md).",
+        "mqtt.share_group; add members to take more examples a second. 'trainer': one rank of a data-parallel "
+        "trainer group started by torchrun, learning from the store and checkpointing into state_dir (rank 0), "
+        "no feed and no exporter (docs/scale.md).",
     )
     mqtt: MqttSettings = MqttSettings()
     store: StoreSettings = StoreSettings()
@@ -99,6 +101,13 @@ class Settings(BaseSettings):
             self.mqtt = self.mqtt.model_copy(update={"share_group": "sprout-intake"})
         # No torch in a member: what a learner, an exporter and their checks would load is left out.
         self.training = self.training.model_copy(update={"enabled": False})
+        return self
+
+    @model_validator(mode="after")
+    def _trainer_rank(self) -> Settings:
+        if self.role == "trainer":  # it learns, and leaves exporting to the node that publishes
+            self.training = self.training.model_copy(update={"enabled": True})
+            self.export = self.export.model_copy(update={"enabled": False})
         return self
 
     @model_validator(mode="after")

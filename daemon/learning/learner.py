@@ -103,6 +103,11 @@ class Learner:
         return self.placement.device
 
     @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The backbone's weights that learn (none in head mode)."""
+        return self._trainable
+
+    @property
     def mode(self) -> str:
         return self.placement.mode
 
@@ -130,7 +135,7 @@ class Learner:
                 return
             before_batch = self.high_water_mark
             self.high_water_mark = max(self.high_water_mark, max(e.seq for e in batch))
-            batch = self._live(batch)
+            batch = self.live(batch)
             self.holdout_index.extend((e.seq, e.label) for e in batch if e.split == "holdout")
             train = [e for e in batch if e.split == "train"]
             if not train:
@@ -138,7 +143,7 @@ class Learner:
             known_before = len(self.labels)
             for label in dict.fromkeys(e.label for e in train):
                 if label not in self._label_index:
-                    self._add_class(label)
+                    self.add_class(label)
             if ahead is not None and not ahead.fits(before_batch, train):
                 ahead = None  # read for another batch (a restore moved the high-water mark): decoded for nothing
             wanted = round(self.settings.replay_ratio * len(train))
@@ -162,13 +167,13 @@ class Learner:
             before = outcome.logits[: len(learned), :known_before].argmax(1).tolist() if known_before else []
             for i, e in enumerate(learned):
                 self.prequential.update(e.label, self.labels[before[i]] if known_before else None)
-            self._watch_divergence(outcome.finite, outcome.loss)
+            self.watch_divergence(outcome.finite, outcome.loss)
             self.step += 1
             self.trained += len(learned)
             self.replayed += len(replay)
             self.replay.add(learned)
 
-    def _watch_divergence(self, finite: bool, loss: float) -> None:
+    def watch_divergence(self, finite: bool, loss: float) -> None:
         """Count a skipped step; mark the learner ``diverged`` after a run of them or with a non-finite state."""
         if finite:
             self.nonfinite_streak = 0
@@ -189,19 +194,19 @@ class Learner:
 
     def _read_ahead(self, upcoming: Sequence[StoredExample]) -> None:
         """Start decoding the next step's new train examples and its replay sample beside this step."""
-        train = [e for e in self._live(upcoming) if e.split == "train"]
+        train = [e for e in self.live(upcoming) if e.split == "train"]
         if not train or not self.reads_ahead:
             return
         replay = self.replay.sample(round(self.settings.replay_ratio * len(train)), self.inputs.with_images)
         self.inputs.read_ahead(self.high_water_mark, train, replay)
 
-    def _add_class(self, label: str) -> None:
+    def add_class(self, label: str) -> None:
         self._label_index[label] = len(self.labels)
         self.labels.append(label)
         self.head.grow(1, self.optimizer)
         log.info("new class %r (now %d classes)", label, len(self.labels))
 
-    def _live(self, examples: Sequence[StoredExample]) -> list[StoredExample]:
+    def live(self, examples: Sequence[StoredExample]) -> list[StoredExample]:
         """The examples of classes that are not retired: a retired class's examples stay stored, never learned."""
         retired = self.reader.labels.retired
         return [e for e in examples if e.label not in retired]
@@ -361,10 +366,10 @@ class Learner:
         """Apply the label changes recorded in the store since the last one applied; returns them."""
         changes = self.reader.label_changes(self.label_change)
         for change in changes:
-            self._apply_label_change(change)
+            self.apply_label_change(change)
         return changes
 
-    def _apply_label_change(self, change: LabelChange) -> None:
+    def apply_label_change(self, change: LabelChange) -> None:
         self.inputs.drop_ahead()  # its replay sample carries the old labels
         outputs, removed = outputs_after(self.labels, change)
         if removed is not None:

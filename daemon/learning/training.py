@@ -65,6 +65,7 @@ class Training:
         state_dir: Path,
         intake_backlog: Callable[[], int] | None = None,
         store: StoreLocation | None = None,
+        cache_dir: Path | None = None,
     ):
         self._thread = threading.Thread(target=self.run, name="sprout-learner", daemon=True)
         self.settings = settings
@@ -73,7 +74,8 @@ class Training:
         self.checkpoints = state_dir / "checkpoints"
         # The store in the state folder unless told (store.url): tests and benchmarks give a folder only.
         self.reader = StoreReader(store or StoreLocation.of(state_dir, ""))
-        self.learner = Learner(model, settings, state_dir, self.reader)
+        # The embedding cache in the state folder unless told (each rank of a trainer group has its own).
+        self.learner = Learner(model, settings, cache_dir or state_dir, self.reader)
         if removed := checkpoint.remove_stale_temporaries(self.checkpoints):
             log.info("removed %d checkpoint temporaries left by an interrupted write", removed)
         saved = checkpoint.load(self.checkpoints)

@@ -108,6 +108,13 @@ class Daemon:
         return self.admin.address if self.admin is not None else self.http_address
 
     @property
+    def started(self) -> bool:
+        """What READY=1 waits for: the feed subscribed; on a trainer rank, which has none, the group's loop running."""
+        if self.feed is not None:
+            return self.feed.subscribed.is_set()
+        return self.training is not None and self.training.alive()
+
+    @property
     def ready(self) -> bool:
         """READY=1 sent: the model is loaded and the feed subscribed."""
         return self.reporter.ready
@@ -160,6 +167,9 @@ class Daemon:
 
     def _build(self, s: Settings, store: Store) -> None:
         """Every part, each given its own settings section, into ``self.parts`` in start order."""
+        if s.role == "trainer":
+            self._trainer_rank(s, store)
+            return
         intake_only = s.role == "intake"  # one member of an intake group: no learner, no registry to serve
         if s.server.enabled:
             self._servers(s.server, s.state_dir, models=not intake_only)
@@ -185,6 +195,33 @@ class Daemon:
                 )
         # Last to start, first to stop: the feed's messages flow once intake takes them.
         self.intake = self._add(Intake(feed, store, s.store))
+
+    def _trainer_rank(self, s: Settings, store: Store) -> None:
+        """One rank of a torchrun trainer group: the learner on the shared store; rank 0 serves the operator's pages."""
+        from daemon.learning.checkpoint import CheckpointError
+        from daemon.learning.group import GroupError, GroupTraining
+
+        try:
+            group = GroupTraining(s.model, s.training, s.state_dir, store.location, self.should_exit.set)
+        except GroupError as err:
+            raise ConfigError(f"role: {err}") from None
+        except (ValueError, FileNotFoundError, CheckpointError) as err:
+            raise ConfigError(f"model / training: {err}") from None
+        if group.member.leads and s.server.enabled:
+            self._servers(s.server, s.state_dir, models=False)
+        self.training = self._add(group)
+        learner = group.learner
+        log.info(
+            "role trainer: rank %d of %d, %s at %d px, mode %s on %s, reading %s, resuming after example %d",
+            group.member.rank,
+            group.member.world_size,
+            learner.spec.name,
+            s.model.input_size,
+            learner.mode,
+            learner.device,
+            store.where,
+            learner.high_water_mark,
+        )
 
     def _add(self, part: P) -> P:
         self.parts.append(part)
@@ -350,6 +387,8 @@ class Daemon:
         return snapshot(self)
 
     def health(self) -> dict[str, bool]:
+        if self.settings.role == "trainer":
+            return {"learner": bool(self.training and self.training.alive())}
         parts = {
             # Subscribed and still receiving: a failed callback or a dead network thread is not a feed.
             "feed": bool(self.feed and self.feed.receiving()),

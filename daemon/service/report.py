@@ -85,7 +85,7 @@ class Reporter:
         d = self.daemon
         self.liveness.observe(now, d.intake, self._uncommitted(), d.exporting)
         if not self.ready:
-            if d.feed is None or not d.feed.subscribed.is_set():
+            if not d.started:
                 return
             self.ready = True
             status = self.status_line()

@@ -106,6 +106,20 @@ class StoreReader:
         )
         return [StoredExample(seq, self.labels.name(label), split, image) for seq, label, split, image in rows]
 
+    def rows_after(self, seq: int, limit: int) -> list[StoredExample]:
+        """As :meth:`after`, without the image bytes: what a trainer group's planner needs to share the round."""
+        rows = self._db.query("SELECT seq, label, split FROM examples WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+        return [StoredExample(seq, self.labels.name(label), split, b"") for seq, label, split in rows]
+
+    def stored(self, seqs: list[int]) -> set[int]:
+        """Which of ``seqs`` the store still holds (retention deletes the oldest)."""
+        found: set[int] = set()
+        for start in range(0, len(seqs), 500):  # SQLite's bound-parameter limit
+            chunk = seqs[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(row[0] for row in self._db.query(f"SELECT seq FROM examples WHERE seq IN ({marks})", chunk))
+        return found
+
     def by_seq(self, seqs: list[int]) -> list[StoredExample]:
         """Examples by seq, in the order asked (replay, holdout)."""
         if not seqs:
