@@ -38,11 +38,16 @@ def local_unit(tmp_path: Path) -> Path:
 
 
 @needs_systemd_analyze
-def test_the_unit_as_shipped_verifies_in_any_checkout():
-    """The operator's `systemd-analyze verify systemd/sprout.service` before installing: clean."""
-    out = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize(
+    "unit, command",
+    [(UNIT, "/usr/bin/env sprout run "), (UNIT.with_name("sprout-trainer.service"), "/usr/bin/env torchrun ")],
+    ids=["sprout", "sprout-trainer"],
+)
+def test_the_unit_as_shipped_verifies_in_any_checkout(unit: Path, command: str):
+    """The operator's `systemd-analyze verify systemd/<unit>` before installing: clean."""
+    out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stderr == "", out.stderr
-    assert directives(UNIT.read_text())["ExecStart"][0].startswith("/usr/bin/env sprout run ")
+    assert directives(unit.read_text())["ExecStart"][0].startswith(command)
 
 
 def directives(text: str) -> dict[str, list[str]]:
