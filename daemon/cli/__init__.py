@@ -3,8 +3,8 @@
 Each module builds its commands' parsers (``add_..._parser(sub)``) and runs them (``cmd_...``):
 :mod:`~daemon.cli.run` the daemon, ``check-config`` and ``export``; :mod:`~daemon.cli.store` the example store;
 :mod:`~daemon.cli.labels` the classes; :mod:`~daemon.cli.tools` ``feed`` and ``demo``; :mod:`~daemon.cli.models`
-the registry's versions and ``keygen``. Each imports what it uses inside the command: ``sprout --help``
-does not wait for torch.
+the registry's versions and ``keygen``; :mod:`~daemon.cli.serve` the read-only download server. Each imports
+what it uses inside the command: ``sprout --help`` does not wait for torch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import sys
 
 from daemon import __version__
-from daemon.cli import labels, models, run, store, tools
+from daemon.cli import labels, models, run, serve, store, tools
 from daemon.common.exits import Exit
 from daemon.common.settings import ConfigError
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_parser(sub)
     tools.add_feed_parser(sub)
     run.add_export_parser(sub)
+    serve.add_parser(sub)
     tools.add_demo_parser(sub)
     models.add_parser(sub)
     models.add_keygen_parser(sub)

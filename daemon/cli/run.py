@@ -52,9 +52,10 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--http", help="HOST:PORT for the HTTP API (overrides server.http)")
     run.add_argument(
         "--role",
-        choices=["all", "intake", "trainer"],
+        choices=["all", "intake", "trainer", "exporter"],
         help="'intake': only take examples into the shared store, one member of an intake group; 'trainer': one "
-        "rank of a trainer group, started by torchrun (overrides role; docs/scale.md)",
+        "rank of a trainer group, started by torchrun; 'exporter': a candidate to export the trainers' checkpoint, "
+        "one elected at a time (overrides role; docs/scale.md)",
     )
     run.set_defaults(func=cmd_run)
 

@@ -67,13 +67,14 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(Path("./var"), description="Examples, checkpoints and the model registry live here.")
-    role: Literal["all", "intake", "trainer"] = Field(
+    role: Literal["all", "intake", "trainer", "exporter"] = Field(
         "all",
         description="'all': intake, learner, exporter and server in one process (the default). 'intake': only the "
         "feed and intake, committing to the shared store (store.url) as one member of the MQTT shared subscription "
         "mqtt.share_group; add members to take more examples a second. 'trainer': one rank of a data-parallel "
         "trainer group started by torchrun, learning from the store and checkpointing into state_dir (rank 0), "
-        "no feed and no exporter (docs/scale.md).",
+        "no feed and no exporter. 'exporter': a candidate to export and publish the checkpoint in state_dir, "
+        "serving downloads and the MQTT notice; one candidate at a time is elected (docs/scale.md).",
     )
     mqtt: MqttSettings = MqttSettings()
     store: StoreSettings = StoreSettings()
@@ -104,10 +105,13 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _trainer_rank(self) -> Settings:
-        if self.role == "trainer":  # it learns, and leaves exporting to the node that publishes
+    def _one_job(self) -> Settings:
+        if self.role == "trainer":  # it learns, and leaves exporting to the exporter
             self.training = self.training.model_copy(update={"enabled": True})
             self.export = self.export.model_copy(update={"enabled": False})
+        elif self.role == "exporter":  # it exports what the trainers checkpoint, learning nothing itself
+            self.training = self.training.model_copy(update={"enabled": False})
+            self.export = self.export.model_copy(update={"enabled": True})
         return self
 
     @model_validator(mode="after")
@@ -184,6 +188,8 @@ class Settings(BaseSettings):
     def client_id(self) -> str:
         if self.mqtt.client_id:
             return self.mqtt.client_id
+        if self.role == "exporter":  # publishes the notice only; one session per candidate
+            return f"sprout-{self.model.name}-exporter-{socket.gethostname()}"
         if self.role == "intake":
             # Stable across this host's restarts (the broker keeps the member's session and its un-acked
             # examples for it) and apart from every other host's member; two members on one host set their own.

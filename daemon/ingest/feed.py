@@ -110,8 +110,11 @@ class Feed:
 
     name = "feed"
 
-    def __init__(self, settings: MqttSettings, store: StoreSettings, model: str, client_id: str):
+    def __init__(
+        self, settings: MqttSettings, store: StoreSettings, model: str, client_id: str, subscribe: bool = True
+    ):
         self.settings = settings
+        self.subscribes = subscribe  # False: a session that publishes only (an exporter's notice)
         self.model = model
         self.limits = wire.limits(store)
         self.deliveries: queue.Queue[Delivery] = queue.Queue(maxsize=store.backlog_max)
@@ -295,6 +298,11 @@ class Feed:
                 self.settings.broker,
                 client._client_id.decode(),
             )
+        if not self.subscribes:
+            self.connected.set()
+            self.subscribed.set()  # nothing to wait for: ready to publish
+            log.info("connected to %s (publishing only)", self.settings.broker)
+            return
         client.subscribe(self.settings.subscription(self.model), options=SubscribeOptions(qos=1))
         self.connected.set()
         log.info("connected to %s, subscribed to %s", self.settings.broker, self.settings.subscription(self.model))

@@ -55,6 +55,7 @@ from daemon.store.examples import Store
 from daemon.store.location import StoreLocation
 
 if TYPE_CHECKING:  # they import torch: imported where used, only when this node learns
+    from daemon.export.election import ElectedExporting
     from daemon.export.schedule import Exporting
     from daemon.learning.training import Training
 
@@ -92,7 +93,8 @@ class Daemon:
         self.feed: Feed | None = None
         self.intake: Intake | None = None
         self.training: Training | None = None  # when training.enabled
-        self.exporting: Exporting | None = None  # when export.enabled too
+        self.exporting: Exporting | None = None  # when export.enabled too; on an exporter candidate, once elected
+        self.election: ElectedExporting | None = None  # on an exporter candidate (role exporter)
         self.http: HttpServer | None = None  # the model API (and the operator's pages while it is loopback)
         self.admin: HttpServer | None = None  # the operator's pages, when `server.http` faces the network
         self.api: DownloadApi | None = None  # the model API: its fleet counts go to /metrics and the page
@@ -170,6 +172,9 @@ class Daemon:
         if s.role == "trainer":
             self._trainer_rank(s, store)
             return
+        if s.role == "exporter":
+            self._exporter_candidate(s, store)
+            return
         intake_only = s.role == "intake"  # one member of an intake group: no learner, no registry to serve
         if s.server.enabled:
             self._servers(s.server, s.state_dir, models=not intake_only)
@@ -195,6 +200,24 @@ class Daemon:
                 )
         # Last to start, first to stop: the feed's messages flow once intake takes them.
         self.intake = self._add(Intake(feed, store, s.store))
+
+    def _exporter_candidate(self, s: Settings, store: Store) -> None:
+        """One exporter candidate: downloads and the notice always; exports and publishes once elected."""
+        from daemon.export.election import CheckpointProgress, ElectedExporting, lease_for
+
+        if s.server.enabled:
+            self._servers(s.server, s.state_dir)
+        # The MQTT session carries the notice only: no examples come here.
+        feed = self.feed = self._add(Feed(s.mqtt, s.store, s.model.name, s.client_id, subscribe=False))
+        latest = registry_root(s.state_dir) / s.model.name / "latest"
+        self.notice = self._add(Notice(latest, s.mqtt.notice_topic(s.model.name), feed.publish_retained))
+
+        def elected(exporting: Exporting) -> None:
+            self.exporting = exporting  # its figures go to /metrics and the page from now on
+
+        lease = lease_for(store.location, s.state_dir, s.model.name)
+        progress = CheckpointProgress(s.state_dir / "checkpoints")
+        self.election = self._add(ElectedExporting(ExportJob.from_settings(s), lease, progress, elected))
 
     def _trainer_rank(self, s: Settings, store: Store) -> None:
         """One rank of a torchrun trainer group: the learner on the shared store; rank 0 serves the operator's pages."""
@@ -376,9 +399,16 @@ class Daemon:
                     part.reconfigure(applied.store)
         if self.exporting is not None:
             self.exporting.job = ExportJob.from_settings(applied)  # what each export's process is handed
+        if self.election is not None:  # a candidate not yet elected exports with these once it is
+            self.election.job = ExportJob.from_settings(applied)
         self.liveness.export_stall_after_s = _export_bound(applied)
         if self.training is not None and applied.training != before.training:
-            self.training.reconfigure(applied.training)  # between two steps, on the learner's thread
+            if applied.role == "trainer":
+                # Every rank would have to change at the same round, or their weights part: a restart of the
+                # group (torchrun's, on the unit's restart) applies it to all at once.
+                log.warning("reload: training settings of a trainer group apply when the group restarts")
+            else:
+                self.training.reconfigure(applied.training)  # between two steps, on the learner's thread
 
     # -- state for health, progress and callers --------------------------------------------------
 
@@ -389,6 +419,12 @@ class Daemon:
     def health(self) -> dict[str, bool]:
         if self.settings.role == "trainer":
             return {"learner": bool(self.training and self.training.alive())}
+        if self.settings.role == "exporter":  # a candidate standing by is healthy: it serves and announces
+            return {
+                "feed": bool(self.feed and self.feed.receiving()),
+                "notice": bool(self.notice is not None and self.notice.alive()),
+                "exporter": bool(self.election is not None and self.election.alive()),
+            }
         parts = {
             # Subscribed and still receiving: a failed callback or a dead network thread is not a feed.
             "feed": bool(self.feed and self.feed.receiving()),

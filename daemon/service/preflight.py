@@ -30,7 +30,7 @@ def problems(s: Settings) -> list[str]:
         out.append(f"model.weights_file: {why}")
     if s.state_dir.exists() and not (s.state_dir.is_dir() and os.access(s.state_dir, os.W_OK | os.X_OK)):
         out.append(f"state_dir: {s.state_dir} is not a folder this user can write to")
-    if s.training.enabled and s.export.enabled:
+    if s.export.enabled and (s.training.enabled or s.role == "exporter"):  # this process will publish
         key = s.signing.resolved_key_file(s.state_dir)
         if key.exists():  # a missing key is created at the first publish
             try:

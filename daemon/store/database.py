@@ -34,6 +34,7 @@ T = TypeVar("T")
 LOCK_SPACE = 0x53707274  # "Sprt"
 WRITE_LOCK = 1  # every write transaction on the examples, rejections and label changes
 MIGRATION_LOCK = 2  # held while migrations are checked and applied (several nodes may start at once)
+EXPORT_LOCK = 3  # held by the one exporter of a model for as long as it exports (daemon/export/election.py)
 
 
 class Database(abc.ABC):
@@ -253,6 +254,34 @@ class PostgresDatabase(Database):
         finally:
             if not conn.broken:
                 conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_SPACE, key))
+
+    def try_session_lock(self, key: int, sub: int = 0) -> bool:
+        """Take the advisory lock (key, sub) for this connection's session if it is free; never waits.
+
+        Held until :meth:`close`, or until the session ends: the server releases it when the process dies
+        or its connection is lost. On the connection as it is: one made again would not hold it.
+        """
+        import psycopg
+
+        try:
+            row = self._conn.execute(
+                "SELECT pg_try_advisory_lock(%s, %s)", (LOCK_SPACE, (key << 16) | (sub & 0xFFFF))
+            ).fetchone()
+        except psycopg.OperationalError:
+            return False
+        return bool(row and row[0])
+
+    def session_alive(self) -> bool:
+        """The session (and so every session lock it took) still stands: one round trip, no reconnecting."""
+        import psycopg
+
+        if self._conn.closed or self._conn.broken:
+            return False
+        try:
+            self._conn.execute("SELECT 1")
+        except psycopg.OperationalError:
+            return False
+        return True
 
     def has_table(self, name: str) -> bool:
         return bool(self.scalar("SELECT to_regclass(?) IS NOT NULL", (name,)))
