@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo run test lint fuzz chaos bench bench-quick bench-ingest bench-learning bench-retrain bench-export bench-gpu clean
+.PHONY: setup demo cluster-demo run test lint fuzz chaos bench bench-quick bench-ingest bench-learning bench-retrain bench-export bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -13,6 +13,12 @@ $(VENV)/.installed: pyproject.toml edge/pyproject.toml scripts/setup.sh scripts/
 
 demo: setup
 	$(BIN)/sprout demo
+
+# The deployment past one machine (docs/scale.md) on this one: PostgreSQL, Mosquitto, intake x2, a torchrun
+# trainer group of 2 ranks, exporter x2 (one elected), sprout serve and a device.
+cluster-demo: setup
+	bash scripts/cluster-tools.sh
+	$(BIN)/sprout cluster-demo
 
 run: setup
 	$(BIN)/sprout run

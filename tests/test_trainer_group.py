@@ -73,6 +73,9 @@ class TrainerGroup:
         self.env = {
             **os.environ,
             "PYTHONPATH": str(REPO),
+            # torchrun's own store, shared with the ranks, hands a restarted rank the address of the rank it
+            # replaced (pytorch issues #135712, #167288): each attempt gets a store of its own instead.
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
             "SPROUT_MODEL__BACKBONE": "tiny",
             "SPROUT_MODEL__INPUT_SIZE": "32",
             "SPROUT_TRAINING__DEVICE": "cpu",

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_export_parser(sub)
     serve.add_parser(sub)
     tools.add_demo_parser(sub)
+    tools.add_cluster_demo_parser(sub)
     models.add_parser(sub)
     models.add_keygen_parser(sub)
     return p

@@ -68,6 +68,44 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
+def add_cluster_demo_parser(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser(
+        "cluster-demo",
+        help="the deployment past one machine, on this one: intake x2, a trainer group of 2 ranks, exporter x2, "
+        "sprout serve, fed with Fashion-MNIST (docs/scale.md)",
+    )
+    demo.add_argument("--limit", type=int, default=2000, help="examples to feed (default 2000)")
+    demo.add_argument("--rate", type=float, default=100.0, help="examples per second (default 100)")
+    demo.add_argument("--state", type=Path, help="folder for every process's state and log (default ./var-cluster)")
+    demo.add_argument(
+        "--order",
+        default="class-incremental",
+        choices=["iid", "class-incremental"],
+        help="feed order (default class-incremental: the classes arrive one after another)",
+    )
+    demo.add_argument(
+        "--max-seconds",
+        type=float,
+        default=900.0,
+        help="end with the summary after this long even if the cluster has not caught up (default 900)",
+    )
+    demo.set_defaults(func=cmd_cluster_demo)
+
+
+def cmd_cluster_demo(args: argparse.Namespace) -> int:
+    from daemon.tools.cluster_demo import run_cluster_demo
+    from daemon.tools.postgres import PostgresError
+
+    try:
+        return run_cluster_demo(args)
+    except PostgresError as err:
+        log.error("cannot start PostgreSQL: %s (make cluster-demo installs Debian's postgresql)", err)
+        return 69
+    except RuntimeError as err:  # a process of the cluster died or never became healthy
+        log.error("cluster-demo: %s", err)
+        return 1
+
+
 def cmd_feed(args: argparse.Namespace) -> int:
     from daemon.tools.feeder import run_feed
 

@@ -197,6 +197,7 @@ class CheckpointProgress:
         self.folder = folder
         self._seen: tuple[int, int] | None = None
         self._learned = 0
+        self.high_water_mark = 0  # the last example the checkpoint learned past
 
     def __call__(self) -> int:
         from daemon.learning import checkpoint  # torch: the exporter's process has it anyway
@@ -214,4 +215,5 @@ class CheckpointProgress:
                 return self._learned
             self._seen = (stat.st_mtime_ns, stat.st_size)
             self._learned = saved.trained if saved is not None else 0
+            self.high_water_mark = saved.high_water_mark if saved is not None else 0
         return self._learned

@@ -234,6 +234,12 @@ class GroupTraining(Training):
         cuda = settings.device in ("auto", "cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(m.local_rank)  # before the learner places its backbone on "cuda"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            log.warning(
+                "torchrun shares its store with the ranks: a restarted group may fail to connect, handed the "
+                "address of a rank it replaced; start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                "(docs/scale.md)"
+            )
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
         self.comm = torch.device("cuda", m.local_rank) if cuda else torch.device("cpu")
