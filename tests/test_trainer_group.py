@@ -38,12 +38,15 @@ def fill(state: Path, per_class: int, seed: int = 31) -> int:
     return len(examples)  # seqs count from 1 in a new store
 
 
-def add(state: Path, per_class: int, seed: int) -> None:
+def add(state: Path, per_class: int, seed: int, classes: list[int] = CLASSES) -> int:
+    """More examples in the store; returns how many."""
+    examples = stream(classes, per_class, seed=seed, order="iid")
     store = Store(state / "examples.db")
     try:
-        store.commit(stream(CLASSES, per_class, seed=seed, order="iid"))
+        store.commit(examples)
     finally:
         store.close()
+    return len(examples)
 
 
 class TrainerGroup:
@@ -159,15 +162,18 @@ def test_two_ranks_reach_the_weights_one_rank_reaches_with_the_same_global_batch
         state = tmp_path / f"ranks-{ranks}"
         state.mkdir()
         last = fill(state, per_class=40)
+        # And a holdout and a train example of class 0: the last round has one new example, so with 2 ranks
+        # one slice is empty and that rank steps with a zero gradient.
+        last += add(state, per_class=2, seed=77, classes=[0])
         group = groups(state, ranks, batch_size=8 // ranks, mode=mode)
         group.learned_up_to(last)
         group.stop()
         checkpoints[ranks] = checkpoint.load(state / "checkpoints")
     one, two = checkpoints[1], checkpoints[2]
     assert one is not None and two is not None
-    # The same rounds: 15 of 8 examples, the same classes in the same order, the same replay draws.
+    # The same rounds: 15 of 8 examples and one of 1, the same classes in the same order, the same replay draws.
     assert (one.step, one.trained, one.replayed, one.labels) == (two.step, two.trained, two.replayed, two.labels)
-    assert one.step == 15 and one.trained == 96
+    assert one.step == 16 and one.trained == 97
     weights = {f"head.{k}": (v, two.head[k]) for k, v in one.head.items()}
     if mode == "full":
         assert one.backbone_state is not None and two.backbone_state is not None

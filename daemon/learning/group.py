@@ -161,14 +161,15 @@ class GroupStep:
             net = Network(lr.head, lr.backbone if lr.trainable else None, lr.device.type, lr.placement.autocast)
             cuda = lr.device.type == "cuda"
             self.ddp = DistributedDataParallel(
-                net, device_ids=[lr.device.index or 0] if cuda else None, broadcast_buffers=False
+                net, device_ids=[lr.device.index or 0] if cuda else None, forward_sync_buffers=False
             )
             self._wrapped = params
             self.rebuilds += 1
         return self.ddp
 
-    def __call__(self, plan: Round, known_before: int) -> tuple[SliceResult, float, bool]:
-        """Learn this rank's slice; returns what it learned, the round's loss, and whether it was finite."""
+    def __call__(self, plan: Round, known_before: int) -> tuple[SliceResult, float | None, bool]:
+        """Learn this rank's slice; returns what it learned, the round's loss (None when no image of the round
+        decoded: no step), and whether the loss was finite (the weights moved)."""
         lr, m = self.learner, self.member
         by_seq = lr.inputs.cache is not None
         mine = plan.share(plan.new, m, by_seq)
@@ -201,7 +202,7 @@ class GroupStep:
         local = (per_example * weights).sum()
         loss = local.detach().clone()
         dist.all_reduce(loss)
-        round_loss = float(loss) / max(weight_sum, 1.0)
+        round_loss = float(loss) / weight_sum if decoded else None
         finite = bool(torch.isfinite(loss)) and decoded > 0
         lr.optimizer.zero_grad(set_to_none=True)
         # Every rank runs backward, even with nothing decoded or a non-finite loss, so that DDP's all-reduce
@@ -350,20 +351,26 @@ class GroupTraining(Training):
             mine, loss, finite = self.step_fn(plan, known_before)
             gathered: list[SliceResult | None] = [None] * self.member.world_size
             dist.all_gather_object(gathered, mine)
-            results = [r for r in gathered if r is not None]
-            learned = sorted((x for r in results for x in r.learned), key=lambda x: x[0])
-            for _, label, predicted in learned:
-                lr.prequential.update(label, predicted)
-            lr.watch_divergence(finite, loss)
-            lr.step += 1
-            lr.trained += len(learned)
-            lr.replayed += sum(r.replayed for r in results)
-            lr.replay.add(StoredExample(seq, label, "train", b"") for seq, label, _ in learned)
-            if lr.diverged is not None:  # alike on every rank: the same weights and the same round loss
-                saved = self._broadcast(checkpoint.load(self.checkpoints) if self.member.leads else None)
-                lr.recover(saved if isinstance(saved, Checkpoint) else None)
+            if loss is not None:  # else no image of the round decoded (each counted as undecodable): no step
+                self._keep(gathered, loss, finite)
         if plan.forget_pruned and (forgotten := lr.forget_pruned()):
             log.info("embedding cache: dropped %d vectors of examples retention deleted", forgotten)
+
+    def _keep(self, gathered: list[SliceResult | None], loss: float, finite: bool) -> None:
+        """Every rank alike: the slices' results in commit order, the step, and a restore after a divergence."""
+        lr = self.learner
+        results = [r for r in gathered if r is not None]
+        learned = sorted((x for r in results for x in r.learned), key=lambda x: x[0])
+        for _, label, predicted in learned:
+            lr.prequential.update(label, predicted)
+        lr.watch_divergence(finite, loss)
+        lr.step += 1
+        lr.trained += len(learned)
+        lr.replayed += sum(r.replayed for r in results)
+        lr.replay.add(StoredExample(seq, label, "train", b"") for seq, label, _ in learned)
+        if lr.diverged is not None:  # alike on every rank: the same weights and the same round loss
+            saved = self._broadcast(checkpoint.load(self.checkpoints) if self.member.leads else None)
+            lr.recover(saved if isinstance(saved, Checkpoint) else None)
 
     def _after_round(self, plan: Round) -> None:
         """Rank 0, between two rounds: the holdout score, the curves, the checkpoint."""
