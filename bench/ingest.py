@@ -179,6 +179,7 @@ class Daemon:
             "SPROUT_LOGGING__LEVEL": "WARNING",
             "SPROUT_TRAINING__ENABLED": str(self.learner).lower(),
             "SPROUT_STORE__URL": self.store.postgres_url or "",
+            "SPROUT_STORE__BLOB_DIR": str(self.store.blob_dir or ""),
         }
         if self.member:
             env |= {"SPROUT_ROLE": "intake", "SPROUT_MQTT__CLIENT_ID": f"{MODEL}-intake-{self.member}"}
@@ -320,6 +321,12 @@ def main() -> None:
         help="comma-separated intake group sizes to run on the PostgreSQL store (`sprout run --role intake` "
         "members sharing the feed), e.g. 1,2; empty: one `sprout run` per store",
     )
+    ap.add_argument(
+        "--photos",
+        choices=["rows", "files", "both"],
+        default="rows",
+        help="where the photos go: rows of the store (the default), files in store.blob_dir, or both alternately",
+    )
     args = ap.parse_args()
     groups = [int(m) for m in args.members.split(",") if m]
     if groups and args.store == "sqlite":
@@ -330,27 +337,33 @@ def main() -> None:
     print(f"images: 224x224 JPEG, median {statistics.median(sizes) / 1000:.1f} KB, {args.examples} per run")
     stores = ["sqlite", "postgresql"] if args.store == "both" else [args.store]
     # (store, intake members): 0 members = one `sprout run`; intake groups run on PostgreSQL only.
-    setups = [(s, 0) for s in stores if s == "sqlite" or not groups] + [("postgresql", m) for m in groups]
+    stores_setups = [(s, 0) for s in stores if s == "sqlite" or not groups] + [("postgresql", m) for m in groups]
+    photo_kinds = ["rows", "files"] if args.photos == "both" else [args.photos]
+    setups = [(s, m, p) for s, m in stores_setups for p in photo_kinds]
     server_dir = Path(tempfile.mkdtemp(prefix="sprout-bench-postgres-")) if "postgresql" in stores else None
     server = PrivatePostgres(server_dir).start() if server_dir is not None else None
     modes = ("live", "backlog")
 
-    def key_of(mode: str, store: str, members: int) -> str:
+    def key_of(mode: str, store: str, members: int, photos: str) -> str:
         if len(setups) == 1:
             return mode
-        return f"{mode}_{store}" + (f"-intake-x{members}" if members else "")
+        key = f"{mode}_{store}" if len(stores_setups) > 1 else mode
+        key += f"-intake-x{members}" if members else ""
+        return key + (f"_photos-{photos}" if len(photo_kinds) > 1 else "")
 
     results: dict[str, list[dict[str, float]]] = {key_of(mode, *setup): [] for setup in setups for mode in modes}
     try:
         for r in range(args.repeats):
-            for store_kind, members in setups:
+            for store_kind, members, photos in setups:
                 for mode in modes:
-                    key = key_of(mode, store_kind, members)
+                    key = key_of(mode, store_kind, members, photos)
                     workdir = Path(tempfile.mkdtemp(prefix=f"sprout-bench-{mode}-"))
+                    blob_dir = workdir / "photos" if photos == "files" else None
                     if server is not None and store_kind == "postgresql":
-                        store = StoreLocation(postgres_url=server.create_database(f"bench_{r}_{mode}_{members}"))
+                        name = f"bench_{r}_{mode}_{members}_{photos}"
+                        store = StoreLocation(postgres_url=server.create_database(name), blob_dir=blob_dir)
                     else:
-                        store = StoreLocation.of(workdir / "state", "")
+                        store = StoreLocation.of(workdir / "state", "", blob_dir=blob_dir)
                     learner = args.learner == "on"
                     try:
                         res = run_once(jpegs, args.examples, mode, workdir, args.publisher, learner, store, members)
@@ -372,6 +385,7 @@ def main() -> None:
         "learner": args.learner,
         "store": args.store,
         "members": groups,
+        "photos": args.photos,
         "repeats": args.repeats,
         **{
             f"{mode}_per_second_median": round(statistics.median(x["per_second"] for x in runs))

@@ -250,12 +250,15 @@ BENCHMARKS = [
         ["--examples", "1000", "--repeats", "1", "--distinct", "50", "--learner", "off"],
         _ingest,
     ),
-    # SQLite against PostgreSQL, with one and two `--role intake` members on it, alternately in one sitting.
+    # SQLite against PostgreSQL, with one and two `--role intake` members on it, the photos in rows and in files
+    # (store.blob_dir), alternately in one sitting.
     Benchmark(
         "ingest-postgresql",
-        "Ingest without a learner: SQLite store against PostgreSQL store with 1 and 2 intake members",
+        "Ingest without a learner: SQLite store against PostgreSQL store with 1 and 2 intake members, "
+        "photos in the rows and in store.blob_dir",
         "ingest.py",
-        ["--examples", "10000", "--repeats", "3", "--learner", "off", "--store", "both", "--members", "1,2"],
+        ["--examples", "10000", "--repeats", "3", "--learner", "off", "--store", "both", "--members", "1,2"]
+        + ["--photos", "both"],
         ["--examples", "500", "--repeats", "1", "--distinct", "50", "--learner", "off", "--store", "both"]
         + ["--members", "1,2"],
         _ingest_stores,

@@ -208,12 +208,17 @@ def test_the_store_records_a_checked_change_and_every_reader_resolves_labels_thr
 def test_a_store_from_before_label_changes_opens_and_gets_the_table(tmp_path: Path):
     db = tmp_path / "examples.db"
     commit(tmp_path, stream([0], 4, seed=1))
-    with sqlite3.connect(db) as raw:  # what a state folder written before label curation holds
-        raw.execute("DROP TABLE label_changes")
+    with sqlite3.connect(db) as raw:  # what a state folder written before label curation holds: schema 1 without it
+        raw.executescript(
+            "DROP TABLE label_changes; DROP TRIGGER examples_blob_added; DROP TRIGGER examples_blob_removed; "
+            "DROP TABLE blob_usage; ALTER TABLE examples DROP COLUMN blob; ALTER TABLE examples DROP COLUMN blob_bytes; "
+            "UPDATE meta SET value = '1' WHERE key = 'schema_version';"
+        )
     assert StoreReader(db).label_changes() == []
     assert stats(open_reader(db))["total"] == 4
-    assert change(tmp_path, Action.RENAME, "class-0", "zero").id == 1  # the writer adds the table
-    assert sqlite3.connect(db).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("1",)
+    assert change(tmp_path, Action.RENAME, "class-0", "zero").id == 1  # the writer adds the table, then migrates
+    assert sqlite3.connect(db).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    assert [e.label for e in StoreReader(db).after(0, 10)] == ["class-0"] * 4  # the rows of schema 1 read on
 
 
 # -- the head and the learner ---------------------------------------------------------------------------

@@ -169,6 +169,14 @@ class StoreSettings(Section):
     password_file: Path | None = Field(
         None, description="File whose first line is the PostgreSQL password of store.url's user."
     )
+    blob_dir: Path | None = Field(
+        None,
+        description="Folder the photos are written to, one file each, instead of the store's database; empty = in "
+        "the database (the default: one place to back up; PostgreSQL holds up to 1 GB a photo, but every byte of "
+        "it passes through the server and its backups). A shared folder (NFS, a cluster file system) mounted at "
+        "the same path on every machine that reads the store. Costs an fsync per photo at intake. Keep it set "
+        "while photos remain there: rows written with it name its files.",
+    )
     migrate_on_start: bool = Field(
         True,
         description="Apply the store's pending schema migrations when the daemon starts (PostgreSQL: under a lock, "
@@ -251,6 +259,11 @@ class StoreSettings(Section):
             raise ValueError("put the password in store.password_file (or PGPASSWORD, ~/.pgpass), not in the URL")
         _check_port(parts)
         return value
+
+    @field_validator("blob_dir", mode="before")
+    @classmethod
+    def _blob_dir(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value  # "" (an unset variable): in the rows
 
     @model_validator(mode="after")
     def _password_file(self) -> StoreSettings:

@@ -199,11 +199,12 @@ def _commit(
     if not batch:
         return
     # A PostgreSQL store's disk is the server's: it says when that is full (below).
-    free = _free_bytes(store.path.parent) if store.path is not None else 2**62
-    if store.path is not None and free - batch_bytes < settings.min_free_mb * MB:
+    folder = store.image_folder
+    free = _free_bytes(folder) if folder is not None else 2**62
+    if folder is not None and free - batch_bytes < settings.min_free_mb * MB:
         # Intake's floor: an import must not take the room the daemon's intake, checkpoints and exports need.
         raise ImportStopped(
-            f"{store.path.parent} has {free / MB:.1f} MB free, below store.min_free_mb = "
+            f"{folder} has {free / MB:.1f} MB free, below store.min_free_mb = "
             f"{settings.min_free_mb} MB plus this batch's {batch_bytes / MB:.1f} MB: free space "
             "or lower store.max_mb, then run the import again",
             report,

@@ -255,9 +255,9 @@ class Intake:
         """Why this commit must wait for disk space, or None when there is room for it and the floor."""
         floor_mb = self.settings.min_free_mb
         need = sum(len(e.image) for e in examples)
-        if self.store.path is None:
+        folder = self.store.image_folder
+        if folder is None:
             return None  # a PostgreSQL store's disk is the server's: the commit says when it is full
-        folder = self.store.path.parent
         try:
             free = self._free_bytes(folder)
         except OSError:

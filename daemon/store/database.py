@@ -77,7 +77,8 @@ class Database(abc.ABC):
 
     @abc.abstractmethod
     def used_bytes(self) -> int:
-        """What ``store.max_mb`` bounds: SQLite's pages in use; PostgreSQL's stored image bytes."""
+        """What ``store.max_mb`` bounds: SQLite's pages in use; PostgreSQL's stored image bytes; and the photos
+        in the blob folder."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -138,10 +139,11 @@ class SqliteDatabase(Database):
         return self.one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)) is not None
 
     def used_bytes(self) -> int:
-        """Bytes of pages holding data (the file's size less its free pages, which commits reuse)."""
+        """Bytes of pages holding data (the file's size less its free pages, which commits reuse), and of the
+        photos in the blob folder (store.blob_dir)."""
         pages = self.scalar("PRAGMA page_count")
         free = self.scalar("PRAGMA freelist_count")
-        return int((pages - free) * self.scalar("PRAGMA page_size"))
+        return int((pages - free) * self.scalar("PRAGMA page_size")) + int(self.scalar("SELECT bytes FROM blob_usage"))
 
     def close(self) -> None:
         self.connection.close()
@@ -287,7 +289,8 @@ class PostgresDatabase(Database):
         return bool(self.scalar("SELECT to_regclass(?) IS NOT NULL", (name,)))
 
     def used_bytes(self) -> int:
-        """The stored images' bytes, kept by the examples table's triggers (daemon/store/schema.py).
+        """The stored images' bytes, in rows or in the blob folder, kept by the examples table's triggers
+        (daemon/store/schema.py).
 
         PostgreSQL's files are the wrong measure: rows deleted by retention leave their space in the
         files for later rows (autovacuum marks it free), so the files stop growing without shrinking.

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.store import schema
+from daemon.store.blobs import BlobFolder, blob_key, folder_for
 from daemon.store.database import Database, connect
 from daemon.store.errors import StateDirError
 from daemon.store.labels import Action, LabelChange, LabelMap
@@ -91,6 +92,9 @@ class Store:
         self.location = location if isinstance(location, StoreLocation) else StoreLocation(sqlite_path=Path(location))
         self.path = self.location.sqlite_path  # the SQLite file; None when the store is a PostgreSQL database
         self.where = str(self.location)
+        self.blobs = BlobFolder(self.location.blob_dir) if self.location.blob_dir is not None else None
+        if self.blobs is not None:
+            self.blobs.prepare()
         self._db = self._open(migrate, application_name)
         self._lock = threading.Lock()
         self.pruned = 0  # examples deleted by retention since this process opened the store
@@ -142,6 +146,14 @@ class Store:
         return db
 
     @property
+    def image_folder(self) -> Path | None:
+        """The folder whose disk the photos fill (intake's store.min_free_mb watches it); None where that is
+        a PostgreSQL server's, which says itself when it is full."""
+        if self.blobs is not None:
+            return self.blobs.root
+        return self.path.parent if self.path is not None else None
+
+    @property
     def schema_version(self) -> int:
         with self._lock:
             return schema.version(self._db)
@@ -168,19 +180,18 @@ class Store:
         return StoreTotals(int(examples), int(rejected))
 
     def commit(self, examples: Iterable[Example], rejections: Iterable[Rejection] = ()) -> CommitResult:
-        """Write examples and rejection counts in one transaction; returns once it is durable (fsynced)."""
-        rows = [
-            (e.example_id, e.label, e.split, e.content_type, e.width, e.height, e.received_at, e.image)
-            for e in examples
-        ]
+        """Write examples and rejection counts in one transaction; returns once it is durable (fsynced), the
+        photos too where they are files (store.blob_dir)."""
+        examples = list(examples)
         reasons: dict[str, int] = {}
         for r in rejections:
             reasons[r.reason.value] = reasons.get(r.reason.value, 0) + 1
         with self._lock:
+            rows = self._rows(examples)
             with self._db.writing():
                 stored = self._db.run_many(
-                    "INSERT INTO examples (example_id, label, split, content_type, width, height, received_at, image) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (example_id) DO NOTHING",
+                    "INSERT INTO examples (example_id, label, split, content_type, width, height, received_at, image, "
+                    "blob, blob_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (example_id) DO NOTHING",
                     rows,
                 )
                 self._db.run_many(
@@ -192,6 +203,27 @@ class Store:
             # Under the lock: a recount in totals() between the commit and this line would count it twice.
             self._totals = StoreTotals(self._totals.examples + stored, self._totals.rejected + rejected)
         return CommitResult(stored=stored, duplicates=len(rows) - stored, rejected=rejected)
+
+    def _rows(self, examples: list[Example]) -> list[tuple[object, ...]]:
+        """The rows to insert; with a blob folder, the photos written there first (durably), except those of
+        ids already stored: a redelivery must not replace the stored photo with whatever it carries."""
+        if self.blobs is None:
+            return [_row(e, e.image, None) for e in examples]
+        stored: set[str] = set()
+        ids = list({e.example_id for e in examples})
+        for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            stored.update(
+                r[0] for r in self._db.query(f"SELECT example_id FROM examples WHERE example_id IN ({marks})", chunk)
+            )
+        keys = {e.example_id: blob_key(e.example_id) for e in examples}
+        fresh: dict[str, bytes] = {}
+        for e in examples:
+            if e.example_id not in stored:
+                fresh.setdefault(keys[e.example_id], e.image)  # the first of a commit's duplicates is the one stored
+        self.blobs.write(fresh.items())
+        return [_row(e, b"", keys[e.example_id]) for e in examples]
 
     def stats(self) -> dict[str, object]:
         with self._lock:
@@ -254,7 +286,9 @@ class Store:
         return deleted
 
     def _holdout_bytes(self) -> int:
-        return int(self._db.scalar("SELECT COALESCE(SUM(length(image)), 0) FROM examples WHERE split = 'holdout'"))
+        return int(
+            self._db.scalar("SELECT COALESCE(SUM(length(image) + blob_bytes), 0) FROM examples WHERE split = 'holdout'")
+        )
 
     def _delete_oldest(self, split: str, excess: Callable[[], int]) -> int:
         """Delete the oldest examples of a split whose images add up to ``excess()`` bytes (none when it is
@@ -266,14 +300,20 @@ class Store:
             if nbytes <= 0:
                 return 0
             last = None
+            files: list[str] = []
             # length() of a blob reads the record header (SQLite) or the TOAST pointer (PostgreSQL), not the image.
-            for seq, size in self._db.query(
-                "SELECT seq, length(image) FROM examples WHERE split = ? ORDER BY seq LIMIT 10000", (split,)
+            for seq, size, blob in self._db.query(
+                "SELECT seq, length(image) + blob_bytes, blob FROM examples WHERE split = ? ORDER BY seq LIMIT 10000",
+                (split,),
             ):
                 last, nbytes = seq, nbytes - size
+                if blob is not None:
+                    files.append(blob)
                 if nbytes <= 0:
                     break
             if last is not None:
+                if files:  # before the rows go: daemon/store/blobs.py says why in this order
+                    folder_for(self.location.blob_dir, self.where).remove(files)
                 n = self._db.run("DELETE FROM examples WHERE split = ? AND seq <= ?", (split, last))
         return n
 
@@ -284,3 +324,9 @@ class Store:
         with self._lock:
             self._closed = True  # the totals stay readable, as last counted
             self._db.close()
+
+
+def _row(e: Example, image: bytes, blob: str | None) -> tuple[object, ...]:
+    """An examples row: the photo's bytes in ``image``, or none there and the name of its file in ``blob``."""
+    size = len(e.image) if blob is not None else 0
+    return (e.example_id, e.label, e.split, e.content_type, e.width, e.height, e.received_at, image, blob, size)

@@ -1,9 +1,10 @@
 """Where the example store lives: a SQLite file in the state folder (the default) or a PostgreSQL database.
 
-``store.url`` chooses: empty keeps the embedded SQLite file ``<state_dir>/examples.db``;
+``store.url`` chooses the database: empty keeps the embedded SQLite file ``<state_dir>/examples.db``;
 ``postgresql://user@host:port/db`` puts the store in that database, where several machines can
 share it (docs/scale.md). The password never travels in the URL: libpq reads it from
-``store.password_file``, ``PGPASSWORD`` or ``~/.pgpass``.
+``store.password_file``, ``PGPASSWORD`` or ``~/.pgpass``. ``store.blob_dir`` keeps the photos as files in
+a folder instead of rows of the database (daemon/store/blobs.py).
 
 >>> str(StoreLocation.of(Path("/srv/sprout"), ""))
 '/srv/sprout/examples.db'
@@ -28,16 +29,20 @@ class StoreLocation:
     sqlite_path: Path | None = None
     postgres_url: str | None = None
     password_file: Path | None = None  # its first line is the database password (PostgreSQL only)
+    blob_dir: Path | None = None  # where photos are files rather than rows (daemon/store/blobs.py)
 
     @classmethod
-    def of(cls, state_dir: Path, url: str, password_file: Path | None = None) -> StoreLocation:
+    def of(
+        cls, state_dir: Path, url: str, password_file: Path | None = None, blob_dir: Path | None = None
+    ) -> StoreLocation:
         if url:
-            return cls(postgres_url=url, password_file=password_file)
-        return cls(sqlite_path=Path(state_dir) / SQLITE_FILE)
+            return cls(postgres_url=url, password_file=password_file, blob_dir=blob_dir)
+        return cls(sqlite_path=Path(state_dir) / SQLITE_FILE, blob_dir=blob_dir)
 
     @classmethod
     def of_settings(cls, settings: Settings) -> StoreLocation:
-        return cls.of(settings.state_dir, settings.store.url, settings.store.password_file)
+        s = settings.store
+        return cls.of(settings.state_dir, s.url, s.password_file, s.blob_dir)
 
     @property
     def is_postgres(self) -> bool:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.store import schema
+from daemon.store.blobs import BlobFolder, folder_for
 from daemon.store.database import Database, connect
 from daemon.store.labels import Action, LabelChange, LabelMap
 from daemon.store.location import StoreLocation
@@ -86,6 +87,22 @@ class StoreReader:
     def __init__(self, location: StoreLocation | Path):
         self._db = open_reader(location, "sprout-learner")
         self.labels = LabelMap()
+        self._blob_dir = location.blob_dir if isinstance(location, StoreLocation) else None
+        self._blobs: BlobFolder | None = None
+        self.photos_gone = 0  # rows whose photo file was gone when read: retention was deleting them
+
+    def _example(self, seq: int, label: str, split: str, image: bytes, blob: str | None) -> StoredExample | None:
+        """The row as an example, its photo read from the blob folder where it is a file; None when that file
+        is gone (retention unlinks it just before deleting the row)."""
+        if blob is not None:
+            if self._blobs is None:
+                self._blobs = folder_for(self._blob_dir, self._db.where)
+            photo = self._blobs.read(blob)
+            if photo is None:
+                self.photos_gone += 1
+                return None
+            image = photo
+        return StoredExample(seq, self.labels.name(label), split, image)
 
     def label_changes(self, after: int = 0) -> list[LabelChange]:
         """The label changes recorded after id ``after``, oldest first."""
@@ -102,9 +119,9 @@ class StoreReader:
     def after(self, seq: int, limit: int) -> list[StoredExample]:
         """The next examples in commit order, both splits, retired classes' too (the learner moves past them)."""
         rows = self._db.query(
-            "SELECT seq, label, split, image FROM examples WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+            "SELECT seq, label, split, image, blob FROM examples WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
         )
-        return [StoredExample(seq, self.labels.name(label), split, image) for seq, label, split, image in rows]
+        return [e for row in rows if (e := self._example(*row)) is not None]
 
     def rows_after(self, seq: int, limit: int) -> list[StoredExample]:
         """As :meth:`after`, without the image bytes: what a trainer group's planner needs to share the round."""
@@ -128,10 +145,11 @@ class StoreReader:
         for start in range(0, len(seqs), 500):  # SQLite's bound-parameter limit
             chunk = seqs[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for s, label, split, image in self._db.query(
-                f"SELECT seq, label, split, image FROM examples WHERE seq IN ({marks})", chunk
+            for row in self._db.query(
+                f"SELECT seq, label, split, image, blob FROM examples WHERE seq IN ({marks})", chunk
             ):
-                found[s] = StoredExample(s, self.labels.name(label), split, image)
+                if (e := self._example(*row)) is not None:
+                    found[e.seq] = e
         return [found[s] for s in seqs if s in found]
 
     def labels_up_to(self, seq: int, split: str) -> list[tuple[int, str]]:

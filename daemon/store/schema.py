@@ -118,7 +118,48 @@ CREATE TRIGGER examples_removed AFTER DELETE ON examples
     REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION sprout_examples_removed();
 """
 
-MIGRATIONS = (Migration(1, "examples, rejection counts, label changes", _SQLITE_1, _POSTGRESQL_1),)
+# A photo in the blob folder (store.blob_dir) leaves an empty image in its row, the file's name in blob and
+# its size in blob_bytes, which retention and store.max_mb count as the image's. SQLite's used_bytes is its
+# pages plus blob_usage, kept by row triggers that only fire for such rows.
+_SQLITE_2 = """
+ALTER TABLE examples ADD COLUMN blob TEXT;
+ALTER TABLE examples ADD COLUMN blob_bytes INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE blob_usage (
+    one   INTEGER PRIMARY KEY CHECK (one = 1),
+    bytes INTEGER NOT NULL
+);
+INSERT INTO blob_usage (one, bytes) VALUES (1, 0);
+CREATE TRIGGER examples_blob_added AFTER INSERT ON examples WHEN NEW.blob_bytes > 0
+BEGIN
+    UPDATE blob_usage SET bytes = bytes + NEW.blob_bytes;
+END;
+CREATE TRIGGER examples_blob_removed AFTER DELETE ON examples WHEN OLD.blob_bytes > 0
+BEGIN
+    UPDATE blob_usage SET bytes = bytes - OLD.blob_bytes;
+END;
+"""
+
+# ADD COLUMN with a constant default rewrites no row (PostgreSQL 11 and later): instant on a large table.
+_POSTGRESQL_2 = """
+ALTER TABLE examples ADD COLUMN blob TEXT, ADD COLUMN blob_bytes BIGINT NOT NULL DEFAULT 0;
+CREATE OR REPLACE FUNCTION sprout_examples_added() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE store_usage SET examples = examples + counted.n, image_bytes = image_bytes + counted.bytes
+    FROM (SELECT count(*) AS n, COALESCE(sum(length(image) + blob_bytes), 0) AS bytes FROM added) AS counted;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION sprout_examples_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE store_usage SET examples = examples - counted.n, image_bytes = image_bytes - counted.bytes
+    FROM (SELECT count(*) AS n, COALESCE(sum(length(image) + blob_bytes), 0) AS bytes FROM removed) AS counted;
+    RETURN NULL;
+END $$;
+"""
+
+MIGRATIONS = (
+    Migration(1, "examples, rejection counts, label changes", _SQLITE_1, _POSTGRESQL_1),
+    Migration(2, "photos as files in store.blob_dir", _SQLITE_2, _POSTGRESQL_2),
+)
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 _POSTGRESQL_LEDGER = """

@@ -91,10 +91,15 @@ def run_cluster_demo(args: Any) -> int:
     device: DemoDevice | None = None
     try:
         store_url = postgres.create_database("sprout")
-        terminal.say(f"cluster: PostgreSQL at {store_url}, Mosquitto at {broker.url}; logs in {logs}")
+        terminal.say(
+            f"cluster: PostgreSQL at {store_url} (photos in {root / 'photos'}), Mosquitto at {broker.url}; "
+            f"logs in {logs}"
+        )
         env = {
             **os.environ,
             "SPROUT_STORE__URL": store_url,
+            # The photos as files in a folder every member reaches (shared storage across machines).
+            "SPROUT_STORE__BLOB_DIR": str(root / "photos"),
             "SPROUT_MQTT__BROKER": broker.url,
             "SPROUT_LOGGING__PROGRESS_EVERY_S": "3600",
             # As `sprout demo`: a model every 1,000 examples learned, and what is left 15 s after the feed.
