@@ -153,8 +153,13 @@ class MqttSettings(Section):
     def notice_topic(self, model: str) -> str:
         return f"{self.topic_prefix}/{model}/models/latest"
 
-    def subscription(self, model: str) -> str:
-        topic = self.examples_topic(model)
+    def telemetry_topic(self, model: str) -> str:
+        return f"{self.topic_prefix}/{model}/telemetry"
+
+    def subscription(self, model: str, topic: str | None = None) -> str:
+        """The filter to subscribe to ``topic`` (the examples topic by default) with: in mqtt.share_group's
+        shared subscription where there is one."""
+        topic = topic or self.examples_topic(model)
         return f"$share/{self.share_group}/{topic}" if self.share_group else topic
 
 

@@ -182,6 +182,29 @@ class RegistrySettings(Section):
     )
 
 
+class FieldSettings(Section):
+    telemetry: bool = Field(
+        True,
+        description="Take devices' reports of how each model version does (counters only, opt-in on the device: "
+        "docs/devices.md), on MQTT <prefix>/<model>/telemetry and POST /v1/models/<model>/telemetry. Off: the "
+        "topic is not subscribed and the POST answers 404. Each report is a few hundred bytes in the store.",
+    )
+    low_confidence_below: float = Field(
+        0.5,
+        ge=0.1,
+        le=1.0,
+        description="Top-1 score under which a device's prediction counts as unsure, in the metrics and on the "
+        "status page; a multiple of 0.1, as devices report scores by tenths. Higher flags more predictions.",
+    )
+
+    @field_validator("low_confidence_below")
+    @classmethod
+    def _tenths(cls, value: float) -> float:
+        if abs(value * 10 - round(value * 10)) > 1e-6:
+            raise ValueError("must be a multiple of 0.1: devices report top-1 scores by tenths")
+        return round(value, 1)
+
+
 class ServerSettings(Section):
     http: str = Field(
         "127.0.0.1:8080",

@@ -34,6 +34,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from daemon.common.learning_sections import ModelSettings, MqttSettings, Section, StoreSettings, TrainingSettings
 from daemon.common.serving_sections import (
     ExportSettings,
+    FieldSettings,
     LoggingSettings,
     RegistrySettings,
     ServerSettings,
@@ -43,6 +44,7 @@ from daemon.common.serving_sections import (
 __all__ = [
     "ConfigError",
     "ExportSettings",
+    "FieldSettings",
     "LoggingSettings",
     "ModelSettings",
     "MqttSettings",
@@ -84,6 +86,7 @@ class Settings(BaseSettings):
     registry: RegistrySettings = RegistrySettings()
     server: ServerSettings = ServerSettings()
     signing: SigningSettings = SigningSettings()
+    field: FieldSettings = FieldSettings()
     logging: LoggingSettings = LoggingSettings()
 
     # Where this object came from (file, CLI overrides), so that a reload (SIGHUP) reads the same.

@@ -16,6 +16,10 @@ on disk, so a static mirror of that folder serves the same bytes
 - ``GET /v1/models/<model>/versions/<v>/from-<base>.zst``: the download delta from version
   ``base`` (daemon/registry/deltas.py), served as model.tflite is: its ETag the sha256 the
   manifest lists, 304, Range, immutable. Downloads are counted by version and kind (full, delta).
+- ``POST /v1/models/<model>/telemetry``: a device's report of how each version does
+  (daemon/ingest/telemetry.py), counted in the store before the answer: 202 counted, 200 a resend
+  counted before, 400 with the field that is wrong, 413 too large, 503 (retry later) when the store
+  cannot take it now, 404 where reports are not taken (``field.telemetry`` off, ``sprout serve``).
 
 Model names and versions are checked against what the registry can hold
 before any path is built, so no request reaches outside it. With a bearer
@@ -41,6 +45,7 @@ from pathlib import Path
 import h11
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -48,11 +53,15 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from daemon.common.lifecycle import left
 from daemon.distribution.fleet import DELTA, FULL, Fleet
+from daemon.ingest.telemetry import MAX_REPORT_BYTES, parse_report
 from daemon.registry.deltas import DELTA_FILE
+from daemon.store.records import FieldReport, Rejection
 
 log = logging.getLogger("sprout.server")
 
 Health = Callable[[], dict[str, bool]]
+# Commits a device's report (or its rejection) to the store; True when counted, False for a resend.
+ReportSink = Callable[[FieldReport | Rejection], bool]
 
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as settings.model.name allows
 _VERSION = re.compile(r"^[1-9][0-9]{0,9}$")
@@ -93,10 +102,13 @@ def _document(request: Request, path: Path, cache: str) -> Response:
 class DownloadApi:
     """The /v1 routes over ``registry_root`` (one folder per model, as daemon/registry/versions.py lays it out)."""
 
-    def __init__(self, registry_root: Path, token: str | None = None):
+    def __init__(self, registry_root: Path, token: str | None = None, reports: tuple[str, ReportSink] | None = None):
         self.root = registry_root
         self.token = token
         self.fleet = Fleet()  # which versions devices run and fetch (daemon/distribution/fleet.py): counts only
+        self.reports = reports  # (model, sink): where devices' reports on that model go; None: not taken here
+        # Reports POSTed here, by outcome: counted, resent (counted before), rejected, failed (the store refused).
+        self.report_outcomes = {"counted": 0, "resent": 0, "rejected": 0, "failed": 0}
 
     def routes(self) -> list[Route]:
         return [
@@ -104,6 +116,7 @@ class DownloadApi:
             Route("/v1/models/{model}/latest.sig", self.latest_signature),
             Route("/v1/models/{model}/versions", self.versions),
             Route("/v1/models/{model}/versions/{version}/{name}", self.version_file),
+            Route("/v1/models/{model}/telemetry", self.telemetry, methods=["POST"]),
         ]
 
     def _refusal(self, request: Request) -> Response | None:
@@ -164,6 +177,35 @@ class DownloadApi:
             self.fleet.downloaded(int(version), DELTA if delta else FULL)
         # Starlette's FileResponse answers Range with 206 (and If-Range against this ETag).
         return FileResponse(folder / name, media_type=_FILES.get(name, "application/zstd"), headers=headers)
+
+    async def telemetry(self, request: Request) -> Response:
+        if refusal := self._refusal(request):
+            return refusal
+        model = request.path_params["model"]
+        if self.reports is None or self.reports[0] != model:
+            return _error(404, f"reports on model {model!r} are not taken here (field.telemetry, or MQTT instead)")
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_REPORT_BYTES:
+            return _error(413, f"a report is at most {MAX_REPORT_BYTES} bytes: send more often, fewer versions")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_REPORT_BYTES:
+                return _error(413, f"a report is at most {MAX_REPORT_BYTES} bytes: send more often, fewer versions")
+        item = parse_report(bytes(body))
+        try:
+            counted = await run_in_threadpool(self.reports[1], item)
+        except Exception as err:  # the store is down or full: the device keeps the report and sends it again
+            self.report_outcomes["failed"] += 1
+            log.warning("a device's report could not be stored: %s; it was told to retry", err)
+            return JSONResponse({"error": "cannot store reports now: retry later"}, 503, {"Retry-After": "60"})
+        if isinstance(item, Rejection):
+            self.report_outcomes["rejected"] += 1
+            return JSONResponse({"error": item.detail, "reason": item.reason.value}, status_code=400)
+        self.report_outcomes["counted" if counted else "resent"] += 1
+        if counted:
+            return JSONResponse({"counted": True}, status_code=202)
+        return JSONResponse({"counted": False, "why": f"seq {item.seq} was counted before: send seq + 1 next"})
 
     @staticmethod
     def _file_etag(folder: Path, name: str, base: str | None) -> str:

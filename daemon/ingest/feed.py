@@ -41,7 +41,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from daemon.common.lifecycle import left
 from daemon.common.settings import MqttSettings, StoreSettings
 from daemon.ingest import mqttfast, wire
+from daemon.ingest.telemetry import parse_report
 from daemon.ingest.wire import Example, Rejection, Unchecked, parse
+from daemon.store.records import FieldReport
 
 log = logging.getLogger("sprout.feed")
 
@@ -70,7 +72,7 @@ class Delivery:
     mid: int
     qos: int
     connection: int  # which connection it came on; an ack is only valid on that one
-    item: Example | Rejection | Unchecked  # Unchecked until intake has decoded its body
+    item: Example | Rejection | Unchecked | FieldReport  # Unchecked until intake has decoded its body
     size: int = 0  # payload bytes held for it in the feed's ByteBudget until intake gives them back
 
 
@@ -111,11 +113,22 @@ class Feed:
     name = "feed"
 
     def __init__(
-        self, settings: MqttSettings, store: StoreSettings, model: str, client_id: str, subscribe: bool = True
+        self,
+        settings: MqttSettings,
+        store: StoreSettings,
+        model: str,
+        client_id: str,
+        subscribe: bool = True,
+        telemetry: bool = False,
     ):
         self.settings = settings
         self.subscribes = subscribe  # False: a session that publishes only (an exporter's notice)
         self.model = model
+        # The topics subscribed to: the examples, and devices' reports (daemon/ingest/telemetry.py) when taken.
+        self.telemetry_topic = settings.telemetry_topic(model) if telemetry else None
+        self.filters = [settings.subscription(model)]
+        if self.telemetry_topic is not None:
+            self.filters.append(settings.subscription(model, self.telemetry_topic))
         self.limits = wire.limits(store)
         self.deliveries: queue.Queue[Delivery] = queue.Queue(maxsize=store.backlog_max)
         self.budget = ByteBudget(store.backlog_max_mb * 1024 * 1024)
@@ -303,9 +316,9 @@ class Feed:
             self.subscribed.set()  # nothing to wait for: ready to publish
             log.info("connected to %s (publishing only)", self.settings.broker)
             return
-        client.subscribe(self.settings.subscription(self.model), options=SubscribeOptions(qos=1))
+        client.subscribe([(f, SubscribeOptions(qos=1)) for f in self.filters])
         self.connected.set()
-        log.info("connected to %s, subscribed to %s", self.settings.broker, self.settings.subscription(self.model))
+        log.info("connected to %s, subscribed to %s", self.settings.broker, " and ".join(self.filters))
 
     @_guarded
     def _on_connect_fail(self, client, userdata) -> None:
@@ -326,7 +339,7 @@ class Feed:
         if failed:
             log.error(
                 "broker refused the subscription to %s: %s (check the broker's ACL for this user)",
-                self.settings.subscription(self.model),
+                " and ".join(f for f, rc in zip(self.filters, reason_codes, strict=False) if rc.is_failure),
                 failed[0],
             )
             return
@@ -352,7 +365,11 @@ class Feed:
         # cost the network thread 10-20 times the rest of the parse.
         payload = message.payload
         assert isinstance(payload, bytes), "paho decodes a received payload as bytes (bytearray is for sending)"
-        item = parse(payload, user_properties, content_type, self.limits, decode=False)
+        item: Example | Rejection | Unchecked | FieldReport
+        if self.telemetry_topic is not None and message.topic == self.telemetry_topic:
+            item = parse_report(payload)
+        else:
+            item = parse(payload, user_properties, content_type, self.limits, decode=False)
         size = len(payload) if isinstance(item, Unchecked) else 0  # a rejection keeps no image
         delivery = Delivery(message.mid, message.qos, self._connection, item, size)
         self.received += 1

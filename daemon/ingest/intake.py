@@ -39,6 +39,7 @@ from daemon.ingest.feed import Delivery, Feed
 from daemon.ingest.wire import Example, Rejection, Unchecked, check_body
 from daemon.store.errors import is_disk_full
 from daemon.store.examples import CommitResult, Store
+from daemon.store.records import FieldReport
 
 log = logging.getLogger("sprout.intake")
 
@@ -59,6 +60,8 @@ class Intake:
         self.settings = settings
         self.stored = 0
         self.duplicates = 0
+        self.reports = 0  # devices' reports counted (daemon/ingest/telemetry.py)
+        self.resent_reports = 0  # and those a device had sent before, counted once already
         self.rejected: dict[str, int] = {}
         self.commits = 0
         self.last_commit = time.monotonic()
@@ -150,7 +153,8 @@ class Intake:
         """Commit the batch, then ack each of its messages; when stopping before the store took it, ack none."""
         examples = [d.item for d in batch if isinstance(d.item, Example)]
         rejections = [d.item for d in batch if isinstance(d.item, Rejection)]
-        result = self._commit_or_wait(batch, examples, rejections)
+        reports = [d.item for d in batch if isinstance(d.item, FieldReport)]
+        result = self._commit_or_wait(batch, examples, rejections, reports)
         if result is None:  # stopping: un-acked, the batch comes back from the broker
             self.feed.budget.give_back(sum(d.size for d in batch))
             return
@@ -165,7 +169,7 @@ class Intake:
             log.warning("retention: pruning %s failed: %s; retried after the next commit", self.store.where, err)
 
     def _commit_or_wait(
-        self, batch: list[Delivery], examples: list[Example], rejections: list[Rejection]
+        self, batch: list[Delivery], examples: list[Example], rejections: list[Rejection], reports: list[FieldReport]
     ) -> CommitResult | None:
         """The store's result once it took the batch (trying again while the disk is full or the store
         refuses it), or None when intake is told to stop first."""
@@ -174,7 +178,7 @@ class Intake:
             full = self._disk_full(examples)
             if full is None:
                 try:
-                    return self.store.commit(examples, rejections)
+                    return self.store.commit(examples, rejections, reports)
                 except Exception as err:  # disk full, I/O error, locked database: nothing acked, keep the batch, retry
                     if is_disk_full(err):
                         full = f"{self.store.where}: {err}"
@@ -235,6 +239,8 @@ class Intake:
             self.feed.report_rejection(rejection)
         self.stored += result.stored
         self.duplicates += result.duplicates
+        self.reports += result.reports
+        self.resent_reports += result.resent_reports
         self.commits += 1
         self.last_commit = time.monotonic()
 

@@ -52,7 +52,9 @@ from daemon.service.report import Reporter
 from daemon.service.status import Status, snapshot
 from daemon.service.systemd import Notifier
 from daemon.store.examples import Store
+from daemon.store.field import FieldFigures
 from daemon.store.location import StoreLocation
+from daemon.store.records import FieldReport, Rejection
 
 if TYPE_CHECKING:  # they import torch: imported where used, only when this node learns
     from daemon.export.election import ElectedExporting
@@ -99,6 +101,7 @@ class Daemon:
         self.admin: HttpServer | None = None  # the operator's pages, when `server.http` faces the network
         self.api: DownloadApi | None = None  # the model API: its fleet counts go to /metrics and the page
         self.notice: Notice | None = None
+        self.field: FieldFigures | None = None  # devices' reports, as the metrics and the page show them
         self._old_handlers: dict[int, SignalHandler] = {}
 
     @property
@@ -149,6 +152,8 @@ class Daemon:
         # The store is no part (no thread of its own): opened before every part and closed after all have
         # stopped, as intake commits into it until its stop and the status reads it until the end.
         store = self.store = Store(StoreLocation.of_settings(s), s.store.migrate_on_start, f"sprout-{s.model.name}")
+        if s.field.telemetry and s.role != "trainer":
+            self.field = FieldFigures(store.location, lambda: store.reports_counted)
         # Once, at start-up, for the whole process: paho's property decoder was the intake's hot spot
         # (daemon/ingest/mqttfast.py checks the paho release it patches and says so when it differs).
         mqttfast.install()
@@ -178,12 +183,10 @@ class Daemon:
         intake_only = s.role == "intake"  # one member of an intake group: no learner, no registry to serve
         if s.server.enabled:
             self._servers(s.server, s.state_dir, models=not intake_only)
-        feed = self.feed = self._add(Feed(s.mqtt, s.store, s.model.name, s.client_id))
+        feed = self.feed = self._add(Feed(s.mqtt, s.store, s.model.name, s.client_id, telemetry=s.field.telemetry))
         if intake_only:
             log.info(
-                "role intake: committing %s to %s, no learner or exporter here",
-                s.mqtt.subscription(s.model.name),
-                store.where,
+                "role intake: committing %s to %s, no learner or exporter here", " and ".join(feed.filters), store.where
             )
             self.intake = self._add(Intake(feed, store, s.store))
             return
@@ -278,7 +281,8 @@ class Daemon:
             token = server.resolved_token()
         except OSError as err:
             raise ConfigError(f"server.token_file: cannot read {server.token_file}: {err.strerror}") from None
-        api = self.api = DownloadApi(registry_root(state_dir), token) if models else None
+        reports = (self.settings.model.name, self._take_report) if self.settings.field.telemetry else None
+        api = self.api = DownloadApi(registry_root(state_dir), token, reports) if models else None
         from daemon.service import metrics, status_page  # the page and /metrics read this object's status()
 
         scrape = metrics.registry_for(self)
@@ -332,6 +336,8 @@ class Daemon:
             if not self._stop(part, deadline):
                 left = LEFT_BEHIND.get(part.name, "it ends with the process")
                 log.warning("stopping: the %s did not finish in time; %s", part.name, left)
+        if self.field is not None:
+            self.field.close()
         if self.store is not None:
             self.store.close()
         log.info("stopped in %.2fs%s", time.monotonic() - started, " (forced)" if self.force_exit else "")
@@ -411,6 +417,15 @@ class Daemon:
                 self.training.reconfigure(applied.training)  # between two steps, on the learner's thread
 
     # -- state for health, progress and callers --------------------------------------------------
+
+    def _take_report(self, item: FieldReport | Rejection) -> bool:
+        """A device's report POSTed to the model API, into the store (on an HTTP worker thread): True once counted,
+        False for a resend or a rejection (counted among the rejections by reason)."""
+        assert self.store is not None, "the store opens before the HTTP server starts"
+        if isinstance(item, Rejection):
+            self.store.commit([], [item])
+            return False
+        return self.store.commit([], [], [item]).reports == 1
 
     def status(self) -> Status:
         """Where every part stands now: what the status line, the progress log, /metrics, the page and the demo show."""

@@ -11,7 +11,7 @@ across restarts is a gauge, ``sprout_store_examples``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from daemon.ingest.feed import Feed
     from daemon.service.status import IntakeStatus, LearningStatus
     from daemon.store.examples import Store
+    from daemon.store.field import VersionInField
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -44,6 +45,8 @@ class DaemonCollector(Collector):
         yield _part_health(d.health(), status.stalled)
         if status.fleet is not None:
             yield from _fleet(status.fleet)
+        if d.field is not None:
+            yield from _field(status.in_field, status.reports, d.settings.field.low_confidence_below)
         if status.intake is not None:
             yield from _intake(status.intake)
         if d.store is not None:
@@ -90,6 +93,44 @@ def _fleet(fleet: FleetView) -> Iterator[Metric]:
     for (number, kind), n in fleet.downloads_by_kind.items():
         downloads.add_metric([str(number), kind], n)
     yield downloads
+
+
+def _field(
+    versions: tuple[VersionInField, ...], reports: dict[tuple[str, str], int], unsure_below: float
+) -> Iterator[Metric]:
+    taken = CounterMetricFamily(
+        "sprout_field_reports",
+        "Devices' reports taken by this process since it started, by way (mqtt, http) and outcome: counted, "
+        "resent (counted before), rejected (http; MQTT's are among sprout_examples_rejected's reasons), "
+        "failed (the store refused it; the device retries).",
+        labels=["via", "outcome"],
+    )
+    for (via, outcome), n in sorted(reports.items()):
+        taken.add_metric([via, outcome], n)
+    yield taken
+    # Gauges, not counters: the store's sums over every report, whichever process took it and when.
+    figures: list[tuple[str, str, Callable[[VersionInField], float | None]]] = [
+        ("devices", "Devices that reported on the version.", lambda v: v.devices),
+        ("predictions", "Predictions devices reported making with the version.", lambda v: v.predictions),
+        ("mean_confidence", "Mean top-1 score of the version's predictions on devices.", lambda v: v.mean_confidence),
+        (
+            "unsure_ratio",
+            f"Share of the version's predictions whose top-1 score was below {unsure_below:.1f} "
+            "(field.low_confidence_below).",
+            lambda v: v.share_below(unsure_below),
+        ),
+        ("correction_ratio", "Share of the version's predictions users corrected.", lambda v: v.correction_share),
+        ("load_failure_ratio", "Share of the version's loads on devices that failed.", lambda v: v.load_failure_share),
+        ("latency_ms_mean", "Mean inference time of the version on devices, ms.", lambda v: v.mean_latency_ms),
+    ]
+    for name, doc, value in figures:
+        family = GaugeMetricFamily(
+            f"sprout_field_{name}", doc + " From devices' reports, newest versions.", labels=["version"]
+        )
+        for v in versions:
+            if (x := value(v)) is not None:
+                family.add_metric([str(v.version)], x)
+        yield family
 
 
 def _intake(intake: IntakeStatus) -> Iterator[Metric]:

@@ -21,6 +21,7 @@ from typing import Any
 from daemon.distribution.fleet import FleetView
 from daemon.learning.curves import Point
 from daemon.registry.versions import registry_root
+from daemon.store.field import VersionInField
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,10 @@ class Status:
     broker: str = "connected"  # or "DISCONNECTED", "FAILED (why)"
     stalled: dict[str, str] = field(default_factory=dict)  # part -> why the watchdog is not pinged
     fleet: FleetView | None = None  # what devices run and fetch, where the model API is served
+    in_field: tuple[VersionInField, ...] = ()  # the newest versions as devices' reports have them (all time)
+    # Devices' reports taken by this process since it started: (via, outcome) -> count; via mqtt or http,
+    # outcome counted, resent (counted before), rejected, failed (the store refused; the device retries).
+    reports: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @property
     def model_version(self) -> int | None:
@@ -123,7 +128,20 @@ def snapshot(daemon: Any) -> Status:
         broker=broker,
         stalled=dict(daemon.withholding),
         fleet=daemon.api.fleet.view() if daemon.api is not None else None,
+        in_field=tuple(daemon.field.current()) if daemon.field is not None else (),
+        reports=_reports(daemon),
     )
+
+
+def _reports(daemon: Any) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    intake, feed, api = daemon.intake, daemon.feed, daemon.api
+    if intake is not None and feed is not None and feed.telemetry_topic is not None:
+        out["mqtt", "counted"] = intake.reports
+        out["mqtt", "resent"] = intake.resent_reports
+    if api is not None and api.reports is not None:
+        out.update({("http", outcome): n for outcome, n in api.report_outcomes.items()})
+    return out
 
 
 def learning_status(training: Any) -> LearningStatus:

@@ -23,6 +23,7 @@ from daemon.registry.layout import LOG
 from daemon.registry.versions import registry_root
 from daemon.service.status import LearningStatus, Status
 from daemon.service.status import pct as _pct
+from daemon.store.field import VersionInField
 
 CHART_W, CHART_H, PAD = 640, 220, 40
 
@@ -42,6 +43,8 @@ def render(status: Status, settings: Any) -> str:
         parts.append(_labels(status.learning))
     if status.fleet is not None:
         parts.append(_fleet(status.fleet))
+    if s.field.telemetry:
+        parts.append(_in_field(status.in_field, s.field.low_confidence_below))
     parts.append(_exports(s))
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -157,6 +160,27 @@ def _fleet(view: FleetView) -> str:
     return (
         '<section id="fleet"><h2>Devices</h2><table><tr><th>version</th><th>devices running it (last day)</th>'
         f"<th>downloads</th></tr>{rows}</table></section>"
+    )
+
+
+def _in_field(versions: tuple[VersionInField, ...], unsure_below: float) -> str:
+    """How each version does on the devices that report (docs/devices.md, "Reporting"), all reports added up."""
+    if not versions:
+        return (
+            '<section id="field"><h2>In the field</h2><p>No device has reported yet (devices opt in and send '
+            "counters per version: docs/devices.md).</p></section>"
+        )
+    rows = "".join(
+        f"<tr><td>{v.version}</td><td>{v.devices}</td><td>{v.predictions}</td><td>{_pct(v.mean_confidence)}</td>"
+        f"<td>{_pct(v.share_below(unsure_below))}</td><td>{_pct(v.correction_share)}</td>"
+        f"<td>{v.load_failures} ({_pct(v.load_failure_share)})</td>"
+        f"<td>{'-' if v.mean_latency_ms is None else f'{v.mean_latency_ms:.0f} ms'}</td></tr>"
+        for v in versions
+    )
+    return (
+        '<section id="field"><h2>In the field</h2><table><tr><th>version</th><th>devices reporting</th>'
+        f"<th>predictions</th><th>mean top-1 score</th><th>top-1 below {unsure_below:.1f}</th><th>corrected</th>"
+        f"<th>load failures</th><th>mean latency</th></tr>{rows}</table></section>"
     )
 
 

@@ -46,10 +46,11 @@ from daemon.store import schema
 from daemon.store.blobs import BlobFolder, blob_key, folder_for
 from daemon.store.database import Database, connect
 from daemon.store.errors import StateDirError
+from daemon.store.field import add_reports
 from daemon.store.labels import Action, LabelChange, LabelMap
 from daemon.store.location import StoreLocation
 from daemon.store.reader import read_label_changes, stats
-from daemon.store.records import Example, Rejection
+from daemon.store.records import Example, FieldReport, Rejection
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class CommitResult:
     stored: int  # new rows
     duplicates: int  # ids already present (redeliveries, resends)
     rejected: int
+    reports: int = 0  # devices' reports counted (daemon/store/field.py)
+    resent_reports: int = 0  # reports counted before: a device's resend, adding nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,7 @@ class Store:
         self._db = self._open(migrate, application_name)
         self._lock = threading.Lock()
         self.pruned = 0  # examples deleted by retention since this process opened the store
+        self.reports_counted = 0  # devices' reports this process counted (daemon/store/field.py)
         self.used = self._db.used_bytes()  # as of the last commit's prune: what the metrics show
         self._closed = False
         self._counted_at = -RECOUNT_S
@@ -179,9 +183,11 @@ class Store:
         rejected = self._db.scalar("SELECT COALESCE(SUM(count), 0) FROM rejections")
         return StoreTotals(int(examples), int(rejected))
 
-    def commit(self, examples: Iterable[Example], rejections: Iterable[Rejection] = ()) -> CommitResult:
-        """Write examples and rejection counts in one transaction; returns once it is durable (fsynced), the
-        photos too where they are files (store.blob_dir)."""
+    def commit(
+        self, examples: Iterable[Example], rejections: Iterable[Rejection] = (), reports: Iterable[FieldReport] = ()
+    ) -> CommitResult:
+        """Write examples, rejection counts and devices' reports in one transaction; returns once it is durable
+        (fsynced), the photos too where they are files (store.blob_dir)."""
         examples = list(examples)
         reasons: dict[str, int] = {}
         for r in rejections:
@@ -199,10 +205,12 @@ class Store:
                     "ON CONFLICT (reason) DO UPDATE SET count = rejections.count + excluded.count",
                     list(reasons.items()),
                 )
+                counted, resent = add_reports(self._db, reports)
             rejected = sum(reasons.values())
+            self.reports_counted += counted
             # Under the lock: a recount in totals() between the commit and this line would count it twice.
             self._totals = StoreTotals(self._totals.examples + stored, self._totals.rejected + rejected)
-        return CommitResult(stored=stored, duplicates=len(rows) - stored, rejected=rejected)
+        return CommitResult(stored, len(rows) - stored, rejected, counted, resent)
 
     def _rows(self, examples: list[Example]) -> list[tuple[object, ...]]:
         """The rows to insert; with a blob folder, the photos written there first (durably), except those of

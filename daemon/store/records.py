@@ -1,8 +1,9 @@
-"""What ingest hands the store: an accepted :class:`Example`, or a :class:`Rejection` with its :class:`Reason`.
+"""What ingest hands the store: an accepted :class:`Example`, a device's :class:`FieldReport`, or a
+:class:`Rejection` with its :class:`Reason`.
 
-The typed contract between the two stages: the wire format (daemon/ingest/wire.py)
-makes them, intake commits them (daemon/store/examples.py), and the rejected
-topic and the metrics name a rejection by its reason's value.
+The typed contract between the two stages: the wire formats (daemon/ingest/wire.py,
+daemon/ingest/telemetry.py) make them, intake commits them (daemon/store/examples.py), and the
+rejected topic and the metrics name a rejection by its reason's value.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Reason(enum.Enum):
     BAD_BASE64 = "bad_base64"
     CORRUPT_IMAGE = "corrupt_image"
     UNREADABLE = "unreadable"  # the parser itself failed on this message: a defect, logged with its traceback
+    BAD_TELEMETRY = "bad_telemetry"  # a device's report that does not follow docs/devices.md; the detail says where
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +60,31 @@ class Rejection:
             "detail": self.detail,
             "received_at": self.received_at,
         }
+
+
+CONFIDENCE_BINS = 10  # a report's top-1 confidence histogram: [0, 0.1), [0.1, 0.2), ... [0.9, 1.0]
+
+
+@dataclass(frozen=True, slots=True)
+class VersionCounts:
+    """What one device saw of one model version since its last report (docs/devices.md, "Reporting")."""
+
+    version: int
+    loads: int  # the model file loaded into an interpreter
+    load_failures: int  # a load that failed (the version is then not used)
+    predictions: int
+    confidence_sum: float  # of the top-1 scores: their mean is this / predictions
+    confidence_bins: tuple[int, ...]  # CONFIDENCE_BINS counts of top-1 scores, summing to predictions
+    corrections: int  # predictions the user said were wrong (and gave the right label)
+    latency_ms_sum: float  # of the predictions' inference times
+
+
+@dataclass(frozen=True, slots=True)
+class FieldReport:
+    """A device's batch of counters. ``device`` is a digest of its opaque id: the id itself is never kept."""
+
+    device: str  # SHA-256 of the id the device made up, hex
+    bucket: int  # 0-9999 from the same digest: the device's place in a staged rollout's cohorts
+    seq: int  # strictly increasing per device: a resent report carries its old seq and is counted once
+    versions: tuple[VersionCounts, ...]
+    received_at: float

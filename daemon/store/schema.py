@@ -156,9 +156,36 @@ BEGIN
 END $$;
 """
 
+# Devices' reports (daemon/ingest/telemetry.py): one row per device, with the last report's seq (a resent
+# report is counted once), and one row of counters per (version, device), which each report adds to.
+# conf_0 .. conf_9: how many top-1 scores fell in each tenth. Both dialects alike (REAL is a double in both).
+_FIELD = """
+CREATE TABLE field_devices (
+    device    TEXT             PRIMARY KEY,
+    bucket    INTEGER          NOT NULL,
+    last_seq  BIGINT           NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE field_counts (
+    version        BIGINT           NOT NULL,
+    device         TEXT             NOT NULL,
+    loads          BIGINT           NOT NULL,
+    load_failures  BIGINT           NOT NULL,
+    predictions    BIGINT           NOT NULL,
+    confidence_sum DOUBLE PRECISION NOT NULL,
+    corrections    BIGINT           NOT NULL,
+    latency_ms_sum DOUBLE PRECISION NOT NULL,
+    first_seen     DOUBLE PRECISION NOT NULL,
+    last_seen      DOUBLE PRECISION NOT NULL,
+    BINS,
+    PRIMARY KEY (version, device)
+);
+""".replace("BINS", ", ".join(f"conf_{i} BIGINT NOT NULL" for i in range(10)))
+
 MIGRATIONS = (
     Migration(1, "examples, rejection counts, label changes", _SQLITE_1, _POSTGRESQL_1),
     Migration(2, "photos as files in store.blob_dir", _SQLITE_2, _POSTGRESQL_2),
+    Migration(3, "devices' reports of how each model version does", _FIELD, _FIELD),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
