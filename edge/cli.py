@@ -10,9 +10,11 @@ Exit codes: 0 ok, 1 failed (the reason is on stderr), 2 usage, 66 no model insta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +80,11 @@ def _add_sync(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="interpreter a new model must run on before it is installed (default: the first installed)",
     )
+    s.add_argument(
+        "--report",
+        action="store_true",
+        help="after each sync, send the counts `classify --report` kept (opt-in: docs/devices.md, Reporting)",
+    )
     s.add_argument("--quiet", action="store_true", help="log only warnings and errors")
 
 
@@ -98,6 +105,11 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
         help="interpreter to run on (default: ai-edge-litert if installed, else tflite-runtime)",
     )
     c.add_argument("--threads", type=_positive_int, default=2, help="interpreter threads (default 2)")
+    c.add_argument(
+        "--report",
+        action="store_true",
+        help="count this load and these predictions (scores, time) for `sync --report` to send; no image is kept",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,11 +162,17 @@ def run_sync(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 mqtt_url=args.mqtt,
                 topic_prefix=args.topic_prefix,
                 interval_s=args.interval if args.interval is not None else 60.0,
+                report=args.report,
             )
         except ValueError as err:  # a malformed --mqtt URL
             parser.error(str(err))
         return EXIT_OK
-    return _said(sync(**common), args.model)
+    said = _said(sync(**common), args.model)
+    if args.report:
+        from edge.telemetry import send_report
+
+        send_report(args.url, args.model, args.dir, token)
+    return said
 
 
 def _said(result: SyncResult, model: str) -> int:
@@ -181,27 +199,35 @@ def _token(path: Path) -> str | int:
 
 def run_classify(args: argparse.Namespace) -> int:
     from edge.model import EdgeModel, ImageError, ModelError
-    from edge.modeldir import NoModelInstalled
+    from edge.modeldir import ModelDir, NoModelInstalled
     from edge.runtime import RuntimeUnavailable
+    from edge.telemetry import Counts, FieldLog
 
-    try:
-        model = EdgeModel.load(args.dir, runtime=args.runtime, threads=args.threads)
-    except NoModelInstalled as err:
-        print(f"sprout-edge: {err}", file=sys.stderr)
-        return EXIT_NO_MODEL
-    except (ModelError, RuntimeUnavailable) as err:
-        return _fail(str(err))
-    results: list[dict[str, Any]] = []
-    failed = False
-    for image in args.images:
+    counting = FieldLog(args.dir).counting() if args.report else contextlib.nullcontext(Counts())
+    with counting as counts:
         try:
-            top = model.predict(image, args.top)
-        except ImageError as err:
+            model = EdgeModel.load(args.dir, runtime=args.runtime, threads=args.threads)
+        except NoModelInstalled as err:
             print(f"sprout-edge: {err}", file=sys.stderr)
-            results.append({"image": str(image), "error": str(err)})
-            failed = True
-            continue
-        results.append({"image": str(image), "top": [{"label": label, "score": score} for label, score in top]})
+            return EXIT_NO_MODEL
+        except (ModelError, RuntimeUnavailable) as err:
+            if isinstance(err, ModelError) and (version := ModelDir(args.dir).current()) is not None:
+                counts.loaded(version, ok=False)
+            return _fail(str(err))
+        counts.loaded(model.version)
+        results: list[dict[str, Any]] = []
+        failed = False
+        for image in args.images:
+            started = time.perf_counter()
+            try:
+                top = model.predict(image, args.top)
+            except ImageError as err:
+                print(f"sprout-edge: {err}", file=sys.stderr)
+                results.append({"image": str(image), "error": str(err)})
+                failed = True
+                continue
+            counts.predicted(model.version, top[0][1], (time.perf_counter() - started) * 1000)
+            results.append({"image": str(image), "top": [{"label": label, "score": score} for label, score in top]})
     if args.json:
         document = {
             "model": model.manifest["model"],

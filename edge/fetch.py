@@ -218,8 +218,21 @@ class ModelServer:
             if on_progress is not None:
                 on_progress(have, size)
 
-    def _open(self, url: str, headers: dict[str, str], what: str):
-        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **self.identity, **headers})
+    def report(self, body: bytes) -> tuple[int, dict]:
+        """POST a device's report (edge/telemetry.py): the status (202 counted, 200 counted before) and the
+        JSON answer; :class:`FetchError` with the status for a refusal or a server that cannot take it now."""
+        url = self.model_url + "telemetry"
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        with self._open(url, headers, what=f"a report on {self.model!r}", data=body) as response:
+            answer = _read_all(response, MAX_MANIFEST_BYTES, url, "an answer")
+            try:
+                document = json.loads(answer)
+            except ValueError:
+                document = {}
+            return response.status, document if isinstance(document, dict) else {}
+
+    def _open(self, url: str, headers: dict[str, str], what: str, data: bytes | None = None):
+        request = urllib.request.Request(url, data=data, headers={"User-Agent": USER_AGENT, **self.identity, **headers})
         if self.token:
             # Unredirected: a redirect to another host must not carry the token there.
             request.add_unredirected_header("Authorization", f"Bearer {self.token}")

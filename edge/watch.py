@@ -17,6 +17,7 @@ from typing import Any
 
 from edge.modeldir import ModelDir
 from edge.sync import STOPPED, Event, current_version, sync
+from edge.telemetry import send_report
 
 log = logging.getLogger("sprout.edge.sync")
 
@@ -35,6 +36,7 @@ def watch(
     backoff_max_s: float = 300.0,
     runtime: str | None = "auto",
     stop: threading.Event | None = None,
+    report: bool = False,
 ) -> None:
     """Keep ``dir`` current until SIGTERM or SIGINT (or until ``stop`` is set); see the module docstring."""
     Watcher(
@@ -50,6 +52,7 @@ def watch(
         backoff_max_s=backoff_max_s,
         runtime=runtime,
         stop=stop,
+        report=report,
     ).run()
 
 
@@ -74,6 +77,7 @@ class Watcher:
         backoff_max_s: float = 300.0,
         runtime: str | None = "auto",
         stop: threading.Event | None = None,
+        report: bool = False,
     ):
         if interval_s <= 0:
             raise ValueError(f"interval must be positive seconds, not {interval_s}")
@@ -82,6 +86,7 @@ class Watcher:
         )
         self.model = model
         self.folder = ModelDir(dir)
+        self.report = report  # after each sync, send the counts of edge/telemetry.py (the user opted in)
         self.mqtt_url = mqtt_url
         self.interval_s = interval_s
         self.backoff_max_s = max(backoff_max_s, self.FIRST_BACKOFF_S)
@@ -130,6 +135,8 @@ class Watcher:
     def on_tick(self) -> float:
         """One sync; returns the seconds until the next: the interval when fine, a growing backoff when failing."""
         result = sync(**self.sync_args, should_stop=self.should_exit.is_set)
+        if self.report and result.status != STOPPED:
+            send_report(self.sync_args["url"], self.model, self.sync_args["dir"], self.sync_args["token"])
         if result.status == STOPPED or result.ok:
             self.failures = 0
             return self.interval_s

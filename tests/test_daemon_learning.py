@@ -7,7 +7,9 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.request
 
+import pytest
 import torch
 from helpers import (
     LEARNING,
@@ -102,7 +104,6 @@ def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(br
         assert watcher.stop() == 0
     finally:
         watcher.kill()
-    assert d.stop() == 0
     registry = Registry.open_readonly(registry_root(d.state), "leaves")
     v = manifest["version"]
     verify(registry.document(v), registry.signature(v), d.state / "signing" / "signing.pub")
@@ -115,17 +116,9 @@ def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(br
     for c in range(3):
         photos.append(tmp_path / f"colour-{c}.jpg")
         photos[-1].write_bytes(colour_jpeg(c, 10_000 + c))
+    edge = str(TFLITE_VENV / "bin" / "sprout-edge")
     out = subprocess.run(
-        [
-            str(TFLITE_VENV / "bin" / "sprout-edge"),
-            "classify",
-            "--dir",
-            str(device),
-            "--top",
-            "1",
-            "--json",
-            *map(str, photos),
-        ],
+        [edge, "classify", "--dir", str(device), "--top", "1", "--json", "--report", *map(str, photos)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -134,6 +127,23 @@ def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(br
     answer = json.loads(out.stdout)
     assert answer["version"] == manifest["version"] and answer["runtime"]["name"] == "tflite-runtime"
     assert [r["top"][0]["label"] for r in answer["results"]] == ["colour-0", "colour-1", "colour-2"], answer
+    # The user opted in: the next sync reports the load and the three predictions, and the daemon shows them.
+    url = f"http://127.0.0.1:{d.http_port}"
+    out = subprocess.run(
+        [edge, "sync", "--url", url, "--model", "leaves", "--dir", str(device), "--insecure", "--report"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and "report 1 counted" in out.stderr, out.stderr
+    v = manifest["version"]
+    wait_for(lambda: f'sprout_field_predictions{{version="{v}"}} 3.0' in metrics(url), 10, "the report in the metrics")
+    scores = [r["top"][0]["score"] for r in answer["results"]]
+    mean = next(
+        line for line in metrics(url).splitlines() if line.startswith(f'sprout_field_mean_confidence{{version="{v}"}}')
+    )
+    assert float(mean.split()[1]) == pytest.approx(sum(scores) / 3, abs=1e-4)
+    assert d.stop() == 0
 
 
 def test_a_new_daemon_publishes_its_first_model_soon_on_the_default_cadence(broker, daemon_factory):
@@ -155,3 +165,8 @@ def test_a_new_daemon_publishes_its_first_model_soon_on_the_default_cadence(brok
     assert manifest["metrics"]["examples_trained"] >= defaults.first_model_examples
     assert manifest["metrics"]["examples_trained"] < defaults.every_examples
     assert d.stop() == 0
+
+
+def metrics(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+        return r.read().decode()

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+from pathlib import Path
 
 import httpx
 import pytest
-from helpers import rejection_notices, wait_for
+from helpers import free_port, rejection_notices, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from registry_helpers import fields
 
+from daemon.distribution.http import DownloadApi, HttpServer
 from daemon.ingest.telemetry import bucket_of, device_digest, parse_report
 from daemon.registry.versions import Registry
 from daemon.store.examples import Store
@@ -22,6 +25,8 @@ from daemon.store.reader import open_reader
 from daemon.store.reader import stats as stats_of
 from daemon.store.records import FieldReport, Reason, Rejection
 from daemon.tools.feeder import Publisher
+from edge.fetch import ModelServer
+from edge.telemetry import FieldLog, Sent
 
 
 def counts(version: int, predictions: int = 10, **kw: object) -> dict[str, object]:
@@ -177,3 +182,43 @@ def test_a_daemon_takes_reports_over_mqtt_and_http_and_shows_them(broker, daemon
     stats = stats_of(open_reader(d.state / "examples.db"))
     assert stats["rejected"] == {"bad_telemetry": 2} and stats["total"] == 0  # reports are no examples
     assert d.stop() == 0
+
+
+def test_a_device_keeps_its_counts_until_a_report_carrying_them_is_answered(registry: Registry, tmp_path: Path):
+    """sprout-edge's side: counted in the model folder, a report in flight sent again with its seq until answered."""
+    registry.publish(os.urandom(4096), fields())
+    phone = tmp_path / "phone"
+    log = FieldLog(phone)
+    with log.counting() as c:
+        c.loaded(1)
+        for score in (0.95, 0.35, 1.0):
+            c.predicted(1, score, 12.0)
+        c.corrected(1)
+        c.predicted(1, float("nan"), 1.0)  # not a prediction to count
+    assert log.read()["pending"]["1"]["confidence_bins"] == [0, 0, 0, 1, 0, 0, 0, 0, 0, 2]
+    away = ModelServer(f"http://127.0.0.1:{free_port()}", "leaves")
+    kept = log.send(away, "phone-x")
+    assert (kept.status, kept.seq) == ("kept", 1) and log.read()["in_flight"]["seq"] == 1
+    with log.counting() as c:  # while report 1 waits, more counts pile up for report 2
+        c.predicted(2, 0.8, 10.0)
+    store = Store(tmp_path / "examples.db")
+    counted: list[FieldReport] = []
+
+    def sink(item: FieldReport | Rejection) -> bool:
+        assert isinstance(item, FieldReport)
+        counted.append(item)
+        return store.commit([], [], [item]).reports == 1
+
+    server = HttpServer("127.0.0.1", 0, None, DownloadApi(registry.root, None, ("leaves", sink)))
+    server.start()
+    try:
+        here = ModelServer(f"http://{server.address}", "leaves")
+        assert log.send(here, "phone-x") == Sent("counted", 1, "")
+        assert log.send(here, "phone-x").status == "counted" and log.read()["in_flight"] is None
+        assert log.send(here, "phone-x").status == "nothing"
+    finally:
+        server.stop(time.monotonic() + 5)
+    assert [r.seq for r in counted] == [1, 2] and counted[0].device == device_digest("phone-x")
+    v2, v1 = versions_in_field(open_reader(tmp_path / "examples.db"))
+    assert (v1.loads, v1.predictions, v1.corrections, v1.latency_ms_sum) == (1, 3, 1, 36.0)
+    assert v1.confidence_sum == pytest.approx(2.3) and (v2.version, v2.predictions) == (2, 1)
