@@ -132,6 +132,13 @@ def test_the_store_counts_each_report_once_and_adds_them_up_per_version(store_lo
     assert v7.load_failure_share == 0 and v7.last_seen == 21.0
     assert (v6.version, v6.devices, v6.predictions) == (6, 3, 15)
     assert [v.version for v in versions_in_field(open_reader(store_location), since=15.0)] == [7]
+    # Counters not added to since a time are forgotten, with the devices not heard from since: phone-1 then
+    # starts afresh, its seq 1 counted again.
+    assert store.forget_reports(older_than=15.0) == 5
+    (v7,) = versions_in_field(open_reader(store_location))
+    assert (v7.devices, v7.predictions) == (1, 40)
+    again = parse_report(report("phone-1", 1, counts(7, 5)), 30.0)
+    assert isinstance(again, FieldReport) and store.commit([], [], [again]).reports == 1
 
 
 def test_a_daemon_takes_reports_over_mqtt_and_http_and_shows_them(broker, daemon_factory, registry: Registry):

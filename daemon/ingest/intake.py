@@ -39,6 +39,7 @@ from daemon.ingest.feed import Delivery, Feed
 from daemon.ingest.wire import Example, Rejection, Unchecked, check_body
 from daemon.store.errors import is_disk_full
 from daemon.store.examples import CommitResult, Store
+from daemon.store.field import FIELD_KEEP_S
 from daemon.store.records import FieldReport
 
 log = logging.getLogger("sprout.intake")
@@ -62,6 +63,7 @@ class Intake:
         self.duplicates = 0
         self.reports = 0  # devices' reports counted (daemon/ingest/telemetry.py)
         self.resent_reports = 0  # and those a device had sent before, counted once already
+        self.reports_forgotten_at = 0.0  # when counters past FIELD_KEEP_S were last forgotten (wall clock)
         self.rejected: dict[str, int] = {}
         self.commits = 0
         self.last_commit = time.monotonic()
@@ -245,6 +247,10 @@ class Intake:
         self.last_commit = time.monotonic()
 
     def _prune(self) -> None:
+        if self.feed.telemetry_topic is not None and time.time() - self.reports_forgotten_at >= 3600:
+            self.reports_forgotten_at = time.time()
+            if forgotten := self.store.forget_reports(time.time() - FIELD_KEEP_S):
+                log.info("field: forgot %d counters of versions devices stopped reporting on 90 days ago", forgotten)
         max_mb = self.settings.max_mb
         if pruned := self.store.prune(max_mb * MB):
             log.info(

@@ -46,7 +46,7 @@ from daemon.store import schema
 from daemon.store.blobs import BlobFolder, blob_key, folder_for
 from daemon.store.database import Database, connect
 from daemon.store.errors import StateDirError
-from daemon.store.field import add_reports
+from daemon.store.field import add_reports, forget_reports
 from daemon.store.labels import Action, LabelChange, LabelMap
 from daemon.store.location import StoreLocation
 from daemon.store.reader import read_label_changes, stats
@@ -324,6 +324,11 @@ class Store:
                     folder_for(self.location.blob_dir, self.where).remove(files)
                 n = self._db.run("DELETE FROM examples WHERE split = ? AND seq <= ?", (split, last))
         return n
+
+    def forget_reports(self, older_than: float) -> int:
+        """Forget devices' counters last added to before ``older_than`` (daemon/store/field.py); returns how many."""
+        with self._lock, self._db.writing():
+            return forget_reports(self._db, older_than)
 
     def high_water_mark(self) -> int:
         return int(self._db.scalar("SELECT COALESCE(MAX(seq), 0) FROM examples"))

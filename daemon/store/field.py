@@ -1,5 +1,8 @@
 """Devices' reports in the store: each counted once, added up per model version (daemon/ingest/telemetry.py).
 
+Counters are kept for ``FIELD_KEEP_S`` after their last report: a version no device has used for that long
+leaves the figures (intake forgets them, at most hourly).
+
 A report whose seq is not above the last one its device sent is a resend (a QoS 1 redelivery, an
 HTTP retry after a lost answer) and is counted as a duplicate, adding nothing. Written in the
 intake's transaction with the examples, so a report is acked only once it is counted.
@@ -20,6 +23,7 @@ from daemon.store.reader import open_reader
 from daemon.store.records import CONFIDENCE_BINS, FieldReport
 
 log = logging.getLogger(__name__)
+FIELD_KEEP_S = 90 * 24 * 3600.0
 SHOWN_VERSIONS = 10  # the newest versions reported on, in the metrics and on the status page
 
 BINS = [f"conf_{i}" for i in range(CONFIDENCE_BINS)]
@@ -74,6 +78,14 @@ def add_reports(db: Database, reports: Iterable[FieldReport]) -> tuple[int, int]
         )
         counted += 1
     return counted, resent
+
+
+def forget_reports(db: Database, older_than: float) -> int:
+    """Delete the counters of (version, device) pairs last reported on before ``older_than``, and the devices not
+    heard from since then (a device heard again later starts afresh); inside the caller's write transaction."""
+    n = db.run("DELETE FROM field_counts WHERE last_seen < ?", (older_than,))
+    db.run("DELETE FROM field_devices WHERE last_seen < ?", (older_than,))
+    return n
 
 
 @dataclass(frozen=True, slots=True)
