@@ -17,9 +17,12 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from daemon.store.errors import StateDirError, StoreError
+
+WRITERS = 8  # photos written and fsynced at once
 
 
 def blob_key(example_id: str) -> str:
@@ -36,6 +39,7 @@ class BlobFolder:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._writers: ThreadPoolExecutor | None = None  # made at the first write: readers need none
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / key[2:4] / key
@@ -56,31 +60,30 @@ class BlobFolder:
     def write(self, photos: Iterable[tuple[str, bytes]]) -> None:
         """Write each (key, bytes) durably: the file fsynced, renamed into place, its folder fsynced. A file
         already there (left by a commit that crashed before its row) is replaced: the row about to name it
-        is this write's."""
-        folders: set[Path] = set()
-        for key, data in photos:
-            final = self.path(key)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(f".tmp-{key}-{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            except BaseException:
-                os.close(fd)
-                tmp.unlink(missing_ok=True)
-                raise
+        is this write's. Several at once: the file system then joins their fsyncs into fewer journal commits
+        (measured: 1.7 times the photos a second of one at a time, docs/benchmarks.md)."""
+        if self._writers is None:
+            self._writers = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="sprout-blob")
+        folders = set(self._writers.map(lambda photo: self._write_one(*photo), photos))
+        list(self._writers.map(_fsync_folder, folders))  # the renames durable, once per folder for the whole commit
+
+    def _write_one(self, key: str, data: bytes) -> Path:
+        final = self.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".tmp-{key}-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
             os.close(fd)
-            os.replace(tmp, final)
-            folders.add(final.parent)
-        for folder in folders:  # the renames durable, once per folder for the whole commit
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+        return final.parent
 
     def read(self, key: str) -> bytes | None:
         """The photo, or None when its file is gone (retention is deleting its row)."""
@@ -102,3 +105,11 @@ def folder_for(root: Path | None, where: str) -> BlobFolder:
             "folder the intake processes write (the same shared storage, on every machine that reads the store)"
         )
     return BlobFolder(root)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
