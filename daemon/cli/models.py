@@ -1,5 +1,5 @@
-"""``sprout models`` (the registry's versions: list, show, rollback, pin, unpin) and ``sprout keygen`` (the
-key pair that signs their manifests)."""
+"""``sprout models`` (the registry's versions: list, show, rollback, pin, unpin; a staged rollout's status,
+promote, halt) and ``sprout keygen`` (the key pair that signs their manifests)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         sp = models_sub.add_parser(name, help=text)
         sp.add_argument("version", metavar="V", type=_version)
         config_flags(sp)
+    rollout = models_sub.add_parser("rollout", help="a version rolling out in stages: status, promote, halt")
+    rollout.add_argument(
+        "rollout_command",
+        choices=["status", "promote", "halt"],
+        metavar="status|promote|halt",
+        help="status: the stage and the devices' figures; promote: on to the next stage (the last makes it "
+        "latest); halt: stop it, its devices go back to latest",
+    )
+    rollout.add_argument("--reason", default="", help="with promote or halt: why, for the registry's history")
+    rollout.add_argument("--json", action="store_true", help="with status: print JSON")
+    config_flags(rollout)
     models.set_defaults(func=cmd_models)
 
 
@@ -62,6 +73,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         reader = Registry.open_readonly(registry_root(settings.state_dir), settings.model.name)
         if args.models_command == "list":
             return _models_list(reader, args.json)
+        if args.models_command == "rollout":
+            return _rollout(reader, settings, args)
         if args.models_command == "show":
             manifest = reader.latest() if args.version == "latest" else reader.manifest(args.version)
             if manifest is None:
@@ -100,6 +113,50 @@ def _change(reader: Registry, settings: Settings, command: str, version: int) ->
     else:
         changed = registry.unpin(version)
         print(f"{registry.model}: version {version} {'unpinned' if changed else 'was not pinned'}")
+
+
+def _rollout(reader: Registry, settings: Settings, args: argparse.Namespace) -> int:
+    """``sprout models rollout status|promote|halt``."""
+    from daemon.registry.versions import Registry
+
+    what = f"sprout models rollout {args.rollout_command}"
+    if args.rollout_command != "status":
+        registry = Registry.from_settings(settings, create_key=False)
+        reason = args.reason or f"by hand ({what})"
+        if args.rollout_command == "promote":
+            r = registry.advance_rollout(reason)
+            done = "every device: it is the latest now" if r.state == "complete" else f"{r.percent:g}% of devices"
+            print(f"{registry.model}: version {r.version} now reaches {done}")
+        else:
+            r = registry.halt_rollout(reason)
+            print(
+                f"{registry.model}: rollout of version {r.version} halted; its devices go back to version {r.replaces}"
+            )
+        return 0
+    rollout = reader.rollout()
+    latest = reader.latest()
+    status = {
+        "model": reader.model,
+        "latest": latest["version"] if latest else None,
+        "rollout": rollout.as_dict() if rollout is not None else None,
+        "stages_configured": settings.rollout.stages,
+    }
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    if rollout is None:
+        print(f"{reader.model}: no staged rollout yet; latest is version {status['latest']}")
+        return 0
+    r = rollout
+    if r.rolling:
+        print(
+            f"{reader.model}: version {r.version} reaches {r.percent:g}% of devices (stage {r.stage + 1} of "
+            f"{len(r.stages)}: {', '.join(f'{p:g}%' for p in r.stages)}); the others keep version {r.replaces}"
+        )
+    else:
+        print(f"{reader.model}: version {r.version}'s rollout is {r.state}" + (f" ({r.reason})" if r.reason else ""))
+        print(f"{reader.model}: every device gets version {status['latest']}")
+    return 0
 
 
 def _models_list(reader: Registry, as_json: bool) -> int:

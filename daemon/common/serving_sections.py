@@ -205,6 +205,27 @@ class FieldSettings(Section):
         return round(value, 1)
 
 
+class RolloutSettings(Section):
+    stages: list[float] = Field(
+        [],
+        description="Staged rollout: the shares of devices (percent, ascending, the last 100) a new version reaches "
+        "in turn, e.g. [5, 25, 100]; each device's place is a hash of its Sprout-Device id, so a device stays in its "
+        "cohort. Empty (the default): every version goes to every device at once. The first version always goes "
+        "to all. Devices without the header, and static mirrors, get the version every device has reached.",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, value: list[float]) -> list[float]:
+        if not value:
+            return value
+        if any(not 0 < p <= 100 for p in value) or any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError("must be percentages above 0, ascending, e.g. [5, 25, 100]")
+        if value[-1] != 100:
+            raise ValueError("must end at 100: the last stage reaches every device")
+        return value
+
+
 class ServerSettings(Section):
     http: str = Field(
         "127.0.0.1:8080",

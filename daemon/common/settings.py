@@ -37,6 +37,7 @@ from daemon.common.serving_sections import (
     FieldSettings,
     LoggingSettings,
     RegistrySettings,
+    RolloutSettings,
     ServerSettings,
     SigningSettings,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "ModelSettings",
     "MqttSettings",
     "RegistrySettings",
+    "RolloutSettings",
     "ServerSettings",
     "Settings",
     "SigningSettings",
@@ -84,6 +86,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     export: ExportSettings = ExportSettings()
     registry: RegistrySettings = RegistrySettings()
+    rollout: RolloutSettings = RolloutSettings()
     server: ServerSettings = ServerSettings()
     signing: SigningSettings = SigningSettings()
     field: FieldSettings = FieldSettings()

@@ -53,13 +53,17 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from daemon.common.lifecycle import left
 from daemon.distribution.fleet import DELTA, FULL, Fleet
-from daemon.ingest.telemetry import MAX_REPORT_BYTES, parse_report
+from daemon.ingest.telemetry import MAX_ID_CHARS, MAX_REPORT_BYTES, bucket_of, device_digest, parse_report
+from daemon.registry import rollout as staged
 from daemon.registry.deltas import DELTA_FILE
+from daemon.registry.layout import MANIFEST_FILE, SIGNATURE_FILE, RegistryError
 from daemon.store.records import FieldReport, Rejection
 
 log = logging.getLogger("sprout.server")
 
 Health = Callable[[], dict[str, bool]]
+# latest and latest.sig differ by device while a version rolls out in stages: a cache keys them by its id.
+VARY = "Sprout-Device"
 # Commits a device's report (or its rejection) to the store; True when counted, False for a resend.
 ReportSink = Callable[[FieldReport | Rejection], bool]
 
@@ -85,14 +89,14 @@ def _etag_matches(request: Request, etag: str) -> bool:
     return wanted.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in wanted.split(",")]
 
 
-def _document(request: Request, path: Path, cache: str) -> Response:
+def _document(request: Request, path: Path, cache: str, vary: str | None = None) -> Response:
     """A small file of the registry (JSON, or a signature), with an ETag of its bytes and 304 when the device has it."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return _error(404, "nothing published yet" if path.name in ("latest", "latest.sig") else f"no {path.name} here")
     etag = f'"{hashlib.sha256(data).hexdigest()}"'
-    headers = {"ETag": etag, "Cache-Control": cache}
+    headers = {"ETag": etag, "Cache-Control": cache, **({"Vary": vary} if vary else {})}
     if _etag_matches(request, etag):
         return Response(status_code=304, headers=headers)
     kind = "application/octet-stream" if path.name.endswith(".sig") else "application/json"
@@ -138,12 +142,32 @@ class DownloadApi:
         return None
 
     async def latest(self, request: Request) -> Response:
-        refusal = self._refusal(request)
-        return refusal or _document(request, self.root / request.path_params["model"] / "latest", "no-cache")
+        if refusal := self._refusal(request):
+            return refusal
+        path = self._offered(request) or self.root / request.path_params["model"] / "latest"
+        return _document(request, path, "no-cache", VARY)
 
     async def latest_signature(self, request: Request) -> Response:
-        refusal = self._refusal(request)
-        return refusal or _document(request, self.root / request.path_params["model"] / "latest.sig", "no-cache")
+        if refusal := self._refusal(request):
+            return refusal
+        offered = self._offered(request)
+        path = offered.with_name(SIGNATURE_FILE) if offered else self.root / request.path_params["model"] / "latest.sig"
+        return _document(request, path, "no-cache", VARY)
+
+    def _offered(self, request: Request) -> Path | None:
+        """The manifest of the version rolling out, when the requesting device's cohort has it (rollout.py); else
+        None: ``latest``. Decided from the device's own id, so the document and its signature agree."""
+        device = request.headers.get("sprout-device")
+        if not device or len(device) > MAX_ID_CHARS or not device.isprintable():
+            return None
+        try:
+            rolling = staged.read(self.root / request.path_params["model"])
+        except RegistryError as err:
+            log.warning("%s: every device gets latest", err)
+            return None
+        if rolling is None or not rolling.reaches(bucket_of(device_digest(device))):
+            return None
+        return self.root / request.path_params["model"] / str(rolling.version) / MANIFEST_FILE
 
     async def versions(self, request: Request) -> Response:
         refusal = self._refusal(request)

@@ -8,6 +8,10 @@ another process, and whatever was latest while the broker was unreachable
 are all announced: it polls the file (a stat a second) and publishes each
 new document until the broker acknowledges it. A notice is only a hint to
 look: devices verify the manifest's signature before they trust it.
+
+While a version rolls out in stages (daemon/registry/rollout.py) the notice names it, so that the
+devices of its cohort fetch it at once; the others ask and are answered ``latest``, which they have
+(a conditional GET, 304). When the rollout ends or halts, the notice names ``latest`` again.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from daemon.common.lifecycle import left
+from daemon.registry import rollout as staged
+from daemon.registry.layout import MANIFEST_FILE, RegistryError
 
 log = logging.getLogger("sprout.notice")
 
@@ -37,7 +43,7 @@ class Notice:
         self.announcements = 0
         self.error: BaseException | None = None  # why the thread ended, when it ended by an exception
         self._stop_event = threading.Event()
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[int, ...] | None = None
 
     def run(self) -> None:
         failing: str | None = None
@@ -65,15 +71,34 @@ class Notice:
             st = self.latest_file.stat()
         except FileNotFoundError:
             return  # nothing published yet
-        stamp = (st.st_mtime_ns, st.st_size)
+        rollout_file = self.latest_file.with_name(staged.ROLLOUT)
+        try:
+            rst = rollout_file.stat()
+            stamp: tuple[int, ...] = (st.st_mtime_ns, st.st_size, rst.st_mtime_ns, rst.st_size)
+        except FileNotFoundError:
+            stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._seen or self.announced is None:
-            document = self.latest_file.read_bytes()  # replaced atomically by the registry: always whole
+            document = self._document()
             if document != self.announced and self._publish(self.topic, document):
                 self.announced = document
                 self.announcements += 1
                 log.info("announced the latest model on %s", self.topic)
             if document == self.announced:
                 self._seen = stamp
+
+    def _document(self) -> bytes:
+        """The manifest to announce: the version rolling out, else ``latest`` (each replaced whole by rename)."""
+        try:
+            rolling = staged.read(self.latest_file.parent)
+        except RegistryError as err:
+            log.warning("%s: announcing latest", err)
+            rolling = None
+        if rolling is not None and rolling.rolling:
+            try:
+                return (self.latest_file.parent / str(rolling.version) / MANIFEST_FILE).read_bytes()
+            except FileNotFoundError:
+                pass  # deleted since: latest is what every device gets
+        return self.latest_file.read_bytes()
 
     def start(self) -> None:
         self._thread.start()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
-from daemon.common.settings import ExportSettings, ModelSettings, RegistrySettings, SigningSettings
+from daemon.common.settings import ExportSettings, ModelSettings, RegistrySettings, RolloutSettings, SigningSettings
 from daemon.registry.versions import Registry
 from daemon.store.location import StoreLocation
 
@@ -36,6 +36,7 @@ class ExportJob(BaseModel):
     export: ExportSettings
     registry: RegistrySettings
     signing: SigningSettings
+    rollout: RolloutSettings = RolloutSettings()  # a published version's stages (the registry starts its rollout)
     seed: int  # training.seed: a backbone without shipped weights is rebuilt as the learner built it
     checkpoint_every_s: float  # training.checkpoint_every_s, quoted while there is no checkpoint yet
     log_level: str = "INFO"  # logging.level; the export process logs JSON lines whatever the daemon's format
@@ -49,6 +50,7 @@ class ExportJob(BaseModel):
             export=settings.export,
             registry=settings.registry,
             signing=settings.signing,
+            rollout=settings.rollout,
             seed=settings.training.seed,
             checkpoint_every_s=settings.training.checkpoint_every_s,
             log_level=settings.logging.level,

@@ -183,7 +183,7 @@ class _Export:
         self.lossy.tried(c.mode)
         # The very bytes that were verified, with the registry's version number written over the metadata's
         # placeholder (stamp_version changes nothing else: same length, no tensor or op touched).
-        self.published = registry.publish(c.tflite, c.fields, stamp=stamp_version)
+        self.published = registry.publish(c.tflite, c.fields, stamp=stamp_version, stages=self.job.rollout.stages)
         remember(self.job, self.published["version"], c.reports, inputs.seqs, inputs.snap.labels)
         log.info(
             "published version %d (%s, holdout top-1 %s; float %.1f%%)",

@@ -1,4 +1,5 @@
-"""Retention: a registry keeps its newest ``keep_versions`` versions, every pinned one, and the one served."""
+"""Retention: a registry keeps its newest ``keep_versions`` versions, every pinned one, and those served (latest,
+and a version rolling out in stages)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ def apply_retention(registry: Registry) -> None:
     keep = set(versions[-registry.keep_versions :]) | set(registry.pins())
     if latest is not None and isinstance(latest.get("version"), int):
         keep.add(latest["version"])
+    staged = registry._rollout_or_none()
+    if staged is not None and staged.rolling:  # offered to a cohort: served, as latest is
+        keep.add(staged.version)
     doomed = [v for v in versions if v not in keep]
     for v in doomed:
         # Renamed out of sight first, so no reader ever sees a half-deleted version;

@@ -36,11 +36,14 @@ import fcntl
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.registry import history
+from daemon.registry import rollout as staged
 from daemon.registry.deltas import make_deltas
 from daemon.registry.fields import check_fields, manifest_of
 from daemon.registry.layout import (
@@ -193,6 +196,18 @@ class Registry:
         except FileNotFoundError:
             return None
 
+    def rollout(self) -> staged.Rollout | None:
+        """The model's staged rollout (daemon/registry/rollout.py), or None when it never had one."""
+        return staged.read(self.folder)
+
+    def offered(self) -> int | None:
+        """The newest version offered to any device: the one rolling out, else the latest."""
+        r = self.rollout()
+        if r is not None and r.rolling:
+            return r.version
+        latest = self.latest()
+        return latest["version"] if latest is not None else None
+
     def pins(self) -> list[int]:
         path = self.folder / PINS
         try:
@@ -226,12 +241,18 @@ class Registry:
     # Writing: each change holds the lock.
 
     def publish(
-        self, tflite: bytes, fields: dict[str, Any], stamp: Callable[[bytes, int], bytes] | None = None
+        self,
+        tflite: bytes,
+        fields: dict[str, Any],
+        stamp: Callable[[bytes, int], bytes] | None = None,
+        stages: Sequence[float] = (),
     ) -> dict[str, Any]:
         """Store ``tflite`` as the next version, make it ``latest``, apply retention; returns the manifest.
 
         ``stamp(tflite, version)``, when given, returns the bytes to store once the version number is
-        known (the exporter writes it into the model's own metadata); it runs under the lock.
+        known (the exporter writes it into the model's own metadata); it runs under the lock. With
+        ``stages`` (percent of devices, ascending, the last 100: rollout.stages) and a latest version to
+        compare with, the version starts a staged rollout at the first stage instead, and ``latest`` stays.
         """
         self._writable()
         if self.signer is None:
@@ -262,7 +283,17 @@ class Registry:
                 },
             )
             # From here the version is complete on disk; switching latest is two renames (signature first).
-            self._point_latest(version)
+            before, current = self._latest_or_none(), self._rollout_or_none()
+            if current is not None and current.rolling:  # the newer version takes over the rollout, or all devices
+                staged.write(self.folder, replace(current, state="superseded", reason=f"version {version} published"))
+                self._append_log({"event": "rollout_superseded", "version": current.version, "by": version})
+            rolling = None
+            if list(stages) not in ([], [100.0]) and before is not None:
+                now = time.time()
+                rolling = staged.Rollout(version, before["version"], tuple(stages), 0, "rolling", now, now)
+                staged.write(self.folder, rolling)
+            else:
+                self._point_latest(version)
             self._write_versions()
             self._append_log(
                 {
@@ -272,18 +303,63 @@ class Registry:
                     "size": len(tflite),
                     "quantization": body["quantization"],
                     "deltas": {base: e["size"] for base, e in deltas.entries.items()},
+                    **({"rollout": {"percent": rolling.percent, "replaces": rolling.replaces}} if rolling else {}),
                 }
             )
             apply_retention(self)
         log.info(
-            "published %s version %d (%s, %d bytes; deltas: %s)",
+            "published %s version %d (%s, %d bytes; deltas: %s)%s",
             self.model,
             version,
             body["quantization"],
             len(tflite),
             ", ".join(f"from {base} {e['size']} bytes" for base, e in deltas.entries.items()) or "none",
+            f", rolling out to {rolling.percent:g}% of devices first" if rolling else "",
         )
         return manifest
+
+    def advance_rollout(self, reason: str, expect: int | None = None) -> staged.Rollout:
+        """The rolling version to its next stage (at the last, it becomes ``latest``); ``expect``: only if that
+        version is the one rolling (a decision made on figures of another is void)."""
+        self._writable()
+        with self._locked():
+            current = self._rolling(expect)
+            after = current.advanced(time.time(), reason)
+            if after.state == "complete":
+                self._point_latest(after.version)
+            staged.write(self.folder, after)
+            self._append_log(
+                {
+                    "event": "rollout_complete" if after.state == "complete" else "rollout_advanced",
+                    "version": after.version,
+                    "percent": after.percent,
+                    "reason": reason,
+                }
+            )
+        log.info("version %d now reaches %g%% of devices: %s", after.version, after.percent, reason)
+        return after
+
+    def halt_rollout(
+        self, reason: str, figures: dict[str, Any] | None = None, expect: int | None = None
+    ) -> staged.Rollout:
+        """Stop the rolling version: its cohort is offered ``latest`` again (it rolls back); logged with ``figures``."""
+        self._writable()
+        with self._locked():
+            current = self._rolling(expect)
+            after = replace(current, state="halted", reason=reason, stage_started_at=time.time())
+            staged.write(self.folder, after)
+            event = {"event": "rollout_halted", "version": after.version, "percent": after.percent, "reason": reason}
+            self._append_log({**event, **({"figures": jsonable(figures)} if figures else {})})
+        log.warning("rollout of version %d halted at %g%% of devices: %s", after.version, after.percent, reason)
+        return after
+
+    def _rolling(self, expect: int | None) -> staged.Rollout:
+        current = self.rollout()
+        if current is None or not current.rolling:
+            raise RegistryError(f"model {self.model!r} has no version rolling out")
+        if expect is not None and current.version != expect:
+            raise RegistryError(f"version {current.version} is rolling out, not {expect}")
+        return current
 
     def record_rejection(
         self, fields: dict[str, Any], reasons: list[str], refusals: list[dict[str, Any]] | None = None
@@ -325,6 +401,10 @@ class Registry:
             except SignatureError as err:
                 raise RegistryError(f"version {version} cannot become latest: {err}; pick another version") from None
             before = self.latest()
+            current = self.rollout()
+            if current is not None and current.rolling:  # every device to ``version``: the rollout ends here
+                staged.write(self.folder, replace(current, state="halted", reason=f"rollback to version {version}"))
+                self._append_log({"event": "rollout_halted", "version": current.version, "reason": "rollback"})
             self._point_latest(version)
             self._append_log(
                 {"event": "rollback", "version": version, "from": before.get("version") if before else None}
@@ -410,6 +490,14 @@ class Registry:
         if latest is not None and isinstance(latest.get("version"), int):
             seen.append(latest["version"])
         return max(seen, default=0) + 1
+
+    def _rollout_or_none(self) -> staged.Rollout | None:
+        """The rollout; None, said in the log, when its file is damaged (the next change writes it afresh)."""
+        try:
+            return self.rollout()
+        except RegistryError as err:
+            log.error("%s; taken as no rollout", err)
+            return None
 
     def _latest_or_none(self) -> dict[str, Any] | None:
         try:

@@ -61,6 +61,16 @@ class DaemonCollector(Collector):
             yield from _exports(d.exporting)
         if (version := status.model_version) is not None:
             yield GaugeMetricFamily("sprout_model_version", "The latest published model version.", value=version)
+        if (rollout := status.rollout) is not None:
+            reach = GaugeMetricFamily(
+                "sprout_rollout_percent",
+                "Percent of devices offered the version of the last staged rollout: its stage while rolling, "
+                "100 once complete, 0 once halted or superseded (rollout.stages).",
+                labels=["version"],
+            )
+            share = {"rolling": rollout["percent"], "complete": 100.0}.get(rollout["state"], 0.0)
+            reach.add_metric([str(rollout["version"])], share)
+            yield reach
 
 
 def _part_health(health: dict[str, bool], stalled: dict[str, str]) -> Metric:

@@ -20,6 +20,8 @@ from typing import Any
 
 from daemon.distribution.fleet import FleetView
 from daemon.learning.curves import Point
+from daemon.registry import rollout as staged
+from daemon.registry.layout import RegistryError
 from daemon.registry.versions import registry_root
 from daemon.store.field import VersionInField
 
@@ -76,6 +78,7 @@ class Status:
     learning: LearningStatus | None  # None where training is off
     curves: tuple[Point, ...] = ()
     model: dict | None = None  # the latest published manifest
+    rollout: dict | None = None  # the staged rollout (daemon/registry/rollout.py), as its file has it
     broker: str = "connected"  # or "DISCONNECTED", "FAILED (why)"
     stalled: dict[str, str] = field(default_factory=dict)  # part -> why the watchdog is not pinged
     fleet: FleetView | None = None  # what devices run and fetch, where the model API is served
@@ -125,6 +128,7 @@ def snapshot(daemon: Any) -> Status:
         learning=learning,
         curves=curves,
         model=latest_manifest(daemon.settings),
+        rollout=rollout_of(daemon.settings),
         broker=broker,
         stalled=dict(daemon.withholding),
         fleet=daemon.api.fleet.view() if daemon.api is not None else None,
@@ -182,6 +186,15 @@ def latest_manifest(settings: Any) -> dict | None:
     except (OSError, ValueError):
         return None
     return manifest if isinstance(manifest, dict) else None
+
+
+def rollout_of(settings: Any) -> dict | None:
+    """The model's staged rollout as a dict (with its ``percent``), or None: never had one, or unreadable."""
+    try:
+        rollout = staged.read(registry_root(settings.state_dir) / settings.model.name)
+    except RegistryError:
+        return None
+    return rollout.as_dict() if rollout is not None else None
 
 
 def pct(value: float | None) -> str:

@@ -32,7 +32,7 @@ def render(status: Status, settings: Any) -> str:
     s = settings
     e = html.escape
     parts = [f"<h1>Sprout: {e(s.model.name)}</h1>"]
-    parts.append(_model(status.model))
+    parts.append(_model(status.model, status.rollout))
     parts.append(_learning(status))
     points = list(status.curves)
     parts.append("<h2>Learning curves</h2>")
@@ -56,7 +56,7 @@ def render(status: Status, settings: Any) -> str:
     )
 
 
-def _model(manifest: dict | None) -> str:
+def _model(manifest: dict | None, rollout: dict | None = None) -> str:
     if manifest is None:
         return '<section id="model"><h2>Model</h2><p>No version published yet.</p></section>'
     m = manifest.get("metrics", {})
@@ -69,8 +69,25 @@ def _model(manifest: dict | None) -> str:
         f"<tr><th>quantization</th><td>{html.escape(str(manifest.get('quantization')))} ({size / 1e6:.2f} MB)</td></tr>"
         f"<tr><th>holdout top-1</th><td>{runtimes} (float {_pct(m.get('holdout_top1_float'))})</td></tr>"
         f"<tr><th>classes</th><td>{len(manifest.get('labels', []))}</td></tr>"
-        "</table></section>"
+        f"{_rollout(rollout)}</table></section>"
     )
+
+
+def _rollout(rollout: dict | None) -> str:
+    """A row on the version rolling out in stages, or on how the last one ended."""
+    if rollout is None:
+        return ""
+    if rollout["state"] == "rolling":
+        stages = ", ".join(f"{p:g}%" for p in rollout["stages"])
+        said = (
+            f"version {rollout['version']} to {rollout['percent']:g}% of devices (stage {rollout['stage'] + 1}: "
+            f"{stages}); the others keep version {rollout['replaces']}"
+        )
+    else:
+        said = f"version {rollout['version']}: {rollout['state']}" + (
+            f" ({html.escape(rollout['reason'])})" if rollout.get("reason") else ""
+        )
+    return f'<tr><th>rollout</th><td id="rollout">{said}</td></tr>'
 
 
 def _learning(status: Status) -> str:

@@ -27,7 +27,9 @@ from typing import Any
 
 from daemon.common import logs
 from daemon.common.settings import Settings
+from daemon.registry.layout import RegistryError
 from daemon.registry.signing import Signer
+from daemon.registry.versions import Registry, registry_root
 from daemon.service.daemon import Daemon
 from daemon.service.status import IntakeStatus, LearningStatus
 from daemon.service.status import pct as _pct
@@ -219,11 +221,23 @@ class Demo:
             self.terminal.say(
                 f"demo: published version {published['version']}: {published['quantization']} ({how}{took}), "
                 f"{model_file['size'] / 1e6:.2f} MB full{update}, {len(published['labels'])} classes, "
-                f"holdout top-1 {on} (float {_pct(m['holdout_top1_float'])})"
+                f"holdout top-1 {on} (float {_pct(m['holdout_top1_float'])}), {self._reach(published['version'])}"
             )
         if exporting.rejected != self.rejected and exporting.last is not None:
             self.rejected = exporting.rejected
             self.terminal.say(f"demo: export refused: {'; '.join(str(r) for r in exporting.last.reasons)}")
+
+    def _reach(self, version: int) -> str:
+        """Which devices the version goes to: all at once, or the first stage of its rollout (rollout.stages)."""
+        try:
+            r = Registry.open_readonly(registry_root(self.settings.state_dir), self.settings.model.name).rollout()
+        except RegistryError:
+            r = None
+        if r is not None and r.version == version and r.rolling:
+            return f"rolling out: {r.percent:g}% of devices first (stage {r.stage + 1} of {len(r.stages)})"
+        if self.settings.rollout.stages:
+            return "to every device (a first version; the next roll out in stages)"
+        return "to every device at once (rollout.stages empty)"
 
     def _progress_line(
         self, d: Daemon, intake: IntakeStatus, lr: LearningStatus | None, r: FeedReport, now: float

@@ -1,0 +1,184 @@
+"""Staged rollouts: the registry's state, latest answered per device cohort, devices following, the notice, the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import SPROUT
+from registry_helpers import fields, public_key_file, registry_signer
+
+from daemon.distribution.http import DownloadApi, HttpServer
+from daemon.distribution.notice import Notice
+from daemon.ingest.telemetry import bucket_of, device_digest
+from daemon.registry.layout import RegistryError
+from daemon.registry.signing import verify
+from daemon.registry.versions import Registry
+from edge.modeldir import DEVICE_ID, ModelDir
+from edge.sync import sync
+
+STAGES = [5.0, 25.0, 100.0]
+
+
+def device_in(low: int, high: int) -> str:
+    """A device id whose bucket (0-9999) falls in [low, high)."""
+    return next(d for i in itertools.count() if low <= bucket_of(device_digest(d := f"phone-{i}")) < high)
+
+
+def test_a_version_rolls_out_stage_by_stage_and_becomes_latest_at_the_last(registry: Registry):
+    first = registry.publish(os.urandom(4096), fields(), stages=STAGES)
+    assert registry.latest() == first and registry.rollout() is None  # a first version goes to every device
+    registry.publish(os.urandom(4096), fields(), stages=STAGES)
+    r = registry.rollout()
+    assert r is not None and (r.version, r.replaces, r.percent, r.state) == (2, 1, 5.0, "rolling")
+    assert registry.latest()["version"] == 1 and registry.offered() == 2  # type: ignore[index]
+    assert registry.advance_rollout("figures hold").percent == 25.0
+    with pytest.raises(RegistryError, match="version 2 is rolling out, not 7"):
+        registry.advance_rollout("a decision on another version's figures", expect=7)
+    done = registry.advance_rollout("figures hold")
+    assert done.state == "complete" and registry.latest()["version"] == 2  # type: ignore[index]
+    with pytest.raises(RegistryError, match="no version rolling out"):
+        registry.advance_rollout("again")
+    # A newer version supersedes one still rolling out; both replace the latest, which all others keep.
+    registry.publish(os.urandom(4096), fields(), stages=STAGES)
+    registry.publish(os.urandom(4096), fields(), stages=STAGES)
+    r = registry.rollout()
+    assert r is not None and (r.version, r.replaces, r.stage) == (4, 2, 0)
+    halted = registry.halt_rollout("confidence fell 9 points", {"devices": 31})
+    assert halted.state == "halted" and registry.offered() == 2
+    events = [(e["event"], e.get("version")) for e in registry.events() if e["event"].startswith("rollout")]
+    assert events == [
+        ("rollout_advanced", 2),
+        ("rollout_complete", 2),
+        ("rollout_superseded", 3),
+        ("rollout_halted", 4),
+    ]
+    assert registry.events()[-1]["figures"] == {"devices": 31}
+    # Without stages, a version goes to every device at once, as before.
+    registry.publish(os.urandom(4096), fields())
+    assert registry.latest()["version"] == 5 and registry.offered() == 5  # type: ignore[index]
+
+
+def test_retention_keeps_the_version_rolling_out(tmp_path: Path, registry: Registry):
+    small = Registry(registry.root, "leaves", registry_signer(registry), keep_versions=1)
+    small.publish(os.urandom(4096), fields())
+    small.publish(os.urandom(4096), fields(), stages=STAGES)
+    small.publish(os.urandom(4096), fields())  # to every device: version 2's rollout is superseded, then deleted
+    assert small.versions() == [3]
+    small.publish(os.urandom(4096), fields(), stages=STAGES)
+    assert small.versions() == [3, 4]  # latest (3) and the one rolling out (4)
+
+
+@pytest.fixture
+def served(registry: Registry):
+    server = HttpServer("127.0.0.1", 0, None, DownloadApi(registry.root))
+    server.start()
+    yield f"http://{server.address}"
+    server.stop(time.monotonic() + 5)
+
+
+def test_latest_is_answered_per_device_cohort_with_its_own_signature_and_etag(registry: Registry, served: str):
+    registry.publish(os.urandom(4096), fields())
+    registry.publish(os.urandom(4096), fields(), stages=STAGES)
+    canary, other = device_in(0, 500), device_in(500, 10_000)
+    public = registry_signer(registry).public_key
+    with httpx.Client(base_url=f"{served}/v1/models/leaves", timeout=10) as api:
+
+        def latest(device: str | None) -> tuple[int, str]:
+            headers = {"Sprout-Device": device} if device else {}
+            doc, sig = api.get("/latest", headers=headers), api.get("/latest.sig", headers=headers)
+            assert doc.status_code == 200 and doc.headers["vary"] == "Sprout-Device"
+            verify(doc.content, sig.content, public)  # the signature served with the document is its own
+            return doc.json()["version"], doc.headers["etag"]
+
+        (v_canary, etag_canary), (v_other, etag_other) = latest(canary), latest(other)
+        assert (v_canary, v_other, latest(None)[0]) == (2, 1, 1)
+        assert etag_canary != etag_other
+        assert api.get("/latest", headers={"Sprout-Device": canary, "If-None-Match": etag_canary}).status_code == 304
+        registry.advance_rollout("figures hold")  # 25%: a device in [500, 2500) is reached now
+        assert latest(device_in(500, 2500))[0] == 2 and latest(device_in(2500, 10_000))[0] == 1
+        registry.halt_rollout("load failures")
+        assert latest(canary)[0] == 1  # halted: the cohort is answered latest again
+
+
+def test_a_device_in_the_cohort_installs_the_new_version_and_goes_back_when_it_is_halted(
+    registry: Registry, served: str, tmp_path: Path
+):
+    registry.publish(os.urandom(4096), fields())
+    key = public_key_file(registry_signer(registry))
+    phones = {}
+    for name, (low, high) in (("canary", (0, 500)), ("other", (500, 10_000))):
+        phones[name] = tmp_path / name
+        phones[name].mkdir()
+        (phones[name] / DEVICE_ID).write_text(device_in(low, high))
+        assert sync(served, "leaves", phones[name], public_key=key, runtime=None).current == 1
+    registry.publish(os.urandom(4096), fields(), stages=STAGES)
+    assert sync(served, "leaves", phones["canary"], public_key=key, runtime=None).current == 2
+    assert sync(served, "leaves", phones["other"], public_key=key, runtime=None).status == "unchanged"
+    registry.halt_rollout("corrections rose")
+    back = sync(served, "leaves", phones["canary"], public_key=key, runtime=None)
+    assert (back.status, back.current) == ("installed", 1) and ModelDir(phones["canary"]).current() == 1
+
+
+def test_the_notice_names_the_version_rolling_out_then_latest_again(registry: Registry):
+    registry.publish(os.urandom(4096), fields())
+    announced: list[int] = []
+
+    def publish(topic: str, payload: bytes) -> bool:  # the broker's PUBACK, as Feed.publish_retained gives it
+        announced.append(json.loads(payload)["version"])
+        return True
+
+    notice = Notice(registry.folder / "latest", "sprout/leaves/models/latest", publish, poll_s=0.05)
+    notice.start()
+    try:
+        wait = lambda n: _until(lambda: len(announced) >= n)  # noqa: E731
+        wait(1)
+        registry.publish(os.urandom(4096), fields(), stages=STAGES)
+        wait(2)
+        registry.halt_rollout("a test")
+        wait(3)
+    finally:
+        notice.stop(time.monotonic() + 5)
+    assert announced == [1, 2, 1]
+
+
+def _until(check, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_sprout_models_rollout_status_promote_and_halt(registry: Registry, tmp_path: Path):
+    state = tmp_path / "state"  # where the registry fixture keeps "leaves"
+    registry.publish(os.urandom(4096), fields())
+
+    def sprout(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*SPROUT, "models", "rollout", *args, "--state", str(state), "--model", "leaves"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "SPROUT_SIGNING__KEY_FILE": str(registry_signer(registry).path)},
+        )
+
+    assert "no staged rollout yet; latest is version 1" in sprout("status").stdout
+    refused = sprout("promote")
+    assert refused.returncode == 65 and "no version rolling out" in refused.stderr
+    registry.publish(os.urandom(4096), fields(), stages=STAGES)
+    said = sprout("status").stdout
+    assert "version 2 reaches 5% of devices (stage 1 of 3: 5%, 25%, 100%); the others keep version 1" in said
+    assert sprout("promote", "--reason", "looks good").stdout.strip() == "leaves: version 2 now reaches 25% of devices"
+    status = json.loads(sprout("status", "--json").stdout)
+    assert status["rollout"]["percent"] == 25.0 and status["latest"] == 1
+    assert "its devices go back to version 1" in sprout("halt").stdout
+    assert [e.get("reason") for e in registry.events() if e["event"].startswith("rollout")] == [
+        "looks good",
+        "by hand (sprout models rollout halt)",
+    ]
