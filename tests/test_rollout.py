@@ -11,15 +11,22 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import SPROUT
+from helpers import SPROUT, wait_for
 from registry_helpers import fields, public_key_file, registry_signer
 
+from daemon.common.settings import RolloutSettings
 from daemon.distribution.http import DownloadApi, HttpServer
 from daemon.distribution.notice import Notice
-from daemon.ingest.telemetry import bucket_of, device_digest
+from daemon.distribution.rollout_gates import judge
+from daemon.distribution.rollout_watch import RolloutWatch
+from daemon.ingest.telemetry import bucket_of, device_digest, parse_report
 from daemon.registry.layout import RegistryError
 from daemon.registry.signing import verify
 from daemon.registry.versions import Registry
+from daemon.store.examples import Store
+from daemon.store.field import VersionInField
+from daemon.store.records import FieldReport
+from daemon.tools.feeder import Publisher
 from edge.modeldir import DEVICE_ID, ModelDir
 from edge.sync import sync
 
@@ -182,3 +189,113 @@ def test_sprout_models_rollout_status_promote_and_halt(registry: Registry, tmp_p
         "looks good",
         "by hand (sprout models rollout halt)",
     ]
+
+
+def field_report(device: str, seq: int, version: int, predictions: int, mean: float, corrections: int = 0):
+    """A device's report, parsed as the daemon parses it (report_doc below)."""
+    report = parse_report(json.dumps(report_doc(device, version, predictions, mean, corrections, seq)).encode())
+    assert isinstance(report, FieldReport), report
+    return report
+
+
+def fleet_reports(version: int, replaced: int, devices: int, mean: float, corrections: int, seq: int = 1):
+    """Reports of ``devices`` canaries on ``version`` and of as many others on ``replaced`` (scores 0.9)."""
+    canaries = [device_in(0, 500) if i == 0 else f"c-{version}-{i}" for i in range(devices)]
+    out = [field_report(d, seq, version, 40, mean, corrections) for d in canaries]
+    return out + [field_report(f"o-{i}", seq, replaced, 40, 0.9, 1) for i in range(devices)]
+
+
+@pytest.mark.parametrize(
+    ("mean", "corrections", "outcome"),
+    [(0.9, 1, "advances"), (0.6, 1, "halts"), (0.9, 8, "halts")],
+)
+def test_the_watch_advances_a_version_whose_figures_hold_and_halts_one_that_breaches(
+    registry: Registry, tmp_path: Path, mean: float, corrections: int, outcome: str
+):
+    registry.publish(os.urandom(4096), fields())
+    registry.publish(os.urandom(4096), fields(), stages=STAGES)
+    store = Store(tmp_path / "examples.db")
+    cfg = RolloutSettings(stages=STAGES, min_devices=10, min_predictions=300, min_stage_s=0)
+    watch = RolloutWatch(lambda: registry, store.location, cfg)
+    store.commit([], [], fleet_reports(2, 1, 5, mean, corrections))
+    assert watch.check().action == "wait" and "5 devices and 200 predictions reported" in watch.last.reason  # type: ignore[union-attr]
+    store.commit([], [], fleet_reports(2, 1, 12, mean, corrections, seq=2))
+    verdict = watch.check()
+    assert verdict is not None
+    r = registry.rollout()
+    assert r is not None
+    if outcome == "advances":
+        assert verdict.action == "advance" and (r.percent, r.state) == (25.0, "rolling")
+        assert watch.check().action == "advance" and registry.latest()["version"] == 2  # type: ignore[union-attr,index]
+        assert watch.check() is None  # complete: nothing rolls out
+    else:
+        assert verdict.action == "halt" and r.state == "halted" and registry.offered() == 1
+        event = registry.events()[-1]
+        assert event["event"] == "rollout_halted" and event["reason"].startswith("automatic: ")
+        assert event["figures"]["new"]["devices"] == 12 and event["figures"]["replaced"]["predictions"] == 680
+    store.close()
+
+
+def test_the_gates_judge_load_failures_early_and_wait_without_a_baseline():
+    cfg = RolloutSettings(stages=STAGES, min_devices=10, min_predictions=300, min_stage_s=60)
+    bins = (0,) * 10
+    failing = VersionInField(2, 12, 9, 3, 0, 0.0, 0, 0.0, bins, 0.0)  # no prediction yet: 3 of 12 loads failed
+    assert judge(failing, None, cfg, 0).action == "halt"
+    new = VersionInField(2, 12, 12, 0, 400, 360.0, 4, 0.0, bins, 0.0)
+    assert "too few reports on the version it replaces" in judge(new, None, cfg, 100).reason
+    old = VersionInField(1, 50, 50, 0, 5000, 4500.0, 50, 0.0, bins, 0.0)
+    waiting = judge(new, old, cfg, 10)
+    assert waiting.action == "wait" and "50 s more at this stage" in waiting.reason
+    assert judge(new, old, cfg, 61).action == "advance"
+
+
+def devices_in(low: int, high: int, n: int) -> list[str]:
+    found = (d for i in itertools.count() if low <= bucket_of(device_digest(d := f"dev-{i}")) < high)
+    return list(itertools.islice(found, n))
+
+
+def test_a_daemon_halts_a_bad_canary_from_the_field_reports_alone_and_its_devices_go_back(
+    broker, daemon_factory, registry: Registry
+):
+    registry.publish(os.urandom(4096), fields())
+    registry.publish(os.urandom(4096), fields(), stages=STAGES)  # as the exporter would with rollout.stages
+    env = {
+        "SPROUT_ROLLOUT__STAGES": "[5, 25, 100]",
+        "SPROUT_ROLLOUT__MIN_DEVICES": "4",
+        "SPROUT_ROLLOUT__MIN_PREDICTIONS": "100",
+        "SPROUT_ROLLOUT__MIN_STAGE_S": "0",
+        "SPROUT_ROLLOUT__CHECK_EVERY_S": "0.2",
+    }
+    d = daemon_factory(broker.url, env=env).start()
+    assert d.health()[1].get("rollout") is True
+    canaries, others = devices_in(0, 500, 4), devices_in(500, 10_000, 4)
+    base = f"http://127.0.0.1:{d.http_port}"
+    with httpx.Client(base_url=base, timeout=10) as client:
+        assert client.get("/v1/models/leaves/latest", headers={"Sprout-Device": canaries[0]}).json()["version"] == 2
+        with Publisher(broker.url) as pub:
+            for device in canaries:  # the canary's scores fell: 0.55 against the fleet's 0.92
+                pub.publish_raw("sprout/leaves/telemetry", json.dumps(report_doc(device, 2, 40, 0.55)).encode())
+            for device in others:
+                pub.publish_raw("sprout/leaves/telemetry", json.dumps(report_doc(device, 1, 40, 0.92)).encode())
+            assert pub.wait_all_acked(10)
+
+        def halted() -> bool:
+            r = registry.rollout()
+            return r is not None and r.state == "halted"
+
+        wait_for(halted, 20, "the daemon to halt the rollout")
+        assert client.get("/v1/models/leaves/latest", headers={"Sprout-Device": canaries[0]}).json()["version"] == 1
+        event = registry.events()[-1]
+        assert event["event"] == "rollout_halted" and "mean top-1 score 0.550 against 0.920" in event["reason"]
+        assert 'sprout_rollout_percent{version="2"} 0.0' in client.get("/metrics").text
+        assert "halted (automatic: mean top-1 score" in client.get("/").text
+    assert d.stop() == 0
+
+
+def report_doc(device: str, version: int, predictions: int, mean: float, corrections: int = 0, seq: int = 1) -> dict:
+    """A report of ``predictions`` top-1 scores all of ``mean``, ``corrections`` of them corrected."""
+    bins = [0] * 10
+    bins[min(int(mean * 10), 9)] = predictions
+    counts = {"version": version, "loads": 1, "predictions": predictions, "confidence_bins": bins}
+    counts |= {"confidence_sum": mean * predictions, "corrections": corrections}
+    return {"device": device, "seq": seq, "versions": [counts]}

@@ -214,6 +214,47 @@ class RolloutSettings(Section):
         "to all. Devices without the header, and static mirrors, get the version every device has reached.",
     )
 
+    auto: bool = Field(
+        True,
+        description="Judge each stage from the devices' reports (field.telemetry) and move on, or halt, by itself; "
+        "off: only `sprout models rollout promote|halt` do.",
+    )
+    min_devices: int = Field(
+        20,
+        ge=1,
+        description="Devices that reported on the new version before a stage is judged; more is surer, slower.",
+    )
+    min_predictions: int = Field(
+        500,
+        ge=1,
+        description="Predictions devices reported with the new version (and with the one it replaces) before its "
+        "scores and corrections are compared; load failures are judged from min_devices loads on.",
+    )
+    min_stage_s: float = Field(
+        3600.0,
+        ge=0.0,
+        description="Seconds a version stays at a stage before it moves on, however good its figures: time for "
+        "the slower devices and the rarer cases to show. Halting never waits.",
+    )
+    max_load_failure_share: float = Field(
+        0.02, ge=0.0, le=1.0, description="Share of the new version's loads on devices that may fail (0.02 = 2%)."
+    )
+    max_confidence_drop: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="How far the new version's mean top-1 score on devices may fall below the replaced version's "
+        "(0.05 = 5 points). Lower halts sooner, and more often for noise.",
+    )
+    max_correction_rise: float = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        description="How far the share of predictions users correct may rise above the replaced version's "
+        "(0.02 = 2 points).",
+    )
+    check_every_s: float = Field(30.0, gt=0.0, description="Seconds between two looks at the figures.")
+
     @field_validator("stages")
     @classmethod
     def _stages(cls, value: list[float]) -> list[float]:

@@ -39,11 +39,12 @@ from daemon.common.lifecycle import Part, describe
 from daemon.common.settings import ConfigError, ServerSettings, Settings
 from daemon.distribution.http import DownloadApi, HttpServer
 from daemon.distribution.notice import Notice
+from daemon.distribution.rollout_watch import RolloutWatch
 from daemon.export.job import ExportJob
 from daemon.ingest import mqttfast
 from daemon.ingest.feed import Feed
 from daemon.ingest.intake import Intake
-from daemon.registry.versions import registry_root
+from daemon.registry.versions import Registry, registry_root
 from daemon.service import preflight
 from daemon.service.liveness import Liveness, export_stall_after_s
 from daemon.service.reload import Plan as ReloadPlan
@@ -102,6 +103,7 @@ class Daemon:
         self.api: DownloadApi | None = None  # the model API: its fleet counts go to /metrics and the page
         self.notice: Notice | None = None
         self.field: FieldFigures | None = None  # devices' reports, as the metrics and the page show them
+        self.rollout: RolloutWatch | None = None  # moves a staged rollout on from those reports (rollout.auto)
         self._old_handlers: dict[int, SignalHandler] = {}
 
     @property
@@ -193,6 +195,8 @@ class Daemon:
         # Announce whatever the registry's latest is, now and on every change, on the feed's session.
         latest = registry_root(s.state_dir) / s.model.name / "latest"
         self.notice = self._add(Notice(latest, s.mqtt.notice_topic(s.model.name), feed.publish_retained))
+        # The one process of this state folder: it judges the rollouts of what it, or `sprout export`, publishes.
+        self._rollout_watch(s, store)
         if s.training.enabled:
             training = self.training = self._add(self._learner(s, feed, store))
             if s.export.enabled:
@@ -221,6 +225,7 @@ class Daemon:
         lease = lease_for(store.location, s.state_dir, s.model.name)
         progress = CheckpointProgress(s.state_dir / "checkpoints")
         self.election = self._add(ElectedExporting(ExportJob.from_settings(s), lease, progress, elected))
+        self._rollout_watch(s, store, may_act=lambda: self.exporting is not None)  # the elected one judges
 
     def _trainer_rank(self, s: Settings, store: Store) -> None:
         """One rank of a torchrun trainer group: the learner on the shared store; rank 0 serves the operator's pages."""
@@ -248,6 +253,13 @@ class Daemon:
             store.where,
             learner.high_water_mark,
         )
+
+    def _rollout_watch(self, s: Settings, store: Store, may_act: Callable[[], bool] = lambda: True) -> None:
+        """With rollout.stages and rollout.auto, where this process owns the registry (the one node, or the
+        elected exporter: ``may_act``): the part that judges each stage."""
+        if s.rollout.stages and s.rollout.auto:
+            registry = lambda: Registry.from_settings(s, create_key=False)  # noqa: E731
+            self.rollout = self._add(RolloutWatch(registry, store.location, s.rollout, may_act))
 
     def _add(self, part: P) -> P:
         self.parts.append(part)
@@ -439,6 +451,7 @@ class Daemon:
                 "feed": bool(self.feed and self.feed.receiving()),
                 "notice": bool(self.notice is not None and self.notice.alive()),
                 "exporter": bool(self.election is not None and self.election.alive()),
+                **({"rollout": self.rollout.alive()} if self.rollout is not None else {}),
             }
         parts = {
             # Subscribed and still receiving: a failed callback or a dead network thread is not a feed.
@@ -452,6 +465,8 @@ class Daemon:
             parts["learner"] = bool(self.training and self.training.alive())
             if self.settings.export.enabled:
                 parts["exporter"] = bool(self.exporting and self.exporting.alive())
+        if self.rollout is not None:
+            parts["rollout"] = self.rollout.alive()
         return parts
 
     def status_line(self) -> str:

@@ -79,6 +79,7 @@ class Status:
     curves: tuple[Point, ...] = ()
     model: dict | None = None  # the latest published manifest
     rollout: dict | None = None  # the staged rollout (daemon/registry/rollout.py), as its file has it
+    rollout_judged: str | None = None  # the rollout watch's last verdict and why (rollout.auto)
     broker: str = "connected"  # or "DISCONNECTED", "FAILED (why)"
     stalled: dict[str, str] = field(default_factory=dict)  # part -> why the watchdog is not pinged
     fleet: FleetView | None = None  # what devices run and fetch, where the model API is served
@@ -129,12 +130,20 @@ def snapshot(daemon: Any) -> Status:
         curves=curves,
         model=latest_manifest(daemon.settings),
         rollout=rollout_of(daemon.settings),
+        rollout_judged=_judged(daemon),
         broker=broker,
         stalled=dict(daemon.withholding),
         fleet=daemon.api.fleet.view() if daemon.api is not None else None,
         in_field=tuple(daemon.field.current()) if daemon.field is not None else (),
         reports=_reports(daemon),
     )
+
+
+def _judged(daemon: Any) -> str | None:
+    watch = daemon.rollout
+    if watch is None or watch.last is None:
+        return None
+    return f"{watch.last.action}: {watch.last.reason}"
 
 
 def _reports(daemon: Any) -> dict[tuple[str, str], int]:

@@ -32,7 +32,7 @@ def render(status: Status, settings: Any) -> str:
     s = settings
     e = html.escape
     parts = [f"<h1>Sprout: {e(s.model.name)}</h1>"]
-    parts.append(_model(status.model, status.rollout))
+    parts.append(_model(status.model, status.rollout, status.rollout_judged))
     parts.append(_learning(status))
     points = list(status.curves)
     parts.append("<h2>Learning curves</h2>")
@@ -56,7 +56,7 @@ def render(status: Status, settings: Any) -> str:
     )
 
 
-def _model(manifest: dict | None, rollout: dict | None = None) -> str:
+def _model(manifest: dict | None, rollout: dict | None = None, judged: str | None = None) -> str:
     if manifest is None:
         return '<section id="model"><h2>Model</h2><p>No version published yet.</p></section>'
     m = manifest.get("metrics", {})
@@ -69,12 +69,12 @@ def _model(manifest: dict | None, rollout: dict | None = None) -> str:
         f"<tr><th>quantization</th><td>{html.escape(str(manifest.get('quantization')))} ({size / 1e6:.2f} MB)</td></tr>"
         f"<tr><th>holdout top-1</th><td>{runtimes} (float {_pct(m.get('holdout_top1_float'))})</td></tr>"
         f"<tr><th>classes</th><td>{len(manifest.get('labels', []))}</td></tr>"
-        f"{_rollout(rollout)}</table></section>"
+        f"{_rollout(rollout, judged)}</table></section>"
     )
 
 
-def _rollout(rollout: dict | None) -> str:
-    """A row on the version rolling out in stages, or on how the last one ended."""
+def _rollout(rollout: dict | None, judged: str | None) -> str:
+    """A row on the version rolling out in stages, or on how the last one ended; the watch's last verdict."""
     if rollout is None:
         return ""
     if rollout["state"] == "rolling":
@@ -87,7 +87,10 @@ def _rollout(rollout: dict | None) -> str:
         said = f"version {rollout['version']}: {rollout['state']}" + (
             f" ({html.escape(rollout['reason'])})" if rollout.get("reason") else ""
         )
-    return f'<tr><th>rollout</th><td id="rollout">{said}</td></tr>'
+    row = f'<tr><th>rollout</th><td id="rollout">{said}</td></tr>'
+    if judged is not None and rollout["state"] == "rolling":
+        row += f'<tr><th>last judged</th><td id="rollout-judged">{html.escape(judged)}</td></tr>'
+    return row
 
 
 def _learning(status: Status) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,13 +127,17 @@ class VersionInField:
         return sum(self.confidence_bins[: int(round(confidence * CONFIDENCE_BINS, 6))]) / self.predictions
 
 
-def versions_in_field(db: Database, since: float = 0.0, limit: int = 1000) -> list[VersionInField]:
-    """The newest ``limit`` versions devices reported on (counters last added to after ``since``), newest first."""
+def versions_in_field(
+    db: Database, since: float = 0.0, limit: int = 1000, only: Sequence[int] | None = None
+) -> list[VersionInField]:
+    """The newest ``limit`` versions devices reported on (counters last added to after ``since``; of the
+    versions ``only`` names, where given), newest first."""
     sums = ", ".join(f"SUM({c})" for c in _COLUMNS)
+    among = f" AND version IN ({', '.join('?' * len(only))})" if only else ""
     rows = db.query(
-        f"SELECT version, COUNT(*), {sums}, MAX(last_seen) FROM field_counts WHERE last_seen >= ? "
+        f"SELECT version, COUNT(*), {sums}, MAX(last_seen) FROM field_counts WHERE last_seen >= ?{among} "
         "GROUP BY version ORDER BY version DESC LIMIT ?",
-        (since, limit),
+        (since, *(only or ()), limit),
     )
     out = []
     for row in rows:
