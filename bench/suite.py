@@ -207,6 +207,29 @@ def _phone_photos(rows_in: list) -> tuple[str, list]:
     return "\n".join(rows), [goal]
 
 
+def _canary(d: dict) -> tuple[str, list]:
+    rows = [
+        "| field error rate | canary's added error | halted | advanced | undecided | devices at the decision (median) "
+        "| predictions |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in d["rows"]:
+        rows.append(
+            f"| {100 * r['field_error_rate']:.0f}% | +{100 * r['added_error']:.0f} pts | {100 * r['halt_share']:.1f}% "
+            f"| {100 * r['advance_share']:.1f}% | {100 * r['undecided_share']:.1f}% | {r['devices_median']} "
+            f"| {r['predictions_median']} |"
+        )
+    good = [r for r in d["rows"] if r["added_error"] == 0]
+    bad = [r for r in d["rows"] if r["added_error"] >= 0.03]
+    worst_false = max(r["halt_share"] for r in good) if good else 0.0
+    worst_catch = min(r["halt_share"] for r in bad) if bad else 1.0
+    goals = [
+        ("staged rollout: good canaries halted", "<= 5%", f"{100 * worst_false:.1f}%", worst_false <= 0.05),
+        ("staged rollout: canaries 3+ points worse halted", ">= 95%", f"{100 * worst_catch:.1f}%", worst_catch >= 0.95),
+    ]
+    return "\n".join(rows), goals
+
+
 def _retrain(d: dict) -> tuple[str, list]:
     from retrain import table
 
@@ -335,6 +358,14 @@ BENCHMARKS = [
         ["--repeats", "5"],
         ["--repeats", "1"],
         _phone_photos,
+    ),
+    Benchmark(
+        "canary",
+        "Staged rollout: how fast the gates catch a bad canary, and how often they stop a good one (simulated fleet)",
+        "canary.py",
+        ["--trials", "300"],
+        ["--trials", "30"],
+        _canary,
     ),
     Benchmark(
         "retrain",

@@ -201,8 +201,8 @@ def field_report(device: str, seq: int, version: int, predictions: int, mean: fl
 def fleet_reports(version: int, replaced: int, devices: int, mean: float, corrections: int, seq: int = 1):
     """Reports of ``devices`` canaries on ``version`` and of as many others on ``replaced`` (scores 0.9)."""
     canaries = [device_in(0, 500) if i == 0 else f"c-{version}-{i}" for i in range(devices)]
-    out = [field_report(d, seq, version, 40, mean, corrections) for d in canaries]
-    return out + [field_report(f"o-{i}", seq, replaced, 40, 0.9, 1) for i in range(devices)]
+    out = [field_report(d, seq, version, 100, mean, corrections) for d in canaries]
+    return out + [field_report(f"o-{i}", seq, replaced, 100, 0.9, 1) for i in range(devices)]
 
 
 @pytest.mark.parametrize(
@@ -218,7 +218,7 @@ def test_the_watch_advances_a_version_whose_figures_hold_and_halts_one_that_brea
     cfg = RolloutSettings(stages=STAGES, min_devices=10, min_predictions=300, min_stage_s=0)
     watch = RolloutWatch(lambda: registry, store.location, cfg)
     store.commit([], [], fleet_reports(2, 1, 5, mean, corrections))
-    assert watch.check().action == "wait" and "5 devices and 200 predictions reported" in watch.last.reason  # type: ignore[union-attr]
+    assert watch.check().action == "wait" and "5 devices and 500 predictions reported" in watch.last.reason  # type: ignore[union-attr]
     store.commit([], [], fleet_reports(2, 1, 12, mean, corrections, seq=2))
     verdict = watch.check()
     assert verdict is not None
@@ -232,7 +232,7 @@ def test_the_watch_advances_a_version_whose_figures_hold_and_halts_one_that_brea
         assert verdict.action == "halt" and r.state == "halted" and registry.offered() == 1
         event = registry.events()[-1]
         assert event["event"] == "rollout_halted" and event["reason"].startswith("automatic: ")
-        assert event["figures"]["new"]["devices"] == 12 and event["figures"]["replaced"]["predictions"] == 680
+        assert event["figures"]["new"]["devices"] == 12 and event["figures"]["replaced"]["predictions"] == 1700
     store.close()
 
 
