@@ -137,7 +137,7 @@ def test_the_whole_loop_learns_publishes_and_reaches_a_device_that_classifies(br
     )
     assert out.returncode == 0 and "report 1 counted" in out.stderr, out.stderr
     v = manifest["version"]
-    wait_for(lambda: f'sprout_field_predictions{{version="{v}"}} 3.0' in metrics(url), 10, "the report in the metrics")
+    wait_for(lambda: f'sprout_field_predictions{{version="{v}"}} 3.0' in metrics(url), 25, "the report in the metrics")
     scores = [r["top"][0]["score"] for r in answer["results"]]
     mean = next(
         line for line in metrics(url).splitlines() if line.startswith(f'sprout_field_mean_confidence{{version="{v}"}}')

@@ -459,7 +459,15 @@ def test_broker_password_from_the_environment(tmp_path, daemon_factory):
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "sprout", "s3cret-pw"], check=True, timeout=30)
     subprocess.run(["mosquitto_passwd", "-b", str(passwords), "phone", "phone-pw"], check=True, timeout=30)
     passwords.chmod(0o644)
-    broker = Mosquitto(tmp_path / "broker", extra_conf=f"allow_anonymous false\npassword_file {passwords}\n")
+    # An ACL written before devices' reports existed: the daemon may read the examples, not the telemetry topic.
+    acl = tmp_path / "acl"
+    acl.write_text(
+        "user sprout\ntopic read sprout/leaves/examples\ntopic write sprout/leaves/rejected\n"
+        "topic readwrite sprout/leaves/models/#\nuser phone\ntopic write sprout/leaves/examples\n"
+    )
+    acl.chmod(0o644)
+    extra = f"allow_anonymous false\npassword_file {passwords}\nacl_file {acl}\n"
+    broker = Mosquitto(tmp_path / "broker", extra_conf=extra)
     broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true\n", ""))
     broker.start()
     try:
@@ -481,6 +489,7 @@ def test_broker_password_from_the_environment(tmp_path, daemon_factory):
         publish_examples(broker.url.replace("mqtt://", "mqtt://phone:phone-pw@"), "leaves", ids, labels)
         wait_for(lambda: len(stored_ids(d.state)) == 50, 30, "50 examples through an authenticated broker")
         assert "s3cret-pw" not in d.log()
+        assert d.health()[0] == 200  # an ACL without the telemetry topic takes nothing from the examples
         assert d.stop() == 0
     finally:
         broker.kill()

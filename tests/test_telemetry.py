@@ -170,7 +170,7 @@ def test_a_daemon_takes_reports_over_mqtt_and_http_and_shows_them(broker, daemon
             text = client.get("/metrics").text
             return {m[0]: float(m[1]) for m in re.findall(r'^(sprout_field_\w+\{version="1"\}) (\S+)$', text, re.M)}
 
-        wait_for(lambda: shown().get('sprout_field_devices{version="1"}') == 3, 10, "the three devices in the metrics")
+        wait_for(lambda: shown().get('sprout_field_devices{version="1"}') == 3, 25, "the three devices in the metrics")
         figures = shown()
         assert figures['sprout_field_predictions{version="1"}'] == 60
         assert figures['sprout_field_correction_ratio{version="1"}'] == pytest.approx(2 / 60)
@@ -229,3 +229,23 @@ def test_a_device_keeps_its_counts_until_a_report_carrying_them_is_answered(regi
     v2, v1 = versions_in_field(open_reader(tmp_path / "examples.db"))
     assert (v1.loads, v1.predictions, v1.corrections, v1.latency_ms_sum) == (1, 3, 1, 36.0)
     assert v1.confidence_sum == pytest.approx(2.3) and (v2.version, v2.predictions) == (2, 1)
+
+
+def test_a_broker_refusing_the_telemetry_topic_leaves_the_feed_working_and_says_so(caplog):
+    """Brokers that refuse a subscription their ACL denies (EMQX, HiveMQ: SUBACK 0x87; Mosquitto 2.0 grants it
+    and delivers nothing): the examples' subscription is what the feed needs."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from daemon.common.settings import Settings
+    from daemon.ingest.feed import Feed
+
+    s = Settings.load(None)
+    feed = Feed(s.mqtt, s.store, "leaves", "test-feed", telemetry=True)
+    granted, refused = ReasonCode(PacketTypes.SUBACK, identifier=1), ReasonCode(PacketTypes.SUBACK, identifier=0x87)
+    feed._on_subscribe(None, None, 1, [granted, refused], None)
+    assert feed.subscribed.is_set() and feed.failure is None
+    assert "devices' reports are not taken over MQTT" in caplog.text and "sprout/leaves/telemetry" in caplog.text
+    feed.subscribed.clear()
+    feed._on_subscribe(None, None, 2, [refused, granted], None)
+    assert not feed.subscribed.is_set() and "refused the subscription to sprout/leaves/examples" in caplog.text

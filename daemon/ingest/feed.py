@@ -335,14 +335,21 @@ class Feed:
 
     @_guarded
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        failed = [rc for rc in reason_codes if rc.is_failure]
-        if failed:
+        refused = {f: rc for f, rc in zip(self.filters, reason_codes, strict=False) if rc.is_failure}
+        if self.filters[0] in refused:
             log.error(
                 "broker refused the subscription to %s: %s (check the broker's ACL for this user)",
-                " and ".join(f for f, rc in zip(self.filters, reason_codes, strict=False) if rc.is_failure),
-                failed[0],
+                self.filters[0],
+                refused[self.filters[0]],
             )
             return
+        for topic, rc in refused.items():  # the devices' reports only: examples still come, so the feed works
+            log.warning(
+                "broker refused the subscription to %s: %s; devices' reports are not taken over MQTT (allow it in "
+                "the broker's ACL, or set field.telemetry = false)",
+                topic,
+                rc,
+            )
         self.subscribed.set()
 
     @_guarded

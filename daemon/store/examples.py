@@ -215,7 +215,7 @@ class Store:
     def _rows(self, examples: list[Example]) -> list[tuple[object, ...]]:
         """The rows to insert; with a blob folder, the photos written there first (durably), except those of
         ids already stored: a redelivery must not replace the stored photo with whatever it carries."""
-        if self.blobs is None:
+        if self.blobs is None or not examples:
             return [_row(e, e.image, None) for e in examples]
         stored: set[str] = set()
         ids = list({e.example_id for e in examples})

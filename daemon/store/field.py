@@ -163,11 +163,11 @@ def versions_in_field(
 class FieldFigures:
     """What the metrics and the status page show of the field: :func:`versions_in_field` on a reader connection
     of its own. It adds up a row per device and version, so it is read again only when ``counted()`` (this
-    process's reports counted so far) has moved, at most every ``min_s``, or every ``refresh_s`` for what other
-    processes (intake members) counted."""
+    process's reports counted so far) has moved, at most every ``min_s``, or every ``refresh_s`` for what
+    other processes (intake members) counted."""
 
     def __init__(
-        self, location: StoreLocation | Path, counted: Callable[[], int], min_s: float = 1.0, refresh_s: float = 60.0
+        self, location: StoreLocation | Path, counted: Callable[[], int], min_s: float = 10.0, refresh_s: float = 60.0
     ):
         self.location = location
         self.counted = counted
