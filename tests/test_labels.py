@@ -212,12 +212,12 @@ def test_a_store_from_before_label_changes_opens_and_gets_the_table(tmp_path: Pa
         raw.executescript(
             "DROP TABLE label_changes; DROP TRIGGER examples_blob_added; DROP TRIGGER examples_blob_removed; "
             "DROP TABLE blob_usage; ALTER TABLE examples DROP COLUMN blob; ALTER TABLE examples DROP COLUMN blob_bytes; "
-            "UPDATE meta SET value = '1' WHERE key = 'schema_version';"
+            "DROP TABLE field_counts; DROP TABLE field_devices; UPDATE meta SET value = '1' WHERE key = 'schema_version';"
         )
     assert StoreReader(db).label_changes() == []
     assert stats(open_reader(db))["total"] == 4
     assert change(tmp_path, Action.RENAME, "class-0", "zero").id == 1  # the writer adds the table, then migrates
-    assert sqlite3.connect(db).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    assert sqlite3.connect(db).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
     assert [e.label for e in StoreReader(db).after(0, 10)] == ["class-0"] * 4  # the rows of schema 1 read on
 
 
