@@ -269,7 +269,14 @@ class DaemonProcess:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout_s)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # the daemon writes every thread's stack into its log
+            time.sleep(1)
+            raise AssertionError(
+                f"the daemon did not stop within {timeout_s:.0f} s of SIGTERM; its threads:\n{self.log()[-12000:]}"
+            ) from None
         assert self._log is not None  # start() opened it with the process
         self._log.close()
         return code

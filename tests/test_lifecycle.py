@@ -360,3 +360,14 @@ def test_the_deploy_guide_lists_exactly_what_a_reload_applies():
     for row in re.findall(r"^\| `(\w+)` \| (.*) \|$", section, re.M):
         listed[row[0]] = frozenset(re.findall(r"`(\w+)`", row[1]))
     assert listed == RELOADABLE
+
+
+def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_daemon_goes_on(broker, daemon_factory):
+    d = daemon_factory(broker.url).start()
+    d.signal(signal.SIGUSR1)
+    wait_for(lambda: "Current thread" in d.log(), 10, "the stacks in the log")
+    assert re.search(r'File ".*daemon/ingest/intake\.py", line \d+ in run', d.log())  # intake's thread, say
+    assert d.health()[0] == 200
+    publish_examples(broker.url, "leaves", ["after-usr1"], ["rust"])
+    wait_for(lambda: stored_ids(d.state) == ["after-usr1"], 20, "an example stored after the dump")
+    assert d.stop() == 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -80,6 +82,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args)
     logs.configure(settings.logging.level, settings.logging.format)
+    # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): what a daemon that will not
+    # stop, or has stalled, is doing, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     daemon = Daemon(settings)
     try:
         return daemon.run()

@@ -162,9 +162,10 @@ def versions_in_field(
 
 class FieldFigures:
     """What the metrics and the status page show of the field: :func:`versions_in_field` on a reader connection
-    of its own. It adds up a row per device and version, so it is read again only when ``counted()`` (this
-    process's reports counted so far) has moved, at most every ``min_s``, or every ``refresh_s`` for what
-    other processes (intake members) counted."""
+    of its own, on a thread of its own. It adds up a row per device and version, so it is read again only when
+    ``counted()`` (this process's reports counted so far) has moved, at most every ``min_s``, or every
+    ``refresh_s`` for what other processes (intake members) counted. A status read never waits for it: the
+    daemon's main loop, which reads the status, must stay free to take a SIGTERM however long a query takes."""
 
     def __init__(
         self, location: StoreLocation | Path, counted: Callable[[], int], min_s: float = 10.0, refresh_s: float = 60.0
@@ -176,20 +177,24 @@ class FieldFigures:
         self._figures: list[VersionInField] = []
         self._read_at = -refresh_s
         self._read_counted = -1
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by the reading thread while it reads
+        self._closed = False
 
     def current(self) -> list[VersionInField]:
-        """The newest versions' figures; as last read when a read fails (logged), or is under way in another thread."""
+        """The newest versions' figures as last read; starts a read in the background when they are stale."""
         age, counted = time.monotonic() - self._read_at, self.counted()
-        if age < self.min_s or (age < self.refresh_s and counted == self._read_counted):
-            return self._figures
-        if not self._lock.acquire(blocking=False):
-            return self._figures
+        stale = age >= self.refresh_s or (age >= self.min_s and counted != self._read_counted)
+        if stale and not self._closed and self._lock.acquire(blocking=False):
+            self._read_at = time.monotonic()  # one read at a time, and none again before min_s
+            threading.Thread(target=self._read, args=(counted,), name="sprout-field", daemon=True).start()
+        return self._figures
+
+    def _read(self, counted: int) -> None:
         try:
-            self._read_counted = counted
             if self._db is None:
                 self._db = open_reader(self.location, "sprout-field")
             self._figures = versions_in_field(self._db, limit=SHOWN_VERSIONS)
+            self._read_counted = counted
         except Exception as err:  # a status read must not fail on it: the figures stay as last read
             log.warning("reading the devices' reports failed: %s; showing them as last read", err)
             if self._db is not None:
@@ -197,11 +202,18 @@ class FieldFigures:
                 self._db = None
         finally:
             self._read_at = time.monotonic()
-            self._lock.release()
-        return self._figures
-
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
+            if self._closed and self._db is not None:
                 self._db.close()
                 self._db = None
+            self._lock.release()
+
+    def close(self) -> None:
+        """Close the connection, now or when a read under way ends (never waits for it)."""
+        self._closed = True
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
+            finally:
+                self._lock.release()
