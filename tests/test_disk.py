@@ -113,7 +113,12 @@ def test_a_full_disk_pauses_intake_unacked_and_it_resumes_when_space_returns(
     d.kill()
     d.start(wait_ready=False)  # still full: it starts, and pauses again
     wait_for(lambda: d.log().count("intake paused, disk full") == 2, 60, "the restarted daemon to pause")
-    assert d.proc.poll() is None and len(small_disk.stored_ids()) == held
+    # The broker redelivers in batches of its own timing: a first batch smaller than the one that paused may
+    # still fit above the floor. Paused again, it holds what it held or a little more, never all.
+    again = len(small_disk.stored_ids())
+    assert d.proc.poll() is None and held <= again < len(ids)
+    time.sleep(1.5)
+    assert len(small_disk.stored_ids()) == again  # paused: nothing more committed
 
     small_disk.resize(64)
     wait_for(lambda: len(small_disk.stored_ids()) == len(ids), 60, "every example once space returned", 0.5)
