@@ -34,6 +34,7 @@ from daemon.store.examples import Store
 from daemon.store.labels import Action, LabelChange, LabelError, LabelMap, outputs_after
 from daemon.store.location import StoreLocation
 from daemon.store.reader import LabelCount, StoreReader, open_reader, stats
+from daemon.store.schema import SCHEMA_VERSION
 from models import zoo
 
 TYPO = "class 1"  # sent for class-1's pictures by a misconfigured phone
@@ -212,12 +213,14 @@ def test_a_store_from_before_label_changes_opens_and_gets_the_table(tmp_path: Pa
         raw.executescript(
             "DROP TABLE label_changes; DROP TRIGGER examples_blob_added; DROP TRIGGER examples_blob_removed; "
             "DROP TABLE blob_usage; ALTER TABLE examples DROP COLUMN blob; ALTER TABLE examples DROP COLUMN blob_bytes; "
-            "DROP TABLE field_counts; DROP TABLE field_devices; UPDATE meta SET value = '1' WHERE key = 'schema_version';"
+            "DROP TABLE field_counts; DROP TABLE field_devices; DROP TABLE field_photos; UPDATE meta SET value = '1' WHERE key = 'schema_version';"
         )
     assert StoreReader(db).label_changes() == []
     assert stats(open_reader(db))["total"] == 4
     assert change(tmp_path, Action.RENAME, "class-0", "zero").id == 1  # the writer adds the table, then migrates
-    assert sqlite3.connect(db).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    assert sqlite3.connect(db).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
     assert [e.label for e in StoreReader(db).after(0, 10)] == ["class-0"] * 4  # the rows of schema 1 read on
 
 

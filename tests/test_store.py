@@ -75,10 +75,10 @@ def photo(i: int, split: str = "train", size: int = 5000) -> Example:
 
 
 def test_retention_prunes_the_oldest_train_examples_and_the_file_stops_growing(store_location: StoreLocation):
-    cap = 2 * 2**20
+    cap = 4 * 2**20  # an empty SQLite store is ~20 pages of 64 KiB: its tables and indexes
     store = Store(store_location)
     sizes, n = [], 0
-    for _ in range(40):  # 40 commits of 100 five-kB examples: ~20 MB offered to a 2 MB store
+    for _ in range(40):  # 40 commits of 100 five-kB examples: ~20 MB offered to a 4 MB store
         batch = [photo(n + k, "holdout" if (n + k) % 10 == 0 else "train") for k in range(100)]
         n += 100
         store.commit(batch)

@@ -55,7 +55,7 @@ def test_a_new_database_gets_each_migration_once_from_writers_opening_it_togethe
 
 
 def test_pending_migrations_and_a_newer_schema_are_refused_saying_what_to_do(postgres_store: StoreLocation):
-    with pytest.raises(StateDirError, match=r"lacks schema migration\(s\) 1, 2, 3: run `sprout store migrate`"):
+    with pytest.raises(StateDirError, match=r"lacks schema migration\(s\) 1, 2, 3, 4: run `sprout store migrate`"):
         Store(postgres_store, migrate=False)
     with pytest.raises(StoreError, match="no example store here yet .* run `sprout store migrate` first"):
         open_reader(postgres_store)

@@ -2,7 +2,7 @@
 
 Each module builds its commands' parsers (``add_..._parser(sub)``) and runs them (``cmd_...``):
 :mod:`~daemon.cli.run` the daemon, ``check-config`` and ``export``; :mod:`~daemon.cli.store` the example store;
-:mod:`~daemon.cli.labels` the classes; :mod:`~daemon.cli.tools` ``feed`` and ``demo``; :mod:`~daemon.cli.models`
+:mod:`~daemon.cli.labels` the classes; :mod:`~daemon.cli.label` the labelling queue; :mod:`~daemon.cli.tools` ``feed`` and ``demo``; :mod:`~daemon.cli.models`
 the registry's versions and ``keygen``; :mod:`~daemon.cli.serve` the read-only download server. Each imports
 what it uses inside the command: ``sprout --help`` does not wait for torch.
 """
@@ -14,7 +14,7 @@ import os
 import sys
 
 from daemon import __version__
-from daemon.cli import labels, models, run, serve, store, tools
+from daemon.cli import label, labels, models, run, serve, store, tools
 from daemon.common.exits import Exit
 from daemon.common.settings import ConfigError
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_check_config_parser(sub)
     store.add_parser(sub)
     labels.add_parser(sub)
+    label.add_parser(sub)
     tools.add_feed_parser(sub)
     run.add_export_parser(sub)
     serve.add_parser(sub)

@@ -156,6 +156,9 @@ class MqttSettings(Section):
     def telemetry_topic(self, model: str) -> str:
         return f"{self.topic_prefix}/{model}/telemetry"
 
+    def field_photos_topic(self, model: str) -> str:
+        return f"{self.topic_prefix}/{model}/field-photos"
+
     def subscription(self, model: str, topic: str | None = None) -> str:
         """The filter to subscribe to ``topic`` (the examples topic by default) with: in mqtt.share_group's
         shared subscription where there is one."""

@@ -197,6 +197,34 @@ class FieldSettings(Section):
         "status page; a multiple of 0.1, as devices report scores by tenths. Higher flags more predictions.",
     )
 
+    photos: bool = Field(
+        True,
+        description="Take photos devices send back for labelling (opt-in on the device: docs/devices.md): those the "
+        "model was unsure of and those users corrected, on MQTT <prefix>/<model>/field-photos and POST "
+        "/v1/models/<model>/field-photos. They wait in the labelling queue (`sprout label`, the status site's "
+        "/label page) and are learned once someone labels them. Off: neither is taken.",
+    )
+    photos_per_device_per_day: int = Field(
+        20,
+        ge=1,
+        le=10_000,
+        description="Photos one device may send back a UTC day; more are refused (photo_cap) and the device keeps "
+        "them for the next day. Higher gathers more from few devices, and lets one device fill the queue.",
+    )
+    max_queued_photos: int = Field(
+        2000,
+        ge=1,
+        description="Photos the labelling queue keeps waiting for an answer; past it the oldest are dropped. Each "
+        "is up to max_photo_bytes in the store.",
+    )
+    max_photo_bytes: int = Field(
+        1_000_000,
+        ge=10_000,
+        le=20_000_000,
+        description="Largest photo a device may send back, in bytes; a device sends it at 640 pixels on the long "
+        "side (about 100 kB), the learner needs no more than the model's input.",
+    )
+
     @field_validator("low_confidence_below")
     @classmethod
     def _tenths(cls, value: float) -> float:

@@ -20,6 +20,10 @@ on disk, so a static mirror of that folder serves the same bytes
   (daemon/ingest/telemetry.py), counted in the store before the answer: 202 counted, 200 a resend
   counted before, 400 with the field that is wrong, 413 too large, 503 (retry later) when the store
   cannot take it now, 404 where reports are not taken (``field.telemetry`` off, ``sprout serve``).
+- ``POST /v1/models/<model>/field-photos``: a device's photo for labelling (daemon/ingest/field_photos.py),
+  queued in the store before the answer: 202 queued, 200 stored before, 429 over the device's daily cap
+  (``Retry-After``: the next UTC day), 400 with what is wrong, 413 too large, 503, 404 as above
+  (``field.photos``).
 
 Model names and versions are checked against what the registry can hold
 before any path is built, so no request reaches outside it. With a bearer
@@ -41,6 +45,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h11
 import uvicorn
@@ -53,11 +58,16 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from daemon.common.lifecycle import left
 from daemon.distribution.fleet import DELTA, FULL, Fleet
+from daemon.ingest.field_photos import PhotoLimits, parse_field_photo
 from daemon.ingest.telemetry import MAX_ID_CHARS, MAX_REPORT_BYTES, bucket_of, device_digest, parse_report
 from daemon.registry import rollout as staged
 from daemon.registry.deltas import DELTA_FILE
 from daemon.registry.layout import MANIFEST_FILE, SIGNATURE_FILE, RegistryError
-from daemon.store.records import FieldReport, Rejection
+from daemon.store.labelling import DAY_S
+from daemon.store.records import FieldPhoto, FieldReport, Reason, Rejection
+
+if TYPE_CHECKING:
+    from daemon.store.examples import CommitResult
 
 log = logging.getLogger("sprout.server")
 
@@ -66,6 +76,8 @@ Health = Callable[[], dict[str, bool]]
 VARY = "Sprout-Device"
 # Commits a device's report (or its rejection) to the store; True when counted, False for a resend.
 ReportSink = Callable[[FieldReport | Rejection], bool]
+# Commits a device's photo for labelling (or its rejection) to the store.
+PhotoSink = Callable[[FieldPhoto | Rejection], "CommitResult"]
 
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as settings.model.name allows
 _VERSION = re.compile(r"^[1-9][0-9]{0,9}$")
@@ -106,13 +118,24 @@ def _document(request: Request, path: Path, cache: str, vary: str | None = None)
 class DownloadApi:
     """The /v1 routes over ``registry_root`` (one folder per model, as daemon/registry/versions.py lays it out)."""
 
-    def __init__(self, registry_root: Path, token: str | None = None, reports: tuple[str, ReportSink] | None = None):
+    def __init__(
+        self,
+        registry_root: Path,
+        token: str | None = None,
+        reports: tuple[str, ReportSink] | None = None,
+        photos: tuple[str, PhotoSink] | None = None,
+        photo_limits: PhotoLimits | None = None,
+    ):
         self.root = registry_root
         self.token = token
         self.fleet = Fleet()  # which versions devices run and fetch (daemon/distribution/fleet.py): counts only
         self.reports = reports  # (model, sink): where devices' reports on that model go; None: not taken here
         # Reports POSTed here, by outcome: counted, resent (counted before), rejected, failed (the store refused).
         self.report_outcomes = {"counted": 0, "resent": 0, "rejected": 0, "failed": 0}
+        self.photos = photos if photo_limits is not None else None  # (model, sink), as reports
+        self.photo_limits = photo_limits
+        # Photos POSTed here, by outcome: queued, resent (stored before), capped, rejected, failed.
+        self.photo_outcomes = {"queued": 0, "resent": 0, "capped": 0, "rejected": 0, "failed": 0}
 
     def routes(self) -> list[Route]:
         return [
@@ -121,6 +144,7 @@ class DownloadApi:
             Route("/v1/models/{model}/versions", self.versions),
             Route("/v1/models/{model}/versions/{version}/{name}", self.version_file),
             Route("/v1/models/{model}/telemetry", self.telemetry, methods=["POST"]),
+            Route("/v1/models/{model}/field-photos", self.field_photo, methods=["POST"]),
         ]
 
     def _refusal(self, request: Request) -> Response | None:
@@ -231,6 +255,47 @@ class DownloadApi:
             return JSONResponse({"counted": True}, status_code=202)
         return JSONResponse({"counted": False, "why": f"seq {item.seq} was counted before: send seq + 1 next"})
 
+    async def field_photo(self, request: Request) -> Response:
+        if refusal := self._refusal(request):
+            return refusal
+        model = request.path_params["model"]
+        if self.photos is None or self.photo_limits is None or self.photos[0] != model:
+            return _error(404, f"photos of model {model!r} are not taken here (field.photos, or MQTT instead)")
+        most = self.photo_limits.max_document_bytes
+        too_large = f"a photo document is at most {most} bytes: send the photo at 640 pixels on the long side"
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > most:
+            return _error(413, too_large)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > most:
+                return _error(413, too_large)
+        # Decoding the photo to check it is CPU work: off the event loop, as the commit is.
+        item = await run_in_threadpool(parse_field_photo, bytes(body), self.photo_limits)
+        try:
+            result = await run_in_threadpool(self.photos[1], item)
+        except Exception as err:  # the store is down or full: the device keeps the photo and sends it again
+            self.photo_outcomes["failed"] += 1
+            log.warning("a device's photo could not be stored: %s; it was told to retry", err)
+            return JSONResponse({"error": "cannot store photos now: retry later"}, 503, {"Retry-After": "300"})
+        if isinstance(item, Rejection):
+            self.photo_outcomes["rejected"] += 1
+            status = 413 if item.reason is Reason.TOO_LARGE else 400
+            return JSONResponse({"error": item.detail, "reason": item.reason.value}, status_code=status)
+        if result.photos.refused:
+            self.photo_outcomes["capped"] += 1
+            wait = int(DAY_S - time.time() % DAY_S) + 1
+            refused = result.photos.refused[0]
+            return JSONResponse(
+                {"error": refused.detail, "reason": refused.reason.value}, 429, {"Retry-After": str(wait)}
+            )
+        if result.photos.queued:
+            self.photo_outcomes["queued"] += 1
+            return JSONResponse({"queued": True}, status_code=202)
+        self.photo_outcomes["resent"] += 1
+        return JSONResponse({"queued": False, "why": "this photo_id was stored before"})
+
     @staticmethod
     def _file_etag(folder: Path, name: str, base: str | None) -> str:
         # The manifest's sha256 of the file: the registry made it at publish, and hashing
@@ -249,9 +314,11 @@ def build_app(
     api: DownloadApi | None = None,
     metrics: Callable[[], bytes] | None = None,
     status: Callable[[], str] | None = None,
+    operator_routes: list[Route] | None = None,
 ) -> Starlette:
     """The routes given: the phone-facing API (``api``) and the operator's (``health``, ``metrics``,
-    ``status``), together on one listener or apart on two (daemon/service/daemon.py decides)."""
+    ``status``, and ``operator_routes``: the labelling page), together on one listener or apart on two
+    (daemon/service/daemon.py decides)."""
 
     def healthz(parts_of: Health) -> Callable[[Request], Awaitable[JSONResponse]]:
         async def answer(request: Request) -> JSONResponse:
@@ -278,6 +345,7 @@ def build_app(
     routes = [*([Route("/healthz", healthz(health))] if health else []), *(api.routes() if api else [])]
     routes += [Route("/metrics", prometheus(metrics))] if metrics else []
     routes += [Route("/", page(status))] if status else []
+    routes += operator_routes or []
     app = Starlette(routes=routes, exception_handlers={404: not_found})
     # Starlette would answer "/healthz/" with a redirect whose Location is built from the client's Host
     # header (an open redirect), and before the /v1 token check; a path is served as written or not at all.
@@ -342,12 +410,13 @@ class HttpServer:
         status: Callable[[], str] | None = None,
         request_timeout_s: float = 10.0,
         name: str = "http",
+        operator_routes: list[Route] | None = None,
     ):
         self.name = name
         # A class of this server's own: uvicorn builds the protocol itself, from the class alone.
         protocol = type("RequestTimeoutProtocol", (RequestTimeoutProtocol,), {"request_timeout_s": request_timeout_s})
         config = uvicorn.Config(
-            build_app(health, api, metrics, status),
+            build_app(health, api, metrics, status, operator_routes),
             host=host,
             port=port,
             log_level="warning",

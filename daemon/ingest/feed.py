@@ -41,9 +41,10 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from daemon.common.lifecycle import left
 from daemon.common.settings import MqttSettings, StoreSettings
 from daemon.ingest import mqttfast, wire
+from daemon.ingest.field_photos import PhotoLimits, parse_field_photo
 from daemon.ingest.telemetry import parse_report
 from daemon.ingest.wire import Example, Rejection, Unchecked, parse
-from daemon.store.records import FieldReport
+from daemon.store.records import FieldPhoto, FieldReport
 
 log = logging.getLogger("sprout.feed")
 
@@ -72,7 +73,7 @@ class Delivery:
     mid: int
     qos: int
     connection: int  # which connection it came on; an ack is only valid on that one
-    item: Example | Rejection | Unchecked | FieldReport  # Unchecked until intake has decoded its body
+    item: Example | Rejection | Unchecked | FieldReport | FieldPhoto  # Unchecked until intake has decoded its body
     size: int = 0  # payload bytes held for it in the feed's ByteBudget until intake gives them back
 
 
@@ -120,15 +121,20 @@ class Feed:
         client_id: str,
         subscribe: bool = True,
         telemetry: bool = False,
+        photos: PhotoLimits | None = None,
     ):
         self.settings = settings
         self.subscribes = subscribe  # False: a session that publishes only (an exporter's notice)
         self.model = model
-        # The topics subscribed to: the examples, and devices' reports (daemon/ingest/telemetry.py) when taken.
+        # The topics subscribed to: the examples, devices' reports (daemon/ingest/telemetry.py) and their photos
+        # for labelling (daemon/ingest/field_photos.py), each when taken.
         self.telemetry_topic = settings.telemetry_topic(model) if telemetry else None
+        self.photos_topic = settings.field_photos_topic(model) if photos is not None else None
+        self.photo_limits = photos
         self.filters = [settings.subscription(model)]
-        if self.telemetry_topic is not None:
-            self.filters.append(settings.subscription(model, self.telemetry_topic))
+        for topic in (self.telemetry_topic, self.photos_topic):
+            if topic is not None:
+                self.filters.append(settings.subscription(model, topic))
         self.limits = wire.limits(store)
         self.deliveries: queue.Queue[Delivery] = queue.Queue(maxsize=store.backlog_max)
         self.budget = ByteBudget(store.backlog_max_mb * 1024 * 1024)
@@ -208,9 +214,12 @@ class Feed:
         self._client.loop_start()
         self._network = self._client._thread  # paho clears its own reference when the thread ends
 
-    def reconfigure(self, store: StoreSettings) -> None:
-        """Check every message from now on against ``store``'s limits (a reload); the backlog keeps its bounds."""
+    def reconfigure(self, store: StoreSettings, photos: PhotoLimits | None = None) -> None:
+        """Check every message from now on against ``store``'s limits (a reload), and photos against ``photos``
+        where they are taken; the backlog keeps its bounds."""
         self.limits = wire.limits(store)
+        if photos is not None and self.photos_topic is not None:
+            self.photo_limits = photos
 
     def alive(self) -> bool:
         """Started, and able to receive (or to reconnect by itself): no callback failed, paho's thread lives."""
@@ -343,12 +352,15 @@ class Feed:
                 refused[self.filters[0]],
             )
             return
-        for topic, rc in refused.items():  # the devices' reports only: examples still come, so the feed works
+        for topic, rc in refused.items():  # the devices' reports or photos: examples still come, so the feed works
+            photos = self.photos_topic is not None and topic.endswith(self.photos_topic)
             log.warning(
-                "broker refused the subscription to %s: %s; devices' reports are not taken over MQTT (allow it in "
-                "the broker's ACL, or set field.telemetry = false)",
+                "broker refused the subscription to %s: %s; devices' %s not taken over MQTT (allow it in "
+                "the broker's ACL, or set %s = false)",
                 topic,
                 rc,
+                "photos for labelling are" if photos else "reports are",
+                "field.photos" if photos else "field.telemetry",
             )
         self.subscribed.set()
 
@@ -372,12 +384,14 @@ class Feed:
         # cost the network thread 10-20 times the rest of the parse.
         payload = message.payload
         assert isinstance(payload, bytes), "paho decodes a received payload as bytes (bytearray is for sending)"
-        item: Example | Rejection | Unchecked | FieldReport
+        item: Example | Rejection | Unchecked | FieldReport | FieldPhoto
         if self.telemetry_topic is not None and message.topic == self.telemetry_topic:
             item = parse_report(payload)
+        elif self.photo_limits is not None and message.topic == self.photos_topic:
+            item = parse_field_photo(payload, self.photo_limits)
         else:
             item = parse(payload, user_properties, content_type, self.limits, decode=False)
-        size = len(payload) if isinstance(item, Unchecked) else 0  # a rejection keeps no image
+        size = len(payload) if isinstance(item, Unchecked | FieldPhoto) else 0  # a rejection keeps no image
         delivery = Delivery(message.mid, message.qos, self._connection, item, size)
         self.received += 1
         # Backpressure: when intake falls behind, in examples or in bytes, stop reading the socket; the

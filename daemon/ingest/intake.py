@@ -40,7 +40,8 @@ from daemon.ingest.wire import Example, Rejection, Unchecked, check_body
 from daemon.store.errors import is_disk_full
 from daemon.store.examples import CommitResult, Store
 from daemon.store.field import FIELD_KEEP_S
-from daemon.store.records import FieldReport
+from daemon.store.labelling import PhotoRules
+from daemon.store.records import FieldPhoto, FieldReport
 
 log = logging.getLogger("sprout.intake")
 
@@ -54,7 +55,7 @@ DISK_RETRY_MAX_S = 5.0
 class Intake:
     name = "intake"
 
-    def __init__(self, feed: Feed, store: Store, settings: StoreSettings):
+    def __init__(self, feed: Feed, store: Store, settings: StoreSettings, photo_rules: PhotoRules | None = None):
         self._thread = threading.Thread(target=self.run, name="sprout-intake", daemon=True)
         self.feed = feed
         self.store = store
@@ -63,6 +64,10 @@ class Intake:
         self.duplicates = 0
         self.reports = 0  # devices' reports counted (daemon/ingest/telemetry.py)
         self.resent_reports = 0  # and those a device had sent before, counted once already
+        self.photo_rules = photo_rules  # how devices' photos for labelling are queued (None: not taken)
+        self.photos_queued = 0  # devices' photos for labelling queued (daemon/store/labelling.py)
+        self.photos_resent = 0
+        self.photos_dropped = 0  # the oldest queued, dropped past field.max_queued_photos
         self.reports_forgotten_at = 0.0  # when counters past FIELD_KEEP_S were last forgotten (wall clock)
         self.rejected: dict[str, int] = {}
         self.commits = 0
@@ -78,9 +83,12 @@ class Intake:
     def rejected_total(self) -> int:
         return sum(self.rejected.values())
 
-    def reconfigure(self, settings: StoreSettings) -> None:
-        """Commit, prune and check free space by ``settings`` from the next batch on (a reload)."""
+    def reconfigure(self, settings: StoreSettings, photo_rules: PhotoRules | None = None) -> None:
+        """Commit, prune and check free space by ``settings`` (and queue photos by ``photo_rules``, where they are
+        taken) from the next batch on (a reload)."""
         self.settings = settings
+        if photo_rules is not None and self.photo_rules is not None:
+            self.photo_rules = photo_rules
 
     def start(self) -> None:
         self._thread.start()
@@ -156,7 +164,8 @@ class Intake:
         examples = [d.item for d in batch if isinstance(d.item, Example)]
         rejections = [d.item for d in batch if isinstance(d.item, Rejection)]
         reports = [d.item for d in batch if isinstance(d.item, FieldReport)]
-        result = self._commit_or_wait(batch, examples, rejections, reports)
+        photos = [d.item for d in batch if isinstance(d.item, FieldPhoto)]
+        result = self._commit_or_wait(batch, examples, rejections, reports, photos)
         if result is None:  # stopping: un-acked, the batch comes back from the broker
             self.feed.budget.give_back(sum(d.size for d in batch))
             return
@@ -164,23 +173,28 @@ class Intake:
         for delivery in batch:
             self.feed.ack(delivery)
         self.feed.budget.give_back(sum(d.size for d in batch))  # on disk now: the network thread may read more
-        self._count(rejections, result)
+        self._count(rejections + list(result.photos.refused), result)
         try:
             self._prune()
         except Exception as err:  # retention is retried after the next commit; intake goes on
             log.warning("retention: pruning %s failed: %s; retried after the next commit", self.store.where, err)
 
     def _commit_or_wait(
-        self, batch: list[Delivery], examples: list[Example], rejections: list[Rejection], reports: list[FieldReport]
+        self,
+        batch: list[Delivery],
+        examples: list[Example],
+        rejections: list[Rejection],
+        reports: list[FieldReport],
+        photos: list[FieldPhoto],
     ) -> CommitResult | None:
         """The store's result once it took the batch (trying again while the disk is full or the store
         refuses it), or None when intake is told to stop first."""
         delay = 0.5
         while True:
-            full = self._disk_full(examples)
+            full = self._disk_full(examples, photos)
             if full is None:
                 try:
-                    return self.store.commit(examples, rejections, reports)
+                    return self.store.commit(examples, rejections, reports, photos, self.photo_rules)
                 except Exception as err:  # disk full, I/O error, locked database: nothing acked, keep the batch, retry
                     if is_disk_full(err):
                         full = f"{self.store.where}: {err}"
@@ -243,11 +257,16 @@ class Intake:
         self.duplicates += result.duplicates
         self.reports += result.reports
         self.resent_reports += result.resent_reports
+        self.photos_queued += result.photos.queued
+        self.photos_resent += result.photos.resent
+        self.photos_dropped += result.photos.dropped
         self.commits += 1
         self.last_commit = time.monotonic()
 
     def _prune(self) -> None:
-        if self.feed.telemetry_topic is not None and time.time() - self.reports_forgotten_at >= 3600:
+        if (
+            self.feed.telemetry_topic or self.feed.photos_topic
+        ) is not None and time.time() - self.reports_forgotten_at >= 3600:
             self.reports_forgotten_at = time.time()
             if forgotten := self.store.forget_reports(time.time() - FIELD_KEEP_S):
                 log.info("field: forgot %d counters of versions devices stopped reporting on 90 days ago", forgotten)
@@ -263,10 +282,10 @@ class Intake:
         st = os.statvfs(folder)
         return st.f_bavail * st.f_frsize
 
-    def _disk_full(self, examples: list[Example]) -> str | None:
+    def _disk_full(self, examples: list[Example], photos: list[FieldPhoto]) -> str | None:
         """Why this commit must wait for disk space, or None when there is room for it and the floor."""
         floor_mb = self.settings.min_free_mb
-        need = sum(len(e.image) for e in examples)
+        need = sum(len(e.image) for e in examples) + sum(len(p.image) for p in photos)
         folder = self.store.image_folder
         if folder is None:
             return None  # a PostgreSQL store's disk is the server's: the commit says when it is full

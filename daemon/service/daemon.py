@@ -43,19 +43,22 @@ from daemon.distribution.rollout_watch import RolloutWatch
 from daemon.export.job import ExportJob
 from daemon.ingest import mqttfast
 from daemon.ingest.feed import Feed
+from daemon.ingest.field_photos import PhotoLimits
 from daemon.ingest.intake import Intake
 from daemon.registry.versions import Registry, registry_root
 from daemon.service import preflight
+from daemon.service.labelling_page import LabellingPage
 from daemon.service.liveness import Liveness, export_stall_after_s
 from daemon.service.reload import Plan as ReloadPlan
 from daemon.service.reload import plan as plan_reload
 from daemon.service.report import Reporter
 from daemon.service.status import Status, snapshot
 from daemon.service.systemd import Notifier
-from daemon.store.examples import Store
+from daemon.store.examples import CommitResult, Store
 from daemon.store.field import FieldFigures
+from daemon.store.labelling import PhotoRules
 from daemon.store.location import StoreLocation
-from daemon.store.records import FieldReport, Rejection
+from daemon.store.records import FieldPhoto, FieldReport, Rejection
 
 if TYPE_CHECKING:  # they import torch: imported where used, only when this node learns
     from daemon.export.election import ElectedExporting
@@ -103,6 +106,7 @@ class Daemon:
         self.api: DownloadApi | None = None  # the model API: its fleet counts go to /metrics and the page
         self.notice: Notice | None = None
         self.field: FieldFigures | None = None  # devices' reports, as the metrics and the page show them
+        self.labelling: LabellingPage | None = None  # the status site's /label, where devices' photos are taken
         self.rollout: RolloutWatch | None = None  # moves a staged rollout on from those reports (rollout.auto)
         self._old_handlers: dict[int, SignalHandler] = {}
 
@@ -154,8 +158,10 @@ class Daemon:
         # The store is no part (no thread of its own): opened before every part and closed after all have
         # stopped, as intake commits into it until its stop and the status reads it until the end.
         store = self.store = Store(StoreLocation.of_settings(s), s.store.migrate_on_start, f"sprout-{s.model.name}")
-        if s.field.telemetry and s.role != "trainer":
-            self.field = FieldFigures(store.location, lambda: store.reports_counted)
+        if (s.field.telemetry or s.field.photos) and s.role != "trainer":
+            self.field = FieldFigures(
+                store.location, lambda: store.reports_counted + store.photos_changed, photos=s.field.photos
+            )
         # Once, at start-up, for the whole process: paho's property decoder was the intake's hot spot
         # (daemon/ingest/mqttfast.py checks the paho release it patches and says so when it differs).
         mqttfast.install()
@@ -185,12 +191,14 @@ class Daemon:
         intake_only = s.role == "intake"  # one member of an intake group: no learner, no registry to serve
         if s.server.enabled:
             self._servers(s.server, s.state_dir, models=not intake_only)
-        feed = self.feed = self._add(Feed(s.mqtt, s.store, s.model.name, s.client_id, telemetry=s.field.telemetry))
+        feed = self.feed = self._add(
+            Feed(s.mqtt, s.store, s.model.name, s.client_id, telemetry=s.field.telemetry, photos=_photo_limits(s))
+        )
         if intake_only:
             log.info(
                 "role intake: committing %s to %s, no learner or exporter here", " and ".join(feed.filters), store.where
             )
-            self.intake = self._add(Intake(feed, store, s.store))
+            self.intake = self._add(Intake(feed, store, s.store, _photo_rules(s)))
             return
         # Announce whatever the registry's latest is, now and on every change, on the feed's session.
         latest = registry_root(s.state_dir) / s.model.name / "latest"
@@ -206,7 +214,7 @@ class Daemon:
                     Exporting(ExportJob.from_settings(s), lambda: training.learner.trained, training.checkpoint_now)
                 )
         # Last to start, first to stop: the feed's messages flow once intake takes them.
-        self.intake = self._add(Intake(feed, store, s.store))
+        self.intake = self._add(Intake(feed, store, s.store, _photo_rules(s)))
 
     def _exporter_candidate(self, s: Settings, store: Store) -> None:
         """One exporter candidate: downloads and the notice always; exports and publishes once elected."""
@@ -293,11 +301,15 @@ class Daemon:
             token = server.resolved_token()
         except OSError as err:
             raise ConfigError(f"server.token_file: cannot read {server.token_file}: {err.strerror}") from None
-        reports = (self.settings.model.name, self._take_report) if self.settings.field.telemetry else None
-        api = self.api = DownloadApi(registry_root(state_dir), token, reports) if models else None
+        field = self.settings.field
+        reports = (self.settings.model.name, self._take_report) if field.telemetry else None
+        photos = (self.settings.model.name, self._take_photo) if field.photos else None
+        limits = _photo_limits(self.settings)
+        api = self.api = DownloadApi(registry_root(state_dir), token, reports, photos, limits) if models else None
         from daemon.service import metrics, status_page  # the page and /metrics read this object's status()
 
         scrape = metrics.registry_for(self)
+        labelling = self.labelling = self._labelling_page()
 
         def listener(host: str, port: int, api: DownloadApi | None, operator: bool, name: str = "http") -> HttpServer:
             """With ``operator``, the operator's pages too: health, /metrics and the status page."""
@@ -312,6 +324,7 @@ class Daemon:
                 status=(lambda: status_page.render(self.status(), self.settings)) if operator else None,
                 request_timeout_s=server.request_timeout_s,
                 name=name,
+                operator_routes=labelling.routes() if operator and labelling is not None else None,
             )
 
         if server.admin_apart:
@@ -321,6 +334,18 @@ class Daemon:
             self.http = self._add(listener(server.host, server.port, api, operator=False))
         else:
             self.http = self._add(listener(server.host, server.port, api, operator=True))
+
+    def _labelling_page(self) -> LabellingPage | None:
+        """The status site's /label page, where this process holds the store devices' photos go to."""
+        s = self.settings
+        if not s.field.photos or self.store is None or s.role in ("trainer", "exporter"):
+            return None
+
+        def known() -> list[str]:
+            learning = self.status().learning
+            return list(learning.classes) if learning is not None else []
+
+        return LabellingPage(self.store, known, s.store.max_label_chars, s.model.name)
 
     def main_loop(self, on_tick: Callable[[Daemon], None] | None) -> int:
         self.notifier.status(f"connecting to {self.settings.mqtt.broker}")
@@ -412,9 +437,10 @@ class Daemon:
             logs.configure(applied.logging.level, applied.logging.format)
         self.reporter.settings = applied.logging
         if applied.store != before.store:
-            for part in (self.feed, self.intake):
-                if part is not None:
-                    part.reconfigure(applied.store)
+            if self.feed is not None:
+                self.feed.reconfigure(applied.store, _photo_limits(applied))
+            if self.intake is not None:
+                self.intake.reconfigure(applied.store)
         if self.exporting is not None:
             self.exporting.job = ExportJob.from_settings(applied)  # what each export's process is handed
         if self.election is not None:  # a candidate not yet elected exports with these once it is
@@ -438,6 +464,13 @@ class Daemon:
             self.store.commit([], [item])
             return False
         return self.store.commit([], [], [item]).reports == 1
+
+    def _take_photo(self, item: FieldPhoto | Rejection) -> CommitResult:
+        """A device's photo for labelling POSTed to the model API, into the store (on an HTTP worker thread)."""
+        assert self.store is not None, "the store opens before the HTTP server starts"
+        if isinstance(item, Rejection):
+            return self.store.commit([], [item])
+        return self.store.commit([], [], [], [item], _photo_rules(self.settings))
 
     def status(self) -> Status:
         """Where every part stands now: what the status line, the progress log, /metrics, the page and the demo show."""
@@ -495,3 +528,17 @@ class Daemon:
 
 def _export_bound(s: Settings) -> float:
     return export_stall_after_s(len(s.export.quantization), s.export.verify_timeout_s)
+
+
+def _photo_limits(s: Settings) -> PhotoLimits | None:
+    """How devices' photos for labelling are checked (daemon/ingest/field_photos.py); None where not taken."""
+    if not s.field.photos:
+        return None
+    return PhotoLimits(
+        s.field.max_photo_bytes, s.store.max_image_pixels, s.store.max_full_decode_pixels, s.store.max_label_chars
+    )
+
+
+def _photo_rules(s: Settings) -> PhotoRules | None:
+    """How they are queued (daemon/store/labelling.py); None where not taken."""
+    return PhotoRules(s.field.photos_per_device_per_day, s.field.max_queued_photos) if s.field.photos else None

@@ -47,6 +47,8 @@ class DaemonCollector(Collector):
             yield from _fleet(status.fleet)
         if d.field is not None:
             yield from _field(status.in_field, status.reports, d.settings.field.low_confidence_below)
+            if status.labelling:
+                yield from _labelling(status.photos, status.labelling)
         if status.intake is not None:
             yield from _intake(status.intake)
         if d.store is not None:
@@ -141,6 +143,28 @@ def _field(
             if (x := value(v)) is not None:
                 family.add_metric([str(v.version)], x)
         yield family
+
+
+def _labelling(photos: dict[tuple[str, str], int], states: dict[str, int]) -> Iterator[Metric]:
+    taken = CounterMetricFamily(
+        "sprout_field_photos",
+        "Devices' photos for labelling taken by this process since it started, by way (mqtt, http) and outcome: "
+        "queued, resent (stored before), capped (over field.photos_per_device_per_day), rejected (http; MQTT's are "
+        "among sprout_examples_rejected's reasons), failed (the store refused it; the device retries).",
+        labels=["via", "outcome"],
+    )
+    for (via, outcome), n in sorted(photos.items()):
+        taken.add_metric([via, outcome], n)
+    yield taken
+    queue = GaugeMetricFamily(
+        "sprout_labelling_photos",
+        "Photos devices sent back, by state: queued (waiting for an answer), labelled (training examples now), "
+        "skipped, dropped (the oldest, past field.max_queued_photos). The store's, whoever took them.",
+        labels=["state"],
+    )
+    for state, n in states.items():
+        queue.add_metric([state], n)
+    yield queue
 
 
 def _intake(intake: IntakeStatus) -> Iterator[Metric]:

@@ -87,6 +87,10 @@ class Status:
     # Devices' reports taken by this process since it started: (via, outcome) -> count; via mqtt or http,
     # outcome counted, resent (counted before), rejected, failed (the store refused; the device retries).
     reports: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Devices' photos for labelling taken by this process since it started, as reports are: (via, outcome) -> count;
+    # outcome queued, resent (stored before), capped (over the device's day), rejected (http), failed (http).
+    photos: dict[tuple[str, str], int] = field(default_factory=dict)
+    labelling: dict[str, int] = field(default_factory=dict)  # the queue's photos by state (all time); {}: not taken
 
     @property
     def model_version(self) -> int | None:
@@ -136,6 +140,8 @@ def snapshot(daemon: Any) -> Status:
         fleet=daemon.api.fleet.view() if daemon.api is not None else None,
         in_field=tuple(daemon.field.current()) if daemon.field is not None else (),
         reports=_reports(daemon),
+        photos=_photos(daemon),
+        labelling=daemon.field.labelling() if daemon.field is not None else {},
     )
 
 
@@ -154,6 +160,18 @@ def _reports(daemon: Any) -> dict[tuple[str, str], int]:
         out["mqtt", "resent"] = intake.resent_reports
     if api is not None and api.reports is not None:
         out.update({("http", outcome): n for outcome, n in api.report_outcomes.items()})
+    return out
+
+
+def _photos(daemon: Any) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    intake, feed, api = daemon.intake, daemon.feed, daemon.api
+    if intake is not None and feed is not None and feed.photos_topic is not None:
+        out["mqtt", "queued"] = intake.photos_queued
+        out["mqtt", "resent"] = intake.photos_resent
+        out["mqtt", "capped"] = intake.rejected.get("photo_cap", 0)
+    if api is not None and api.photos is not None:
+        out.update({("http", outcome): n for outcome, n in api.photo_outcomes.items()})
     return out
 
 

@@ -45,6 +45,8 @@ def render(status: Status, settings: Any) -> str:
         parts.append(_fleet(status.fleet))
     if s.field.telemetry:
         parts.append(_in_field(status.in_field, s.field.low_confidence_below))
+    if status.labelling:
+        parts.append(_labelling(status.labelling, status.photos))
     parts.append(_exports(s))
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -201,6 +203,18 @@ def _in_field(versions: tuple[VersionInField, ...], unsure_below: float) -> str:
         '<section id="field"><h2>In the field</h2><table><tr><th>version</th><th>devices reporting</th>'
         f"<th>predictions</th><th>mean top-1 score</th><th>top-1 below {unsure_below:.1f}</th><th>corrected</th>"
         f"<th>load failures</th><th>mean latency</th></tr>{rows}</table></section>"
+    )
+
+
+def _labelling(states: dict[str, int], photos: dict[tuple[str, str], int]) -> str:
+    """The photos devices sent back: how many wait for a label, and the link to give them one."""
+    taken = sum(n for (_, outcome), n in photos.items() if outcome == "queued")
+    capped = sum(n for (_, outcome), n in photos.items() if outcome == "capped")
+    return (
+        f'<section id="labelling"><h2>Labelling</h2><p><a href="/label">{states.get("queued", 0)} photos wait for a '
+        f"label</a> (devices send back those their model was unsure of, and those users corrected); "
+        f"{states.get('labelled', 0)} labelled, {states.get('skipped', 0)} skipped, {states.get('dropped', 0)} dropped. "
+        f"Since start: {taken} received, {capped} over a device's daily cap.</p></section>"
     )
 
 

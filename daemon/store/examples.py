@@ -47,10 +47,21 @@ from daemon.store.blobs import BlobFolder, blob_key, folder_for
 from daemon.store.database import Database, connect
 from daemon.store.errors import StateDirError
 from daemon.store.field import add_reports, forget_reports
+from daemon.store.labelling import (
+    AnswerError,
+    PhotoCounts,
+    PhotoRules,
+    QueuedPhoto,
+    add_photos,
+    forget_photos,
+    image,
+    queue,
+    states,
+)
 from daemon.store.labels import Action, LabelChange, LabelMap
 from daemon.store.location import StoreLocation
 from daemon.store.reader import read_label_changes, stats
-from daemon.store.records import Example, FieldReport, Rejection
+from daemon.store.records import Example, FieldPhoto, FieldReport, Rejection
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +80,16 @@ class CommitResult:
     rejected: int
     reports: int = 0  # devices' reports counted (daemon/store/field.py)
     resent_reports: int = 0  # reports counted before: a device's resend, adding nothing
+    photos: PhotoCounts = PhotoCounts()  # devices' photos for labelling (daemon/store/labelling.py)
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """A photo of the labelling queue answered: the example it became (None when skipped)."""
+
+    photo_id: int
+    label: str | None
+    example_id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +123,7 @@ class Store:
         self._lock = threading.Lock()
         self.pruned = 0  # examples deleted by retention since this process opened the store
         self.reports_counted = 0  # devices' reports this process counted (daemon/store/field.py)
+        self.photos_changed = 0  # photos this process queued, dropped or answered (daemon/store/labelling.py)
         self.used = self._db.used_bytes()  # as of the last commit's prune: what the metrics show
         self._closed = False
         self._counted_at = -RECOUNT_S
@@ -184,11 +206,19 @@ class Store:
         return StoreTotals(int(examples), int(rejected))
 
     def commit(
-        self, examples: Iterable[Example], rejections: Iterable[Rejection] = (), reports: Iterable[FieldReport] = ()
+        self,
+        examples: Iterable[Example],
+        rejections: Iterable[Rejection] = (),
+        reports: Iterable[FieldReport] = (),
+        photos: Iterable[FieldPhoto] = (),
+        photo_rules: PhotoRules | None = None,
     ) -> CommitResult:
-        """Write examples, rejection counts and devices' reports in one transaction; returns once it is durable
-        (fsynced), the photos too where they are files (store.blob_dir)."""
-        examples = list(examples)
+        """Write examples, rejection counts, devices' reports and their photos for labelling (by ``photo_rules``)
+        in one transaction; returns once it is durable (fsynced), the photos too where they are files
+        (store.blob_dir). Photos over their device's daily cap come back as rejections, counted as such."""
+        examples, photos = list(examples), list(photos)
+        if photos and photo_rules is None:
+            raise ValueError("photos for labelling are stored by rules: pass photo_rules")
         reasons: dict[str, int] = {}
         for r in rejections:
             reasons[r.reason.value] = reasons.get(r.reason.value, 0) + 1
@@ -200,6 +230,9 @@ class Store:
                     "blob, blob_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (example_id) DO NOTHING",
                     rows,
                 )
+                queued = add_photos(self._db, photos, photo_rules) if photos and photo_rules else PhotoCounts()
+                for r in queued.refused:
+                    reasons[r.reason.value] = reasons.get(r.reason.value, 0) + 1
                 self._db.run_many(
                     "INSERT INTO rejections (reason, count) VALUES (?, ?) "
                     "ON CONFLICT (reason) DO UPDATE SET count = rejections.count + excluded.count",
@@ -208,9 +241,61 @@ class Store:
                 counted, resent = add_reports(self._db, reports)
             rejected = sum(reasons.values())
             self.reports_counted += counted
+            self.photos_changed += queued.queued + queued.dropped
             # Under the lock: a recount in totals() between the commit and this line would count it twice.
             self._totals = StoreTotals(self._totals.examples + stored, self._totals.rejected + rejected)
-        return CommitResult(stored, len(rows) - stored, rejected, counted, resent)
+        return CommitResult(stored, len(rows) - stored, rejected, counted, resent, queued)
+
+    def labelling_queue(self, limit: int) -> tuple[list[QueuedPhoto], dict[str, int]]:
+        """The first ``limit`` photos of the labelling queue, most useful first, and how many are in each state."""
+        with self._lock:
+            return queue(self._db, limit), states(self._db)
+
+    def labelling_image(self, photo_id: int) -> tuple[str, bytes] | None:
+        """A queued photo's content type and bytes; None once it is answered, dropped, or was never there."""
+        with self._lock:
+            return image(self._db, photo_id)
+
+    def answer_photo(self, photo_id: int, label: str | None, by: str, max_label_chars: int) -> Answered:
+        """Answer a queued photo (daemon/store/labelling.py): with a label it becomes a training example, committed
+        as intake commits one; None skips it (not a photo to learn from). Raises :class:`AnswerError` saying why
+        not: no such photo, answered already, a label the store's rules refuse."""
+        if label is not None and (
+            not 0 < len(label) <= max_label_chars or label != label.strip() or not label.isprintable()
+        ):
+            raise AnswerError(f"label must be 1-{max_label_chars} printable characters without surrounding spaces")
+        with self._lock, self._db.writing():
+            row = self._db.one(
+                "SELECT state, answer, answered_by, photo_key, content_type, width, height, image FROM field_photos "
+                "WHERE id = ?",
+                (photo_id,),
+            )
+            if row is None:
+                raise AnswerError(f"no photo {photo_id} in the labelling queue (`sprout label list` shows it)")
+            state, answer, answered_by, key, content_type, width, height, image = row
+            if state != "queued":
+                said = f" {answer!r}" if answer else ""
+                by_whom = f" by {answered_by}" if answered_by else ""
+                raise AnswerError(f"photo {photo_id} is {state}{said}{by_whom} already")
+            now = time.time()
+            example_id = None
+            if label is not None:
+                example_id = f"field-{key}"
+                example = Example(example_id, label, "train", content_type, width, height, bytes(image), now)
+                self._db.run_many(
+                    "INSERT INTO examples (example_id, label, split, content_type, width, height, received_at, image, "
+                    "blob, blob_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (example_id) DO NOTHING",
+                    self._rows([example]),
+                )
+            self._db.run(
+                "UPDATE field_photos SET state = ?, answer = ?, answered_at = ?, answered_by = ?, example_id = ?, "
+                "image = ? WHERE id = ?",
+                ("labelled" if label is not None else "skipped", label, now, by, example_id, b"", photo_id),
+            )
+            if label is not None:
+                self._totals = StoreTotals(self._totals.examples + 1, self._totals.rejected)
+            self.photos_changed += 1
+        return Answered(photo_id, label, example_id)
 
     def _rows(self, examples: list[Example]) -> list[tuple[object, ...]]:
         """The rows to insert; with a blob folder, the photos written there first (durably), except those of
@@ -326,8 +411,10 @@ class Store:
         return n
 
     def forget_reports(self, older_than: float) -> int:
-        """Forget devices' counters last added to before ``older_than`` (daemon/store/field.py); returns how many."""
+        """Forget devices' counters last added to before ``older_than`` (daemon/store/field.py), and their answered
+        photos received before then (daemon/store/labelling.py); returns how many counters."""
         with self._lock, self._db.writing():
+            forget_photos(self._db, older_than)
             return forget_reports(self._db, older_than)
 
     def high_water_mark(self) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.store import labelling
 from daemon.store.database import Database
 from daemon.store.location import StoreLocation
 from daemon.store.reader import open_reader
@@ -161,20 +162,27 @@ def versions_in_field(
 
 
 class FieldFigures:
-    """What the metrics and the status page show of the field: :func:`versions_in_field` on a reader connection
-    of its own, on a thread of its own. It adds up a row per device and version, so it is read again only when
+    """What the metrics and the status page show of the field: :func:`versions_in_field`, and the labelling queue's
+    states where devices' photos are taken (``photos``), on a reader connection of its own, on a thread of its own. It adds up a row per device and version, so it is read again only when
     ``counted()`` (this process's reports counted so far) has moved, at most every ``min_s``, or every
     ``refresh_s`` for what other processes (intake members) counted. A status read never waits for it: the
     daemon's main loop, which reads the status, must stay free to take a SIGTERM however long a query takes."""
 
     def __init__(
-        self, location: StoreLocation | Path, counted: Callable[[], int], min_s: float = 10.0, refresh_s: float = 60.0
+        self,
+        location: StoreLocation | Path,
+        counted: Callable[[], int],
+        min_s: float = 10.0,
+        refresh_s: float = 60.0,
+        photos: bool = False,
     ):
         self.location = location
         self.counted = counted
         self.min_s, self.refresh_s = min_s, refresh_s
+        self.photos = photos
         self._db: Database | None = None
         self._figures: list[VersionInField] = []
+        self._labelling: dict[str, int] = dict.fromkeys(labelling.STATES, 0) if photos else {}
         self._read_at = -refresh_s
         self._read_counted = -1
         self._lock = threading.Lock()  # held by the reading thread while it reads
@@ -189,11 +197,18 @@ class FieldFigures:
             threading.Thread(target=self._read, args=(counted,), name="sprout-field", daemon=True).start()
         return self._figures
 
+    def labelling(self) -> dict[str, int]:
+        """Photos in the labelling queue by state, as last read (empty where photos are not taken)."""
+        self.current()
+        return self._labelling
+
     def _read(self, counted: int) -> None:
         try:
             if self._db is None:
                 self._db = open_reader(self.location, "sprout-field")
             self._figures = versions_in_field(self._db, limit=SHOWN_VERSIONS)
+            if self.photos:
+                self._labelling = labelling.states(self._db)
             self._read_counted = counted
         except Exception as err:  # a status read must not fail on it: the figures stay as last read
             log.warning("reading the devices' reports failed: %s; showing them as last read", err)

@@ -1,8 +1,8 @@
-"""What ingest hands the store: an accepted :class:`Example`, a device's :class:`FieldReport`, or a
-:class:`Rejection` with its :class:`Reason`.
+"""What ingest hands the store: an accepted :class:`Example`, a device's :class:`FieldReport` or
+:class:`FieldPhoto`, or a :class:`Rejection` with its :class:`Reason`.
 
 The typed contract between the two stages: the wire formats (daemon/ingest/wire.py,
-daemon/ingest/telemetry.py) make them, intake commits them (daemon/store/examples.py), and the
+daemon/ingest/telemetry.py, daemon/ingest/field_photos.py) make them, intake commits them (daemon/store/examples.py), and the
 rejected topic and the metrics name a rejection by its reason's value.
 """
 
@@ -31,6 +31,8 @@ class Reason(enum.Enum):
     CORRUPT_IMAGE = "corrupt_image"
     UNREADABLE = "unreadable"  # the parser itself failed on this message: a defect, logged with its traceback
     BAD_TELEMETRY = "bad_telemetry"  # a device's report that does not follow docs/devices.md; the detail says where
+    BAD_FIELD_PHOTO = "bad_field_photo"  # a device's photo for labelling whose fields do not follow docs/devices.md
+    PHOTO_CAP = "photo_cap"  # the device sent field.photos_per_device_per_day photos today already
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,3 +90,40 @@ class FieldReport:
     seq: int  # strictly increasing per device: a resent report carries its old seq and is counted once
     versions: tuple[VersionCounts, ...]
     received_at: float
+
+
+class PhotoKind(enum.Enum):
+    """Why a device sent a photo back (docs/devices.md, "Photos for labelling")."""
+
+    UNSURE = "unsure"  # the model's top-1 score was low: the device does not know the answer
+    CORRECTION = "correction"  # the user said the prediction was wrong and gave a label: unchecked, a labeller confirms
+
+
+@dataclass(frozen=True, slots=True)
+class Guess:
+    label: str
+    score: float  # the model's output for the label, 0-1
+
+
+@dataclass(frozen=True, slots=True)
+class FieldPhoto:
+    """A photo a device sent back for labelling; it becomes a training example only once someone labels it."""
+
+    photo_key: str  # SHA-256 of the device's digest and its photo_id: a resent photo is stored once
+    device: str  # digest of the device's id, as in FieldReport
+    kind: PhotoKind
+    version: int  # the model version whose guesses these are
+    guesses: tuple[Guess, ...]  # best first
+    user_label: str | None  # a correction's label, as the user gave it
+    content_type: str
+    width: int  # upright
+    height: int
+    image: bytes
+    received_at: float
+
+    @property
+    def uncertainty(self) -> float:
+        """How unsure the model was, 0-1: one less the top-1 score; a correction, where it was wrong, is 1."""
+        if self.kind is PhotoKind.CORRECTION or not self.guesses:
+            return 1.0
+        return min(max(1.0 - self.guesses[0].score, 0.0), 1.0)

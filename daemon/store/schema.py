@@ -182,10 +182,51 @@ CREATE TABLE field_counts (
 );
 """.replace("BINS", ", ".join(f"conf_{i} BIGINT NOT NULL" for i in range(10)))
 
+# Photos devices sent back for labelling (daemon/store/labelling.py). day: UTC days since the epoch, for the
+# per-device daily cap; the (device, day) index counts a device's photos of a day. state: queued until someone
+# answers (labelled: the answer is an example now, example_id names it; skipped: not a photo to learn from) or
+# the queue's bound drops it; an answered or dropped row keeps no image. priority orders the queue, most
+# useful first: the model's uncertainty, plus how unlike the stored photos it is (novelty, once measured).
+_PHOTOS = """
+CREATE TABLE field_photos (
+    id           ID_COLUMN,
+    photo_key    TEXT             NOT NULL UNIQUE,
+    device       TEXT             NOT NULL,
+    day          INTEGER          NOT NULL,
+    kind         TEXT             NOT NULL CHECK (kind IN ('unsure', 'correction')),
+    version      BIGINT           NOT NULL,
+    guesses      TEXT             NOT NULL,
+    user_label   TEXT,
+    content_type TEXT             NOT NULL,
+    width        INTEGER          NOT NULL,
+    height       INTEGER          NOT NULL,
+    received_at  DOUBLE PRECISION NOT NULL,
+    image        BLOB_TYPE        NOT NULL,
+    uncertainty  DOUBLE PRECISION NOT NULL,
+    novelty      DOUBLE PRECISION,
+    priority     DOUBLE PRECISION NOT NULL,
+    state        TEXT             NOT NULL CHECK (state IN ('queued', 'labelled', 'skipped', 'dropped')),
+    answer       TEXT,
+    answered_at  DOUBLE PRECISION,
+    answered_by  TEXT,
+    example_id   TEXT
+);
+CREATE INDEX field_photos_device_day ON field_photos (device, day);
+CREATE INDEX field_photos_queue ON field_photos (state, priority);
+"""
+
 MIGRATIONS = (
     Migration(1, "examples, rejection counts, label changes", _SQLITE_1, _POSTGRESQL_1),
     Migration(2, "photos as files in store.blob_dir", _SQLITE_2, _POSTGRESQL_2),
     Migration(3, "devices' reports of how each model version does", _FIELD, _FIELD),
+    Migration(
+        4,
+        "photos devices sent back for labelling",
+        _PHOTOS.replace("ID_COLUMN", "INTEGER PRIMARY KEY AUTOINCREMENT").replace("BLOB_TYPE", "BLOB     "),
+        _PHOTOS.replace("ID_COLUMN", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY").replace(
+            "BLOB_TYPE", "BYTEA    "
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
