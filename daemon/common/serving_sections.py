@@ -225,6 +225,33 @@ class FieldSettings(Section):
         "side (about 100 kB), the learner needs no more than the model's input.",
     )
 
+    drift_every_s: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds between two drift tests: the backbone's embeddings of the photos devices sent as "
+        "random samples (kind 'sample') against stored training photos (daemon/learning/drift.py). Each costs "
+        "a few hundred embeddings on the learner's thread (cached in head mode) and ~0.5 s of CPU.",
+    )
+    drift_window_s: float = Field(
+        7 * 86400.0,
+        gt=0,
+        description="Only sample photos received this many seconds back count as the field now (at most the "
+        "newest 256). Shorter follows a change sooner, on fewer photos.",
+    )
+    drift_min_photos: int = Field(
+        30,
+        ge=5,
+        le=256,
+        description="Sample photos in the window before drift is tested at all; fewer give tests too weak to read.",
+    )
+    drift_significance: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="p-value under which the field counts as drifted (status page, sprout_field_drifted). Lower "
+        "flags only stronger evidence; at 0.01 about one test in a hundred flags an unchanged field.",
+    )
+
     @field_validator("low_confidence_below")
     @classmethod
     def _tenths(cls, value: float) -> float:

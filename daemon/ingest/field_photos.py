@@ -8,7 +8,8 @@ A device that opted in sends back photos its model was unsure of, and photos its
      "guesses": [{"label": "rust", "score": 0.41}, {"label": "blight", "score": 0.33}],
      "content_type": "image/jpeg", "image": "<base64>"}
 
-A correction has ``"kind": "correction"`` and the user's ``"label"``. The device's id is replaced at
+A correction has ``"kind": "correction"`` and the user's ``"label"``; ``"kind": "sample"`` is a photo
+picked at random among those classified, whatever the score (what the field looks like: the drift test). The device's id is replaced at
 once by its digest, as in a report (daemon/ingest/telemetry.py); ``photo_id`` is the device's own name
 for the photo, so a photo sent again (a QoS 1 redelivery, an HTTP retry) is stored once. The image is
 checked as an example's is (daemon/ingest/image_checks.py), whole, here: devices send a downscaled
@@ -131,7 +132,10 @@ def _photo(doc: dict[str, object], limits: PhotoLimits, now: float) -> FieldPhot
     try:
         kind = PhotoKind(doc.get("kind"))
     except ValueError:
-        raise _bad("'kind' must be 'unsure' (a low top-1 score) or 'correction' (the user gave the label)") from None
+        raise _bad(
+            "'kind' must be 'unsure' (a low top-1 score), 'correction' (the user gave the label) or 'sample' (a "
+            "random share of the photos classified)"
+        ) from None
     version = doc.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= 10**9:
         raise _bad(f"'version' must be the model version that made the guesses (got {repr(version)[:40]})")

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from daemon.common.settings import ModelSettings, TrainingSettings
@@ -223,6 +225,33 @@ class Learner:
             top = self.head(embeddings).float().argmax(1).tolist()
         it = iter(top)
         return [self.labels[next(it)] if good else None for good in ok]
+
+    @torch.no_grad()
+    def embed_photos(self, images: Sequence[bytes]) -> list[np.ndarray | None]:
+        """The backbone's embedding of each photo, as it is now (None where one does not decode): for photos that are
+        no example (devices' photos for labelling, daemon/learning/field_scout.py), so never cached."""
+        rgb = self.inputs.decode_pool.rgb(list(images))
+        good = [i for i, r in enumerate(rgb) if r is not None]
+        out: list[np.ndarray | None] = [None] * len(images)
+        if good:
+            x = self.inputs.network_input(np.stack([rgb[i] for i in good]))  # type: ignore[misc]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.placement.autocast):
+                vectors = self.backbone(x).float().cpu().numpy()
+            for row, i in enumerate(good):
+                out[i] = vectors[row]
+        return out
+
+    @torch.no_grad()
+    def stored_embeddings(self, count: int, rng: random.Random) -> np.ndarray:
+        """Embeddings of up to ``count`` learned train examples drawn uniformly by ``rng`` (never the replay's own
+        generator, which the checkpoint keeps): what the stored photos look like to the backbone now."""
+        seqs = [seq for seqs in self.replay.index.values() for seq in seqs]
+        picks = sorted(rng.sample(seqs, min(count, len(seqs))))
+        examples = self.inputs.with_images([StoredExample(seq, "", "train", b"") for seq in picks])
+        if not examples:
+            return np.zeros((0, self.spec.embedding_size), dtype=np.float32)
+        vectors, _ = self.inputs.embeddings(examples, grad=False)
+        return vectors.float().cpu().numpy()
 
     def evaluate_holdout(self) -> Holdout:
         """Score the most recent holdout examples (``training.holdout_max_examples``) as the model is now."""

@@ -45,6 +45,7 @@ from daemon.ingest import mqttfast
 from daemon.ingest.feed import Feed
 from daemon.ingest.field_photos import PhotoLimits
 from daemon.ingest.intake import Intake
+from daemon.learning.field_scout import FieldScout
 from daemon.registry.versions import Registry, registry_root
 from daemon.service import preflight
 from daemon.service.labelling_page import LabellingPage
@@ -107,6 +108,7 @@ class Daemon:
         self.notice: Notice | None = None
         self.field: FieldFigures | None = None  # devices' reports, as the metrics and the page show them
         self.labelling: LabellingPage | None = None  # the status site's /label, where devices' photos are taken
+        self.scout: FieldScout | None = None  # measures devices' photos with the learner's backbone (novelty, drift)
         self.rollout: RolloutWatch | None = None  # moves a staged rollout on from those reports (rollout.auto)
         self._old_handlers: dict[int, SignalHandler] = {}
 
@@ -207,6 +209,8 @@ class Daemon:
         self._rollout_watch(s, store)
         if s.training.enabled:
             training = self.training = self._add(self._learner(s, feed, store))
+            if s.field.photos:  # the queue's order by novelty, and the drift test: the learner's backbone does both
+                self.scout = self._add(FieldScout(store, training, s.field, s.training.seed))
             if s.export.enabled:
                 from daemon.export.schedule import Exporting
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from daemon.distribution.fleet import FleetView
     from daemon.export.schedule import Exporting
     from daemon.ingest.feed import Feed
+    from daemon.learning.drift import Drift
     from daemon.service.status import IntakeStatus, LearningStatus
     from daemon.store.examples import Store
     from daemon.store.field import VersionInField
@@ -49,6 +50,8 @@ class DaemonCollector(Collector):
             yield from _field(status.in_field, status.reports, d.settings.field.low_confidence_below)
             if status.labelling:
                 yield from _labelling(status.photos, status.labelling)
+        if d.scout is not None:
+            yield from _drift(status.drift, d.settings.field.drift_significance)
         if status.intake is not None:
             yield from _intake(status.intake)
         if d.store is not None:
@@ -165,6 +168,37 @@ def _labelling(photos: dict[tuple[str, str], int], states: dict[str, int]) -> It
     for state, n in states.items():
         queue.add_metric([state], n)
     yield queue
+
+
+def _drift(drift: Drift | None, significance: float) -> Iterator[Metric]:
+    """The last drift test (daemon/learning/drift.py); no sample until one ran."""
+    figures: list[tuple[str, str, Callable[[Drift], float]]] = [
+        (
+            "sprout_field_drift_mmd2",
+            "Squared MMD between the field's recent sample photos and stored ones (backbone embeddings).",
+            lambda d: d.mmd2,
+        ),
+        (
+            "sprout_field_drift_p_value",
+            "Permutation p-value of that MMD: small means the field moved away from the training set.",
+            lambda d: d.p_value,
+        ),
+        (
+            "sprout_field_drift_photos",
+            "Sample photos from the field the last drift test read.",
+            lambda d: d.field_photos,
+        ),
+        (
+            "sprout_field_drifted",
+            f"1 when the last drift test's p-value was below field.drift_significance = {significance}.",
+            lambda d: float(d.drifted(significance)),
+        ),
+    ]
+    for name, doc, value in figures:
+        family = GaugeMetricFamily(name, doc)
+        if drift is not None:
+            family.add_metric([], value(drift))
+        yield family
 
 
 def _intake(intake: IntakeStatus) -> Iterator[Metric]:

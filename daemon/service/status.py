@@ -20,6 +20,7 @@ from typing import Any
 
 from daemon.distribution.fleet import FleetView
 from daemon.learning.curves import Point
+from daemon.learning.drift import Drift
 from daemon.registry import rollout as staged
 from daemon.registry.layout import RegistryError
 from daemon.registry.versions import registry_root
@@ -91,6 +92,8 @@ class Status:
     # outcome queued, resent (stored before), capped (over the device's day), rejected (http), failed (http).
     photos: dict[tuple[str, str], int] = field(default_factory=dict)
     labelling: dict[str, int] = field(default_factory=dict)  # the queue's photos by state (all time); {}: not taken
+    drift: Drift | None = None  # the last drift test of the field's sample photos (daemon/learning/drift.py)
+    drift_waiting: str | None = None  # why there is none yet, where the test runs here
 
     @property
     def model_version(self) -> int | None:
@@ -142,6 +145,8 @@ def snapshot(daemon: Any) -> Status:
         reports=_reports(daemon),
         photos=_photos(daemon),
         labelling=daemon.field.labelling() if daemon.field is not None else {},
+        drift=daemon.scout.drift if daemon.scout is not None else None,
+        drift_waiting=daemon.scout.drift_waiting if daemon.scout is not None else None,
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from daemon.distribution.fleet import FleetView
 from daemon.learning.curves import Point
+from daemon.learning.drift import Drift
 from daemon.registry.layout import LOG
 from daemon.registry.versions import registry_root
 from daemon.service.status import LearningStatus, Status
@@ -46,7 +47,7 @@ def render(status: Status, settings: Any) -> str:
     if s.field.telemetry:
         parts.append(_in_field(status.in_field, s.field.low_confidence_below))
     if status.labelling:
-        parts.append(_labelling(status.labelling, status.photos))
+        parts.append(_labelling(status.labelling, status.photos, status.drift, status.drift_waiting, s.field))
     parts.append(_exports(s))
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -206,15 +207,34 @@ def _in_field(versions: tuple[VersionInField, ...], unsure_below: float) -> str:
     )
 
 
-def _labelling(states: dict[str, int], photos: dict[tuple[str, str], int]) -> str:
-    """The photos devices sent back: how many wait for a label, and the link to give them one."""
+def _labelling(
+    states: dict[str, int], photos: dict[tuple[str, str], int], drift: Drift | None, waiting: str | None, field: Any
+) -> str:
+    """The photos devices sent back: how many wait for a label (and the link to give them one), and drift."""
     taken = sum(n for (_, outcome), n in photos.items() if outcome == "queued")
     capped = sum(n for (_, outcome), n in photos.items() if outcome == "capped")
+    if drift is not None:
+        moved = drift.drifted(field.drift_significance)
+        verdict = (
+            '<b class="warn">drifted</b>: the field shows what the training set lacks; label the queue, send examples'
+            if moved
+            else "no drift shown"
+        )
+        tested = time.strftime("%H:%M UTC", time.gmtime(drift.at))
+        shift = (
+            f'<p id="drift">Drift: {verdict} (MMD² {drift.mmd2:.4f}, p = {drift.p_value:.3f}, {drift.field_photos} '
+            f"sample photos against {drift.stored_photos} stored, at {tested}).</p>"
+        )
+    elif waiting is not None:
+        shift = f'<p id="drift">Drift: not tested yet: {html.escape(waiting)}.</p>'
+    else:
+        shift = ""
     return (
         f'<section id="labelling"><h2>Labelling</h2><p><a href="/label">{states.get("queued", 0)} photos wait for a '
-        f"label</a> (devices send back those their model was unsure of, and those users corrected); "
-        f"{states.get('labelled', 0)} labelled, {states.get('skipped', 0)} skipped, {states.get('dropped', 0)} dropped. "
-        f"Since start: {taken} received, {capped} over a device's daily cap.</p></section>"
+        f"label</a> (devices send back those their model was unsure of, those users corrected, and a random "
+        f"sample); {states.get('labelled', 0)} labelled, {states.get('skipped', 0)} skipped, "
+        f"{states.get('dropped', 0)} dropped. Since start: {taken} received, {capped} over a device's daily cap.</p>"
+        f"{shift}</section>"
     )
 
 
@@ -313,5 +333,5 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; max-width
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.5em; } h3 { font-size: 1em; }
 table { border-collapse: collapse; } th, td { text-align: left; padding: 2px 12px 2px 0; vertical-align: top; }
 .bar { height: 10px; background: #5a9e5a; } .muted { color: #888; }
-tr.rejected td { color: #a33; } svg text { font-size: 11px; fill: #555; }
+tr.rejected td { color: #a33; } .warn { color: #a33; } svg text { font-size: 11px; fill: #555; }
 """

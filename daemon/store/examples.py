@@ -53,10 +53,13 @@ from daemon.store.labelling import (
     PhotoRules,
     QueuedPhoto,
     add_photos,
+    field_embeddings,
     forget_photos,
     image,
     queue,
+    score,
     states,
+    unscored,
 )
 from daemon.store.labels import Action, LabelChange, LabelMap
 from daemon.store.location import StoreLocation
@@ -255,6 +258,22 @@ class Store:
         """A queued photo's content type and bytes; None once it is answered, dropped, or was never there."""
         with self._lock:
             return image(self._db, photo_id)
+
+    def unscored_photos(self, limit: int) -> list[tuple[int, bytes]]:
+        """Queued photos whose embedding is not measured yet (daemon/learning/field_scout.py): (id, image)."""
+        with self._lock:
+            return unscored(self._db, limit)
+
+    def score_photos(self, scored: list[tuple[int, bytes | None, float]]) -> None:
+        """Record measured photos' embeddings and novelty (daemon/store/labelling.py, ``score``)."""
+        with self._lock, self._db.writing():
+            score(self._db, scored)
+            self.photos_changed += len(scored)
+
+    def field_embeddings(self, since: float, limit: int) -> list[bytes]:
+        """The newest sample photos' embeddings received after ``since`` (daemon/store/labelling.py)."""
+        with self._lock:
+            return field_embeddings(self._db, since, limit)
 
     def answer_photo(self, photo_id: int, label: str | None, by: str, max_label_chars: int) -> Answered:
         """Answer a queued photo (daemon/store/labelling.py): with a label it becomes a training example, committed

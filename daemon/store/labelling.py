@@ -193,7 +193,36 @@ def states(db: Database) -> dict[str, int]:
     return counts
 
 
+def unscored(db: Database, limit: int) -> list[tuple[int, bytes]]:
+    """Queued photos whose embedding is not measured yet, oldest first: (id, image)."""
+    rows = db.query(
+        "SELECT id, image FROM field_photos WHERE state = 'queued' AND embedding IS NULL ORDER BY id LIMIT ?", (limit,)
+    )
+    return [(int(r[0]), bytes(r[1])) for r in rows]
+
+
+def score(db: Database, scored: Iterable[tuple[int, bytes | None, float]]) -> int:
+    """Record each photo's embedding (float16 bytes; empty where the photo does not decode) and novelty, which
+    moves it up the queue; inside the caller's write transaction."""
+    return db.run_many(
+        "UPDATE field_photos SET embedding = ?, novelty = ?, priority = uncertainty + ? WHERE id = ?",
+        [(emb if emb is not None else b"", nov, nov, id_) for id_, emb, nov in scored],
+    )
+
+
+def field_embeddings(db: Database, since: float, limit: int) -> list[bytes]:
+    """The embeddings of the newest ``sample`` photos received after ``since`` (a random share of what devices
+    classify: the field as it is), whatever became of them since."""
+    rows = db.query(
+        "SELECT embedding FROM field_photos WHERE kind = 'sample' AND received_at >= ? AND embedding IS NOT NULL "
+        "ORDER BY received_at DESC LIMIT ?",
+        (since, limit),
+    )
+    return [bytes(r[0]) for r in rows if r[0]]
+
+
 def forget_photos(db: Database, older_than: float) -> int:
-    """Delete answered and dropped photos received before ``older_than`` (they hold no image; the daily cap only
-    needs today's); inside the caller's write transaction. Queued ones stay until answered or dropped."""
+    """Delete answered and dropped photos received before ``older_than`` (they hold no image, only an embedding; the
+    daily cap only needs today's); inside the caller's write transaction. Queued ones stay until answered or
+    dropped."""
     return db.run("DELETE FROM field_photos WHERE state <> 'queued' AND received_at < ?", (older_than,))

@@ -97,6 +97,7 @@ class PhotoKind(enum.Enum):
 
     UNSURE = "unsure"  # the model's top-1 score was low: the device does not know the answer
     CORRECTION = "correction"  # the user said the prediction was wrong and gave a label: unchecked, a labeller confirms
+    SAMPLE = "sample"  # a random share of what the device classifies, whatever the score: the field as it is (drift)
 
 
 @dataclass(frozen=True, slots=True)

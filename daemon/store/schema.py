@@ -186,14 +186,15 @@ CREATE TABLE field_counts (
 # per-device daily cap; the (device, day) index counts a device's photos of a day. state: queued until someone
 # answers (labelled: the answer is an example now, example_id names it; skipped: not a photo to learn from) or
 # the queue's bound drops it; an answered or dropped row keeps no image. priority orders the queue, most
-# useful first: the model's uncertainty, plus how unlike the stored photos it is (novelty, once measured).
+# useful first: the model's uncertainty, plus how unlike the stored photos it is (novelty, once measured from the
+# backbone's embedding, kept as float16 for the drift test: daemon/learning/field_scout.py).
 _PHOTOS = """
 CREATE TABLE field_photos (
     id           ID_COLUMN,
     photo_key    TEXT             NOT NULL UNIQUE,
     device       TEXT             NOT NULL,
     day          INTEGER          NOT NULL,
-    kind         TEXT             NOT NULL CHECK (kind IN ('unsure', 'correction')),
+    kind         TEXT             NOT NULL CHECK (kind IN ('unsure', 'correction', 'sample')),
     version      BIGINT           NOT NULL,
     guesses      TEXT             NOT NULL,
     user_label   TEXT,
@@ -203,6 +204,7 @@ CREATE TABLE field_photos (
     received_at  DOUBLE PRECISION NOT NULL,
     image        BLOB_TYPE        NOT NULL,
     uncertainty  DOUBLE PRECISION NOT NULL,
+    embedding    BLOB_TYPE,
     novelty      DOUBLE PRECISION,
     priority     DOUBLE PRECISION NOT NULL,
     state        TEXT             NOT NULL CHECK (state IN ('queued', 'labelled', 'skipped', 'dropped')),
@@ -213,6 +215,7 @@ CREATE TABLE field_photos (
 );
 CREATE INDEX field_photos_device_day ON field_photos (device, day);
 CREATE INDEX field_photos_queue ON field_photos (state, priority);
+CREATE INDEX field_photos_kind ON field_photos (kind, received_at);
 """
 
 MIGRATIONS = (
