@@ -230,6 +230,38 @@ def _canary(d: dict) -> tuple[str, list]:
     return "\n".join(rows), goals
 
 
+def _drift(d: dict) -> tuple[str, list]:
+    rows = [
+        f"{d['backbone']} at {d['input_size']} px, {d['threads']} threads: {d['embed_ms_per_photo']:.1f} ms per photo "
+        f"embedded, {d['stored_embeddings_s']:.2f} s for 256 stored embeddings (cached in head mode), "
+        f"{d['novelty_ms_64']:.1f} ms for the novelty of 64 photos, {d['drift_test_s']:.2f} s per drift test. "
+        f"Novelty: median {d['novelty_median_learned']:.2f} for photos of learned classes, "
+        f"{d['novelty_median_unseen']:.2f} for unseen ones; an unseen-class photo ranks first "
+        f"{100 * d['novelty_auc']:.1f}% of the time.",
+        "",
+        "| sample photos | of unseen classes | flagged (p < 0.01) | median p |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in d["rows"]:
+        rows.append(
+            f"| {r['sample_photos']} | {100 * r['unseen_share']:.0f}% | {100 * r['flagged_share']:.0f}% "
+            f"| {r['p_value_median']:.3f} |"
+        )
+    unchanged = max(r["flagged_share"] for r in d["rows"] if r["unseen_share"] == 0)
+    moved = min(r["flagged_share"] for r in d["rows"] if r["sample_photos"] == 256 and r["unseen_share"] >= 0.25)
+    goals = [
+        (
+            "novelty: an unseen-class photo ranked above a learned one",
+            ">= 90%",
+            f"{100 * d['novelty_auc']:.1f}%",
+            d["novelty_auc"] >= 0.9,
+        ),
+        ("drift: unchanged field flagged", "<= 10%", f"{100 * unchanged:.0f}%", unchanged <= 0.10),
+        ("drift: 256 samples, 25%+ unseen, flagged", ">= 90%", f"{100 * moved:.0f}%", moved >= 0.9),
+    ]
+    return "\n".join(rows), goals
+
+
 def _retrain(d: dict) -> tuple[str, list]:
     from retrain import table
 
@@ -366,6 +398,14 @@ BENCHMARKS = [
         ["--trials", "300"],
         ["--trials", "30"],
         _canary,
+    ),
+    Benchmark(
+        "drift",
+        "The field scout: novelty of devices' photos and the drift test, on the real backbone (Fashion-MNIST)",
+        "drift.py",
+        ["--trials", "20"],
+        ["--backbone", "tiny", "--input-size", "32", "--trials", "3", "--stored", "100", "--pool", "120"],
+        _drift,
     ),
     Benchmark(
         "retrain",
