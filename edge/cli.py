@@ -1,8 +1,11 @@
-"""The ``sprout-edge`` command: keep a device's model current, and classify images with it. Never imports torch.
+"""The ``sprout-edge`` command: keep a device's model current, classify images with it, and send back (opt-in)
+the photos it was unsure of and those its user corrected, for labelling. Never imports torch.
 
     sprout-edge sync --url http://10.0.0.5:8080 --model maize --dir /var/lib/sprout-edge/maize \\
-        --public-key signing.pub [--watch [--interval 60] [--mqtt mqtt://10.0.0.5:1883]]
-    sprout-edge classify --dir /var/lib/sprout-edge/maize leaf.jpg [--top 3] [--json]
+        --public-key signing.pub [--watch [--interval 60] [--mqtt mqtt://10.0.0.5:1883]] [--report] [--send-photos]
+    sprout-edge classify --dir /var/lib/sprout-edge/maize leaf.jpg [--top 3] [--json] [--report] \\
+        [--send-unsure [BELOW]] [--send-samples [EVERY]]
+    sprout-edge correct --dir /var/lib/sprout-edge/maize leaf.jpg --label rust
 
 Exit codes: 0 ok, 1 failed (the reason is on stderr), 2 usage, 66 no model installed yet.
 """
@@ -13,6 +16,7 @@ import argparse
 import contextlib
 import json
 import logging
+import random
 import sys
 import time
 from pathlib import Path
@@ -22,7 +26,10 @@ from edge import __version__
 from edge.runtime import RUNTIMES
 
 if TYPE_CHECKING:
+    from edge.field_photos import Outbox
+    from edge.model import EdgeModel
     from edge.sync import SyncResult
+    from edge.telemetry import Counts
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -33,9 +40,10 @@ EXIT_NO_MODEL = 66  # EX_NOINPUT: nothing installed yet, so a script can tell "n
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sprout-edge", description="Sprout on a phone or edge device (no torch needed).")
     p.add_argument("--version", action="version", version=f"sprout-edge {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sync,classify}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sync,classify,correct}")
     _add_sync(sub)
     _add_classify(sub)
+    _add_correct(sub)
     return p
 
 
@@ -85,6 +93,12 @@ def _add_sync(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="after each sync, send the counts `classify --report` kept (opt-in: docs/devices.md, Reporting)",
     )
+    s.add_argument(
+        "--send-photos",
+        action="store_true",
+        help="after each sync, send the photos `classify --send-unsure`, `--send-samples` and `correct` queued in "
+        "DIR/outbox, for labelling (opt-in: docs/devices.md, Photos for labelling)",
+    )
     s.add_argument("--quiet", action="store_true", help="log only warnings and errors")
 
 
@@ -110,6 +124,43 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="count this load and these predictions (scores, time) for `sync --report` to send; no image is kept",
     )
+    c.add_argument(
+        "--send-unsure",
+        nargs="?",
+        const=0.5,
+        type=_score,
+        metavar="BELOW",
+        help="queue each image whose top-1 score is below BELOW (default 0.5) in DIR/outbox for labelling, with "
+        "the model's guesses; `sync --send-photos` sends them. Put it after the images, or give BELOW",
+    )
+    c.add_argument(
+        "--send-samples",
+        nargs="?",
+        const=50,
+        type=_one_in,
+        metavar="EVERY",
+        help="queue one image in EVERY (default 50), drawn at random whatever its score: what the field looks like, "
+        "for the server's drift test. Put it after the images, or give EVERY",
+    )
+
+
+def _add_correct(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser(
+        "correct",
+        help="the model was wrong about an image: queue it with the right label for labelling",
+        description="Classify IMAGE with the installed model, and queue it in DIR/outbox with the model's guesses "
+        "and the user's label, for `sync --send-photos` to send; counts the correction for `sync --report`.",
+    )
+    c.add_argument("--dir", required=True, type=Path, help="folder the model was synced into")
+    c.add_argument("image", type=Path, metavar="IMAGE", help="the photo the model got wrong")
+    c.add_argument("--label", required=True, type=_label, help="the right label, as the user gives it")
+    c.add_argument(
+        "--runtime",
+        choices=list(RUNTIMES),
+        default=None,
+        help="interpreter to run on (default: ai-edge-litert if installed, else tflite-runtime)",
+    )
+    c.add_argument("--threads", type=_positive_int, default=2, help="interpreter threads (default 2)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "sync":
         return run_sync(parser, args)
+    if args.command == "correct":
+        return run_correct(args)
     return run_classify(args)
 
 
@@ -163,6 +216,7 @@ def run_sync(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 topic_prefix=args.topic_prefix,
                 interval_s=args.interval if args.interval is not None else 60.0,
                 report=args.report,
+                send_photos=args.send_photos,
             )
         except ValueError as err:  # a malformed --mqtt URL
             parser.error(str(err))
@@ -172,6 +226,10 @@ def run_sync(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from edge.telemetry import send_report
 
         send_report(args.url, args.model, args.dir, token)
+    if args.send_photos:
+        from edge.field_photos import send_photos
+
+        send_photos(args.url, args.model, args.dir, token)
     return said
 
 
@@ -198,36 +256,33 @@ def _token(path: Path) -> str | int:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    from edge.model import EdgeModel, ImageError, ModelError
-    from edge.modeldir import ModelDir, NoModelInstalled
-    from edge.runtime import RuntimeUnavailable
+    from edge.field_photos import MAX_GUESSES, Outbox
+    from edge.model import ImageError
     from edge.telemetry import Counts, FieldLog
 
     counting = FieldLog(args.dir).counting() if args.report else contextlib.nullcontext(Counts())
+    outbox = Outbox(args.dir) if args.send_unsure is not None or args.send_samples is not None else None
     with counting as counts:
-        try:
-            model = EdgeModel.load(args.dir, runtime=args.runtime, threads=args.threads)
-        except NoModelInstalled as err:
-            print(f"sprout-edge: {err}", file=sys.stderr)
-            return EXIT_NO_MODEL
-        except (ModelError, RuntimeUnavailable) as err:
-            if isinstance(err, ModelError) and (version := ModelDir(args.dir).current()) is not None:
-                counts.loaded(version, ok=False)
-            return _fail(str(err))
-        counts.loaded(model.version)
+        model = _load(args, counts)
+        if isinstance(model, int):
+            return model
         results: list[dict[str, Any]] = []
         failed = False
         for image in args.images:
             started = time.perf_counter()
             try:
-                top = model.predict(image, args.top)
+                # The outbox keeps the model's best 5 guesses for the labeller, whatever --top shows.
+                top = model.predict(image, max(args.top, MAX_GUESSES) if outbox else args.top)
             except ImageError as err:
                 print(f"sprout-edge: {err}", file=sys.stderr)
                 results.append({"image": str(image), "error": str(err)})
                 failed = True
                 continue
             counts.predicted(model.version, top[0][1], (time.perf_counter() - started) * 1000)
-            results.append({"image": str(image), "top": [{"label": label, "score": score} for label, score in top]})
+            shown = [{"label": label, "score": score} for label, score in top[: args.top]]
+            results.append({"image": str(image), "top": shown})
+            if outbox is not None:
+                results[-1]["queued_for_labelling"] = _queue(outbox, image, model.version, top, args)
     if args.json:
         document = {
             "model": model.manifest["model"],
@@ -243,7 +298,87 @@ def run_classify(args: argparse.Namespace) -> int:
                 print(result["image"])
                 for entry in result["top"]:
                     print(f"  {entry['label']:<{width}}  {entry['score']:.4f}")
+                if result.get("queued_for_labelling"):
+                    print("  queued for labelling: sent at the next `sprout-edge sync --send-photos`")
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _load(args: argparse.Namespace, counts: Counts) -> EdgeModel | int:
+    """The installed model, its load counted; or the exit code after saying why it does not load."""
+    from edge.model import EdgeModel, ModelError
+    from edge.modeldir import ModelDir, NoModelInstalled
+    from edge.runtime import RuntimeUnavailable
+
+    try:
+        model = EdgeModel.load(args.dir, runtime=args.runtime, threads=args.threads)
+    except NoModelInstalled as err:
+        print(f"sprout-edge: {err}", file=sys.stderr)
+        return EXIT_NO_MODEL
+    except (ModelError, RuntimeUnavailable) as err:
+        if isinstance(err, ModelError) and (version := ModelDir(args.dir).current()) is not None:
+            counts.loaded(version, ok=False)
+        return _fail(str(err))
+    counts.loaded(model.version)
+    return model
+
+
+def _queue(outbox: Outbox, image: Path, version: int, top: list[tuple[str, float]], args: argparse.Namespace) -> bool:
+    """Queue a classified image for labelling if it is drawn as a sample or the model was unsure of it."""
+    # The sample is drawn first, whatever the score: samples show the field as it is (the server's drift test),
+    # and leaving the unsure ones out of them would skew that.
+    if args.send_samples is not None and random.randrange(args.send_samples) == 0:
+        kind = "sample"
+    elif args.send_unsure is not None and top[0][1] < args.send_unsure:
+        kind = "unsure"
+    else:
+        return False
+    try:
+        queued = outbox.add(image, kind, version, top)
+    except (ValueError, OSError) as err:  # the classification stands; only the photo is not kept (PhotoError, NaN)
+        print(f"sprout-edge: {image} not queued for labelling: {err}", file=sys.stderr)
+        return False
+    if not queued:
+        print(
+            f"sprout-edge: {image} not queued for labelling: {outbox.per_day} photos were queued today, as many as "
+            "the server takes from a device a day",
+            file=sys.stderr,
+        )
+    return queued
+
+
+def run_correct(args: argparse.Namespace) -> int:
+    from edge.field_photos import MAX_GUESSES, Outbox
+    from edge.model import ImageError
+    from edge.telemetry import FieldLog
+
+    # Counted whether or not the photo is queued: the user said the model was wrong (`sync --report` sends it).
+    with FieldLog(args.dir).counting() as counts:
+        model = _load(args, counts)
+        if isinstance(model, int):
+            return model
+        started = time.perf_counter()
+        try:
+            top = model.predict(args.image, MAX_GUESSES)
+        except ImageError as err:
+            return _fail(str(err))
+        counts.predicted(model.version, top[0][1], (time.perf_counter() - started) * 1000)
+        counts.corrected(model.version)
+    outbox = Outbox(args.dir)
+    try:
+        queued = outbox.add(args.image, "correction", model.version, top, label=args.label)
+    except (ValueError, OSError) as err:  # PhotoError, or scores that are not numbers
+        return _fail(f"{args.image} not queued for labelling: {err}")
+    if not queued:
+        return _fail(
+            f"{args.image} not queued for labelling: {outbox.per_day} photos were queued today, as many as the "
+            "server takes from a device a day; the correction is counted"
+        )
+    said, score = top[0]
+    print(
+        f"{args.image}: queued as {args.label!r} (the model said {said!r}, {score:.2f}); sent at the next "
+        "`sprout-edge sync --send-photos`"
+    )
+    return EXIT_OK
 
 
 def _fail(reason: str, code: int = EXIT_FAILURE) -> int:
@@ -259,6 +394,37 @@ def _positive_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
     return value
+
+
+def _score(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a top-1 score: give one between 0 and 1 (--send-unsure 0.5), or put the flag after "
+            "the images"
+        ) from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a top-1 score: give one above 0, at most 1")
+    return value
+
+
+def _one_in(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of images: give one of at least 1 (--send-samples 50), or put the flag after "
+            "the images"
+        )
+    return int(text)
+
+
+def _label(text: str) -> str:
+    from edge.field_photos import user_label
+
+    try:
+        return user_label(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _positive_int(text: str) -> int:

@@ -9,6 +9,8 @@ mirror of the registry folder:
 - ``GET /v1/models/<model>/versions/<v>/model.tflite`` with ``Range: bytes=N-``
   to resume after a cut connection; a server that answers 200 instead of 206
   sends the whole file, and the download starts over.
+- ``POST /v1/models/<model>/telemetry`` and ``.../field-photos``: a device's report and its
+  photos for labelling (edge/telemetry.py, edge/field_photos.py).
 
 Every failure is a :class:`FetchError` whose message says what failed and what
 happens or what to do next. Nothing here decides whether to trust the bytes:
@@ -17,10 +19,12 @@ that is edge/trust.py's job, after the download.
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,9 +45,10 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 class FetchError(Exception):
     """The server could not be reached or did not give what was asked; the message says what to do."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after  # seconds the server asked to wait (Retry-After of a 429 or 503), if it said
 
 
 class Stopped(Exception):
@@ -221,9 +226,18 @@ class ModelServer:
     def report(self, body: bytes) -> tuple[int, dict]:
         """POST a device's report (edge/telemetry.py): the status (202 counted, 200 counted before) and the
         JSON answer; :class:`FetchError` with the status for a refusal or a server that cannot take it now."""
-        url = self.model_url + "telemetry"
+        return self._post("telemetry", body, f"a report on {self.model!r}")
+
+    def send_photo(self, body: bytes) -> tuple[int, dict]:
+        """POST a photo for labelling (edge/field_photos.py): the status (202 queued, 200 stored before) and the
+        JSON answer; :class:`FetchError` with the status, and ``retry_after`` where the server gave one, for a
+        refusal (400, 413), a device over its daily cap (429) or a server that cannot take it now (503)."""
+        return self._post("field-photos", body, f"a photo for labelling of {self.model!r}")
+
+    def _post(self, path: str, body: bytes, what: str) -> tuple[int, dict]:
+        url = self.model_url + path
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        with self._open(url, headers, what=f"a report on {self.model!r}", data=body) as response:
+        with self._open(url, headers, what, data=body) as response:
             answer = _read_all(response, MAX_MANIFEST_BYTES, url, "an answer")
             try:
                 document = json.loads(answer)
@@ -241,7 +255,8 @@ class ModelServer:
         except urllib.error.HTTPError as err:
             with err:
                 detail = _error_detail(err)
-            raise FetchError(self._why(err.code, err.reason, what, detail), status=err.code) from None
+            wait = _retry_after(err.headers.get("Retry-After")) if err.headers is not None else None
+            raise FetchError(self._why(err.code, err.reason, what, detail), err.code, wait) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
             reason = getattr(err, "reason", None) or err
             raise FetchError(
@@ -283,6 +298,21 @@ def _error_detail(err: urllib.error.HTTPError) -> str:
         return ""
     message = body.get("error") if isinstance(body, dict) else None
     return " ".join(str(message).split())[:200] if message else ""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: a number of seconds, or an HTTP date; None when absent or bad."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    parsed = email.utils.parsedate_tz(value)
+    if parsed is None:
+        return None
+    if parsed[9] is None:  # HTTP dates are GMT; a server that leaves the zone out means it too
+        parsed = (*parsed[:9], 0)
+    return max(0.0, email.utils.mktime_tz(parsed) - time.time())
 
 
 def _size_of(path: Path) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from edge import field_photos
 from edge.modeldir import ModelDir
 from edge.sync import STOPPED, Event, current_version, sync
 from edge.telemetry import send_report
@@ -37,6 +38,7 @@ def watch(
     runtime: str | None = "auto",
     stop: threading.Event | None = None,
     report: bool = False,
+    send_photos: bool = False,
 ) -> None:
     """Keep ``dir`` current until SIGTERM or SIGINT (or until ``stop`` is set); see the module docstring."""
     Watcher(
@@ -53,6 +55,7 @@ def watch(
         runtime=runtime,
         stop=stop,
         report=report,
+        send_photos=send_photos,
     ).run()
 
 
@@ -78,6 +81,7 @@ class Watcher:
         runtime: str | None = "auto",
         stop: threading.Event | None = None,
         report: bool = False,
+        send_photos: bool = False,
     ):
         if interval_s <= 0:
             raise ValueError(f"interval must be positive seconds, not {interval_s}")
@@ -87,6 +91,7 @@ class Watcher:
         self.model = model
         self.folder = ModelDir(dir)
         self.report = report  # after each sync, send the counts of edge/telemetry.py (the user opted in)
+        self.send_photos = send_photos  # and the outbox of edge/field_photos.py (opted in too)
         self.mqtt_url = mqtt_url
         self.interval_s = interval_s
         self.backoff_max_s = max(backoff_max_s, self.FIRST_BACKOFF_S)
@@ -137,6 +142,8 @@ class Watcher:
         result = sync(**self.sync_args, should_stop=self.should_exit.is_set)
         if self.report and result.status != STOPPED:
             send_report(self.sync_args["url"], self.model, self.sync_args["dir"], self.sync_args["token"])
+        if self.send_photos and result.status != STOPPED:
+            field_photos.send_photos(self.sync_args["url"], self.model, self.sync_args["dir"], self.sync_args["token"])
         if result.status == STOPPED or result.ok:
             self.failures = 0
             return self.interval_s
