@@ -1,4 +1,5 @@
-"""A simulated fleet of 120 devices on the edge library, reporting how each version does, and the rollout it steers.
+"""A simulated fleet of 120 devices on the edge library: how each version does, the rollout it steers, and the
+photos it sends back for labelling.
 
 Each device is a model folder synced from the real download API, a real interpreter classifying photos
 of the three colour classes, and a user who corrects every wrong answer; its counts go back as reports
@@ -10,6 +11,7 @@ labels is halted at its canary stage from those figures alone and its devices go
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,17 +19,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import colour_jpeg
+from helpers import PALETTE, colour_jpeg
 from learning_helpers import learn_all, make_learner, stream
+from PIL import Image
 from registry_helpers import public_key_file, registry_signer
 
-from daemon.common.settings import RolloutSettings
+from daemon.common.settings import ModelSettings, RolloutSettings, TrainingSettings
 from daemon.distribution.http import DownloadApi, HttpServer
 from daemon.distribution.rollout_watch import RolloutWatch
+from daemon.export.converter import convert, snapshot
+from daemon.ingest.field_photos import PhotoLimits
+from daemon.learning.learner import Learner
 from daemon.registry.versions import Registry
-from daemon.store.examples import Store
-from daemon.store.records import FieldReport, Rejection
+from daemon.store.examples import CommitResult, Store
+from daemon.store.labelling import PhotoRules
+from daemon.store.reader import StoreReader
+from daemon.store.records import FieldPhoto, FieldReport, Rejection
 from edge.fetch import ModelServer
+from edge.field_photos import Outbox
 from edge.model import EdgeModel
 from edge.modeldir import DEVICE_ID, ModelDir
 from edge.sync import sync
@@ -49,8 +58,6 @@ class Models:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Models:
-    from daemon.export.converter import convert, snapshot
-
     def trained(examples, where: str) -> tuple[bytes, list[str]]:
         learner, reader = make_learner(tmp_path_factory.mktemp(where), examples)
         learn_all(learner, reader)
@@ -175,3 +182,98 @@ def test_a_bad_version_is_halted_at_its_canary_stage_and_a_good_one_reaches_ever
     ]
     fleet.day()
     assert fleet.running() == {3: DEVICES}
+
+
+def colour_of(jpeg: bytes) -> int:
+    """What the simulated agronomist sees in a photo: the palette colour nearest its mean."""
+    mean = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float32).mean(axis=(0, 1))
+    return int(np.argmin([np.linalg.norm(mean - np.array(c)) for c in PALETTE]))
+
+
+@pytest.mark.slow
+def test_the_fleets_unsure_and_corrected_photos_reach_the_queue_within_the_cap_and_the_answers_the_next_model(
+    registry: Registry, tmp_path: Path
+):
+    """A fourth class (a new disease) shows up in the field. Devices send back the photos their model was unsure
+    of and those their users corrected; the server queues at most its daily cap per device (the rest wait on the
+    devices); an agronomist labels the queue, the learner learns the answers, and the next version knows the
+    new class on the devices."""
+    store = Store(tmp_path / "field.db")
+    store.commit(stream([0, 1, 2], 20, seed=21, order="iid"))
+    rules = PhotoRules(per_device_per_day=3, max_queued=10_000)
+
+    def take_photo(item: FieldPhoto | Rejection) -> CommitResult:
+        assert isinstance(item, FieldPhoto), item
+        return store.commit([], [], [], [item], rules)
+
+    server = HttpServer(
+        "127.0.0.1",
+        0,
+        None,
+        DownloadApi(
+            registry.root,
+            None,
+            photos=("leaves", take_photo),
+            photo_limits=PhotoLimits(1_000_000, 50_000_000, 50_000_000, 64),
+        ),
+    )
+    server.start()
+    reader = StoreReader(tmp_path / "field.db")
+    settings = TrainingSettings(mode="head", device="cpu", batch_size=4, learning_rate=0.1)
+    learner = Learner(ModelSettings(backbone="tiny", input_size=SIZE), settings, tmp_path, reader)
+    try:
+        learn_all(learner, reader)
+        exported = snapshot(learner.backbone, learner.head, learner.spec.preprocessing)
+        registry.publish(convert(exported, "none", SIZE), fields(list(learner.labels)))  # version 1: 3 classes
+        fleet = Fleet(tmp_path / "fleet", f"http://{server.address}", public_key_file(registry_signer(registry)))
+        fleet.photos[3] = [colour_jpeg(3, 900_300 + k) for k in range(20)]
+        kept = 0
+        for folder in fleet.folders:
+            assert sync(fleet.url, "leaves", folder, public_key=fleet.key, runtime=None).ok
+            model, outbox = EdgeModel.load(folder), Outbox(folder, per_day=6)
+            for _ in range(PHOTOS):
+                truth = int(fleet.rng.integers(4))
+                photo = fleet.photos[truth][int(fleet.rng.integers(20))]
+                top = model.predict(photo, top=3)
+                if top[0][0] != f"class-{truth}":  # the user corrects it (always so for the new class)
+                    outbox.add(photo, "correction", model.version, top, label=f"class-{truth}")
+                elif top[0][1] < 0.5:
+                    outbox.add(photo, "unsure", model.version, top)
+            server_of = ModelServer(fleet.url, "leaves")
+            server_of.identify(ModelDir(folder).device_id(), model.version)
+            sent = outbox.send(server_of, ModelDir(folder).device_id())
+            assert sent.queued <= 3 and sent.refused == 0, sent
+            if sent.kept:  # over the server's cap: the rest wait on the device until the next UTC day
+                assert sent.queued == 3 and sent.wait_until is not None and len(outbox.photos()) == sent.kept
+                kept += sent.kept
+        per_device = store._db.query("SELECT device, COUNT(*) FROM field_photos GROUP BY device")
+        assert max(n for _, n in per_device) == 3 and len(per_device) >= DEVICES * 0.9
+        assert kept > 0, "some devices had more than the cap to send"
+        queue, counts = store.labelling_queue(10_000)
+        assert counts["queued"] == sum(n for _, n in per_device) and queue[0].kind.value == "correction"
+
+        for queued in queue:  # the agronomist labels what the photo shows
+            found = store.labelling_image(queued.id)
+            assert found is not None
+            store.answer_photo(queued.id, f"class-{colour_of(found[1])}", "agronomist", 64)
+        learn_all(learner, reader)
+        assert "class-3" in learner.labels
+        exported = snapshot(learner.backbone, learner.head, learner.spec.preprocessing)
+        registry.publish(convert(exported, "none", SIZE), fields(list(learner.labels)))  # version 2
+
+        right = 0
+        for folder in fleet.folders[:20]:
+            assert sync(fleet.url, "leaves", folder, public_key=fleet.key, runtime=None).ok
+            model = EdgeModel.load(folder)
+            assert model.version == 2
+            right += sum(model.predict(p, top=1)[0][0] == "class-3" for p in fleet.photos[3][:5])
+        assert right >= 0.8 * 100, f"the next model knows the new class on {right} of 100 photos"
+        print(
+            f"fleet: {counts['queued']} photos queued from {len(per_device)} devices (at most 3 each), {kept} kept on "
+            f"devices past the cap; version 2 named the new class on {right} of 100 device photos"
+        )
+    finally:
+        learner.close()
+        reader.close()
+        server.stop(time.monotonic() + 5)
+        store.close()
