@@ -119,10 +119,11 @@ def test_workers_killed_at_any_moment_never_hang_the_learner():
     hung = None
     try:
         for trial in range(12):
-            if not pool.in_processes:  # MAX_RESTARTS spent: a pool as a new learner would make it
+            pool.rgb(images(16))  # the workers are up (unless the last trial's kills spent MAX_RESTARTS)
+            if not pool.in_processes:  # a pool as a new learner would make it
                 pool.close()
                 pool = DecodePool(224, workers=2, slots=192)
-            pool.rgb(images(16))  # the workers are up
+                pool.rgb(images(16))
             first, second = pool.submit(big), pool.submit(big)
             time.sleep(float(rng.uniform(0, 0.15)))  # before, during or after the workers' results
             for pid in list(pool._pool._processes):

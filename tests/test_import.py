@@ -148,15 +148,16 @@ def test_exit_66_when_there_is_nothing_to_import(tmp_path, capsys):
 
 def test_retention_applies_to_imports(tmp_path, capsys, monkeypatch):
     """Past store.max_mb an import prunes the oldest examples, as intake does after its commits."""
-    monkeypatch.setenv("SPROUT_STORE__MAX_MB", "1")
+    # 3 MB: an empty SQLite store is ~20 pages of 64 KiB (its tables and indexes).
+    monkeypatch.setenv("SPROUT_STORE__MAX_MB", "3")
     monkeypatch.setenv("SPROUT_STORE__COMMIT_MAX_EXAMPLES", "8")
-    for i in range(60):
-        write(tmp_path / "photos" / "train" / "rust" / f"{i:02d}.jpg", jpeg(i, size=96, quality=95))
+    for i in range(150):
+        write(tmp_path / "photos" / "train" / "rust" / f"{i:03d}.jpg", jpeg(i, size=96, quality=95))
     code, summary, _ = import_in_process(capsys, tmp_path / "photos", tmp_path / "state")
-    assert code == 0 and summary["stored"] == 60 and summary["pruned"] > 0
+    assert code == 0 and summary["stored"] == 150 and summary["pruned"] > 0
     store = Store(tmp_path / "state" / "examples.db")
-    assert store.used_bytes() <= 1024 * 1024
-    assert store.stats()["total"] == 60 - summary["pruned"]
+    assert store.used_bytes() <= 3 * 1024 * 1024
+    assert store.stats()["total"] == 150 - summary["pruned"]
     store.close()
 
 

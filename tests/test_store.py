@@ -102,20 +102,20 @@ def test_retention_prunes_the_oldest_train_examples_and_the_file_stops_growing(s
 
 
 def test_retention_keeps_holdout_while_train_remains_within_its_share(store_location: StoreLocation):
-    cap = 2 * 2**20
+    cap = 4 * 2**20  # an empty SQLite store is ~20 pages of 64 KiB
     store = Store(store_location)
     store.commit([photo(i, "holdout") for i in range(40)])  # 200 kB of holdout: under a quarter of the store
-    for start in range(40, 1040, 100):
+    for start in range(40, 1640, 100):
         store.commit([photo(i) for i in range(start, start + 100)])
         store.prune(cap)
     assert store.pruned > 0
     per_split = store.stats()["per_split"]
     assert isinstance(per_split, dict) and per_split["holdout"] == 40  # only train was pruned
     # Holdout alone past its share: its oldest go too, down to a quarter of the pruned store.
-    store.commit([photo(i, "holdout") for i in range(2000, 2400)])
+    store.commit([photo(i, "holdout") for i in range(2000, 2600)])
     store.prune(cap)
     holdout = [r[0] for r in store._db.query("SELECT example_id FROM examples WHERE split = 'holdout' ORDER BY seq")]
-    assert 0 < len(holdout) * 5000 <= 0.25 * 0.9 * cap and holdout[-1] == "p-2399" and "p-0" not in holdout
+    assert 0 < len(holdout) * 5000 <= 0.25 * 0.9 * cap and holdout[-1] == "p-2599" and "p-0" not in holdout
     per_split = store.stats()["per_split"]
     assert isinstance(per_split, dict) and per_split["train"] > 0
 
