@@ -10,7 +10,8 @@ Fashion-MNIST's test part, sent as devices send photos (640 px JPEG). Then:
 - drift: over ``--trials`` tests each, the share flagged at p < 0.01 when a share of the field's sample
   photos (0, 10%, 25%, 50%) are of the unseen classes, for 30, 100 and 256 sample photos.
 
-Usage: python bench/drift.py [--backbone efficientnet_lite0] [--input-size 224] [--trials 20] [--json out.json]
+Usage: python bench/drift.py [--backbone efficientnet_lite0] [--input-size 224] [--trials 20] [--sizes 30,100,256]
+       [--json out.json]
 """
 
 from __future__ import annotations
@@ -59,9 +60,13 @@ def main() -> None:
     ap.add_argument("--stored", type=int, default=400, help="train examples learned (of the eight classes)")
     ap.add_argument("--pool", type=int, default=300, help="field photos embedded per kind (learned, unseen)")
     ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--sizes", default="30,100,256", help="sample photos per drift test (at most --pool)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    sizes = [int(n) for n in args.sizes.split(",")]
+    if max(sizes) > args.pool:
+        ap.error(f"--sizes up to {max(sizes)} need --pool of at least that many photos per kind")
     torch.set_num_threads(args.threads)
     images, labels = fashion_mnist("train")
     side = args.input_size
@@ -120,7 +125,7 @@ def main() -> None:
 
     nprng = np.random.default_rng(1)
     rows = []
-    for n in (30, 100, 256):
+    for n in sizes:
         for share in (0.0, 0.1, 0.25, 0.5):
             flagged, p_values = 0, []
             for t in range(args.trials):
